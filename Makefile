@@ -1,0 +1,62 @@
+# One entry point for every task a contributor or CI runs. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PYTHONUNBUFFERED := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help setup system-deps proto test test-fast lint bench demo clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+system-deps:  ## install espeak-ng, sox and ffmpeg with apt-get when missing (test speech, media)
+	@missing=""; for t in espeak-ng sox ffmpeg; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): requirements.lock services/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: any other torch requirement would pull the CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e services
+	touch $(STAMP)
+
+PROTO_OUT := services/vita/v1
+PROTO_STAMP := $(PROTO_OUT)/.generated
+
+$(PROTO_STAMP): $(STAMP) $(wildcard protos/vita/v1/*.proto)
+	rm -rf $(PROTO_OUT) && mkdir -p $(PROTO_OUT)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=services --pyi_out=services --grpc_python_out=services \
+	  protos/vita/v1/*.proto
+	echo '"""Generated from protos/vita/v1 by `make proto`; do not edit."""' > $(PROTO_OUT)/__init__.py
+	touch $(PROTO_STAMP)
+
+proto: $(PROTO_STAMP)  ## generate Python gRPC code from protos/ into services/vita/v1 (not committed)
+
+setup: system-deps $(STAMP) $(PROTO_STAMP)  ## virtualenv, pinned dependencies, the vita package, generated protos
+
+test: setup  ## the whole test suite (unit, integration, end-to-end)
+	$(PY) -m pytest tests
+
+test-fast: setup  ## unit tests only
+	$(PY) -m pytest tests/unit
+
+lint: setup  ## ruff
+	$(VENV)/bin/ruff check --config ruff.toml services tests benchmarks training
+
+bench: setup  ## benchmarks; figures are appended to BENCHMARKS.md
+	$(PY) benchmarks/llm_decode.py
+
+demo: setup  ## one multimodal generation with the tiny model, streamed token by token
+	$(PY) -m vita.demo
+
+clean:  ## remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache .artifacts

@@ -1,0 +1,147 @@
+"""Safetensors checkpoints in the Hugging Face layout: one `model.safetensors`, or numbered shards plus
+`model.safetensors.index.json`. Every way a directory can be wrong becomes a CheckpointError that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from vita.errors import CheckpointError, InvalidInputError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
+_SHOWN_NAMES = 5  # per kind of problem; the rest are counted
+
+
+def save_sharded(
+    state_dict: Mapping[str, Tensor], directory: str | Path, *, max_shard_bytes: int = 5 * 10**9
+) -> list[Path]:
+    """Write `model.safetensors` if everything fits in one shard, else `model-0000i-of-0000N.safetensors` + index.
+
+    Files are written under a temporary name and renamed, so a crash never leaves a half-written shard behind;
+    weight files of an earlier save in the other layout are removed so the directory is never ambiguous.
+    """
+    if max_shard_bytes < 1:
+        raise InvalidInputError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, tensor in state_dict.items():
+        nbytes = _nbytes(tensor)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    names = [SINGLE_FILE] if len(shards) == 1 else [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)
+    ]
+    for stale in directory.iterdir():
+        if _WEIGHT_FILE.match(stale.name) and stale.name not in names:
+            stale.unlink()
+    for name, keys in zip(names, shards):
+        tensors = {k: state_dict[k].detach().to("cpu").contiguous() for k in keys}
+        _atomic_write(directory / name, lambda tmp, tensors=tensors: save_file(tensors, tmp, metadata={"format": "pt"}))
+    if len(names) > 1:
+        index = {
+            "metadata": {"total_size": sum(map(_nbytes, state_dict.values()))},
+            "weight_map": {k: name for name, keys in zip(names, shards) for k in keys},
+        }
+        _atomic_write(directory / INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
+    return [directory / name for name in names]
+
+
+def _nbytes(tensor: Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def load_sharded(directory: str | Path) -> dict[str, Tensor]:
+    """All tensors of a directory in either layout (the index wins when both exist, as in transformers)."""
+    directory = Path(directory)
+    index_path = directory / INDEX_FILE
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: not a valid safetensors index ({e!r})") from None
+        by_shard: dict[str, list[str]] = {}
+        for key, shard in weight_map.items():
+            by_shard.setdefault(shard, []).append(key)
+        tensors: dict[str, Tensor] = {}
+        for shard, keys in by_shard.items():
+            if not (directory / shard).is_file():
+                raise CheckpointError(f"{index_path} names shard {shard}, which does not exist in {directory}")
+            loaded = _load_file(directory / shard)
+            absent = [k for k in keys if k not in loaded]
+            if absent:
+                raise CheckpointError(
+                    f"{directory / shard} lacks {_names(absent)} that {INDEX_FILE} assigns to it"
+                )
+            tensors.update((k, loaded[k]) for k in keys)
+        return tensors
+    if (directory / SINGLE_FILE).is_file():
+        return _load_file(directory / SINGLE_FILE)
+    raise CheckpointError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+
+
+def _load_file(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+
+
+def validate_state_dict(expected: Mapping[str, Tensor], loaded: Mapping[str, Tensor]) -> None:
+    """Raise one CheckpointError listing every missing, unexpected, mis-shaped and mis-typed tensor.
+
+    Floating-point tensors may differ in precision (a bf16 checkpoint loads into an fp32 model by casting);
+    any other dtype difference (say int64 where a float is expected) is an error.
+    """
+    missing = sorted(expected.keys() - loaded.keys())
+    unexpected = sorted(loaded.keys() - expected.keys())
+    common = sorted(expected.keys() & loaded.keys())
+    shapes = [
+        f"{k} (expected {tuple(expected[k].shape)}, got {tuple(loaded[k].shape)})"
+        for k in common
+        if expected[k].shape != loaded[k].shape
+    ]
+    dtypes = [
+        f"{k} (expected {expected[k].dtype}, got {loaded[k].dtype})"
+        for k in common
+        if expected[k].dtype != loaded[k].dtype
+        and not (expected[k].dtype.is_floating_point and loaded[k].dtype.is_floating_point)
+    ]
+    problems = [
+        f"{len(items)} {kind}: {_names(items)}"
+        for kind, items in (
+            ("missing tensors", missing),
+            ("unexpected tensors", unexpected),
+            ("wrong shapes", shapes),
+            ("wrong dtypes", dtypes),
+        )
+        if items
+    ]
+    if problems:
+        raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems))
+
+
+def _names(items: list[str]) -> str:
+    shown = ", ".join(items[:_SHOWN_NAMES])
+    return shown if len(items) <= _SHOWN_NAMES else f"{shown} and {len(items) - _SHOWN_NAMES} more"
+

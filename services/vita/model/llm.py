@@ -1,0 +1,438 @@
+"""Mixtral-style sparse MoE decoder in the spirit of gpt-fast, under Hugging Face Mixtral parameter names.
+
+Experts are stacked per layer, `block_sparse_moe.w1`/`w3` (E, I, H) and `w2` (E, H, I), so dispatch is one matmul
+per expert rather than a loop over tokens; `llm_state_dict_to_hf`/`_from_hf` map them to the per-expert hub names.
+The KV cache is one static buffer addressed by (slot, position), so the same forward serves prefill, incremental
+decode and batched decode of sequences of different lengths, which is what continuous batching is built on.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vita.errors import CheckpointError, ContextLengthError, InvalidInputError
+from vita.model import generation
+from vita.model.checkpoint import load_sharded, save_sharded, validate_state_dict
+from vita.model.config import LLMConfig
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Tensor  # (batch, seq, vocab)
+
+
+class KVCache:
+    """Static key/value buffers of shape (layers, slots, max_seq_len, kv_heads, head_dim), written in place.
+
+    A slot is the row of one sequence; whoever owns the cache (a scheduler, `generate`) decides which are live.
+    Stale entries beyond a row's current position are never read: attention masks them by position.
+    """
+
+    def __init__(self, k: Tensor, v: Tensor) -> None:
+        self.k = k
+        self.v = v
+
+    @classmethod
+    def allocate(
+        cls,
+        config: LLMConfig,
+        max_batch_size: int,
+        max_seq_len: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> KVCache:
+        if max_batch_size < 1 or max_seq_len < 1:
+            raise InvalidInputError(
+                f"a KV cache needs max_batch_size >= 1 and max_seq_len >= 1, got {max_batch_size} and {max_seq_len}"
+            )
+        shape = (config.num_hidden_layers, max_batch_size, max_seq_len, config.num_key_value_heads, config.head_dim)
+        # Zeros, not empty: masked values still get multiplied by 0, and 0 * (NaN garbage) would be NaN.
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[2]
+
+
+@dataclass
+class CacheStep:
+    """Where one forward writes and reads the cache; built once per forward and shared by every layer."""
+
+    cache: KVCache
+    index: tuple[Tensor, Tensor]  # (slots (B, 1), positions (B, T)): where this step's keys/values go
+    rows: slice | Tensor  # the slots, as a slice when contiguous so that reading them is a view, not a copy
+    kv_len: int  # keys [0, kv_len) can be attended to: the largest position + 1
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k/v (B, T, kv_heads, D) at their positions; return the rows' keys/values (B, kv_heads, kv_len, D)."""
+        keys, values = self.cache.k[layer], self.cache.v[layer]
+        keys.index_put_(self.index, k)
+        values.index_put_(self.index, v)
+        keys, values = keys[:, : self.kv_len], values[:, : self.kv_len]
+        if isinstance(self.rows, slice):
+            keys, values = keys[self.rows], values[self.rows]
+        else:
+            keys, values = keys.index_select(0, self.rows), values.index_select(0, self.rows)
+        return keys.transpose(1, 2), values.transpose(1, 2)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+@functools.cache
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float) / head_dim))
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and signed sin (B, T, 1, head_dim) for the rotate-half RoPE layout of HF checkpoints.
+
+    Computed per forward in fp32 from the positions, so no table is cast to bf16 by `.to(dtype)` or left on `meta`.
+    The sin's first half is negated so that rotate_half(x) * sin becomes a roll: one op instead of four.
+    """
+    freqs = (positions[..., None].float() * _inv_freq(head_dim, theta, positions.device))[:, :, None, :]
+    sin = freqs.sin()
+    return torch.cat((freqs, freqs), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over the KV cache, with each kv head's query group folded into the query length.
+
+    Folding (B, kv_heads, groups * T, D) lets SDPA use the kv heads as they are, with no repeat of keys/values.
+    """
+
+    def __init__(self, config: LLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_kv = config.num_key_value_heads
+        self.groups = config.num_attention_heads // config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden = config.hidden_size
+        q_dim, kv_dim = config.num_attention_heads * config.head_dim, self.n_kv * config.head_dim
+        self.q_proj = nn.Linear(hidden, q_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_dim, bias=False)
+        self.o_proj = nn.Linear(q_dim, hidden, bias=False)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, step: CacheStep | None) -> Tensor:
+        B, T, _ = x.shape
+        n_kv, groups, D = self.n_kv, self.groups, self.head_dim
+        q = apply_rope(self.q_proj(x).view(B, T, n_kv * groups, D), *rope)
+        k = apply_rope(self.k_proj(x).view(B, T, n_kv, D), *rope)
+        v = self.v_proj(x).view(B, T, n_kv, D)
+        if step is None:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        else:
+            k, v = step.update(self.layer_idx, k, v)
+        q = q.view(B, T, n_kv, groups, D).permute(0, 2, 3, 1, 4).reshape(B, n_kv, groups * T, D)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.view(B, n_kv, groups, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, n_kv * groups * D)
+        return self.o_proj(out)
+
+
+class MoEFeedForward(nn.Module):
+    """Top-k routed SwiGLU experts with stacked weights: w1/w3 (E, I, H) gate/up, w2 (E, H, I) down."""
+
+    def __init__(self, config: LLMConfig) -> None:
+        super().__init__()
+        E, inter, hidden = config.num_local_experts, config.intermediate_size, config.hidden_size
+        self.num_experts = E
+        self.top_k = config.num_experts_per_tok
+        self.gate = nn.Linear(hidden, E, bias=False)
+        self.w1 = nn.Parameter(torch.empty(E, inter, hidden))
+        self.w2 = nn.Parameter(torch.empty(E, hidden, inter))
+        self.w3 = nn.Parameter(torch.empty(E, inter, hidden))
+        for w in (self.w1, self.w2, self.w3):  # what nn.Linear would give each expert: U(+-1/sqrt(fan_in))
+            bound = w.shape[-1] ** -0.5
+            nn.init.uniform_(w, -bound, bound)
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mixtral routing: softmax over all router logits, keep the top-k, renormalise them to sum to 1."""
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        return (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype), experts
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, experts = self.route(x)
+        # Gathering each token's experts copies their weights: it pays off only on an accelerator, where it avoids
+        # the grouped path's host sync for small decode batches (gpt-fast). On CPU grouping was faster at every
+        # token count we measured (1 to 512), so the CPU always groups.
+        use_gather = x.device.type != "cpu" and x.shape[0] * self.top_k <= self.num_experts
+        out = self.gathered(x, weights, experts) if use_gather else self.grouped(x, weights, experts)
+        return out.view(shape)
+
+    def gathered(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
+        """Per-token weight gather (N, k, I, H): no data-dependent shapes, best for a handful of tokens."""
+        gate = torch.einsum("nh,nkih->nki", x, self.w1[experts])
+        h = F.silu(gate) * torch.einsum("nh,nkih->nki", x, self.w3[experts])
+        out = torch.einsum("nki,nkhi->nkh", h, self.w2[experts])
+        return torch.einsum("nkh,nk->nh", out, weights)
+
+    def grouped(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
+        """Sort the (token, expert) pairs by expert and run one SwiGLU matmul chain per expert that has tokens."""
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)
+        token = order // self.top_k
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        xs = x[token]
+        out = torch.empty_like(xs)
+        start = 0
+        for e, count in enumerate(counts):
+            if count:
+                h = xs[start : start + count]
+                h = F.silu(F.linear(h, self.w1[e])) * F.linear(h, self.w3[e])
+                out[start : start + count] = F.linear(h, self.w2[e])
+            start += count
+        # Un-sort into (token, choice) order and mix; cheaper than index_add_, whose CPU scatter is slow.
+        mixed = torch.empty_like(out)
+        mixed[order] = out
+        return torch.bmm(weights.unsqueeze(1), mixed.view(-1, self.top_k, x.shape[-1])).squeeze(1)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.block_sparse_moe = MoEFeedForward(config)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, step: CacheStep | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, step)
+        return x + self.block_sparse_moe(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The `model.*` part of a Mixtral checkpoint: embeddings, layers, final norm."""
+
+    def __init__(self, config: LLMConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, step: CacheStep | None) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, rope, mask, step)
+        return self.norm(x)
+
+
+class MoECausalLM(nn.Module):
+    """The text model. With a KV cache every row has its own positions, so rows of different lengths batch."""
+
+    def __init__(self, config: LLMConfig) -> None:
+        super().__init__()
+        if config.tie_word_embeddings:
+            raise NotImplementedError("tied embeddings are not supported (Mixtral unties them)")
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def new_cache(self, max_batch_size: int, max_seq_len: int) -> KVCache:
+        """A KV cache in this model's dtype and device."""
+        p = self.lm_head.weight
+        return KVCache.allocate(self.config, max_batch_size, max_seq_len, dtype=p.dtype, device=p.device)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+        cache: KVCache | None = None,
+        slots: Tensor | None = None,
+        positions: Tensor | None = None,
+    ) -> CausalLMOutput:
+        """Logits (B, T, vocab).
+
+        Without a cache: causal attention over the sequence. With one: `positions` (B, T) are absolute positions,
+        `slots` (B,) the cache rows (default 0..B-1); keys are written there and each query sees keys at positions
+        <= its own, so right-padded prefill and ragged decode batches work.
+        """
+        x = self._embed(input_ids, inputs_embeds)
+        B, T = x.shape[:2]
+        if cache is None:
+            if positions is None:
+                positions = torch.arange(T, device=x.device).expand(B, T)
+            limit = self.config.max_position_embeddings
+            _check_positions(positions, B, T, limit, " (model max_position_embeddings)")
+            step, key_positions = None, positions
+        else:
+            step = self._cache_step(cache, slots, positions, B, T)
+            key_positions = torch.arange(step.kv_len, device=x.device)
+        visible = (key_positions[..., None, :] <= positions[..., :, None]).unsqueeze(1)  # (B, 1, T, L)
+        if T > 1:  # queries are folded as (group, T); a single query's mask broadcasts over the groups as it is
+            visible = visible.repeat(1, 1, self.config.num_attention_heads // self.config.num_key_value_heads, 1)
+        # An additive float mask, built once: SDPA would otherwise convert a boolean one in every layer.
+        mask = torch.full(visible.shape, -math.inf, dtype=x.dtype, device=x.device).masked_fill_(visible, 0.0)
+        rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        return CausalLMOutput(logits=self.lm_head(self.model(x, rope, mask, step)))
+
+    def _embed(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InvalidInputError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is not None:
+            if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise InvalidInputError(
+                    f"inputs_embeds must be (batch, seq, {self.config.hidden_size}), got {tuple(inputs_embeds.shape)}"
+                )
+            return inputs_embeds
+        if input_ids.ndim != 2 or input_ids.numel() == 0:
+            raise InvalidInputError(f"input_ids must be a non-empty (batch, seq) tensor, got {tuple(input_ids.shape)}")
+        low, high = map(int, torch.aminmax(input_ids))
+        if low < 0 or high >= self.config.vocab_size:
+            raise InvalidInputError(f"token ids must be in [0, {self.config.vocab_size}), got [{low}, {high}]")
+        return self.model.embed_tokens(input_ids)
+
+    def _cache_step(
+        self, cache: KVCache, slots: Tensor | None, positions: Tensor | None, B: int, T: int
+    ) -> CacheStep:
+        if positions is None:
+            raise InvalidInputError("with a KV cache, positions (batch, seq) are required")
+        limit = min(cache.max_seq_len, self.config.max_position_embeddings)
+        kv_len = _check_positions(positions, B, T, limit, f" (KV cache {cache.max_seq_len}, "
+                                  f"model max_position_embeddings {self.config.max_position_embeddings})")
+        if slots is None:
+            slots = torch.arange(B, device=positions.device)
+        if slots.shape != (B,):
+            raise InvalidInputError(f"slots must have shape ({B},), got {tuple(slots.shape)}")
+        ids = slots.tolist()
+        if min(ids) < 0 or max(ids) >= cache.max_batch_size:
+            raise InvalidInputError(f"slots must be in [0, {cache.max_batch_size}), got {ids}")
+        rows = slice(ids[0], ids[0] + B) if ids == list(range(ids[0], ids[0] + B)) else slots
+        return CacheStep(cache=cache, index=(slots[:, None], positions), rows=rows, kv_len=kv_len)
+
+    def generate(self, input_ids: Tensor, **kwargs) -> Tensor:
+        """transformers-style batch generation returning prompt + new ids; see `vita.model.generation.generate`."""
+        return generation.generate(self, input_ids, **kwargs)
+
+    # --- checkpoints (Hugging Face Mixtral layout) --------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path, *, max_shard_bytes: int = 5 * 10**9) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = self.config.to_hf_dict()
+        config["torch_dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
+        directory.joinpath("config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_sharded(llm_state_dict_to_hf(self.state_dict()), directory, max_shard_bytes=max_shard_bytes)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> MoECausalLM:
+        """Load a Hugging Face Mixtral directory; any inconsistency is a CheckpointError naming the problem."""
+        directory = Path(directory)
+        with torch.device("meta"):  # no memory, no random init: every parameter comes from the checkpoint
+            model = cls(read_hf_config(directory))
+        loaded = llm_state_dict_from_hf(load_sharded(directory))
+        validate_state_dict(model.state_dict(), loaded)
+        model.load_state_dict(loaded, assign=True)
+        return model.to(device=device, dtype=dtype).eval()
+
+
+def _check_positions(positions: Tensor, B: int, T: int, limit: int, detail: str) -> int:
+    """Validate (B, T) positions against the context limit; returns the largest position + 1."""
+    if positions.shape != (B, T):
+        raise InvalidInputError(f"positions must have shape ({B}, {T}), got {tuple(positions.shape)}")
+    low, high = map(int, torch.aminmax(positions))
+    if low < 0:
+        raise InvalidInputError(f"positions must be >= 0, got {low}")
+    if high >= limit:
+        raise ContextLengthError(f"position {high} is beyond the context: at most {limit} positions fit{detail}")
+    return high + 1
+
+
+def read_hf_config(directory: Path) -> LLMConfig:
+    """LLMConfig from a Hugging Face Mixtral `config.json` (transformers 4 or 5 layout)."""
+    path = directory / "config.json"
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read the model config ({e})") from None
+    if d.get("model_type") != "mixtral":
+        raise CheckpointError(f"{path}: model_type is {d.get('model_type')!r}, expected 'mixtral'")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise CheckpointError(f"{path}: RoPE scaling {rope} is not supported")
+    if "rope_theta" not in d and "rope_theta" in rope:  # transformers 5 nests it under rope_parameters
+        d["rope_theta"] = rope["rope_theta"]
+    try:
+        return LLMConfig.from_hf_dict(d)
+    except (TypeError, ValueError, NotImplementedError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+# Hub names: model.layers.N.block_sparse_moe.experts.E.w1.weight. transformers 5 keeps the experts fused in
+# memory (mlp.experts.gate_up_proj (E, 2I, H) = [w1; w3], mlp.experts.down_proj (E, H, I)) and can save that too.
+_STACKED = re.compile(r"^(?P<layer>.*\.)block_sparse_moe\.(?P<w>w[123])$")
+_PER_EXPERT = re.compile(r"^(?P<layer>.*\.)block_sparse_moe\.experts\.(?P<e>\d+)\.(?P<w>w[123])\.weight$")
+_FUSED = re.compile(r"^(?P<layer>.*\.)mlp\.(?P<name>experts\.gate_up_proj|experts\.down_proj|gate\.weight)$")
+
+
+def llm_state_dict_to_hf(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Our names -> hub names: split stacked experts into per-expert matrices; other keys pass through."""
+    out: dict[str, Tensor] = {}
+    for key, tensor in state_dict.items():
+        m = _STACKED.match(key)
+        if m is None:
+            out[key] = tensor
+            continue
+        for e, matrix in enumerate(tensor.unbind(0)):
+            out[f"{m['layer']}block_sparse_moe.experts.{e}.{m['w']}.weight"] = matrix
+    return out
+
+
+def llm_state_dict_from_hf(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Hub (or transformers-5 fused) names -> ours: stack per-expert matrices; other keys pass through."""
+    out: dict[str, Tensor] = {}
+    experts: dict[str, dict[int, Tensor]] = defaultdict(dict)
+    for key, tensor in state_dict.items():
+        if m := _PER_EXPERT.match(key):
+            experts[f"{m['layer']}block_sparse_moe.{m['w']}"][int(m["e"])] = tensor
+        elif m := _FUSED.match(key):
+            moe = f"{m['layer']}block_sparse_moe."
+            if m["name"] == "gate.weight":
+                out[moe + "gate.weight"] = tensor
+            elif m["name"] == "experts.down_proj":
+                out[moe + "w2"] = tensor
+            else:
+                out[moe + "w1"], out[moe + "w3"] = (half.contiguous() for half in tensor.chunk(2, dim=1))
+        else:
+            out[key] = tensor
+    for key, by_index in experts.items():
+        if sorted(by_index) != list(range(len(by_index))):
+            missing = sorted(set(range(max(by_index) + 1)) - set(by_index))
+            raise CheckpointError(f"{key}: experts {missing} are missing from the checkpoint")
+        out[key] = torch.stack([by_index[e] for e in range(len(by_index))])
+    return out

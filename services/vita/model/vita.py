@@ -1,0 +1,140 @@
+"""The omni-modal model: the MoE decoder plus optional vision and audio towers that fill placeholder slots.
+
+The LLM's parameters keep Hugging Face Mixtral names, so a plain Mixtral directory loads as a text-only model;
+the towers live under `vision_tower.*` and `audio_tower.*` in the same sharded safetensors checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from vita.errors import CheckpointError, InvalidInputError
+from vita.model.audio import AudioTower
+from vita.model.checkpoint import load_sharded, save_sharded, validate_state_dict
+from vita.model.config import VitaConfig
+from vita.model.llm import MoECausalLM, llm_state_dict_from_hf, llm_state_dict_to_hf, read_hf_config
+from vita.model.vision import VisionTower
+
+
+@dataclass
+class MultimodalInputs:
+    """One prompt after placeholder expansion: token ids plus the media whose embeddings fill the slots."""
+
+    input_ids: Tensor  # (L,) with image/video/audio ids repeated once per embedding slot
+    image_pixels: Tensor | None = None  # (tiles, 3, 448, 448): every tile of every image, in prompt order
+    video_pixels: Tensor | None = None  # (frames, 3, 448, 448): every frame of every video, in prompt order
+    audio_waveforms: list[Tensor] = field(default_factory=list)  # 16 kHz mono, in prompt order
+
+
+@dataclass
+class SlotIds:
+    """Token ids whose positions receive encoder embeddings (from the tokenizer)."""
+
+    image: int
+    video: int
+    audio: int
+
+
+class VitaForCausalLM(MoECausalLM):
+    """MoE decoder + towers. With `config.vision`/`config.audio` None it is exactly a Mixtral text model."""
+
+    def __init__(self, config: VitaConfig) -> None:
+        super().__init__(config.llm)
+        self.vita_config = config
+        hidden = config.llm.hidden_size
+        self.vision_tower = VisionTower(config.vision, hidden) if config.vision is not None else None
+        self.audio_tower = AudioTower(config.audio, hidden) if config.audio is not None else None
+
+    # --- multimodal prompt -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def embed_multimodal(self, inputs: MultimodalInputs, slots: SlotIds) -> Tensor:
+        """Token embeddings with every placeholder slot overwritten by its encoder output, shape (1, L, H)."""
+        ids = inputs.input_ids
+        embeds = self.get_input_embeddings()(ids).clone()
+        for name, slot_id, produce in (
+            ("image", slots.image, lambda: self._encode_pixels(inputs.image_pixels, "image")),
+            ("video", slots.video, lambda: self._encode_pixels(inputs.video_pixels, "video")),
+            ("audio", slots.audio, lambda: self._encode_audio(inputs.audio_waveforms)),
+        ):
+            positions = (ids == slot_id).nonzero().squeeze(-1)
+            media = produce()
+            given = 0 if media is None else media.shape[0]
+            if given != positions.numel():
+                raise InvalidInputError(
+                    f"the prompt has {positions.numel()} {name} slots but the {name} inputs give {given} embeddings"
+                )
+            if given:
+                embeds[positions] = media.to(embeds.dtype)
+        return embeds.unsqueeze(0)
+
+    def _encode_pixels(self, pixels: Tensor | None, kind: str) -> Tensor | None:
+        if pixels is None or pixels.numel() == 0:
+            return None
+        if self.vision_tower is None:
+            raise InvalidInputError(f"this model has no vision tower; it cannot take {kind} input")
+        tower_dtype = next(self.vision_tower.parameters()).dtype
+        return self.vision_tower(pixels.to(tower_dtype)).flatten(0, 1)
+
+    def _encode_audio(self, waveforms: list[Tensor]) -> Tensor | None:
+        if not waveforms:
+            return None
+        if self.audio_tower is None:
+            raise InvalidInputError("this model has no audio tower; it cannot take audio input")
+        return torch.cat(self.audio_tower.encode_waveforms(waveforms), dim=0)
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+
+    def hf_state_dict(self) -> dict[str, Tensor]:
+        """State dict under checkpoint names: HF Mixtral names for the LLM, tower prefixes for the rest."""
+        return llm_state_dict_to_hf(self.state_dict())
+
+    def save_pretrained(self, directory: str | Path, *, tokenizer=None, max_shard_bytes: int = 2 << 30) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.vision_tower is None and self.audio_tower is None:
+            directory.joinpath("config.json").write_text(_json(self.vita_config.llm.to_hf_dict()))
+        else:
+            self.vita_config.save(directory)
+        save_sharded(self.hf_state_dict(), directory, max_shard_bytes=max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save(directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> VitaForCausalLM:
+        """Load our own directory or a plain Hugging Face Mixtral one; any inconsistency is a CheckpointError."""
+        directory = Path(directory)
+        config = _read_config(directory)
+        with torch.device("meta"):
+            model = cls(config)
+        loaded = llm_state_dict_from_hf(load_sharded(directory))
+        expected = model.state_dict()
+        validate_state_dict(expected, loaded)
+        model.load_state_dict(loaded, assign=True)
+        return model.to(device=device, dtype=dtype).eval()
+
+
+def _read_config(directory: Path) -> VitaConfig:
+    """Our `config.json`, or a Hugging Face Mixtral one (a text-only model)."""
+    path = directory / "config.json"
+    try:
+        model_type = json.loads(path.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read the model config ({e})") from None
+    if model_type == "mixtral":
+        return VitaConfig(llm=read_hf_config(directory), vision=None, audio=None)
+    try:
+        return VitaConfig.load(directory)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _json(d: dict) -> str:
+    return json.dumps(d, indent=2) + "\n"

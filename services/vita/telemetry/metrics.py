@@ -1,0 +1,56 @@
+"""Prometheus metrics of every service, named after vLLM's (`vllm:time_to_first_token_seconds` ...) with `vita:`.
+
+Every service exports the subset it touches on its own port (`serve_metrics`). Label `pool` tells the generator
+and monitor LLM pools apart; `modality` the encoders. The full list, with meanings, is in docs/observability.md.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Latency buckets from 5 ms to 60 s: wide enough for a tiny CPU model and a full-size GPU one.
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_TOKEN_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    """One registry per process (tests start several services in one interpreter, each with its own)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("vita:requests", "Requests received", ["service", "method"], registry=r)
+        self.request_success = Counter("vita:request_success", "Requests finished, by finish reason",
+                                       ["service", "finished_reason"], registry=r)
+        self.request_failure = Counter("vita:request_failure", "Requests failed, by gRPC status code",
+                                       ["service", "code"], registry=r)
+        self.time_to_first_token = Histogram("vita:time_to_first_token_seconds", "Request arrival to first token",
+                                             ["service"], buckets=_LATENCY, registry=r)
+        self.inter_token_latency = Histogram("vita:inter_token_latency_seconds", "Time between streamed tokens",
+                                             ["service"], buckets=_TOKEN_LATENCY, registry=r)
+        self.e2e_latency = Histogram("vita:e2e_request_latency_seconds", "Request arrival to last byte",
+                                     ["service"], buckets=_LATENCY, registry=r)
+        self.queue_time = Histogram("vita:request_queue_time_seconds", "Time a job waited in its Redis stream",
+                                    ["pool"], buckets=_LATENCY, registry=r)
+        self.stream_lag = Gauge("vita:stream_lag", "Entries not yet delivered to the consumer group",
+                                ["pool"], registry=r)
+        self.stream_pending = Gauge("vita:stream_pending", "Entries delivered but not acknowledged",
+                                    ["pool"], registry=r)
+        self.num_requests_running = Gauge("vita:num_requests_running", "Sequences in the running batch",
+                                          ["pool"], registry=r)
+        self.num_requests_waiting = Gauge("vita:num_requests_waiting", "Sequences accepted, not yet prefilled",
+                                          ["pool"], registry=r)
+        self.batch_size = Histogram("vita:batch_size", "Sequences (LLM) or items (encoders) per forward pass",
+                                    ["pool"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
+        self.generation_tokens = Counter("vita:generation_tokens", "Tokens generated", ["pool"], registry=r)
+        self.prompt_tokens = Counter("vita:prompt_tokens", "Prompt tokens prefilled", ["pool"], registry=r)
+        self.encoder_latency = Histogram("vita:encoder_latency_seconds", "One encoder forward (a batch)",
+                                         ["modality"], buckets=_LATENCY, registry=r)
+        self.cancelled = Counter("vita:requests_cancelled", "Sequences stopped by cancellation", ["pool"],
+                                 registry=r)
+
+
+def serve_metrics(metrics: Metrics, port: int, host: str = "0.0.0.0") -> None:
+    """Exposes /metrics over HTTP; port 0 disables it."""
+    if port:
+        start_http_server(port, addr=host, registry=metrics.registry)

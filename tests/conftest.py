@@ -1,0 +1,74 @@
+"""Fixtures shared by every test layer: the tiny model on disk, and media made on the spot."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset with seeded random weights and the built-in tokenizer, written once per session."""
+    from vita.model.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> Path:
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return path
+
+
+def espeak(path: Path, text: str) -> Path:
+    """Real synthetic speech; espeak-ng is installed by `make setup`."""
+    if shutil.which("espeak-ng") is None:
+        pytest.fail("espeak-ng is missing: run `make setup`")
+    subprocess.run(["espeak-ng", "-s", "160", "-w", str(path), text], check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def speech_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return espeak(tmp_path_factory.mktemp("speech") / "question.wav", "What colour is the square?")
+
+
+@pytest.fixture(scope="session")
+def wide_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """896x448: two tiles plus a thumbnail."""
+    img = Image.new("RGB", (896, 448), (230, 230, 230))
+    ImageDraw.Draw(img).rectangle((100, 100, 300, 300), fill=(200, 20, 20))
+    path = tmp_path_factory.mktemp("images") / "wide.png"
+    img.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def short_mp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1.5 s at 10 fps: sampled at 4 fps into 6 frames."""
+    import av
+
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(15):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 16, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

@@ -1,0 +1,84 @@
+"""Requests become expanded ids plus media tensors; bad requests fail with messages that say what was wrong."""
+
+import numpy as np
+import pytest
+import torch
+
+from vita.errors import ContextLengthError, InvalidInputError
+from vita.model.config import VitaConfig
+from vita.processing.processor import VitaProcessor
+from vita.processing.prompt import Message
+from vita.processing.tokenizer import VitaTokenizer
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    return VitaProcessor(VitaTokenizer.from_file(tiny_model_dir), VitaConfig.preset("tiny"))
+
+
+def test_all_modalities_expand_to_the_right_slot_counts(processor, wide_png, short_mp4, speech_wav):
+    inputs, stats = processor("Which shape moves?", images=[wide_png], video=short_mp4, audio=[speech_wav])
+    ids = inputs.input_ids
+    t = processor.tokenizer
+    assert inputs.image_pixels.shape == (3, 3, 448, 448)  # 2 tiles + thumbnail
+    assert inputs.video_pixels.shape == (6, 3, 448, 448)  # 1.5 s at 4 fps
+    assert (ids == t.image_id).sum() == stats.image_tokens == 3 * 256
+    assert (ids == t.video_id).sum() == stats.video_tokens == 6 * 256
+    n_audio = (ids == t.audio_id).sum().item()
+    assert n_audio == stats.audio_tokens
+    seconds = inputs.audio_waveforms[0].numel() / 16000
+    assert n_audio == pytest.approx(seconds * 12.5, abs=1)
+    assert stats.prompt_tokens == ids.numel()
+    assert ids[0] == t.bos_id
+    # Placeholders were put before the text: image, then video, then audio, then the question.
+    text = t.decode(ids.tolist(), skip_special=False)
+    assert text.index("<image>") < text.index("<video>") < text.index("<audio>") < text.index("Which shape")
+
+
+def test_text_placeholders_are_respected(processor, wide_png):
+    inputs, _ = processor("Compare <image> with the text.", images=[wide_png])
+    text = processor.tokenizer.decode(inputs.input_ids.tolist(), skip_special=False)
+    assert "user:Compare <image>" in text
+
+
+def test_live_camera_frames(processor):
+    from PIL import Image
+
+    frames = [(100.0 + k / 30, Image.new("RGB", (64, 48), (k, k, k))) for k in range(60)]  # 2 s at 30 fps
+    _, stats = processor("What happens?", video=frames)
+    assert stats.video_frames == 8  # under 4 s: 4 frames per second
+
+
+def test_history_is_part_of_the_prompt(processor):
+    history = [Message("user", "Hello"), Message("bot", "<3>Hi there.")]
+    inputs, _ = processor("And now?", history=history)
+    text = processor.tokenizer.decode(inputs.input_ids.tolist(), skip_special=False)
+    assert "user:Hello</s>\nbot:<3>Hi there.</s>\nuser:And now?</s>\nbot:" in text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "the request is empty"),
+        ({"images": [b"not an image"]}, "image 0"),
+        ({"audio": [(np.zeros(0, np.float32), 16000)]}, "audio 0"),
+        ({"audio": [(np.full(1600, np.nan, np.float32), 16000)]}, "NaN"),
+        ({"audio": [(np.zeros(16000, np.float32), 3)]}, "sample rate"),
+        ({"video": []}, "frame"),
+        ({"video": b"\x00\x01garbage"}, "video"),
+    ],
+)
+def test_bad_input_is_named(processor, kwargs, message):
+    with pytest.raises(InvalidInputError, match=message):
+        processor("" if not kwargs else "hi", **kwargs)
+
+
+def test_prompt_longer_than_context(processor):
+    with pytest.raises(ContextLengthError, match="the model's context is 100"):
+        processor("word " * 200, max_length=100)
+
+
+def test_placeholder_without_media(processor):
+    with pytest.raises(InvalidInputError, match="placeholder"):
+        processor("look at <image>")
+    assert torch.is_tensor(processor("plain question")[0].input_ids)
