@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import resource
 import shlex
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vita.model.config import VitaConfig
+from vita.model.config import LLMConfig, VitaConfig
 from vita.model.llm import MoECausalLM
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
@@ -124,7 +125,16 @@ def transformers_mixtral(
     return measure(generate, prefill, prompts, args, progress), setup
 
 
-def markdown(args: argparse.Namespace, config, mine: Figures, theirs: Figures, hf_setup: str) -> str:
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cores"
+
+
+def markdown(args: argparse.Namespace, config: LLMConfig, mine: Figures, theirs: Figures, hf_setup: str) -> str:
     big = args.batch
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     command = shlex.join(["python", "benchmarks/llm_decode.py", *sys.argv[1:]])
@@ -144,7 +154,7 @@ def markdown(args: argparse.Namespace, config, mine: Figures, theirs: Figures, h
         f"random weights (seed {args.seed}); prompt {args.prompt_len} tokens, {args.new_tokens} greedy new tokens "
         f"with eos disabled; median of {args.repeats} runs after a warm-up; decode tokens/s = "
         f"B * (N - 1) / (t(N) - t(1)). torch {torch.__version__} ({torch.get_num_threads()} threads), {hf_setup}; "
-        f"{platform.processor() or platform.machine()}.",
+        f"{cpu_name()}.",
         "",
         "| metric | ours | transformers | ours / transformers |",
         "|---|---:|---:|---:|",
@@ -179,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     report = markdown(args, config, mine, theirs, hf_setup)
     print(report)
     if not args.no_write:
+        started = args.output.exists() and args.output.stat().st_size > 0
         with args.output.open("a") as f:
-            f.write(("\n" if args.output.stat().st_size else "") + report if args.output.exists() else
-                    "# Benchmarks\n\n" + report)
+            f.write("\n" + report if started else "# Benchmarks\n\n" + report)
         print(f"appended to {args.output}")
     return 0
 

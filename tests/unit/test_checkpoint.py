@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+
 from vita.errors import CheckpointError
 from vita.model.checkpoint import INDEX_FILE, SINGLE_FILE, load_sharded, save_sharded, validate_state_dict
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import MixtralConfig, MixtralForCausalLM
+
 from vita.errors import CheckpointError, ContextLengthError, InvalidInputError
 from vita.model.config import LLMConfig
 from vita.model.generation import SamplingParams, sample_next_token, stream_generate
@@ -175,6 +176,8 @@ def test_context_overflow_raises_context_length_error():
         model(torch.zeros(1, 1, dtype=torch.long), cache=cache, positions=torch.tensor([[8]]))
     with pytest.raises(ContextLengthError, match="65 tokens"):
         next(stream_generate(model, torch.zeros(65, dtype=torch.long), params=SamplingParams()))
+    # generation stops when the context is full: the last token is sampled at position 63, never fed back
+    assert model.generate(torch.zeros(1, 62, dtype=torch.long), max_new_tokens=10, ignore_eos=True).shape == (1, 65)
 
 
 def test_bad_forward_inputs_raise_invalid_input_error():
@@ -184,8 +187,10 @@ def test_bad_forward_inputs_raise_invalid_input_error():
         model(torch.tensor([[128]]))
     with pytest.raises(InvalidInputError, match=r"positions \(batch, seq\) are required"):
         model(torch.tensor([[1]]), cache=cache)
-    with pytest.raises(InvalidInputError, match="slots must be in"):
+    with pytest.raises(InvalidInputError, match=r"slots must be distinct and in \[0, 2\), got \[2\]"):
         model(torch.tensor([[1]]), cache=cache, slots=torch.tensor([2]), positions=torch.tensor([[0]]))
+    with pytest.raises(InvalidInputError, match=r"got \[1, 1\]"):
+        model(torch.tensor([[1], [2]]), cache=cache, slots=torch.tensor([1, 1]), positions=torch.tensor([[0], [0]]))
 
 
 @torch.inference_mode()

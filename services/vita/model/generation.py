@@ -170,7 +170,7 @@ def generate(
         seed=seed,
         stop_token_ids=eos,
     )
-    stops = torch.tensor(eos, dtype=input_ids.dtype, device=input_ids.device)
+    stops = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     new_tokens = []
     for token in _decode_steps(model, input_ids, None, params, make_generator(params, input_ids.device)):
@@ -180,4 +180,4 @@ def generate(
         new_tokens.append(token)
         if finished.all():
             break
-    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+    return torch.cat([input_ids, torch.stack(new_tokens, dim=1).to(input_ids.dtype)], dim=1)

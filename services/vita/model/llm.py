@@ -328,8 +328,8 @@ class MoECausalLM(nn.Module):
         if slots.shape != (B,):
             raise InvalidInputError(f"slots must have shape ({B},), got {tuple(slots.shape)}")
         ids = slots.tolist()
-        if min(ids) < 0 or max(ids) >= cache.max_batch_size:
-            raise InvalidInputError(f"slots must be in [0, {cache.max_batch_size}), got {ids}")
+        if min(ids) < 0 or max(ids) >= cache.max_batch_size or len(set(ids)) < B:
+            raise InvalidInputError(f"slots must be distinct and in [0, {cache.max_batch_size}), got {ids}")
         rows = slice(ids[0], ids[0] + B) if ids == list(range(ids[0], ids[0] + B)) else slots
         return CacheStep(cache=cache, index=(slots[:, None], positions), rows=rows, kv_len=kv_len)
 

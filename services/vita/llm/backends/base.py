@@ -1,0 +1,50 @@
+"""The interface every generation backend implements, and the prompt form they all take."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import Tensor
+
+from vita.llm.engine import TokenOutput
+from vita.model.generation import SamplingParams
+
+
+@dataclass
+class PromptInput:
+    """Token ids whose `slot_positions` rows are replaced by `slot_embeddings` (encoder outputs, in order).
+
+    The torch backend overwrites those rows of the token embeddings; the Triton backend rewrites the ids at those
+    positions to `vocab_size + k`, which TensorRT-LLM reads as row k of `prompt_embedding_table`.
+    """
+
+    input_ids: Tensor  # (L,) int64
+    slot_positions: Tensor | None = None  # (N,) int64, ascending
+    slot_embeddings: Tensor | None = None  # (N, hidden)
+
+    def __post_init__(self) -> None:
+        n_pos = 0 if self.slot_positions is None else self.slot_positions.numel()
+        n_emb = 0 if self.slot_embeddings is None else self.slot_embeddings.shape[0]
+        if n_pos != n_emb:
+            raise ValueError(f"{n_pos} slot positions but {n_emb} slot embeddings")
+
+
+@dataclass
+class BackendRequest:
+    request_id: str
+    prompt: PromptInput
+    params: SamplingParams
+
+
+class GenerationBackend(Protocol):
+    """Streams `TokenOutput`s of one request; `cancel` must stop the compute, not only the stream."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def generate(self, request: BackendRequest) -> AsyncIterator[TokenOutput]: ...
+
+    async def cancel(self, request_id: str) -> None: ...
