@@ -22,7 +22,6 @@ system-deps:  ## install espeak-ng, sox and ffmpeg with apt-get when missing (te
 
 $(STAMP): requirements.lock services/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: any other torch requirement would pull the CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.lock

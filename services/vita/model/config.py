@@ -55,8 +55,12 @@ class LLMConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> LLMConfig:
+        """Reads transformers 4 and 5 layouts (5 nests rope_theta under rope_parameters)."""
         names = {f.name for f in dataclasses.fields(cls)}
         cfg = {k: v for k, v in d.items() if k in names}
+        rope = d.get("rope_parameters") or {}
+        if "rope_theta" not in cfg and "rope_theta" in rope:
+            cfg["rope_theta"] = rope["rope_theta"]
         if cfg.get("head_dim") is None:
             cfg.pop("head_dim", None)
         return cls(**cfg)
