@@ -49,7 +49,7 @@ test-fast: setup  ## unit tests only
 	$(PY) -m pytest tests/unit
 
 lint: setup  ## ruff
-	$(VENV)/bin/ruff check --config ruff.toml services tests benchmarks training
+	$(VENV)/bin/ruff check --config ruff.toml .
 
 bench: setup  ## benchmarks; figures are appended to BENCHMARKS.md
 	$(PY) benchmarks/llm_decode.py
