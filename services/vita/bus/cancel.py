@@ -1,0 +1,99 @@
+"""Request cancellation: the orchestrator signals once, workers check a local set every decode step.
+
+The signal is both a key (for jobs not yet running, and for anything pub/sub lost) and a pub/sub message (so a
+running generation stops within one decode step without a Redis round trip per step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from vita.bus.streams import BusConfig, milliseconds
+
+
+async def cancel(redis: Redis, config: BusConfig, request_id: str) -> None:
+    """Mark `request_id` cancelled and tell every subscribed worker, in one MULTI."""
+    pipe = redis.pipeline(transaction=True)
+    pipe.set(config.cancel_key(request_id), 1, px=milliseconds(config.cancel_ttl_s))
+    pipe.publish(config.cancel_channel, request_id)
+    await pipe.execute()
+
+
+@dataclass
+class CancelWatcher:
+    """A worker's view of which of its running requests were cancelled; use as `async with`.
+
+    Pub/sub is fire-and-forget (a reconnect drops messages), so every `resync_s` the keys of all running
+    requests are checked in one pipelined round trip: a missed signal is late by at most that long.
+    """
+
+    redis: Redis
+    config: BusConfig
+    resync_s: float = 1.0
+    _running: set[str] = field(default_factory=set, init=False)
+    _cancelled: set[str] = field(default_factory=set, init=False)
+    _pubsub: PubSub | None = field(default=None, init=False)
+    _task: asyncio.Task[None] | None = field(default=None, init=False)
+
+    async def __aenter__(self) -> CancelWatcher:
+        self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        await self._pubsub.subscribe(self.config.cancel_channel)
+        self._task = asyncio.create_task(self._listen())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._pubsub is not None:
+            await self._pubsub.aclose()
+
+    async def watch(self, request_id: str) -> bool:
+        """Track a request about to run; True when it was cancelled already and should be skipped.
+
+        Subscribing happened before, so a cancel sent after this key check cannot be missed.
+        """
+        self._running.add(request_id)
+        if await self.redis.exists(self.config.cancel_key(request_id)):
+            self._cancelled.add(request_id)
+        return request_id in self._cancelled
+
+    def cancelled(self, request_id: str) -> bool:
+        """The per-decode-step check: a set lookup, no I/O. Raises if the listener died, rather than never firing."""
+        if self._task is not None and self._task.done():
+            self._task.result()
+        return request_id in self._cancelled
+
+    def forget(self, request_id: str) -> None:
+        """Call when the request finished, so the sets only ever hold running requests."""
+        self._running.discard(request_id)
+        self._cancelled.discard(request_id)
+
+    async def _listen(self) -> None:
+        assert self._pubsub is not None
+        loop = asyncio.get_running_loop()
+        resync_at = loop.time() + self.resync_s
+        while True:
+            message = await self._pubsub.get_message(timeout=self.resync_s)
+            if message is not None and (request_id := message["data"].decode()) in self._running:
+                self._cancelled.add(request_id)
+            if loop.time() >= resync_at:
+                await self._resync()
+                resync_at = loop.time() + self.resync_s
+
+    async def _resync(self) -> None:
+        unseen = list(self._running - self._cancelled)
+        if not unseen:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for request_id in unseen:
+            pipe.exists(self.config.cancel_key(request_id))
+        for request_id, found in zip(unseen, await pipe.execute()):
+            if found and request_id in self._running:  # not forgotten while we waited
+                self._cancelled.add(request_id)

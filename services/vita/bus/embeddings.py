@@ -1,0 +1,59 @@
+"""Embedding blobs: an encoder writes its output once, the llm worker reads it directly by reference.
+
+The orchestrator only forwards the small EmbeddingRef, so megabytes of activations never pass through it.
+Blobs are not deleted after reading: a redelivered generation job must find them again; the TTL cleans up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from google.protobuf.message import DecodeError
+from redis.asyncio import Redis
+
+from vita.bus.codec import MalformedEntry, blob_to_tensor, tensor_to_blob
+from vita.bus.streams import BusConfig, milliseconds
+from vita.errors import InvalidInputError, VitaError
+from vita.v1.bus_pb2 import EmbeddingRef, TensorBlob
+
+
+class EmbeddingMissing(VitaError):
+    """The blob expired (its job waited longer than the TTL) or was never written: the media must be re-encoded."""
+
+
+async def write_embedding(
+    redis: Redis, config: BusConfig, blob_id: str, embedding: torch.Tensor, item_tokens: Sequence[int]
+) -> EmbeddingRef:
+    """Store a (tokens, hidden) embedding under `{prefix}:emb:{blob_id}` with its TTL and return the reference."""
+    if embedding.dim() != 2:
+        raise InvalidInputError(f"an embedding must be (tokens, hidden); got shape {tuple(embedding.shape)}")
+    if any(n < 0 for n in item_tokens) or sum(item_tokens) != embedding.shape[0]:
+        raise InvalidInputError(
+            f"item_tokens {list(item_tokens)} must be non-negative and add up to the {embedding.shape[0]} rows"
+        )
+    key = config.embedding(blob_id)
+    blob = tensor_to_blob(embedding)
+    await redis.set(key, blob.SerializeToString(), px=milliseconds(config.embedding_ttl_s))
+    return EmbeddingRef(key=key, dtype=blob.dtype, shape=blob.shape, item_tokens=item_tokens)
+
+
+async def read_embeddings(redis: Redis, refs: Sequence[EmbeddingRef]) -> list[torch.Tensor]:
+    """All blobs of one generation job in a single MGET round trip, checked against their references."""
+    if not refs:
+        return []
+    tensors = []
+    for ref, raw in zip(refs, await redis.mget([ref.key for ref in refs])):
+        if raw is None:
+            raise EmbeddingMissing(f"embedding {ref.key} is gone: it expired or was never written")
+        try:
+            blob = TensorBlob.FromString(raw)
+        except DecodeError as e:
+            raise MalformedEntry(f"{ref.key} does not hold a TensorBlob: {e}") from e
+        if blob.dtype != ref.dtype or list(blob.shape) != list(ref.shape):
+            raise MalformedEntry(
+                f"{ref.key} holds {TensorBlob.DType.Name(blob.dtype)}{list(blob.shape)}, "
+                f"its reference says {TensorBlob.DType.Name(ref.dtype)}{list(ref.shape)}"
+            )
+        tensors.append(blob_to_tensor(blob))
+    return tensors

@@ -1,0 +1,184 @@
+"""Job queues: the orchestrator submits to a pool's stream, one worker of the pool takes each job.
+
+Delivery is at least once: a job is acknowledged only after its result is published, a dead worker's jobs are
+reclaimed by the living, and a job that keeps killing its workers goes to the dead letters instead of looping.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.message import Message
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from vita.bus.codec import MalformedEntry, decode_entry, encode_entry
+from vita.bus.streams import JOB_TYPES, ROLE_POOLS, BusConfig, Pool
+from vita.errors import VitaError
+from vita.v1.bus_pb2 import GenerationJob
+
+log = logging.getLogger(__name__)
+
+
+class Backpressure(VitaError):
+    """A pool's backlog is at its bound: answer RESOURCE_EXHAUSTED now rather than queue without limit."""
+
+
+@dataclass(frozen=True)
+class PoolLag:
+    lag: int  # submitted, not yet delivered to any worker
+    pending: int  # delivered, not yet acknowledged (in progress, or held by a dead worker)
+
+    @property
+    def backlog(self) -> int:
+        return self.lag + self.pending
+
+
+@dataclass(frozen=True)
+class Delivery:
+    entry_id: str
+    message: Message
+    deliveries: int  # 1 on first delivery; more means a retry, possibly after another worker died on it
+
+
+async def submit(redis: Redis, config: BusConfig, pool: Pool, message: Message) -> str:
+    """Queue a job for `pool` and return its entry id; raises Backpressure when the pool is saturated."""
+    if not isinstance(message, JOB_TYPES[pool]):
+        raise TypeError(f"the {pool} pool takes {JOB_TYPES[pool].__name__}, not {type(message).__name__}")
+    if isinstance(message, GenerationJob) and ROLE_POOLS.get(message.role) != pool:
+        raise TypeError(f"a {GenerationJob.Role.Name(message.role)} job does not belong in the {pool} pool")
+    depth = await lag(redis, config, pool)
+    limit = config.backlog_limits[pool]
+    if depth.backlog >= limit:
+        raise Backpressure(
+            f"the {pool} pool is {depth.backlog} jobs deep ({depth.lag} waiting, {depth.pending} in progress), "
+            f"at its limit of {limit}: retry later"
+        )
+    entry_id = await redis.xadd(config.jobs(pool), encode_entry(message), maxlen=config.jobs_maxlen)
+    return entry_id.decode()
+
+
+async def lag(redis: Redis, config: BusConfig, pool: Pool) -> PoolLag:
+    """Backlog from XINFO GROUPS; creates the group if needed, so jobs queued before any worker starts are kept."""
+    stream = config.jobs(pool)
+    pipe = redis.pipeline(transaction=False)
+    pipe.xgroup_create(stream, pool.group, id="0", mkstream=True)
+    pipe.xinfo_groups(stream)
+    pipe.xlen(stream)
+    _, groups, length = _raise_errors(await pipe.execute(raise_on_error=False))
+    info = next(g for g in groups if g["name"].decode() == pool.group)
+    # Redis reports a nil lag when deletions make it uncountable; the stream length is a safe upper bound.
+    waiting = length if info["lag"] is None else info["lag"]
+    return PoolLag(lag=waiting, pending=info["pending"])
+
+
+def default_consumer_name() -> str:
+    """Unique per process and incarnation: a restarted worker must not inherit (and then ignore) its old jobs."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+@dataclass
+class Consumer:
+    """One worker's membership in its pool's consumer group."""
+
+    redis: Redis
+    config: BusConfig
+    pool: Pool
+    name: str = field(default_factory=default_consumer_name)
+    _cursor: str = field(default="0-0", init=False)  # XAUTOCLAIM resumes its scan of the pending list here
+    _ready: bool = field(default=False, init=False)
+
+    @property
+    def stream(self) -> str:
+        return self.config.jobs(self.pool)
+
+    async def read(self, count: int = 1, block_ms: int | None = 1000) -> list[Delivery]:
+        """Up to `count` jobs: first any a dead worker left behind, else new ones, waiting up to `block_ms`.
+
+        `block_ms=None` returns at once; 0 would block until a job arrives, skipping reclaim meanwhile.
+        """
+        await self._ensure_group()
+        entries = await self._reclaim(count)
+        if not entries:
+            reply = await self.redis.xreadgroup(
+                self.pool.group, self.name, {self.stream: ">"}, count=count, block=block_ms
+            )
+            entries = [(entry_id, fields, 1) for entry_id, fields in (reply[0][1] if reply else [])]
+        deliveries = []
+        for entry_id, fields, n in entries:
+            if n > self.config.max_deliveries:
+                await self._dead_letter(entry_id, fields, n, f"delivered {n} times (limit {self.config.max_deliveries})")
+                continue
+            try:
+                message = decode_entry(fields, (JOB_TYPES[self.pool],))
+            except MalformedEntry as e:
+                await self._dead_letter(entry_id, fields, n, str(e))
+                continue
+            deliveries.append(Delivery(entry_id.decode(), message, n))
+        return deliveries
+
+    async def ack(self, *entry_ids: str) -> None:
+        """Call after the job's final event is published: until then a crash must leave it reclaimable."""
+        await self.redis.xack(self.stream, self.pool.group, *entry_ids)
+
+    async def keep_alive(self, *entry_ids: str) -> None:
+        """Reset the idle time of jobs still running (a long generation), so nobody reclaims them as abandoned.
+
+        Call more often than `reclaim_idle_ms`; JUSTID leaves the delivery counter alone.
+        """
+        await self.redis.xclaim(self.stream, self.pool.group, self.name, 0, list(entry_ids), justid=True)
+
+    async def _ensure_group(self) -> None:
+        if self._ready:
+            return
+        try:
+            await self.redis.xgroup_create(self.stream, self.pool.group, id="0", mkstream=True)
+        except ResponseError as e:
+            _raise_errors([e])
+        self._ready = True
+
+    async def _reclaim(self, count: int) -> list[tuple[bytes, dict[bytes, bytes], int]]:
+        """Take over jobs idle past `reclaim_idle_ms`, with their delivery counts (which XAUTOCLAIM just raised)."""
+        cursor, claimed, deleted = await self.redis.xautoclaim(
+            self.stream, self.pool.group, self.name, self.config.reclaim_idle_ms, self._cursor, count=count
+        )
+        self._cursor = cursor.decode()
+        if deleted:
+            log.error("%s: %d unfinished jobs were trimmed by MAXLEN and are lost", self.stream, len(deleted))
+        if not claimed:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id, _ in claimed:
+            pipe.xpending_range(self.stream, self.pool.group, min=entry_id, max=entry_id, count=1)
+        pending = await pipe.execute()
+        # An entry missing from the pending list was acknowledged meanwhile by its slow first owner: it is done.
+        return [(eid, fields, p[0]["times_delivered"]) for (eid, fields), p in zip(claimed, pending) if p]
+
+    async def _dead_letter(self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int, reason: str) -> None:
+        """Park the entry, with why, on the pool's dead-letter stream and acknowledge it, atomically."""
+        log.error("%s %s dead-lettered: %s", self.stream, entry_id.decode(), reason)
+        letter = {
+            **fields,
+            b"dead:stream": self.stream,
+            b"dead:entry_id": entry_id,
+            b"dead:deliveries": deliveries,
+            b"dead:consumer": self.name,
+            b"dead:reason": reason,
+        }
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(self.config.dead_letters(self.pool), letter, maxlen=self.config.dead_letter_maxlen)
+        pipe.xack(self.stream, self.pool.group, entry_id)
+        await pipe.execute()
+
+
+def _raise_errors(results: list[Any]) -> list[Any]:
+    """Pipeline results, raising any error except BUSYGROUP (the group already exists, which is the goal)."""
+    for result in results:
+        if isinstance(result, Exception) and not str(result).startswith("BUSYGROUP"):
+            raise result
+    return results
