@@ -47,6 +47,7 @@ class ServiceServer:
             [s.name for s in services] + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         self._stopped = asyncio.Event()
+        self._drain_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         await self.server.start()
@@ -69,7 +70,7 @@ class ServiceServer:
             log.info("draining", extra={"signal": sig.name, "grace_s": self.grace_s})
             if on_drain is not None:
                 on_drain()
-            loop.create_task(self.drain())
+            self._drain_task = loop.create_task(self.drain())
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, handle, sig)
