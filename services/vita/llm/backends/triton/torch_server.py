@@ -1,13 +1,13 @@
-"""A test double for Triton Inference Server: its gRPC protocol, answered by the torch engine as TensorRT-LLM would.
+"""A test double for Triton Inference Server: Triton's gRPC protocol, answered by the torch engine.
 
-Triton with TensorRT-LLM needs GPUs, so `TritonBackend` is tested against this server instead. It implements the
-service of tritonclient's own generated code, so it parses exactly the bytes tritonclient sends, and it checks
+Triton with TensorRT-LLM needs GPUs, so `TritonBackend` is tested against this server instead. It implements
+the service of tritonclient's own generated code, so it parses exactly the bytes tritonclient sends, and checks
 each request against `config.pbtxt` as Triton does (input names, datatypes, shapes, required inputs). It answers
 as TensorRT-LLM's `inflight_batcher_llm` model does in decoupled mode: one response per token (`output_ids`
 [1, 1, n], `sequence_length` [1, 1]), or one at the end when `streaming` is false; `end_id` left out of the
 output; the empty final response flagged `triton_final_response` when the client asks for it; failures as
-`error_message`. A request with `stop` true cancels the in-flight request of the same id, and a cancelled stream
-cancels its requests.
+`error_message`. A request with `stop` true cancels the in-flight request of the same id, and a cancelled
+stream cancels its requests.
 
 It is not Triton: one model at version 1, one sequence per request (batch dimension 1), raw tensor contents
 only; the config's batching and instance settings are not applied, and the engine stops on the model's eos as
@@ -38,19 +38,17 @@ _VERSION = "1"
 _Send = Callable[[service_pb2.ModelStreamInferResponse], None]
 
 
-def read_model_config(path: Path) -> model_config_pb2.ModelConfig:
-    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-
-
 class TritonTorchServer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """Serves `<repository>/<model_name>/config.pbtxt` with an `LLMEngine` (config `max_batch_size` slots)."""
+    """Serves `<repository>/<model_name>/config.pbtxt` with an `LLMEngine` of the config's `max_batch_size`."""
 
-    def __init__(self, model: MoECausalLM, repository: str | Path, *, model_name: str = "tensorrt_llm") -> None:
+    def __init__(self, model: MoECausalLM, repository: str | Path, *,
+                 model_name: str = "tensorrt_llm") -> None:
         self.model_name = model_name
-        self.config = read_model_config(Path(repository) / model_name / "config.pbtxt")
+        config_text = (Path(repository) / model_name / "config.pbtxt").read_text()
+        self.config = text_format.Parse(config_text, model_config_pb2.ModelConfig())
         self.engine = LLMEngine(model, max_batch_size=self.config.max_batch_size)
         self._engine_loop = EngineLoop(self.engine, self._on_output)
-        self._queues: dict[str, asyncio.Queue[TokenOutput]] = {}  # in-flight request id -> its engine outputs
+        self._queues: dict[str, asyncio.Queue[TokenOutput]] = {}  # in-flight request id -> engine outputs
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: grpc.aio.Server | None = None
 
@@ -89,13 +87,13 @@ class TritonTorchServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         await self._check_model(request, context)
 
         def metadata(tensor):
-            datatype = model_config_pb2.DataType.Name(tensor.data_type).removeprefix("TYPE_")
             return service_pb2.ModelMetadataResponse.TensorMetadata(
-                name=tensor.name, datatype=datatype, shape=[-1, *tensor.dims])
+                name=tensor.name, datatype=_datatype(tensor.data_type), shape=[-1, *tensor.dims])
 
         return service_pb2.ModelMetadataResponse(
             name=self.model_name, versions=[_VERSION], platform=self.config.backend,
-            inputs=[metadata(t) for t in self.config.input], outputs=[metadata(t) for t in self.config.output])
+            inputs=[metadata(t) for t in self.config.input], outputs=[metadata(t) for t in self.config.output],
+        )
 
     async def ModelConfig(self, request, context):
         await self._check_model(request, context)
@@ -138,7 +136,7 @@ class TritonTorchServer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 send(self._response(request, None, final=True))  # TensorRT-LLM acknowledges with a bare final
             else:
                 await self._generate(request, tensors, send)
-        except Exception as e:  # like Triton: the request fails with a message, the stream and server go on
+        except Exception as e:  # as in Triton: the request fails with a message, the stream and server go on
             response = service_pb2.ModelInferResponse(model_name=self.model_name, model_version=_VERSION,
                                                       id=request.id)
             send(service_pb2.ModelStreamInferResponse(error_message=str(e), infer_response=response))
@@ -166,7 +164,7 @@ class TritonTorchServer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 output = await queue.get()
                 running = output.finish_reason is None
                 if output.token_id is None or (output.finish_reason == "stop" and output.token_id == end_id):
-                    continue  # a cancelled sequence's end; end_id, which TensorRT-LLM leaves out of the output
+                    continue  # a cancelled sequence's end, or end_id: TensorRT-LLM leaves it out
                 if streaming:
                     send(self._response(request, [output.token_id], final=False))
                 else:
@@ -190,7 +188,7 @@ class TritonTorchServer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def _tensors(self, request: service_pb2.ModelInferRequest) -> dict[str, np.ndarray]:
         """The request's inputs by name, checked against the model configuration as Triton checks them."""
-        name = self.model_name
+        model = self.model_name
         specs = {spec.name: spec for spec in self.config.input}
         if len(request.raw_input_contents) != len(request.inputs):
             raise InvalidInputError("this server reads raw_input_contents, which is what tritonclient sends")
@@ -198,14 +196,14 @@ class TritonTorchServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=True):
             spec = specs.get(tensor.name)
             if spec is None:
-                raise InvalidInputError(f"unexpected inference input '{tensor.name}' for model '{name}'")
-            datatype = model_config_pb2.DataType.Name(spec.data_type).removeprefix("TYPE_")
+                raise InvalidInputError(f"unexpected inference input '{tensor.name}' for model '{model}'")
+            datatype = _datatype(spec.data_type)
             if tensor.datatype != datatype:
-                raise InvalidInputError(f"inference input '{tensor.name}' data-type is '{tensor.datatype}', but "
-                                        f"model '{name}' expects '{datatype}'")
+                raise InvalidInputError(f"inference input '{tensor.name}' data-type is '{tensor.datatype}', "
+                                        f"but model '{model}' expects '{datatype}'")
             shape, dims = list(tensor.shape), [1, *spec.dims]  # this server takes one sequence per request
             if len(shape) != len(dims) or any(d not in (-1, s) for d, s in zip(dims, shape, strict=True)):
-                raise InvalidInputError(f"unexpected shape for input '{tensor.name}' for model '{name}'. "
+                raise InvalidInputError(f"unexpected shape for input '{tensor.name}' for model '{model}'. "
                                         f"Expected {dims}, got {shape}")
             array = np.frombuffer(raw, dtype=triton_to_np_dtype(datatype))
             if array.size != np.prod(shape):
@@ -213,11 +211,11 @@ class TritonTorchServer(service_pb2_grpc.GRPCInferenceServiceServicer):
             tensors[tensor.name] = array.reshape(shape)
         missing = [spec.name for spec in self.config.input if not spec.optional and spec.name not in tensors]
         if missing:
-            raise InvalidInputError(f"missing required input(s) {missing} for model '{name}'")
+            raise InvalidInputError(f"missing required input(s) {missing} for model '{model}'")
         outputs = {spec.name for spec in self.config.output}
         for output in request.outputs:
             if output.name not in outputs:
-                raise InvalidInputError(f"unexpected inference output '{output.name}' for model '{name}'")
+                raise InvalidInputError(f"unexpected inference output '{output.name}' for model '{model}'")
         return tensors
 
     def _engine_request(self, request_id: str, tensors: dict[str, np.ndarray]) -> EngineRequest:
@@ -242,13 +240,13 @@ class TritonTorchServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         if "prompt_embedding_table" not in tensors:
             raise InvalidInputError(f"input_ids hold ids >= vocab_size {vocab} but no prompt_embedding_table")
         table = tensors["prompt_embedding_table"][0]
-        rows = _scalar(tensors, "prompt_vocab_size", table.shape[0])
-        if table.shape[1] != model.config.hidden_size or rows > table.shape[0]:
+        size = _scalar(tensors, "prompt_vocab_size", table.shape[0])
+        if table.shape[1] != model.config.hidden_size or size > table.shape[0]:
             raise InvalidInputError(f"prompt_embedding_table is {list(table.shape)} with prompt_vocab_size "
-                                    f"{rows}; the model's hidden size is {model.config.hidden_size}")
-        if int(ids.max()) >= vocab + rows:
+                                    f"{size}; the model's hidden size is {model.config.hidden_size}")
+        if int(ids.max()) >= vocab + size:
             raise InvalidInputError(f"input id {int(ids.max())} addresses row {int(ids.max()) - vocab} of a "
-                                    f"prompt table of {rows} rows (prompt_vocab_size)")
+                                    f"prompt table of {size} rows (prompt_vocab_size)")
         with torch.inference_mode():
             embeds = model.get_input_embeddings()(ids.clamp(max=vocab - 1)).clone()
             rows = torch.from_numpy(table.astype(np.float32))[ids[virtual] - vocab]
@@ -293,7 +291,7 @@ def _stop_words(tensors: dict[str, np.ndarray]) -> list[int]:
         return []
     ids, offsets = tensors["stop_words_list"][0]
     ends = [int(end) for end in offsets if end >= 0]
-    if any(end - start != 1 for start, end in zip([0, *ends[:-1]], ends, strict=True)):
+    if any(end - start != 1 for start, end in zip([0, *ends], ends)):
         raise InvalidInputError("this server takes single-token stop words only")
     return [int(ids[end - 1]) for end in ends]
 
@@ -301,6 +299,11 @@ def _stop_words(tensors: dict[str, np.ndarray]) -> list[int]:
 def _scalar(tensors: dict[str, np.ndarray], name: str, default=None):
     """A [1, 1] input as a Python number, or `default` when the optional input was not sent."""
     return tensors[name].item() if name in tensors else default
+
+
+def _datatype(data_type: int) -> str:
+    """TYPE_FP16 in a model config is FP16 on the wire."""
+    return model_config_pb2.DataType.Name(data_type).removeprefix("TYPE_")
 
 
 def _bool_parameter(request: service_pb2.ModelInferRequest, name: str) -> bool:
