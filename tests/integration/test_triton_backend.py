@@ -72,7 +72,7 @@ def expected_outputs(model, prompt=None, embeds=None, *, params: SamplingParams,
 
 
 async def stopped_sequence(engine, request_id: str) -> int:
-    """Tokens computed for `request_id`, once its sequence has left the engine and more steps had time to run."""
+    """Tokens computed for `request_id` once its sequence has left the engine and more steps could run."""
     for _ in range(200):
         if request_id not in engine.running:
             break
@@ -150,10 +150,12 @@ def test_stop_tokens_end_id_and_length_end_as_tensorrt_llm_reports_them(model):
     by_stop_token, by_length = serve(model, test)
     assert [o.token_id for o in by_stop_token] == reference[: at + 1]  # stop words stay in the output
     assert by_stop_token[-1].finish_reason == "stop"
-    assert [(o.token_id, o.finish_reason) for o in by_length] == [(reference[0], None), (reference[1], "length")]
+    assert [(o.token_id, o.finish_reason) for o in by_length] == [(reference[0], None),
+                                                                   (reference[1], "length")]
 
     async def test_end_id(server, backend, url):
-        return await collect(backend, BackendRequest("e", PromptInput(prompt), SamplingParams(max_new_tokens=12)))
+        return await collect(backend, BackendRequest("e", PromptInput(prompt), SamplingParams(
+            max_new_tokens=12)))
 
     by_end_id = serve(model, test_end_id, end_id=stop)  # TensorRT-LLM leaves end_id out: a token-less end
     assert [o.token_id for o in by_end_id] == [*reference[:at], None]
@@ -161,7 +163,8 @@ def test_stop_tokens_end_id_and_length_end_as_tensorrt_llm_reports_them(model):
 
 
 def test_seeded_sampling_parameters_reach_the_engine(model):
-    params = SamplingParams(max_new_tokens=10, temperature=0.75, top_k=20, top_p=0.875, seed=7)  # exact in FP32
+    # 0.75 and 0.875 are exact in FP32, so the server samples with exactly these values
+    params = SamplingParams(max_new_tokens=10, temperature=0.75, top_k=20, top_p=0.875, seed=7)
 
     async def test(server, backend, url):
         return await collect(backend, BackendRequest("s", PromptInput(ids(4, 7)), params))
@@ -192,7 +195,8 @@ def test_stop_request_cancels_the_engine_sequence(model):
 
 def test_abandoning_the_stream_cancels_the_engine_sequence(model):
     async def test(server, backend, url):
-        stream = backend.generate(BackendRequest("long", PromptInput(LONG), SamplingParams(max_new_tokens=200)))
+        stream = backend.generate(BackendRequest("long", PromptInput(LONG), SamplingParams(
+            max_new_tokens=200)))
         async for output in stream:
             if output.index == 3:
                 break
@@ -219,7 +223,8 @@ async def raw_stream(url: str, inputs: list[grpcclient.InferInput]) -> list:
         yield {"model_name": "tensorrt_llm", "inputs": inputs, "request_id": "raw"}
 
     try:
-        return [(None if r is None else r.as_numpy("output_ids"), e) async for r, e in client.stream_infer(requests())]
+        responses = client.stream_infer(requests())
+        return [(None if r is None else r.as_numpy("output_ids"), e) async for r, e in responses]
     finally:
         await client.close()
 
@@ -228,22 +233,24 @@ def test_bad_requests_fail_with_the_servers_message_and_the_server_keeps_serving
     prompt = ids(5, 4)
     lengths = [tensor("input_lengths", np.array([[4]], np.int32)),
                tensor("request_output_len", np.array([[5]], np.int32))]
+    too_wide = PromptInput(ids(2, 8), torch.tensor([1, 2]), torch.zeros(2, HIDDEN + 1))
     bad = {
         "long": BackendRequest("long", PromptInput(ids(2, 300)), SamplingParams(max_new_tokens=4)),
-        "table": BackendRequest("table", PromptInput(ids(2, 8), torch.tensor([1, 2]), torch.randn(2, HIDDEN + 1)),
-                                SamplingParams(max_new_tokens=4)),
+        "table": BackendRequest("table", too_wide, SamplingParams(max_new_tokens=4)),
         "vocab": BackendRequest("vocab", PromptInput(torch.tensor([5, VOCAB + 1, 7])), SamplingParams()),
     }
 
     async def test(server, backend, url):
         missing = await raw_stream(url, lengths)
-        non_streaming = await raw_stream(url, [tensor("input_ids", prompt.to(torch.int32).numpy()[None]), *lengths])
+        input_ids = tensor("input_ids", prompt.to(torch.int32).numpy()[None])
+        non_streaming = await raw_stream(url, [input_ids, *lengths])
         errors = {}
         for name, request in bad.items():
             with pytest.raises(VitaError) as error:
                 await collect(backend, request)
             errors[name] = error.value
-        ok = await collect(backend, BackendRequest("ok", PromptInput(prompt), SamplingParams(max_new_tokens=5)))
+        ok = await collect(backend, BackendRequest("ok", PromptInput(prompt), SamplingParams(
+            max_new_tokens=5)))
         return missing, non_streaming, errors, ok
 
     missing, non_streaming, errors, ok = serve(model, test)
@@ -256,7 +263,8 @@ def test_bad_requests_fail_with_the_servers_message_and_the_server_keeps_serving
     assert [o.token_id for o in ok] == tokens and ok[-1].finish_reason == finish
     [(output_ids, error)] = non_streaming  # streaming false: all tokens in one final response; no end_id sent
     assert error is None
-    assert output_ids[0, 0].tolist() == list(stream_generate(model, prompt, params=SamplingParams(max_new_tokens=5)))
+    assert output_ids[0, 0].tolist() == list(stream_generate(model, prompt, params=SamplingParams(
+        max_new_tokens=5)))
 
 
 def test_an_unreachable_server_is_a_backend_error():
@@ -264,7 +272,7 @@ def test_an_unreachable_server_is_a_backend_error():
         backend = TritonBackend("127.0.0.1:1", vocab_size=VOCAB, end_id=EOS)
         await backend.start()
         try:
-            with pytest.raises(BackendError, match="127.0.0.1:1"):
+            with pytest.raises(BackendError, match=r"127\.0\.0\.1:1"):
                 await collect(backend, BackendRequest("r", PromptInput(ids(0, 4)), SamplingParams()))
         finally:
             await backend.close()

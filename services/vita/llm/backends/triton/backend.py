@@ -63,6 +63,7 @@ class TritonBackend:
             await self._client.close()
 
     async def generate(self, request: BackendRequest) -> AsyncIterator[TokenOutput]:
+        """Tokens as they come; the last event carries the finish reason (see the module docstring)."""
         rid, params = request.request_id, request.params
         writer: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         writer.put_nowait(self._message(rid, self._inputs(request.prompt, params)))
@@ -90,7 +91,7 @@ class TritonBackend:
             writer.put_nowait(None)  # done writing: the stream closes once Triton has answered all of it
             self._writers.pop(rid, None)
             self._cancelled.discard(rid)
-            if finish is None:  # the caller stopped listening: Triton cancels the request in TensorRT-LLM
+            if finish is None:  # the caller stopped listening, or it failed: Triton cancels what still runs
                 responses.cancel()
 
     async def cancel(self, request_id: str) -> None:

@@ -1,13 +1,13 @@
 """A test double for Triton Inference Server: Triton's gRPC protocol, answered by the torch engine.
 
 Triton with TensorRT-LLM needs GPUs, so `TritonBackend` is tested against this server instead. It implements
-the service of tritonclient's own generated code, so it parses exactly the bytes tritonclient sends, and checks
-each request against `config.pbtxt` as Triton does (input names, datatypes, shapes, required inputs). It answers
-as TensorRT-LLM's `inflight_batcher_llm` model does in decoupled mode: one response per token (`output_ids`
-[1, 1, n], `sequence_length` [1, 1]), or one at the end when `streaming` is false; `end_id` left out of the
-output; the empty final response flagged `triton_final_response` when the client asks for it; failures as
-`error_message`. A request with `stop` true cancels the in-flight request of the same id, and a cancelled
-stream cancels its requests.
+the service of tritonclient's own generated code, so it parses exactly the bytes tritonclient sends, and
+checks each request against `config.pbtxt` as Triton does (input names, datatypes, shapes, required inputs).
+It answers as TensorRT-LLM's `inflight_batcher_llm` model does in decoupled mode: one response per token
+(`output_ids` [1, 1, n], `sequence_length` [1, 1]), or one at the end when `streaming` is false; `end_id` left
+out of the output; the empty final response flagged `triton_final_response` when the client asks for it;
+failures as `error_message`. A request with `stop` true cancels the in-flight request of the same id, and a
+cancelled stream cancels its requests.
 
 It is not Triton: one model at version 1, one sequence per request (batch dimension 1), raw tensor contents
 only; the config's batching and instance settings are not applied, and the engine stops on the model's eos as
@@ -39,7 +39,7 @@ _Send = Callable[[service_pb2.ModelStreamInferResponse], None]
 
 
 class TritonTorchServer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """Serves `<repository>/<model_name>/config.pbtxt` with an `LLMEngine` of the config's `max_batch_size`."""
+    """Serves `<repository>/<model_name>/config.pbtxt` with an `LLMEngine` of its `max_batch_size` slots."""
 
     def __init__(self, model: MoECausalLM, repository: str | Path, *,
                  model_name: str = "tensorrt_llm") -> None:
@@ -92,7 +92,8 @@ class TritonTorchServer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         return service_pb2.ModelMetadataResponse(
             name=self.model_name, versions=[_VERSION], platform=self.config.backend,
-            inputs=[metadata(t) for t in self.config.input], outputs=[metadata(t) for t in self.config.output],
+            inputs=[metadata(t) for t in self.config.input],
+            outputs=[metadata(t) for t in self.config.output],
         )
 
     async def ModelConfig(self, request, context):
@@ -120,7 +121,7 @@ class TritonTorchServer(service_pb2_grpc.GRPCInferenceServiceServicer):
             reader.cancel()  # the client went away: each of its requests cancels its engine sequence
 
     async def _read(self, request_iterator, responses: asyncio.Queue) -> None:
-        """Serves the stream's requests concurrently; None once the client is done writing and all answered."""
+        """Serves the stream's requests concurrently; None once the client is done and all are answered."""
         try:
             async with asyncio.TaskGroup() as requests:
                 async for request in request_iterator:

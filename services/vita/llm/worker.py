@@ -1,0 +1,213 @@
+"""The llm service's worker: GenerationJobs from one pool's stream into the backend, tokens out as reply events.
+
+The same program serves either pool (`--role generator` or `--role monitor`); each pool has its own stream and
+consumer group, so the two scale independently. Jobs run concurrently up to the backend's batch size: the torch
+backend batches them continuously; the Triton backend lets TensorRT-LLM's in-flight batcher do it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from opentelemetry import trace
+from redis.asyncio import Redis
+
+from vita.bus.cancel import CancelWatcher
+from vita.bus.embeddings import EmbeddingMissing, read_embeddings
+from vita.bus.queue import Consumer, Delivery, lag
+from vita.bus.replies import publish_event
+from vita.bus.streams import ROLE_POOLS, BusConfig, Pool
+from vita.bus.trace import trace_parent
+from vita.errors import InvalidInputError, VitaError
+from vita.llm.backends.base import BackendRequest, GenerationBackend, PromptInput
+from vita.model.generation import SamplingParams
+from vita.processing.tokenizer import IncrementalDecoder, VitaTokenizer
+from vita.telemetry.metrics import Metrics
+from vita.v1.assistant_pb2 import Completed, TextDelta, Timings, Usage
+from vita.v1.bus_pb2 import GenerationEvent, GenerationJob, JobError
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+_FINISH = {"stop": Completed.STOP, "length": Completed.LENGTH, "cancelled": Completed.CANCELLED}
+
+
+@dataclass
+class WorkerConfig:
+    role: int = GenerationJob.GENERATOR
+    max_concurrency: int = 8  # jobs taken from the stream at once; match the backend's batch size
+    keep_alive_s: float = 5.0  # well under BusConfig.reclaim_idle_ms, so a live job is never reclaimed
+    lag_every_s: float = 2.0
+
+
+def prompt_from_job(job: GenerationJob, embeddings: list[torch.Tensor]) -> PromptInput:
+    """Token ids plus the slot rows each embedding placement fills, in prompt order."""
+    ids = torch.tensor(list(job.prompt_token_ids), dtype=torch.long)
+    if ids.numel() == 0:
+        raise InvalidInputError("the generation job has an empty prompt")
+    positions, rows = [], []
+    for placement, blob in zip(job.embeddings, embeddings, strict=True):
+        spans = [torch.arange(s.start, s.start + s.length) for s in placement.spans]
+        where = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
+        if where.numel() != blob.shape[0] or (where.numel() and int(where.max()) >= ids.numel()):
+            raise InvalidInputError(f"embedding {placement.embedding.key} has {blob.shape[0]} rows but its spans "
+                                    f"cover {where.numel()} positions of a {ids.numel()}-token prompt")
+        positions.append(where)
+        rows.append(blob)
+    if not rows:
+        return PromptInput(ids)
+    order = torch.cat(positions).argsort()
+    return PromptInput(ids, torch.cat(positions)[order], torch.cat(rows)[order])
+
+
+def sampling_from_job(job: GenerationJob) -> SamplingParams:
+    s = job.sampling
+    return SamplingParams(
+        max_new_tokens=job.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p or 1.0,
+        seed=s.seed if s.HasField("seed") else None,
+    )
+
+
+class _Replies:
+    """One job's reply stream with its sequence counter: readers drop numbers they have already seen."""
+
+    def __init__(self, redis: Redis, bus: BusConfig, job: GenerationJob) -> None:
+        self.redis, self.bus, self.job = redis, bus, job
+        self.sequence = 0
+
+    async def send(self, **event) -> None:
+        await publish_event(self.redis, self.bus, self.job.reply_stream,
+                            GenerationEvent(request_id=self.job.request_id, sequence=self.sequence, **event))
+        self.sequence += 1
+
+    async def fail(self, code: int, message: str) -> None:
+        await self.send(error=JobError(code=code, message=message))
+
+
+class LLMWorker:
+    def __init__(self, redis: Redis, bus: BusConfig, backend: GenerationBackend, tokenizer: VitaTokenizer,
+                 config: WorkerConfig | None = None, metrics: Metrics | None = None) -> None:
+        self.redis = redis
+        self.bus = bus
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.config = config or WorkerConfig()
+        self.pool: Pool = ROLE_POOLS[self.config.role]
+        self.metrics = metrics or Metrics()
+        self.consumer = Consumer(redis, bus, self.pool)
+        self._tasks: set[asyncio.Task] = set()
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """Stop taking jobs; running ones finish (or, if the process dies, are reclaimed by another worker)."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        async with CancelWatcher(self.redis, self.bus) as watcher:
+            lag_task = asyncio.create_task(self._report_lag())
+            try:
+                while not self._stopping.is_set():
+                    room = self.config.max_concurrency - len(self._tasks)
+                    if room <= 0:
+                        await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                        continue
+                    for delivery in await self.consumer.read(count=room, block_ms=200):
+                        task = asyncio.create_task(self._handle(delivery, watcher))
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+                if self._tasks:
+                    await asyncio.wait(self._tasks)
+            finally:
+                lag_task.cancel()
+
+    async def _report_lag(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                pool_lag = await lag(self.redis, self.bus, self.pool)
+                self.metrics.stream_lag.labels(self.pool.value).set(pool_lag.lag)
+                self.metrics.stream_pending.labels(self.pool.value).set(pool_lag.pending)
+            await asyncio.sleep(self.config.lag_every_s)
+
+    async def _handle(self, delivery: Delivery, watcher: CancelWatcher) -> None:
+        job: GenerationJob = delivery.message
+        queued_s = time.time() - int(delivery.entry_id.split("-")[0]) / 1000
+        self.metrics.queue_time.labels(self.pool.value).observe(max(0.0, queued_s))
+        replies = _Replies(self.redis, self.bus, job)
+        with tracer.start_as_current_span(f"generate {self.pool.value}", context=trace_parent(job)) as span:
+            span.set_attribute("vita.request_id", job.request_id)
+            try:
+                await self._generate(job, delivery, watcher, replies)
+            except VitaError as e:
+                await replies.fail(JobError.INVALID_ARGUMENT if isinstance(e, InvalidInputError)
+                                   else JobError.UNAVAILABLE if isinstance(e, EmbeddingMissing)
+                                   else JobError.INTERNAL, str(e))
+            except Exception:
+                log.exception("generation failed", extra={"request_id": job.request_id})
+                await replies.fail(JobError.INTERNAL, "the llm worker failed on this request")
+            finally:
+                watcher.forget(job.request_id)
+                await self.consumer.ack(delivery.entry_id)
+
+    async def _generate(self, job: GenerationJob, delivery: Delivery, watcher: CancelWatcher,
+                        replies: _Replies) -> None:
+        start = time.perf_counter()
+        if await watcher.watch(job.request_id):
+            await replies.send(finished=Completed(finish_reason=Completed.CANCELLED))
+            return
+        if _past(job.deadline_unix_ms):
+            await replies.fail(JobError.DEADLINE_EXCEEDED, "the request's deadline passed while it was queued")
+            return
+        prompt = prompt_from_job(job, await read_embeddings(self.redis, [p.embedding for p in job.embeddings]))
+        request = BackendRequest(job.request_id, prompt, sampling_from_job(job))
+        decoder = IncrementalDecoder(self.tokenizer)
+        stops = {self.tokenizer.eos_id}
+        generated, first_token_s, finish = 0, 0.0, "length"
+        last_keep_alive = last_token = time.perf_counter()
+        stream = self.backend.generate(request)
+        try:
+            async for output in stream:
+                now = time.perf_counter()
+                if output.token_id is not None:
+                    generated += 1
+                    if generated == 1:
+                        first_token_s = now - start
+                    else:
+                        self.metrics.inter_token_latency.labels(self.pool.value).observe(now - last_token)
+                    last_token = now
+                    text = "" if output.token_id in stops else decoder.push(output.token_id)
+                    await replies.send(delta=TextDelta(text=text, token_ids=[output.token_id]))
+                if output.finish_reason is not None:
+                    finish = output.finish_reason
+                    break
+                if watcher.cancelled(job.request_id) or _past(job.deadline_unix_ms):
+                    finish = "cancelled"
+                    break  # closing the stream cancels the sequence in the backend: compute stops
+                if now - last_keep_alive > self.config.keep_alive_s:
+                    await self.consumer.keep_alive(delivery.entry_id)
+                    last_keep_alive = now
+        finally:
+            await stream.aclose()
+        tail = decoder.flush()
+        if tail:
+            await replies.send(delta=TextDelta(text=tail))
+        total_s = time.perf_counter() - start
+        self.metrics.generation_tokens.labels(self.pool.value).inc(generated)
+        self.metrics.prompt_tokens.labels(self.pool.value).inc(len(job.prompt_token_ids))
+        if generated:
+            self.metrics.time_to_first_token.labels(f"llm:{self.pool.value}").observe(first_token_s)
+        if finish == "cancelled":
+            self.metrics.cancelled.labels(self.pool.value).inc()
+        await replies.send(finished=Completed(
+            finish_reason=_FINISH[finish],
+            usage=Usage(prompt_tokens=len(job.prompt_token_ids), completion_tokens=generated),
+            timings=Timings(time_to_first_token_s=first_token_s, total_s=total_s),
+        ))
+
+
+def _past(deadline_unix_ms: int) -> bool:
+    return bool(deadline_unix_ms) and time.time() * 1000 > deadline_unix_ms

@@ -1,0 +1,148 @@
+"""The llm worker over real Redis: jobs in, token events out, embeddings read from the bus, cancellation."""
+
+import asyncio
+import uuid
+
+import pytest
+import torch
+from redis.asyncio import Redis
+
+from vita.bus.cancel import cancel
+from vita.bus.embeddings import write_embedding
+from vita.bus.queue import submit
+from vita.bus.replies import events
+from vita.bus.streams import BusConfig, Pool
+from vita.llm.backends.torch.backend import TorchBackend
+from vita.llm.worker import LLMWorker, WorkerConfig
+from vita.model.generation import SamplingParams, stream_generate
+from vita.model.vita import VitaForCausalLM
+from vita.processing.tokenizer import VitaTokenizer
+from vita.v1.assistant_pb2 import Completed
+from vita.v1.bus_pb2 import EmbeddingPlacement, GenerationJob, JobError
+from vita.v1.media_pb2 import SamplingParams as SamplingProto
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    return VitaForCausalLM.from_pretrained(tiny_model_dir), VitaTokenizer.from_file(tiny_model_dir)
+
+
+async def with_worker(model, tokenizer, body, role=GenerationJob.GENERATOR):
+    redis = Redis.from_url("redis://127.0.0.1:6379/0")
+    bus = BusConfig(prefix=f"test:{uuid.uuid4().hex[:12]}")
+    backend = TorchBackend(model, max_batch_size=4)
+    await backend.start()
+    worker = LLMWorker(redis, bus, backend, tokenizer, WorkerConfig(role=role, max_concurrency=4))
+    task = asyncio.create_task(worker.run())
+    try:
+        return await body(redis, bus, backend)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+        await backend.close()
+        keys = [k async for k in redis.scan_iter(f"{bus.prefix}:*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()
+
+
+def job(bus, rid, ids, max_tokens=8, role=GenerationJob.GENERATOR, placements=()):
+    return GenerationJob(request_id=rid, role=role, reply_stream=bus.reply(rid), prompt_token_ids=ids,
+                         embeddings=list(placements), sampling=SamplingProto(), max_tokens=max_tokens)
+
+
+async def collect(redis, bus, rid):
+    out = []
+    async for event in events(redis, bus.reply(rid), timeout_s=30):
+        out.append(event)
+        if event.WhichOneof("event") in ("finished", "error"):
+            return out
+
+
+def tokens_of(evts):
+    return [t for e in evts if e.WhichOneof("event") == "delta" for t in e.delta.token_ids]
+
+
+def test_concurrent_jobs_with_embeddings_match_in_process(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    prompts = [tok.encode(f"user:question number {i}", add_bos=True) for i in range(3)]
+    table = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    async def body(redis, bus, backend):
+        ref = await write_embedding(redis, bus, "img-1", table, [5])
+        placement = EmbeddingPlacement(embedding=ref, spans=[EmbeddingPlacement.Span(start=2, length=3),
+                                                             EmbeddingPlacement.Span(start=7, length=2)])
+        jobs = [job(bus, f"r{i}", p) for i, p in enumerate(prompts)]
+        jobs.append(job(bus, "mm", prompts[0] + [5] * 6, placements=[placement]))
+        for j in jobs:
+            await submit(redis, bus, Pool.LLM_GENERATOR, j)
+        return await asyncio.gather(*(collect(redis, bus, j.request_id) for j in jobs))
+
+    results = asyncio.run(with_worker(model, tok, body))
+    params = SamplingParams(max_new_tokens=8)
+    for ids, evts in zip(prompts, results[:3]):
+        assert tokens_of(evts) == list(stream_generate(model, torch.tensor(ids), params=params))
+        done = evts[-1].finished
+        assert done.usage.prompt_tokens == len(ids) and done.usage.completion_tokens == len(tokens_of(evts))
+        assert "".join(e.delta.text for e in evts if e.WhichOneof("event") == "delta") == \
+            tok.decode([t for t in tokens_of(evts) if t != tok.eos_id])
+    mm_ids = torch.tensor(prompts[0] + [5] * 6)
+    embeds = model.get_input_embeddings()(mm_ids).detach().clone()
+    embeds[torch.tensor([2, 3, 4, 7, 8])] = table
+    assert tokens_of(results[3]) == list(stream_generate(model, inputs_embeds=embeds, params=params))
+
+
+def test_monitor_pool_is_separate(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+
+    async def body(redis, bus, backend):
+        await submit(redis, bus, Pool.LLM_MONITOR, job(bus, "m1", tok.encode("hi", add_bos=True),
+                                                          role=GenerationJob.MONITOR, max_tokens=2))
+        return await collect(redis, bus, "m1")
+
+    evts = asyncio.run(with_worker(model, tok, body, role=GenerationJob.MONITOR))
+    assert evts[-1].WhichOneof("event") == "finished"
+
+
+def test_cancel_stops_the_compute(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+
+    async def body(redis, bus, backend):
+        await submit(redis, bus, Pool.LLM_GENERATOR, job(bus, "long", tok.encode("tell me", add_bos=True),
+                                                            max_tokens=3000))
+        seen = []
+        async for event in events(redis, bus.reply("long"), timeout_s=30):
+            seen.append(event)
+            if len(seen) == 5:
+                await cancel(redis, bus, "long")
+            if event.WhichOneof("event") in ("finished", "error"):
+                break
+        at_finish = backend.engine.stats.tokens_by_request["long"]
+        for _ in range(100):  # the engine thread drops the sequence at the start of its next step
+            if "long" not in backend.engine.running:
+                break
+            await asyncio.sleep(0.01)
+        stopped = backend.engine.stats.tokens_by_request["long"]
+        await asyncio.sleep(0.3)
+        return seen, at_finish, stopped, backend.engine.stats.tokens_by_request["long"], backend.engine
+
+    seen, at_finish, stopped, later, engine = asyncio.run(with_worker(model, tok, body))
+    assert seen[-1].finished.finish_reason == Completed.CANCELLED
+    assert stopped - at_finish <= 1  # at most the one decode step already running when the cancel landed
+    assert later == stopped < 3000 and "long" not in engine.running
+
+
+def test_bad_job_gets_an_error_and_the_worker_goes_on(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+
+    async def body(redis, bus, backend):
+        ref = await write_embedding(redis, bus, "x", torch.zeros(4, model.config.hidden_size), [4])
+        bad = job(bus, "bad", [1, 5, 5], placements=[EmbeddingPlacement(
+            embedding=ref, spans=[EmbeddingPlacement.Span(start=1, length=4)])])
+        await submit(redis, bus, Pool.LLM_GENERATOR, bad)
+        await submit(redis, bus, Pool.LLM_GENERATOR, job(bus, "good", tok.encode("hi", add_bos=True)))
+        return await collect(redis, bus, "bad"), await collect(redis, bus, "good")
+
+    bad, good = asyncio.run(with_worker(model, tok, body))
+    assert bad[-1].error.code == JobError.INVALID_ARGUMENT and "4 rows" in bad[-1].error.message
+    assert good[-1].WhichOneof("event") == "finished"
