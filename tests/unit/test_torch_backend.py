@@ -57,7 +57,8 @@ def test_abandoning_the_stream_cancels_the_sequence(model):
         backend = TorchBackend(model, max_batch_size=2)
         await backend.start()
         try:
-            stream = backend.generate(BackendRequest("long", PromptInput(ids(1, 5)), SamplingParams(
+            # This prompt runs to the full context on this model: it cannot end by itself before the cancel.
+            stream = backend.generate(BackendRequest("long", PromptInput(ids(2, 9)), SamplingParams(
                 max_new_tokens=200)))
             async for out in stream:
                 if out.index == 3:
@@ -75,4 +76,5 @@ def test_abandoning_the_stream_cancels_the_sequence(model):
 
     engine, computed = asyncio.run(main())
     assert "long" not in engine.running and len(engine.free_slots) == 2
+    assert engine.stats.cancelled == 1
     assert engine.stats.tokens_by_request["long"] == computed < 200

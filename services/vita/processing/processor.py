@@ -90,7 +90,7 @@ class VitaProcessor:
         video_tokens = [video_pixels.shape[0] * tokens_per_tile] if video_pixels is not None else []
         audio_tokens = [num_audio_tokens(w.numel(), self.config.audio) for w in waveforms]
 
-        content = _with_placeholders(text, images=len(images), videos=len(video_tokens), audios=len(audio))
+        content = with_placeholders(text, images=len(images), videos=len(video_tokens), audios=len(audio))
         prompt = encode_prompt(
             self.tokenizer, [*history, Message("user", content)], audio_question=bool(audio),
             image_tokens=image_tokens, video_tokens=video_tokens, audio_tokens=audio_tokens, system=system,
@@ -137,7 +137,7 @@ class VitaProcessor:
             raise InvalidInputError(f"audio {k}: {e}") from None
 
 
-def _with_placeholders(text: str, *, images: int, videos: int, audios: int) -> str:
+def with_placeholders(text: str, *, images: int, videos: int, audios: int) -> str:
     """Prepends a placeholder per medium the text does not already place itself."""
     prefix = ""
     for token, n, sep in ((IMAGE_TOKEN, images, "\n"), (VIDEO_TOKEN, videos, "\n"), (AUDIO_TOKEN, audios, "")):
