@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import grpc
+
 from vita.errors import VitaError
 
 
@@ -50,6 +52,69 @@ def _generate(args: argparse.Namespace) -> None:
               f"{u.decode_tokens_per_s:.1f} tokens/s, finish: {u.finish_reason}]", file=sys.stderr)
 
 
+SERVICES = {
+    "audio-encoder": "vita.audio_encoder.__main__",
+    "vision-encoder": "vita.vision_encoder.__main__",
+    "llm": "vita.llm.__main__",
+    "orchestrator": "vita.orchestrator.__main__",
+}
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import importlib
+
+    sys.exit(importlib.import_module(SERVICES[args.service]).main(args.service_args))
+
+
+def _stack_file():
+    from vita.model.tiny import vita_home
+
+    return vita_home() / "stack.json"
+
+
+def _up(args: argparse.Namespace) -> None:
+    from vita.model.tiny import build_tiny_checkpoint
+    from vita.stack import LocalStack
+
+    path = _stack_file()
+    if path.exists():
+        raise VitaError(f"a stack is already up (state in {path}); run `vita down` first")
+    model = args.model or str(build_tiny_checkpoint())
+    stack = LocalStack(model_dir=model, redis_url=args.redis, orchestrator_port=args.port).start()
+    stack.save(path)
+    for s in stack.services:
+        print(f"  {s.name:<15} pid {s.pid:<7} grpc 127.0.0.1:{s.grpc_port}  log {s.log_path}")
+    print(f"stack up: the API is at {stack.target}; `vita ask --text ...` to try it, `vita down` to stop")
+
+
+def _down(args: argparse.Namespace) -> None:
+    from vita.stack import LocalStack
+
+    path = _stack_file()
+    if not path.exists():
+        raise VitaError("no stack is up (nothing to stop)")
+    LocalStack.load(path).stop()
+    path.unlink()
+    print("stack stopped")
+
+
+def _ask(args: argparse.Namespace) -> None:
+    from vita.client import VitaClient, build_request
+
+    request = build_request(args.text or "", images=args.image or [], video=args.video, audio=args.audio or [],
+                            max_tokens=args.max_tokens, temperature=args.temperature)
+    with VitaClient(args.target) as client:
+        for response in client.generate(request):
+            if response.HasField("delta"):
+                sys.stdout.write(response.delta.text)
+                sys.stdout.flush()
+            else:
+                c = response.completed
+                print(f"\n[{c.usage.prompt_tokens} prompt tokens, {c.usage.completion_tokens} generated, first "
+                      f"token {c.timings.time_to_first_token_s * 1000:.0f} ms, total {c.timings.total_s:.2f} s]",
+                      file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vita",
@@ -85,6 +150,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("serve", help="run one service (audio-encoder, vision-encoder, llm, orchestrator)",
+                       description="Run one service process; `vita serve SERVICE --help` lists its options.")
+    p.add_argument("service", choices=sorted(SERVICES))
+    p.add_argument("service_args", nargs=argparse.REMAINDER, help="options of the service")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("up", help="start Redis (if needed) and every service locally, in the background")
+    p.add_argument("--model", default=None, help="model directory (default: the tiny model)")
+    p.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--port", type=int, default=50051, help="the orchestrator's (public API) port")
+    p.set_defaults(func=_up)
+
+    p = sub.add_parser("down", help="stop the stack `vita up` started")
+    p.set_defaults(func=_down)
+
+    p = sub.add_parser("ask", help="send one request to a running stack and stream the answer")
+    p.add_argument("--target", default="127.0.0.1:50051", help="orchestrator address")
+    p.add_argument("--text")
+    p.add_argument("--image", action="append", help="image file (repeatable)")
+    p.add_argument("--video", help="video file")
+    p.add_argument("--audio", action="append", help="WAV file (repeatable)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.set_defaults(func=_ask)
     return parser
 
 
@@ -98,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"vita {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except grpc.RpcError as e:
+        print(f"vita {args.command}: error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

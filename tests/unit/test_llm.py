@@ -13,7 +13,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 from vita.errors import CheckpointError, ContextLengthError, InvalidInputError
 from vita.model.config import LLMConfig
 from vita.model.generation import SamplingParams, sample_next_token, stream_generate
-from vita.model.llm import MoECausalLM, llm_state_dict_from_hf, llm_state_dict_to_hf
+from vita.model.llm import MoECausalLM, llm_state_dict_from_hf, llm_state_dict_to_hf, select_experts
 
 HF_SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256)
@@ -63,6 +63,27 @@ def test_greedy_generation_matches_transformers(hf_model, prompts, tmp_path):
     got = ours.generate(prompts, max_new_tokens=32)
     assert got.shape == expected.shape == (2, prompts.shape[1] + 32)
     assert torch.equal(got, expected)
+
+
+def test_batch_1_greedy_generation_matches_transformers(hf_model, prompts, tmp_path):
+    hf_model.save_pretrained(tmp_path)
+    ours = MoECausalLM.from_pretrained(tmp_path)  # one row decodes through the single-token expert path
+    prompt = prompts[:1]
+    expected = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, do_sample=False)
+    assert torch.equal(ours.generate(prompt, max_new_tokens=32), expected)
+
+
+def test_expert_weights_stay_input_major_through_loading_and_casting(hf_model, tmp_path):
+    hf_model.save_pretrained(tmp_path)
+    model = MoECausalLM.from_pretrained(tmp_path)
+    contiguous = {k: v.contiguous() for k, v in model.state_dict().items()}  # the (E, out, in) layout of a plain save
+    model.load_state_dict(contiguous, assign=True)
+    model = model.to(torch.bfloat16)
+    for layer in model.model.layers:
+        moe = layer.block_sparse_moe
+        assert moe.w1.shape == (4, 96, 64) and moe.w2.shape == (4, 64, 96)
+        assert all(w.mT.is_contiguous() for w in (moe.w1, moe.w2, moe.w3))
+    assert all(torch.equal(v, contiguous[k].to(torch.bfloat16)) for k, v in model.state_dict().items())
 
 
 def test_hub_layout_has_per_expert_names_and_transformers_reads_our_save(hf_model, prompts, tmp_path):
@@ -223,6 +244,31 @@ def test_gather_and_grouped_dispatch_agree_with_a_naive_reference():
     assert (moe.grouped(x, weights, experts) - expected).abs().max() < 1e-5
     assert (moe.gathered(x, weights, experts) - expected).abs().max() < 1e-5
     assert (moe(x) - expected).abs().max() < 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("top_k", [2, 3])
+def test_single_token_dispatch_agrees_with_the_grouped_one(top_k):
+    moe = tiny_model(num_experts_per_tok=top_k).model.layers[0].block_sparse_moe
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(10))
+    weights, experts = moe.route(x)
+    grouped = moe.grouped(x, weights, experts)
+    if top_k == 3:  # unevenly spaced choices, such as [0, 1, 3], take select_experts' copying branch
+        assert any(set(row) in ({0, 1, 3}, {0, 2, 3}) for row in experts.tolist())
+    for t in range(x.shape[0]):
+        single = moe.single(x[t : t + 1], weights[t : t + 1], experts[t : t + 1])
+        assert (single - grouped[t]).abs().max() < 1e-5
+
+
+def test_select_experts_is_a_view_for_evenly_spaced_ids_and_a_copy_otherwise():
+    w = torch.arange(5 * 6.0).view(5, 2, 3)
+    for ids in ([1], [0, 3], [0, 2, 4]):
+        picked = select_experts(w, ids)
+        assert torch.equal(picked, w[ids])
+        assert picked.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()  # shares w's memory
+    uneven = select_experts(w, [0, 1, 3])
+    assert torch.equal(uneven, w[[0, 1, 3]])
+    assert uneven.untyped_storage().data_ptr() != w.untyped_storage().data_ptr()
 
 
 def test_grouped_dispatch_is_differentiable():

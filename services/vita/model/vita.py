@@ -111,7 +111,7 @@ class VitaForCausalLM(MoECausalLM):
     ) -> VitaForCausalLM:
         """Load our own directory or a plain Hugging Face Mixtral one; any inconsistency is a CheckpointError."""
         directory = Path(directory)
-        config = _read_config(directory)
+        config = read_model_config(directory)
         with torch.device("meta"):
             model = cls(config)
         loaded = llm_state_dict_from_hf(load_sharded(directory))
@@ -121,7 +121,7 @@ class VitaForCausalLM(MoECausalLM):
         return model.to(device=device, dtype=dtype).eval()
 
 
-def _read_config(directory: Path) -> VitaConfig:
+def read_model_config(directory: Path) -> VitaConfig:
     """Our `config.json`, or a Hugging Face Mixtral one (a text-only model)."""
     path = directory / "config.json"
     try:

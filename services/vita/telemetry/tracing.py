@@ -32,17 +32,6 @@ def configure_tracing(service: str, *, otlp_endpoint: str | None = None,
     return provider
 
 
-def tracer(name: str) -> trace.Tracer:
-    return trace.get_tracer(name)
-
-
-def inject_carrier() -> dict[str, str]:
-    """The current span's context as `traceparent`/`tracestate` strings, for a message field or gRPC metadata."""
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return carrier
-
-
 def extract_context(carrier: Mapping[str, str] | Iterable[tuple[str, str]]) -> context.Context:
-    """The parent context carried by a message map or gRPC invocation metadata."""
+    """The parent context carried by gRPC invocation metadata (bus messages: `vita.bus.trace.trace_parent`)."""
     return propagate.extract(dict(carrier))

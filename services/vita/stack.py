@@ -1,0 +1,199 @@
+"""The local stack: Redis (started if none answers) and every service as a process on 127.0.0.1.
+
+`LocalStack` is what `make demo`, `vita up`/`vita down` and the end-to-end tests use. Each service runs exactly as
+in a cluster (same entry point, same flags); only the addresses are loopback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from vita.errors import VitaError
+from vita.model.tiny import vita_home
+
+
+class StackError(VitaError):
+    """A service did not come up; the message holds the tail of its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def ensure_redis(url: str = "redis://127.0.0.1:6379/0") -> None:
+    """Starts a throw-away local redis-server (no persistence) when nothing answers at `url`."""
+    if redis_answers(url):
+        return
+    if shutil.which("redis-server") is None:
+        raise StackError(f"no Redis answers at {url} and redis-server is not installed")
+    subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379",
+                    "--save", "", "--appendonly", "no"], check=True, capture_output=True)
+    for _ in range(50):
+        if redis_answers(url):
+            return
+        time.sleep(0.1)
+    raise StackError(f"started redis-server but nothing answers at {url}")
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    argv: list[str]
+    grpc_port: int
+    log_path: str
+    pid: int = 0
+
+
+@dataclass
+class LocalStack:
+    model_dir: str
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "vita"
+    orchestrator_port: int = 0  # 0 picks a free port
+    log_dir: str = ""
+    reclaim_idle_ms: int = 30_000
+    extra_args: dict[str, list[str]] = field(default_factory=dict)
+    services: list[ServiceProcess] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.services[-1].grpc_port}"
+
+    def plan(self) -> list[ServiceProcess]:
+        """Encoders and both LLM pools first; the orchestrator last (its port is the stack's address)."""
+        log_dir = Path(self.log_dir or vita_home() / "logs")
+        log_dir.mkdir(parents=True, exist_ok=True)
+        common = ["--model", self.model_dir, "--redis", self.redis_url, "--prefix", self.prefix,
+                  "--reclaim-idle-ms", str(self.reclaim_idle_ms)]
+        specs = [
+            ("audio-encoder", [sys.executable, "-m", "vita.audio_encoder"]),
+            ("vision-encoder", [sys.executable, "-m", "vita.vision_encoder"]),
+            ("llm-generator", [sys.executable, "-m", "vita.llm", "--role", "generator"]),
+            ("llm-monitor", [sys.executable, "-m", "vita.llm", "--role", "monitor"]),
+            ("orchestrator", [sys.executable, "-m", "vita.orchestrator"]),
+        ]
+        planned = []
+        for name, argv in specs:
+            port = self.orchestrator_port if name == "orchestrator" and self.orchestrator_port else free_port()
+            planned.append(ServiceProcess(name, [*argv, *common, "--grpc-port", str(port),
+                                                 *self.extra_args.get(name, [])],
+                                          port, str(log_dir / f"{name}.log")))
+        return planned
+
+    def start(self, timeout_s: float = 120.0) -> LocalStack:
+        ensure_redis(self.redis_url)
+        self.services = self.plan()
+        for service in self.services:
+            with open(service.log_path, "wb") as log:
+                proc = subprocess.Popen(service.argv, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            service.pid = proc.pid
+        try:
+            for service in self.services:
+                wait_healthy(service, timeout_s)
+        except StackError:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM (drain), then SIGKILL whatever is left: no process stays behind."""
+        for service in reversed(self.services):
+            _signal(service.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for service in self.services:
+            while _alive(service.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            _signal(service.pid, signal.SIGKILL)
+            _reap(service.pid)
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> LocalStack:
+        data = json.loads(path.read_text())
+        data["services"] = [ServiceProcess(**s) for s in data["services"]]
+        return cls(**data)
+
+
+def wait_healthy(service: ServiceProcess, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if not _alive(service.pid):
+                raise StackError(f"{service.name} exited during start-up:\n{_tail(service.log_path)}")
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise StackError(f"{service.name} not healthy after {timeout_s:.0f} s:\n{_tail(service.log_path)}")
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _alive(pid: int) -> bool:
+    if not pid:
+        return False
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return False
+    except ChildProcessError:
+        pass  # not our child (vita down from another shell): fall back to a signal probe
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    if pid:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)

@@ -1,0 +1,140 @@
+"""`Assistant.Generate` over real gRPC on 127.0.0.1 and real Redis, with a real llm worker (text requests)."""
+
+import asyncio
+import uuid
+
+import grpc
+import pytest
+from redis.asyncio import Redis
+
+from vita.bus.streams import BusConfig
+from vita.grpc_server import GrpcService, ServiceServer
+from vita.inference import GenerationRequest, VitaPipeline
+from vita.llm.backends.torch.backend import TorchBackend
+from vita.llm.worker import LLMWorker, WorkerConfig
+from vita.model.generation import SamplingParams
+from vita.orchestrator.service import AssistantService
+from vita.v1 import assistant_pb2_grpc
+from vita.v1.assistant_pb2 import Completed, GenerateRequest
+from vita.v1.media_pb2 import SamplingParams as SamplingProto
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_model_dir):
+    return VitaPipeline.load(tiny_model_dir)
+
+
+async def run_stack(pipeline, body, *, worker=True, backlog_limit=1000):
+    """Orchestrator + llm worker in this event loop; everything talks over loopback gRPC and Redis."""
+    redis = Redis.from_url("redis://127.0.0.1:6379/0")
+    bus = BusConfig(prefix=f"test:{uuid.uuid4().hex[:12]}", backlog_limits=dict.fromkeys(
+        BusConfig().backlog_limits, backlog_limit))
+    service = AssistantService(redis, bus, pipeline.model.vita_config, pipeline.tokenizer)
+    server = ServiceServer([GrpcService("vita.v1.Assistant",
+                                        lambda s: assistant_pb2_grpc.add_AssistantServicer_to_server(service, s))])
+    await server.start()
+    backend = TorchBackend(pipeline.model, max_batch_size=8)
+    await backend.start()
+    llm = LLMWorker(redis, bus, backend, pipeline.tokenizer, WorkerConfig(max_concurrency=8))
+    task = asyncio.create_task(llm.run()) if worker else None
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        return await body(assistant_pb2_grpc.AssistantStub(channel), backend)
+    finally:
+        await channel.close()
+        llm.stop()
+        if task:
+            await asyncio.wait_for(task, 30)
+        await backend.close()
+        await server.drain()
+        keys = [k async for k in redis.scan_iter(f"{bus.prefix}:*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()
+
+
+async def answer(stub, text, max_tokens=10):
+    tokens, done = [], None
+    async for r in stub.Generate(GenerateRequest(text=text, sampling=SamplingProto(max_tokens=max_tokens))):
+        if r.HasField("delta"):
+            tokens += list(r.delta.token_ids)
+        else:
+            done = r.completed
+    return tokens, done
+
+
+def in_process(pipeline, text, max_tokens=10):
+    events = list(pipeline.stream(GenerationRequest(text=text, sampling=SamplingParams(max_new_tokens=max_tokens))))
+    return [t for e in events for t in e.token_ids], events[-1].usage
+
+
+def test_eight_concurrent_requests_each_get_their_own_answer(pipeline):
+    texts = [f"Question {i}: what colour is the {w}?" for i, w in enumerate(["sky", "sun", "sea", "leaf", "rose", "snow", "coal", "gold"])]
+
+    async def body(stub, backend):
+        return await asyncio.gather(*(answer(stub, t) for t in texts))
+
+    results = asyncio.run(run_stack(pipeline, body))
+    for text, (tokens, done) in zip(texts, results):
+        expected, usage = in_process(pipeline, text)
+        assert tokens[: len(expected)] == expected
+        assert done.usage.prompt_tokens == usage.prompt_tokens
+        assert done.finish_reason in (Completed.STOP, Completed.LENGTH)
+        assert done.timings.time_to_first_token_s > 0
+
+
+@pytest.mark.parametrize(("request_", "message"), [
+    (GenerateRequest(), "the request is empty"),
+    (GenerateRequest(text="word " * 5000), "the model's context is"),
+    (GenerateRequest(text="hi", request_id="bad id with spaces"), "request_id"),
+    (GenerateRequest(text="look at <image>"), "placeholder"),
+])
+def test_bad_requests_are_invalid_argument(pipeline, request_, message):
+    async def body(stub, backend):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in stub.Generate(request_):
+                pass
+        # The service stays usable for the next client.
+        tokens, done = await answer(stub, "still there?", max_tokens=2)
+        return err.value, done
+
+    err, done = asyncio.run(run_stack(pipeline, body))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.details()
+    assert done is not None
+
+
+def test_backpressure_is_resource_exhausted(pipeline):
+    async def body(stub, backend):
+        first = stub.Generate(GenerateRequest(text="first"))  # no worker: it stays queued
+        await asyncio.sleep(0.3)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in stub.Generate(GenerateRequest(text="second")):
+                pass
+        first.cancel()
+        return err.value
+
+    err = asyncio.run(run_stack(pipeline, body, worker=False, backlog_limit=1))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "llm:generator" in err.details()
+
+
+def test_client_cancellation_stops_generation(pipeline):
+    async def body(stub, backend):
+        call = stub.Generate(GenerateRequest(request_id="cancel-me", text="talk for a long time",
+                                             sampling=SamplingProto(max_tokens=3000)))
+        seen = 0
+        async for r in call:
+            seen += 1
+            if seen == 3:
+                call.cancel()
+                break
+        for _ in range(200):
+            if "cancel-me" not in backend.engine.running:
+                break
+            await asyncio.sleep(0.01)
+        stopped = backend.engine.stats.tokens_by_request.get("cancel-me", 0)
+        await asyncio.sleep(0.3)
+        return stopped, backend.engine.stats.tokens_by_request.get("cancel-me", 0), backend.engine
+
+    stopped, later, engine = asyncio.run(run_stack(pipeline, body))
+    assert "cancel-me" not in engine.running
+    assert later == stopped < 3000
