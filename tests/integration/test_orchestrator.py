@@ -95,7 +95,7 @@ def test_bad_requests_are_invalid_argument(pipeline, request_, message):
             async for _ in stub.Generate(request_):
                 pass
         # The service stays usable for the next client.
-        tokens, done = await answer(stub, "still there?", max_tokens=2)
+        _, done = await answer(stub, "still there?", max_tokens=2)
         return err.value, done
 
     err, done = asyncio.run(run_stack(pipeline, body))
@@ -122,7 +122,7 @@ def test_client_cancellation_stops_generation(pipeline):
         call = stub.Generate(GenerateRequest(request_id="cancel-me", text="talk for a long time",
                                              sampling=SamplingProto(max_tokens=3000)))
         seen = 0
-        async for r in call:
+        async for _ in call:
             seen += 1
             if seen == 3:
                 call.cancel()
