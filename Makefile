@@ -54,7 +54,7 @@ lint: setup  ## ruff
 bench: setup  ## benchmarks; figures are appended to BENCHMARKS.md
 	$(PY) benchmarks/llm_decode.py
 
-demo: setup  ## one multimodal generation with the tiny model, streamed token by token
+demo: setup  ## the local service stack on the tiny model and one-shot requests through its API
 	$(PY) -m vita.demo
 
 clean:  ## remove the virtualenv and caches

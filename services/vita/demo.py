@@ -1,13 +1,17 @@
-"""`make demo`: one multimodal request through the tiny model, in-process, streamed token by token.
+"""`make demo`: the local service stack on the tiny model, and one-shot requests through its public API.
 
-Inputs are made on the spot: an image that tiles into two 448 tiles plus a thumbnail, a 3 s spoken question from
-espeak-ng, a short video written with PyAV, and a text question. The weights are random, so the words are noise:
-what the demo shows is the pipeline (tiling, sampling, filterbank, placeholder expansion, streaming) and its timings.
+Starts Redis if none answers, every service as a process on 127.0.0.1 (audio encoder, vision encoder, generator
+and monitor LLM pools, orchestrator), waits for their health checks, sends requests made on the spot (an image that
+tiles into two 448 tiles plus a thumbnail with a 3 s spoken question from espeak-ng; a short video with a text
+question), prints the streamed answers with their timings, and stops everything. `--in-process` runs one request
+through the model in this process instead. The weights are random, so the words are noise: what the demo shows
+is the pipeline and its timings.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -77,8 +81,53 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--model", default=None, help="model directory (default: the tiny model, built on first use)")
+    parser.add_argument("--in-process", action="store_true", help="no services: one request in this process")
     args = parser.parse_args(argv)
+    return in_process(args) if args.in_process else through_stack(args)
 
+
+def through_stack(args: argparse.Namespace) -> int:
+    from vita.client import VitaClient, build_request
+    from vita.model.tiny import build_tiny_checkpoint
+    from vita.stack import LocalStack
+
+    model = args.model or str(build_tiny_checkpoint())
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="vita-demo-") as tmp, \
+            LocalStack(model_dir=model, prefix=f"demo{os.getpid()}", log_dir=tmp) as stack:
+        print(f"stack up in {time.perf_counter() - t0:.1f} s:")
+        for s in stack.services:
+            print(f"  {s.name:<15} pid {s.pid:<7} grpc 127.0.0.1:{s.grpc_port}")
+        tmp = Path(tmp)
+        requests = {
+            "image + spoken question": build_request(
+                images=[make_image(tmp / "shapes.png")],
+                audio=[make_speech(tmp / "question.wav", "What colour is the square in the picture?")],
+                max_tokens=args.max_tokens),
+            "video + text question": build_request(
+                "Which way does the yellow square move?", video=make_video(tmp / "clip.mp4"),
+                max_tokens=args.max_tokens),
+        }
+        with VitaClient(stack.target) as client:
+            for title, request in requests.items():
+                print(f"\n{title}:")
+                start = time.perf_counter()
+                for response in client.generate(request):
+                    ms = (time.perf_counter() - start) * 1000
+                    if response.HasField("delta"):
+                        print(f"  {ms:8.1f} ms  {response.delta.text!r}")
+                    else:
+                        c = response.completed
+                        u = c.usage
+                        print(f"  prompt {u.prompt_tokens} tokens (image {u.image_tokens}, video {u.video_tokens}, "
+                              f"audio {u.audio_tokens}); encode {c.timings.encode_s * 1000:.0f} ms, "
+                              f"first token {c.timings.time_to_first_token_s * 1000:.0f} ms, "
+                              f"{u.completion_tokens} tokens in {c.timings.total_s * 1000:.0f} ms")
+    print("\nstack stopped")
+    return 0
+
+
+def in_process(args: argparse.Namespace) -> int:
     from vita.inference import GenerationRequest, VitaPipeline
     from vita.model.generation import SamplingParams
 
