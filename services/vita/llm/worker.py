@@ -41,7 +41,7 @@ _FINISH = {"stop": Completed.STOP, "length": Completed.LENGTH, "cancelled": Comp
 class WorkerConfig:
     role: int = GenerationJob.GENERATOR
     max_concurrency: int = 8  # jobs taken from the stream at once; match the backend's batch size
-    keep_alive_s: float = 5.0  # well under BusConfig.reclaim_idle_ms, so a live job is never reclaimed
+    keep_alive_s: float = 5.0  # capped at a third of BusConfig.reclaim_idle_ms: a live job is never reclaimed
     lag_every_s: float = 2.0
 
 
@@ -100,6 +100,7 @@ class LLMWorker:
         self.pool: Pool = ROLE_POOLS[self.config.role]
         self.metrics = metrics or Metrics()
         self.consumer = Consumer(redis, bus, self.pool)
+        self.keep_alive_s = min(self.config.keep_alive_s, bus.reclaim_idle_ms / 3000)
         self._tasks: set[asyncio.Task] = set()
         self._stopping = asyncio.Event()
 
@@ -187,7 +188,7 @@ class LLMWorker:
                 if watcher.cancelled(job.request_id) or _past(job.deadline_unix_ms):
                     finish = "cancelled"
                     break  # closing the stream cancels the sequence in the backend: compute stops
-                if now - last_keep_alive > self.config.keep_alive_s:
+                if now - last_keep_alive > self.keep_alive_s:
                     await self.consumer.keep_alive(delivery.entry_id)
                     last_keep_alive = now
         finally:
