@@ -1,7 +1,7 @@
 """Mixtral-style sparse MoE decoder in the spirit of gpt-fast, under Hugging Face Mixtral parameter names.
 
-Experts are stacked per layer, `block_sparse_moe.w1`/`w3` (E, I, H) and `w2` (E, H, I), so dispatch is one matmul
-per expert rather than a loop over tokens; `llm_state_dict_to_hf`/`_from_hf` map them to the per-expert hub names.
+Experts are stacked per layer, `block_sparse_moe.w1`/`w3` (E, I, H) and `w2` (E, H, I), so dispatch is one bmm per
+matrix over all experts rather than a loop; `llm_state_dict_to_hf`/`_from_hf` map them to the per-expert hub names.
 The KV cache is one static buffer addressed by (slot, position), so the same forward serves prefill, incremental
 decode and batched decode of sequences of different lengths, which is what continuous batching is built on.
 """
