@@ -138,3 +138,33 @@ def test_client_cancellation_stops_generation(pipeline):
     stopped, later, engine = asyncio.run(run_stack(pipeline, body))
     assert "cancel-me" not in engine.running
     assert later == stopped < 3000
+
+
+def test_one_trace_across_grpc_and_redis_hops(pipeline):
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from vita.telemetry.tracing import configure_tracing
+
+    exporter = InMemorySpanExporter()
+    provider = configure_tracing("test", exporter=exporter)
+    if trace.get_tracer_provider() is not provider:
+        pytest.skip("another test installed the global tracer provider first")
+    client_tracer = trace.get_tracer("client")
+
+    async def body(stub, backend):
+        from opentelemetry import propagate
+
+        with client_tracer.start_as_current_span("client call") as span:
+            metadata: dict[str, str] = {}
+            propagate.inject(metadata)
+            async for _ in stub.Generate(GenerateRequest(text="trace me", sampling=SamplingProto(max_tokens=3)),
+                                         metadata=tuple(metadata.items())):
+                pass
+            return span.get_span_context().trace_id
+
+    trace_id = asyncio.run(run_stack(pipeline, body))
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert {"client call", "Generate", "generate llm:generator"} <= set(spans)
+    assert {s.context.trace_id for s in spans.values()} == {trace_id}
+    assert spans["generate llm:generator"].parent.span_id == spans["Generate"].context.span_id
