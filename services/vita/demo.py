@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vita.processing.audio import load_audio
+from vita.processing.audio import load_audio, write_wav
 
 
 def make_image(path: Path) -> Path:
@@ -44,19 +44,8 @@ def make_speech(path: Path, text: str, seconds: float = 3.0) -> Path:
     wave = load_audio(raw.read_bytes()).numpy()
     n = int(seconds * 16000)
     wave = np.pad(wave, (0, max(0, n - wave.size)))[:n]
-    _write_wav(path, wave)
+    write_wav(path, wave)
     return path
-
-
-def _write_wav(path: Path, wave: np.ndarray, rate: int = 16000) -> None:
-    import wave as wavmod
-
-    pcm = (np.clip(wave, -1, 1) * 32767).astype("<i2")
-    with wavmod.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
 
 
 def make_video(path: Path, seconds: float = 1.5, fps: int = 10) -> Path:

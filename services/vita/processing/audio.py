@@ -71,6 +71,19 @@ def load_audio(
     return wave.clamp_(-1.0, 1.0)  # resampling can overshoot full scale slightly; the encoder assumes int16 range
 
 
+def write_wav(path: str | Path, samples: np.ndarray | torch.Tensor, rate: int = 16000) -> Path:
+    """Mono PCM16 WAV from float samples in [-1, 1] (clipped): what tests and the demo hand to the services."""
+    import wave
+
+    pcm = (np.clip(np.asarray(samples, dtype=np.float32), -1, 1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return Path(path)
+
+
 def pcm16_to_float(data: bytes) -> torch.Tensor:
     """Raw little-endian 16-bit PCM (what streaming clients send) as float32 in [-1, 1)."""
     if len(data) % 2:
