@@ -53,9 +53,10 @@ lint: setup  ## ruff
 
 bench: setup  ## benchmarks; figures are appended to BENCHMARKS.md
 	$(PY) benchmarks/llm_decode.py
+	$(PY) benchmarks/serving.py
 
-demo: setup  ## one multimodal request through the tiny model, streamed (the service stack once encoders land)
-	$(PY) -m vita.demo --in-process
+demo: setup  ## the local service stack on the tiny model and one-shot requests through its API
+	$(PY) -m vita.demo
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .artifacts

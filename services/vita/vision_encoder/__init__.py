@@ -1,0 +1,1 @@
+"""The vision-encoder service: images and video frames from its Redis stream into InternViT embeddings."""
