@@ -40,6 +40,12 @@ class Latencies:
             self.itl.extend(b - a for a, b in itertools.pairwise(arrivals))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
@@ -115,15 +121,24 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = build_tiny_checkpoint()
     pipeline = VitaPipeline.load(model_dir)
+    import redis
+
     results: dict[tuple[str, int], Latencies] = {}
+    cpu: dict[int, dict[str, float]] = {}  # clients -> process -> CPU ms per streamed token, stack runs
     total = 2 * len(args.concurrency) * (args.requests + 4)
     with tempfile.TemporaryDirectory() as logs, \
             LocalStack(model_dir=str(model_dir), prefix=f"bench{os.getpid()}", log_dir=logs) as stack, \
             tqdm(total=total, desc="requests", unit="req") as bar:
         for clients in args.concurrency:
             asyncio.run(stack_run(stack.target, clients, 4, args.max_tokens, bar))  # warm-up
-            results["stack", clients] = asyncio.run(stack_run(stack.target, clients, args.requests,
-                                                              args.max_tokens, bar))
+            pids = {s.name: s.pid for s in stack.services}
+            pids["redis"] = redis.Redis.from_url(stack.redis_url).info("server")["process_id"]
+            pids["client (benchmark)"] = os.getpid()
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            results["stack", clients] = lat = asyncio.run(stack_run(stack.target, clients, args.requests,
+                                                                    args.max_tokens, bar))
+            tokens = len(lat.itl) + len(lat.ttft)
+            cpu[clients] = {name: (cpu_seconds(pid) - before[name]) * 1e3 / tokens for name, pid in pids.items()}
             asyncio.run(in_process_run(pipeline, clients, 4, args.max_tokens, bar))
             results["in-process", clients] = asyncio.run(in_process_run(pipeline, clients, args.requests,
                                                                         args.max_tokens, bar))
@@ -137,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [f"- stack / in-process mean inter-token latency at {c} clients: "
               f"{statistics.fmean(results['stack', c].itl) / statistics.fmean(results['in-process', c].itl):.2f}x"
               for c in args.concurrency]
+    names = list(next(iter(cpu.values())))
+    cpu_rows = ["| clients | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    cpu_rows += [f"| {c} | " + " | ".join(f"{per[n]:.3f}" for n in names) + " |" for c, per in cpu.items()]
     command = "python benchmarks/serving.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])
                                                if (argv if argv is not None else sys.argv[1:]) else "")
     section = "\n".join([
@@ -147,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         "orchestrator + llm worker (torch backend, batch 8) + encoders as processes on 127.0.0.1, Redis 7. "
         "In-process: the same TorchBackend called directly.", "",
         *rows, "", *ratios, "",
+        "CPU milliseconds per streamed token by process during the stack runs (/proc utime + stime):", "",
+        *cpu_rows, "",
     ])
     print(section)
     if not args.no_write:

@@ -6,6 +6,7 @@ request's stream disappears on its own.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 
 from redis.asyncio import Redis
@@ -32,6 +33,51 @@ async def publish_event(redis: Redis, config: BusConfig, reply_stream: str, even
     pipe.pexpire(reply_stream, milliseconds(config.reply_ttl_s))
     entry_id, _ = await pipe.execute()
     return entry_id.decode()
+
+
+class ReplyPublisher:
+    """Group commit for reply streams: events sent while a write is in flight go out together in the next MULTI.
+
+    An llm worker streams one token per running request per decode step; sent one by one they cost a round trip
+    each, batched they cost one per step. Order per stream is kept (one flush at a time, in arrival order), and
+    every stream written still gets its TTL in the same transaction.
+    """
+
+    def __init__(self, redis: Redis, config: BusConfig) -> None:
+        self.redis, self.config = redis, config
+        self._pending: list[tuple[str, dict, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task | None = None
+
+    async def publish(self, reply_stream: str, event: Reply) -> None:
+        """Returns once the event is in Redis; raises what the write raised."""
+        self.config.check_reply_stream(reply_stream)
+        if not isinstance(event, REPLY_TYPES):
+            raise TypeError(f"reply streams carry EncodeResult or GenerationEvent, not {type(event).__name__}")
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((reply_stream, encode_entry(event), written))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        await written
+
+    async def _flush(self) -> None:
+        ttl_ms = milliseconds(self.config.reply_ttl_s)
+        while self._pending:
+            batch, self._pending = self._pending, []
+            pipe = self.redis.pipeline(transaction=True)
+            for stream, fields, _ in batch:
+                pipe.xadd(stream, fields)
+            for stream in dict.fromkeys(stream for stream, _, _ in batch):
+                pipe.pexpire(stream, ttl_ms)
+            try:
+                await pipe.execute()
+            except Exception as e:  # every waiter of this batch hears it; later batches try again
+                for _, _, written in batch:
+                    if not written.done():
+                        written.set_exception(e)
+                continue
+            for _, _, written in batch:
+                if not written.done():
+                    written.set_result(None)
 
 
 async def events(

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from vita.bus.cancel import CancelWatcher
 from vita.bus.embeddings import EmbeddingMissing, read_embeddings
 from vita.bus.queue import Consumer, Delivery, lag
-from vita.bus.replies import publish_event
+from vita.bus.replies import ReplyPublisher
 from vita.bus.streams import ROLE_POOLS, BusConfig, Pool
 from vita.bus.trace import trace_parent
 from vita.errors import InvalidInputError, VitaError
@@ -76,13 +76,13 @@ def sampling_from_job(job: GenerationJob) -> SamplingParams:
 class _Replies:
     """One job's reply stream with its sequence counter: readers drop numbers they have already seen."""
 
-    def __init__(self, redis: Redis, bus: BusConfig, job: GenerationJob) -> None:
-        self.redis, self.bus, self.job = redis, bus, job
+    def __init__(self, publisher: ReplyPublisher, job: GenerationJob) -> None:
+        self.publisher, self.job = publisher, job
         self.sequence = 0
 
     async def send(self, **event) -> None:
-        await publish_event(self.redis, self.bus, self.job.reply_stream,
-                            GenerationEvent(request_id=self.job.request_id, sequence=self.sequence, **event))
+        await self.publisher.publish(
+            self.job.reply_stream, GenerationEvent(request_id=self.job.request_id, sequence=self.sequence, **event))
         self.sequence += 1
 
     async def fail(self, code: int, message: str) -> None:
@@ -100,6 +100,7 @@ class LLMWorker:
         self.pool: Pool = ROLE_POOLS[self.config.role]
         self.metrics = metrics or Metrics()
         self.consumer = Consumer(redis, bus, self.pool)
+        self.publisher = ReplyPublisher(redis, bus)
         self.keep_alive_s = min(self.config.keep_alive_s, bus.reclaim_idle_ms / 3000)
         self._tasks: set[asyncio.Task] = set()
         self._stopping = asyncio.Event()
@@ -138,7 +139,7 @@ class LLMWorker:
         job: GenerationJob = delivery.message
         queued_s = time.time() - int(delivery.entry_id.split("-")[0]) / 1000
         self.metrics.queue_time.labels(self.pool.value).observe(max(0.0, queued_s))
-        replies = _Replies(self.redis, self.bus, job)
+        replies = _Replies(self.publisher, job)
         with tracer.start_as_current_span(f"generate {self.pool.value}", context=trace_parent(job)) as span:
             span.set_attribute("vita.request_id", job.request_id)
             try:
