@@ -61,3 +61,34 @@ def short_mp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+@pytest.fixture(scope="session")
+def duplex_model_dir() -> Path:
+    """The tiny model fine-tuned for the duplex decisions (training/duplex.py); built once, cached in VITA_HOME."""
+    from training.duplex import build_duplex_checkpoint
+
+    return build_duplex_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def trained_answer() -> str:
+    from training.duplex import DuplexTrainConfig
+
+    return DuplexTrainConfig().answer
+
+
+@pytest.fixture(scope="session")
+def query_clip() -> np.ndarray:
+    """A question for the assistant, in the fine-tune's query voice (16 kHz float32)."""
+    from training.speech import espeak as speak
+
+    return speak("what is in this picture", "query")
+
+
+@pytest.fixture(scope="session")
+def other_clip() -> np.ndarray:
+    """Talk meant for someone else, in a voice the fine-tune learned to ignore."""
+    from training.speech import espeak as speak
+
+    return speak("honey did you feed the cat", "en-high")

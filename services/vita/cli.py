@@ -115,6 +115,29 @@ def _ask(args: argparse.Namespace) -> None:
                       file=sys.stderr)
 
 
+def _converse(args: argparse.Namespace) -> None:
+    from vita.client import END, VitaClient, image_event, session_config, speech_events, text_event
+    from vita.processing.audio import load_audio
+    from vita.timeline import Timeline
+
+    speech = [load_audio(path).numpy() for path in args.wav or []]
+
+    def events():
+        yield session_config(session_id=args.session or "", resume=bool(args.session), max_tokens=args.max_tokens)
+        for image in args.image or []:
+            yield image_event(image)
+        for samples in speech:
+            yield from speech_events(samples, realtime=not args.fast)
+        for text in args.text or []:
+            yield text_event(text)
+        yield END
+
+    timeline = Timeline()
+    with VitaClient(args.target, timeout_s=None) as client:
+        for event in client.converse(events()):
+            timeline.print(event)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vita",
@@ -175,6 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.set_defaults(func=_ask)
+
+    p = sub.add_parser("converse", help="a duplex voice session with a running stack: stream WAV files as a "
+                                        "microphone would and print the event timeline",
+                       description="Open a Converse session, attach images, stream each WAV in real time (then "
+                                   "0.8 s of silence), send the text messages, and print every server event with "
+                                   "its time since the session started.")
+    p.add_argument("--target", default="127.0.0.1:50051", help="orchestrator address")
+    p.add_argument("--wav", action="append", help="speech to stream (repeatable; any rate, resampled)")
+    p.add_argument("--image", action="append", help="image for the next answered turn (repeatable)")
+    p.add_argument("--text", action="append", help="a typed message, sent after the speech (repeatable)")
+    p.add_argument("--session", help="resume this session id instead of starting a new one")
+    p.add_argument("--max-tokens", type=int, default=0, help="per answer (0: the server default)")
+    p.add_argument("--fast", action="store_true", help="send audio as fast as possible, not in real time")
+    p.set_defaults(func=_converse)
     return parser
 
 

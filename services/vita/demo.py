@@ -3,9 +3,14 @@
 Starts Redis if none answers, every service as a process on 127.0.0.1 (audio encoder, vision encoder, generator
 and monitor LLM pools, orchestrator), waits for their health checks, sends requests made on the spot (an image that
 tiles into two 448 tiles plus a thumbnail with a 3 s spoken question from espeak-ng; a short video with a text
-question), prints the streamed answers with their timings, and stops everything. `--in-process` runs one request
-through the model in this process instead. The weights are random, so the words are noise: what the demo shows
-is the pipeline and its timings.
+question), prints the streamed answers with their timings, then runs a scripted `Converse` session: a spoken
+question about an image, speech not meant for the assistant (ignored), an interruption mid-answer by a new spoken
+question, and a typed question, printed as an event timeline. Speech is streamed in real time, as a microphone would.
+
+The stack serves the tiny model fine-tuned for the duplex decisions (training/duplex.py, a few seconds on first
+use, then cached): whether speech is a query is the model's own state token. Beyond the fine-tuned answer its words
+are noise; what the demo shows is the pipeline and its timings. `--in-process` runs one request through the model
+in this process instead.
 """
 
 from __future__ import annotations
@@ -75,12 +80,21 @@ def main(argv: list[str] | None = None) -> int:
     return in_process(args) if args.in_process else through_stack(args)
 
 
+def duplex_model() -> str:
+    """The duplex fine-tune lives in training/ at the repository root (where `make demo` runs)."""
+    try:
+        from training.duplex import build_duplex_checkpoint
+    except ImportError:
+        raise SystemExit("training/ is not importable: run the demo from the repository root (`make demo`)") from None
+    print("duplex fine-tune of the tiny model (cached after the first run) ...")
+    return str(build_duplex_checkpoint())
+
+
 def through_stack(args: argparse.Namespace) -> int:
     from vita.client import VitaClient, build_request
-    from vita.model.tiny import build_tiny_checkpoint
     from vita.stack import LocalStack
 
-    model = args.model or str(build_tiny_checkpoint())
+    model = args.model or duplex_model()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vita-demo-") as tmp, \
             LocalStack(model_dir=model, prefix=f"demo{os.getpid()}", log_dir=tmp) as stack:
@@ -112,8 +126,45 @@ def through_stack(args: argparse.Namespace) -> int:
                               f"audio {u.audio_tokens}); encode {c.timings.encode_s * 1000:.0f} ms, "
                               f"first token {c.timings.time_to_first_token_s * 1000:.0f} ms, "
                               f"{u.completion_tokens} tokens in {c.timings.total_s * 1000:.0f} ms")
+            converse(client, tmp)
     print("\nstack stopped")
     return 0
+
+
+def converse(client, tmp: Path) -> None:
+    """The scripted duplex session, printed as a timeline."""
+    from training.speech import espeak
+    from vita.client import ConverseSession, image_event, session_config, speech_events, text_event
+    from vita.timeline import Timeline
+
+    print("\nConverse session (speech streamed in real time; times since the session opened):")
+    timeline = Timeline()
+    # Long answers (ignore_eos) so that real-time speech can cut one: the tiny model answers in about a second.
+    config = session_config(max_tokens=300, ignore_eos=True)
+    with ConverseSession(client, config, on_event=timeline.print) as s:
+        say = {name: espeak(text, voice) for name, (text, voice) in {
+            "question": ("what is in this picture", "query"),
+            "aside": ("honey did you feed the cat", "en-high"),
+            "story": ("tell me a short story", "query"),
+            "interrupt": ("what colour is the square", "query"),
+        }.items()}
+        timeline.out.write("  > image attached, then a spoken question\n")
+        s.send(image_event(make_image(tmp / "converse.png")))
+        s.stream(speech_events(say["question"]))
+        s.wait("completed", timeout_s=120)
+        timeline.out.write("  > someone talks to somebody else\n")
+        s.stream(speech_events(say["aside"]))
+        s.wait("judged", timeout_s=60)
+        timeline.out.write("  > a spoken question, and a new one while the answer streams\n")
+        s.stream(speech_events(say["story"]))
+        turn = s.wait("answer_started", timeout_s=60).turn_id
+        s.stream(speech_events(say["interrupt"]))
+        s.wait("interrupted", turn_id=turn, timeout_s=60)
+        s.wait("completed", timeout_s=120)
+        timeline.out.write("  > a typed question\n")
+        s.send(text_event("Which shape is red?"))
+        s.wait("completed", timeout_s=120)
+        s.close()
 
 
 def in_process(args: argparse.Namespace) -> int:

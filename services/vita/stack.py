@@ -66,6 +66,7 @@ class ServiceProcess:
     grpc_port: int
     log_path: str
     pid: int = 0
+    metrics_port: int = 0
 
 
 @dataclass
@@ -77,11 +78,18 @@ class LocalStack:
     log_dir: str = ""
     reclaim_idle_ms: int = 30_000
     extra_args: dict[str, list[str]] = field(default_factory=dict)
+    metrics: bool = False  # give every service a Prometheus port (ServiceProcess.metrics_port)
     services: list[ServiceProcess] = field(default_factory=list)
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.services[-1].grpc_port}"
+        return f"127.0.0.1:{self.service('orchestrator').grpc_port}"
+
+    def service(self, name: str) -> ServiceProcess:
+        for service in self.services:
+            if service.name == name:
+                return service
+        raise StackError(f"no service named {name!r} in this stack")
 
     def plan(self) -> list[ServiceProcess]:
         """Encoders and both LLM pools first; the orchestrator last (its port is the stack's address)."""
@@ -99,19 +107,50 @@ class LocalStack:
         planned = []
         for name, argv in specs:
             port = self.orchestrator_port if name == "orchestrator" and self.orchestrator_port else free_port()
+            metrics_port = free_port() if self.metrics else 0
             planned.append(ServiceProcess(name, [*argv, *common, "--grpc-port", str(port),
+                                                 "--metrics-port", str(metrics_port),
                                                  *self.extra_args.get(name, [])],
-                                          port, str(log_dir / f"{name}.log")))
+                                          port, str(log_dir / f"{name}.log"), metrics_port=metrics_port))
         return planned
+
+    def add_replica(self, name: str, timeout_s: float = 120.0) -> ServiceProcess:
+        """One more process of service `name` (e.g. a second orchestrator) on its own ports."""
+        base = self.service(name)
+        port, metrics_port = free_port(), free_port() if self.metrics else 0
+        argv = _with_flag(_with_flag(base.argv, "--grpc-port", str(port)), "--metrics-port", str(metrics_port))
+        k = sum(s.name.startswith(name) for s in self.services)
+        replica = ServiceProcess(f"{name}-{k}", argv, port, base.log_path.replace(".log", f"-{k}.log"),
+                                 metrics_port=metrics_port)
+        self.services.append(replica)
+        self._spawn(replica)
+        wait_healthy(replica, timeout_s)
+        return replica
+
+    def kill(self, name: str) -> None:
+        """SIGKILL, no drain: what a crashed or OOM-killed process looks like to the others."""
+        service = self.service(name)
+        _signal(service.pid, signal.SIGKILL)
+        _reap(service.pid)
+
+    def respawn(self, name: str, timeout_s: float = 120.0) -> None:
+        """Start a stopped service again on the same ports."""
+        service = self.service(name)
+        self._spawn(service)
+        wait_healthy(service, timeout_s)
+
+    def _spawn(self, service: ServiceProcess) -> None:
+        with open(service.log_path, "ab") as log:
+            proc = subprocess.Popen(service.argv, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        service.pid = proc.pid
 
     def start(self, timeout_s: float = 120.0) -> LocalStack:
         ensure_redis(self.redis_url)
         self.services = self.plan()
         for service in self.services:
-            with open(service.log_path, "wb") as log:
-                proc = subprocess.Popen(service.argv, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            service.pid = proc.pid
+            Path(service.log_path).unlink(missing_ok=True)
+            self._spawn(service)
         try:
             for service in self.services:
                 wait_healthy(service, timeout_s)
@@ -146,6 +185,12 @@ class LocalStack:
         data = json.loads(path.read_text())
         data["services"] = [ServiceProcess(**s) for s in data["services"]]
         return cls(**data)
+
+
+def _with_flag(argv: list[str], flag: str, value: str) -> list[str]:
+    out = list(argv)
+    out[out.index(flag) + 1] = value
+    return out
 
 
 def wait_healthy(service: ServiceProcess, timeout_s: float) -> None:

@@ -65,6 +65,7 @@ class BusConfig:
     reply_ttl_s: float = 300.0  # refreshed on every write: counts from the last event
     embedding_ttl_s: float = 600.0  # must exceed the longest wait of a generation job in its queue
     cancel_ttl_s: float = 600.0  # covers jobs still queued when their request is cancelled
+    session_ttl_s: float = 1800.0  # a Converse session, its pending media and history embeddings; reset on writes
     reclaim_idle_ms: int = 30_000  # an unacknowledged job idle this long belongs to a dead worker
     max_deliveries: int = 3  # a job delivered more often than this is dead-lettered
 
@@ -74,7 +75,7 @@ class BusConfig:
         for name in ("jobs_maxlen", "dead_letter_maxlen", "reclaim_idle_ms", "max_deliveries"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"{name} must be at least 1; got {getattr(self, name)}")
-        for name in ("reply_ttl_s", "embedding_ttl_s", "cancel_ttl_s"):
+        for name in ("reply_ttl_s", "embedding_ttl_s", "cancel_ttl_s", "session_ttl_s"):
             if not getattr(self, name) > 0:
                 raise InvalidInputError(f"{name} must be positive; got {getattr(self, name)}")
         for pool in Pool:
@@ -97,6 +98,17 @@ class BusConfig:
 
     def cancel_key(self, request_id: str) -> str:
         return f"{self.prefix}:cancel:{check_id('request id', request_id)}"
+
+    def session(self, session_id: str) -> str:
+        return f"{self.prefix}:session:{check_id('session id', session_id)}"
+
+    def session_frames(self, session_id: str) -> str:
+        """Camera frames (TimestampedFrame) waiting for the session's next answered turn, oldest first."""
+        return f"{self.session(session_id)}:frames"
+
+    def session_images(self, session_id: str) -> str:
+        """Images (Image) attached to the session's next answered turn."""
+        return f"{self.session(session_id)}:images"
 
     @property
     def cancel_channel(self) -> str:

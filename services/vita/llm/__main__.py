@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from vita.bus.streams import ROLE_POOLS
 from vita.grpc_server import ServiceServer
 from vita.llm.worker import LLMWorker, WorkerConfig
 from vita.service_args import add_common_args, setup
@@ -52,7 +53,8 @@ async def serve(args: argparse.Namespace) -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         backend = TorchBackend(VitaForCausalLM.from_pretrained(model_dir), max_batch_size=args.max_batch,
-                               max_seq_len=args.max_seq_len, metrics=metrics, pool=args.role)
+                               max_seq_len=args.max_seq_len, metrics=metrics,
+                               pool=ROLE_POOLS[ROLES[args.role]].value)  # the label the worker uses
     else:
         from vita.llm.backends.triton.backend import TritonBackend
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from vita.errors import ContextLengthError, InvalidInputError
-from vita.model.generation import SamplingParams, make_generator, sample_next_token
+from vita.model.generation import SamplingParams, make_generator, sample_next_token, stop_ids
 from vita.model.llm import MoECausalLM
 
 
@@ -153,8 +153,7 @@ class LLMEngine:
                 if not self.waiting:
                     break
                 request = self.waiting.popleft()
-            seq = _Sequence(request, self.free_slots.pop(), frozenset({self.model.config.eos_token_id,
-                                                                     *request.params.stop_token_ids}),
+            seq = _Sequence(request, self.free_slots.pop(), stop_ids(request.params, self.model.config.eos_token_id),
                             make_generator(request.params, self._device))
             self.running[request.request_id] = seq
             outputs.append(self._prefill(seq))

@@ -26,6 +26,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: Sequence[int] = ()  # stop after any of these, in addition to the model's eos
+    ignore_eos: bool = False  # decode all max_new_tokens through eos (benchmarks, load tests)
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -51,6 +52,11 @@ def _is_int(value: object) -> bool:
 
 def _is_real(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def stop_ids(params: SamplingParams, eos_token_id: int) -> frozenset[int]:
+    """The tokens that end a sequence: eos (unless ignored) and the request's stop tokens."""
+    return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else {eos_token_id})
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -128,7 +134,7 @@ def stream_generate(
     prompt = input_ids if input_ids is not None else inputs_embeds
     if prompt.shape[0] != 1 or prompt.shape[1] == 0:
         raise InvalidInputError(f"stream_generate takes one non-empty sequence, got shape {tuple(prompt.shape)}")
-    stops = {model.config.eos_token_id, *params.stop_token_ids}
+    stops = stop_ids(params, model.config.eos_token_id)
     generator = make_generator(params, model.lm_head.weight.device)
     for token in _decode_steps(model, input_ids, inputs_embeds, params, generator):
         token_id = int(token[0])

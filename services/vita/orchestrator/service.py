@@ -24,13 +24,23 @@ from vita.bus.streams import BusConfig, Pool, check_id
 from vita.bus.trace import current_trace_context
 from vita.errors import ContextLengthError, InvalidInputError
 from vita.model.config import VitaConfig
+from vita.orchestrator.converse import ConverseCall, ConverseConfig
+from vita.orchestrator.sessions import SessionStore
 from vita.processing.processor import with_placeholders
 from vita.processing.prompt import Message, Span, encode_prompt
 from vita.processing.tokenizer import VitaTokenizer
 from vita.telemetry.metrics import Metrics
 from vita.telemetry.tracing import extract_context
 from vita.v1 import assistant_pb2_grpc
-from vita.v1.assistant_pb2 import Completed, GenerateRequest, GenerateResponse, Timings, Usage
+from vita.v1.assistant_pb2 import (
+    ClientEvent,
+    Completed,
+    GenerateRequest,
+    GenerateResponse,
+    ServerEvent,
+    Timings,
+    Usage,
+)
 from vita.v1.bus_pb2 import EmbeddingPlacement, EmbeddingRef, EncodeJob, GenerationJob, JobError, MediaItem
 
 log = logging.getLogger(__name__)
@@ -61,13 +71,26 @@ class _Abort(Exception):
 
 class AssistantService(assistant_pb2_grpc.AssistantServicer):
     def __init__(self, redis: Redis, bus: BusConfig, model_config: VitaConfig, tokenizer: VitaTokenizer,
-                 config: OrchestratorConfig | None = None, metrics: Metrics | None = None) -> None:
+                 config: OrchestratorConfig | None = None, metrics: Metrics | None = None,
+                 converse: ConverseConfig | None = None) -> None:
         self.redis = redis
         self.bus = bus
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.config = config or OrchestratorConfig()
         self.metrics = metrics or Metrics()
+        self.converse_config = converse or ConverseConfig(default_max_tokens=self.config.default_max_tokens,
+                                                          token_timeout_s=self.config.token_timeout_s)
+        self.sessions = SessionStore(redis, bus)
+
+    async def Converse(self, request_iterator: AsyncIterator[ClientEvent], context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[ServerEvent]:
+        """See converse.py; errors are events, so one bad input never ends the conversation."""
+        self.metrics.requests.labels("orchestrator", "Converse").inc()
+        call = ConverseCall(self.redis, self.bus, self.model_config, self.tokenizer, self.sessions,
+                            self.converse_config, self.metrics)
+        async for event in call.run(request_iterator):
+            yield event
 
     async def Generate(self, request: GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[GenerateResponse]:

@@ -1,7 +1,7 @@
 """Prometheus metrics of every service, named after vLLM's (`vllm:time_to_first_token_seconds` ...) with `vita:`.
 
 Every service exports the subset it touches on its own port (`serve_metrics`). Label `pool` tells the generator
-and monitor LLM pools apart; `modality` the encoders. The full list, with meanings, is in docs/observability.md.
+and monitor LLM pools apart; `modality` the encoders. The full list, with meanings, is in docs/serving.md.
 """
 
 from __future__ import annotations
@@ -48,6 +48,25 @@ class Metrics:
                                          ["modality"], buckets=_LATENCY, registry=r)
         self.cancelled = Counter("vita:requests_cancelled", "Sequences stopped by cancellation", ["pool"],
                                  registry=r)
+        self.engine_decode_tokens = Counter(
+            "vita:engine_decode_tokens", "Tokens computed by the engine's decode forwards, cancelled sequences "
+            "included: the compute actually spent, where generation_tokens counts what was delivered",
+            ["pool"], registry=r)
+        # Converse (orchestrator)
+        self.active_sessions = Gauge("vita:converse_active_sessions", "Converse calls open on this replica",
+                                     registry=r)
+        self.vad_segments = Counter("vita:vad_segments", "Speech segments cut by voice-activity detection",
+                                    registry=r)
+        self.utterances_judged = Counter("vita:utterances_judged", "Speech judged by the monitor pool",
+                                         ["outcome", "early"], registry=r)
+        self.interruption_latency = Histogram(
+            "vita:interruption_latency_seconds",
+            "Interrupting query cut (end of speech, or its early-judged part) to the generator's confirmed stop "
+            "(stage=generator_stopped) or to the new answer's first token (stage=first_token)",
+            ["stage"], buckets=_LATENCY, registry=r)
+        self.speech_to_first_token = Histogram("vita:speech_to_first_token_seconds",
+                                               "End of a spoken query to the first token of its answer",
+                                               buckets=_LATENCY, registry=r)
 
 
 def serve_metrics(metrics: Metrics, port: int, host: str = "0.0.0.0") -> None:

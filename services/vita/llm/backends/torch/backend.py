@@ -17,12 +17,13 @@ class TorchBackend:
     """One engine per process; a caller that stops iterating (client gone, deadline) cancels its sequence."""
 
     def __init__(self, model: MoECausalLM, *, max_batch_size: int = 8, max_seq_len: int | None = None,
-                 metrics: Metrics | None = None, pool: str = "generator") -> None:
+                 metrics: Metrics | None = None, pool: str = "llm:generator") -> None:
         self.model = model
         self.engine = LLMEngine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
         self.metrics = metrics
         self.pool = pool
         self._queues: dict[str, asyncio.Queue[TokenOutput]] = {}
+        self._decode_tokens_seen = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._engine_loop = EngineLoop(self.engine, self._on_output, on_step=self._on_step)
 
@@ -75,6 +76,8 @@ class TorchBackend:
             return
         m = self.metrics
         m.num_requests_running.labels(self.pool).set(engine.num_running)
+        m.engine_decode_tokens.labels(self.pool).inc(engine.stats.decode_tokens - self._decode_tokens_seen)
+        self._decode_tokens_seen = engine.stats.decode_tokens
         m.num_requests_waiting.labels(self.pool).set(engine.num_waiting)
         if engine.num_running:
             m.batch_size.labels(self.pool).observe(engine.num_running)

@@ -28,7 +28,7 @@ from tritonclient.utils import np_to_triton_dtype
 from vita.errors import InvalidInputError, VitaError
 from vita.llm.backends.base import BackendRequest, PromptInput
 from vita.llm.engine import TokenOutput
-from vita.model.generation import SamplingParams
+from vita.model.generation import SamplingParams, stop_ids
 
 _OUTPUTS = ("output_ids", "sequence_length")  # TensorRT-LLM refuses a request that does not ask for both
 
@@ -69,7 +69,7 @@ class TritonBackend:
         writer.put_nowait(self._message(rid, self._inputs(request.prompt, params)))
         responses = self._client.stream_infer(_requests(writer))
         self._writers[rid] = writer
-        stops = {self.end_id, *params.stop_token_ids}
+        stops = stop_ids(params, self.end_id)
         index, finish = 0, None
         try:
             async for result, error in responses:
@@ -128,7 +128,7 @@ class TritonBackend:
             "input_ids": ids.to(torch.int32).numpy()[None],
             "input_lengths": _scalar(ids.numel(), np.int32),
             "request_output_len": _scalar(params.max_new_tokens, np.int32),
-            "end_id": _scalar(self.end_id, np.int32),
+            "end_id": _scalar(-1 if params.ignore_eos else self.end_id, np.int32),  # -1: no token ends it
             "pad_id": _scalar(self.pad_id, np.int32),
             "streaming": _scalar(True, np.bool_),
         }

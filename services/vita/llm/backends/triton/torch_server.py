@@ -11,7 +11,7 @@ cancelled stream cancels its requests.
 
 It is not Triton: one model at version 1, one sequence per request (batch dimension 1), raw tensor contents
 only; the config's batching and instance settings are not applied, and the engine stops on the model's eos as
-well as on `end_id`. Methods it does not implement answer UNIMPLEMENTED.
+well as on `end_id` (end_id -1 stops on neither). Methods it does not implement answer UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -282,7 +282,8 @@ def _sampling(tensors: dict[str, np.ndarray]) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=output_len, temperature=0.0 if greedy else _scalar(tensors, "temperature", 1.0),
         top_k=top_k, top_p=top_p or 1.0, seed=_scalar(tensors, "random_seed"),
-        stop_token_ids=[*([] if end_id is None else [end_id]), *_stop_words(tensors)],
+        stop_token_ids=[*([] if end_id is None or end_id < 0 else [end_id]), *_stop_words(tensors)],
+        ignore_eos=end_id is not None and end_id < 0,  # TensorRT-LLM's end_id -1: no token ends the sequence
     )
 
 

@@ -1,0 +1,106 @@
+"""Converse sessions in Redis, so any orchestrator replica (or a restarted one) continues a session.
+
+One key per session holds its `SessionState` (history, roles, the answer in flight); writes are compare-and-set
+on `version` (WATCH/MULTI), so two replicas touching one session never lose each other's turns. Pending camera
+frames and images sit in two lists beside it. Every write refreshes the TTL of the session, its lists and the
+embeddings its history refers to: they expire together, `session_ttl_s` after the last activity.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from redis.asyncio import Redis
+from redis.exceptions import WatchError
+
+from vita.bus.streams import BusConfig, milliseconds
+from vita.errors import VitaError
+from vita.v1.media_pb2 import Image, TimestampedFrame
+from vita.v1.session_pb2 import SessionState
+
+MAX_PENDING_FRAMES = 256  # oldest dropped beyond this: the video rule samples at most 16 frames anyway
+MAX_PENDING_IMAGES = 8
+
+
+class SessionNotFound(VitaError):
+    """Resume of a session id that never existed or has expired."""
+
+
+class SessionConflict(VitaError):
+    """Too many concurrent writers on one session: the write was not applied."""
+
+
+class SessionStore:
+    def __init__(self, redis: Redis, bus: BusConfig, *, retries: int = 16) -> None:
+        self.redis = redis
+        self.bus = bus
+        self.retries = retries
+
+    @property
+    def ttl_ms(self) -> int:
+        return milliseconds(self.bus.session_ttl_s)
+
+    async def create(self, state: SessionState) -> SessionState:
+        now = time.time()
+        state.version, state.created_unix_s, state.updated_unix_s = 1, now, now
+        if not await self.redis.set(self.bus.session(state.session_id), state.SerializeToString(),
+                                    px=self.ttl_ms, nx=True):
+            raise VitaError(f"session {state.session_id!r} already exists")
+        return state
+
+    async def load(self, session_id: str) -> SessionState:
+        raw = await self.redis.get(self.bus.session(session_id))
+        if raw is None:
+            raise SessionNotFound(f"session {session_id!r} does not exist or has expired")
+        return SessionState.FromString(raw)
+
+    async def update(self, session_id: str, change: Callable[[SessionState], None]) -> SessionState:
+        """Apply `change` to the stored state and write it back if nobody wrote in between; else re-read, retry."""
+        key = self.bus.session(session_id)
+        for _ in range(self.retries):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    if raw is None:
+                        raise SessionNotFound(f"session {session_id!r} does not exist or has expired")
+                    state = SessionState.FromString(raw)
+                    change(state)
+                    state.version += 1
+                    state.updated_unix_s = time.time()
+                    pipe.multi()
+                    pipe.set(key, state.SerializeToString(), px=self.ttl_ms)
+                    for name in (self.bus.session_frames(session_id), self.bus.session_images(session_id)):
+                        pipe.pexpire(name, self.ttl_ms)
+                    for turn in state.turns:
+                        for media in turn.media:
+                            pipe.pexpire(media.embedding.key, self.ttl_ms)
+                    await pipe.execute()
+                    return state
+                except WatchError:
+                    continue
+        raise SessionConflict(f"session {session_id!r}: {self.retries} concurrent writes in a row; try again")
+
+    async def add_frame(self, session_id: str, frame: TimestampedFrame) -> None:
+        await self._push(self.bus.session_frames(session_id), frame.SerializeToString(), MAX_PENDING_FRAMES)
+
+    async def add_image(self, session_id: str, image: Image) -> None:
+        await self._push(self.bus.session_images(session_id), image.SerializeToString(), MAX_PENDING_IMAGES)
+
+    async def take_media(self, session_id: str) -> tuple[list[Image], list[TimestampedFrame]]:
+        """The images and frames waiting for this turn, removed in one transaction (a turn takes them once)."""
+        images_key, frames_key = self.bus.session_images(session_id), self.bus.session_frames(session_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.lrange(images_key, 0, -1)
+        pipe.lrange(frames_key, 0, -1)
+        pipe.delete(images_key, frames_key)
+        images, frames, _ = await pipe.execute()
+        return [Image.FromString(x) for x in images], [TimestampedFrame.FromString(x) for x in frames]
+
+    async def _push(self, key: str, value: bytes, keep: int) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.rpush(key, value)
+        pipe.ltrim(key, -keep, -1)
+        pipe.pexpire(key, self.ttl_ms)
+        await pipe.execute()

@@ -1,0 +1,252 @@
+"""Converse through the process stack on the duplex fine-tuned tiny model: every decision comes from the model.
+
+Speech is made with espeak-ng (the same recipe the fine-tune used); services are processes on 127.0.0.1 talking
+over the real Redis; the client is the public gRPC API.
+"""
+
+import threading
+import urllib.request
+import uuid
+
+import numpy as np
+import pytest
+from redis import Redis
+
+from vita.bus.streams import BusConfig
+from vita.client import ConverseSession, VitaClient, image_event, session_config, speech_events, text_event
+from vita.stack import LocalStack
+from vita.v1.assistant_pb2 import AudioChunk, ClientEvent, UtteranceJudged
+from vita.v1.media_pb2 import Image, TimestampedFrame
+from vita.v1.session_pb2 import SessionState, SessionTurn
+
+pytestmark = pytest.mark.slow
+INVALID_ARGUMENT, NOT_FOUND = 3, 5
+
+
+@pytest.fixture(scope="module")
+def stack(duplex_model_dir, tmp_path_factory):
+    with LocalStack(model_dir=str(duplex_model_dir), prefix=f"conv{uuid.uuid4().hex[:8]}", metrics=True,
+                    log_dir=str(tmp_path_factory.mktemp("logs"))) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    with VitaClient(stack.target, timeout_s=None) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def redis():
+    r = Redis.from_url("redis://127.0.0.1:6379/0")
+    yield r
+    r.close()
+
+
+def stored(redis, stack, session_id) -> SessionState:
+    return SessionState.FromString(redis.get(BusConfig(prefix=stack.prefix).session(session_id)))
+
+
+def fast(samples):
+    return speech_events(samples, realtime=False, chunk_ms=100)
+
+
+def scrape(port: int, name: str, **labels) -> float:
+    """One sample of a Prometheus text exposition (0 when absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + ("{" + wanted + "}" if wanted else " ")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_text_turn_is_answered_and_recorded(client, redis, stack):
+    with ConverseSession(client) as s:
+        s.send(text_event("What is the capital of France?"))
+        started = s.wait("answer_started")
+        assert started.answer_started.state_token == "<3>"
+        done = s.wait("completed", turn_id=started.turn_id)
+        text = s.answer_text(started.turn_id)
+        s.close()
+    assert done.completed.usage.completion_tokens > 0
+    turns = stored(redis, stack, s.session_id).turns
+    assert [(t.role, t.content) for t in turns] == [(SessionTurn.USER, "What is the capital of France?"),
+                                                   (SessionTurn.BOT, text)]
+    assert not turns[1].interrupted
+
+
+def test_spoken_query_about_an_image_is_judged_by_the_model_and_answered(client, redis, stack, query_clip,
+                                                                          wide_png, trained_answer):
+    with ConverseSession(client) as s:
+        s.send(image_event(wide_png))
+        s.send(*fast(query_clip))
+        judged = s.wait("judged")
+        assert judged.judged.outcome == UtteranceJudged.QUERY and judged.judged.state_token == "<1>"
+        assert s.of("speech_started") and s.of("speech_ended")
+        done = s.wait("completed", turn_id=judged.turn_id)
+        text = s.answer_text(judged.turn_id)
+        s.close()
+    assert text.strip() and trained_answer.startswith(text[:20].strip())  # the fine-tuned answer, from the model
+    assert done.completed.usage.image_tokens > 0 and done.completed.usage.audio_tokens > 0
+    user = stored(redis, stack, s.session_id).turns[0]
+    assert user.state_token == "<1>" and [m.modality for m in user.media] == ["image", "audio"]
+
+
+def test_speech_not_meant_for_the_assistant_and_noise_are_ignored(client, redis, stack, other_clip):
+    rng = np.random.default_rng(0)
+    noise = (0.05 * rng.standard_normal(16000)).astype(np.float32)
+    with ConverseSession(client) as s:
+        s.send(*fast(other_clip), *fast(noise))
+        judged = s.wait("judged")
+        s.close()
+    assert judged.judged.outcome == UtteranceJudged.IGNORED and judged.judged.state_token != "<1>"
+    assert not s.of("answer_started")
+    assert all(e.judged.outcome == UtteranceJudged.IGNORED for e in s.of("judged"))
+    assert len(stored(redis, stack, s.session_id).turns) == 0
+
+
+def test_interruption_stops_the_generator_and_keeps_the_partial_answer(client, redis, stack, query_clip,
+                                                                       trained_answer):
+    gen_port = stack.service("llm-generator").metrics_port
+    before = scrape(gen_port, "vita:generation_tokens_total", pool="llm:generator")
+    computed_before = scrape(gen_port, "vita:engine_decode_tokens_total", pool="llm:generator")
+    with ConverseSession(client, session_config(max_tokens=400, ignore_eos=True)) as s:
+        s.send(text_event("Tell me a long story."))
+        first = s.wait("answer_started").turn_id
+        s.wait("delta", turn_id=first)
+        s.send(*fast(query_clip))  # cut in while the answer streams
+        interrupted = s.wait("interrupted", turn_id=first)
+        second = s.wait("answer_started", where=lambda e: e.turn_id != first)
+        s.wait("completed", turn_id=second.turn_id)
+        partial = s.answer_text(first)
+        s.close()
+    i = interrupted.interrupted
+    assert i.tokens_sent > 0 and 0 <= i.tokens_generated - i.tokens_sent <= 2  # stopped within a decode step
+    assert not s.of("completed", first)
+    generated = scrape(gen_port, "vita:generation_tokens_total", pool="llm:generator") - before
+    assert generated == i.tokens_generated  # the generator's own count of what it produced
+    # ... and of what its engine computed: the first token comes from the prefill, at most one more step ran.
+    computed = scrape(gen_port, "vita:engine_decode_tokens_total", pool="llm:generator") - computed_before
+    assert i.tokens_generated - 1 <= computed <= i.tokens_generated + 1 < 400
+    turns = stored(redis, stack, s.session_id).turns
+    assert [(t.role, t.interrupted) for t in turns] == [
+        (SessionTurn.USER, False), (SessionTurn.BOT, True), (SessionTurn.USER, False), (SessionTurn.BOT, False)]
+    assert turns[1].content == partial  # exactly what the client received
+    assert turns[2].state_token == "<1>"
+    # The roles swapped: the monitor pool answered the interrupting query.
+    assert stored(redis, stack, s.session_id).generator_role != 0
+    monitor_tokens = scrape(stack.service("llm-monitor").metrics_port, "vita:generation_tokens_total",
+                            pool="llm:monitor")
+    assert monitor_tokens >= turns[3].tokens
+
+
+def test_orchestrator_restart_and_a_second_replica_continue_the_session(client, redis, stack):
+    with ConverseSession(client) as s:
+        s.send(text_event("first question"))
+        s.wait("completed")
+        s.close()
+    session_id = s.session_id
+    stack.kill("orchestrator")
+    replica = stack.add_replica("orchestrator")  # another replica serves the session meanwhile
+    with VitaClient(f"127.0.0.1:{replica.grpc_port}", timeout_s=None) as other, \
+            ConverseSession(other, session_config(session_id=session_id, resume=True)) as s2:
+        assert s2.events[0].session_started.resumed and s2.events[0].session_started.history_turns == 2
+        s2.send(text_event("second question"))
+        s2.wait("completed")
+        s2.close()
+    stack.respawn("orchestrator")
+    with ConverseSession(client, session_config(session_id=session_id, resume=True)) as s3:
+        assert s3.events[0].session_started.history_turns == 4
+        s3.send(text_event("third question"))
+        s3.wait("completed")
+        s3.close()
+    turns = stored(redis, stack, session_id).turns
+    assert [t.content for t in turns if t.role == SessionTurn.USER] == ["first question", "second question",
+                                                                        "third question"]
+    assert [t.turn_id for t in turns] == [1, 1, 2, 2, 3, 3]
+
+
+def test_orchestrator_killed_mid_answer_the_resumed_session_keeps_a_consistent_history(client, redis, stack):
+    with ConverseSession(client, session_config(max_tokens=400, ignore_eos=True)) as s:
+        s.send(text_event("Tell me a long story."))
+        s.wait("delta")
+        stack.kill("orchestrator")
+    stack.respawn("orchestrator")
+    with ConverseSession(client, session_config(session_id=s.session_id, resume=True)) as s2:
+        assert s2.events[0].session_started.history_turns == 2
+        s2.send(text_event("and then?"))
+        s2.wait("completed")
+        s2.close()
+    turns = stored(redis, stack, s.session_id).turns
+    assert [t.role for t in turns] == [SessionTurn.USER, SessionTurn.BOT] * 2
+    assert turns[1].content  # rebuilt from the generator's reply stream
+
+
+def test_eight_concurrent_sessions_keep_their_own_histories(client, redis, stack):
+    questions = [f"question number {k} about topic {k * 7}" for k in range(8)]
+    solo = {}
+    with ConverseSession(client) as s:
+        s.send(text_event(questions[0]))
+        solo[0] = s.answer_text(s.wait("completed").turn_id)
+        s.close()
+    results: dict[int, tuple[str, str]] = {}
+
+    def one(k: int) -> None:
+        with ConverseSession(client) as s:
+            s.send(text_event(questions[k]))
+            results[k] = (s.session_id, s.answer_text(s.wait("completed", timeout_s=120).turn_id))
+            s.close()
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert sorted(results) == list(range(8))
+    assert results[0][1] == solo[0]  # greedy: the same answer alone and in a batch of 8
+    for k, (session_id, answer) in results.items():
+        turns = stored(redis, stack, session_id).turns
+        assert [t.content for t in turns] == [questions[k], answer]
+
+
+@pytest.mark.parametrize("bad, code", [
+    ("audio_first", INVALID_ARGUMENT), ("unknown_session", NOT_FOUND), ("bad_rate", INVALID_ARGUMENT),
+])
+def test_bad_config_or_early_audio_is_refused_then_a_good_config_works(client, bad, code):
+    import queue
+
+    outbox: queue.Queue = queue.Queue()
+    call = client.stub.Converse(iter(outbox.get, None))
+    first = {
+        "audio_first": ClientEvent(audio=AudioChunk(pcm16=b"\0\0" * 160)),
+        "unknown_session": session_config(session_id=f"nope-{uuid.uuid4().hex}", resume=True),
+        "bad_rate": session_config(rate=5000),
+    }[bad]
+    outbox.put(first)
+    events = iter(call)
+    error = next(events)
+    assert error.WhichOneof("event") == "error" and error.error.code == code and error.error.message
+    outbox.put(session_config())
+    assert next(events).WhichOneof("event") == "session_started"
+    outbox.put(text_event("still there?"))
+    kinds = []
+    for event in events:
+        kinds.append(event.WhichOneof("event"))
+        if kinds[-1] == "completed":
+            break
+    outbox.put(None)
+    call.cancel()
+    assert kinds[0] == "answer_started" and "delta" in kinds
+
+
+def test_bad_frame_bytes_and_odd_audio_do_not_break_the_session(client):
+    with ConverseSession(client) as s:
+        s.send(ClientEvent(frame=TimestampedFrame(timestamp_s=0.0, image=Image(data=b"not a jpeg"))))
+        assert "camera frame" in s.wait("error").error.message
+        s.send(ClientEvent(image=Image(data=b"\x89PNG\r\n\x1a\n garbage")))
+        assert s.wait("error").error.code == INVALID_ARGUMENT
+        s.send(ClientEvent(audio=AudioChunk(pcm16=b"\x01")))  # half a sample: kept until its other byte comes
+        s.send(text_event("are you fine?"))
+        s.wait("completed")
+        s.close()
