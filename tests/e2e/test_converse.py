@@ -250,3 +250,41 @@ def test_bad_frame_bytes_and_odd_audio_do_not_break_the_session(client):
         s.send(text_event("are you fine?"))
         s.wait("completed")
         s.close()
+
+
+def test_camera_frames_join_the_next_turn_as_video(client, redis, stack):
+    import io
+
+    from PIL import Image as PILImage
+
+    def png(shade: int) -> bytes:
+        out = io.BytesIO()
+        PILImage.new("RGB", (64, 48), (shade, shade, 0)).save(out, format="PNG")
+        return out.getvalue()
+
+    with ConverseSession(client) as s:
+        for k in range(6):  # 1.5 s of camera at 4 fps: every frame is sampled
+            s.send(ClientEvent(frame=TimestampedFrame(timestamp_s=0.25 * k, image=Image(data=png(40 * k)))))
+        s.send(text_event("What changes in the video?"))
+        done = s.wait("completed")
+        s.send(text_event("And now?"))  # the frames were taken by the first turn
+        again = s.wait("completed", where=lambda e: e.turn_id != done.turn_id)
+        s.close()
+    assert done.completed.usage.video_tokens == 6 * 256
+    assert again.completed.usage.video_tokens == 6 * 256  # the video is in the history, not in the new turn
+    turns = stored(redis, stack, s.session_id).turns
+    assert [m.modality for m in turns[0].media] == ["video"] and turns[0].content.startswith("<video>")
+    assert not turns[2].media and turns[2].content == "And now?"
+
+
+def test_vita_converse_cli_streams_a_wav_and_prints_the_timeline(stack, query_clip, tmp_path):
+    import subprocess
+    import sys
+
+    from vita.processing.audio import write_wav
+
+    wav = write_wav(tmp_path / "q.wav", query_clip)
+    out = subprocess.run([sys.executable, "-m", "vita.cli", "converse", "--target", stack.target, "--wav", str(wav),
+                          "--fast", "--max-tokens", "8"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "judged query ('<1>')" in out.stdout and "answer completed: 8 tokens" in out.stdout

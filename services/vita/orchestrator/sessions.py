@@ -8,6 +8,8 @@ embeddings its history refers to: they expire together, `session_ttl_s` after th
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
 from collections.abc import Callable
 
@@ -32,7 +34,7 @@ class SessionConflict(VitaError):
 
 
 class SessionStore:
-    def __init__(self, redis: Redis, bus: BusConfig, *, retries: int = 16) -> None:
+    def __init__(self, redis: Redis, bus: BusConfig, *, retries: int = 50) -> None:
         self.redis = redis
         self.bus = bus
         self.retries = retries
@@ -58,7 +60,9 @@ class SessionStore:
     async def update(self, session_id: str, change: Callable[[SessionState], None]) -> SessionState:
         """Apply `change` to the stored state and write it back if nobody wrote in between; else re-read, retry."""
         key = self.bus.session(session_id)
-        for _ in range(self.retries):
+        for attempt in range(self.retries):
+            if attempt:  # a random pause, so writers that collided do not collide again in lockstep
+                await asyncio.sleep(random.uniform(0, 0.002 * min(attempt, 10)))
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(key)

@@ -1,0 +1,87 @@
+"""The session store on the real Redis: compare-and-set writes, TTLs, pending media."""
+
+import asyncio
+import uuid
+
+import pytest
+from redis.asyncio import Redis
+
+from vita.bus.streams import BusConfig
+from vita.orchestrator.sessions import SessionNotFound, SessionStore
+from vita.v1.bus_pb2 import EmbeddingRef
+from vita.v1.media_pb2 import Image, TimestampedFrame
+from vita.v1.session_pb2 import SessionMedia, SessionState, SessionTurn
+
+
+@pytest.fixture
+def store():
+    async def make():
+        return SessionStore(Redis.from_url("redis://127.0.0.1:6379/0"),
+                            BusConfig(prefix=f"test:{uuid.uuid4().hex}", session_ttl_s=60))
+    return make
+
+
+def test_concurrent_writers_never_lose_a_turn(store):
+    async def main():
+        s = await store()
+        await s.create(SessionState(session_id="s1", next_turn_id=1))
+
+        async def writer(k: int) -> None:
+            for i in range(10):
+                await s.update("s1", lambda st, k=k, i=i: st.turns.append(
+                    SessionTurn(role=SessionTurn.USER, content=f"{k}-{i}")))
+
+        await asyncio.gather(*(writer(k) for k in range(4)))
+        state = await s.load("s1")
+        await s.redis.aclose()
+        return state
+
+    state = asyncio.run(main())
+    assert sorted(t.content for t in state.turns) == sorted(f"{k}-{i}" for k in range(4) for i in range(10))
+    assert state.version == 41
+
+
+def test_history_embeddings_live_as_long_as_the_session(store):
+    async def main():
+        s = await store()
+        emb = s.bus.embedding("e1")
+        await s.redis.set(emb, b"x", px=1000)
+        await s.create(SessionState(session_id="s2"))
+        await s.update("s2", lambda st: st.turns.append(SessionTurn(
+            role=SessionTurn.USER, media=[SessionMedia(modality="audio", embedding=EmbeddingRef(key=emb))])))
+        ttl = await s.redis.pttl(emb), await s.redis.pttl(s.bus.session("s2"))
+        await s.redis.aclose()
+        return ttl
+
+    emb_ttl, session_ttl = asyncio.run(main())
+    assert 59_000 < emb_ttl <= 60_000 and 59_000 < session_ttl <= 60_000
+
+
+def test_pending_media_are_taken_once_and_bounded(store):
+    async def main():
+        s = await store()
+        for k in range(300):
+            await s.add_frame("s3", TimestampedFrame(timestamp_s=k, image=Image(data=b"f")))
+        await s.add_image("s3", Image(data=b"i"))
+        first = await s.take_media("s3")
+        second = await s.take_media("s3")
+        await s.redis.aclose()
+        return first, second
+
+    (images, frames), again = asyncio.run(main())
+    assert len(images) == 1 and len(frames) == 256 and frames[0].timestamp_s == 44  # the newest kept
+    assert again == ([], [])
+
+
+def test_unknown_session(store):
+    async def main():
+        s = await store()
+        try:
+            with pytest.raises(SessionNotFound):
+                await s.load("nope")
+            with pytest.raises(SessionNotFound):
+                await s.update("nope", lambda st: None)
+        finally:
+            await s.redis.aclose()
+
+    asyncio.run(main())
