@@ -54,6 +54,7 @@ lint: setup  ## ruff
 bench: setup  ## benchmarks; figures are appended to BENCHMARKS.md
 	$(PY) benchmarks/llm_decode.py
 	$(PY) benchmarks/serving.py
+	$(PY) benchmarks/duplex_latency.py
 
 demo: setup  ## the local service stack on the tiny model and one-shot requests through its API
 	$(PY) -m vita.demo

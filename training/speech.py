@@ -72,7 +72,7 @@ VOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Clip:
     """One clip and what the assistant should make of it."""
 
