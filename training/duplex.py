@@ -262,38 +262,29 @@ def image_bank(model: VitaForCausalLM, n: int, seed: int) -> Tensor:
     return model.vision_tower(pixels)
 
 
-def embed_batch(model: VitaForCausalLM, samples: Sequence[Sample], images: Tensor, tokenizer: VitaTokenizer
-                ) -> Tensor:
-    """(B, L, hidden) right-padded input embeddings with every slot filled, as `VitaForCausalLM.embed_multimodal`
-    fills them, but with gradients through the audio connector (that method runs under inference_mode). All the
-    clips of the samples go through the audio tower as one padded batch."""
-    waves = [torch.from_numpy(a) for s in samples for a in s.audios]
-    feats, frames = fbank(torch.nn.utils.rnn.pad_sequence(waves, batch_first=True),
-                          torch.tensor([len(w) for w in waves]), model.vita_config.audio)
+def embed_sample(model: VitaForCausalLM, sample: Sample, images: Tensor, tokenizer: VitaTokenizer) -> Tensor:
+    """(1, L, hidden) input embeddings with every slot filled, as `VitaForCausalLM.embed_multimodal` fills them,
+    but with gradients through the audio tower (that method runs under inference_mode)."""
+    waves = [torch.from_numpy(a) for a in sample.audios]
+    lengths = torch.tensor([len(w) for w in waves])
+    feats, frames = fbank(torch.nn.utils.rnn.pad_sequence(waves, batch_first=True), lengths,
+                          model.vita_config.audio)
     audio, n_tokens = model.audio_tower(feats, frames)
-    clips = iter([a[:n] for a, n in zip(audio, n_tokens.tolist())])
-    rows = []
-    for s in samples:
-        ids = torch.tensor(s.input_ids)
-        x = model.get_input_embeddings()(ids)
-        audio_at = (ids == tokenizer.audio_id).nonzero().squeeze(-1)
-        x = x.index_put((audio_at,), torch.cat([next(clips) for _ in s.audios]))
-        if s.images:
-            image_at = (ids == tokenizer.image_id).nonzero().squeeze(-1)
-            x = x.index_put((image_at,), images[s.images].flatten(0, 1))
-        rows.append(x)
-    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    ids = torch.tensor(sample.input_ids)
+    x = model.get_input_embeddings()(ids)
+    audio_at = (ids == tokenizer.audio_id).nonzero().squeeze(-1)
+    x = x.index_put((audio_at,), torch.cat([a[:n] for a, n in zip(audio, n_tokens.tolist())]))
+    if sample.images:
+        image_at = (ids == tokenizer.image_id).nonzero().squeeze(-1)
+        x = x.index_put((image_at,), images[sample.images].flatten(0, 1))
+    return x[None]
 
 
-def batch_losses(model: VitaForCausalLM, samples: Sequence[Sample], images: Tensor, tokenizer: VitaTokenizer
-                 ) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy over the samples' state tokens and over their other targets (answer and eos).
-
-    One right-padded forward: attention is causal, so the padding after a sequence changes nothing before it,
-    and its positions carry no label."""
-    logits = model(inputs_embeds=embed_batch(model, samples, images, tokenizer)).logits[:, :-1]
-    labels = torch.nn.utils.rnn.pad_sequence([torch.tensor(s.labels[1:]) for s in samples], batch_first=True,
-                                             padding_value=-100)
+def sample_losses(model: VitaForCausalLM, sample: Sample, images: Tensor, tokenizer: VitaTokenizer
+                  ) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy of one sample's state token and of its other target tokens (answer and eos)."""
+    logits = model(inputs_embeds=embed_sample(model, sample, images, tokenizer)).logits[0, :-1]
+    labels = torch.tensor(sample.labels[1:])
     target = labels != -100
     ce = F.cross_entropy(logits[target], labels[target], reduction="none")
     is_state = torch.isin(labels[target], torch.tensor(list(tokenizer.state_ids.values())))
@@ -334,14 +325,14 @@ def train_duplex(model: VitaForCausalLM, tokenizer: VitaTokenizer, config: Duple
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * lr_scale(step, config)
-        # One sample at a time, gradients accumulated (no padding: the lengths vary from 150 to 700 tokens); the
-        # loss is the batch mean of the state tokens' cross-entropy plus the batch mean over all answer tokens.
+        # One sample at a time, gradients accumulated: no padding, and the loss is the batch mean of the state
+        # tokens' cross-entropy plus the batch mean over all answer tokens, as if it were one padded forward.
         batch = [data.sample() for _ in range(config.batch_size)]
         n_answer = max(1, sum(sum(label != -100 for label in s.labels) - 1 for s in batch))
         optimizer.zero_grad(set_to_none=True)
         state_loss = answer_loss = 0.0
         for sample in batch:
-            state_ce, answer_ce = batch_losses(model, [sample], images, tokenizer)
+            state_ce, answer_ce = sample_losses(model, sample, images, tokenizer)
             loss = config.state_loss_weight * state_ce / len(batch) + answer_ce / n_answer
             loss.backward()
             state_loss += state_ce.item() / len(batch)
