@@ -79,9 +79,11 @@ def speech_events(samples: Sequence[float] | object, *, rate: int = 16000, chunk
     """
     import numpy as np
 
+    from vita.processing.audio import float_to_pcm16  # imported here: the client's import stays light
+
     array = np.concatenate([np.asarray(samples, dtype=np.float32), np.zeros(round(trailing_silence_s * rate),
                                                                                dtype=np.float32)])
-    pcm = (np.clip(array, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+    pcm = float_to_pcm16(array)
     step = max(1, round(rate * chunk_ms / 1000)) * 2
     start = time.perf_counter()
     for k, offset in enumerate(range(0, len(pcm), step)):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vita.model.generation import SamplingParams, stream_generate
+from vita.model.generation import SamplingParams, stream_generate, token_budget
 from vita.model.tiny import build_tiny_checkpoint
 from vita.model.vita import VitaForCausalLM
 from vita.processing.processor import AudioInput, ImageInput, PromptStats, VideoInput, VitaProcessor
@@ -96,7 +96,7 @@ class VitaPipeline:
         )
         embeds = self.model.embed_multimodal(inputs, self.processor.slot_ids)
         encode_s = time.perf_counter() - start
-        budget = min(params.max_new_tokens, context - stats.prompt_tokens)
+        budget = token_budget(params.max_new_tokens, stats.prompt_tokens, context)
         if budget < params.max_new_tokens:
             params = dataclasses.replace(params, max_new_tokens=budget)
 

@@ -18,11 +18,13 @@ from vita.errors import InvalidInputError
 from vita.model.config import AudioConfig
 from vita.processing.audio import (
     fbank,
+    float_to_pcm16,
     load_audio,
     num_audio_frames,
     num_audio_tokens,
     pcm16_to_float,
     resample,
+    write_wav,
 )
 
 CONFIG = AudioConfig()
@@ -218,6 +220,16 @@ def test_pcm16_to_float() -> None:
     assert pcm16_to_float(data).tolist() == [0.0, 1 / 32768, -1.0, 32767 / 32768, 0.5]
     with pytest.raises(InvalidInputError, match="even number of bytes"):
         pcm16_to_float(data[:-1])
+
+
+def test_float_to_pcm16_clips_and_round_trips(tmp_path) -> None:
+    samples = np.array([0.0, 0.5, -0.5, 1.0, -1.0, 1.7, -3.0, 1 / 32767], dtype=np.float32)
+    data = float_to_pcm16(samples)
+    assert np.frombuffer(data, dtype="<i2").tolist() == [0, 16383, -16383, 32767, -32767, 32767, -32767, 1]
+    assert float_to_pcm16(torch.from_numpy(samples)) == data == float_to_pcm16(samples.astype(np.float64).tolist())
+    torch.testing.assert_close(pcm16_to_float(data)[:5], torch.from_numpy(samples[:5]), atol=1 / 16384, rtol=0)
+    with wave.open(str(write_wav(tmp_path / "x.wav", samples, 8000))) as w:
+        assert (w.getframerate(), w.readframes(w.getnframes())) == (8000, data)
 
 
 def _no_data_chunk() -> bytes:

@@ -54,6 +54,15 @@ def _is_real(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def token_budget(requested: int, prompt_len: int, context_len: int) -> int:
+    """How many tokens to generate: `requested`, cut so prompt + completion fit in `context_len`; at least 1.
+
+    The one rule for `max_tokens` everywhere (orchestrator, pipeline, decode loop), as in vLLM and OpenAI: the
+    prompt and the answer share the model's context. Callers refuse a prompt that leaves no room before asking.
+    """
+    return max(1, min(requested, context_len - prompt_len))
+
+
 def stop_ids(params: SamplingParams, eos_token_id: int) -> frozenset[int]:
     """The tokens that end a sequence: eos (unless ignored) and the request's stop tokens."""
     return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else {eos_token_id})
@@ -98,7 +107,8 @@ def _decode_steps(
     context = model.config.max_position_embeddings
     if prompt_len > context:
         raise ContextLengthError(f"the prompt has {prompt_len} tokens but the model's context is {context}")
-    steps = min(params.max_new_tokens, context - prompt_len + 1)  # the last token is sampled, never fed back
+    # The last token is sampled but never fed back, so it takes no position: one more than the room after the prompt.
+    steps = token_budget(params.max_new_tokens, prompt_len - 1, context)
     cache = model.new_cache(batch, prompt_len + steps - 1)
     positions = torch.arange(prompt_len, device=prompt.device).expand(batch, prompt_len)
     logits = model(input_ids, inputs_embeds=inputs_embeds, cache=cache, positions=positions).logits[:, -1]

@@ -8,6 +8,8 @@ Three tasks per call, joined by queues so each stays simple:
   and starts the next one;
 - a relay per answer streams the generator's tokens to the client and writes the finished turn to history.
 Everything a replica needs to continue the session (history, roles, the answer in flight) is in Redis.
+
+This module is the state machine only: the prompts come from `prompts.py`, the jobs go through `pools.py`.
 """
 
 from __future__ import annotations
@@ -22,25 +24,21 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-import torch
 from opentelemetry import trace
-from redis.asyncio import Redis
 
-from vita.bus.cancel import cancel
-from vita.bus.codec import decode_entry
-from vita.bus.queue import Backpressure, submit
-from vita.bus.replies import ReplyTimeout, events
-from vita.bus.streams import REPLY_TYPES, ROLE_POOLS, BusConfig, Pool, check_id
-from vita.bus.trace import current_trace_context
+from vita.bus.queue import Backpressure
+from vita.bus.replies import ReplyTimeout
+from vita.bus.streams import check_id
 from vita.errors import ContextLengthError, InvalidInputError, VitaError
-from vita.model.config import VitaConfig
+from vita.orchestrator.config import OrchestratorConfig, session_vad
+from vita.orchestrator.pools import JobFailed, PoolClient, job_status
+from vita.orchestrator.prompts import answer_prompt, judge_prompt, user_turn
 from vita.orchestrator.sessions import SessionNotFound, SessionStore
-from vita.processing.audio import pcm16_to_float, resample
+from vita.processing.audio import float_to_pcm16, pcm16_to_float, resample
 from vita.processing.image import load_image
-from vita.processing.processor import with_placeholders
-from vita.processing.prompt import Message, Span, StateToken, encode_prompt
+from vita.processing.prompt import StateToken
 from vita.processing.tokenizer import VitaTokenizer
-from vita.processing.vad import SpeechEvent, StreamingVAD, VADConfig
+from vita.processing.vad import SpeechEvent, StreamingVAD
 from vita.telemetry.metrics import Metrics
 from vita.v1.assistant_pb2 import (
     AnswerCompleted,
@@ -58,38 +56,15 @@ from vita.v1.assistant_pb2 import (
     Usage,
     UtteranceJudged,
 )
-from vita.v1.bus_pb2 import EmbeddingPlacement, EmbeddingRef, EncodeJob, GenerationJob, JobError, MediaItem
-from vita.v1.media_pb2 import Audio, SamplingParams, Video
-from vita.v1.session_pb2 import ActiveAnswer, SessionMedia, SessionState, SessionTurn
+from vita.v1.bus_pb2 import EmbeddingRef, GenerationJob
+from vita.v1.media_pb2 import Audio, Video
+from vita.v1.session_pb2 import ActiveAnswer, SessionState, SessionTurn
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
 SAMPLE_RATE = 16_000
-_CODES = {  # JobError -> google.rpc.Code, for ErrorEvent.code
-    JobError.CANCELLED: grpc.StatusCode.CANCELLED, JobError.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    JobError.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
-    JobError.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED, JobError.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-}
 _OTHER_ROLE = {GenerationJob.GENERATOR: GenerationJob.MONITOR, GenerationJob.MONITOR: GenerationJob.GENERATOR}
-
-
-@dataclass
-class ConverseConfig:
-    default_max_tokens: int = 256
-    encode_timeout_s: float = 30.0
-    judge_timeout_s: float = 30.0
-    token_timeout_s: float = 60.0  # longer than the bus's reclaim time, as for Generate
-    stop_wait_s: float = 5.0  # how long to wait for a cancelled generator to confirm it stopped
-    vad: VADConfig = field(default_factory=VADConfig)
-
-
-class TurnFailed(VitaError):
-    """A step of a turn failed (an encoder or llm job error); told to the client, the session goes on."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -106,13 +81,15 @@ class Utterance:
 
 @dataclass
 class TextQuery:
+    """A typed message: always a query (state token "<3>"), never judged."""
+
     text: str
     cut_at: float
 
 
 @dataclass
 class _End:
-    pass
+    """The client is done: the turn worker lets the last answer finish, then ends the call."""
 
 
 @dataclass
@@ -139,10 +116,9 @@ class Answer:
 class ConverseCall:
     """One Converse call: `run` turns the client's events into server events."""
 
-    def __init__(self, redis: Redis, bus: BusConfig, model_config: VitaConfig, tokenizer: VitaTokenizer,
-                 store: SessionStore, config: ConverseConfig, metrics: Metrics) -> None:
-        self.redis, self.bus, self.model_config, self.tokenizer = redis, bus, model_config, tokenizer
-        self.store, self.config, self.metrics = store, config, metrics
+    def __init__(self, pools: PoolClient, tokenizer: VitaTokenizer, store: SessionStore, config: OrchestratorConfig,
+                 metrics: Metrics) -> None:
+        self.pools, self.tokenizer, self.store, self.config, self.metrics = pools, tokenizer, store, config, metrics
         self.state: SessionState | None = None
         self.vad: StreamingVAD | None = None
         self.rate = SAMPLE_RATE
@@ -162,6 +138,8 @@ class ConverseCall:
     # The call
 
     async def run(self, requests: AsyncIterator[ClientEvent]) -> AsyncIterator[ServerEvent]:
+        """Server events until the client ends (or leaves) and the last answer is done; an answer still in flight
+        when the call goes away is stopped and kept as interrupted."""
         self.metrics.active_sessions.inc()
         reader = asyncio.create_task(self._read(requests))
         worker = asyncio.create_task(self._turns())
@@ -178,12 +156,14 @@ class ConverseCall:
             await asyncio.shield(self._abandon_answer())
 
     def emit(self, turn_id: int | None = None, **event) -> None:
+        """Queue one ServerEvent for the client; `turn_id` defaults to the turn about to start."""
         if turn_id is None:
             turn_id = self.state.next_turn_id if self.state else 0
         self._out.put_nowait(ServerEvent(session_id=self.session_id, turn_id=turn_id, timestamp_s=time.time(),
                                          **event))
 
     def error(self, code: grpc.StatusCode, message: str, turn_id: int | None = None) -> None:
+        """Errors are events: the client hears of it and the session goes on."""
         self.emit(turn_id, error=ErrorEvent(code=code.value[0], message=message))
 
     # ------------------------------------------------------------------------------------------------------
@@ -209,6 +189,7 @@ class ConverseCall:
             self._work.put_nowait(_End())
 
     async def _on_client_event(self, request: ClientEvent) -> None:
+        """Config first; audio goes through the VAD now, media waits in Redis for the next turn, text is a query."""
         kind = request.WhichOneof("event")
         if kind == "config":
             await self._configure(request.config)
@@ -235,12 +216,13 @@ class ConverseCall:
             self._work.put_nowait(TextQuery(request.text.text, time.perf_counter()))
 
     async def _configure(self, config: SessionConfig) -> None:
+        """Start a new session, or resume a stored one (rebuilding an answer a dead replica left in flight)."""
         if self.state is not None:
             raise InvalidInputError("the session is already configured: send SessionConfig once, first")
         rate = config.audio_sample_rate_hz or SAMPLE_RATE
         if not 8_000 <= rate <= 48_000:
             raise InvalidInputError(f"audio_sample_rate_hz must be 8000..48000 (or 0 for 16000); got {rate}")
-        vad = _vad_config(self.config.vad, config)
+        vad = session_vad(self.config.vad, config)
         if config.resume:
             if not config.session_id:
                 raise InvalidInputError("resume needs the session_id to continue")
@@ -256,6 +238,7 @@ class ConverseCall:
         log.info("session started", extra={"session_id": state.session_id, "resumed": resumed})
 
     def _vad_push(self, pcm16: bytes) -> list[SpeechEvent]:
+        """PCM16 at the session's rate into the VAD at 16 kHz; an odd trailing byte waits for the next chunk."""
         data = self._pcm_carry + pcm16
         usable = len(data) - len(data) % 2
         self._pcm_carry = data[usable:]
@@ -267,6 +250,7 @@ class ConverseCall:
         return self.vad.push(samples.numpy())
 
     def _on_speech(self, event: SpeechEvent) -> None:
+        """Tell the client what the VAD heard; segments (and, during an answer, early partial cuts) go to be judged."""
         now = time.perf_counter()
         if event.kind == "started":
             self.emit(speech_started=SpeechStarted(audio_start_s=event.start_s))
@@ -283,6 +267,7 @@ class ConverseCall:
     # Turn worker: one utterance or text at a time
 
     async def _turns(self) -> None:
+        """One utterance or text at a time; a failed turn is an error event, the next turn still runs."""
         while True:
             item = await self._work.get()
             if isinstance(item, _End):
@@ -306,7 +291,7 @@ class ConverseCall:
                     self.error(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), turn_id)
                 except ReplyTimeout as e:
                     self.error(grpc.StatusCode.UNAVAILABLE, str(e), turn_id)
-                except TurnFailed as e:
+                except JobFailed as e:
                     self.error(e.code, str(e), turn_id)
                 except VitaError as e:
                     self.error(grpc.StatusCode.FAILED_PRECONDITION, str(e), turn_id)
@@ -315,6 +300,8 @@ class ConverseCall:
                     self.error(grpc.StatusCode.INTERNAL, "the orchestrator failed on this turn", turn_id)
 
     async def _utterance(self, u: Utterance) -> None:
+        """Judge speech: a query is answered (an early one first interrupts, the whole segment is answered at its
+        end); anything else is ignored, and an early cut that is not decisive waits for the whole segment."""
         if not u.early and u.segment == self._early_query_segment:
             self._early_query_segment = -1  # judged a query while spoken: answer the whole of it
             await self._answer(StateToken.QUERY_AUDIO, u.cut_at, audio=await self._encode_audio(u.audio))
@@ -340,94 +327,50 @@ class ConverseCall:
         await self._answer(StateToken.QUERY_AUDIO, u.cut_at, audio=audio)
 
     async def _encode_audio(self, samples: np.ndarray) -> EmbeddingRef:
-        item = MediaItem(audio=Audio(data=float_to_pcm16(samples), encoding=Audio.PCM16, sample_rate_hz=SAMPLE_RATE))
-        refs = await self._encode({"audio": (Pool.AUDIO_ENCODER, EncodeJob.AUDIO, [item])})
-        return refs["audio"]
+        audio = Audio(data=float_to_pcm16(samples), encoding=Audio.PCM16, sample_rate_hz=SAMPLE_RATE)
+        return (await self.pools.encode(self._encode_id(), audio=[audio]))["audio"]
 
-    async def _encode(self, wanted: dict[str, tuple[Pool, int, list[MediaItem]]]) -> dict[str, EmbeddingRef]:
-        """One job per modality, submitted together; their results come back on one reply stream."""
-        request_id = f"{self.session_id}.enc.{uuid.uuid4().hex[:12]}"
-        reply_stream = self.bus.reply(request_id)
-        kinds = {}
-        for name, (pool, kind, items) in wanted.items():
-            job = EncodeJob(job_id=f"{request_id}.{name}", request_id=request_id, reply_stream=reply_stream,
-                            kind=kind, items=items, trace_context=current_trace_context())
-            kinds[job.job_id] = name
-            await submit(self.redis, self.bus, pool, job)
-        refs: dict[str, EmbeddingRef] = {}
-        async for result in events(self.redis, reply_stream, self.config.encode_timeout_s):
-            name = kinds.get(getattr(result, "job_id", ""))
-            if name is None:
-                continue
-            if result.WhichOneof("outcome") == "error":
-                raise TurnFailed(_CODES.get(result.error.code, grpc.StatusCode.INTERNAL),
-                                 f"{name}: {result.error.message}")
-            refs[name] = result.embedding
-            if len(refs) == len(kinds):
-                return refs
-        return refs
+    def _encode_id(self) -> str:
+        return f"{self.session_id}.enc.{uuid.uuid4().hex[:12]}"
 
     async def _judge(self, audio: EmbeddingRef) -> str:
         """The monitor-role pool reads history + the new speech and answers one token: its state token."""
-        history = self._history(include_partial=True)
-        user = SessionTurn(role=SessionTurn.USER, content=with_placeholders("", images=0, videos=0, audios=1),
-                           media=[SessionMedia(modality="audio", embedding=audio)])
-        input_ids, placements, _ = self._prompt([*history, user], audio_question=True)
+        answering = "".join(self.answer.text) if self.answer is not None else None
+        prompt = judge_prompt(self.tokenizer, self.state.turns, audio, answering=answering, **self._prompt_args())
         request_id = f"{self.session_id}.judge.{uuid.uuid4().hex[:12]}"
-        job = GenerationJob(
-            request_id=request_id, role=_OTHER_ROLE[self.state.generator_role], reply_stream=self.bus.reply(request_id),
-            prompt_token_ids=input_ids, embeddings=placements, sampling=SamplingParams(temperature=0.0),
-            max_tokens=1, trace_context=current_trace_context())
-        await submit(self.redis, self.bus, ROLE_POOLS[job.role], job)
-        token = ""
-        async for event in events(self.redis, job.reply_stream, self.config.judge_timeout_s):
-            kind = event.WhichOneof("event")
-            if kind == "delta" and event.delta.token_ids and not token:
-                token_id = event.delta.token_ids[0]
-                token = self._states.get(token_id) or self.tokenizer.decode([token_id])
-            elif kind == "error":
-                raise TurnFailed(_CODES.get(event.error.code, grpc.StatusCode.INTERNAL), event.error.message)
-            elif kind == "finished":
-                return token
-        return token
+        token_id = await self.pools.judge(request_id, _OTHER_ROLE[self.state.generator_role], prompt)
+        if token_id is None:
+            return ""
+        return self._states.get(token_id) or self.tokenizer.decode([token_id])
+
+    def _prompt_args(self) -> dict:
+        config = self.state.config
+        return {"system": config.system_prompt if config.HasField("system_prompt") else None,
+                "context_len": self.pools.context_len}
 
     # ------------------------------------------------------------------------------------------------------
     # Answers, interruption, history
 
     async def _answer(self, state: StateToken, cut_at: float, *, text: str = "",
                       audio: EmbeddingRef | None = None) -> None:
-        """A query: interrupt the answer in flight (roles swap), then answer with the whole history."""
+        """A query: interrupt the answer in flight (roles swap), then answer with the whole history.
+
+        Images and camera frames sent since the last turn are encoded now and become part of this user turn.
+        """
         interrupted = self.answer is not None
         if interrupted:
             await self._interrupt(cut_at)
         images, frames = await self.store.take_media(self.session_id)
-        wanted = {}
-        if images:
-            wanted["image"] = (Pool.VISION_ENCODER, EncodeJob.IMAGE, [MediaItem(image=i) for i in images])
-        if frames:
-            video = Video(frames=Video.Frames(frames=frames))
-            wanted["video"] = (Pool.VISION_ENCODER, EncodeJob.VIDEO, [MediaItem(video=video)])
-        refs = await self._encode(wanted) if wanted else {}
-        media = [SessionMedia(modality=m, embedding=refs[m]) for m in ("image", "video") if m in refs]
+        video = Video(frames=Video.Frames(frames=frames)) if frames else None
+        refs = await self.pools.encode(self._encode_id(), images=images, video=video)  # {} when there is none
         if audio is not None:
-            media.append(SessionMedia(modality="audio", embedding=audio))
-        images_n = len(refs["image"].item_tokens) if "image" in refs else 0
-        content = with_placeholders(text, images=images_n, videos=int("video" in refs), audios=int(audio is not None))
+            refs["audio"] = audio
         turn_id = self.state.next_turn_id
-        user = SessionTurn(role=SessionTurn.USER, turn_id=turn_id, content=content, media=media,
-                           state_token=state.value, unix_s=time.time())
-        input_ids, placements, spans = self._prompt([*self._history(), user], audio_question=audio is not None)
-        input_ids.append(self.tokenizer.state_ids[state.value])  # the decision is made: the answer starts with it
-        config = self.state.config
+        user = user_turn(text, refs, turn_id=turn_id, state=state, unix_s=time.time())
+        prompt = answer_prompt(self.tokenizer, self.state.turns, user, state, **self._prompt_args())
         request_id = f"{self.session_id}.t{turn_id}.{uuid.uuid4().hex[:8]}"
         role = self.state.generator_role
-        room = self.model_config.llm.max_position_embeddings - len(input_ids)
-        job = GenerationJob(
-            request_id=request_id, role=role, reply_stream=self.bus.reply(request_id), prompt_token_ids=input_ids,
-            embeddings=placements, sampling=config.sampling,
-            max_tokens=max(1, min(config.sampling.max_tokens or self.config.default_max_tokens, room)),
-            trace_context=current_trace_context())
-        await submit(self.redis, self.bus, ROLE_POOLS[role], job)
+        reply_stream = await self.pools.generate(request_id, role, prompt, self.state.config.sampling)
 
         def record(s: SessionState) -> None:
             s.turns.append(user)
@@ -435,16 +378,15 @@ class ConverseCall:
             s.active.CopyFrom(ActiveAnswer(request_id=request_id, turn_id=turn_id, state_token=state.value, role=role))
 
         self.state = await self.store.update(self.session_id, record)
-        usage = Usage(prompt_tokens=len(input_ids), **{
-            f"{m}_tokens": sum(s.length for s in spans if s.modality == m) for m in ("image", "video", "audio")})
-        answer = Answer(request_id, turn_id, state.value, cut_at, usage, interrupted)
+        answer = Answer(request_id, turn_id, state.value, cut_at, prompt.usage(), interrupted)
         self.answer = answer
         self.emit(turn_id, answer_started=AnswerStarted(state_token=state.value))
-        answer.task = asyncio.create_task(self._relay(answer, job.reply_stream))
+        answer.task = asyncio.create_task(self._relay(answer, reply_stream))
 
     async def _relay(self, answer: Answer, reply_stream: str) -> None:
+        """Stream the generator's tokens to the client until it finishes, fails, times out or is stopped."""
         try:
-            async for event in events(self.redis, reply_stream, self.config.token_timeout_s):
+            async for event in self.pools.tokens(reply_stream):
                 async with answer.lock:
                     if answer.stopped:
                         return
@@ -480,7 +422,7 @@ class ConverseCall:
             return True
         if kind == "error":
             await self._finish(answer, answer.tokens_sent, interrupted=True)
-            self.error(_CODES.get(event.error.code, grpc.StatusCode.INTERNAL), event.error.message, answer.turn_id)
+            self.error(job_status(event.error.code), event.error.message, answer.turn_id)
             return True
         return False
 
@@ -506,9 +448,9 @@ class ConverseCall:
         answer = self.answer
         if answer is None or not await self._stop_relay(answer):
             return  # it finished meanwhile: nothing to interrupt
-        await cancel(self.redis, self.bus, answer.request_id)
+        await self.pools.cancel(answer.request_id)
         await self._finish(answer, answer.tokens_sent, interrupted=True, swap=True)
-        generated = await self._stopped(answer.request_id)
+        generated = await self.pools.stopped(answer.request_id)
         stop_latency = time.perf_counter() - cut_at
         self.metrics.interruption_latency.labels("generator_stopped").observe(stop_latency)
         self.emit(answer.turn_id, interrupted=AnswerInterrupted(
@@ -526,24 +468,13 @@ class ConverseCall:
                 await answer.task
         return True
 
-    async def _stopped(self, request_id: str) -> int:
-        """Wait for the generator's own word that the sequence stopped; its token count, or -1 if it never came."""
-        with contextlib.suppress(ReplyTimeout):
-            async for event in events(self.redis, self.bus.reply(request_id), self.config.stop_wait_s):
-                kind = event.WhichOneof("event")
-                if kind == "finished":
-                    return event.finished.usage.completion_tokens
-                if kind == "error":
-                    return -1
-        return -1
-
     async def _abandon_answer(self) -> None:
         """The call ended with an answer in flight (client gone): stop it and keep what was sent."""
         answer = self.answer
         if answer is None or self.state is None or not await self._stop_relay(answer):
             return
         try:
-            await cancel(self.redis, self.bus, answer.request_id)
+            await self.pools.cancel(answer.request_id)
             await self._finish(answer, answer.tokens_sent, interrupted=True)
         except Exception:  # the session keeps its active answer; a resume rebuilds it from the reply stream
             log.exception("could not record the abandoned answer", extra={"session_id": self.session_id})
@@ -555,8 +486,7 @@ class ConverseCall:
             return state
         active = state.active
         text, finished, tokens = [], False, 0
-        for _, fields in await self.redis.xrange(self.bus.reply(active.request_id)):
-            event = decode_entry(fields, REPLY_TYPES)
+        for event in await self.pools.replay(active.request_id):
             kind = event.WhichOneof("event")
             if kind == "delta":
                 text.append(event.delta.text)
@@ -565,7 +495,7 @@ class ConverseCall:
                 finished = True
                 tokens = event.finished.usage.completion_tokens
         if not finished:
-            await cancel(self.redis, self.bus, active.request_id)
+            await self.pools.cancel(active.request_id)
         turn = SessionTurn(role=SessionTurn.BOT, turn_id=active.turn_id, content="".join(text),
                            state_token=active.state_token, interrupted=not finished, tokens=tokens, unix_s=time.time())
 
@@ -576,79 +506,6 @@ class ConverseCall:
 
         return await self.store.update(session_id, record)
 
-    def _history(self, *, include_partial: bool = False) -> list[SessionTurn]:
-        """Stored turns, plus (for judging) the answer streaming now as it stands."""
-        turns = list(self.state.turns)
-        if include_partial and self.answer is not None:
-            turns.append(SessionTurn(role=SessionTurn.BOT, content="".join(self.answer.text)))
-        return turns
-
-    def _prompt(self, turns: list[SessionTurn], *, audio_question: bool
-                ) -> tuple[list[int], list[EmbeddingPlacement], list[Span]]:
-        """Token ids and embedding placements; the oldest exchanges are left out when the context is full."""
-        turns = _alternating(turns)
-        limit = self.model_config.llm.max_position_embeddings - 1
-        system = self.state.config.system_prompt if self.state.config.HasField("system_prompt") else None
-        while True:
-            media = [m for t in turns for m in t.media]
-            try:
-                prompt = encode_prompt(
-                    self.tokenizer, [Message("user" if t.role == SessionTurn.USER else "bot", t.content)
-                                     for t in turns],
-                    audio_question=audio_question,
-                    image_tokens=[n for m in media if m.modality == "image" for n in m.embedding.item_tokens],
-                    video_tokens=[m.embedding.shape[0] for m in media if m.modality == "video"],
-                    audio_tokens=[n for m in media if m.modality == "audio" for n in m.embedding.item_tokens],
-                    system=system, max_length=limit)
-                return prompt.input_ids, _placements(prompt.spans, media), prompt.spans
-            except ContextLengthError:
-                if len(turns) <= 1:
-                    raise
-                turns = turns[2:]  # drop the oldest user turn and its answer
-
-
-def _alternating(turns: list[SessionTurn]) -> list[SessionTurn]:
-    """The template needs user, bot, user, ...: a user turn whose answer failed is merged with the next one."""
-    out: list[SessionTurn] = []
-    for turn in turns:
-        if out and out[-1].role == turn.role:
-            merged = SessionTurn()
-            merged.CopyFrom(out[-1])
-            merged.content += ("\n" if turn.role == SessionTurn.USER else "") + turn.content
-            merged.media.extend(turn.media)
-            out[-1] = merged
-        else:
-            out.append(turn)
-    while out and out[0].role != SessionTurn.USER:
-        out.pop(0)
-    return out
-
-
-def _placements(spans: list[Span], media: list[SessionMedia]) -> list[EmbeddingPlacement]:
-    """Each blob fills the next spans of its modality, in prompt order (one span per image, clip or video)."""
-    by_modality: dict[str, list[Span]] = {}
-    for span in sorted(spans, key=lambda s: s.start):
-        by_modality.setdefault(span.modality, []).append(span)
-    placements = []
-    for m in media:
-        n = 1 if m.modality == "video" else len(m.embedding.item_tokens)
-        mine, by_modality[m.modality] = by_modality[m.modality][:n], by_modality[m.modality][n:]
-        placements.append(EmbeddingPlacement(embedding=m.embedding, spans=[
-            EmbeddingPlacement.Span(start=s.start, length=s.length) for s in mine]))
-    return placements
-
-
-def _vad_config(defaults: VADConfig, config: SessionConfig) -> VADConfig:
-    v = config.vad
-    early = defaults.partial_every_ms if v.early_judge_ms == 0 else max(0, v.early_judge_ms)
-    return VADConfig(
-        start_threshold=v.start_threshold or defaults.start_threshold,
-        end_threshold=v.end_threshold or defaults.end_threshold,
-        min_speech_ms=v.min_speech_ms or defaults.min_speech_ms,
-        end_silence_ms=v.end_silence_ms or defaults.end_silence_ms,
-        speech_pad_ms=defaults.speech_pad_ms, max_segment_s=defaults.max_segment_s, partial_every_ms=early,
-    )
-
 
 def _check_image_bytes(data: bytes, what: str) -> None:
     """Refused here, before it is stored: a bad frame must not fail a later turn."""
@@ -656,9 +513,3 @@ def _check_image_bytes(data: bytes, what: str) -> None:
         load_image(data)
     except InvalidInputError as e:
         raise InvalidInputError(f"{what}: {e}") from None
-
-
-def float_to_pcm16(samples: torch.Tensor | np.ndarray) -> bytes:
-    """Float samples in [-1, 1] as little-endian PCM16 (what clients stream)."""
-    array = samples.numpy() if isinstance(samples, torch.Tensor) else samples
-    return (np.clip(array, -1.0, 1.0) * 32767).astype("<i2").tobytes()

@@ -75,13 +75,21 @@ def write_wav(path: str | Path, samples: np.ndarray | torch.Tensor, rate: int = 
     """Mono PCM16 WAV from float samples in [-1, 1] (clipped): what tests and the demo hand to the services."""
     import wave
 
-    pcm = (np.clip(np.asarray(samples, dtype=np.float32), -1, 1) * 32767).astype("<i2")
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
+        w.writeframes(float_to_pcm16(samples))
     return Path(path)
+
+
+def float_to_pcm16(samples: np.ndarray | torch.Tensor) -> bytes:
+    """Float samples in [-1, 1] (clipped) as raw little-endian 16-bit PCM: what clients stream, what WAV holds.
+
+    The inverse of `pcm16_to_float` up to rounding; full scale is 32767 so +1.0 does not wrap around.
+    """
+    array = samples.numpy() if isinstance(samples, torch.Tensor) else samples
+    return (np.clip(np.asarray(array, dtype=np.float32), -1.0, 1.0) * 32767).astype("<i2").tobytes()
 
 
 def pcm16_to_float(data: bytes) -> torch.Tensor:

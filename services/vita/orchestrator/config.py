@@ -1,0 +1,39 @@
+"""The orchestrator's settings: one dataclass that Generate, Converse and the pool client all read.
+
+Nothing is copied from it into a second config, so a flag (`--encode-timeout`, ...) reaches every call that waits
+on a pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vita.processing.vad import VADConfig
+from vita.v1.assistant_pb2 import SessionConfig
+
+
+@dataclass
+class OrchestratorConfig:
+    default_max_tokens: int = 256  # when a request or session sets no max_tokens
+    encode_timeout_s: float = 60.0  # wait for the encoder pools
+    # Longer than the bus's reclaim time: a dead worker's job is redelivered and resumes within this wait.
+    token_timeout_s: float = 60.0
+    judge_timeout_s: float = 30.0  # Converse: wait for the monitor's one-token judgement
+    stop_wait_s: float = 5.0  # Converse: wait for an interrupted generator to confirm it stopped
+    vad: VADConfig = field(default_factory=VADConfig)  # Converse: defaults for what a session does not set
+
+
+def session_vad(defaults: VADConfig, config: SessionConfig) -> VADConfig:
+    """A session's VAD: what the client set in `config.vad`, the orchestrator's defaults for the rest.
+
+    `early_judge_ms` 0 means the default, a negative value switches early judging off.
+    """
+    v = config.vad
+    early = defaults.partial_every_ms if v.early_judge_ms == 0 else max(0, v.early_judge_ms)
+    return VADConfig(
+        start_threshold=v.start_threshold or defaults.start_threshold,
+        end_threshold=v.end_threshold or defaults.end_threshold,
+        min_speech_ms=v.min_speech_ms or defaults.min_speech_ms,
+        end_silence_ms=v.end_silence_ms or defaults.end_silence_ms,
+        speech_pad_ms=defaults.speech_pad_ms, max_segment_s=defaults.max_segment_s, partial_every_ms=early,
+    )

@@ -1,0 +1,158 @@
+"""The orchestrator's client of the worker pools: encode media, judge an utterance, generate an answer.
+
+Jobs go onto the Redis bus (`vita.bus.queue.submit`); results and tokens come back on the request's reply stream.
+Generate and Converse both talk to the pools through `PoolClient`, so the job shapes, the waits (all from
+`OrchestratorConfig`) and the JobError -> gRPC status map exist once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+from redis.asyncio import Redis
+
+from vita.bus.cancel import cancel
+from vita.bus.codec import decode_entry
+from vita.bus.queue import submit
+from vita.bus.replies import Reply, ReplyTimeout, events
+from vita.bus.streams import REPLY_TYPES, ROLE_POOLS, BusConfig, Pool
+from vita.bus.trace import current_trace_context
+from vita.errors import VitaError
+from vita.model.generation import token_budget
+from vita.orchestrator.config import OrchestratorConfig
+from vita.orchestrator.prompts import Prompt
+from vita.v1.bus_pb2 import EmbeddingRef, EncodeJob, GenerationJob, JobError, MediaItem
+from vita.v1.media_pb2 import Audio, Image, SamplingParams, Video
+
+_STATUS = {
+    JobError.CANCELLED: grpc.StatusCode.CANCELLED,
+    JobError.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    JobError.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    JobError.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    JobError.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def job_status(code: int) -> grpc.StatusCode:
+    """The gRPC status a `JobError.Code` is reported with; INTERNAL for any other code."""
+    return _STATUS.get(code, grpc.StatusCode.INTERNAL)
+
+
+class JobFailed(VitaError):
+    """An encoder or llm job ended in a JobError; `code` is the gRPC status to tell the client."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @classmethod
+    def of(cls, error: JobError, what: str = "") -> JobFailed:
+        return cls(job_status(error.code), f"{what}: {error.message}" if what else error.message)
+
+
+class PoolClient:
+    """Submits jobs to the encoder and llm pools and follows their reply streams.
+
+    Every call may raise `Backpressure` (a pool's backlog is full: RESOURCE_EXHAUSTED), `ReplyTimeout` (no worker
+    answered within the configured wait: UNAVAILABLE) and `JobFailed` (a worker refused or failed the job).
+    """
+
+    def __init__(self, redis: Redis, bus: BusConfig, config: OrchestratorConfig, context_len: int) -> None:
+        self.redis, self.bus, self.config, self.context_len = redis, bus, config, context_len
+
+    async def encode(self, request_id: str, *, images: Sequence[Image] = (), video: Video | None = None,
+                     audio: Sequence[Audio] = (), deadline_ms: int = 0) -> dict[str, EmbeddingRef]:
+        """The encoders' output by modality ("image", "video", "audio"; only those given).
+
+        At most one job per modality, so an encoder batches the items of one job in one forward; all are submitted
+        before any is awaited, and they answer on the reply stream of `request_id`.
+        """
+        wanted = {
+            "image": (Pool.VISION_ENCODER, EncodeJob.IMAGE, [MediaItem(image=i) for i in images]),
+            "video": (Pool.VISION_ENCODER, EncodeJob.VIDEO, [MediaItem(video=video)] if video is not None else []),
+            "audio": (Pool.AUDIO_ENCODER, EncodeJob.AUDIO, [MediaItem(audio=a) for a in audio]),
+        }
+        reply_stream = self.bus.reply(request_id)
+        trace_context = current_trace_context()
+        names: dict[str, str] = {}
+        for name, (pool, kind, items) in wanted.items():
+            if items:
+                job = EncodeJob(job_id=f"{request_id}.{name}", request_id=request_id, reply_stream=reply_stream,
+                                kind=kind, items=items, deadline_unix_ms=deadline_ms, trace_context=trace_context)
+                names[job.job_id] = name
+                await submit(self.redis, self.bus, pool, job)
+        refs: dict[str, EmbeddingRef] = {}
+        if not names:
+            return refs
+        async for result in events(self.redis, reply_stream, self.config.encode_timeout_s):
+            name = names.get(getattr(result, "job_id", ""))  # the stream may also carry a generator's events
+            if name is None:
+                continue
+            if result.WhichOneof("outcome") == "error":
+                raise JobFailed.of(result.error, name)
+            refs[name] = result.embedding
+            if len(refs) == len(names):
+                break
+        return refs
+
+    async def generate(self, request_id: str, role: GenerationJob.Role, prompt: Prompt, sampling: SamplingParams,
+                       *, deadline_ms: int = 0) -> str:
+        """Queue `prompt` on the llm pool of `role`; returns the reply stream its tokens come on (see `tokens`).
+
+        `max_tokens` is the sampling's (or `default_max_tokens`), cut to the context left after the prompt.
+        """
+        requested = sampling.max_tokens or self.config.default_max_tokens
+        job = GenerationJob(
+            request_id=request_id, role=role, reply_stream=self.bus.reply(request_id),
+            prompt_token_ids=prompt.input_ids, embeddings=prompt.placements, sampling=sampling,
+            max_tokens=token_budget(requested, len(prompt.input_ids), self.context_len),
+            deadline_unix_ms=deadline_ms, trace_context=current_trace_context())
+        await submit(self.redis, self.bus, ROLE_POOLS[role], job)
+        return job.reply_stream
+
+    def tokens(self, reply_stream: str) -> AsyncIterator[Reply]:
+        """A generation's events in order; ReplyTimeout after `token_timeout_s` without one."""
+        return events(self.redis, reply_stream, self.config.token_timeout_s)
+
+    async def judge(self, request_id: str, role: GenerationJob.Role, prompt: Prompt) -> int | None:
+        """The one token (greedy) the pool of `role` picks after `prompt`; None if it finished without one."""
+        job = GenerationJob(
+            request_id=request_id, role=role, reply_stream=self.bus.reply(request_id),
+            prompt_token_ids=prompt.input_ids, embeddings=prompt.placements,
+            sampling=SamplingParams(temperature=0.0), max_tokens=1, trace_context=current_trace_context())
+        await submit(self.redis, self.bus, ROLE_POOLS[role], job)
+        token = None
+        async for event in events(self.redis, job.reply_stream, self.config.judge_timeout_s):
+            kind = event.WhichOneof("event")
+            if kind == "delta" and event.delta.token_ids and token is None:
+                token = event.delta.token_ids[0]
+            elif kind == "error":
+                raise JobFailed.of(event.error)
+            elif kind == "finished":
+                break
+        return token
+
+    async def cancel(self, request_id: str) -> None:
+        """Stop the workers' compute for `request_id` (queued or running); idempotent."""
+        await cancel(self.redis, self.bus, request_id)
+
+    async def stopped(self, request_id: str) -> int:
+        """After `cancel`: the generator's own word that the sequence stopped, as its token count.
+
+        -1 if it reported an error or said nothing within `stop_wait_s`.
+        """
+        try:
+            async for event in events(self.redis, self.bus.reply(request_id), self.config.stop_wait_s):
+                kind = event.WhichOneof("event")
+                if kind == "finished":
+                    return event.finished.usage.completion_tokens
+                if kind == "error":
+                    return -1
+        except ReplyTimeout:
+            pass
+        return -1
+
+    async def replay(self, request_id: str) -> list[Reply]:
+        """Everything on the reply stream of `request_id` so far (it outlives the orchestrator that asked)."""
+        return [decode_entry(fields, REPLY_TYPES) for _, fields in await self.redis.xrange(self.bus.reply(request_id))]

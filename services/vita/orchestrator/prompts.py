@@ -1,0 +1,145 @@
+"""The prompts the orchestrator sends to the llm pools: token ids, and where each encoder embedding goes.
+
+Pure functions of the tokenizer, the turns and the encoders' `EmbeddingRef`s (no Redis, no weights), shared by
+Generate (one user turn) and Converse (a history, a judgement, an answer). The orchestrator never reads an
+embedding: it plans the prompt from the token counts the encoders report and tells the llm worker which rows of
+which blob fill which span.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vita.errors import ContextLengthError
+from vita.processing.processor import with_placeholders
+from vita.processing.prompt import Message, Span, StateToken, encode_prompt
+from vita.processing.tokenizer import VitaTokenizer
+from vita.v1.assistant_pb2 import Usage
+from vita.v1.bus_pb2 import EmbeddingPlacement, EmbeddingRef
+from vita.v1.session_pb2 import SessionMedia, SessionTurn
+
+MODALITIES = ("image", "video", "audio")
+
+
+@dataclass
+class Prompt:
+    """A prompt for a `GenerationJob`: ids with placeholder spans, and the embeddings that fill the spans."""
+
+    input_ids: list[int]
+    spans: list[Span]
+    placements: list[EmbeddingPlacement]
+
+    def usage(self) -> Usage:
+        """The prompt side of `Usage`: all tokens, and per modality the tokens its embeddings fill."""
+        return Usage(prompt_tokens=len(self.input_ids), **{
+            f"{m}_tokens": sum(s.length for s in self.spans if s.modality == m) for m in MODALITIES})
+
+
+def media_prompt(tokenizer: VitaTokenizer, messages: Sequence[Message], media: Sequence[SessionMedia], *,
+                 audio_question: bool, system: str | None, context_len: int) -> Prompt:
+    """Template and expand `messages`, whose placeholders `media` fills in order (one blob per encode job).
+
+    Raises ContextLengthError when the prompt needs more than `context_len - 1` tokens (one is left to answer).
+    """
+    prompt = encode_prompt(
+        tokenizer, messages, audio_question=audio_question,
+        image_tokens=[n for m in media if m.modality == "image" for n in m.embedding.item_tokens],
+        video_tokens=[m.embedding.shape[0] for m in media if m.modality == "video"],
+        audio_tokens=[n for m in media if m.modality == "audio" for n in m.embedding.item_tokens],
+        system=system, max_length=context_len - 1)
+    return Prompt(prompt.input_ids, prompt.spans, placements(prompt.spans, media))
+
+
+def history_prompt(tokenizer: VitaTokenizer, turns: Sequence[SessionTurn], *, audio_question: bool,
+                   system: str | None, context_len: int) -> Prompt:
+    """A conversation as one prompt; the oldest exchanges are left out while it does not fit the context.
+
+    Raises ContextLengthError when even the last turn alone does not fit.
+    """
+    turns = alternating(turns)
+    while True:
+        try:
+            return media_prompt(tokenizer, [Message("user" if t.role == SessionTurn.USER else "bot", t.content)
+                                            for t in turns], [m for t in turns for m in t.media],
+                                audio_question=audio_question, system=system, context_len=context_len)
+        except ContextLengthError:
+            if len(turns) <= 1:
+                raise
+            turns = turns[2:]  # drop the oldest user turn and its answer
+
+
+def judge_prompt(tokenizer: VitaTokenizer, turns: Sequence[SessionTurn], audio: EmbeddingRef, *,
+                 answering: str | None, system: str | None, context_len: int) -> Prompt:
+    """What the monitor judges: the history, the answer streaming now as it stands (`answering`), the new speech.
+
+    Its first generated token is the decision (a state token), so the prompt ends where the bot's turn begins.
+    """
+    history = list(turns)
+    if answering is not None:
+        history.append(SessionTurn(role=SessionTurn.BOT, content=answering))
+    speech = SessionTurn(role=SessionTurn.USER, content=with_placeholders("", images=0, videos=0, audios=1),
+                         media=[SessionMedia(modality="audio", embedding=audio)])
+    return history_prompt(tokenizer, [*history, speech], audio_question=True, system=system,
+                          context_len=context_len)
+
+
+def answer_prompt(tokenizer: VitaTokenizer, turns: Sequence[SessionTurn], user: SessionTurn, state: StateToken, *,
+                  system: str | None, context_len: int) -> Prompt:
+    """The history and the user's turn, then the state token already decided: the answer starts after it."""
+    audio_question = any(m.modality == "audio" for m in user.media)
+    prompt = history_prompt(tokenizer, [*turns, user], audio_question=audio_question, system=system,
+                            context_len=context_len)
+    prompt.input_ids.append(tokenizer.state_ids[state.value])
+    return prompt
+
+
+def user_turn(text: str, refs: dict[str, EmbeddingRef], *, turn_id: int, state: StateToken,
+              unix_s: float) -> SessionTurn:
+    """A user turn for the history: `text` with a placeholder per encoded item the text does not place itself.
+
+    `refs` maps "image" (any number of images in one blob), "video" and "audio" to their encoder output.
+    """
+    media = [SessionMedia(modality=m, embedding=refs[m]) for m in MODALITIES if m in refs]
+    content = with_placeholders(text, images=len(refs["image"].item_tokens) if "image" in refs else 0,
+                                videos=int("video" in refs), audios=int("audio" in refs))
+    return SessionTurn(role=SessionTurn.USER, turn_id=turn_id, content=content, media=media,
+                       state_token=state.value, unix_s=unix_s)
+
+
+def alternating(turns: Sequence[SessionTurn]) -> list[SessionTurn]:
+    """The template needs user, bot, user, ...: a user turn whose answer failed is merged with the next one.
+
+    Turns of the same role in a row are merged (user contents joined by a newline); leading bot turns are dropped.
+    The input is not modified.
+    """
+    out: list[SessionTurn] = []
+    for turn in turns:
+        if out and out[-1].role == turn.role:
+            merged = SessionTurn()
+            merged.CopyFrom(out[-1])
+            merged.content += ("\n" if turn.role == SessionTurn.USER else "") + turn.content
+            merged.media.extend(turn.media)
+            out[-1] = merged
+        else:
+            out.append(turn)
+    while out and out[0].role != SessionTurn.USER:
+        out.pop(0)
+    return out
+
+
+def placements(spans: Sequence[Span], media: Sequence[SessionMedia]) -> list[EmbeddingPlacement]:
+    """Where each blob goes: it fills the next spans of its modality, in prompt order.
+
+    A blob holds one span per item (`item_tokens`: images, audio clips), a video blob exactly one span.
+    """
+    by_modality: dict[str, list[Span]] = {}
+    for span in sorted(spans, key=lambda s: s.start):
+        by_modality.setdefault(span.modality, []).append(span)
+    out = []
+    for m in media:
+        n = 1 if m.modality == "video" else len(m.embedding.item_tokens)
+        mine, by_modality[m.modality] = by_modality[m.modality][:n], by_modality[m.modality][n:]
+        out.append(EmbeddingPlacement(embedding=m.embedding, spans=[
+            EmbeddingPlacement.Span(start=s.start, length=s.length) for s in mine]))
+    return out
