@@ -8,14 +8,16 @@ import pytest
 from redis.asyncio import Redis
 
 from vita.bus.streams import BusConfig
+from vita.client import image_event, session_config, text_event
 from vita.grpc_server import GrpcService, ServiceServer
 from vita.inference import GenerationRequest, VitaPipeline
 from vita.llm.backends.torch.backend import TorchBackend
 from vita.llm.worker import LLMWorker, WorkerConfig
 from vita.model.generation import SamplingParams
-from vita.orchestrator.service import AssistantService
+from vita.orchestrator.service import AssistantService, OrchestratorConfig
 from vita.v1 import assistant_pb2_grpc
-from vita.v1.assistant_pb2 import Completed, GenerateRequest
+from vita.v1.assistant_pb2 import ClientEvent, Completed, EndOfInput, GenerateRequest
+from vita.v1.media_pb2 import Image
 from vita.v1.media_pb2 import SamplingParams as SamplingProto
 
 
@@ -24,12 +26,12 @@ def pipeline(tiny_model_dir):
     return VitaPipeline.load(tiny_model_dir)
 
 
-async def run_stack(pipeline, body, *, worker=True, backlog_limit=1000):
+async def run_stack(pipeline, body, *, worker=True, backlog_limit=1000, config=None):
     """Orchestrator + llm worker in this event loop; everything talks over loopback gRPC and Redis."""
     redis = Redis.from_url("redis://127.0.0.1:6379/0")
     bus = BusConfig(prefix=f"test:{uuid.uuid4().hex[:12]}", backlog_limits=dict.fromkeys(
         BusConfig().backlog_limits, backlog_limit))
-    service = AssistantService(redis, bus, pipeline.model.vita_config, pipeline.tokenizer)
+    service = AssistantService(redis, bus, pipeline.model.vita_config, pipeline.tokenizer, config)
     server = ServiceServer([GrpcService("vita.v1.Assistant",
                                         lambda s: assistant_pb2_grpc.add_AssistantServicer_to_server(service, s))])
     await server.start()
@@ -168,3 +170,26 @@ def test_one_trace_across_grpc_and_redis_hops(pipeline):
     assert {"client call", "Generate", "generate llm:generator"} <= set(spans)
     assert {s.context.trace_id for s in spans.values()} == {trace_id}
     assert spans["generate llm:generator"].parent.span_id == spans["Generate"].context.span_id
+
+
+def test_encode_timeout_reaches_generate_and_converse(pipeline, wide_png):
+    """Converse once got a copy of two settings only, so `--encode-timeout` never reached it. No encoder runs
+    here: both calls must give up after the configured wait and say so."""
+    async def body(stub, backend):
+        async def requests():
+            yield session_config()
+            yield image_event(wide_png)
+            yield text_event("What is in the picture?")  # its image goes to the vision pool, where nobody listens
+            yield ClientEvent(end=EndOfInput())
+
+        events = [e async for e in stub.Converse(requests())]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in stub.Generate(GenerateRequest(text="What is it?", images=[Image(data=wide_png.read_bytes())])):
+                pass
+        return events, err.value
+
+    events, err = asyncio.run(run_stack(pipeline, body, config=OrchestratorConfig(encode_timeout_s=0.4)))
+    errors = [e.error for e in events if e.HasField("error")]
+    assert [e.code for e in errors] == [grpc.StatusCode.UNAVAILABLE.value[0]], events
+    assert "within 0.4 s" in errors[0].message
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and "within 0.4 s" in err.details()
