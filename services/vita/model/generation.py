@@ -57,8 +57,9 @@ def _is_real(value: object) -> bool:
 def token_budget(requested: int, prompt_len: int, context_len: int) -> int:
     """How many tokens to generate: `requested`, cut so prompt + completion fit in `context_len`; at least 1.
 
-    The one rule for `max_tokens` everywhere (orchestrator, pipeline, decode loop), as in vLLM and OpenAI: the
-    prompt and the answer share the model's context. Callers refuse a prompt that leaves no room before asking.
+    The one rule for `max_tokens` (orchestrator, pipeline, decode loop), as in vLLM and OpenAI: the prompt and the
+    answer share the model's context. Never below 1: a prompt that fills the context still gets the token sampled
+    at its last position.
     """
     return max(1, min(requested, context_len - prompt_len))
 
