@@ -366,6 +366,8 @@ def test_mmlu_bad_data(tmp_path: Path) -> None:
     bad = _csv(tmp_path / "test" / "anatomy_test.csv", [["q", "a", "b", "c", "d", "A"], ["q", "a", "b", "A"]])
     assert one_line_error("mmlu", tmp_path) == \
         f"{bad}:2: 4 columns; MMLU rows have 6 (question, A, B, C, D, answer)"
+    bad.write_bytes(b"q,a,b,c,d,A\nq\xff,a,b,c,d,A\n")
+    assert one_line_error("mmlu", tmp_path) == f"{bad}:2: not UTF-8 text"
 
 
 def _jsonl(path: Path, rows: list) -> Path:

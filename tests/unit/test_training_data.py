@@ -95,9 +95,13 @@ def test_check_files_false_reads_a_manifest_whose_media_are_elsewhere(tmp_path: 
     assert read_manifest(manifest, check_files=False)[0].images == [str(tmp_path / "img" / "a.png")]
 
 
-def test_a_missing_manifest_is_a_data_error(tmp_path: Path) -> None:
+def test_a_missing_or_binary_manifest_is_a_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cannot read the manifest"):
         read_manifest(tmp_path / "nope.jsonl")
+    binary = tmp_path / "m.jsonl"
+    binary.write_bytes(json.dumps(_record()).encode() + b"\n\xff\xfe\x00garbage\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(binary))}:2: not UTF-8 text$"):
+        read_manifest(binary, check_files=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------

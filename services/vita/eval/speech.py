@@ -23,21 +23,19 @@ def load_librispeech(path: Path, limit: int | None) -> list[Item]:
     items: list[Item] = []
     for trans in transcripts:
         split = _split_name(path, trans)
-        with trans.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                utterance, _, text = line.strip().partition(" ")
-                if not text:
-                    raise data.DataError(f"{trans}:{number}: expected 'UTTERANCE-ID TRANSCRIPT'")
-                audio = trans.parent / f"{utterance}.flac"
-                if not audio.is_file():
-                    raise data.DataError(f"{trans}:{number}: audio file not found: {audio}")
-                query = Query(data.AUDIO + data.ASR_INSTRUCTION["en"], audio=[str(audio)],
-                              max_new_tokens=ASR_TOKENS)
-                items.append(Item(utterance, query, text, {"split": split}))
-                if limit is not None and len(items) >= limit:
-                    return items
+        for number, line in enumerate(data.read_text(trans).splitlines(), 1):
+            if not line.strip():
+                continue
+            utterance, _, text = line.strip().partition(" ")
+            if not text:
+                raise data.DataError(f"{trans}:{number}: expected 'UTTERANCE-ID TRANSCRIPT'")
+            audio = trans.parent / f"{utterance}.flac"
+            if not audio.is_file():
+                raise data.DataError(f"{trans}:{number}: audio file not found: {audio}")
+            query = Query(data.AUDIO + data.ASR_INSTRUCTION["en"], audio=[str(audio)], max_new_tokens=ASR_TOKENS)
+            items.append(Item(utterance, query, text, {"split": split}))
+            if limit is not None and len(items) >= limit:
+                return items
     return items
 
 

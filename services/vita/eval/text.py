@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -12,7 +13,7 @@ from typing import Any
 from vita.eval.answer import Answer, Query
 from vita.eval.core import Benchmark, Item, find_file, grouped_accuracy
 from vita.eval.metrics import CHOICE_LETTERS, accuracy, extract_choice, last_number, normalize
-from vita.training.data import DataError
+from vita.training.data import DataError, read_text
 
 CHOICE_TOKENS = 8
 
@@ -38,19 +39,25 @@ def _choices_prompt(question: str, options: Sequence[str]) -> str:
 
 def _open_csv(file: Path) -> Iterator[tuple[int, list[str]]]:
     """(line number, row) pairs; the line is where the row starts (a quoted field may span lines)."""
+    reader = csv.reader(io.StringIO(read_text(file), newline=""))
+    start = 1
     try:
-        handle = file.open(encoding="utf-8-sig", newline="")
-    except OSError as e:
-        raise DataError(f"{file}: cannot read: {e.strerror}") from None
-    with handle:
-        reader = csv.reader(handle)
-        start = 1
+        for row in reader:
+            yield start, row
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"{file}:{reader.line_num}: bad CSV: {e}") from None
+
+
+def _jsonl(file: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for every non-blank line; bad JSON names the line."""
+    for number, line in enumerate(read_text(file).splitlines(), 1):
+        if not line.strip():
+            continue
         try:
-            for row in reader:
-                yield start, row
-                start = reader.line_num + 1
-        except csv.Error as e:
-            raise DataError(f"{file}:{reader.line_num}: bad CSV: {e}") from None
+            yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{file}:{number}: bad JSON: {e.msg} (column {e.colno})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,17 +147,10 @@ def load_agieval(path: Path, limit: int | None) -> list[Item]:
     items: list[Item] = []
     for file in files:
         task = file.stem
-        with file.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{file}:{number}: bad JSON: {e.msg} (column {e.colno})") from None
-                items.append(_agieval_item(entry, f"{file}:{number}", task, number))
-                if limit is not None and len(items) >= limit:
-                    return items
+        for number, entry in _jsonl(file):
+            items.append(_agieval_item(entry, f"{file}:{number}", task, number))
+            if limit is not None and len(items) >= limit:
+                return items
     return items
 
 
@@ -210,24 +210,17 @@ def load_gsm8k(path: Path, limit: int | None) -> list[Item]:
     `#### <number>`."""
     file = find_file(path, ["test.jsonl"], "GSM8K's test.jsonl")
     items: list[Item] = []
-    with file.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{file}:{number}: bad JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("question", "answer")):
-                raise DataError(f"{file}:{number}: expected an object with 'question' and 'answer' strings")
-            final = entry["answer"].rpartition("####")
-            reference = last_number(final[2]) if final[1] else None
-            if reference is None:
-                raise DataError(f"{file}:{number}: the answer does not end with '#### <number>'")
-            items.append(Item(str(number), Query(entry["question"].strip() + GSM8K_PROMPT, max_new_tokens=256),
-                              reference))
-            if limit is not None and len(items) >= limit:
-                break
+    for number, entry in _jsonl(file):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("question", "answer")):
+            raise DataError(f"{file}:{number}: expected an object with 'question' and 'answer' strings")
+        final = entry["answer"].rpartition("####")
+        reference = last_number(final[2]) if final[1] else None
+        if reference is None:
+            raise DataError(f"{file}:{number}: the answer does not end with '#### <number>'")
+        items.append(Item(str(number), Query(entry["question"].strip() + GSM8K_PROMPT, max_new_tokens=256),
+                          reference))
+        if limit is not None and len(items) >= limit:
+            break
     return items
 
 

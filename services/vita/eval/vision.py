@@ -9,7 +9,7 @@ from typing import Any
 from vita.eval.answer import Answer, Query
 from vita.eval.core import Benchmark, Item, find_file, grouped_accuracy, take
 from vita.eval.metrics import accuracy, extract_choice, extract_yes_no
-from vita.training.data import DataError, JsonItems
+from vita.training.data import DataError, JsonItems, read_text
 
 IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
 
@@ -35,19 +35,18 @@ def load_mme(path: Path, limit: int | None) -> list[Item]:
         for txt in sorted(text_dir.glob("*.txt")):
             image = next((image_dir / f"{txt.stem}{ext}" for ext in IMAGE_EXTENSIONS
                           if (image_dir / f"{txt.stem}{ext}").is_file()), None)
-            with txt.open(encoding="utf-8") as handle:
-                for number, line in enumerate(handle, 1):
-                    if not line.strip():
-                        continue
-                    question, sep, answer = line.rstrip("\n").rpartition("\t")
-                    answer = answer.strip()
-                    if not sep or answer.lower() not in ("yes", "no"):
-                        raise DataError(f"{txt}:{number}: expected 'QUESTION<TAB>Yes' or 'QUESTION<TAB>No'")
-                    if image is None:
-                        raise DataError(f"{txt}:{number}: no image {txt.stem}.jpg/.png in {image_dir}")
-                    items.append(Item(f"{category.name}/{txt.stem}/{number}",
-                                      Query(question.strip(), images=[str(image)], max_new_tokens=8),
-                                      answer.lower(), {"category": category.name, "image": txt.stem}))
+            for number, line in enumerate(read_text(txt).splitlines(), 1):
+                if not line.strip():
+                    continue
+                question, sep, answer = line.rpartition("\t")
+                answer = answer.strip()
+                if not sep or answer.lower() not in ("yes", "no"):
+                    raise DataError(f"{txt}:{number}: expected 'QUESTION<TAB>Yes' or 'QUESTION<TAB>No'")
+                if image is None:
+                    raise DataError(f"{txt}:{number}: no image {txt.stem}.jpg/.png in {image_dir}")
+                items.append(Item(f"{category.name}/{txt.stem}/{number}",
+                                  Query(question.strip(), images=[str(image)], max_new_tokens=8),
+                                  answer.lower(), {"category": category.name, "image": txt.stem}))
     if not items:
         raise DataError(f"{path}: no MME category directories with question files")
     return take(items, limit)

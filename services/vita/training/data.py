@@ -61,11 +61,15 @@ def iter_manifest(path: str | Path, *, check_files: bool = True) -> Iterator[Sam
     """Streams a manifest line by line (blank lines are skipped), for corpora too big to hold as Samples."""
     path = Path(path)
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open("rb")
     except OSError as e:
         raise DataError(f"{path}: cannot read the manifest: {e.strerror}") from None
     with handle:
-        for number, line in enumerate(handle, 1):
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{number}: not UTF-8 text") from None
             if not line.strip():
                 continue
             where = f"{path}:{number}"
@@ -264,13 +268,24 @@ def _decode_range(file: str, begin: float, end: float | None) -> tuple[np.ndarra
 # Reading JSON documents with line numbers for errors
 
 
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file (a leading BOM dropped); unreadable or non-UTF-8 is a `DataError` naming the line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text") from None
+
+
 def load_json(path: str | Path) -> Any:
     """A JSON document; syntax errors become a `DataError` naming the file and line."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    text = read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -287,7 +302,7 @@ def json_line(path: str | Path, keys: Sequence[str | int]) -> int | None:
     Only called on the error path: it parses again with the pure-Python scanner, which records where each object
     begins, so the happy path keeps the fast C parser.
     """
-    text = Path(path).read_text(encoding="utf-8")
+    text = read_text(path)
     newlines = [m.start() for m in re.finditer("\n", text)]
 
     def parse_object(s_and_end, *args, **kwargs):
