@@ -138,6 +138,12 @@ def _converse(args: argparse.Namespace) -> None:
             timeline.print(event)
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from vita.eval.cli import run_eval
+
+    run_eval(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vita",
@@ -212,6 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=0, help="per answer (0: the server default)")
     p.add_argument("--fast", action="store_true", help="send audio as fast as possible, not in real time")
     p.set_defaults(func=_converse)
+
+    from vita.eval.registry import NAMES
+
+    p = sub.add_parser("eval", help="score a model on the curriculum's held-out split or a benchmark's local copy",
+                       description="Read a benchmark in its published layout (docs/training.md, 'Evaluation'), "
+                                   "answer every question greedily in-process and print the metrics.")
+    p.add_argument("benchmark", choices=NAMES)
+    p.add_argument("--model", default=None, help="model directory (default: the tiny model)")
+    p.add_argument("--data", required=True, help="the benchmark's local copy (file or directory)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions (curriculum: N per manifest)")
+    p.add_argument("--output", default=None, help="write metrics and every answer to this JSON file")
+    p.add_argument("--max-tokens", type=int, default=None, help="cap on each answer's length")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=_eval)
     return parser
 
 

@@ -1,0 +1,127 @@
+"""The synthetic curriculum: every manifest valid, answers short and right about the media, seeded, held out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vita.processing.audio import load_audio
+from vita.processing.video import decode_video
+from vita.training.curriculum import (
+    CATEGORIES,
+    CHATTER_VOICES,
+    COLOURS,
+    QUERY_VOICES,
+    CurriculumSizes,
+    build_curriculum,
+    tree_digest,
+)
+from vita.training.data import read_manifest
+
+SMALL = CurriculumSizes.test()
+
+
+@pytest.fixture(scope="module")
+def curriculum(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_curriculum(tmp_path_factory.mktemp("curriculum") / "c", seed=0, sizes=SMALL)
+
+
+def test_every_manifest_is_valid_and_sized(curriculum: dict[str, Path]) -> None:
+    assert set(curriculum) == {f"{split}/{c}" for split in ("train", "heldout") for c in CATEGORIES}
+    for name, path in curriculum.items():
+        split, category = name.split("/")
+        samples = read_manifest(path)  # checks placeholders against media and that every file exists
+        assert len(samples) == SMALL.count(category, split), name
+        for s in samples:
+            assert len(s.answer.split()) <= 8 and "</s>" not in s.answer
+            assert s.meta["category"] == category
+    info = json.loads((curriculum["train/image"].parent.parent / "curriculum.json").read_text())
+    assert info["seed"] == 0 and info["counts"]["train/image"] == SMALL.image
+
+
+def test_states_follow_the_categories(curriculum: dict[str, Path]) -> None:
+    states = {c: {s.state for s in read_manifest(curriculum[f"train/{c}"])} for c in CATEGORIES}
+    assert states == {"image": {"<3>"}, "video": {"<3>"}, "spoken": {"<1>"}, "chatter": {"<2>"}, "asr": {None},
+                      "caption": {None}, "text": {"<3>"}}
+    for s in read_manifest(curriculum["train/chatter"]):
+        assert s.answer == "" and s.kind == "duplex"
+    for s in read_manifest(curriculum["train/spoken"]):
+        assert s.meta["voice"] in QUERY_VOICES and s.answer
+
+
+def test_pictures_show_what_the_answers_say(curriculum: dict[str, Path]) -> None:
+    for s in read_manifest(curriculum["train/image"]):
+        image = np.asarray(Image.open(s.images[0]).convert("RGB")).reshape(-1, 3).astype(int)
+        assert Image.open(s.images[0]).size == (448, 448)
+        if s.meta["task"] == "colour":  # the shape's pixels are exactly the named colour
+            assert (np.abs(image - COLOURS[s.answer]).sum(axis=1) == 0).sum() > 500, s.answer
+
+
+def test_clips_move_the_way_the_answer_says(curriculum: dict[str, Path]) -> None:
+    samples = read_manifest(curriculum["train/video"]) + read_manifest(curriculum["heldout/video"])
+    for s in samples:
+        clip = decode_video(s.video)
+        assert len(clip.frames) == 4  # 1 s clips: sampled at 4 frames per second
+        if s.meta["task"] != "direction":
+            continue
+        centres = []
+        for frame in clip.frames:
+            pixels = np.asarray(frame.convert("RGB")).astype(int)
+            background = np.median(pixels.reshape(-1, 3), axis=0)
+            ys, xs = np.nonzero(np.abs(pixels - background).sum(axis=2) > 60)
+            centres.append((xs.mean(), ys.mean()))
+        dx, dy = centres[-1][0] - centres[0][0], centres[-1][1] - centres[0][1]
+        moved = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+        assert moved == s.answer
+
+
+def test_speech_is_16k_and_chatter_uses_other_voices(curriculum: dict[str, Path]) -> None:
+    chatter = read_manifest(curriculum["train/chatter"])
+    other_voices = {v for vs in CHATTER_VOICES.values() for v in vs}
+    for s in chatter:
+        samples = load_audio(s.audio[0])
+        assert 0.5 < len(samples) / 16000 < 8
+        if s.meta["task"] == "speech":
+            assert s.meta["voice"] in other_voices
+    asr = read_manifest(curriculum["train/asr"])
+    assert all(s.answer == s.answer.lower() and s.answer.replace(" ", "").isalpha() for s in asr)
+
+
+def test_the_held_out_split_repeats_no_training_content(curriculum: dict[str, Path]) -> None:
+    def texts(name: str, key) -> set[str]:
+        return {key(s) for s in read_manifest(curriculum[name])}
+
+    assert not texts("train/asr", lambda s: s.answer) & texts("heldout/asr", lambda s: s.answer)
+    spoken_text = lambda s: s.meta["question"] if s.meta.get("task") == "arithmetic" else None  # noqa: E731
+    assert not (texts("train/spoken", spoken_text) & texts("heldout/spoken", spoken_text)) - {None}
+    phrase = lambda s: s.meta.get("text")  # noqa: E731
+    assert not (texts("train/chatter", phrase) & texts("heldout/chatter", phrase)) - {None}
+    train_images = {Path(p).read_bytes() for s in read_manifest(curriculum["train/image"]) for p in s.images}
+    assert not train_images & {Path(p).read_bytes() for s in read_manifest(curriculum["heldout/image"])
+                               for p in s.images}
+
+
+def test_the_same_seed_gives_the_same_bytes_and_another_seed_does_not(tmp_path: Path) -> None:
+    sizes = {"image": 3, "video": 2, "spoken": 4, "chatter": 3, "asr": 2, "caption": 2, "text": 3, "heldout": 0.5}
+    first = build_curriculum(tmp_path / "a", seed=7, sizes=sizes)
+    second = build_curriculum(tmp_path / "b", seed=7, sizes=sizes)
+    other = build_curriculum(tmp_path / "c", seed=8, sizes=sizes)
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+    assert tree_digest(tmp_path / "a") != tree_digest(tmp_path / "c")
+    assert [p.name for p in first.values()] == [p.name for p in second.values()] == [p.name for p in other.values()]
+
+    # Asked again for the same seed and sizes, the directory is reused as it is; other sizes rebuild it.
+    (tmp_path / "a" / "marker").touch()
+    again = build_curriculum(tmp_path / "a", seed=7, sizes=sizes)
+    assert again == first and (tmp_path / "a" / "marker").exists()
+    rebuilt = build_curriculum(tmp_path / "a", seed=7, sizes={**sizes, "text": 4})
+    assert len(read_manifest(rebuilt["train/text"])) == 4 and not (tmp_path / "a" / "marker").exists()
+
+
+def test_unknown_sizes_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown curriculum size"):
+        build_curriculum(tmp_path / "x", sizes={"podcasts": 3})
