@@ -20,12 +20,16 @@ system-deps:  ## install espeak-ng, sox and ffmpeg with apt-get when missing (te
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-$(STAMP): requirements.lock services/pyproject.toml
+$(STAMP): requirements.lock requirements-nodeps.lock services/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: any other torch requirement would pull the CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.lock
+	# Triton's server binary from the nvidia-pytriton wheel, without the dependencies it declares (why: see the file).
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.lock
 	$(PY) -m pip install -q --no-deps -e services
+	# The Python backend stub for this Python, where tritonserver looks for it (idempotent).
+	$(PY) -m vita.llm.backends.triton.server prepare
 	touch $(STAMP)
 
 PROTO_OUT := services/vita/v1

@@ -1,0 +1,26 @@
+"""Triton's entry point for the CPU `tensorrt_llm` model; the implementation is in the vita package.
+
+Triton's Python backend imports this file in its stub process and looks for `TritonPythonModel`. The code lives in
+`vita.llm.backends.triton.python_model`, where it is linted and tested like the rest; this file only puts the
+package on sys.path (the `vita_path` parameter of config.pbtxt) before importing it.
+"""
+
+import json
+import sys
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = json.loads(args["model_config"]).get("parameters", {})
+        path = parameters.get("vita_path", {}).get("string_value", "")
+        if path and not path.startswith("${") and path not in sys.path:
+            sys.path.insert(0, path)
+        from vita.llm.backends.triton.python_model import TorchEngineModel
+
+        self._model = TorchEngineModel(args)
+
+    def execute(self, requests):
+        return self._model.execute(requests)
+
+    def finalize(self):
+        self._model.finalize()

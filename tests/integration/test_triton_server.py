@@ -1,0 +1,98 @@
+"""The installed tritonserver and the CPU model repository: preparation, the repository's tensors, failures.
+
+TritonBackend's own tests against the running server are in test_triton_backend.py.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from vita.llm.backends.triton.server import (
+    CPU_TEMPLATE,
+    MODEL_NAME,
+    TritonServer,
+    TritonUnavailable,
+    find_install,
+    prepare,
+    server_env,
+    write_cpu_repository,
+)
+
+REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+
+
+def parse(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_prepare_puts_this_pythons_stub_next_to_the_python_backend_once():
+    install = prepare()
+    stub = install.stub
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    source = install.root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    assert stub.read_bytes() == source.read_bytes() and os.access(stub, os.X_OK)
+    assert stub.parent == install.backends / "python" and (stub.parent / "libtriton_python.so").is_file()
+    written = stub.stat().st_mtime_ns
+    assert prepare().stub == stub and stub.stat().st_mtime_ns == written  # idempotent: nothing rewritten
+    env = server_env(install, {"LD_LIBRARY_PATH": "/elsewhere"})
+    assert env["LD_LIBRARY_PATH"].split(os.pathsep)[-2:] == [str(install.libs), "/elsewhere"]
+    assert (install.libs / next(p.name for p in install.libs.iterdir() if p.name.startswith("libtritonserver")))
+
+
+def test_the_cpu_model_has_exactly_the_tensorrt_llm_models_name_and_tensors():
+    gpu, cpu = parse(REPOSITORY / MODEL_NAME / "config.pbtxt"), parse(CPU_TEMPLATE / MODEL_NAME / "config.pbtxt")
+    assert cpu.name == gpu.name == MODEL_NAME
+    assert list(cpu.input) == list(gpu.input) and list(cpu.output) == list(gpu.output)
+    assert gpu.backend == "tensorrtllm" and cpu.backend == "python"
+    assert cpu.model_transaction_policy.decoupled and gpu.model_transaction_policy.decoupled
+    assert cpu.parameters["checkpoint_dir"].string_value == "${checkpoint_dir}"  # a template, as the GPU one is
+
+
+def test_write_cpu_repository_fills_in_the_parameters(tmp_path):
+    checkpoint = tmp_path / "model"
+    repository = write_cpu_repository(tmp_path / "repository", checkpoint, max_batch_size=3, max_seq_len=64,
+                                      torch_threads=1, cancellation_check_period_ms=7)
+    config = parse(repository / MODEL_NAME / "config.pbtxt")
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    assert parameters == {
+        "EXECUTION_ENV_PATH": sys.prefix, "checkpoint_dir": str(checkpoint.resolve()),
+        "vita_path": str(Path(__import__("vita").__file__).resolve().parents[1]),
+        "max_seq_len": "64", "torch_threads": "1", "cancellation_check_period_ms": "7",
+    }
+    assert config.max_batch_size == 3 and list(config.dynamic_batching.preferred_batch_size) == [3]
+    assert list(config.input) == list(parse(CPU_TEMPLATE / MODEL_NAME / "config.pbtxt").input)
+    assert (repository / MODEL_NAME / "1" / "model.py").read_bytes() == (
+        CPU_TEMPLATE / MODEL_NAME / "1" / "model.py").read_bytes()
+    with pytest.raises(ValueError, match="max_batch_size"):
+        write_cpu_repository(tmp_path / "bad", checkpoint, max_batch_size=0)
+
+
+def test_a_model_that_cannot_load_stops_the_start_with_the_models_error(tmp_path):
+    repository = write_cpu_repository(tmp_path / "repository", tmp_path / "no-such-model")
+    server = TritonServer(repository, tmp_path / "tritonserver.log")
+    with pytest.raises(TritonUnavailable) as failed:
+        server.start()
+    lines = str(failed.value).splitlines()
+    assert lines[0] == "tritonserver exited with status 1 before it was ready:"
+    assert any("failed to load 'tensorrt_llm'" in line and "no-such-model/config.json: cannot read the model "
+               "config" in line for line in lines)
+    assert lines[-1] == f"(log: {server.log_path})" and len(lines) < 10
+    assert server.process is None
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vita.llm.backends.triton.server", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_command_line_prepares_and_refuses_a_bad_checkpoint_in_one_line(tmp_path):
+    prepared = run_cli("prepare")
+    assert prepared.returncode == 0 and prepared.stdout.strip() == str(find_install().binary)
+    refused = run_cli("run", "--checkpoint", str(tmp_path))
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.strip().splitlines() == [f"error: {tmp_path} is not a model directory (no config.json)"]
