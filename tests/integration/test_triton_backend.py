@@ -1,7 +1,7 @@
 """TritonBackend against a real Triton Inference Server, over real gRPC on 127.0.0.1.
 
 The server is the `tritonserver` of the nvidia-pytriton wheel (`make setup` installs it), started as a process
-on free ports and serving `model_repository/cpu`: TensorRT-LLM's `tensorrt_llm` model, with its tensors, on
+on free ports and serving `model_repository_cpu`: TensorRT-LLM's `tensorrt_llm` model, with its tensors, on
 Triton's Python backend and the torch engine (services/vita/llm/backends/triton/python_model.py). The backend
 reaches it only through tritonclient, and what the model does is read from Triton's metrics port.
 """

@@ -9,7 +9,7 @@ executable per Python version. Two steps make it serve Python-backend models her
 - `server_env()` puts this interpreter's `libpython3.X.so` first on LD_LIBRARY_PATH: the stub embeds it, and the
   loader would otherwise take a system libpython of another build, or find none.
 
-`write_cpu_repository()` writes the CPU model repository (`model_repository/cpu` with its parameters filled in)
+`write_cpu_repository()` writes the CPU model repository (`model_repository_cpu` with its parameters filled in)
 and `TritonServer` runs tritonserver on loopback ports and waits on its readiness endpoint. The tests use both;
 from the shell:
 
@@ -41,7 +41,7 @@ from pathlib import Path
 from vita.errors import VitaError
 
 MODEL_NAME = "tensorrt_llm"
-CPU_TEMPLATE = Path(__file__).resolve().parents[5] / "model_repository" / "cpu"  # the repository's checkout
+CPU_TEMPLATE = Path(__file__).resolve().parents[5] / "model_repository_cpu"  # the repository's checkout
 
 
 class TritonUnavailable(VitaError):
@@ -126,7 +126,7 @@ def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> di
 def write_cpu_repository(destination: str | Path, checkpoint: str | Path, *, max_batch_size: int = 8,
                          max_seq_len: int = 0, torch_threads: int = 0, cancellation_check_period_ms: int = 20,
                          template: Path = CPU_TEMPLATE) -> Path:
-    """Copy `model_repository/cpu` to `destination`, with this checkout's code, virtualenv and `checkpoint`.
+    """Copy `model_repository_cpu` to `destination`, with this checkout's code, virtualenv and `checkpoint`.
 
     max_seq_len 0: the model's context. torch_threads 0: torch's default. Returns `destination`.
     Raises TritonUnavailable without a virtualenv: Triton's Python backend activates one (EXECUTION_ENV_PATH).
