@@ -105,17 +105,8 @@ class TorchEngineModel:
         return None
 
     def finalize(self) -> None:
-        """Unloading: the engine stops, and requests still in flight end with an error instead of hanging."""
+        """Triton unloads the model once no request holds it: nothing is in flight any more."""
         self._loop.stop()
-        with self._lock:
-            lives, self._live = list(self._live.values()), {}
-            self._by_triton_id.clear()
-        for live in lives:
-            try:
-                live.sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
-                    "the model was unloaded while this request was generating")), flags=_FINAL)
-            except Exception as e:
-                pb_utils.Logger.log_warn(f"cannot send to request {live.triton_id!r}: {e}")
 
     def _accept(self, request, sender) -> None:
         tensors = {}

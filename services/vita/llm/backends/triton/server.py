@@ -34,6 +34,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +188,7 @@ class TritonServer:
     exit_timeout_s: int = 10
     extra_args: Sequence[str] = ()
     process: subprocess.Popen | None = field(default=None, init=False)
+    _shm_prefix: str = field(default_factory=lambda: f"vita_triton_{uuid.uuid4().hex[:12]}_", init=False)
 
     @property
     def grpc_url(self) -> str:
@@ -213,6 +215,7 @@ class TritonServer:
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0",  # no CUDA here: no warnings about it
             "--strict-readiness=true", "--exit-on-error=true", f"--exit-timeout-secs={self.exit_timeout_s}",
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
             *self.extra_args,
         ]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -261,17 +264,25 @@ class TritonServer:
         return "\n".join(errors or lines[-tail:])
 
     def stop(self) -> int | None:
-        """SIGTERM (Triton unloads its models, waiting up to exit_timeout_s), then SIGKILL to the process group."""
+        """SIGTERM, then SIGKILL to the process group; removes the Python backend's shared memory if it is left.
+
+        On SIGTERM Triton unloads its models once no request holds them, waiting up to exit_timeout_s. Sequences
+        in flight keep streaming meanwhile, and past that timeout tritonserver 2.51 logs "Exiting immediately" but
+        stays up while they do (seen here); the SIGKILL, exit_timeout_s + 5 s after the SIGTERM, ends it.
+        """
         process, self.process = self.process, None
         if process is None:
             return None
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(self.exit_timeout_s + 20)
+                process.wait(self.exit_timeout_s + 5)
         with contextlib.suppress(ProcessLookupError):  # the model stubs are this group's other members
             os.killpg(process.pid, signal.SIGKILL)
-        return process.wait()
+        status = process.wait()
+        for region in Path("/dev/shm").glob(f"{self._shm_prefix}*"):  # left behind by a server that was killed
+            region.unlink(missing_ok=True)
+        return status
 
     def __enter__(self) -> TritonServer:
         return self.start()
