@@ -7,13 +7,13 @@ STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps proto test test-fast lint bench demo clean
+.PHONY: help setup system-deps proto test test-fast test-deploy lint bench demo images clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-system-deps:  ## install espeak-ng, sox and ffmpeg with apt-get when missing (test speech, media)
-	@missing=""; for t in espeak-ng sox ffmpeg; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+system-deps:  ## install espeak-ng, sox, ffmpeg and prometheus (+promtool) with apt-get when missing
+	@missing=""; for t in espeak-ng sox ffmpeg prometheus; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
@@ -52,6 +52,9 @@ test: setup  ## the whole test suite (unit, integration, end-to-end)
 test-fast: setup  ## unit tests only
 	$(PY) -m pytest tests/unit
 
+test-deploy: setup  ## the Helm charts, dashboard and alerts: render, validate, run their args locally, real Prometheus
+	$(PY) -m pytest tests/deploy
+
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check --config ruff.toml .
 
@@ -62,6 +65,18 @@ bench: setup  ## benchmarks; figures are appended to BENCHMARKS.md
 
 demo: setup  ## the local service stack on the tiny model and one-shot requests through its API
 	$(PY) -m vita.demo
+
+IMAGE ?= vita-omni/vita
+VERSION := $(shell sed -n 's/^appVersion: "\(.*\)"/\1/p' helm/vita/Chart.yaml)
+# The first container builder that can build here: a docker with a running daemon, podman, or buildah.
+BUILDER = $(shell if docker info >/dev/null 2>&1; then echo docker build; \
+  elif podman info >/dev/null 2>&1; then echo podman build; \
+  elif command -v buildah >/dev/null 2>&1; then echo buildah bud; fi)
+
+images:  ## build the vita image, CPU and CUDA targets (vita-omni/vita:VERSION-cpu|-cuda), the charts' default
+	$(if $(BUILDER),,$(error make images: no container builder on this machine (a docker daemon, podman or buildah); the image cannot be built here))
+	$(BUILDER) --target cpu -t $(IMAGE):$(VERSION)-cpu .
+	$(BUILDER) --target cuda -t $(IMAGE):$(VERSION)-cuda .
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .artifacts

@@ -201,7 +201,7 @@ class LLMWorker:
         self.metrics.generation_tokens.labels(self.pool.value).inc(generated)
         self.metrics.prompt_tokens.labels(self.pool.value).inc(len(job.prompt_token_ids))
         if generated:
-            self.metrics.time_to_first_token.labels(f"llm:{self.pool.value}").observe(first_token_s)
+            self.metrics.time_to_first_token.labels(self.pool.value).observe(first_token_s)
         if finish == "cancelled":
             self.metrics.cancelled.labels(self.pool.value).inc()
         await replies.send(finished=Completed(

@@ -6,7 +6,12 @@ and monitor LLM pools apart; `modality` the encoders. The full list, with meanin
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import sys
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 # Latency buckets from 5 ms to 60 s: wide enough for a tiny CPU model and a full-size GPU one.
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -19,6 +24,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        r.register(CudaMemoryCollector())
         self.requests = Counter("vita:requests", "Requests received", ["service", "method"], registry=r)
         self.request_success = Counter("vita:request_success", "Requests finished, by finish reason",
                                        ["service", "finished_reason"], registry=r)
@@ -67,6 +74,27 @@ class Metrics:
         self.speech_to_first_token = Histogram("vita:speech_to_first_token_seconds",
                                                "End of a spoken query to the first token of its answer",
                                                buckets=_LATENCY, registry=r)
+
+
+class CudaMemoryCollector(Collector):
+    """`vita:gpu_memory_allocated_bytes` / `vita:gpu_memory_reserved_bytes` per CUDA device, from torch's allocator.
+
+    Exported only by processes that use CUDA: torch is looked up, never imported, and CUDA never initialised here.
+    """
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_initialized():
+            return
+        allocated = GaugeMetricFamily("vita:gpu_memory_allocated_bytes", "Memory held by torch tensors on the GPU",
+                                      labels=["device"])
+        reserved = GaugeMetricFamily("vita:gpu_memory_reserved_bytes",
+                                     "Memory reserved by torch's caching allocator on the GPU", labels=["device"])
+        for index in range(torch.cuda.device_count()):
+            allocated.add_metric([str(index)], torch.cuda.memory_allocated(index))
+            reserved.add_metric([str(index)], torch.cuda.memory_reserved(index))
+        yield allocated
+        yield reserved
 
 
 def serve_metrics(metrics: Metrics, port: int, host: str = "0.0.0.0") -> None:

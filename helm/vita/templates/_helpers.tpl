@@ -1,0 +1,335 @@
+{{/* Names ------------------------------------------------------------------------------------------------------- */}}
+
+{{- define "vita.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "vita.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "vita.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: vita
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end -}}
+
+{{/* Selector labels of one component: include "vita.selectorLabels" (list $ "llm-generator") */}}
+{{- define "vita.selectorLabels" -}}
+{{- $root := index . 0 -}}
+app.kubernetes.io/name: {{ include "vita.name" $root }}
+app.kubernetes.io/instance: {{ $root.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end -}}
+
+{{- define "vita.componentLabels" -}}
+{{ include "vita.labels" (index . 0) }}
+{{ include "vita.selectorLabels" . }}
+{{- end -}}
+
+{{/* The five vita services: values key, `vita serve` service, llm role, and the Redis pool (stream and group). */}}
+{{- define "vita.components" -}}
+orchestrator: {key: orchestrator, service: orchestrator, role: "", pool: ""}
+audio-encoder: {key: audioEncoder, service: audio-encoder, role: "", pool: audio-encoder}
+vision-encoder: {key: visionEncoder, service: vision-encoder, role: "", pool: vision-encoder}
+llm-generator: {key: llmGenerator, service: llm, role: generator, pool: "llm:generator"}
+llm-monitor: {key: llmMonitor, service: llm, role: monitor, pool: "llm:monitor"}
+{{- end -}}
+
+{{- define "vita.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "vita.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "vita.image" -}}
+{{- $tag := default (printf "%s-%s" .Chart.AppVersion .Values.image.variant) .Values.image.tag -}}
+{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- end -}}
+
+{{/* Redis ------------------------------------------------------------------------------------------------------ */}}
+
+{{- define "vita.redisSecretName" -}}
+{{- if and (eq .Values.redis.mode "external") .Values.redis.external.existingSecret -}}
+{{- .Values.redis.external.existingSecret -}}
+{{- else -}}
+{{- printf "%s-redis-auth" (include "vita.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "vita.redisHost" -}}
+{{- if eq .Values.redis.mode "bundled" -}}
+{{- printf "%s-redis.%s.svc" (include "vita.fullname" .) .Release.Namespace -}}
+{{- else -}}
+{{- required "redis.external.host is required when redis.mode is external" .Values.redis.external.host -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "vita.redisPort" -}}
+{{- if eq .Values.redis.mode "bundled" -}}6379{{- else -}}{{ .Values.redis.external.port }}{{- end -}}
+{{- end -}}
+
+{{- define "vita.redisDb" -}}
+{{- if eq .Values.redis.mode "bundled" -}}0{{- else -}}{{ .Values.redis.external.db }}{{- end -}}
+{{- end -}}
+
+{{- define "vita.redisTLS" -}}
+{{- and (eq .Values.redis.mode "external") .Values.redis.external.tls -}}
+{{- end -}}
+
+{{/* The bundled Redis password: from values, else the one already in the cluster, else a new random one. */}}
+{{- define "vita.bundledRedisPassword" -}}
+{{- if .Values.redis.bundled.password -}}
+{{- .Values.redis.bundled.password -}}
+{{- else -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (printf "%s-redis-auth" (include "vita.fullname" .)) -}}
+{{- if and $existing (index $existing.data "redis-password") -}}
+{{- index $existing.data "redis-password" | b64dec -}}
+{{- else -}}
+{{- randAlphaNum 32 -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The service processes ------------------------------------------------------------------------------------- */}}
+
+{{/* Flags every service takes (services/vita/service_args.py); include "vita.commonArgs" $ */}}
+{{- define "vita.commonArgs" -}}
+- --host
+- 0.0.0.0
+- --grpc-port
+- {{ int64 .Values.ports.grpc | quote }}
+- --metrics-port
+- {{ int64 .Values.ports.metrics | quote }}
+- --prefix
+- {{ .Values.bus.prefix | quote }}
+- --reclaim-idle-ms
+- {{ int64 .Values.bus.reclaimIdleMs | quote }}
+- --backlog-limit
+- {{ int64 .Values.bus.backlogLimit | quote }}
+- --log-level
+- {{ .Values.logging.level }}
+{{- if .Values.logging.plain }}
+- --plain-logs
+{{- end }}
+{{- if .Values.otlp.endpoint }}
+- --otlp-endpoint
+- {{ .Values.otlp.endpoint | quote }}
+{{- end }}
+{{- if eq .Values.model.source "pvc" }}
+- --model
+- {{ .Values.model.mountPath | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* `vita serve ...` argv after the `vita` command: include "vita.args" (list $ "llm-generator") */}}
+{{- define "vita.args" -}}
+{{- $root := index . 0 -}}
+{{- $name := index . 1 -}}
+{{- $c := get (fromYaml (include "vita.components" $root)) $name -}}
+{{- $v := get $root.Values $c.key -}}
+- serve
+- {{ $c.service }}
+{{- if eq $name "orchestrator" }}
+- --default-max-tokens
+- {{ int64 $v.defaultMaxTokens | quote }}
+- --encode-timeout
+- {{ $v.encodeTimeout | quote }}
+- --token-timeout
+- {{ $v.tokenTimeout | quote }}
+{{- else if $c.role }}
+- --role
+- {{ $c.role }}
+- --backend
+- {{ $root.Values.llm.backend }}
+- --max-batch
+- {{ int64 $v.maxBatch | quote }}
+{{- if $v.maxSeqLen }}
+- --max-seq-len
+- {{ int64 $v.maxSeqLen | quote }}
+{{- end }}
+{{- if eq $root.Values.llm.backend "triton" }}
+- --triton-url
+- {{ printf "%s-triton:%v" (include "vita.fullname" $root) $root.Values.triton.ports.grpc | quote }}
+- --triton-model
+- {{ $root.Values.triton.model | quote }}
+{{- end }}
+{{- else }}
+- --max-batch
+- {{ int64 $v.maxBatch | quote }}
+- --device
+- {{ $v.device | quote }}
+- --dtype
+- {{ $v.dtype }}
+{{- if $v.kserve.enabled }}
+- --kserve-port
+- {{ int64 $root.Values.ports.kserve | quote }}
+{{- end }}
+{{- end }}
+{{- if and (hasKey $v "threads") $v.threads }}
+- --threads
+- {{ int64 $v.threads | quote }}
+{{- end }}
+{{ include "vita.commonArgs" $root }}
+{{- range $v.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "vita.env" -}}
+- name: POD_NAME
+  valueFrom: {fieldRef: {fieldPath: metadata.name}}
+- name: POD_NAMESPACE
+  valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
+- name: VITA_HOME
+  value: /var/lib/vita
+- name: HOME
+  value: /var/lib/vita
+- name: REDIS_PASSWORD
+  valueFrom: {secretKeyRef: {name: {{ include "vita.redisSecretName" . }}, key: redis-password}}
+- name: REDIS_USERNAME
+  valueFrom: {secretKeyRef: {name: {{ include "vita.redisSecretName" . }}, key: redis-username, optional: true}}
+- name: VITA_REDIS_URL
+  valueFrom: {secretKeyRef: {name: {{ include "vita.redisSecretName" . }}, key: redis-url}}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ include "vita.otelAttributes" . | quote }}
+{{- end -}}
+
+{{- define "vita.otelAttributes" -}}
+{{- $attrs := list "k8s.namespace.name=$(POD_NAMESPACE)" "k8s.pod.name=$(POD_NAME)" -}}
+{{- range $k, $v := .Values.otlp.resourceAttributes -}}
+{{- $attrs = append $attrs (printf "%s=%s" $k $v) -}}
+{{- end -}}
+{{- join "," $attrs -}}
+{{- end -}}
+
+{{- define "vita.envFrom" -}}
+{{- if or .Values.secretEnv .Values.existingSecretEnv }}
+envFrom:
+  - secretRef:
+      name: {{ default (printf "%s-env" (include "vita.fullname" .)) .Values.existingSecretEnv }}
+{{- end }}
+{{- end -}}
+
+{{/* The vita container of one component: include "vita.container" (list $ "llm-generator") */}}
+{{- define "vita.container" -}}
+{{- $root := index . 0 -}}
+{{- $name := index . 1 -}}
+{{- $c := get (fromYaml (include "vita.components" $root)) $name -}}
+{{- $v := get $root.Values $c.key -}}
+- name: {{ eq (include "vita.isKServe" .) "true" | ternary "kserve-container" $name }}
+  image: {{ include "vita.image" $root }}
+  imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+  command: ["vita"]
+  args:
+    {{- include "vita.args" . | nindent 4 }}
+  env:
+    {{- include "vita.env" $root | nindent 4 }}
+  {{- include "vita.envFrom" $root | nindent 2 }}
+  ports:
+    - {name: grpc, containerPort: {{ $root.Values.ports.grpc }}, protocol: TCP}
+    - {name: metrics, containerPort: {{ $root.Values.ports.metrics }}, protocol: TCP}
+    {{- if and (hasKey $v "kserve") $v.kserve.enabled }}
+    - {name: h2c, containerPort: {{ $root.Values.ports.kserve }}, protocol: TCP}
+    {{- end }}
+  # gRPC health (grpc.health.v1): SERVING only once the model is loaded, NOT_SERVING while draining.
+  startupProbe:
+    grpc: {port: {{ $root.Values.ports.grpc }}}
+    periodSeconds: {{ $v.startupProbe.periodSeconds }}
+    failureThreshold: {{ $v.startupProbe.failureThreshold }}
+  readinessProbe:
+    grpc: {port: {{ $root.Values.ports.grpc }}}
+    periodSeconds: 10
+    failureThreshold: 2
+  livenessProbe:
+    grpc: {port: {{ $root.Values.ports.grpc }}}
+    periodSeconds: 20
+    timeoutSeconds: 5
+    failureThreshold: 3
+  resources:
+    {{- toYaml $v.resources | nindent 4 }}
+  securityContext:
+    {{- toYaml $root.Values.containerSecurityContext | nindent 4 }}
+  volumeMounts:
+    - {name: tmp, mountPath: /tmp}
+    - {name: vita-home, mountPath: /var/lib/vita}
+    {{- if eq $root.Values.model.source "pvc" }}
+    - name: model
+      mountPath: {{ $root.Values.model.mountPath }}
+      readOnly: true
+      {{- with $root.Values.model.pvc.subPath }}
+      subPath: {{ . }}
+      {{- end }}
+    {{- end }}
+{{- end -}}
+
+{{/* Pod spec fields shared by Deployments and InferenceService predictors: include "vita.podFields" (list $ name) */}}
+{{- define "vita.podFields" -}}
+{{- $root := index . 0 -}}
+{{- $name := index . 1 -}}
+{{- $c := get (fromYaml (include "vita.components" $root)) $name -}}
+{{- $v := get $root.Values $c.key -}}
+serviceAccountName: {{ include "vita.serviceAccountName" $root }}
+automountServiceAccountToken: false
+terminationGracePeriodSeconds: 30
+securityContext:
+  {{- toYaml $root.Values.podSecurityContext | nindent 2 }}
+{{- with $root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+volumes:
+  - name: tmp
+    emptyDir: {sizeLimit: 1Gi}
+  - name: vita-home
+    emptyDir: {sizeLimit: 4Gi}
+  {{- if eq $root.Values.model.source "pvc" }}
+  - name: model
+    persistentVolumeClaim:
+      claimName: {{ required "model.pvc.claimName is required when model.source is pvc" $root.Values.model.pvc.claimName }}
+      readOnly: true
+  {{- end }}
+{{- end -}}
+
+{{/* Whether a component runs as a KServe InferenceService rather than a Deployment. */}}
+{{- define "vita.isKServe" -}}
+{{- $root := index . 0 -}}
+{{- $c := get (fromYaml (include "vita.components" $root)) (index . 1) -}}
+{{- $v := get $root.Values $c.key -}}
+{{- if and (hasKey $v "kserve") $v.kserve.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* The workload KEDA / the HPA scale: the Deployment, or the Deployment KServe makes for the predictor. */}}
+{{- define "vita.scaleTargetName" -}}
+{{- $root := index . 0 -}}
+{{- $name := index . 1 -}}
+{{- if include "vita.isKServe" . -}}
+{{- printf "%s-%s-predictor" (include "vita.fullname" $root) $name -}}
+{{- else -}}
+{{- printf "%s-%s" (include "vita.fullname" $root) $name -}}
+{{- end -}}
+{{- end -}}
