@@ -38,4 +38,6 @@ def setup(service: str, args: argparse.Namespace) -> tuple[Redis, BusConfig, Met
                     backlog_limits=dict.fromkeys(BusConfig().backlog_limits, args.backlog_limit))
     metrics = Metrics()
     serve_metrics(metrics, args.metrics_port, host=args.host)
-    return Redis.from_url(args.redis), bus, metrics
+    # No read timeout: blocking reads (XREAD BLOCK up to --token-timeout) would otherwise end after redis-py 8's
+    # 5 s default socket timeout with a TimeoutError whenever a pool is slow to answer.
+    return Redis.from_url(args.redis, socket_timeout=None, socket_connect_timeout=5), bus, metrics

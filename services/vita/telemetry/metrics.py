@@ -7,9 +7,12 @@ and monitor LLM pools apart; `modality` the encoders. The full list, with meanin
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterator
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -97,7 +100,25 @@ class CudaMemoryCollector(Collector):
         yield reserved
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # one line per scrape is noise
+        pass
+
+
 def serve_metrics(metrics: Metrics, port: int, host: str = "0.0.0.0") -> None:
-    """Exposes /metrics over HTTP; port 0 disables it."""
-    if port:
-        start_http_server(port, addr=host, registry=metrics.registry)
+    """Exposes /metrics over HTTP in the Prometheus text format; port 0 disables it.
+
+    Always the text format (0.0.4), whatever the scraper asks for: prometheus_client answers an OpenMetrics
+    request (what Prometheus 2 asks for first) with ':' escaped to '_', so the same metric would be
+    `vita:requests_total` or `vita_requests_total` depending on the scraper's version.
+    """
+    if not port:
+        return
+    app = make_wsgi_app(metrics.registry)
+
+    def text_format(environ, start_response):
+        environ["HTTP_ACCEPT"] = "text/plain;version=0.0.4"
+        return app(environ, start_response)
+
+    server = make_server(host, port, text_format, ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()

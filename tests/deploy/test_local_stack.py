@@ -1,0 +1,175 @@
+"""The chart's own processes, run here: its Redis and every vita container started with exactly the rendered
+command, args and env (hosts mapped to 127.0.0.1, ports to free ones, volumes to local directories), a Converse
+session through the orchestrator, and a real Prometheus scraping them: every query the dashboard, the alert rules
+and the autoscaling triggers use returns data.
+
+One release per module (it takes a minute to start on 2 cores); the tests share it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import grpc
+import pytest
+import redis
+
+from tests.deploy import k8s, promql
+from tests.deploy.localrun import LocalRelease
+from vita.bus.streams import BusConfig, Pool
+from vita.client import ConverseSession, VitaClient, session_config, speech_events, text_event
+from vita.stack import free_port
+from vita.v1.assistant_pb2 import GenerateRequest
+
+pytestmark = pytest.mark.slow
+
+# Production-like, on this machine: the model from a "PVC" (the duplex fine-tuned tiny model), the bundled Redis
+# with its generated password, KEDA triggers, the audio encoder as a KServe InferenceService, one CPU thread each.
+LOCAL_VALUES = {
+    "model": {"source": "pvc", "pvc": {"claimName": "vita-model"}},
+    "audioEncoder": {"kserve": {"enabled": True}, "threads": 1},
+    "visionEncoder": {"threads": 1},
+    "llmGenerator": {"threads": 1},
+    "llmMonitor": {"threads": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def release(duplex_model_dir, tmp_path_factory):
+    docs = k8s.render(k8s.VITA_CHART, LOCAL_VALUES)
+    running = LocalRelease(docs, tmp_path_factory.mktemp("release"), volumes={"model": duplex_model_dir}).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def prometheus(release, tmp_path_factory):
+    """Scrapes each process like the chart's ServiceMonitor: job = the Service, plus namespace, pod, component."""
+    targets = []
+    for p in release.processes:
+        service = f"{k8s.RELEASE}-{p.name}"
+        targets.append({"job": service, "address": f"127.0.0.1:{p.ports['metrics']}",
+                        "labels": {"namespace": k8s.NAMESPACE, "pod": f"{p.name}-0", "service": service,
+                                   "component": p.labels["app.kubernetes.io/component"]}})
+    prom = promql.Prometheus.start(tmp_path_factory.mktemp("prometheus"), targets, free_port())
+    yield prom
+    prom.stop()
+
+
+@pytest.fixture(scope="module")
+def session(release, prometheus, wide_png, query_clip):
+    """The scripted traffic: a Generate with an image, a bad Generate, and a Converse turn interrupted by speech."""
+    target = f"127.0.0.1:{release.process('orchestrator').ports['grpc']}"
+    with VitaClient(target, timeout_s=None) as client:
+        text, completed = client.ask("What is in the picture?", images=[wide_png], max_tokens=8)
+        with pytest.raises(grpc.RpcError) as bad:
+            list(client.generate(GenerateRequest()))
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with ConverseSession(client, session_config(max_tokens=300, ignore_eos=True)) as s:
+            s.send(text_event("Tell me a long story."))
+            first = s.wait("answer_started").turn_id
+            s.wait("delta", turn_id=first)
+            s.send(*speech_events(query_clip, realtime=False, chunk_ms=100))
+            interrupted = s.wait("interrupted", turn_id=first, timeout_s=120)
+            second = s.wait("answer_started", where=lambda e: e.turn_id != first, timeout_s=120)
+            s.wait("completed", turn_id=second.turn_id, timeout_s=120)
+            s.close()
+    return {"completed": completed, "interrupted": interrupted, "events": s.events}
+
+
+def wait_for_data(prom: promql.Prometheus, exprs: list[tuple[str, str]], timeout_s: float = 90.0,
+                  finite: bool = True) -> dict[str, list[dict]]:
+    """Polls until every expression has a series (with a finite value), or fails naming the ones without."""
+    deadline = time.monotonic() + timeout_s
+    missing = exprs
+    while True:
+        results = {expr: prom.query(expr) for _, expr in missing}
+        missing = [(what, expr) for what, expr in missing
+                   if not any(not finite or math.isfinite(float(r["value"][1])) for r in results[expr])]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not missing, "no data for:\n" + "\n".join(f"  {what}: {expr}" for what, expr in missing)
+    return results
+
+
+def test_a_converse_session_runs_through_the_rendered_services(session):
+    assert session["completed"].usage.image_tokens > 0 and session["completed"].usage.completion_tokens > 0
+    i = session["interrupted"].interrupted
+    assert 0 < i.tokens_sent <= i.tokens_generated < 300
+    judged = [e for e in session["events"] if e.WhichOneof("event") == "judged"]
+    assert judged and judged[0].judged.state_token == "<1>"
+
+
+def test_the_processes_run_the_rendered_pools_and_redis_needs_the_rendered_password(release):
+    secrets = k8s.secret_values(release.docs)
+    password = secrets[f"{k8s.RELEASE}-redis-auth", "redis-password"]
+    assert len(password) >= 16
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=release.redis_port).ping()
+    client = redis.Redis(port=release.redis_port, password=password)
+    bus = BusConfig(prefix=k8s.flag(release.process("orchestrator").argv, "--prefix"))
+    for pool in Pool:
+        groups = client.xinfo_groups(bus.jobs(pool))
+        assert [g["name"].decode() for g in groups] == [pool.group]
+        assert groups[0]["consumers"] >= 1  # a worker of the pool joined
+    client.close()
+
+
+def test_every_dashboard_query_returns_data(session, prometheus):
+    queries = [(t, e) for t, e in promql.dashboard_queries() if not any(m in e for m in promql.GPU_ONLY_METRICS)]
+    gpu_only = [(t, e) for t, e in promql.dashboard_queries() if any(m in e for m in promql.GPU_ONLY_METRICS)]
+    assert {t for t, _ in gpu_only} == {"GPU memory"}  # the only panel allowed to stay empty on a CPU machine
+    for _, expr in gpu_only:
+        assert prometheus.query(expr) == []  # valid PromQL, no data here: no process used CUDA
+    wait_for_data(prometheus, queries)
+    for variable, metric, label in promql.dashboard_variable_queries():
+        assert prometheus.label_values(label, metric), f"variable {variable}: no {label} values on {metric}"
+
+
+def test_every_alert_expression_selects_live_series_and_prometheus_loaded_the_rules(session, prometheus):
+    rules = promql.alert_rules()
+    wait_for_data(prometheus, [(r["alert"], promql.as_bool_comparisons(r["expr"])) for r in rules])
+    loaded = {r["name"]: r for r in prometheus.rules()}
+    assert set(loaded) == {r["alert"] for r in rules}
+    assert all(r["health"] == "ok" for r in loaded.values()), loaded
+    # Healthy stack: the paging alerts are quiet.
+    firing = {name for name, r in loaded.items() if r["state"] == "firing"}
+    assert not firing & {"VitaNoHealthyGenerator", "VitaNoHealthyMonitor", "VitaComponentDown"}
+
+
+def test_autoscaling_triggers_have_data(session, release, prometheus):
+    docs = release.docs
+    # KEDA (the chart's default): each ScaledObject's redis-streams trigger reads its stream's consumer group.
+    secrets = k8s.secret_values(docs)
+    client = redis.Redis(port=release.redis_port, password=secrets[f"{k8s.RELEASE}-redis-auth", "redis-password"])
+    scaled = k8s.named(docs, "ScaledObject")
+    assert len(scaled) == 4
+    for obj in scaled:
+        for trigger in obj["spec"]["triggers"]:
+            meta = trigger["metadata"]
+            group = {g["name"].decode(): g for g in client.xinfo_groups(meta["stream"])}[meta["consumerGroup"]]
+            if "lagCount" in meta:
+                assert group["lag"] is not None  # Redis 7 computes the lag KEDA's lag trigger reads
+            else:
+                assert client.xpending(meta["stream"], meta["consumerGroup"])["pending"] >= 0
+    client.close()
+    # prometheusAdapter: the queries prometheus-adapter runs for the HPAs the chart renders in that mode.
+    hpa_docs = k8s.render(k8s.VITA_CHART, k8s.deep_merge(LOCAL_VALUES, {"autoscaling": {"mode": "prometheusAdapter"}}))
+    queries = []
+    for hpa in k8s.named(hpa_docs, "HorizontalPodAutoscaler"):
+        for metric in hpa["spec"]["metrics"]:
+            if metric["type"] == "External":
+                selector = metric["external"]["metric"]["selector"]["matchLabels"]
+                queries += [(f"{hpa['metadata']['name']} {name}", q) for name, q in
+                            promql.adapter_queries({metric["external"]["metric"]["name"]: selector})
+                            if name == metric["external"]["metric"]["name"]]
+            elif metric["type"] == "Pods":
+                queries += [(f"{hpa['metadata']['name']} {name}", q) for name, q in promql.adapter_queries({})
+                            if name == metric["pods"]["metric"]["name"]]
+    assert len(queries) == 2 * 4 + 1  # lag and pending per pool, sessions per orchestrator pod
+    results = wait_for_data(prometheus, queries)
+    for (what, query) in queries:
+        if "vita_stream" in what:
+            assert len(results[query]) == 1, f"{what}: one value per pool, got {results[query]}"
