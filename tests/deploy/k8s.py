@@ -151,8 +151,10 @@ def expand(text: str, env: dict[str, str]) -> str:
     return _VAR.sub(lambda m: env.get(m.group(1), m.group(0)), text)
 
 
-def container_env(container: dict, secrets: dict[tuple[str, str], str], fields: dict[str, str]) -> dict[str, str]:
-    """The environment the kubelet would give the container, in order, with $(VAR) expanded."""
+def container_env(container: dict, secrets: dict[tuple[str, str], str], fields: dict[str, str],
+                  *, external_secrets: bool = False) -> dict[str, str]:
+    """The environment the kubelet would give the container, in order, with $(VAR) expanded. With
+    `external_secrets`, references to Secrets the chart does not render (an existingSecret) are left out."""
     env: dict[str, str] = {}
     for ref in container.get("envFrom", []):
         name = ref["secretRef"]["name"]
@@ -167,7 +169,9 @@ def container_env(container: dict, secrets: dict[tuple[str, str], str], fields: 
             if (ref["name"], ref["key"]) in secrets:
                 env[item["name"]] = secrets[ref["name"], ref["key"]]
             else:
-                assert ref.get("optional"), f"{item['name']}: secret {ref['name']}/{ref['key']} is not rendered"
+                rendered = any(name == ref["name"] for name, _ in secrets)
+                assert ref.get("optional") or (external_secrets and not rendered), \
+                    f"{item['name']}: secret {ref['name']}/{ref['key']} is not rendered"
         elif "fieldRef" in source:
             env[item["name"]] = fields[source["fieldRef"]["fieldPath"]]
         else:

@@ -9,6 +9,7 @@ One release per module (it takes a minute to start on 2 cores); the tests share 
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import grpc
@@ -57,12 +58,10 @@ def prometheus(release, tmp_path_factory):
     prom.stop()
 
 
-@pytest.fixture(scope="module")
-def session(release, prometheus, wide_png, query_clip):
-    """The scripted traffic: a Generate with an image, a bad Generate, and a Converse turn interrupted by speech."""
-    target = f"127.0.0.1:{release.process('orchestrator').ports['grpc']}"
+def traffic(target: str, image, speech) -> dict:
+    """A Generate with an image, a bad Generate, and a Converse answer interrupted by a spoken question."""
     with VitaClient(target, timeout_s=None) as client:
-        text, completed = client.ask("What is in the picture?", images=[wide_png], max_tokens=8)
+        _, completed = client.ask("What is in the picture?", images=[image], max_tokens=8)
         with pytest.raises(grpc.RpcError) as bad:
             list(client.generate(GenerateRequest()))
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -70,12 +69,24 @@ def session(release, prometheus, wide_png, query_clip):
             s.send(text_event("Tell me a long story."))
             first = s.wait("answer_started").turn_id
             s.wait("delta", turn_id=first)
-            s.send(*speech_events(query_clip, realtime=False, chunk_ms=100))
+            s.send(*speech_events(speech, realtime=False, chunk_ms=100))
             interrupted = s.wait("interrupted", turn_id=first, timeout_s=120)
             second = s.wait("answer_started", where=lambda e: e.turn_id != first, timeout_s=120)
             s.wait("completed", turn_id=second.turn_id, timeout_s=120)
             s.close()
     return {"completed": completed, "interrupted": interrupted, "events": s.events}
+
+
+@pytest.fixture(scope="module")
+def session(release, prometheus, wide_png, query_clip):
+    """The scripted traffic, twice: Prometheus' rate() needs a series scraped before it grows, and most series
+    appear only with their first observation. Between the rounds, wait until Prometheus has them all."""
+    target = f"127.0.0.1:{release.process('orchestrator').ports['grpc']}"
+    traffic(target, wide_png, query_clip)
+    names = sorted({n for _, e in promql.dashboard_queries() for n in re.findall(r"vita:[a-z0-9_]+", e)}
+                   - set(promql.GPU_ONLY_METRICS))
+    wait_for_data(prometheus, [(n, f"count({n})") for n in names], finite=False)
+    return traffic(target, wide_png, query_clip)
 
 
 def wait_for_data(prom: promql.Prometheus, exprs: list[tuple[str, str]], timeout_s: float = 90.0,
