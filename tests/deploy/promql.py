@@ -75,7 +75,7 @@ def as_bool_comparisons(expr: str) -> str:
         elif c == "}":
             depth -= 1
             out.append(c)
-        elif depth == 0 and (m := _COMPARISON.match(expr, i)) and not expr[i - 1] in "=!~<>":
+        elif depth == 0 and (m := _COMPARISON.match(expr, i)) and expr[i - 1] not in "=!~<>":
             out.append(m.group(1) + " bool")
             i += len(m.group(1))
             continue

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
 from unittest import mock
 
 import helm_python as helm
@@ -151,7 +150,7 @@ def _parse(doc: dict, container: dict, docs: list[dict]):
 
 
 def test_every_container_parses_with_its_services_own_parser(rendered):
-    name, docs = rendered
+    _name, docs = rendered
     seen = set()
     for doc, container in k8s.vita_containers(docs):
         part = k8s.component(doc)
@@ -376,8 +375,16 @@ def test_make_images_says_in_one_line_that_it_cannot_build_here():
 def test_readme_install_section_uses_the_charts_values():
     readme = (k8s.ROOT / "README.md").read_text()
     assert "helm install" in readme and "examples/production.yaml" in readme
-    for key in re.findall(r"--set ([a-zA-Z.]+)=", readme):
-        node = yaml.safe_load((Path(k8s.VITA_CHART) / "values.yaml").read_text())
+    charts = [yaml.safe_load((chart / "values.yaml").read_text()) for chart in (k8s.VITA_CHART, k8s.TRAINING_CHART)]
+
+    def has(node: dict, key: str) -> bool:
         for part in key.split("."):
-            assert part in node, f"README sets {key}, which values.yaml does not have"
+            if not isinstance(node, dict) or part not in node:
+                return False
             node = node[part]
+        return True
+
+    keys = re.findall(r"--set ([a-zA-Z.]+)=", readme)
+    assert keys
+    for key in keys:
+        assert any(has(values, key) for values in charts), f"README sets {key}, which neither chart's values have"
