@@ -38,6 +38,8 @@ def setup(service: str, args: argparse.Namespace) -> tuple[Redis, BusConfig, Met
                     backlog_limits=dict.fromkeys(BusConfig().backlog_limits, args.backlog_limit))
     metrics = Metrics()
     serve_metrics(metrics, args.metrics_port, host=args.host)
-    # No read timeout: blocking reads (XREAD BLOCK up to --token-timeout) would otherwise end after redis-py 8's
-    # 5 s default socket timeout with a TimeoutError whenever a pool is slow to answer.
-    return Redis.from_url(args.redis, socket_timeout=None, socket_connect_timeout=5), bus, metrics
+    # Blocking reads (XREAD BLOCK up to --token-timeout / --encode-timeout) must outlast the socket's read timeout:
+    # redis-py 8's 5 s default cut them with a TimeoutError whenever a pool was slow to answer. (None, "no
+    # timeout", stopped encoder workers from reclaiming a dead worker's jobs in tests/integration/test_encoders.py.)
+    longest_block_s = max(60.0, getattr(args, "token_timeout", 0.0), getattr(args, "encode_timeout", 0.0))
+    return Redis.from_url(args.redis, socket_timeout=longest_block_s + 30, socket_connect_timeout=5), bus, metrics
