@@ -9,12 +9,15 @@ import functools
 import io
 import math
 import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+from av.audio.stream import AudioStream
+from av.container import InputContainer
 
 from vita.errors import InvalidInputError
 from vita.model.config import AudioConfig
@@ -187,23 +190,63 @@ def _wav_samples(body: bytes, tag: int, channels: int, bits: int) -> torch.Tenso
 
 
 def _decode_with_av(data: bytes) -> tuple[torch.Tensor, int]:
-    """Compressed containers (mp3, ogg, flac, ...): decode the first audio stream to planar float."""
+    """Compressed containers (mp3, aac, ogg, flac, ...): the first audio stream as (channels, samples), one rate.
+
+    Streams may change channel layout, sample format or rate mid-file (files joined as bytes, radio streams):
+    as the `ffmpeg` tool does, every frame is converted by libswresample to float at one rate (the first
+    frame's), and a new converter is set up whenever the input changes, since one only takes the input it was
+    built for. Where the layout changes, the channels are averaged (the downmix `load_audio` applies anyway),
+    so the result is one channel. Packets the decoder rejects (a tag or junk between joined files) are
+    skipped, as the `ffmpeg` tool skips them; a file in which none decodes is an error.
+    """
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.audio:
                 raise InvalidInputError("the file holds no audio stream")
             stream = container.streams.audio[0]
-            to_float = av.AudioResampler(format="fltp")  # keeps the rate and the channel layout
-            chunks = [
-                f.to_ndarray() for frame in container.decode(stream) for f in to_float.resample(frame)
-            ]
-            chunks += [f.to_ndarray() for f in to_float.resample(None)]
-            rate = stream.rate
+            chunks, rate = _float_chunks(_decoded_frames(container, stream))
     except av.FFmpegError as e:
         raise InvalidInputError(f"could not decode audio: not WAV, and FFmpeg says: {e}") from None
     if not chunks:
         raise InvalidInputError("audio is empty")
+    if len({c.shape[0] for c in chunks}) > 1:
+        chunks = [c.mean(axis=0, keepdims=True) for c in chunks]
     return torch.from_numpy(np.concatenate(chunks, axis=1)), rate
+
+
+def _decoded_frames(container: InputContainer, stream: AudioStream) -> Iterator[av.AudioFrame]:
+    """The stream's frames; a packet the decoder rejects is skipped unless no packet decodes at all."""
+    error: av.FFmpegError | None = None
+    decoded = False
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except av.InvalidDataError as e:
+            error = error or e
+            continue
+        decoded = decoded or bool(frames)
+        yield from frames
+    if error is not None and not decoded:
+        raise error
+
+
+def _float_chunks(frames: Iterable[av.AudioFrame]) -> tuple[list[np.ndarray], int]:
+    """(channels, n) float32 arrays at the first frame's rate, and that rate (0 when there are no frames)."""
+    chunks: list[np.ndarray] = []
+    rate = 0
+    converter, source = None, None
+    for frame in frames:
+        setup = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if setup != source:
+            if converter is not None:
+                chunks += [f.to_ndarray() for f in converter.resample(None)]
+            rate = rate or frame.sample_rate
+            converter = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=rate)
+            source = setup
+        chunks += [f.to_ndarray() for f in converter.resample(frame)]
+    if converter is not None:
+        chunks += [f.to_ndarray() for f in converter.resample(None)]
+    return [c for c in chunks if c.size], rate
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -57,11 +57,16 @@ def sample_timestamps(duration_s: float) -> list[float]:
 
 
 def decode_video(source: bytes | str | Path) -> VideoClip:
-    """Decodes a video file once, front to back; only the (at most 16) kept frames are converted to RGB."""
+    """Decodes a video file once, front to back; only the (at most 16) kept frames are converted to RGB.
+
+    The span sampled is the video stream's own: its duration when the stream states one, else the first packet's
+    start to the last one's end (a container's duration may come from a longer audio track). Frames without
+    timestamps (raw H.264/HEVC/MPEG-4 elementary streams) are timed by the stream's frame rate.
+    """
     try:
         with _open(source) as container:
             stream = _video_stream(container)
-            duration = _metadata_duration(container, stream)
+            duration = _stream_duration(stream)
             if duration is not None:
                 return _sample(container, stream, duration)
             duration = _packet_duration(container, stream)
@@ -118,25 +123,45 @@ def _video_stream(container: InputContainer) -> VideoStream:
     return stream
 
 
-def _metadata_duration(container: InputContainer, stream: VideoStream) -> float | None:
-    """The video stream's own duration first: the container's may include a longer audio track."""
+def _stream_duration(stream: VideoStream) -> float | None:
+    """The video stream's own duration, if its header states one (MP4/MOV do; Matroska, WebM and raw streams
+    do not). Never the container's: that is the longest stream's, often an audio track that outlasts the video."""
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
-    if container.duration:
-        return container.duration / av.time_base
     return None
 
 
 def _packet_duration(container: InputContainer, stream: VideoStream) -> float:
-    """From the first packet's start to the last one's end, for raw streams that carry no duration."""
+    """The video packets' span: from the first one's start to the last one's end.
+
+    Raw elementary streams carry no timestamps at all: there the packets' durations add up, or failing those
+    the packet count is divided by the frame rate.
+    """
     start, end = math.inf, -math.inf
+    untimed, untimed_s = 0, 0.0
     for packet in container.demux(stream):
+        if packet.size == 0:  # the demuxer's end-of-stream marker
+            continue
         if packet.pts is not None:
             start = min(start, packet.pts)
             end = max(end, packet.pts + (packet.duration or 0))
-    if end < start:
+        else:
+            untimed += 1
+            untimed_s += float((packet.duration or 0) * stream.time_base) if stream.time_base else 0.0
+    if end >= start:
+        return float((end - start) * stream.time_base)
+    if not untimed:
         raise InvalidInputError("video has no frames")
-    return float((end - start) * stream.time_base)
+    return untimed_s or untimed * _frame_period(stream)
+
+
+def _frame_period(stream: VideoStream) -> float:
+    """Seconds per frame at the frame rate FFmpeg guesses (a raw H.264 stream's VUI timing, else the stated or
+    the demuxer's default rate), for frames that carry neither a timestamp nor a duration."""
+    rate = stream.guessed_rate or stream.average_rate or stream.base_rate
+    if not rate or rate <= 0:
+        raise InvalidInputError("video frames have no timestamps and the stream states no frame rate")
+    return float(1 / rate)
 
 
 def _sample(container: InputContainer, stream: VideoStream, duration: float) -> VideoClip:
@@ -148,13 +173,23 @@ def _sample(container: InputContainer, stream: VideoStream, duration: float) -> 
 def _timed_frames(
     container: InputContainer, stream: VideoStream
 ) -> Iterator[tuple[float, av.VideoFrame]]:
-    """Frames with times relative to the first one: streams often start at a non-zero pts (e.g. MPEG-TS)."""
+    """Frames with times relative to the first one: streams often start at a non-zero pts (e.g. MPEG-TS).
+
+    A frame without a timestamp (raw elementary streams) starts where the previous one ends: after that frame's
+    duration, or one period of the frame rate.
+    """
     origin = None
+    time: float | None = None
+    period: float | None = None  # the previous frame's duration, when it states one
     for frame in container.decode(stream):
-        if frame.time is None:
-            raise InvalidInputError("video frame has no timestamp")
-        origin = frame.time if origin is None else origin
-        yield frame.time - origin, frame
+        if frame.time is not None:
+            origin = frame.time if origin is None else origin
+            time = frame.time - origin
+        else:
+            time = 0.0 if time is None else time + (period or _frame_period(stream))
+        duration = getattr(frame, "duration", None)
+        period = float(duration * frame.time_base) if duration and frame.time_base else None
+        yield time, frame
 
 
 def _upright(frame: av.VideoFrame) -> Image.Image:
