@@ -4,7 +4,7 @@ The duplex assistant sends every speech segment to a "monitor" request whose fir
 judgement (MISSION.md, "Prompt format"): `<1>` a question for the assistant, whose answer follows; `<2>` speech that
 is not for it (someone talking to someone else, background talk, noise), followed directly by `</s>`.
 
-Each training sample is the prompt the serving side builds, made by the same functions (`with_placeholders`,
+Each training sample is the prompt the serving side builds, made by the same functions (`Message.user`,
 `encode_prompt`, no custom system prompt): 0 to 2 earlier turns (a typed or spoken question and its answer, which
 may have been cut off mid-way), sometimes an image, then the user turn `<audio>` (or `<image>\\n<audio>`). The target
 after `bot:` is `<1>` + ANSWER + `</s>` for query speech and `<2></s>` for anything else; the loss is on those tokens
@@ -52,9 +52,9 @@ from vita.model.tiny import build_tiny_checkpoint, vita_home
 from vita.model.vita import VitaForCausalLM
 from vita.processing.audio import fbank, num_audio_tokens
 from vita.processing.image import preprocess_image
-from vita.processing.processor import AudioInput, with_placeholders
+from vita.processing.processor import AudioInput
 from vita.processing.prompt import Message, StateToken, encode_prompt
-from vita.processing.tokenizer import AUDIO_TOKEN, VitaTokenizer
+from vita.processing.tokenizer import VitaTokenizer
 
 log = logging.getLogger("training.duplex")
 
@@ -166,10 +166,10 @@ class DuplexData:
         messages, audios, images = [], [], []
         for _ in range(n):
             if self.rng.random() < self.config.p_spoken_history:
-                content = AUDIO_TOKEN
+                question = Message.user(audios=1)
                 audios.append(self.query_audio())
             else:
-                content = self._pick(TEXT_QUESTIONS)
+                question = Message.user(self._pick(TEXT_QUESTIONS))
             roll = self.rng.random()
             if roll < 0.2:
                 answer = self.config.answer
@@ -177,10 +177,9 @@ class DuplexData:
                 answer = self.config.answer[: int(self.rng.integers(0, len(self.config.answer)))].rstrip()
             else:
                 answer = self._pick(SHORT_ANSWERS)
-            messages += [Message("user", content), Message("bot", answer)]
+            messages += [question, Message("bot", answer)]
         if messages and n_images:  # the image came with the last earlier question
-            content = messages[-2].content
-            messages[-2] = Message("user", with_placeholders(content, images=1, videos=0, audios=0))
+            messages[-2] = Message("user", messages[-2].content, ("image", *messages[-2].media))
             images.append(int(self.rng.integers(self.config.n_images)))
         return messages, audios, images
 
@@ -195,8 +194,7 @@ class DuplexData:
         else:
             image_now = 0
         audios.append(self.query_audio() if query else self.other_audio())
-        content = with_placeholders("", images=image_now, videos=0, audios=1)
-        messages.append(Message("user", content))
+        messages.append(Message.user(images=image_now, audios=1))
         prompt = encode_prompt(
             self.tokenizer, messages, audio_question=True,
             image_tokens=[self.tokens_per_tile] * len(images),
@@ -376,14 +374,12 @@ def _audio(waveform: AudioInput | np.ndarray | Tensor) -> AudioInput:
 
 def monitor_inputs(waveform: AudioInput | np.ndarray | Tensor, history: Sequence[Message] = (),
                    image: Image.Image | None = None, history_audio: Sequence = ()) -> dict:
-    """The processor arguments of a monitor request: the user turn is `with_placeholders("", images=0 or 1,
-    videos=0, audios=1)` (`<audio>` or `<image>\n<audio>`) after `history`, whose `<audio>` turns take
-    `history_audio` in order; system prompt None, so `encode_prompt` picks the spoken-question one."""
+    """The processor arguments of a monitor request: the user turn is `Message.user(images=0 or 1, audios=1)`
+    (`<audio>` or `<image>\n<audio>`) after `history`, whose audio turns take `history_audio` in order (the
+    processor gives the history's placeholders their media first); system prompt None, so `encode_prompt` picks
+    the spoken-question one."""
     audio = [*map(_audio, history_audio), _audio(waveform)]
-    # With earlier clips the current turn must name its own `<audio>`, or the processor would put them all there;
-    # with_placeholders leaves a placed `<audio>` alone, so the turn's text is the same either way.
-    return dict(text=AUDIO_TOKEN if history_audio else "", images=[image] if image is not None else (),
-                audio=audio, history=tuple(history))
+    return dict(text="", images=[image] if image is not None else (), audio=audio, history=tuple(history))
 
 
 def judge(pipeline_or_model: VitaPipeline | VitaForCausalLM, tokenizer: VitaTokenizer | None,

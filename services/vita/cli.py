@@ -1,14 +1,31 @@
-"""The `vita` command line: model inspection, local generation and (later) the services."""
+"""The `vita` command line: model inspection, local generation, the services and their clients.
+
+No command ends in a traceback: every failure is one line on stderr and one of the exit statuses in `EXIT_STATUSES`
+(shown by `vita --help`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 import grpc
 
 from vita.errors import VitaError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_STATUSES = f"""exit status:
+  {EXIT_OK}    success
+  {EXIT_FAILED}    the request failed where it ran: the server answered with an error status (printed as
+       CODE: message), a service could not be started or stopped, an operating-system error
+  {EXIT_USAGE}    bad input: a wrong flag or value, a file that is missing or unreadable, media that cannot be
+       decoded, text that is not valid UTF-8, a model directory that does not load
+  {EXIT_INTERNAL}    an internal error (a bug): one line; set VITA_TRACEBACK=1 to print the traceback
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
 
 
 def _model_info(args: argparse.Namespace) -> None:
@@ -120,12 +137,13 @@ def _converse(args: argparse.Namespace) -> None:
     from vita.processing.audio import load_audio
     from vita.timeline import Timeline
 
+    # Every file is read before the call opens: a bad one is a usage error, not a broken session.
     speech = [load_audio(path).numpy() for path in args.wav or []]
+    images = [image_event(image) for image in args.image or []]
 
     def events():
         yield session_config(session_id=args.session or "", resume=bool(args.session), max_tokens=args.max_tokens)
-        for image in args.image or []:
-            yield image_event(image)
+        yield from images
         for samples in speech:
             yield from speech_events(samples, realtime=not args.fast)
         for text in args.text or []:
@@ -144,10 +162,63 @@ def _eval(args: argparse.Namespace) -> None:
     run_eval(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (naming the command and where to read its flags), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _text(value: str) -> str:
+    """Text flags: Python hands bytes that are not UTF-8 over as lone surrogates; refuse them by name."""
+    try:
+        value.encode()
+    except UnicodeEncodeError as e:
+        char = ord(value[e.start])
+        byte = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"U+{char:04X}"
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 ({byte} at character {e.start}); pass UTF-8 text") from None
+    return value
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{number} is outside [{low}, {high}]")
+        return number
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _float_in(low: float, high: float, *, open_low: bool = False) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        if not (low < number if open_low else low <= number) or not number <= high:
+            raise argparse.ArgumentTypeError(f"{number} is outside {'(' if open_low else '['}{low}, {high}]")
+        return number
+
+    parse.__name__ = "number"
+    return parse
+
+
+_INT32 = 2**31 - 1
+_TOKENS = _int_in(1, _INT32)
+_TEMPERATURE = _float_in(0.0, 100.0)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vita",
         description="VITA-style omni-modal LLM: inspect models, generate locally, run the services.",
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -157,27 +228,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-tiny", help="write a tiny random-weight model + tokenizer directory for local runs")
     p.add_argument("--output", default=None, help="directory (default: $VITA_HOME/models/tiny)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing directory")
     p.set_defaults(func=_init_tiny)
 
     p = sub.add_parser("generate", help="one multimodal generation in this process, streamed to stdout",
                        description="Run one request through the model in-process and stream the answer. "
-                                   "Placeholders are added for media the text does not mention.")
+                                   "Media go before the text; the text is taken as typed (`<image>` or `<1>` in "
+                                   "it are just characters).")
     p.add_argument("--model", default=None,
                    help="model directory (ours or a Hugging Face Mixtral one); default: the tiny model, "
                         "created on first use")
-    p.add_argument("--text", help="the question or instruction")
+    p.add_argument("--text", type=_text, help="the question or instruction (UTF-8)")
     p.add_argument("--image", action="append", help="image file (repeatable); tiled dynamically")
     p.add_argument("--video", help="video file; sampled by the video rule, one tile per frame")
     p.add_argument("--audio", action="append", help="audio file (wav; repeatable): a spoken question")
-    p.add_argument("--system", help="system prompt override")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--system", type=_text, help="system prompt override")
+    p.add_argument("--max-tokens", type=_TOKENS, default=64)
+    p.add_argument("--temperature", type=_TEMPERATURE, default=0.0, help="0 means greedy")
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0, open_low=True), default=1.0)
+    p.add_argument("--top-k", type=_int_in(0, _INT32), default=0)
+    p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=None)
+    p.add_argument("--threads", type=_int_in(1, 1024), default=None,
+                   help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("serve", help="run one service (audio-encoder, vision-encoder, llm, orchestrator)",
@@ -189,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="start Redis (if needed) and every service locally, in the background")
     p.add_argument("--model", default=None, help="model directory (default: the tiny model)")
     p.add_argument("--redis", default="redis://127.0.0.1:6379/0")
-    p.add_argument("--port", type=int, default=50051, help="the orchestrator's (public API) port")
+    p.add_argument("--port", type=_int_in(1, 65535), default=50051, help="the orchestrator's (public API) port")
     p.set_defaults(func=_up)
 
     p = sub.add_parser("down", help="stop the stack `vita up` started")
@@ -197,12 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ask", help="send one request to a running stack and stream the answer")
     p.add_argument("--target", default="127.0.0.1:50051", help="orchestrator address")
-    p.add_argument("--text")
+    p.add_argument("--text", type=_text, help="the question or instruction (UTF-8)")
     p.add_argument("--image", action="append", help="image file (repeatable)")
     p.add_argument("--video", help="video file")
     p.add_argument("--audio", action="append", help="WAV file (repeatable)")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-tokens", type=_TOKENS, default=64)
+    p.add_argument("--temperature", type=_TEMPERATURE, default=0.0)
     p.set_defaults(func=_ask)
 
     p = sub.add_parser("converse", help="a duplex voice session with a running stack: stream WAV files as a "
@@ -213,9 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="127.0.0.1:50051", help="orchestrator address")
     p.add_argument("--wav", action="append", help="speech to stream (repeatable; any rate, resampled)")
     p.add_argument("--image", action="append", help="image for the next answered turn (repeatable)")
-    p.add_argument("--text", action="append", help="a typed message, sent after the speech (repeatable)")
+    p.add_argument("--text", action="append", type=_text, help="a typed message, sent after the speech (repeatable)")
     p.add_argument("--session", help="resume this session id instead of starting a new one")
-    p.add_argument("--max-tokens", type=int, default=0, help="per answer (0: the server default)")
+    p.add_argument("--max-tokens", type=_int_in(0, _INT32), default=0, help="per answer (0: the server default)")
     p.add_argument("--fast", action="store_true", help="send audio as fast as possible, not in real time")
     p.set_defaults(func=_converse)
 
@@ -227,30 +300,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("benchmark", choices=NAMES)
     p.add_argument("--model", default=None, help="model directory (default: the tiny model)")
     p.add_argument("--data", required=True, help="the benchmark's local copy (file or directory)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions (curriculum: N per manifest)")
+    p.add_argument("--limit", type=_int_in(1, _INT32), default=None, help="only the first N questions (curriculum: N per manifest)")
     p.add_argument("--output", default=None, help="write metrics and every answer to this JSON file")
-    p.add_argument("--max-tokens", type=int, default=None, help="cap on each answer's length")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-tokens", type=_TOKENS, default=None, help="cap on each answer's length")
+    p.add_argument("--threads", type=_int_in(1, 1024), default=None, help="torch CPU threads")
     p.set_defaults(func=_eval)
+    for command in sub.choices.values():
+        command.epilog = ("exit status: 0 success, 1 the request failed where it ran, 2 bad input, 3 internal "
+                          "error, 130 interrupted (details: vita --help)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Runs one command; returns its exit status (see EXIT_STATUSES). Usage errors exit from argparse with 2."""
+    command = "vita"
+
+    def fail(status: int, message: object) -> int:
+        print(f"{command}: error: {_one_line(message)}", file=sys.stderr)
+        return status
+
     try:
+        args = build_parser().parse_args(argv)
+        command = f"vita {args.command}"
         args.func(args)
     except VitaError as e:
-        print(f"vita {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"vita {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return fail(EXIT_USAGE, e)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        return fail(EXIT_USAGE, f"{e.strerror}: {e.filename}" if e.filename else e)
     except grpc.RpcError as e:
-        print(f"vita {args.command}: error: {e.code().name}: {e.details()}", file=sys.stderr)
-        return 1
+        return fail(EXIT_FAILED, f"{e.code().name}: {e.details()}")
+    except BrokenPipeError:  # the reader went away (`vita generate ... | head -1`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except OSError as e:
+        return fail(EXIT_FAILED, e)
     except KeyboardInterrupt:
-        return 130
-    return 0
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a bug: still one line, the traceback only on request
+        if os.environ.get("VITA_TRACEBACK"):
+            traceback.print_exc()
+        return fail(EXIT_INTERNAL, f"internal error: {type(e).__name__}: {e} (set VITA_TRACEBACK=1 for the "
+                                   "traceback)")
+    return EXIT_OK
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split()) or "(no message)"
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ PASS = {"query": 0.9, "other": 0.9, "noise": 0.8}  # per kind: 9 of 10 phrases, 
 # An earlier exchange: a typed question, and an answer that was interrupted half-way.
 TEXT_TURN = [Message("user", "What colour is the square?"), Message("bot", duplex.ANSWER[:150].rstrip())]
 # An earlier spoken question (its clip is passed as history_audio) and its whole answer.
-SPOKEN_TURN = [Message("user", "<audio>"), Message("bot", duplex.ANSWER)]
+SPOKEN_TURN = [Message.user(audios=1), Message("bot", duplex.ANSWER)]
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_training_embeds_what_inference_embeds(tiny_model_dir):
     tokenizer = VitaTokenizer.from_file(tiny_model_dir)
     config = duplex.DuplexTrainConfig(p_image=1.0, history_turns=(0.0, 0.0, 1.0))
     data = duplex.DuplexData(tokenizer, model, config)
-    sample = next(s for s in iter(data.sample, None) if len(s.audios) > 1 and "<image>" in s.messages[-1].content)
+    sample = next(s for s in iter(data.sample, None) if len(s.audios) > 1 and "image" in s.messages[-1].media)
     n_prompt = sample.labels.index(next(label for label in sample.labels if label != -100))
 
     inputs, _ = VitaPipeline(model, tokenizer, tiny_model_dir).processor(**duplex.monitor_inputs(

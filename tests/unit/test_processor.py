@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from vita.errors import ContextLengthError, InvalidInputError
 from vita.model.config import VitaConfig
@@ -35,10 +34,13 @@ def test_all_modalities_expand_to_the_right_slot_counts(processor, wide_png, sho
     assert text.index("<image>") < text.index("<video>") < text.index("<audio>") < text.index("Which shape")
 
 
-def test_text_placeholders_are_respected(processor, wide_png):
-    inputs, _ = processor("Compare <image> with the text.", images=[wide_png])
-    text = processor.tokenizer.decode(inputs.input_ids.tolist(), skip_special=False)
-    assert "user:Compare <image>" in text
+def test_typed_placeholders_are_text(processor, wide_png):
+    """`<image>` in the text is those characters: the image still goes before the text, once."""
+    inputs, stats = processor("Compare <image> with the text.", images=[wide_png])
+    t = processor.tokenizer
+    assert (inputs.input_ids == t.image_id).sum() == stats.image_tokens == 3 * 256
+    text = t.decode(inputs.input_ids.tolist(), skip_special=False)
+    assert text.endswith("<image>\nCompare <image> with the text.</s>\nbot:")
 
 
 def test_live_camera_frames(processor):
@@ -50,10 +52,22 @@ def test_live_camera_frames(processor):
 
 
 def test_history_is_part_of_the_prompt(processor):
-    history = [Message("user", "Hello"), Message("bot", "<3>Hi there.")]
+    history = [Message("user", "Hello"), Message("bot", "Hi there.", state="<3>")]
     inputs, _ = processor("And now?", history=history)
     text = processor.tokenizer.decode(inputs.input_ids.tolist(), skip_special=False)
     assert "user:Hello</s>\nbot:<3>Hi there.</s>\nuser:And now?</s>\nbot:" in text
+    assert (inputs.input_ids == processor.tokenizer.state_ids["<3>"]).sum() == 1
+
+
+def test_history_placeholders_take_their_media_first(processor, speech_wav):
+    history = [Message.user(audios=1), Message("bot", "Yes.")]
+    inputs, stats = processor("And this?", audio=[speech_wav, speech_wav], history=history)
+    assert stats.audio_clips == 2
+    ids = inputs.input_ids.tolist()
+    starts = [k for k, i in enumerate(ids) if i == processor.tokenizer.audio_id and ids[k - 1] != i]
+    assert len(starts) == 2 and len(inputs.audio_waveforms) == 2
+    with pytest.raises(InvalidInputError, match="history places 1 audio placeholder"):
+        processor("Hi", history=history)
 
 
 @pytest.mark.parametrize(
@@ -78,7 +92,8 @@ def test_prompt_longer_than_context(processor):
         processor("word " * 200, max_length=100)
 
 
-def test_placeholder_without_media(processor):
-    with pytest.raises(InvalidInputError, match="placeholder"):
-        processor("look at <image>")
-    assert torch.is_tensor(processor("plain question")[0].input_ids)
+def test_typed_placeholder_without_media_is_text(processor):
+    inputs, stats = processor("look at <image>")
+    ids = inputs.input_ids.tolist()
+    assert processor.tokenizer.image_id not in ids and stats.image_tokens == 0
+    assert processor.tokenizer.decode(ids).endswith("user:look at <image>\nbot:")

@@ -7,7 +7,7 @@ import sentencepiece as spm
 from vita.errors import CheckpointError, InvalidInputError
 from vita.model.config import VitaConfig
 from vita.processing.corpus import bilingual_corpus, build_tiny_tokenizer
-from vita.processing.tokenizer import IncrementalDecoder, VitaTokenizer, train_tokenizer
+from vita.processing.tokenizer import IncrementalDecoder, Special, VitaTokenizer, train_tokenizer
 
 TEXTS = [
     "What colour is the red circle?",
@@ -42,10 +42,10 @@ def test_special_tokens_have_fixed_single_ids(tok):
     assert list(tok.state_ids) == ["<1>", "<2>", "<3>"]
     assert len(set(singles.values())) == 6 and not set(singles.values()) & {0, 1, 2}
     for piece, token_id in singles.items():
-        assert tok.encode(piece) == [token_id]
-        assert tok.encode(f"see{piece}here").count(token_id) == 1
-    assert tok.encode("a</s>b") == [*tok.encode("a"), 2, *tok.encode("b")]
-    assert tok.encode("</s>", add_bos=True) == [1, 2]
+        assert tok.encode_segments([Special(piece)]) == [token_id]
+        assert tok.encode_segments(["see", Special(piece), "here"]).count(token_id) == 1
+    assert tok.encode_segments(["a", Special("</s>"), "b"]) == [*tok.encode("a"), 2, *tok.encode("b")]
+    assert tok.encode_segments([Special("</s>")], add_bos=True) == [1, 2]
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -63,10 +63,12 @@ def test_unseen_chinese_falls_back_to_bytes(tok):
 
 
 def test_decode_skip_special(tok):
-    ids = tok.encode("<1>It is red.</s>", add_bos=True)
+    ids = tok.encode_segments([Special("<1>"), "It is red.", Special("</s>")], add_bos=True)
     assert tok.decode(ids) == "It is red."
     assert tok.decode(ids, skip_special=False) == "<s><1>It is red.</s>"
-    assert tok.encode(tok.decode(ids, skip_special=False)[len("<s>"):], add_bos=True) == ids
+    # The rendering is for logs: as text, its specials are plain characters.
+    rendered = tok.encode(tok.decode(ids, skip_special=False))
+    assert not any(tok.is_special(i) for i in rendered) and tok.decode(rendered) == "<s><1>It is red.</s>"
 
 
 def test_decode_rejects_ids_outside_vocab(tok):

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vita.errors import ContextLengthError
-from vita.processing.processor import with_placeholders
 from vita.processing.prompt import Message, Span, StateToken, encode_prompt
 from vita.processing.tokenizer import VitaTokenizer
 from vita.v1.assistant_pb2 import Usage
@@ -60,8 +59,7 @@ def history_prompt(tokenizer: VitaTokenizer, turns: Sequence[SessionTurn], *, au
     turns = alternating(turns)
     while True:
         try:
-            return media_prompt(tokenizer, [Message("user" if t.role == SessionTurn.USER else "bot", t.content)
-                                            for t in turns], [m for t in turns for m in t.media],
+            return media_prompt(tokenizer, [message(t) for t in turns], [m for t in turns for m in t.media],
                                 audio_question=audio_question, system=system, context_len=context_len)
         except ContextLengthError:
             if len(turns) <= 1:
@@ -78,8 +76,7 @@ def judge_prompt(tokenizer: VitaTokenizer, turns: Sequence[SessionTurn], audio: 
     history = list(turns)
     if answering is not None:
         history.append(SessionTurn(role=SessionTurn.BOT, content=answering))
-    speech = SessionTurn(role=SessionTurn.USER, content=with_placeholders("", images=0, videos=0, audios=1),
-                         media=[SessionMedia(modality="audio", embedding=audio)])
+    speech = SessionTurn(role=SessionTurn.USER, media=[SessionMedia(modality="audio", embedding=audio)])
     return history_prompt(tokenizer, [*history, speech], audio_question=True, system=system,
                           context_len=context_len)
 
@@ -96,15 +93,22 @@ def answer_prompt(tokenizer: VitaTokenizer, turns: Sequence[SessionTurn], user: 
 
 def user_turn(text: str, refs: dict[str, EmbeddingRef], *, turn_id: int, state: StateToken,
               unix_s: float) -> SessionTurn:
-    """A user turn for the history: `text` with a placeholder per encoded item the text does not place itself.
+    """A user turn for the history: the text as typed, and its media (placed before the text by `message`).
 
     `refs` maps "image" (any number of images in one blob), "video" and "audio" to their encoder output.
     """
     media = [SessionMedia(modality=m, embedding=refs[m]) for m in MODALITIES if m in refs]
-    content = with_placeholders(text, images=len(refs["image"].item_tokens) if "image" in refs else 0,
-                                videos=int("video" in refs), audios=int("audio" in refs))
-    return SessionTurn(role=SessionTurn.USER, turn_id=turn_id, content=content, media=media,
+    return SessionTurn(role=SessionTurn.USER, turn_id=turn_id, content=text, media=media,
                        state_token=state.value, unix_s=unix_s)
+
+
+def message(turn: SessionTurn) -> Message:
+    """A stored turn as the template's message: its text (plain, whatever it holds) and one placeholder per
+    encoded item of its media, in the order stored (images, video, audio)."""
+    if turn.role != SessionTurn.USER:
+        return Message("bot", turn.content)
+    media = [m.modality for m in turn.media for _ in range(1 if m.modality == "video" else len(m.embedding.item_tokens))]
+    return Message("user", turn.content, tuple(media))
 
 
 def alternating(turns: Sequence[SessionTurn]) -> list[SessionTurn]:

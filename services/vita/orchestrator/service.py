@@ -26,7 +26,6 @@ from vita.orchestrator.converse import ConverseCall
 from vita.orchestrator.pools import JobFailed, PoolClient
 from vita.orchestrator.prompts import media_prompt
 from vita.orchestrator.sessions import SessionStore
-from vita.processing.processor import with_placeholders
 from vita.processing.prompt import Message
 from vita.processing.tokenizer import VitaTokenizer
 from vita.telemetry.metrics import Metrics
@@ -111,10 +110,9 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
                                        video=request.video if video else None, audio=request.audio)
         encode_s = time.perf_counter() - start
 
-        content = with_placeholders(request.text, images=len(request.images), videos=video,
-                                    audios=len(request.audio))
+        user = Message.user(request.text, images=len(request.images), videos=video, audios=len(request.audio))
         prompt = media_prompt(
-            self.tokenizer, [Message("user", content)], [SessionMedia(modality=m, embedding=r) for m, r in refs.items()],
+            self.tokenizer, [user], [SessionMedia(modality=m, embedding=r) for m, r in refs.items()],
             audio_question=bool(request.audio), context_len=self.pools.context_len,
             system=request.system_prompt if request.HasField("system_prompt") else None)
         sampling = type(request.sampling)()

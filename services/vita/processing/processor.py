@@ -1,11 +1,13 @@
 """Turns one request (text, images, a video, spoken questions, history) into ids plus media tensors for the model.
 
-Media the text does not place with a placeholder go before the text, in the order given, so a caller can send
-plain text plus attachments and still get VITA's prompt layout.
+Media go before the text, in VITA's layout: images, the video, then spoken questions. The text is plain text: a
+`<image>` or `<1>` typed in it stays those characters (see `processing.prompt`). `images` and `audio` may also hold
+the media of `history` turns, in prompt order: the history's placeholders take theirs first, the new turn the rest.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from vita.model.vita import MultimodalInputs, SlotIds
 from vita.processing.audio import load_audio, num_audio_tokens
 from vita.processing.image import preprocess_image
 from vita.processing.prompt import Message, encode_prompt
-from vita.processing.tokenizer import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN, VitaTokenizer
+from vita.processing.tokenizer import VitaTokenizer
 from vita.processing.video import VideoClip, decode_video, sample_frames, video_to_pixel_values
 
 ImageInput = bytes | str | Path | Image.Image
@@ -90,9 +92,9 @@ class VitaProcessor:
         video_tokens = [video_pixels.shape[0] * tokens_per_tile] if video_pixels is not None else []
         audio_tokens = [num_audio_tokens(w.numel(), self.config.audio) for w in waveforms]
 
-        content = with_placeholders(text, images=len(images), videos=len(video_tokens), audios=len(audio))
+        user = _current_turn(text, history, images=len(images), videos=len(video_tokens), audios=len(audio))
         prompt = encode_prompt(
-            self.tokenizer, [*history, Message("user", content)], audio_question=bool(audio),
+            self.tokenizer, [*history, user], audio_question=bool(audio),
             image_tokens=image_tokens, video_tokens=video_tokens, audio_tokens=audio_tokens, system=system,
             max_length=max_length or self.config.llm.max_position_embeddings,
         )
@@ -137,10 +139,14 @@ class VitaProcessor:
             raise InvalidInputError(f"audio {k}: {e}") from None
 
 
-def with_placeholders(text: str, *, images: int, videos: int, audios: int) -> str:
-    """Prepends a placeholder per medium the text does not already place itself."""
-    prefix = ""
-    for token, n, sep in ((IMAGE_TOKEN, images, "\n"), (VIDEO_TOKEN, videos, "\n"), (AUDIO_TOKEN, audios, "")):
-        if n and token not in text:
-            prefix += (token + sep) * n
-    return prefix + text
+
+def _current_turn(text: str, history: Sequence[Message], **counts: int) -> Message:
+    """The new user turn: the media left after the history's placeholders took theirs, in prompt order."""
+    claimed = Counter(m for message in history for m in message.media)
+    left = {name: n - claimed[name.removesuffix("s")] for name, n in counts.items()}
+    short = [name for name, n in left.items() if n < 0]
+    if short:
+        name = short[0].removesuffix("s")
+        raise InvalidInputError(f"the history places {claimed[name]} {name} placeholder(s) but only "
+                                f"{counts[short[0]]} {name} input(s) are given")
+    return Message.user(text, **left)

@@ -1,7 +1,10 @@
 """VITA's prompt format: the turn template, system prompts per data type, state tokens, placeholder expansion.
 
-A prompt is built as text first (easy to log and to test as a string), then encoded; each `<image>`, `<video>`
-and `<audio>` id is then repeated once per encoder embedding, and the model overwrites those rows.
+A prompt is built as segments: text, and the special tokens only the template places (`</s>`, the `<image>`,
+`<video>`, `<audio>` placeholders, a bot turn's state token). Every piece of text, the user's, a system prompt's
+or an earlier answer's, is encoded as plain text, so a user who types `<1>` or `</s>` gets those characters, never
+the tokens. `render_prompt` writes the segments as one string for logs and tests. After encoding, each
+placeholder id is repeated once per encoder embedding, and the model overwrites those rows.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from enum import Enum, StrEnum
 from typing import Literal
 
 from vita.errors import ContextLengthError, InvalidInputError
-from vita.processing.tokenizer import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN, VitaTokenizer
+from vita.processing.tokenizer import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN, Segment, Special, VitaTokenizer
 
 EOS = "</s>"
 ROLES = ("user", "bot")
@@ -77,36 +80,55 @@ SYSTEM_PROMPTS = SystemPrompts()
 
 @dataclass(frozen=True)
 class Message:
-    """One turn; `content` may hold `<image>`, `<video>` and `<audio>` placeholders."""
+    """One turn. `content` is plain text: whatever it holds, it never encodes to a special token.
+
+    `media` are the turn's placeholders, in the order of its media, put before the text (each image and the
+    video on a line of its own, as VITA was trained); `state` is the state token a bot turn starts with
+    (training targets; served history leaves it out).
+    """
 
     role: Literal["user", "bot"]
-    content: str
+    content: str = ""
+    media: tuple[Modality, ...] = ()
+    state: StateToken | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise InvalidInputError(f"message role must be 'user' or 'bot', not {self.role!r}")
         if not isinstance(self.content, str):
             raise InvalidInputError(f"message content must be a string, not {type(self.content).__name__}")
+        object.__setattr__(self, "media", tuple(self.media))
+        unknown = [m for m in self.media if m not in PLACEHOLDERS]
+        if unknown:
+            raise InvalidInputError(f"unknown medium {unknown[0]!r}; use one of {', '.join(PLACEHOLDERS)}")
+        if self.state is not None:
+            if self.role != "bot" or self.state not in set(StateToken):
+                raise InvalidInputError(f"only a bot message starts with a state token ({', '.join(StateToken)}); "
+                                        f"got {self.state!r} on a {self.role} message")
+            object.__setattr__(self, "state", StateToken(self.state))
+            if self.state is StateToken.NOISY_AUDIO and self.content:
+                raise InvalidInputError("a noisy-audio answer must be empty: the model learns to stay silent")
+
+    @classmethod
+    def user(cls, text: str = "", *, images: int = 0, videos: int = 0, audios: int = 0) -> Message:
+        """A user turn with its media in VITA's order: images, then the video, then spoken questions."""
+        return cls("user", text, ("image",) * images + ("video",) * videos + ("audio",) * audios)
+
+    def segments(self) -> list[Segment]:
+        """`role:`, the placeholders, the state token, the text: what goes between two turn ends."""
+        out: list[Segment] = [f"{self.role}:"]
+        for modality in self.media:
+            out.append(Special(PLACEHOLDERS[modality]))
+            if modality != "audio":
+                out.append("\n")
+        if self.state is not None:
+            out.append(Special(self.state.value))
+        out.append(self.content)
+        return out
 
 
-def answer_text(state: StateToken, text: str = "") -> str:
-    """A training target for the bot turn: the state token, then the answer (none for noisy audio)."""
-    if state is StateToken.NOISY_AUDIO and text:
-        raise InvalidInputError("a noisy-audio answer must be empty: the model learns to stay silent")
-    return state.value + text
-
-
-def split_state(
-    answer: str | Sequence[int], tokenizer: VitaTokenizer | None = None
-) -> tuple[StateToken | None, str | list[int]]:
-    """Separates a generated answer's leading state token (text, or ids with `tokenizer`) from the rest."""
-    if isinstance(answer, str):
-        for state in StateToken:
-            if answer.startswith(state.value):
-                return state, answer[len(state.value):]
-        return None, answer
-    if tokenizer is None:
-        raise TypeError("split_state needs the tokenizer to read state tokens from ids")
+def split_state(answer: Sequence[int], tokenizer: VitaTokenizer) -> tuple[StateToken | None, list[int]]:
+    """Separates a generated answer's leading state token id from the rest of its ids."""
     ids = list(answer)
     states = {token_id: StateToken(piece) for piece, token_id in tokenizer.state_ids.items()}
     if ids and ids[0] in states:
@@ -121,25 +143,33 @@ def build_prompt(
     data_type: DataType,
     audio_question: bool,
     add_generation_prompt: bool = True,
-) -> str:
-    """`system:...</s>\\nuser:...</s>\\nbot:...</s>`, ending in `\\nbot:` when the model is to answer next."""
+) -> list[Segment]:
+    """`system:...</s>\\nuser:...</s>\\nbot:...</s>` as segments, ending in `\\nbot:` when the model is to answer.
+
+    The turn ends (and the placeholders and state tokens) are `Special` segments; all text, a `</s>` typed in
+    a message or a system prompt included, stays text.
+    """
     if not messages:
         raise InvalidInputError("the conversation has no messages")
     for k, message in enumerate(messages):
         if message.role != ROLES[k % 2]:
             raise InvalidInputError(f"message {k} has role {message.role!r}; turns must alternate user, bot, "
                                     "user, ... starting with user")
-        if EOS in message.content:
-            raise InvalidInputError(f"message {k} contains the end-of-turn marker {EOS!r}")
     if add_generation_prompt and messages[-1].role != "user":
         raise InvalidInputError("the last message must be the user's for the model to answer it")
     if system is None:
         system = SYSTEM_PROMPTS.select(data_type, audio_question=audio_question)
-    elif EOS in system:
-        raise InvalidInputError(f"the system prompt contains the end-of-turn marker {EOS!r}")
-    turns = [f"system:{system}"] + [f"{m.role}:{m.content}" for m in messages]
-    prompt = "".join(turn + EOS + "\n" for turn in turns)
-    return prompt + "bot:" if add_generation_prompt else prompt.removesuffix("\n")
+    turns: list[list[Segment]] = [[f"system:{system}"]] + [m.segments() for m in messages]
+    segments: list[Segment] = []
+    for k, turn in enumerate(turns):
+        segments += [*turn, Special(EOS)] + (["\n"] if k < len(turns) - 1 or add_generation_prompt else [])
+    return [*segments, "bot:"] if add_generation_prompt else segments
+
+
+def render_prompt(segments: Sequence[Segment]) -> str:
+    """The segments as one string, special tokens written as their pieces: for logs and tests only (encoding
+    this string would turn those pieces into plain text)."""
+    return "".join(s.piece if isinstance(s, Special) else s for s in segments)
 
 
 @dataclass(frozen=True)
@@ -213,9 +243,9 @@ def encode_prompt(
 ) -> ExpandedPrompt:
     """Template, encode with bos, expand; the data type follows the media (images first, then video)."""
     data_type = DataType.for_media(has_images=bool(image_tokens), has_video=bool(video_tokens))
-    text = build_prompt(messages, system=system, data_type=data_type, audio_question=audio_question,
-                        add_generation_prompt=add_generation_prompt)
-    prompt = expand_placeholders(tokenizer.encode(text, add_bos=True), image_tokens=image_tokens,
+    segments = build_prompt(messages, system=system, data_type=data_type, audio_question=audio_question,
+                            add_generation_prompt=add_generation_prompt)
+    prompt = expand_placeholders(tokenizer.encode_segments(segments, add_bos=True), image_tokens=image_tokens,
                                  video_tokens=video_tokens, audio_tokens=audio_tokens, tokenizer=tokenizer)
     if max_length is not None and len(prompt.input_ids) > max_length:
         media = ", ".join(_count(len(sizes), m) for m, sizes in

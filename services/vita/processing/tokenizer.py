@@ -1,14 +1,16 @@
 """SentencePiece tokenizer with VITA's special tokens, streaming detokenisation and training from plain text.
 
-Ids follow Llama/Mixtral: `<unk>` 0, `<s>` 1, `</s>` 2. The media placeholders and state tokens are user-defined
-symbols, so each is one id wherever it appears in text; `</s>` is a control symbol that SentencePiece never
-produces from text, so `encode` splits on it to let prompt templates write turn ends as plain text.
+Ids follow Llama/Mixtral: `<unk>` 0, `<s>` 1, `</s>` 2; the media placeholders and state tokens are single ids.
+Text never becomes a special id: `encode` turns a typed `<1>`, `<image>` or `</s>` into the ordinary pieces of
+its characters, so no user can forge the state tokens the duplex judgement relies on, a turn end, or a media
+slot. Only a prompt template places special tokens, as `Special` segments given to `encode_segments`.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
@@ -21,6 +23,16 @@ VIDEO_TOKEN = "<video>"
 AUDIO_TOKEN = "<audio>"
 STATE_TOKENS = ("<1>", "<2>", "<3>")
 USER_DEFINED_SYMBOLS = (IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN, *STATE_TOKENS)
+
+
+@dataclass(frozen=True)
+class Special:
+    """A special token a prompt template places by id (`</s>`, `<image>`, `<3>`, ...); text never yields one."""
+
+    piece: str
+
+
+Segment = str | Special
 
 
 class VitaTokenizer:
@@ -38,6 +50,12 @@ class VitaTokenizer:
         self._eos_piece = self._sp.id_to_piece(self._sp.eos_id())
         self._control_ids = frozenset(i for i in range(self.vocab_size) if self._sp.is_control(i))
         self._special_ids = self._control_ids | {self.id_of(p) for p in USER_DEFINED_SYMBOLS if self.has_piece(p)}
+        # Text after a special token is tokenized on its own. SentencePiece never merges across a user-defined
+        # symbol, so that gives the ids of the whole prompt as one text, except that a model with a dummy prefix
+        # (Llama/Mixtral) would add one "▁" per part: such parts are tokenized behind an anchor symbol instead.
+        self._dummy_prefix = self._sp.encode("a", out_type=str)[:1] != ["a"]
+        self._anchor = next((p for p in USER_DEFINED_SYMBOLS if self.has_piece(p)
+                             and self._sp.encode(p)[-1:] == [self.id_of(p)]), None)
 
     @classmethod
     def from_file(cls, path: str | Path) -> VitaTokenizer:
@@ -99,22 +117,68 @@ class VitaTokenizer:
     # --- text <-> ids ------------------------------------------------------------------------------------
 
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        """Plain text to ids; never a special id, whatever the text holds (see the module docstring).
+
+        Raises InvalidInputError for text that is not valid Unicode: a lone surrogate, which is how Python
+        carries bytes that were not UTF-8 (`sys.argv`, `os.fsdecode`, the `surrogateescape` error handler).
+        """
+        return self.encode_segments([text], add_bos=add_bos)
+
+    def encode_segments(self, segments: Iterable[Segment], *, add_bos: bool = False) -> list[int]:
+        """A prompt template's text and special tokens to ids: each `Special` is its one id, and every `str`,
+        template or user text alike, is plain text that yields no special id."""
         ids = [self.bos_id] if add_bos else []
-        for k, segment in enumerate(text.split(self._eos_piece)):
-            if k:
-                ids.append(self.eos_id)
-            ids.extend(self._sp.encode(segment))
+        at_start = True
+        for segment in segments:
+            if isinstance(segment, Special):
+                ids.append(self.id_of(segment.piece))
+                at_start = False
+            elif isinstance(segment, str):
+                ids += self._encode_text(segment, at_start=at_start)
+            else:
+                raise InvalidInputError(f"text must be a string, not {type(segment).__name__}")
         return ids
 
+    def _encode_text(self, text: str, *, at_start: bool) -> list[int]:
+        _check_unicode(text)
+        if not text:
+            return []
+        if at_start or not self._dummy_prefix or self._anchor is None:
+            ids = self._sp.encode(text)
+        else:
+            ids = self._sp.encode(self._anchor + text)
+            ids = ids[ids.index(self.id_of(self._anchor)) + 1 :]
+        if not self._special_ids.intersection(ids):
+            return ids
+        out: list[int] = []
+        for token_id in ids:  # a user-defined symbol typed in the text: its characters' ordinary pieces
+            out += self._plain_ids(self._sp.id_to_piece(token_id)) if token_id in self._special_ids else [token_id]
+        return out
+
+    def _plain_ids(self, symbol: str) -> list[int]:
+        """A special's text as ordinary pieces: its first character alone, then the rest as text ("<", "image>")."""
+        first = symbol[0]
+        if self.has_piece(first) and self._sp.piece_to_id(first) not in self._special_ids:
+            ids = [self._sp.piece_to_id(first)]
+        else:
+            pieces = [f"<0x{byte:02X}>" for byte in first.encode()]
+            ids = ([self._sp.piece_to_id(p) for p in pieces] if all(self.has_piece(p) for p in pieces)
+                   else [self._sp.unk_id()])
+        return ids + self._encode_text(symbol[1:], at_start=False)
+
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
-        """With `skip_special`, drops bos/eos, placeholders and state tokens: the text a user should see."""
+        """With `skip_special`, drops bos/eos, placeholders and state tokens: the text a user should see.
+
+        Without it, special tokens are written as their pieces, for logs: that text does not encode back to
+        the special ids (`encode` never yields them).
+        """
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise InvalidInputError(f"token id {bad[0]} is outside the tokenizer's vocabulary of {self.vocab_size}")
         if skip_special:
             return self._sp.decode([i for i in ids if i not in self._special_ids])
-        # SentencePiece renders control pieces as nothing; write them out so the text re-encodes to the same ids.
+        # SentencePiece renders control pieces as nothing; write them out so a log shows them.
         parts: list[str] = []
         run: list[int] = []
         for i in ids:
@@ -128,6 +192,21 @@ class VitaTokenizer:
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
+
+
+def _check_unicode(text: str) -> None:
+    """One-line InvalidInputError for a string SentencePiece cannot take: it must encode to UTF-8."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as e:
+        char = ord(text[e.start])
+        if 0xDC80 <= char <= 0xDCFF:  # surrogateescape's stand-in for an undecodable byte
+            raise InvalidInputError(
+                f"text is not valid UTF-8: byte 0x{char - 0xDC00:02x} at character {e.start} "
+                "(send text as UTF-8; Latin-1 and other legacy encodings are not accepted)"
+            ) from None
+        raise InvalidInputError(f"text holds a lone surrogate U+{char:04X} at character {e.start}, "
+                                "which is not a character; send text as valid Unicode") from None
 
 
 class IncrementalDecoder:

@@ -1,0 +1,130 @@
+"""`vita` never ends in a traceback: each failure is one line on stderr and a documented exit status (issue 11)."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vita import cli
+
+CASES = Path(__file__).resolve().parents[3] / "shared" / "cases" / "media"
+
+
+def run(capsys, *argv: str) -> tuple[int, str]:
+    try:
+        status = cli.main(list(argv))
+    except SystemExit as e:  # argparse exits by itself on usage errors and --help
+        status = e.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return status, err
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["generate", "--max-tokens", "many"], "argument --max-tokens: 'many' is not an integer"),
+        (["generate", "--max-tokens", "0"], "0 is outside [1, 2147483647]"),
+        (["ask", "--max-tokens", "99999999999"], "99999999999 is outside"),
+        (["generate", "--top-p", "0"], "argument --top-p: 0.0 is outside (0.0, 1.0]"),
+        (["generate", "--temperature", "-1"], "argument --temperature"),
+        (["generate", "--temperature", "nan"], "argument --temperature"),
+        (["up", "--port", "70000"], "argument --port"),
+        (["converse", "--bogus"], "unrecognized arguments: --bogus"),
+        (["generate", "--text", "caf\udce9 au lait?"], "argument --text: not valid UTF-8 (byte 0xe9 at character 3)"),
+        (["ask", "--text", "caf\udce9"], "not valid UTF-8"),
+        (["converse", "--text", "ok", "--text", "\udcff"], "not valid UTF-8"),
+        (["generate", "--system", "x\ud800"], "argument --system: not valid UTF-8 (U+D800 at character 1)"),
+    ],
+)
+def test_bad_flags_are_one_line_and_status_2(capsys, argv, message):
+    status, err = run(capsys, *argv)
+    line = one_line(err)
+    assert status == cli.EXIT_USAGE
+    assert message in line and line.startswith("vita")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["ask", "--text", "hi", "--image", "/nonexistent/x.png"], "No such file or directory: /nonexistent/x.png"),
+        (["ask", "--text", "hi", "--audio", "/"], "Is a directory: /"),
+        (["converse", "--image", "/nonexistent/x.png"], "No such file or directory"),
+        (["converse", "--wav", "/nonexistent/q.wav"], "cannot read audio file /nonexistent/q.wav"),
+        (["converse", "--wav", "__GARBAGE__"], "could not decode audio"),
+        (["generate", "--model", "/nonexistent/model", "--text", "hi"], "config.json"),
+        (["model-info", "--preset", "huge"], "unknown preset 'huge'"),
+    ],
+)
+def test_bad_files_are_one_line_and_status_2(capsys, tmp_path, argv, message):
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(b"\x00\x01 not audio at all" * 20)
+    argv = [str(garbage) if a == "__GARBAGE__" else a for a in argv]
+    argv += ["--target", f"127.0.0.1:{closed_port()}"] if argv[0] in ("ask", "converse") else []
+    status, err = run(capsys, *argv)
+    assert status == cli.EXIT_USAGE
+    assert message in one_line(err)
+
+
+def test_server_unreachable_is_one_line_and_status_1(capsys):
+    status, err = run(capsys, "ask", "--text", "hi", "--target", f"127.0.0.1:{closed_port()}")
+    assert status == cli.EXIT_FAILED
+    assert one_line(err).startswith("vita ask: error: UNAVAILABLE:")
+
+
+def test_down_without_a_stack(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("VITA_HOME", str(tmp_path))
+    status, err = run(capsys, "down")
+    assert status == cli.EXIT_USAGE and "no stack is up" in one_line(err)
+
+
+def test_a_bug_is_still_one_line_with_status_3(capsys, monkeypatch):
+    def broken(args):
+        raise KeyError("oops\nsecond line")
+
+    monkeypatch.setattr(cli, "_model_info", broken)
+    status, err = run(capsys, "model-info")
+    assert status == cli.EXIT_INTERNAL
+    assert one_line(err).startswith("vita model-info: error: internal error: KeyError:")
+    monkeypatch.setenv("VITA_TRACEBACK", "1")
+    assert cli.main(["model-info"]) == cli.EXIT_INTERNAL
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_help_documents_the_exit_statuses(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for status in ("0", "1", "2", "3", "130"):
+        assert f"\n  {status} " in out
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    assert "exit status: 0 success" in " ".join(capsys.readouterr().out.split())
+
+
+def test_latin1_text_from_the_real_command_line():
+    """What a shell passes: raw bytes in argv, which Python decodes with surrogateescape."""
+    path = CASES / "latin1_text.bin"
+    text = path.read_bytes() if path.is_file() else "café au lait?".encode("latin-1")
+    r = subprocess.run([sys.executable, "-m", "vita.cli", "generate", "--text", text], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "LC_ALL": "C.UTF-8"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert one_line(r.stderr) == ("vita generate: error: argument --text: not valid UTF-8 (byte 0xe9 at character "
+                                  "3); pass UTF-8 text (see `vita generate --help`)")
