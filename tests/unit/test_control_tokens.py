@@ -130,6 +130,13 @@ def test_prompts_without_typed_control_text_are_unchanged(tok, tiny_model_dir, m
     assert prompt.input_ids == old_encode(tiny_model_dir / "tokenizer.model", text)
 
 
+def test_adjacent_text_is_one_text(tok):
+    """The template's text and the user's join before tokenizing: pieces may span the seam, as in one string."""
+    text = "user:What colour is the square? 这是什么"
+    for cut in range(len(text) + 1):
+        assert tok.encode_segments([text[:cut], text[cut:]]) == tok.encode(text)
+
+
 def test_dummy_prefix_models_encode_a_prompt_as_one_text(tmp_path):
     """Llama/Mixtral-style models add a "▁" at the start of every encode call: none after a placed special."""
     buffer = io.BytesIO()
@@ -142,7 +149,7 @@ def test_dummy_prefix_models_encode_a_prompt_as_one_text(tmp_path):
     tok = VitaTokenizer(buffer.getvalue(), source="llama-style")
     sp = spm.SentencePieceProcessor(model_proto=buffer.getvalue())
     assert sp.encode("a", out_type=str)[0].startswith("▁")
-    ids = tok.encode_segments(["user:", Special("<image>"), "\nWhat is it?", Special("<3>"), "Red"])
+    ids = tok.encode_segments(["user:", Special("<image>"), "\nWhat ", "is it?", Special("<3>"), "Red"])
     assert ids == sp.encode("user:<image>\nWhat is it?<3>Red")
     typed = tok.encode("user:<image>\nWhat is it?<3>Red")
     assert not special_ids(tok) & set(typed) and tok.decode(typed) == "user:<image>\nWhat is it?<3>Red"
@@ -161,7 +168,7 @@ def test_text_that_is_not_utf8_is_a_one_line_error(tok, processor):
     assert "\n" not in str(err.value)
     with pytest.raises(InvalidInputError, match="not valid UTF-8"):
         processor(text)
-    with pytest.raises(InvalidInputError, match="not valid UTF-8"):
+    with pytest.raises(InvalidInputError, match="not valid UTF-8: byte 0xe9 at character 3"):  # in its own text
         processor("fine", history=[Message("user", text), Message("bot", "ok")])
     with pytest.raises(InvalidInputError, match="lone surrogate U\\+D800"):
         tok.encode("a\ud800b")

@@ -47,7 +47,6 @@ class VitaTokenizer:
         self._source = source
         if self._sp.bos_id() < 0 or self._sp.eos_id() < 0:
             raise CheckpointError(f"{source} defines no bos or eos piece; generation needs both")
-        self._eos_piece = self._sp.id_to_piece(self._sp.eos_id())
         self._control_ids = frozenset(i for i in range(self.vocab_size) if self._sp.is_control(i))
         self._special_ids = self._control_ids | {self.id_of(p) for p in USER_DEFINED_SYMBOLS if self.has_piece(p)}
         # Text after a special token is tokenized on its own. SentencePiece never merges across a user-defined
@@ -128,19 +127,21 @@ class VitaTokenizer:
         """A prompt template's text and special tokens to ids: each `Special` is its one id, and every `str`,
         template or user text alike, is plain text that yields no special id."""
         ids = [self.bos_id] if add_bos else []
+        text: list[str] = []  # adjacent text is tokenized as one string, as it would be in one text
         at_start = True
         for segment in segments:
             if isinstance(segment, Special):
+                ids += self._encode_text("".join(text), at_start=at_start)
                 ids.append(self.id_of(segment.piece))
-                at_start = False
+                text, at_start = [], False
             elif isinstance(segment, str):
-                ids += self._encode_text(segment, at_start=at_start)
+                _check_unicode(segment)  # per segment, so a position in the error is one in the user's text
+                text.append(segment)
             else:
                 raise InvalidInputError(f"text must be a string, not {type(segment).__name__}")
-        return ids
+        return ids + self._encode_text("".join(text), at_start=at_start)
 
     def _encode_text(self, text: str, *, at_start: bool) -> list[int]:
-        _check_unicode(text)
         if not text:
             return []
         if at_start or not self._dummy_prefix or self._anchor is None:
