@@ -15,6 +15,7 @@ from vita.eval.answer import PipelineAnswerer, Query
 from vita.eval.metrics import exact_match, word_error_rate
 from vita.inference import GenerationRequest, VitaPipeline
 from vita.model.generation import SamplingParams
+from vita.processing.prompt import Message
 from vita.training.curriculum import CurriculumSizes, build_curriculum
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,9 @@ def test_pipeline_answerer_is_the_pipelines_greedy_answer(tiny_model_dir: Path, 
     image = next((curriculum_dir / "heldout" / "images").glob("*.png"))
     query = Query("<image>\nWhat colour is the shape?", images=[str(image)], max_new_tokens=6)
     answer = answerer(query)
-    ids = [t for e in pipeline.stream(GenerationRequest(text=query.text, images=[str(image)],
+    text = Message.from_markup("user", query.text).content  # the markup's <image> is the image sent
+    assert text == "What colour is the shape?"
+    ids = [t for e in pipeline.stream(GenerationRequest(text=text, images=[str(image)],
                                                         sampling=SamplingParams(max_new_tokens=6)))
            for t in e.token_ids]
     states = {i: piece for piece, i in pipeline.tokenizer.state_ids.items()}

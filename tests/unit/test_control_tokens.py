@@ -172,3 +172,15 @@ def test_text_that_is_not_utf8_is_a_one_line_error(tok, processor):
         processor("fine", history=[Message("user", text), Message("bot", "ok")])
     with pytest.raises(InvalidInputError, match="lone surrogate U\\+D800"):
         tok.encode("a\ud800b")
+
+
+def test_data_markup_places_media_and_keeps_other_control_text(tok):
+    """Training manifests and benchmark prompts mark media with `<image>`, `<video>`, `<audio>`; nothing else in
+    them is markup: a `<1>` or `</s>` in a dataset's question is text."""
+    turn = Message.from_markup("user", "<image>\n<audio>What is <1> here? </s> <3>")
+    assert turn == Message("user", "What is <1> here? </s> <3>", ("image", "audio"))
+    assert Message.from_markup("bot", "<image> stays") == Message("bot", "<image> stays")
+    ids = encode_prompt(tok, [turn], audio_question=True, image_tokens=[2], audio_tokens=[3]).input_ids
+    assert ids.count(tok.image_id) == 2 and ids.count(tok.audio_id) == 3
+    assert ids.count(tok.eos_id) == 2 and not set(tok.state_ids.values()) & set(ids)
+    assert tok.decode(ids).endswith("user:\nWhat is <1> here? </s> <3>\nbot:")

@@ -12,6 +12,7 @@ from vita.orchestrator.prompts import (
     history_prompt,
     judge_prompt,
     media_prompt,
+    message,
     placements,
     user_turn,
 )
@@ -52,8 +53,8 @@ def placed(prompt) -> list[tuple[str, list[tuple[int, int]]]]:
 
 def test_media_prompt_puts_each_item_of_a_blob_on_its_own_span(tok, context_len):
     images, audio = ref("img", 3, 5), ref("aud", 4)
-    content = "<image>\n<image>\n<audio>What is this?"
-    prompt = media_prompt(tok, [Message("user", content)], [media("image", images), media("audio", audio)],
+    user = Message.user("What is this?", images=2, audios=1)
+    prompt = media_prompt(tok, [user], [media("image", images), media("audio", audio)],
                           audio_question=True, system=None, context_len=context_len)
 
     (image_key, image_spans), (audio_key, audio_spans) = placed(prompt)
@@ -83,9 +84,9 @@ def test_media_prompt_uses_the_system_prompt_given_and_refuses_what_does_not_fit
 
 def test_placements_follow_prompt_order_across_turns_and_a_video_takes_one_span(tok, context_len):
     turns = [
-        SessionTurn(role=USER, content="<image>\nfirst", media=[media("image", ref("a", 2))]),
+        SessionTurn(role=USER, content="first", media=[media("image", ref("a", 2))]),
         SessionTurn(role=BOT, content="one"),
-        SessionTurn(role=USER, content="<image>\n<video>\nsecond",
+        SessionTurn(role=USER, content="second",
                     media=[media("image", ref("b", 3)), media("video", ref("v", 2, 2, 2))]),
     ]
     prompt = history_prompt(tok, turns, audio_question=False, system=None, context_len=context_len)
@@ -133,7 +134,7 @@ def test_history_prompt_leaves_out_the_oldest_exchanges_when_the_context_is_full
 
 
 def test_judge_prompt_shows_the_monitor_the_answer_as_it_stands_then_the_new_speech(tok, context_len):
-    history = [SessionTurn(role=USER, content="<audio>", media=[media("audio", ref("q", 4))]),
+    history = [SessionTurn(role=USER, media=[media("audio", ref("q", 4))]),
                SessionTurn(role=BOT, content="The square is")]
     speech = ref("new", 6)
     during = judge_prompt(tok, history, speech, answering=" red and", system=None, context_len=context_len)
@@ -166,9 +167,18 @@ def test_answer_prompt_ends_with_the_decided_state_token(tok, context_len, state
 def test_user_turn_gives_each_encoded_item_a_placeholder():
     refs = {"audio": ref("a", 4), "video": ref("v", 9), "image": ref("i", 3, 3)}
     turn = user_turn("What changed?", refs, turn_id=7, state=StateToken.TEXT, unix_s=2.0)
-    assert turn.content == "<image>\n<image>\n<video>\n<audio>What changed?"
+    assert turn.content == "What changed?"  # stored as typed; the media say which placeholders go before it
     assert [(m.modality, m.embedding.key) for m in turn.media] == [("image", "i"), ("video", "v"), ("audio", "a")]
     assert (turn.role, turn.turn_id, turn.state_token, turn.unix_s) == (USER, 7, "<3>", 2.0)
-    placed_by_text = user_turn("<image> left, <image> right", {"image": ref("i", 3, 3)}, turn_id=1,
-                               state=StateToken.TEXT, unix_s=0.0)
-    assert placed_by_text.content == "<image> left, <image> right"
+    assert message(turn) == Message("user", "What changed?", ("image", "image", "video", "audio"))
+
+
+def test_typed_placeholders_are_text_not_media(tok, context_len):
+    """`<image>` typed in a turn does not place an image: the turn's media go before its text, typed or not."""
+    typed = user_turn("<image> left, <image> right <1>", {"image": ref("i", 3, 3)}, turn_id=1,
+                      state=StateToken.TEXT, unix_s=0.0)
+    assert typed.content == "<image> left, <image> right <1>"
+    prompt = answer_prompt(tok, [], typed, StateToken.TEXT, system=None, context_len=context_len)
+    assert prompt.input_ids.count(tok.image_id) == 6 and prompt.usage().image_tokens == 6
+    assert [tok.state_ids["<3>"]] == [i for i in prompt.input_ids if i in tok.state_ids.values()]
+    assert tok.decode(prompt.input_ids).endswith("user:\n\n<image> left, <image> right <1>\nbot:")

@@ -11,7 +11,7 @@ from vita.processing.prompt import Message
 
 @dataclass
 class Query:
-    """One request: text with optional placeholders, media paths (audio may be `file#t=BEGIN,END` or a
+    """One request: text in VITA's data markup (`<image>` etc. mark media; see `Message.from_markup`), media paths (audio may be `file#t=BEGIN,END` or a
     `(samples, rate)` tuple), earlier turns, and the longest answer worth waiting for."""
 
     text: str
@@ -64,8 +64,9 @@ class PipelineAnswerer:
 
         budget = query.max_new_tokens if self.max_new_tokens is None else min(query.max_new_tokens,
                                                                                 self.max_new_tokens)
+        turn = Message.from_markup("user", query.text)  # a benchmark's prompt marks its media in VITA's markup
         request = GenerationRequest(
-            text=query.text, images=list(query.images), video=query.video,
+            text=turn.content, images=list(query.images), video=query.video,
             audio=[_audio_input(a) for a in query.audio], history=list(query.history),
             system_prompt=query.system, sampling=SamplingParams(max_new_tokens=budget, temperature=0.0),
         )

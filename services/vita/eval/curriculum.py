@@ -67,7 +67,7 @@ def sample_item(sample: Sample, item_id: str) -> Item:
         turns.pop()
     if not turns or turns[-1]["role"] != "user":
         raise DataError(f"sample {item_id}: the conversation does not end with a question and its answer")
-    history = [Message(t["role"], t["content"]) for t in turns[:-1]]
+    history = [Message.from_markup(t["role"], t["content"]) for t in turns[:-1]]
     query = Query(turns[-1]["content"], images=sample.images, video=sample.video, audio=sample.audio,
                   history=history, system=system,
                   max_new_tokens=ASR_TOKENS if sample.kind == "asr" else ANSWER_TOKENS)

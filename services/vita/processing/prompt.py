@@ -9,6 +9,7 @@ placeholder id is repeated once per encoder embedding, and the model overwrites 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum, StrEnum
@@ -21,6 +22,8 @@ EOS = "</s>"
 ROLES = ("user", "bot")
 Modality = Literal["image", "video", "audio"]
 PLACEHOLDERS: dict[Modality, str] = {"image": IMAGE_TOKEN, "video": VIDEO_TOKEN, "audio": AUDIO_TOKEN}
+_MODALITY_OF = {piece: modality for modality, piece in PLACEHOLDERS.items()}
+_MARKUP = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})\n?|({re.escape(AUDIO_TOKEN)})")
 
 
 class DataType(Enum):
@@ -113,6 +116,21 @@ class Message:
     def user(cls, text: str = "", *, images: int = 0, videos: int = 0, audios: int = 0) -> Message:
         """A user turn with its media in VITA's order: images, then the video, then spoken questions."""
         return cls("user", text, ("image",) * images + ("video",) * videos + ("audio",) * audios)
+
+    @classmethod
+    def from_markup(cls, role: Literal["user", "bot"], text: str) -> Message:
+        """A turn written in VITA's data format, where `<image>`, `<video>` and `<audio>` in a user turn's text
+        mark its media (training manifests, benchmark prompts): the marks become `media`, in their order, and
+        leave the text (with the line break that follows an image or video mark, which the template puts back).
+
+        For data files only, never for what a user types: only these three marks are markup, so a `<1>` or
+        `</s>` in the data stays text, and a bot turn's text is taken as it is.
+        """
+        if role != "user":
+            return cls(role, text)
+        media: list[Modality] = []
+        rest = _MARKUP.sub(lambda m: media.append(_MODALITY_OF[m.group(1) or m.group(2)]) or "", text)
+        return cls(role, rest, tuple(media))
 
     def segments(self) -> list[Segment]:
         """`role:`, the placeholders, the state token, the text: what goes between two turn ends."""

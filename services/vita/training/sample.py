@@ -1,9 +1,10 @@
 """One training or evaluation example, whatever its source: the unit every manifest line, loader and stage shares.
 
 The conversation is VITA's turn list. User turns hold placeholders (`<image>`, `<video>`, `<audio>`) in the order the
-media lists give them; bot turns hold the answer *without* the state token: `state` says which token the last bot
-turn starts with when the trainer builds its target (`answer_text(StateToken(state), content)`), so the same sample
-can be trained with or without state tokens. A `<2>` (noisy, non-query) sample's last bot turn is empty: the target
+media lists give them (`Message.from_markup` reads them; only these three are markup, any other text stays text);
+bot turns hold the answer *without* the state token: `state` says which token the last bot turn starts with when the
+trainer builds its target (`Message("bot", content, state=StateToken(state))`), so the same sample can be trained
+with or without state tokens. A `<2>` (noisy, non-query) sample's last bot turn is empty: the target
 is `<2>` then end-of-sequence. A `system` turn, if present, comes first and overrides the per-data-type default.
 
 Paths (`images`, `video`, `audio`) are absolute once a manifest is read (manifests store them relative to the
