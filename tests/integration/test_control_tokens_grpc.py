@@ -49,9 +49,7 @@ def typed() -> str:
 async def with_stack(pipeline, body):
     """Orchestrator, a worker per llm pool and a vision encoder in this loop; returns body's result and the answer
     jobs submitted, in order (an interrupted answer swaps the pools' roles, so a session's next answer may run on the other pool)."""
-    # redis-py 8 reads with a 5 s socket timeout by default, shorter than the orchestrator's blocking reply reads:
-    # on a busy machine a slow vision forward would end the call with redis's TimeoutError, which is not what this
-    # test is about (reported separately).
+    # As the services do (service_args): no 5 s redis-py default read timeout under the blocking reply reads.
     redis = Redis.from_url("redis://127.0.0.1:6379/0", socket_timeout=None)
     bus = BusConfig(prefix=f"test:ctl:{uuid.uuid4().hex[:12]}")
     service = AssistantService(redis, bus, pipeline.model.vita_config, pipeline.tokenizer)
