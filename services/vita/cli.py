@@ -69,18 +69,20 @@ def _generate(args: argparse.Namespace) -> None:
               f"{u.decode_tokens_per_s:.1f} tokens/s, finish: {u.finish_reason}]", file=sys.stderr)
 
 
+# Entry points as "module:function(argv) -> exit status", imported only for the service that runs.
 SERVICES = {
-    "audio-encoder": "vita.audio_encoder.__main__",
-    "vision-encoder": "vita.vision_encoder.__main__",
-    "llm": "vita.llm.__main__",
-    "orchestrator": "vita.orchestrator.__main__",
+    "audio-encoder": "vita.encoders.__main__:audio_encoder",
+    "vision-encoder": "vita.encoders.__main__:vision_encoder",
+    "llm": "vita.llm.__main__:main",
+    "orchestrator": "vita.orchestrator.__main__:main",
 }
 
 
 def _serve(args: argparse.Namespace) -> None:
     import importlib
 
-    sys.exit(importlib.import_module(SERVICES[args.service]).main(args.service_args))
+    module, function = SERVICES[args.service].split(":")
+    sys.exit(getattr(importlib.import_module(module), function)(args.service_args))
 
 
 def _stack_file():

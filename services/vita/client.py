@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 from opentelemetry import propagate
 
-from vita.grpc_server import MAX_MESSAGE_BYTES
+from vita.runtime.server import MAX_MESSAGE_BYTES
 from vita.v1 import assistant_pb2_grpc
 from vita.v1.assistant_pb2 import (
     AudioChunk,

@@ -98,8 +98,8 @@ class LocalStack:
         common = ["--model", self.model_dir, "--redis", self.redis_url, "--prefix", self.prefix,
                   "--reclaim-idle-ms", str(self.reclaim_idle_ms)]
         specs = [
-            ("audio-encoder", [sys.executable, "-m", "vita.audio_encoder"]),
-            ("vision-encoder", [sys.executable, "-m", "vita.vision_encoder"]),
+            ("audio-encoder", [sys.executable, "-m", "vita.encoders", "audio-encoder"]),
+            ("vision-encoder", [sys.executable, "-m", "vita.encoders", "vision-encoder"]),
             ("llm-generator", [sys.executable, "-m", "vita.llm", "--role", "generator"]),
             ("llm-monitor", [sys.executable, "-m", "vita.llm", "--role", "monitor"]),
             ("orchestrator", [sys.executable, "-m", "vita.orchestrator"]),

@@ -12,10 +12,10 @@ import pytest
 from redis.asyncio import Redis
 
 from vita.bus.streams import BusConfig
-from vita.grpc_server import GrpcService, ServiceServer
 from vita.inference import GenerationRequest, VitaPipeline
 from vita.model.generation import SamplingParams
 from vita.orchestrator.service import AssistantService
+from vita.runtime.server import GrpcService, ServiceServer
 from vita.stack import free_port
 from vita.v1 import assistant_pb2_grpc
 from vita.v1.assistant_pb2 import Completed, GenerateRequest

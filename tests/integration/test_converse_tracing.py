@@ -34,15 +34,16 @@ async def _scenario(model_dir: str, clip_path: str) -> None:
     import numpy as np
     from redis.asyncio import Redis
 
-    from vita.audio_encoder.encoder import AudioTowerEncoder
     from vita.bus.streams import BusConfig
     from vita.client import session_config, speech_events
-    from vita.encoder_service import EncoderWorker, load_encoder
-    from vita.grpc_server import GrpcService, ServiceServer
+    from vita.encoders.audio import AudioTowerEncoder
+    from vita.encoders.base import load_encoder
+    from vita.encoders.worker import EncoderWorker
     from vita.inference import VitaPipeline
     from vita.llm.backends.torch.backend import TorchBackend
     from vita.llm.worker import LLMWorker, WorkerConfig
     from vita.orchestrator.service import AssistantService
+    from vita.runtime.server import GrpcService, ServiceServer
     from vita.v1 import assistant_pb2_grpc
     from vita.v1.assistant_pb2 import ClientEvent, EndOfInput
     from vita.v1.bus_pb2 import GenerationJob

@@ -2,7 +2,7 @@
 processor and towers.
 
 KServe v2 is called with tritonclient, another implementation of the same protocol. This process must never import
-kserve (or vita.encoder_kserve): the two register the same `inference.*` protobuf symbols.
+kserve (or vita.encoders.kserve): the two register the same `inference.*` protobuf symbols.
 """
 
 from __future__ import annotations
@@ -100,12 +100,12 @@ class Service:
         return values.get("vita:batch_size_count", 0.0), values.get("vita:batch_size_sum", 0.0)
 
 
-def start(module: str, model_dir: Path, prefix: str, log: Path, *flags: str, kserve: bool = False) -> Service:
+def start(pool: str, model_dir: Path, prefix: str, log: Path, *flags: str, kserve: bool = False) -> Service:
     grpc_port, metrics_port = free_port(), free_port()
     kserve_port = free_port() if kserve else 0
-    argv = [sys.executable, "-m", module, "--model", str(model_dir), "--redis", REDIS_URL, "--prefix", prefix,
-            "--grpc-port", str(grpc_port), "--kserve-port", str(kserve_port), "--metrics-port", str(metrics_port),
-            "--threads", "1", *flags]
+    argv = [sys.executable, "-m", "vita.encoders", pool, "--model", str(model_dir), "--redis", REDIS_URL,
+            "--prefix", prefix, "--grpc-port", str(grpc_port), "--kserve-port", str(kserve_port),
+            "--metrics-port", str(metrics_port), "--threads", "1", *flags]
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return Service(proc, grpc_port, kserve_port, metrics_port, log)
@@ -130,8 +130,8 @@ def services(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """One vision and one audio encoder, each with its KServe port, shared by the tests of this module."""
     bus = BusConfig(prefix=f"test:{uuid.uuid4().hex}")
     logs = tmp_path_factory.mktemp("encoder-logs")
-    vision = start("vita.vision_encoder", tiny_model_dir, bus.prefix, logs / "vision.log", kserve=True)
-    audio = start("vita.audio_encoder", tiny_model_dir, bus.prefix, logs / "audio.log", kserve=True)
+    vision = start("vision-encoder", tiny_model_dir, bus.prefix, logs / "vision.log", kserve=True)
+    audio = start("audio-encoder", tiny_model_dir, bus.prefix, logs / "audio.log", kserve=True)
     try:
         vision.wait_serving()
         audio.wait_serving()
@@ -480,7 +480,7 @@ def test_killed_worker_job_is_reclaimed_and_answered_once(tiny_model_dir, tmp_pa
     """kill -9 mid-batch: one of two survivors reclaims the job; the other, polling the same pending list, must not
     take it from the first while it runs (keep-alive), so exactly one answer is published."""
     bus = BusConfig(prefix=f"test:{uuid.uuid4().hex}")
-    doomed = start("vita.vision_encoder", tiny_model_dir, bus.prefix, tmp_path / "doomed.log")
+    doomed = start("vision-encoder", tiny_model_dir, bus.prefix, tmp_path / "doomed.log")
     heirs: list[Service] = []
     job = heavy_image_job(bus)
     try:
@@ -497,7 +497,7 @@ def test_killed_worker_job_is_reclaimed_and_answered_once(tiny_model_dir, tmp_pa
             assert redis.xlen(job.reply_stream) == 0
 
             # The batch runs ~1 s, several times the 300 ms after which an idle job counts as abandoned.
-            heirs = [start("vita.vision_encoder", tiny_model_dir, bus.prefix, tmp_path / f"heir{k}.log",
+            heirs = [start("vision-encoder", tiny_model_dir, bus.prefix, tmp_path / f"heir{k}.log",
                            "--reclaim-idle-ms", "300") for k in range(2)]
 
             async def body(redis: Redis) -> None:
@@ -537,7 +537,7 @@ def test_sigterm_finishes_the_batch_in_flight_then_exits(tiny_model_dir, tmp_pat
     otlp_port = otlp.add_insecure_port("127.0.0.1:0")
     otlp.start()
     bus = BusConfig(prefix=f"test:{uuid.uuid4().hex}")
-    service = start("vita.vision_encoder", tiny_model_dir, bus.prefix, tmp_path / "vision.log",
+    service = start("vision-encoder", tiny_model_dir, bus.prefix, tmp_path / "vision.log",
                     "--otlp-endpoint", f"127.0.0.1:{otlp_port}")
     producer = TracerProvider().get_tracer("test")
     try:

@@ -1,6 +1,7 @@
 """The llm worker over real Redis: jobs in, token events out, embeddings read from the bus, cancellation."""
 
 import asyncio
+import json
 import uuid
 
 import pytest
@@ -12,19 +13,39 @@ from vita.bus.embeddings import write_embedding
 from vita.bus.queue import submit
 from vita.bus.replies import events
 from vita.bus.streams import BusConfig, Pool
+from vita.errors import CheckpointError
+from vita.llm.__main__ import load_backend, parse_args
 from vita.llm.backends.torch.backend import TorchBackend
 from vita.llm.worker import LLMWorker, WorkerConfig
+from vita.model.audio import AudioTower
+from vita.model.checkpoint import INDEX_FILE
 from vita.model.generation import SamplingParams, stream_generate
+from vita.model.vision import VisionTower
 from vita.model.vita import VitaForCausalLM
 from vita.processing.tokenizer import VitaTokenizer
+from vita.telemetry.metrics import Metrics
 from vita.v1.assistant_pb2 import Completed
 from vita.v1.bus_pb2 import EmbeddingPlacement, GenerationJob, JobError
 from vita.v1.media_pb2 import SamplingParams as SamplingProto
+
+TOWERS = ("vision_tower.", "audio_tower.")
 
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(tiny_model_dir):
     return VitaForCausalLM.from_pretrained(tiny_model_dir), VitaTokenizer.from_file(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def worker_model(tiny_model_dir):
+    """The model `vita serve llm` runs: what its entry point loads for the torch backend."""
+    return load_backend(parse_args(["--model", str(tiny_model_dir)]), tiny_model_dir, Metrics()).model
+
+
+@pytest.fixture(scope="module", params=["whole model", "worker model"])
+def served_model(request, model_and_tokenizer):
+    """The model behind the worker: the whole VITA model, or the language model alone as the service loads it."""
+    return model_and_tokenizer[0] if request.param == "whole model" else request.getfixturevalue("worker_model")
 
 
 async def with_worker(model, tokenizer, body, role=GenerationJob.GENERATOR):
@@ -63,7 +84,7 @@ def tokens_of(evts):
     return [t for e in evts if e.WhichOneof("event") == "delta" for t in e.delta.token_ids]
 
 
-def test_concurrent_jobs_with_embeddings_match_in_process(model_and_tokenizer):
+def test_concurrent_jobs_with_embeddings_match_in_process(model_and_tokenizer, served_model):
     model, tok = model_and_tokenizer
     prompts = [tok.encode(f"user:question number {i}", add_bos=True) for i in range(3)]
     table = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -78,7 +99,7 @@ def test_concurrent_jobs_with_embeddings_match_in_process(model_and_tokenizer):
             await submit(redis, bus, Pool.LLM_GENERATOR, j)
         return await asyncio.gather(*(collect(redis, bus, j.request_id) for j in jobs))
 
-    results = asyncio.run(with_worker(model, tok, body))
+    results = asyncio.run(with_worker(served_model, tok, body))
     params = SamplingParams(max_new_tokens=8)
     for ids, evts in zip(prompts, results[:3]):
         assert tokens_of(evts) == list(stream_generate(model, torch.tensor(ids), params=params))
@@ -146,3 +167,37 @@ def test_bad_job_gets_an_error_and_the_worker_goes_on(model_and_tokenizer):
     bad, good = asyncio.run(with_worker(model, tok, body))
     assert bad[-1].error.code == JobError.INVALID_ARGUMENT and "4 rows" in bad[-1].error.message
     assert good[-1].WhichOneof("event") == "finished"
+
+
+def test_the_worker_loads_the_language_model_alone(model_and_tokenizer, worker_model):
+    """An LLM pod never holds the towers the encoder pools run: same LLM weights, no tower parameter."""
+    model, _ = model_and_tokenizer
+    whole = dict(model.named_parameters())
+    llm = {name: p for name, p in whole.items() if not name.startswith(TOWERS)}
+    assert len(llm) < len(whole)  # the checkpoint has towers to leave out
+    assert worker_model.vision_tower is None and worker_model.audio_tower is None
+    assert not any(isinstance(m, (VisionTower, AudioTower)) for m in worker_model.modules())
+    loaded = dict(worker_model.named_parameters())
+    assert loaded.keys() == llm.keys()
+    assert sum(p.numel() for p in loaded.values()) == sum(p.numel() for p in llm.values())
+    assert all(torch.equal(loaded[name], p) for name, p in llm.items())
+
+
+def test_the_towers_tensors_are_never_read(model_and_tokenizer, tmp_path):
+    """Shards holding only tower tensors are not even opened: corrupt them and the LLM still loads."""
+    model, _ = model_and_tokenizer
+    model.save_pretrained(tmp_path, max_shard_bytes=1 << 20)
+    weight_map = json.loads((tmp_path / INDEX_FILE).read_text())["weight_map"]
+    shards: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        shards.setdefault(shard, []).append(name)
+    tower_only = [shard for shard, names in shards.items() if all(n.startswith(TOWERS) for n in names)]
+    assert tower_only and len(tower_only) < len(shards)
+    for shard in tower_only:
+        (tmp_path / shard).write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        VitaForCausalLM.from_pretrained(tmp_path)
+    llm = VitaForCausalLM.from_pretrained(tmp_path, towers=False)
+    ids = torch.tensor([1, 5, 9, 13])
+    params = SamplingParams(max_new_tokens=6)
+    assert list(stream_generate(llm, ids, params=params)) == list(stream_generate(model, ids, params=params))

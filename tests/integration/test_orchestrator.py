@@ -9,12 +9,12 @@ from redis.asyncio import Redis
 
 from vita.bus.streams import BusConfig
 from vita.client import image_event, session_config, text_event
-from vita.grpc_server import GrpcService, ServiceServer
 from vita.inference import GenerationRequest, VitaPipeline
 from vita.llm.backends.torch.backend import TorchBackend
 from vita.llm.worker import LLMWorker, WorkerConfig
 from vita.model.generation import SamplingParams
 from vita.orchestrator.service import AssistantService, OrchestratorConfig
+from vita.runtime.server import GrpcService, ServiceServer
 from vita.v1 import assistant_pb2_grpc
 from vita.v1.assistant_pb2 import ClientEvent, Completed, EndOfInput, GenerateRequest
 from vita.v1.media_pb2 import Image

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from vita.bus.streams import ROLE_POOLS
-from vita.grpc_server import ServiceServer
+from vita.llm.backends.base import GenerationBackend
 from vita.llm.worker import LLMWorker, WorkerConfig
-from vita.service_args import add_common_args, setup
+from vita.runtime.args import add_common_args
+from vita.runtime.serve import Context, Service, run_service
+from vita.telemetry.metrics import Metrics
 from vita.v1.bus_pb2 import GenerationJob
 
-log = logging.getLogger("vita.llm")
 ROLES = {"generator": GenerationJob.GENERATOR, "monitor": GenerationJob.MONITOR}
 
 
@@ -36,50 +35,40 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def serve(args: argparse.Namespace) -> None:
-    import torch
-
-    from vita.model.tiny import build_tiny_checkpoint
-    from vita.model.vita import read_model_config
-    from vita.processing.tokenizer import VitaTokenizer
-
-    redis, bus, metrics = setup(f"llm-{args.role}", args)
-    model_dir = Path(args.model) if args.model else build_tiny_checkpoint()
-    tokenizer = VitaTokenizer.from_file(model_dir)
+def load_backend(args: argparse.Namespace, model_dir: Path, metrics: Metrics) -> GenerationBackend:
+    """The backend `--backend` names, not started. The torch backend loads the language model alone: the vision
+    and audio towers of the checkpoint are never read (the encoder pools run them)."""
     if args.backend == "torch":
         from vita.llm.backends.torch.backend import TorchBackend
         from vita.model.vita import VitaForCausalLM
 
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        backend = TorchBackend(VitaForCausalLM.from_pretrained(model_dir), max_batch_size=args.max_batch,
-                               max_seq_len=args.max_seq_len, metrics=metrics,
-                               pool=ROLE_POOLS[ROLES[args.role]].value)  # the label the worker uses
-    else:
-        from vita.llm.backends.triton.backend import TritonBackend
+        return TorchBackend(VitaForCausalLM.from_pretrained(model_dir, towers=False), max_batch_size=args.max_batch,
+                            max_seq_len=args.max_seq_len, metrics=metrics,
+                            pool=ROLE_POOLS[ROLES[args.role]].value)  # the label the worker uses
+    from vita.llm.backends.triton.backend import TritonBackend
+    from vita.model.vita import read_model_config
 
-        llm = read_model_config(model_dir).llm
-        backend = TritonBackend(args.triton_url, model_name=args.triton_model, vocab_size=llm.vocab_size,
-                                end_id=llm.eos_token_id)
-    await backend.start()
-    worker = LLMWorker(redis, bus, backend, tokenizer, WorkerConfig(role=ROLES[args.role],
-                       max_concurrency=args.max_batch), metrics)
-    server = ServiceServer([], host=args.host, port=args.grpc_port)
-    await server.start()
-    server.install_signal_handlers(on_drain=worker.stop)
-    log.info("serving", extra={"role": args.role, "backend": args.backend, "grpc_port": server.port,
-                               "model": str(model_dir)})
-    try:
-        await worker.run()
-    finally:
-        await backend.close()
-        await server.drain()
-        await redis.aclose()
+    llm = read_model_config(model_dir).llm
+    return TritonBackend(args.triton_url, model_name=args.triton_model, vocab_size=llm.vocab_size,
+                         end_id=llm.eos_token_id)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    asyncio.run(serve(parse_args(argv)))
-    return 0
+    args = parse_args(argv)
+
+    async def build(ctx: Context) -> Service:
+        from vita.processing.tokenizer import VitaTokenizer
+
+        tokenizer = VitaTokenizer.from_file(ctx.model_dir)
+        backend = load_backend(args, ctx.model_dir, ctx.metrics)
+        await backend.start()
+        ctx.resources.push_async_callback(backend.close)
+        worker = LLMWorker(ctx.redis, ctx.bus, backend, tokenizer,
+                           WorkerConfig(role=ROLES[args.role], max_concurrency=args.max_batch), ctx.metrics)
+        return Service(worker=worker, log={"role": args.role, "backend": args.backend})
+
+    threads = args.threads if args.backend == "torch" else None
+    return run_service(f"llm-{args.role}", args, build, threads=threads)
 
 
 if __name__ == "__main__":

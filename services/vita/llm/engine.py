@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from vita.errors import ContextLengthError, InvalidInputError
+from vita.llm.backends.base import TokenOutput
 from vita.model.generation import SamplingParams, make_generator, sample_next_token, stop_ids
 from vita.model.llm import MoECausalLM
 
@@ -35,16 +36,6 @@ class EngineRequest:
     def prompt_len(self) -> int:
         prompt = self.input_ids if self.input_ids is not None else self.inputs_embeds
         return 0 if prompt is None else prompt.shape[0]
-
-
-@dataclass(frozen=True)
-class TokenOutput:
-    """One event of one sequence: a new token, and/or the end (`finish_reason` stop, length or cancelled)."""
-
-    request_id: str
-    token_id: int | None
-    index: int  # 0 for the first generated token
-    finish_reason: str | None = None
 
 
 @dataclass

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -71,8 +71,11 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def load_sharded(directory: str | Path) -> dict[str, Tensor]:
-    """All tensors of a directory in either layout (the index wins when both exist, as in transformers)."""
+def load_sharded(directory: str | Path, *, keep: Callable[[str], bool] | None = None) -> dict[str, Tensor]:
+    """All tensors of a directory in either layout (the index wins when both exist, as in transformers).
+
+    `keep`: read only the tensors whose names it accepts; a shard holding none of them is not opened.
+    """
     directory = Path(directory)
     index_path = directory / INDEX_FILE
     if index_path.is_file():
@@ -82,12 +85,13 @@ def load_sharded(directory: str | Path) -> dict[str, Tensor]:
             raise CheckpointError(f"{index_path}: not a valid safetensors index ({e!r})") from None
         by_shard: dict[str, list[str]] = {}
         for key, shard in weight_map.items():
-            by_shard.setdefault(shard, []).append(key)
+            if keep is None or keep(key):
+                by_shard.setdefault(shard, []).append(key)
         tensors: dict[str, Tensor] = {}
         for shard, keys in by_shard.items():
             if not (directory / shard).is_file():
                 raise CheckpointError(f"{index_path} names shard {shard}, which does not exist in {directory}")
-            loaded = _load_file(directory / shard)
+            loaded = _load_file(directory / shard, None if keep is None else set(keys).__contains__)
             absent = [k for k in keys if k not in loaded]
             if absent:
                 raise CheckpointError(
@@ -96,13 +100,16 @@ def load_sharded(directory: str | Path) -> dict[str, Tensor]:
             tensors.update((k, loaded[k]) for k in keys)
         return tensors
     if (directory / SINGLE_FILE).is_file():
-        return _load_file(directory / SINGLE_FILE)
+        return _load_file(directory / SINGLE_FILE, keep)
     raise CheckpointError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
 
 
-def _load_file(path: Path) -> dict[str, Tensor]:
+def _load_file(path: Path, keep: Callable[[str], bool] | None = None) -> dict[str, Tensor]:
     try:
-        return load_file(path)
+        if keep is None:
+            return load_file(path)
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in filter(keep, f.keys())}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from None
 

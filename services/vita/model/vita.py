@@ -7,7 +7,7 @@ the towers live under `vision_tower.*` and `audio_tower.*` in the same sharded s
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -107,14 +107,20 @@ class VitaForCausalLM(MoECausalLM):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+        cls, directory: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+        towers: bool = True,
     ) -> VitaForCausalLM:
-        """Load our own directory or a plain Hugging Face Mixtral one; any inconsistency is a CheckpointError."""
+        """Load our own directory or a plain Hugging Face Mixtral one; any inconsistency is a CheckpointError.
+
+        `towers=False` loads the language model alone (an LLM worker's model): the towers' tensors are not read.
+        """
         directory = Path(directory)
         config = read_model_config(directory)
+        if not towers:
+            config = replace(config, vision=None, audio=None)
         with torch.device("meta"):
             model = cls(config)
-        loaded = llm_state_dict_from_hf(load_sharded(directory))
+        loaded = llm_state_dict_from_hf(load_sharded(directory, keep=None if towers else _not_a_tower))
         expected = model.state_dict()
         validate_state_dict(expected, loaded)
         model.load_state_dict(loaded, assign=True)
@@ -134,6 +140,10 @@ def read_model_config(directory: Path) -> VitaConfig:
         return VitaConfig.load(directory)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from None
+
+
+def _not_a_tower(name: str) -> bool:
+    return not name.startswith(("vision_tower.", "audio_tower."))
 
 
 def _json(d: dict) -> str:

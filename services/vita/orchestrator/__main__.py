@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from vita.grpc_server import GrpcService, ServiceServer
 from vita.orchestrator.service import AssistantService, OrchestratorConfig
-from vita.service_args import add_common_args, setup
+from vita.runtime.args import add_common_args
+from vita.runtime.serve import Context, Service, run_service
+from vita.runtime.server import GrpcService
 from vita.v1 import assistant_pb2_grpc
-
-log = logging.getLogger("vita.orchestrator")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -31,35 +27,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def serve(args: argparse.Namespace) -> None:
-    import torch
-
-    from vita.model.tiny import build_tiny_checkpoint
-    from vita.model.vita import read_model_config
-    from vita.processing.tokenizer import VitaTokenizer
-
-    torch.set_num_threads(1)  # VAD and resampling only: ops this small lose time to a second thread
-    redis, bus, metrics = setup("orchestrator", args)
-    model_dir = Path(args.model) if args.model else build_tiny_checkpoint()
-    service = AssistantService(
-        redis, bus, read_model_config(model_dir), VitaTokenizer.from_file(model_dir),
-        OrchestratorConfig(default_max_tokens=args.default_max_tokens, encode_timeout_s=args.encode_timeout,
-                           token_timeout_s=args.token_timeout), metrics)
-    server = ServiceServer([GrpcService("vita.v1.Assistant",
-                                        lambda s: assistant_pb2_grpc.add_AssistantServicer_to_server(service, s))],
-                           host=args.host, port=args.grpc_port)
-    await server.start()
-    server.install_signal_handlers()
-    log.info("serving", extra={"grpc_port": server.port, "model": str(model_dir)})
-    try:
-        await server.wait()
-    finally:
-        await redis.aclose()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    asyncio.run(serve(parse_args(argv)))
-    return 0
+    args = parse_args(argv)
+
+    async def build(ctx: Context) -> Service:
+        from vita.model.vita import read_model_config
+        from vita.processing.tokenizer import VitaTokenizer
+
+        service = AssistantService(
+            ctx.redis, ctx.bus, read_model_config(ctx.model_dir), VitaTokenizer.from_file(ctx.model_dir),
+            OrchestratorConfig(default_max_tokens=args.default_max_tokens, encode_timeout_s=args.encode_timeout,
+                               token_timeout_s=args.token_timeout), ctx.metrics)
+        return Service(grpc=[GrpcService("vita.v1.Assistant",
+                                         lambda s: assistant_pb2_grpc.add_AssistantServicer_to_server(service, s))])
+
+    # VAD and resampling only: ops this small lose time to a second thread.
+    return run_service("orchestrator", args, build, threads=1)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The interface every generation backend implements, and the prompt form they all take."""
+"""The interface every generation backend implements: the prompt form they all take and the token events they
+all stream. Backends import this module, never each other (the torch engine is only the torch backend's)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,17 @@ from typing import Protocol
 
 from torch import Tensor
 
-from vita.llm.engine import TokenOutput
 from vita.model.generation import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    """One event of one sequence: a new token, and/or the end (`finish_reason` stop, length or cancelled)."""
+
+    request_id: str
+    token_id: int | None
+    index: int  # 0 for the first generated token
+    finish_reason: str | None = None
 
 
 @dataclass

@@ -26,8 +26,7 @@ from tritonclient.grpc.aio import InferenceServerClient, InferInput, InferReques
 from tritonclient.utils import np_to_triton_dtype
 
 from vita.errors import InvalidInputError, VitaError
-from vita.llm.backends.base import BackendRequest, PromptInput
-from vita.llm.engine import TokenOutput
+from vita.llm.backends.base import BackendRequest, PromptInput, TokenOutput
 from vita.model.generation import SamplingParams, stop_ids
 
 _OUTPUTS = ("output_ids", "sequence_length")  # TensorRT-LLM refuses a request that does not ask for both

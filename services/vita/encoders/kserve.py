@@ -28,9 +28,9 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.infer_type import to_http_parameters
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 
-from vita.encoder_service import Encoder, timed_forward
+from vita.encoders.base import Encoder, timed_forward
 from vita.errors import InvalidInputError
-from vita.grpc_server import MAX_MESSAGE_BYTES
+from vita.runtime.server import MAX_MESSAGE_BYTES
 from vita.telemetry.metrics import Metrics
 
 

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 # 64 MiB: a request carrying a few images or a minute of audio fits; anything larger is refused by gRPC itself.
 MAX_MESSAGE_BYTES = 64 << 20
+# How long in-flight calls get to finish once a drain starts; a pod's terminationGracePeriodSeconds must exceed it.
+GRACE_S = 10.0
 
 
 @dataclass
@@ -32,7 +34,7 @@ class GrpcService:
 
 class ServiceServer:
     def __init__(self, services: Sequence[GrpcService], *, host: str = "127.0.0.1", port: int = 0,
-                 grace_s: float = 10.0, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                 grace_s: float = GRACE_S, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self.services = services
         self.grace_s = grace_s
         self.server = grpc.aio.server(options=[
@@ -58,7 +60,16 @@ class ServiceServer:
             await self.health.set(name, status)
 
     async def drain(self) -> None:
-        """NOT_SERVING first, then stop with a grace period for in-flight calls."""
+        """NOT_SERVING first, then stop with a grace period for in-flight calls. Runs once: a second call (the
+        signal handler's, then the process's shutdown) waits for the first."""
+        await self._start_drain()
+
+    def _start_drain(self) -> asyncio.Task:
+        if self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+        return self._drain_task
+
+    async def _drain(self) -> None:
         await self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(self.grace_s)
         self._stopped.set()
@@ -70,7 +81,7 @@ class ServiceServer:
             log.info("draining", extra={"signal": sig.name, "grace_s": self.grace_s})
             if on_drain is not None:
                 on_drain()
-            self._drain_task = loop.create_task(self.drain())
+            self._start_drain()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, handle, sig)

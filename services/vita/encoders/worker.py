@@ -1,138 +1,34 @@
-"""What the audio-encoder and vision-encoder services share: the Redis worker that encodes every job read together
-in one tower forward, and the process around it (flags, gRPC health, metrics, the optional KServe v2 port).
-
-A modality plugs in an `Encoder`: how one media item becomes tower input, and one forward over many inputs.
-"""
+"""The Redis worker of an encoder pool: reads jobs, encodes every job read together in one tower forward, writes
+each job's embedding to Redis and answers on its reply stream, then acknowledges the lot."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import time
-from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
-from typing import ClassVar, TypeVar
 
-import numpy as np
 import torch
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from vita.bus.codec import MalformedEntry, blob_to_tensor
 from vita.bus.embeddings import write_embedding
 from vita.bus.queue import Consumer, Delivery, lag
 from vita.bus.replies import publish_event
-from vita.bus.streams import BusConfig, Pool, check_id
+from vita.bus.streams import BusConfig, check_id
 from vita.bus.trace import trace_parent
+from vita.encoders.base import Encoder, kind_name, prepare_all, timed_forward
 from vita.errors import InvalidInputError
-from vita.grpc_server import ServiceServer
-from vita.model.vita import VitaForCausalLM
-from vita.service_args import add_common_args, setup
 from vita.telemetry.metrics import Metrics
-from vita.v1.bus_pb2 import EncodeJob, EncodeResult, JobError, MediaItem, TensorBlob
+from vita.v1.bus_pb2 import EncodeJob, EncodeResult, JobError
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
-
-T = TypeVar("T")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class Encoder(ABC):
-    """A tower behind a pool. `prepare`/`from_v2` run per job on the CPU, so bad media fail alone; `forward` runs
-    once for the inputs of every job read together."""
-
-    pool: ClassVar[Pool]
-    modality: ClassVar[str]  # the `modality` metric label
-    kinds: ClassVar[frozenset[int]]  # the EncodeJob kinds this pool encodes
-    v2_inputs: ClassVar[tuple[dict, ...]]  # KServe model metadata of the tensors `from_v2` takes
-
-    def __init__(self, tower: torch.nn.Module) -> None:
-        self.tower = tower.eval()
-
-    @staticmethod
-    @abstractmethod
-    def tower_of(model: VitaForCausalLM) -> torch.nn.Module:
-        """The tower this pool runs; CheckpointError when the model has none."""
-
-    @abstractmethod
-    def prepare(self, kind: int, item: MediaItem) -> torch.Tensor:
-        """One item of an EncodeJob as tower input; bad media raise InvalidInputError."""
-
-    @abstractmethod
-    def from_v2(self, name: str, array: np.ndarray, parameters: Mapping[str, object]) -> list[torch.Tensor]:
-        """One KServe v2 input tensor (a BYTES array of media, or raw samples) as tower inputs."""
-
-    @abstractmethod
-    def forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """One batched tower pass: a (tokens, hidden) embedding per input."""
-
-    @property
-    def placement(self) -> tuple[torch.device, torch.dtype]:
-        """Where inputs must go: the tower's device and dtype."""
-        param = next(self.tower.parameters())
-        return param.device, param.dtype
-
-
-def load_encoder(encoder_cls: type[Encoder], model_dir: Path, device: str, dtype: torch.dtype) -> Encoder:
-    """Read on the CPU, keep the tower, move only it: the LLM next to it in the checkpoint never reaches the device."""
-    model = VitaForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    return encoder_cls(encoder_cls.tower_of(model).to(device))
-
-
-def prepare_all(what: str, sources: Iterable[T], prepare: Callable[[T], torch.Tensor]) -> list[torch.Tensor]:
-    """Every source in order; a bad one is named by its position, as the in-process processor names it."""
-    inputs = []
-    for k, source in enumerate(sources):
-        try:
-            inputs.append(prepare(source))
-        except InvalidInputError as e:
-            raise InvalidInputError(f"{what} {k}: {e}") from None
-    return inputs
-
-
-def blob_input(blob: TensorBlob, what: str, shape: tuple[int | None, ...]) -> torch.Tensor:
-    """A preprocessed item, checked against the `shape` its tower takes (None: any size of at least 1)."""
-    try:
-        x = blob_to_tensor(blob)
-    except MalformedEntry as e:
-        raise InvalidInputError(f"{what}: {e}") from None
-    if x.dim() != len(shape) or any(n < 1 or (want is not None and n != want) for n, want in zip(x.shape, shape)):
-        wanted = ", ".join("N" if n is None else str(n) for n in shape)
-        raise InvalidInputError(f"{what} must have shape ({wanted}); got {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise InvalidInputError(f"{what} contain NaN or Inf")
-    return x.float()
-
-
-def v2_bytes(name: str, array: np.ndarray) -> list[bytes]:
-    """The elements of a BYTES input; anything else is refused, so a string can never be taken for a file path."""
-    if array.dtype != np.object_ or not all(isinstance(x, bytes) for x in array.flat):
-        raise InvalidInputError(f"input {name!r} must be BYTES holding encoded files")
-    return list(array.flat)
-
-
-def timed_forward(encoder: Encoder, inputs: Sequence[torch.Tensor], metrics: Metrics) -> list[torch.Tensor]:
-    """The forward both front doors (the Redis worker and KServe) run, under the one latency histogram."""
-    start = time.perf_counter()
-    outputs = encoder.forward(inputs)
-    metrics.encoder_latency.labels(encoder.modality).observe(time.perf_counter() - start)
-    return outputs
-
-
-def kind_name(kind: int) -> str:
-    return EncodeJob.Kind.Name(kind).lower() if kind in EncodeJob.Kind.values() else f"kind {kind}"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The Redis worker
 
 
 @dataclass(frozen=True)
@@ -299,61 +195,3 @@ class EncoderWorker:
             except RedisError as e:
                 log.warning("reading the stream lag failed: %s", e)
             await asyncio.sleep(self.config.lag_every_s)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The service process
-
-
-def parse_args(encoder_cls: type[Encoder], description: str, argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=f"vita serve {encoder_cls.pool}", description=description)
-    p.add_argument("--model", default=None,
-                   help="model directory whose tower is served (default: the tiny model, built on first use)")
-    p.add_argument("--max-batch", type=int, default=8,
-                   help="jobs taken from the stream at once; all their items are encoded in one forward pass")
-    p.add_argument("--kserve-port", type=int, default=0,
-                   help="serve the KServe Open Inference Protocol v2 over gRPC on this port of --host "
-                        f"(model name {encoder_cls.pool.value!r}; no REST); 0 disables it")
-    p.add_argument("--device", default="cpu", help="torch device of the tower, e.g. cuda")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="tower weights and embeddings")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    add_common_args(p)
-    args = p.parse_args(argv)
-    if args.max_batch < 1:
-        p.error("--max-batch must be at least 1")
-    return args
-
-
-async def serve(encoder_cls: type[Encoder], args: argparse.Namespace) -> None:
-    from vita.model.tiny import build_tiny_checkpoint
-
-    redis, bus, metrics = setup(encoder_cls.pool.value, args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model_dir = Path(args.model) if args.model else build_tiny_checkpoint()
-    encoder = load_encoder(encoder_cls, model_dir, args.device, DTYPES[args.dtype])
-    worker = EncoderWorker(redis, bus, encoder, WorkerConfig(max_batch=args.max_batch), metrics)
-    server = ServiceServer([], host=args.host, port=args.grpc_port)
-    kserve = None
-    if args.kserve_port:  # imported only here: kserve must stay out of processes that use tritonclient
-        from vita.encoder_kserve import KServeEndpoint
-
-        kserve = KServeEndpoint(encoder, metrics, host=args.host, port=args.kserve_port)
-        await kserve.start()
-    await server.start()
-    server.install_signal_handlers(on_drain=worker.stop)
-    log.info("serving", extra={"pool": encoder.pool.value, "grpc_port": server.port, "model": str(model_dir),
-                               "kserve_port": kserve.port if kserve else 0, "max_batch": args.max_batch})
-    try:
-        await worker.run()
-    finally:
-        if kserve is not None:
-            await kserve.stop(server.grace_s)
-        await server.drain()
-        await redis.aclose()
-    log.info("stopped", extra={"pool": encoder.pool.value})
-
-
-def run_service(encoder_cls: type[Encoder], description: str, argv: Sequence[str] | None = None) -> int:
-    asyncio.run(serve(encoder_cls, parse_args(encoder_cls, description, argv)))
-    return 0

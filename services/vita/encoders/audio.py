@@ -14,10 +14,10 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from vita.bus.streams import Pool
-from vita.encoder_service import Encoder, blob_input, kind_name, prepare_all, v2_bytes
-from vita.errors import CheckpointError, InvalidInputError
+from vita.encoders.base import Encoder, blob_input, kind_name, prepare_all, v2_bytes
+from vita.errors import InvalidInputError
 from vita.model.audio import AudioTower
-from vita.model.vita import VitaForCausalLM
+from vita.model.config import AudioConfig
 from vita.processing.audio import fbank, load_audio, pcm16_to_float
 from vita.v1.bus_pb2 import EncodeJob, MediaItem
 from vita.v1.media_pb2 import Audio
@@ -31,15 +31,8 @@ class AudioTowerEncoder(Encoder):
     # request parameter `sample_rate` (Hz).
     v2_inputs = ({"name": "audio", "datatype": "BYTES", "shape": [-1]},)
 
-    def __init__(self, tower: AudioTower) -> None:
-        super().__init__(tower)
-        self.config = tower.config
-
-    @staticmethod
-    def tower_of(model: VitaForCausalLM) -> AudioTower:
-        if model.audio_tower is None:
-            raise CheckpointError("this model has no audio tower: it cannot serve the audio-encoder pool")
-        return model.audio_tower
+    tower: AudioTower
+    config: AudioConfig
 
     def prepare(self, kind: int, item: MediaItem) -> torch.Tensor:
         """(frames, mel bins) filterbank features of one clip."""

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from vita.bus.streams import Pool
-from vita.encoder_service import Encoder, blob_input, kind_name, prepare_all, v2_bytes
-from vita.errors import CheckpointError, InvalidInputError
+from vita.encoders.base import Encoder, blob_input, kind_name, prepare_all, v2_bytes
+from vita.errors import InvalidInputError
+from vita.model.config import VisionConfig
 from vita.model.vision import VisionTower
-from vita.model.vita import VitaForCausalLM
 from vita.processing.image import preprocess_image
 from vita.processing.video import decode_video, sample_frames, video_to_pixel_values
 from vita.v1.bus_pb2 import EncodeJob, MediaItem
@@ -32,15 +32,8 @@ class VisionTowerEncoder(Encoder):
         {"name": "video", "datatype": "BYTES", "shape": [-1]},  # video files, each sampled into frames
     )
 
-    def __init__(self, tower: VisionTower) -> None:
-        super().__init__(tower)
-        self.config = tower.config
-
-    @staticmethod
-    def tower_of(model: VitaForCausalLM) -> VisionTower:
-        if model.vision_tower is None:
-            raise CheckpointError("this model has no vision tower: it cannot serve the vision-encoder pool")
-        return model.vision_tower
+    tower: VisionTower
+    config: VisionConfig
 
     def prepare(self, kind: int, item: MediaItem) -> torch.Tensor:
         """(tiles, 3, 448, 448) pixels, exactly as the in-process processor makes them."""

@@ -1,0 +1,1 @@
+"""What every service process shares: the gRPC server (health, reflection, drain), the common flags, and `serve`."""

@@ -1,0 +1,98 @@
+"""The life of every service process, written once: set up, serve, drain on SIGTERM, close in order.
+
+An entry point parses its flags and hands `run_service` a `build` coroutine that makes the service's parts from
+the shared `Context`. `serve` then starts the gRPC server (health, reflection and the service's own API), and
+either runs the service's worker until a signal stops it or, for an API-only service, waits for the drain.
+
+Shutdown order: the worker finishes its batch in flight, whatever `build` registered on `Context.resources`
+closes (last registered first: e.g. the KServe port, the generation backend), the gRPC server drains, and the
+Redis client closes last, since everything before may still use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from redis.asyncio import Redis
+
+from vita.bus.streams import BusConfig
+from vita.runtime.args import setup
+from vita.runtime.server import GrpcService, ServiceServer
+from vita.telemetry.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Worker(Protocol):
+    """A loop that takes jobs until `stop`; `run` returns once the work in flight is finished."""
+
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass
+class Context:
+    """What `serve` sets up before the service is built."""
+
+    args: argparse.Namespace
+    model_dir: Path  # --model, or the tiny model (built on first use)
+    redis: Redis
+    bus: BusConfig
+    metrics: Metrics
+    resources: contextlib.AsyncExitStack  # closed after the worker stops, before the gRPC server drains
+
+
+@dataclass
+class Service:
+    """The parts of one service; with no worker, the process serves its gRPC API until a signal drains it."""
+
+    grpc: Sequence[GrpcService] = ()
+    worker: Worker | None = None
+    log: Mapping[str, object] = field(default_factory=dict)  # extra fields of the "serving" log line
+
+
+Build = Callable[[Context], Awaitable[Service]]
+
+
+async def serve(name: str, args: argparse.Namespace, build: Build, *, threads: int | None = None) -> None:
+    """Run service `name` (its log and trace name) with the common flags of `args` until SIGTERM or SIGINT.
+
+    `threads`: torch CPU threads, set before the model loads (None: torch's choice).
+    """
+    import torch
+
+    from vita.model.tiny import build_tiny_checkpoint
+
+    if threads:
+        torch.set_num_threads(threads)
+    redis, bus, metrics = setup(name, args)
+    server: ServiceServer | None = None
+    try:
+        async with contextlib.AsyncExitStack() as resources:
+            model_dir = Path(args.model) if args.model else build_tiny_checkpoint()
+            service = await build(Context(args, model_dir, redis, bus, metrics, resources))
+            server = ServiceServer(service.grpc, host=args.host, port=args.grpc_port)
+            await server.start()
+            worker = service.worker
+            server.install_signal_handlers(on_drain=worker.stop if worker is not None else None)
+            log.info("serving", extra={"grpc_port": server.port, "model": str(model_dir), **service.log})
+            await (worker.run() if worker is not None else server.wait())
+    finally:
+        if server is not None:
+            await server.drain()
+        await redis.aclose()
+    log.info("stopped")
+
+
+def run_service(name: str, args: argparse.Namespace, build: Build, *, threads: int | None = None) -> int:
+    """`serve` in a fresh event loop: what every `vita serve ...` entry point returns from `main`."""
+    asyncio.run(serve(name, args, build, threads=threads))
+    return 0

@@ -1,1 +1,0 @@
-"""The vision-encoder service: images and video frames from its Redis stream into InternViT embeddings."""
