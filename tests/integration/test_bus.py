@@ -413,6 +413,27 @@ def test_events_time_out_with_a_clear_error(config: BusConfig) -> None:
     run(body)
 
 
+def test_events_wait_longer_than_the_socket_timeout(config: BusConfig) -> None:
+    """A reply later than the client's socket timeout (redis-py's default, 5 s) still arrives; silence ends in
+    ReplyTimeout, not in redis' own TimeoutError."""
+
+    async def body(redis: Redis) -> None:
+        stream = config.reply("req-slow")
+        with pytest.raises(ReplyTimeout, match=r"within 0\.8 s"):
+            await take(events(redis, stream, timeout_s=0.8), 1)
+
+        async def publish_late() -> None:
+            await asyncio.sleep(5.5)  # longer than the socket timeout, on any machine
+            await publish_event(redis, config, stream, GenerationEvent(request_id="req-slow", sequence=0))
+
+        late = asyncio.create_task(publish_late())
+        (reply,) = await take(events(redis, stream, timeout_s=30), 1)
+        await late
+        assert reply.sequence == 0
+
+    run(body)
+
+
 def test_events_drop_replies_of_a_redelivered_job(config: BusConfig) -> None:
     async def body(redis: Redis) -> None:
         stream = config.reply("req-1")

@@ -7,6 +7,7 @@ request's stream disappears on its own.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator
 
 from redis.asyncio import Redis
@@ -17,6 +18,7 @@ from vita.errors import InvalidInputError, VitaError
 from vita.v1.bus_pb2 import EncodeResult, GenerationEvent
 
 Reply = EncodeResult | GenerationEvent
+_MAX_BLOCK_S = 1.0  # one blocking read of `events`: below any socket timeout a client is likely to have
 
 
 class ReplyTimeout(VitaError, TimeoutError):
@@ -93,10 +95,18 @@ async def events(
         raise InvalidInputError(f"reply timeout must be positive; got {timeout_s}")
     seen_jobs: set[str] = set()
     next_sequence: dict[str, int] = {}
+    # One XREAD BLOCK must end before the client's socket timeout (redis-py 8 defaults it to 5 s), else the
+    # read fails with redis' TimeoutError: a longer wait is a series of shorter blocks.
+    socket_timeout = redis.connection_pool.connection_kwargs.get("socket_timeout")
+    slice_s = min(_MAX_BLOCK_S, socket_timeout / 2) if socket_timeout else _MAX_BLOCK_S
     while True:
-        reply = await redis.xread({reply_stream: after}, count=64, block=milliseconds(timeout_s))
-        if not reply:
-            raise ReplyTimeout(f"no reply on {reply_stream} within {timeout_s:g} s")
+        deadline = time.monotonic() + timeout_s
+        reply = None
+        while not reply:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ReplyTimeout(f"no reply on {reply_stream} within {timeout_s:g} s")
+            reply = await redis.xread({reply_stream: after}, count=64, block=milliseconds(min(remaining, slice_s)))
         for entry_id, fields in reply[0][1]:
             after = entry_id.decode()
             message = decode_entry(fields, REPLY_TYPES)
