@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 
-from vita.service_args import add_common_args, setup
+from vita.runtime.args import add_common_args, setup
 
 
 def test_a_blocking_read_longer_than_five_seconds_waits_it_out():

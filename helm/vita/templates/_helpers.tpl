@@ -105,7 +105,7 @@ llm-monitor: {key: llmMonitor, service: llm, role: monitor, pool: "llm:monitor"}
 
 {{/* The service processes ------------------------------------------------------------------------------------- */}}
 
-{{/* Flags every service takes (services/vita/service_args.py); include "vita.commonArgs" $ */}}
+{{/* Flags every service takes (services/vita/runtime/args.py); include "vita.commonArgs" $ */}}
 {{- define "vita.commonArgs" -}}
 - --host
 - 0.0.0.0
