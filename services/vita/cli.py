@@ -75,6 +75,7 @@ SERVICES = {
     "vision-encoder": "vita.encoders.__main__:vision_encoder",
     "llm": "vita.llm.__main__:main",
     "orchestrator": "vita.orchestrator.__main__:main",
+    "realtime": "vita.realtime.server:main",
 }
 
 
@@ -99,11 +100,14 @@ def _up(args: argparse.Namespace) -> None:
     if path.exists():
         raise VitaError(f"a stack is already up (state in {path}); run `vita down` first")
     model = args.model or str(build_tiny_checkpoint())
-    stack = LocalStack(model_dir=model, redis_url=args.redis, orchestrator_port=args.port).start()
+    stack = LocalStack(model_dir=model, redis_url=args.redis, orchestrator_port=args.port, realtime=True,
+                       realtime_port=args.realtime_port).start()
     stack.save(path)
     for s in stack.services:
-        print(f"  {s.name:<15} pid {s.pid:<7} grpc 127.0.0.1:{s.grpc_port}  log {s.log_path}")
-    print(f"stack up: the API is at {stack.target}; `vita ask --text ...` to try it, `vita down` to stop")
+        kind = "http" if s.health == "http" else "grpc"
+        print(f"  {s.name:<15} pid {s.pid:<7} {kind} 127.0.0.1:{s.grpc_port}  log {s.log_path}")
+    print(f"stack up: the API is at {stack.target}, the Realtime endpoint at {stack.realtime_url}; "
+          "`vita ask --text ...` to try it, `vita down` to stop")
 
 
 def _down(args: argparse.Namespace) -> None:
@@ -255,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("serve", help="run one service (audio-encoder, vision-encoder, llm, orchestrator)",
+    p = sub.add_parser("serve", help="run one service (audio-encoder, vision-encoder, llm, orchestrator, realtime)",
                        description="Run one service process; `vita serve SERVICE --help` lists its options.")
     p.add_argument("service", choices=sorted(SERVICES))
     p.add_argument("service_args", nargs=argparse.REMAINDER, help="options of the service")
@@ -265,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model directory (default: the tiny model)")
     p.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     p.add_argument("--port", type=_int_in(1, 65535), default=50051, help="the orchestrator's (public API) port")
+    p.add_argument("--realtime-port", type=_int_in(1, 65535), default=8080,
+                   help="the OpenAI-Realtime WebSocket endpoint's port")
     p.set_defaults(func=_up)
 
     p = sub.add_parser("down", help="stop the stack `vita up` started")

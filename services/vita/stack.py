@@ -67,6 +67,7 @@ class ServiceProcess:
     log_path: str
     pid: int = 0
     metrics_port: int = 0
+    health: str = "grpc"  # "http": GET /healthz on grpc_port (the realtime gateway's WebSocket port)
 
 
 @dataclass
@@ -79,11 +80,18 @@ class LocalStack:
     reclaim_idle_ms: int = 30_000
     extra_args: dict[str, list[str]] = field(default_factory=dict)
     metrics: bool = False  # give every service a Prometheus port (ServiceProcess.metrics_port)
+    realtime: bool = False  # also the OpenAI-Realtime gateway (`vita serve realtime`) in front of the orchestrator
+    realtime_port: int = 0  # 0 picks a free port
     services: list[ServiceProcess] = field(default_factory=list)
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.service('orchestrator').grpc_port}"
+
+    @property
+    def realtime_url(self) -> str:
+        """The Realtime endpoint's WebSocket URL (the `openai` SDK's base_url is http://127.0.0.1:PORT/v1)."""
+        return f"ws://127.0.0.1:{self.service('realtime').grpc_port}/v1/realtime"
 
     def service(self, name: str) -> ServiceProcess:
         for service in self.services:
@@ -112,6 +120,13 @@ class LocalStack:
                                                  "--metrics-port", str(metrics_port),
                                                  *self.extra_args.get(name, [])],
                                           port, str(log_dir / f"{name}.log"), metrics_port=metrics_port))
+        if self.realtime:
+            port = self.realtime_port or free_port()
+            planned.append(ServiceProcess(
+                "realtime", [sys.executable, "-m", "vita.realtime", "--orchestrator",
+                             f"127.0.0.1:{planned[-1].grpc_port}", "--port", str(port),
+                             *self.extra_args.get("realtime", [])],
+                port, str(log_dir / "realtime.log"), health="http"))
         return planned
 
     def add_replica(self, name: str, timeout_s: float = 120.0) -> ServiceProcess:
@@ -195,6 +210,9 @@ def _with_flag(argv: list[str], flag: str, value: str) -> list[str]:
 
 def wait_healthy(service: ServiceProcess, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
+    if service.health == "http":
+        _wait_http(service, deadline, timeout_s)
+        return
     with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
@@ -207,6 +225,23 @@ def wait_healthy(service: ServiceProcess, timeout_s: float) -> None:
             except grpc.RpcError:
                 pass
             time.sleep(0.2)
+    raise StackError(f"{service.name} not healthy after {timeout_s:.0f} s:\n{_tail(service.log_path)}")
+
+
+def _wait_http(service: ServiceProcess, deadline: float, timeout_s: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    while time.monotonic() < deadline:
+        if not _alive(service.pid):
+            raise StackError(f"{service.name} exited during start-up:\n{_tail(service.log_path)}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{service.grpc_port}/healthz", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
     raise StackError(f"{service.name} not healthy after {timeout_s:.0f} s:\n{_tail(service.log_path)}")
 
 

@@ -35,5 +35,5 @@ def session_vad(defaults: VADConfig, config: SessionConfig) -> VADConfig:
         end_threshold=v.end_threshold or defaults.end_threshold,
         min_speech_ms=v.min_speech_ms or defaults.min_speech_ms,
         end_silence_ms=v.end_silence_ms or defaults.end_silence_ms,
-        speech_pad_ms=defaults.speech_pad_ms, max_segment_s=defaults.max_segment_s, partial_every_ms=early,
+        speech_pad_ms=v.speech_pad_ms or defaults.speech_pad_ms, max_segment_s=defaults.max_segment_s, partial_every_ms=early,
     )

@@ -44,6 +44,7 @@ from vita.v1.assistant_pb2 import (
     AnswerCompleted,
     AnswerInterrupted,
     AnswerStarted,
+    AnswerTruncated,
     ClientEvent,
     ErrorEvent,
     ServerEvent,
@@ -88,6 +89,21 @@ class TextQuery:
 
 
 @dataclass
+class _Cancel:
+    """CancelAnswer: stop the answer of `turn_id` (0: whatever answer is in flight)."""
+
+    turn_id: int
+
+
+@dataclass
+class _Truncate:
+    """TruncateAnswer: the client played only `content` of the answer of `turn_id`."""
+
+    turn_id: int
+    content: str
+
+
+@dataclass
 class _End:
     """The client is done: the turn worker lets the last answer finish, then ends the call."""
 
@@ -124,7 +140,7 @@ class ConverseCall:
         self.rate = SAMPLE_RATE
         self._pcm_carry = b""
         self._out: asyncio.Queue[ServerEvent | None] = asyncio.Queue()
-        self._work: asyncio.Queue[Utterance | TextQuery | _End] = asyncio.Queue()
+        self._work: asyncio.Queue[Utterance | TextQuery | _Cancel | _Truncate | _End] = asyncio.Queue()
         self.answer: Answer | None = None
         self._early_query_segment = -1  # a segment already judged a query while being spoken
         self._early_tried: set[int] = set()
@@ -214,14 +230,23 @@ class ConverseCall:
             if not request.text.text.strip():
                 raise InvalidInputError("text message is empty")
             self._work.put_nowait(TextQuery(request.text.text, time.perf_counter()))
+        elif kind == "cut":
+            for event in self.vad.cut():
+                if request.cut.discard and event.kind == "ended":
+                    self.emit(speech_ended=SpeechEnded(audio_start_s=event.start_s, audio_end_s=event.end_s))
+                else:
+                    self._on_speech(event)
+        elif kind == "cancel":
+            self._work.put_nowait(_Cancel(request.cancel.turn_id))
+        elif kind == "truncate":
+            self._work.put_nowait(_Truncate(request.truncate.turn_id, request.truncate.content))
 
     async def _configure(self, config: SessionConfig) -> None:
         """Start a new session, or resume a stored one (rebuilding an answer a dead replica left in flight)."""
         if self.state is not None:
-            raise InvalidInputError("the session is already configured: send SessionConfig once, first")
-        rate = config.audio_sample_rate_hz or SAMPLE_RATE
-        if not 8_000 <= rate <= 48_000:
-            raise InvalidInputError(f"audio_sample_rate_hz must be 8000..48000 (or 0 for 16000); got {rate}")
+            await self._reconfigure(config)
+            return
+        rate = _audio_rate(config)
         vad = session_vad(self.config.vad, config)
         if config.resume:
             if not config.session_id:
@@ -236,6 +261,20 @@ class ConverseCall:
         self.state, self.rate, self.vad = state, rate, StreamingVAD(vad)
         self.emit(session_started=SessionStarted(resumed=resumed, history_turns=len(state.turns)))
         log.info("session started", extra={"session_id": state.session_id, "resumed": resumed})
+
+    async def _reconfigure(self, config: SessionConfig) -> None:
+        """A later SessionConfig replaces the session's settings; the VAD's stream goes on with the new ones."""
+        if config.resume or config.session_id not in ("", self.session_id):
+            raise InvalidInputError("the session is already started: a later SessionConfig may only update it "
+                                    "(no resume, no other session_id)")
+        rate, vad = _audio_rate(config), session_vad(self.config.vad, config)
+        new = SessionConfig()
+        new.CopyFrom(config)
+        new.session_id = self.session_id
+        self.state = await self.store.update(self.session_id, lambda s: s.config.CopyFrom(new))
+        if rate != self.rate:
+            self.rate, self._pcm_carry = rate, b""
+        self.vad.set_config(vad)
 
     def _vad_push(self, pcm16: bytes) -> list[SpeechEvent]:
         """PCM16 at the session's rate into the VAD at 16 kHz; an odd trailing byte waits for the next chunk."""
@@ -276,6 +315,12 @@ class ConverseCall:
                         await self.answer.task
                 self._out.put_nowait(None)
                 return
+            if isinstance(item, _Cancel | _Truncate):
+                try:
+                    await self._client_stop(item)
+                except (InvalidInputError, SessionNotFound) as e:
+                    self.error(grpc.StatusCode.INVALID_ARGUMENT, str(e), item.turn_id)
+                continue
             turn_id = self.state.next_turn_id
             with tracer.start_as_current_span("converse turn") as span:
                 span.set_attribute("vita.session_id", self.session_id)
@@ -443,18 +488,44 @@ class ConverseCall:
         if self.answer is answer:
             self.answer = None
 
-    async def _interrupt(self, cut_at: float) -> None:
-        """Stop the relay first (nothing more reaches the client), then the generator's compute; roles swap."""
+    async def _interrupt(self, cut_at: float, *, swap: bool = True) -> None:
+        """Stop the relay first (nothing more reaches the client), then the generator's compute; roles swap
+        (unless the client stopped it: then no query is waiting for the other role to answer)."""
         answer = self.answer
         if answer is None or not await self._stop_relay(answer):
             return  # it finished meanwhile: nothing to interrupt
         await self.pools.cancel(answer.request_id)
-        await self._finish(answer, answer.tokens_sent, interrupted=True, swap=True)
+        await self._finish(answer, answer.tokens_sent, interrupted=True, swap=swap)
         generated = await self.pools.stopped(answer.request_id)
         stop_latency = time.perf_counter() - cut_at
-        self.metrics.interruption_latency.labels("generator_stopped").observe(stop_latency)
+        if swap:
+            self.metrics.interruption_latency.labels("generator_stopped").observe(stop_latency)
+        usage = Usage()
+        usage.CopyFrom(answer.usage)
+        usage.completion_tokens = generated
         self.emit(answer.turn_id, interrupted=AnswerInterrupted(
-            tokens_sent=answer.tokens_sent, tokens_generated=generated, stop_latency_s=stop_latency))
+            tokens_sent=answer.tokens_sent, tokens_generated=generated, stop_latency_s=stop_latency, usage=usage))
+
+    async def _client_stop(self, item: _Cancel | _Truncate) -> None:
+        """CancelAnswer / TruncateAnswer: stop the answer (if it is the one meant), then cut its stored text."""
+        answer = self.answer
+        if answer is not None and (not item.turn_id or answer.turn_id == item.turn_id):
+            await self._interrupt(time.perf_counter(), swap=False)
+        if isinstance(item, _Cancel):
+            return
+        tokens = len(self.tokenizer.encode(item.content)) if item.content else 0
+
+        def record(s: SessionState) -> None:
+            turn = next((t for t in s.turns if t.role == SessionTurn.BOT and t.turn_id == item.turn_id), None)
+            if turn is None:
+                raise InvalidInputError(f"truncate: turn {item.turn_id} has no answer")
+            if not turn.content.startswith(item.content):
+                raise InvalidInputError(f"truncate: the content is not a prefix of turn {item.turn_id}'s answer")
+            if turn.content != item.content:
+                turn.content, turn.tokens, turn.interrupted = item.content, tokens, True
+
+        self.state = await self.store.update(self.session_id, record)
+        self.emit(item.turn_id, truncated=AnswerTruncated(content=item.content, tokens=tokens))
 
     async def _stop_relay(self, answer: Answer) -> bool:
         """Nothing more of `answer` reaches the client after this; False if it had already finished."""
@@ -505,6 +576,13 @@ class ConverseCall:
                 s.turns.append(turn)
 
         return await self.store.update(session_id, record)
+
+
+def _audio_rate(config: SessionConfig) -> int:
+    rate = config.audio_sample_rate_hz or SAMPLE_RATE
+    if not 8_000 <= rate <= 48_000:
+        raise InvalidInputError(f"audio_sample_rate_hz must be 8000..48000 (or 0 for 16000); got {rate}")
+    return rate
 
 
 def _check_image_bytes(data: bytes, what: str) -> None:

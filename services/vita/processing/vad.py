@@ -195,16 +195,19 @@ class StreamingVAD:
     SAMPLE_RATE = SAMPLE_RATE
 
     def __init__(self, config: VADConfig | None = None) -> None:
-        self.config = config or VADConfig()
         self._net = _load_model()
-        cfg = self.config
+        self.set_config(config or VADConfig())
+        self.reset()
+
+    def set_config(self, config: VADConfig) -> None:
+        """New thresholds and timings from the next window on; the stream (positions, an open segment) goes on."""
+        self.config = cfg = config
         ms = SAMPLE_RATE // 1000
         self._min_speech = cfg.min_speech_ms * ms
         self._end_silence = cfg.end_silence_ms * ms
         self._pad = cfg.speech_pad_ms * ms
         self._every = cfg.partial_every_ms * ms
         self._max_len = int(cfg.max_segment_s * SAMPLE_RATE)
-        self.reset()
 
     def reset(self) -> None:
         """Forget everything (an open segment is dropped without an event): the next push starts a new stream."""
@@ -267,6 +270,17 @@ class StreamingVAD:
                 end = min(self._silence_start + self._pad, end)
             self._close(end, events)
         self.reset()
+        return events
+
+    def cut(self) -> list[SpeechEvent]:
+        """The speaker says the utterance is over (push-to-talk release): an open segment ends at the audio judged
+        so far, like `flush`, but the stream goes on (positions keep counting; later speech opens a new segment)."""
+        events: list[SpeechEvent] = []
+        if self._open:
+            end = self._done
+            if self._silence_start is not None:
+                end = min(self._silence_start + self._pad, end)
+            self._close(end, events)
         return events
 
     # ------------------------------------------------------------------------------------------------------------

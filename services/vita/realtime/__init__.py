@@ -1,0 +1,1 @@
+"""The OpenAI-Realtime-compatible WebSocket endpoint over Converse, and spoken answers (docs/realtime.md)."""

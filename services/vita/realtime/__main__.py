@@ -1,0 +1,5 @@
+import sys
+
+from vita.realtime.server import main
+
+sys.exit(main())

@@ -1,0 +1,296 @@
+"""The OpenAI Realtime API's wire format (GA field names, as in the `openai` SDK's `types/realtime`): parsing and
+checking client events, the session object, and the shapes of the server events we send.
+
+Pure functions and dataclasses, no I/O: `session.py` drives a Converse call with them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from vita.errors import InvalidInputError
+from vita.orchestrator.config import session_vad
+from vita.processing.vad import VADConfig
+from vita.realtime.tts import DEFAULT_VOICE, SAMPLE_RATE
+from vita.v1.assistant_pb2 import SessionConfig, VadParams
+from vita.v1.media_pb2 import SamplingParams
+
+CLIENT_EVENTS = (
+    "session.update", "input_audio_buffer.append", "input_audio_buffer.commit", "input_audio_buffer.clear",
+    "conversation.item.create", "conversation.item.truncate", "response.create", "response.cancel",
+)
+# Client events of the API that this server does not implement: refused with a clear error (docs/realtime.md).
+UNSUPPORTED_EVENTS = ("conversation.item.delete", "conversation.item.retrieve", "output_audio_buffer.clear")
+IGNORED_EVENT = "vita.utterance.ignored"  # our extension: speech judged not meant for the assistant
+
+
+class RealtimeError(Exception):
+    """A client event the server refuses: sent back as an `error` event; the session goes on."""
+
+    def __init__(self, message: str, *, code: str = "invalid_value", param: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.code, self.param, self.kind = code, param, kind
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+def error_event(error: RealtimeError | str, *, code: str | None = None, kind: str | None = None,
+                client_event_id: str | None = None, param: str | None = None) -> dict:
+    """`{"type": "error", "event_id", "error": {type, code, message, param, event_id}}` (the API's shape)."""
+    if isinstance(error, RealtimeError):
+        code, param, kind = code or error.code, param or error.param, kind or error.kind
+    return {"type": "error", "event_id": new_id("event"), "error": {
+        "type": kind or "invalid_request_error", "code": code, "message": str(error), "param": param,
+        "event_id": client_event_id}}
+
+
+def parse_client_event(raw: str | bytes) -> dict:
+    """One WebSocket message as a client event dict with a known `type`; RealtimeError otherwise."""
+    try:
+        event = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise RealtimeError(f"the message is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(event, dict):
+        raise RealtimeError("a client event must be a JSON object", code="invalid_json")
+    kind = event.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise RealtimeError("missing required parameter: 'type'", code="missing_required_parameter", param="type")
+    if kind in UNSUPPORTED_EVENTS:
+        raise RealtimeError(f"'{kind}' is not supported by this server (see docs/realtime.md)",
+                            code="unsupported_event", param="type")
+    if kind not in CLIENT_EVENTS:
+        raise RealtimeError(f"Invalid value: '{kind}'. Supported values are: "
+                            + ", ".join(f"'{k}'" for k in CLIENT_EVENTS) + ".", param="type")
+    if "event_id" in event and not isinstance(event["event_id"], str):
+        raise RealtimeError("event_id must be a string", param="event_id")
+    return event
+
+
+def b64decode(value: Any, param: str) -> bytes:
+    """Strict base64 (RealtimeError naming `param` when it is not)."""
+    if not isinstance(value, str):
+        raise RealtimeError(f"'{param}' must be a base64 string", param=param)
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise RealtimeError(f"'{param}' is not valid base64", code="invalid_base64", param=param) from None
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def data_url_bytes(url: Any, param: str) -> bytes:
+    """An image given as `data:image/...;base64,...` (remote URLs cannot be fetched by this server)."""
+    if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
+        raise RealtimeError(f"'{param}' must be a data URL (data:image/png;base64,...); remote URLs are not "
+                            "fetched", param=param)
+    return b64decode(url.split(";base64,", 1)[1], param)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The session
+
+
+@dataclass
+class SessionSettings:
+    """A session's effective configuration, kept in the API's terms; `to_converse` makes the Converse config."""
+
+    session_id: str = ""
+    model: str = "vita"
+    instructions: str = ""  # "": the model's own data-type system prompts
+    output_modalities: list[str] = field(default_factory=lambda: ["audio"])
+    input_rate: int = SAMPLE_RATE
+    voice: str = DEFAULT_VOICE
+    speed: float = 1.0
+    max_output_tokens: int | str = "inf"
+    turn_detection: dict = field(default_factory=lambda: {"type": "server_vad"})
+
+    def to_converse(self, *, resume: bool = False) -> SessionConfig:
+        td = self.turn_detection
+        vad = VadParams()
+        if td.get("threshold") is not None:
+            vad.start_threshold = td["threshold"]
+            vad.end_threshold = max(0.01, td["threshold"] - 0.15)  # Silero's hysteresis
+        if td.get("silence_duration_ms") is not None:
+            vad.end_silence_ms = td["silence_duration_ms"]
+        if td.get("prefix_padding_ms") is not None:
+            vad.speech_pad_ms = td["prefix_padding_ms"]
+        config = SessionConfig(
+            session_id=self.session_id, resume=resume, audio_sample_rate_hz=self.input_rate, vad=vad,
+            sampling=SamplingParams(max_tokens=0 if self.max_output_tokens == "inf" else self.max_output_tokens))
+        if self.instructions:
+            config.system_prompt = self.instructions
+        return config
+
+    def vad(self) -> VADConfig:
+        """The segmentation this session gets, with the server defaults for what it does not set."""
+        return session_vad(VADConfig(), self.to_converse())
+
+    def to_api(self) -> dict:
+        """The `session` object of session.created / session.updated."""
+        vad = self.vad()
+        return {
+            "type": "realtime", "object": "realtime.session", "id": f"sess_{self.session_id}", "model": self.model,
+            "instructions": self.instructions, "output_modalities": list(self.output_modalities),
+            "max_output_tokens": self.max_output_tokens, "tools": [], "tool_choice": "auto",
+            "audio": {
+                "input": {
+                    "format": {"type": "audio/pcm", "rate": self.input_rate},
+                    "transcription": None, "noise_reduction": None,
+                    "turn_detection": {
+                        "type": "server_vad", "threshold": round(vad.start_threshold, 6),  # float32 in the proto
+                        "prefix_padding_ms": vad.speech_pad_ms, "silence_duration_ms": vad.end_silence_ms,
+                        "create_response": True, "interrupt_response": True, "idle_timeout_ms": None,
+                    },
+                },
+                "output": {"format": {"type": "audio/pcm", "rate": SAMPLE_RATE}, "voice": self.voice,
+                           "speed": self.speed},
+            },
+        }
+
+    def updated(self, session: Any) -> SessionSettings:
+        """A copy with a `session.update`'s fields applied; RealtimeError (naming the field) if one is refused."""
+        if not isinstance(session, dict):
+            raise RealtimeError("'session' must be an object", param="session")
+        new = copy.deepcopy(self)
+        if session.get("type", "realtime") != "realtime":
+            raise RealtimeError("only realtime sessions are supported (no transcription sessions)",
+                                param="session.type")
+        if "instructions" in session:
+            new.instructions = _typed(session["instructions"] or "", str, "session.instructions")
+        modalities = session.get("output_modalities", session.get("modalities"))
+        if modalities is not None:
+            new.output_modalities = check_modalities(modalities, "session.output_modalities")
+        if "max_output_tokens" in session:
+            new.max_output_tokens = _max_tokens(session["max_output_tokens"], "session.max_output_tokens")
+        for key in ("tools", "tool_choice", "prompt", "tracing", "truncation", "include", "reasoning"):
+            value = session.get(key)
+            if value not in (None, [], "auto", "none", "disabled"):
+                raise RealtimeError(f"'{key}' is not supported by this server", code="unsupported_parameter",
+                                    param=f"session.{key}")
+        audio = session.get("audio") or {}
+        if not isinstance(audio, dict):
+            raise RealtimeError("'audio' must be an object", param="session.audio")
+        _apply_input(new, audio.get("input") or {})
+        _apply_output(new, audio.get("output") or {})
+        try:
+            new.vad()  # the same checks Converse makes
+        except InvalidInputError as e:
+            raise RealtimeError(str(e), param="session.audio.input.turn_detection") from None
+        return new
+
+
+def check_modalities(value: Any, param: str) -> list[str]:
+    if not isinstance(value, list) or not value or any(m not in ("text", "audio") for m in value):
+        raise RealtimeError(f"'{param}' must be [\"audio\"] or [\"text\"]", param=param)
+    return ["audio"] if "audio" in value else ["text"]
+
+
+def _apply_input(new: SessionSettings, config: Any) -> None:
+    if not isinstance(config, dict):
+        raise RealtimeError("'input' must be an object", param="session.audio.input")
+    if "format" in config:
+        fmt = config["format"] or {}
+        if not isinstance(fmt, dict) or fmt.get("type", "audio/pcm") != "audio/pcm":
+            raise RealtimeError("only audio/pcm (PCM16 mono) input is supported", param="session.audio.input.format")
+        rate = fmt.get("rate", SAMPLE_RATE)
+        if not isinstance(rate, int) or isinstance(rate, bool) or not 8_000 <= rate <= 48_000:
+            raise RealtimeError(f"input rate must be 8000..48000 Hz (24000, or 16000); got {rate!r}",
+                                param="session.audio.input.format.rate")
+        new.input_rate = rate
+    for key in ("transcription", "noise_reduction"):
+        if config.get(key) is not None:
+            raise RealtimeError(f"'{key}' is not supported by this server", code="unsupported_parameter",
+                                param=f"session.audio.input.{key}")
+    if "turn_detection" not in config:
+        return
+    td = config["turn_detection"]
+    param = "session.audio.input.turn_detection"
+    if not isinstance(td, dict) or td.get("type", "server_vad") != "server_vad":
+        raise RealtimeError("only server_vad turn detection is supported: VITA cuts and judges all speech itself "
+                            "(no semantic_vad, no null/manual turns)", code="unsupported_parameter", param=param)
+    for key in ("create_response", "interrupt_response"):
+        if td.get(key) is False:
+            raise RealtimeError(f"{key}=false is not supported: a query VITA judges is answered and interrupts",
+                                code="unsupported_parameter", param=f"{param}.{key}")
+    if td.get("idle_timeout_ms") is not None:
+        raise RealtimeError("idle_timeout_ms is not supported", code="unsupported_parameter",
+                            param=f"{param}.idle_timeout_ms")
+    merged = dict(new.turn_detection)
+    for key, kind in (("threshold", float), ("silence_duration_ms", int), ("prefix_padding_ms", int)):
+        if td.get(key) is not None:
+            merged[key] = _typed(td[key], kind, f"{param}.{key}")
+            if merged[key] < 0:
+                raise RealtimeError(f"{key} must not be negative", param=f"{param}.{key}")
+    new.turn_detection = merged
+
+
+def _apply_output(new: SessionSettings, config: Any) -> None:
+    if not isinstance(config, dict):
+        raise RealtimeError("'output' must be an object", param="session.audio.output")
+    fmt = config.get("format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type", "audio/pcm") != "audio/pcm"
+                            or fmt.get("rate", SAMPLE_RATE) != SAMPLE_RATE):
+        raise RealtimeError("only audio/pcm at 24000 Hz output is supported", param="session.audio.output.format")
+    if config.get("voice") is not None:
+        voice = config["voice"]
+        new.voice = _typed(voice.get("id") if isinstance(voice, dict) else voice, str, "session.audio.output.voice")
+    if config.get("speed") is not None:
+        speed = _typed(config["speed"], float, "session.audio.output.speed")
+        if not 0.25 <= speed <= 1.5:
+            raise RealtimeError("speed must be 0.25..1.5", param="session.audio.output.speed")
+        new.speed = speed
+
+
+def _max_tokens(value: Any, param: str) -> int | str:
+    if value == "inf":
+        return value
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4096:
+        raise RealtimeError(f"'{param}' must be 1..4096 or \"inf\"", param=param)
+    return value
+
+
+def _typed(value: Any, kind: type, param: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise RealtimeError(f"'{param}' must be a {kind.__name__}", param=param)
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Items and responses
+
+
+def user_item(item_id: str, content: list[dict], status: str = "completed") -> dict:
+    return {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": status,
+            "content": content}
+
+
+def assistant_item(item_id: str, modality: str, text: str, status: str) -> dict:
+    part = {"type": "output_audio", "transcript": text} if modality == "audio" else {"type": "output_text",
+                                                                                      "text": text}
+    return {"id": item_id, "object": "realtime.item", "type": "message", "role": "assistant", "status": status,
+            "content": [part]}
+
+
+def usage(prompt: Any | None, output_tokens: int) -> dict:
+    """The API's usage object from Converse's Usage (prompt side) and the tokens generated."""
+    audio = image = total_in = 0
+    if prompt is not None:
+        audio, image = prompt.audio_tokens, prompt.image_tokens + prompt.video_tokens
+        total_in = prompt.prompt_tokens
+    return {"total_tokens": total_in + output_tokens, "input_tokens": total_in, "output_tokens": output_tokens,
+            "input_token_details": {"text_tokens": total_in - audio - image, "audio_tokens": audio,
+                                    "image_tokens": image, "cached_tokens": 0},
+            "output_token_details": {"text_tokens": output_tokens, "audio_tokens": 0}}

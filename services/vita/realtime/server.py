@@ -1,0 +1,188 @@
+"""`vita serve realtime`: the OpenAI-Realtime-compatible WebSocket endpoint, a gateway in front of the orchestrator.
+
+    ws://HOST:PORT/v1/realtime?model=...   one Realtime session per connection (one Converse call)
+    GET /healthz                           200 while serving (readiness and liveness probes)
+
+It holds no model and no session state (sessions live in Redis behind the orchestrator), so it scales as its own
+Deployment. Authentication: with `--api-tokens FILE` a connection must bring one of the file's tokens, as
+`Authorization: Bearer TOKEN` or, for browsers (which cannot set headers on a WebSocket), as the subprotocol
+`openai-insecure-api-key.TOKEN`; a refused handshake is HTTP 401. The token is passed on to the orchestrator as
+`authorization` metadata, so a gRPC-side check sees the same caller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from http import HTTPStatus
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import grpc
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from vita.errors import VitaError
+from vita.realtime.protocol import SessionSettings
+from vita.realtime.session import RealtimeSession
+from vita.realtime.tts import make_tts
+from vita.v1.assistant_pb2_grpc import AssistantStub
+
+log = logging.getLogger("vita.realtime")
+
+PATH = "/v1/realtime"
+MAX_MESSAGE_BYTES = 16 << 20  # the API allows 15 MiB of base64 audio per append
+_KEY_PROTOCOL = "openai-insecure-api-key."
+
+
+def load_tokens(path: str | Path) -> frozenset[str]:
+    """One token per line; blank lines and `#` comments are skipped. VitaError if the file is unreadable or empty."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise VitaError(f"cannot read the API token file {path}: {e.strerror}") from None
+    tokens = frozenset(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    if not tokens:
+        raise VitaError(f"the API token file {path} holds no token")
+    return tokens
+
+
+def request_token(headers: Headers) -> str | None:
+    """The bearer token of a handshake: Authorization header first, then the browser subprotocol."""
+    auth = headers.get("Authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip() or None
+    for value in headers.get_all("Sec-WebSocket-Protocol"):
+        for protocol in value.split(","):
+            if protocol.strip().startswith(_KEY_PROTOCOL):
+                return protocol.strip()[len(_KEY_PROTOCOL):] or None
+    return None
+
+
+def _token_known(token: str | None, tokens: frozenset[str]) -> bool:
+    return token is not None and any(hmac.compare_digest(token.encode(), t.encode()) for t in tokens)
+
+
+def _json_response(status: HTTPStatus, message: str, code: str) -> Response:
+    body = json.dumps({"error": {"type": "invalid_request_error", "code": code, "message": message,
+                                 "param": None}}).encode()
+    headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                       ("Connection", "close")])
+    if status == HTTPStatus.UNAUTHORIZED:
+        headers["WWW-Authenticate"] = 'Bearer realm="vita"'
+    return Response(status.value, status.phrase, headers, body)
+
+
+class RealtimeServer:
+    def __init__(self, orchestrator: str, *, host: str = "127.0.0.1", port: int = 0,
+                 tokens: frozenset[str] | None = None, tts: str = "espeak", echo_guard: bool = True,
+                 audio_lead_ms: int = 500) -> None:
+        self.orchestrator, self.host, self.port = orchestrator, host, port
+        self.tokens, self.tts, self.echo_guard, self.audio_lead_ms = tokens, tts, echo_guard, audio_lead_ms
+        self.channel = grpc.aio.insecure_channel(orchestrator, options=[
+            ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)])
+        self.stub = AssistantStub(self.channel)
+        self.sessions = 0
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if path in ("/healthz", "/readyz"):
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        if path != PATH:
+            return _json_response(HTTPStatus.NOT_FOUND, f"no such endpoint {path!r}: connect to {PATH}",
+                                  "not_found")
+        if self.tokens is not None and not _token_known(request_token(request.headers), self.tokens):
+            return _json_response(HTTPStatus.UNAUTHORIZED, "missing or unknown API key: send "
+                                  "'Authorization: Bearer <token>'", "invalid_api_key")
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        query = parse_qs(urlsplit(ws.request.path).query)
+        token = request_token(ws.request.headers)
+        settings = SessionSettings(model=query.get("model", ["vita"])[0])
+        resume = query.get("session_id", [""])[0]
+        if resume:
+            settings.session_id = resume
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.sessions += 1
+        log.info("session opened", extra={"model": settings.model, "resume": bool(resume)})
+        try:
+            await RealtimeSession(ws, self.stub, settings, tts=self.tts, metadata=metadata, resume=bool(resume),
+                                  echo_guard=self.echo_guard, audio_lead_ms=self.audio_lead_ms).run()
+        except Exception:
+            log.exception("session failed")
+        finally:
+            self.sessions -= 1
+            log.info("session closed", extra={"session_id": settings.session_id})
+
+    def _select_subprotocol(self, connection: ServerConnection, offered: Sequence[str]) -> str | None:
+        return "realtime" if "realtime" in offered else None
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        async with serve(self._handle, self.host, self.port, process_request=self._process_request,
+                         select_subprotocol=self._select_subprotocol, max_size=MAX_MESSAGE_BYTES,
+                         compression=None) as server:
+            self.port = next(iter(server.sockets)).getsockname()[1]
+            log.info("serving", extra={"url": f"ws://{self.host}:{self.port}{PATH}",
+                                       "orchestrator": self.orchestrator, "auth": self.tokens is not None})
+            await stop.wait()
+            server.close(close_connections=True)
+            await server.wait_closed()
+        await self.channel.close()
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vita serve realtime",
+                                description="The OpenAI-Realtime-compatible WebSocket endpoint (/v1/realtime), "
+                                            "a gateway to the orchestrator's Converse API; see docs/realtime.md.")
+    p.add_argument("--orchestrator", default=os.environ.get("VITA_ORCHESTRATOR", "127.0.0.1:50051"),
+                   help="the orchestrator's gRPC address (env VITA_ORCHESTRATOR)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a cluster)")
+    p.add_argument("--port", type=int, default=8080, help="WebSocket port (0 picks a free one)")
+    p.add_argument("--api-tokens", default=os.environ.get("VITA_API_TOKENS_FILE"),
+                   help="file of accepted bearer tokens, one per line (env VITA_API_TOKENS_FILE); unset: no auth")
+    p.add_argument("--tts", default="espeak", choices=["espeak"], help="text-to-speech engine for spoken answers")
+    p.add_argument("--audio-lead-ms", type=int, default=500,
+                   help="spoken answers go out at playback pace, this far ahead of it (a client's jitter buffer)")
+    p.add_argument("--no-echo-guard", action="store_true",
+                   help="do not remove the assistant's own voice from the microphone input")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
+    return p.parse_args(argv)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    tokens = load_tokens(args.api_tokens) if args.api_tokens else None
+    make_tts(args.tts)  # fail at start-up, not in the first session, when the engine is missing
+    server = RealtimeServer(args.orchestrator, host=args.host, port=args.port, tokens=tokens, tts=args.tts,
+                            echo_guard=not args.no_echo_guard, audio_lead_ms=args.audio_lead_ms)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.serve(stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from vita.telemetry.logging import configure_logging
+
+    args = parse_args(argv)
+    configure_logging("realtime", args.log_level, json_format=not args.plain_logs)
+    try:
+        asyncio.run(_serve(args))
+    except VitaError as e:
+        print(f"vita serve realtime: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

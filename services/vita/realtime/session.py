@@ -1,0 +1,558 @@
+"""One Realtime WebSocket connection as a thin layer over one Converse call (the orchestrator's gRPC API).
+
+Converse does the conversation: VAD, judging every utterance with the model (non-awakening), interruption, history
+in Redis. This layer translates in both directions and adds what only a speaking client needs:
+- client events become Converse events (audio chunks, config updates, text, images, cancel, truncate), checked
+  first so a bad event gets an `error` naming it and changes nothing;
+- Converse events become the API's events: speech started/stopped, a query's `committed` + user item, an ignored
+  utterance's `vita.utterance.ignored`, and for each answer the response lifecycle
+  (`response.created` ... `response.done`);
+- spoken answers: the answer's text is cut into sentences, each synthesized as it completes and sent as
+  `response.output_audio.delta` with its transcript; an interruption stops the audio at once, and the stored answer
+  is cut to the text whose audio went out (and, on `conversation.item.truncate`, to what the client played).
+
+Event order is kept by one writer task: every server event goes through `_out`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import grpc
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from vita.errors import VitaError
+from vita.realtime.echo import EchoGuard
+from vita.realtime.protocol import (
+    IGNORED_EVENT,
+    RealtimeError,
+    SessionSettings,
+    assistant_item,
+    b64,
+    b64decode,
+    check_modalities,
+    data_url_bytes,
+    error_event,
+    new_id,
+    parse_client_event,
+    usage,
+    user_item,
+)
+from vita.realtime.tts import SAMPLE_RATE, SentenceSplitter, Spoken, make_tts, played_text
+from vita.v1.assistant_pb2 import (
+    AudioChunk,
+    CancelAnswer,
+    ClientEvent,
+    CutSpeech,
+    ServerEvent,
+    TextMessage,
+    TruncateAnswer,
+    UtteranceJudged,
+)
+from vita.v1.assistant_pb2_grpc import AssistantStub
+from vita.v1.media_pb2 import Image
+
+log = logging.getLogger(__name__)
+
+AUDIO_CHUNK_MS = 200  # one response.output_audio.delta
+_KEEP_ITEMS = 64  # assistant items remembered for conversation.item.truncate
+_SPEAKABLE = re.compile(r"\w")
+_ERROR_TYPES = {3: "invalid_request_error", 5: "invalid_request_error", 8: "rate_limit_error"}
+_STATUS_NAMES = {status.value[0]: status.name.lower() for status in grpc.StatusCode}
+
+
+@dataclass
+class Segment:
+    """A stretch of speech the VAD cut: becomes a user item if judged a query."""
+
+    item_id: str
+    start_s: float
+    end_s: float = 0.0
+    cleared: bool = False  # input_audio_buffer.clear dropped it
+
+
+@dataclass
+class Response:
+    """One answer: a Converse turn and the API's response and assistant item around it."""
+
+    id: str
+    item_id: str
+    turn_id: int
+    modality: str  # "audio" or "text"
+    text: list[str] = field(default_factory=list)  # everything Converse relayed
+    spoken: list[Spoken] = field(default_factory=list)  # audio sent, with its transcript
+    audio_ms: float = 0.0
+    playback_start: float | None = None  # loop time at which the client started (nominally) playing it
+    usage: dict | None = None
+    converse_done: bool = False  # Converse completed or stopped the answer
+    cancel_reason: str | None = None
+    finished: bool = False  # response.done sent
+    splitter: SentenceSplitter = field(default_factory=SentenceSplitter)
+    sentences: asyncio.Queue = field(default_factory=asyncio.Queue)
+    speaker: asyncio.Task | None = None
+
+    def spoken_text(self) -> str:
+        return "".join(piece.text for piece in self.spoken)
+
+
+class RealtimeSession:
+    def __init__(self, ws: ServerConnection, stub: AssistantStub, settings: SessionSettings, *, tts: str = "espeak",
+                 metadata: tuple[tuple[str, str], ...] = (), resume: bool = False, echo_guard: bool = True,
+                 audio_lead_ms: int = 500) -> None:
+        self.ws, self.stub, self.settings, self.tts_name = ws, stub, settings, tts
+        self.audio_lead_ms = audio_lead_ms
+        self.metadata, self.resume = metadata, resume
+        self.echo = EchoGuard(settings.input_rate) if echo_guard else None
+        self._out: asyncio.Queue[dict | None] = asyncio.Queue()
+        self._to_converse: asyncio.Queue[ClientEvent | None] = asyncio.Queue()
+        self.segments: deque[Segment] = deque()  # cut by the VAD, not judged yet
+        self.open_segment: Segment | None = None
+        self.queries: deque[Segment] = deque()  # judged queries whose answer has not started
+        self.pending_text: list[str] = []  # user text items waiting for response.create
+        self.pending_modality: str | None = None  # response.create sent, its answer not started yet
+        self.response: Response | None = None
+        self.items: OrderedDict[str, Response] = OrderedDict()
+        self.truncations: dict[int, deque[tuple[str, int] | None]] = {}  # per turn: (item, audio_end_ms), None=ours
+        self.last_item_id: str | None = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The connection
+
+    async def run(self) -> None:
+        """Until the client closes the socket (the answer in flight is then stopped, as Converse does)."""
+        call = self.stub.Converse(self._requests(), metadata=self.metadata)
+        writer = asyncio.create_task(self._write())
+        try:
+            self._converse(ClientEvent(config=self.settings.to_converse(resume=self.resume)))
+            if not await self._start(call):
+                return
+            converse = asyncio.create_task(self._converse_events(call))
+            try:
+                async for message in self.ws:
+                    await self._on_message(message)
+            except ConnectionClosed:
+                pass
+            finally:
+                converse.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await converse
+        finally:
+            call.cancel()
+            if self.response is not None and self.response.speaker is not None:
+                self.response.speaker.cancel()
+            self._out.put_nowait(None)
+            with contextlib.suppress(Exception):
+                await writer
+
+    async def _start(self, call: grpc.aio.StreamStreamCall) -> bool:
+        """session.created once Converse has the session; an error event and a closed socket if it refused."""
+        try:
+            first = await call.read()
+        except grpc.aio.AioRpcError as e:
+            await self._fail(f"the orchestrator is unavailable: {e.code().name}: {e.details()}")
+            return False
+        if first is grpc.aio.EOF or first.WhichOneof("event") != "session_started":
+            message = first.error.message if first is not grpc.aio.EOF else "the orchestrator ended the call"
+            await self._fail(message, code="session_refused", kind="invalid_request_error", close=1008)
+            return False
+        self.settings.session_id = first.session_id
+        self.send({"type": "session.created", "session": self.settings.to_api()})
+        return True
+
+    async def _fail(self, message: str, *, code: str = "orchestrator_unavailable", kind: str = "server_error",
+                    close: int = 1011) -> None:
+        self.send(error_event(message, code=code, kind=kind))
+        self._out.put_nowait(None)
+        await asyncio.sleep(0)
+        await self.ws.close(close, message[:120])
+
+    async def _requests(self):
+        while (event := await self._to_converse.get()) is not None:
+            yield event
+
+    def _converse(self, event: ClientEvent) -> None:
+        self._to_converse.put_nowait(event)
+
+    def send(self, event: dict) -> None:
+        event.setdefault("event_id", new_id("event"))
+        self._out.put_nowait(event)
+
+    async def _write(self) -> None:
+        while (event := await self._out.get()) is not None:
+            try:
+                await self.ws.send(json.dumps(event))
+            except ConnectionClosed:
+                return
+
+    async def _converse_events(self, call: grpc.aio.StreamStreamCall) -> None:
+        try:
+            while (event := await call.read()) is not grpc.aio.EOF:
+                self._on_converse(event)
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED:
+                await self._fail(f"the orchestrator call failed: {e.code().name}: {e.details()}")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Client events
+
+    async def _on_message(self, raw: str | bytes) -> None:
+        event_id = None
+        try:
+            event = parse_client_event(raw)
+            event_id = event.get("event_id")
+            handler = getattr(self, "_on_" + event["type"].replace(".", "_"))
+            handler(event)
+        except RealtimeError as e:
+            self.send(error_event(e, client_event_id=event_id))
+
+    def _on_session_update(self, event: dict) -> None:
+        new = self.settings.updated(event.get("session"))
+        if new.to_converse() != self.settings.to_converse():
+            self._converse(ClientEvent(config=new.to_converse()))
+        if self.echo is not None and new.input_rate != self.settings.input_rate:
+            self.echo = EchoGuard(new.input_rate)
+        self.settings = new
+        self.send({"type": "session.updated", "session": new.to_api()})
+
+    def _on_input_audio_buffer_append(self, event: dict) -> None:
+        audio = b64decode(event.get("audio"), "audio")
+        if self.echo is not None:
+            audio = self.echo.process(audio)
+        self._converse(ClientEvent(audio=AudioChunk(pcm16=audio)))
+
+    def _on_input_audio_buffer_commit(self, event: dict) -> None:
+        if self.open_segment is None:
+            raise RealtimeError("no speech to commit: the server VAD has no speech open (it commits speech by "
+                                "itself when it ends)", code="input_audio_buffer_commit_empty")
+        self._converse(ClientEvent(cut=CutSpeech()))
+
+    def _on_input_audio_buffer_clear(self, event: dict) -> None:
+        if self.open_segment is not None:
+            self.open_segment.cleared = True
+            self._converse(ClientEvent(cut=CutSpeech(discard=True)))
+        self.send({"type": "input_audio_buffer.cleared"})
+
+    def _on_conversation_item_create(self, event: dict) -> None:
+        item = event.get("item")
+        if not isinstance(item, dict) or item.get("type", "message") != "message":
+            raise RealtimeError("'item' must be a message object", param="item")
+        if item.get("role") != "user":
+            raise RealtimeError("only user messages can be added: the history holds the turns VITA answered",
+                                code="unsupported_parameter", param="item.role")
+        content = item.get("content")
+        if not isinstance(content, list) or not content:
+            raise RealtimeError("'item.content' must be a non-empty list", param="item.content")
+        texts, images = [], []
+        for k, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "input_text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind == "input_image":
+                images.append(data_url_bytes(part.get("image_url"), f"item.content[{k}].image_url"))
+            elif kind == "input_audio":
+                raise RealtimeError("input_audio items are not supported: stream speech with "
+                                    "input_audio_buffer.append", code="unsupported_parameter",
+                                    param=f"item.content[{k}].type")
+            else:
+                raise RealtimeError("content parts must be input_text (with text) or input_image",
+                                    param=f"item.content[{k}]")
+        if texts and not "".join(texts).strip():
+            raise RealtimeError("the message text is empty", param="item.content")
+        item_id = item.get("id") if isinstance(item.get("id"), str) and item.get("id") else new_id("item")
+        for image in images:
+            self._converse(ClientEvent(image=Image(data=image)))
+        if texts:
+            self.pending_text.append("\n".join(texts))
+        self.send({"type": "conversation.item.created", "previous_item_id": self.last_item_id,
+                   "item": user_item(item_id, content)})
+        self.last_item_id = item_id
+
+    def _on_response_create(self, event: dict) -> None:
+        if self._active() is not None or self.pending_modality is not None:
+            raise RealtimeError("Conversation already has an active response in progress",
+                                code="conversation_already_has_active_response")
+        params = event.get("response") or {}
+        if not isinstance(params, dict):
+            raise RealtimeError("'response' must be an object", param="response")
+        if params.get("input") is not None or params.get("conversation") not in (None, "auto"):
+            raise RealtimeError("out-of-band responses are not supported: every answer is a turn of the "
+                                "conversation", code="unsupported_parameter", param="response.conversation")
+        modalities = self.settings.output_modalities
+        if params.get("output_modalities") is not None:
+            modalities = check_modalities(params["output_modalities"], "response.output_modalities")
+        if not self.pending_text:
+            raise RealtimeError("no new user input to answer: add a conversation.item.create with input_text first "
+                                "(spoken queries are answered without response.create)", code="no_user_input")
+        text, self.pending_text = "\n".join(self.pending_text), []
+        self.pending_modality = modalities[0]
+        self._converse(ClientEvent(text=TextMessage(text=text)))
+
+    def _on_response_cancel(self, event: dict) -> None:
+        response = self._active()
+        wanted = event.get("response_id")
+        if response is None or (wanted and wanted != response.id):
+            raise RealtimeError("there is no response in progress to cancel", code="response_cancel_not_active",
+                                param="response_id" if wanted else None)
+        response.cancel_reason = "client_cancelled"
+        if response.converse_done:
+            self._stop(response, "client_cancelled")  # only its audio was still going out
+        else:
+            self._converse(ClientEvent(cancel=CancelAnswer(turn_id=response.turn_id)))
+
+    def _on_conversation_item_truncate(self, event: dict) -> None:
+        item_id, end_ms = event.get("item_id"), event.get("audio_end_ms")
+        response = self.items.get(item_id) if isinstance(item_id, str) else None
+        if response is None:
+            raise RealtimeError(f"no assistant item with id {item_id!r} (only this session's recent answers can be "
+                                "truncated)", code="item_not_found", param="item_id")
+        if event.get("content_index", 0) != 0:
+            raise RealtimeError("content_index must be 0", param="content_index")
+        if not isinstance(end_ms, int) or isinstance(end_ms, bool) or end_ms < 0:
+            raise RealtimeError("'audio_end_ms' must be a non-negative integer", param="audio_end_ms")
+        if response.modality != "audio":
+            raise RealtimeError("only an answer spoken as audio can be truncated", param="item_id")
+        if not response.finished:  # the client stopped playing it: stop sending it
+            response.cancel_reason = response.cancel_reason or "client_cancelled"
+            self._stop(response, response.cancel_reason)
+        self.truncations.setdefault(response.turn_id, deque()).append((item_id, end_ms))
+        self._converse(ClientEvent(truncate=TruncateAnswer(turn_id=response.turn_id,
+                                                           content=played_text(response.spoken, end_ms))))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Converse events
+
+    def _on_converse(self, event: ServerEvent) -> None:
+        kind = event.WhichOneof("event")
+        handler = getattr(self, "_converse_" + kind, None) if kind else None
+        if handler is not None:
+            handler(event)
+
+    def _converse_speech_started(self, event: ServerEvent) -> None:
+        segment = Segment(new_id("item"), event.speech_started.audio_start_s)
+        self.open_segment = segment
+        self.segments.append(segment)
+        self.send({"type": "input_audio_buffer.speech_started", "item_id": segment.item_id,
+                   "audio_start_ms": _ms(segment.start_s)})
+
+    def _converse_speech_ended(self, event: ServerEvent) -> None:
+        segment, self.open_segment = self.open_segment, None
+        if segment is None:
+            return
+        segment.end_s = event.speech_ended.audio_end_s
+        if segment.cleared:
+            with contextlib.suppress(ValueError):
+                self.segments.remove(segment)
+            return
+        self.send({"type": "input_audio_buffer.speech_stopped", "item_id": segment.item_id,
+                   "audio_end_ms": _ms(segment.end_s)})
+
+    def _converse_judged(self, event: ServerEvent) -> None:
+        judged = event.judged
+        segment = self._judged_segment(judged.audio_start_s)
+        if judged.outcome == UtteranceJudged.QUERY:
+            self.queries.append(segment)
+            active = self._active()
+            if active is not None and active.converse_done:  # its text is done, its audio is still going out
+                self._stop(active, "turn_detected")
+            return
+        self.send({"type": IGNORED_EVENT, "item_id": segment.item_id, "audio_start_ms": _ms(judged.audio_start_s),
+                   "audio_end_ms": _ms(judged.audio_end_s), "state_token": judged.state_token,
+                   "latency_ms": _ms(judged.latency_s)})
+
+    def _judged_segment(self, start_s: float) -> Segment:
+        """The VAD segment a judgement is about (segments whose judging failed are skipped)."""
+        for k, segment in enumerate(self.segments):
+            if abs(segment.start_s - start_s) < 0.002:
+                for _ in range(k + 1):
+                    self.segments.popleft()
+                return segment
+        return Segment(new_id("item"), start_s)
+
+    def _converse_answer_started(self, event: ServerEvent) -> None:
+        active = self._active()
+        if active is not None:
+            self._stop(active, "turn_detected")
+        if event.answer_started.state_token == "<3>":
+            modality = self.pending_modality or self.settings.output_modalities[0]
+            self.pending_modality = None
+        else:
+            segment = self.queries.popleft() if self.queries else Segment(new_id("item"), 0.0)
+            self.send({"type": "input_audio_buffer.committed", "item_id": segment.item_id,
+                       "previous_item_id": self.last_item_id})
+            self.send({"type": "conversation.item.created", "previous_item_id": self.last_item_id,
+                       "item": user_item(segment.item_id, [{"type": "input_audio", "transcript": None}])})
+            self.last_item_id = segment.item_id
+            modality = self.settings.output_modalities[0]
+        r = Response(new_id("resp"), new_id("item"), event.turn_id, modality)
+        self.response = r
+        self.items[r.item_id] = r
+        while len(self.items) > _KEEP_ITEMS:
+            self.items.popitem(last=False)
+        item = assistant_item(r.item_id, modality, "", "in_progress")
+        self.send({"type": "response.created", "response": self._response_api(r, "in_progress")})
+        self.send({"type": "response.output_item.added", "response_id": r.id, "output_index": 0, "item": item})
+        self.send({"type": "conversation.item.created", "previous_item_id": self.last_item_id, "item": item})
+        self.last_item_id = r.item_id
+        part = {"type": "audio", "transcript": ""} if modality == "audio" else {"type": "text", "text": ""}
+        self.send({"type": "response.content_part.added", **self._where(r), "part": part})
+        if modality == "audio":
+            r.speaker = asyncio.create_task(self._speak(r))
+
+    def _converse_delta(self, event: ServerEvent) -> None:
+        r = self._for_turn(event.turn_id)
+        if r is None or r.converse_done:
+            return
+        r.text.append(event.delta.text)
+        if r.modality == "text":
+            self.send({"type": "response.output_text.delta", **self._where(r), "delta": event.delta.text})
+        else:
+            for sentence in r.splitter.push(event.delta.text):
+                r.sentences.put_nowait(sentence)
+
+    def _converse_completed(self, event: ServerEvent) -> None:
+        r = self._for_turn(event.turn_id)
+        if r is None:
+            return
+        r.converse_done = True
+        r.usage = usage(event.completed.usage, event.completed.usage.completion_tokens)
+        if r.cancel_reason:
+            self._stop(r, r.cancel_reason)
+        elif r.modality == "text":
+            self._finish(r, "completed")
+        else:
+            r.sentences.put_nowait(r.splitter.flush())
+            r.sentences.put_nowait(None)  # the speaker finishes the response after the last sentence
+
+    def _converse_interrupted(self, event: ServerEvent) -> None:
+        r = self._for_turn(event.turn_id)
+        if r is None:
+            return
+        r.converse_done = True
+        interrupted = event.interrupted
+        r.usage = usage(interrupted.usage if interrupted.HasField("usage") else None, interrupted.tokens_generated)
+        self._stop(r, r.cancel_reason or "turn_detected")
+
+    def _converse_truncated(self, event: ServerEvent) -> None:
+        pending = self.truncations.get(event.turn_id)
+        request = pending.popleft() if pending else None
+        if request is not None:
+            item_id, end_ms = request
+            self.send({"type": "conversation.item.truncated", "item_id": item_id, "content_index": 0,
+                       "audio_end_ms": end_ms})
+
+    def _converse_error(self, event: ServerEvent) -> None:
+        code = event.error.code
+        name = _STATUS_NAMES.get(code, str(code))
+        kind = _ERROR_TYPES.get(code, "server_error")
+        r = self._for_turn(event.turn_id)
+        if r is not None and not r.converse_done:  # the answer failed mid-way
+            r.converse_done = True
+            self._stop(r, None, error={"type": kind, "code": name, "message": event.error.message})
+        elif self.pending_modality is not None and self._active() is None:
+            self.pending_modality = None  # the typed query never became an answer
+        pending = self.truncations.get(event.turn_id)
+        if pending and event.error.message.startswith("truncate"):
+            pending.popleft()
+        self.send(error_event(event.error.message, code=name, kind=kind))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Responses
+
+    def _active(self) -> Response | None:
+        return self.response if self.response is not None and not self.response.finished else None
+
+    def _for_turn(self, turn_id: int) -> Response | None:
+        r = self.response
+        return r if r is not None and r.turn_id == turn_id and not r.finished else None
+
+    @staticmethod
+    def _where(r: Response) -> dict:
+        return {"response_id": r.id, "item_id": r.item_id, "output_index": 0, "content_index": 0}
+
+    async def _speak(self, r: Response) -> None:
+        """Sentence by sentence: synthesize, then its transcript and audio; the response ends after the last.
+
+        Audio goes out at the pace it plays, `audio_lead_ms` ahead: the response is in progress while the client
+        plays it, so an interruption stops it where the listener is (not after all of it was sent), the stored
+        answer is what was heard (to within the lead), and the echo guard knows when each piece sounds.
+        """
+        tts = make_tts(self.tts_name, self.settings.voice, self.settings.speed)
+        loop = asyncio.get_running_loop()
+        while (sentence := await r.sentences.get()) is not None:
+            if not sentence:
+                continue
+            pcm = b""
+            if _SPEAKABLE.search(sentence):
+                try:
+                    pcm = await asyncio.to_thread(tts.synthesize, sentence.strip())
+                except VitaError as e:
+                    self.send(error_event(f"text to speech failed: {e}", code="tts_failed", kind="server_error"))
+            if r.finished:
+                return
+            start = r.audio_ms
+            r.audio_ms += len(pcm) / 2 / SAMPLE_RATE * 1000
+            r.spoken.append(Spoken(sentence, start, r.audio_ms))
+            self.send({"type": "response.output_audio_transcript.delta", **self._where(r), "delta": sentence})
+            step = SAMPLE_RATE * 2 * AUDIO_CHUNK_MS // 1000
+            for offset in range(0, len(pcm), step):
+                at_ms = start + offset / 2 / SAMPLE_RATE * 1000
+                if r.playback_start is None or loop.time() > r.playback_start + at_ms / 1000:
+                    r.playback_start = loop.time() - at_ms / 1000  # (re)starts now: nothing was left to play
+                await asyncio.sleep(max(0.0, r.playback_start + (at_ms - self.audio_lead_ms) / 1000 - loop.time()))
+                if r.finished:
+                    return
+                chunk = pcm[offset:offset + step]
+                self.send({"type": "response.output_audio.delta", **self._where(r), "delta": b64(chunk)})
+                if self.echo is not None:
+                    self.echo.played(chunk)
+        self._finish(r, "completed")
+
+    def _stop(self, r: Response, reason: str | None, *, error: dict | None = None) -> None:
+        """End `r` now: no more audio; the stored answer keeps only the text whose audio went out."""
+        if r.finished:
+            return
+        if r.speaker is not None and r.speaker is not asyncio.current_task():
+            r.speaker.cancel()
+        self._finish(r, "failed" if error else "cancelled", reason=reason, error=error)
+        if r.modality == "audio" and r.spoken_text() != "".join(r.text):
+            self.truncations.setdefault(r.turn_id, deque()).append(None)
+            self._converse(ClientEvent(truncate=TruncateAnswer(turn_id=r.turn_id, content=r.spoken_text())))
+
+    def _finish(self, r: Response, status: str, *, reason: str | None = None, error: dict | None = None) -> None:
+        r.finished = True
+        text = r.spoken_text() if r.modality == "audio" else "".join(r.text)
+        if r.modality == "audio":
+            self.send({"type": "response.output_audio.done", **self._where(r)})
+            self.send({"type": "response.output_audio_transcript.done", **self._where(r), "transcript": text})
+            part = {"type": "audio", "transcript": text}
+        else:
+            self.send({"type": "response.output_text.done", **self._where(r), "text": text})
+            part = {"type": "text", "text": text}
+        self.send({"type": "response.content_part.done", **self._where(r), "part": part})
+        item = assistant_item(r.item_id, r.modality, text, "completed" if status == "completed" else "incomplete")
+        self.send({"type": "response.output_item.done", "response_id": r.id, "output_index": 0, "item": item})
+        self.send({"type": "response.done",
+                   "response": self._response_api(r, status, reason=reason, error=error, output=[item])})
+
+    def _response_api(self, r: Response, status: str, *, reason: str | None = None, error: dict | None = None,
+                      output: list | None = None) -> dict:
+        details = None
+        if status != "in_progress":
+            details = {"type": status, "reason": reason, "error": error}
+        return {"object": "realtime.response", "id": r.id, "status": status, "status_details": details,
+                "output": output or [], "conversation_id": f"conv_{self.settings.session_id}",
+                "output_modalities": [r.modality], "max_output_tokens": self.settings.max_output_tokens,
+                "audio": {"output": {"format": {"type": "audio/pcm", "rate": SAMPLE_RATE},
+                                     "voice": self.settings.voice}},
+                "usage": r.usage, "metadata": None}
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)

@@ -1,0 +1,386 @@
+"""The OpenAI-Realtime-compatible endpoint through the process stack on the duplex fine-tuned tiny model.
+
+The client is the official `openai` SDK's realtime client (code no one here wrote) pointed at our gateway, or a raw
+`websockets` client for what the SDK would never send. Speech is espeak-ng, the answers' voice too; every decision
+(query or not, the answer) is the model's. The stored session in Redis shows what Converse recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import uuid
+
+import numpy as np
+import pytest
+import websockets
+from openai import AsyncOpenAI
+from redis import Redis
+
+from vita.bus.streams import BusConfig
+from vita.realtime.tts import resample_pcm16
+from vita.stack import LocalStack
+from vita.v1.session_pb2 import SessionState, SessionTurn
+
+pytestmark = pytest.mark.slow
+TOKEN = f"test-{uuid.uuid4().hex}"
+TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def stack(duplex_model_dir, tmp_path_factory):
+    tokens = tmp_path_factory.mktemp("auth") / "tokens"
+    tokens.write_text(f"# accepted API keys\n\n{TOKEN}\n")
+    with LocalStack(model_dir=str(duplex_model_dir), prefix=f"rt{uuid.uuid4().hex[:8]}", realtime=True,
+                    extra_args={"realtime": ["--api-tokens", str(tokens)]},
+                    log_dir=str(tmp_path_factory.mktemp("logs"))) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def redis():
+    r = Redis.from_url("redis://127.0.0.1:6379/0")
+    yield r
+    r.close()
+
+
+def port(stack: LocalStack) -> int:
+    return stack.service("realtime").grpc_port
+
+
+def sdk(stack: LocalStack, key: str = TOKEN) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=f"http://127.0.0.1:{port(stack)}/v1", api_key=key)
+
+
+def stored(redis, stack, session_id: str) -> SessionState:
+    return SessionState.FromString(redis.get(BusConfig(prefix=stack.prefix).session(session_id)))
+
+
+def pcm16(samples: np.ndarray, rate: int = 16000, *, to_rate: int = 16000, silence_s: float = 0.8) -> bytes:
+    """Float samples (plus trailing silence, so the VAD sees the end) as PCM16 at `to_rate`."""
+    padded = np.concatenate([samples, np.zeros(round(silence_s * rate), np.float32)])
+    pcm = (np.clip(padded, -1, 1) * 32767).astype("<i2").tobytes()
+    return resample_pcm16(pcm, rate, to_rate)
+
+
+def chunks(pcm: bytes, rate: int, ms: int = 100):
+    step = rate * ms // 1000 * 2
+    for offset in range(0, len(pcm), step):
+        yield base64.b64encode(pcm[offset:offset + step]).decode()
+
+
+class Events:
+    """What a connection received, in order; `until` reads on to the next event of a type."""
+
+    def __init__(self, conn) -> None:
+        self.conn, self.seen = conn, []
+
+    async def until(self, kind: str, where=lambda e: True):
+        while True:
+            event = await asyncio.wait_for(self.conn.recv(), TIMEOUT_S)
+            self.seen.append(event)
+            if _type(event) == kind and where(event):
+                return event
+
+    def of(self, kind: str) -> list:
+        return [e for e in self.seen if _type(e) == kind]
+
+    def types(self) -> list[str]:
+        return [_type(e) for e in self.seen]
+
+
+def _type(event) -> str:
+    return event["type"] if isinstance(event, dict) else event.type
+
+
+def _field(event, name: str):
+    if isinstance(event, dict):
+        return event.get(name)
+    value = getattr(event, name, None)
+    return value if value is not None else (event.model_extra or {}).get(name)
+
+
+def _session_id(created) -> str:
+    return _field(created.session, "id").removeprefix("sess_")
+
+
+def _text_item(text: str) -> dict:
+    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The official SDK
+
+
+def test_sdk_text_turn_is_answered_with_audio_and_transcript_then_text(stack, redis):
+    async def main():
+        async with sdk(stack).realtime.connect(model="vita-tiny") as conn:
+            ev = Events(conn)
+            created = await ev.until("session.created")
+            assert created.session.audio.output.format.rate == 24000
+            await conn.session.update(session={"type": "realtime", "output_modalities": ["audio"]})
+            await ev.until("session.updated")
+            await conn.conversation.item.create(item=_text_item("What is the capital of France?"))
+            user = await ev.until("conversation.item.created")
+            await conn.response.create()
+            done = await ev.until("response.done")
+            spoken = ev.seen[:]
+            await conn.conversation.item.create(item=_text_item("And of Italy?"))
+            await conn.response.create(response={"output_modalities": ["text"]})
+            done_text = await ev.until("response.done")
+            return created, user, done, spoken, done_text, ev
+
+    created, user, done, spoken, done_text, ev = run(main())
+    assert user.item.role == "user" and user.item.content[0].text == "What is the capital of France?"
+    first = [e for e in spoken if getattr(e, "response_id", None) == done.response.id]
+    kinds = [e.type for e in first]
+    assert kinds[0] == "response.output_item.added" and kinds[-1] == "response.content_part.done"
+    transcript = "".join(e.delta for e in first if e.type == "response.output_audio_transcript.delta")
+    audio = b"".join(base64.b64decode(e.delta) for e in first if e.type == "response.output_audio.delta")
+    assert transcript.strip() and len(audio) > 24000  # more than half a second of speech at 24 kHz PCM16
+    samples = np.frombuffer(audio, "<i2")
+    assert np.abs(samples).max() > 1000  # sound, not silence
+    assert done.response.status == "completed" and done.response.usage.output_tokens > 0
+    assert done.response.output[0].content[0].transcript == transcript
+    assert done_text.response.status == "completed" and done_text.response.output_modalities == ["text"]
+    text = "".join(e.delta for e in ev.of("response.output_text.delta"))
+    assert text and not [e for e in ev.seen if e.type == "response.output_audio.delta"
+                         and e.response_id == done_text.response.id]
+    turns = stored(redis, stack, _session_id(created)).turns
+    assert [(t.role, t.content) for t in turns] == [
+        (SessionTurn.USER, "What is the capital of France?"), (SessionTurn.BOT, transcript),
+        (SessionTurn.USER, "And of Italy?"), (SessionTurn.BOT, text)]
+
+
+def test_sdk_spoken_query_at_24khz_is_judged_and_answered(stack, query_clip, trained_answer):
+    async def main():
+        async with sdk(stack).realtime.connect(model="vita-tiny") as conn:
+            ev = Events(conn)
+            await ev.until("session.created")
+            for chunk in chunks(pcm16(query_clip, to_rate=24000), 24000):
+                await conn.input_audio_buffer.append(audio=chunk)
+            done = await ev.until("response.done")
+            return ev, done
+
+    ev, done = run(main())
+    kinds = ev.types()
+    order = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+             "input_audio_buffer.committed", "conversation.item.created", "response.created", "response.done"]
+    seen = [k for k in kinds if k in order]
+    assert seen[:5] == order[:5] and seen[-1] == "response.done"
+    committed = ev.of("input_audio_buffer.committed")[0]
+    assert committed.item_id == ev.of("input_audio_buffer.speech_started")[0].item_id
+    assert ev.of("conversation.item.created")[0].item.content[0].type == "input_audio"
+    assert done.response.status == "completed"
+    transcript = done.response.output[0].content[0].transcript
+    assert transcript.startswith(trained_answer.split()[0])  # the fine-tuned answer, from the model
+
+
+def test_speech_not_meant_for_the_assistant_gets_no_response(stack, other_clip):
+    async def main():
+        async with sdk(stack).realtime.connect(model="vita-tiny") as conn:
+            ev = Events(conn)
+            await ev.until("session.created")
+            await conn.session.update(session={"type": "realtime", "audio": {"input": {
+                "format": {"type": "audio/pcm", "rate": 16000}}}})
+            await ev.until("session.updated")
+            for chunk in chunks(pcm16(other_clip), 16000):
+                await conn.input_audio_buffer.append(audio=chunk)
+            ignored = await ev.until("vita.utterance.ignored")
+            before = ev.types()
+            # Nothing was answered: the next response is the one a typed message asks for.
+            await conn.conversation.item.create(item=_text_item("hello"))
+            await conn.response.create(response={"output_modalities": ["text"]})
+            await ev.until("response.done")
+            return ignored, before, ev
+
+    ignored, before, ev = run(main())
+    assert _field(ignored, "state_token") != "<1>"
+    assert _field(ignored, "item_id") == ev.of("input_audio_buffer.speech_started")[0].item_id
+    assert "input_audio_buffer.speech_stopped" in before
+    assert not [k for k in before if k.startswith("response.") or k == "input_audio_buffer.committed"]
+    assert len(ev.of("response.created")) == 1
+
+
+def test_spoken_interruption_cancels_the_answer_and_truncate_keeps_what_was_played(stack, redis, query_clip):
+    async def main():
+        async with sdk(stack).realtime.connect(model="vita-tiny") as conn:
+            ev = Events(conn)
+            created = await ev.until("session.created")
+            await conn.session.update(session={"type": "realtime", "audio": {"input": {
+                "format": {"type": "audio/pcm", "rate": 16000}}}})
+            await ev.until("session.updated")
+            await conn.conversation.item.create(item=_text_item("Tell me a long story."))
+            await conn.response.create()
+            first = await ev.until("response.created")
+            await ev.until("response.output_audio.delta")
+            for chunk in chunks(pcm16(query_clip), 16000):  # the user cuts in while the answer plays
+                await conn.input_audio_buffer.append(audio=chunk)
+            cancelled = await ev.until("response.done", lambda e: e.response.id == first.response.id)
+            second = await ev.until("response.done")
+            after_cancel = stored(redis, stack, _session_id(created)).turns[1]
+            item_id = cancelled.response.output[0].id
+            await conn.conversation.item.truncate(item_id=item_id, content_index=0, audio_end_ms=1500)
+            truncated = await ev.until("conversation.item.truncated")
+            await conn.response.cancel()  # nothing is in progress now
+            error = await ev.until("error")
+            return created, first, cancelled, second, after_cancel, truncated, error, ev
+
+    created, first, cancelled, second, after_cancel, truncated, error, ev = run(main())
+    assert cancelled.response.status == "cancelled"
+    assert cancelled.response.status_details.reason == "turn_detected"
+    assert second.response.status == "completed" and second.response.id != first.response.id
+    # No audio of the first answer after its response.done.
+    done_at = ev.seen.index(cancelled)
+    assert not [e for e in ev.seen[done_at:] if e.type == "response.output_audio.delta"
+                and e.response_id == first.response.id]
+    sent = "".join(e.delta for e in ev.seen if e.type == "response.output_audio_transcript.delta"
+                   and e.response_id == first.response.id)
+    assert cancelled.response.output[0].content[0].transcript == sent
+    # The stored answer is what went out as audio ...
+    assert after_cancel.role == SessionTurn.BOT and after_cancel.interrupted and after_cancel.content == sent
+    # ... and after the client's truncate, what it played: the first 1.5 s, whole words, a prefix.
+    assert truncated.item_id == cancelled.response.output[0].id and truncated.audio_end_ms == 1500
+    turn = stored(redis, stack, _session_id(created)).turns[1]
+    assert turn.content and sent.startswith(turn.content) and len(turn.content) < len(sent)
+    assert sent[len(turn.content):][:1] in (" ", "")  # cut at a word boundary
+    assert error.error.code == "response_cancel_not_active"
+
+
+def test_response_cancel_stops_the_answer(stack, redis):
+    async def main():
+        async with sdk(stack).realtime.connect(model="vita-tiny") as conn:
+            ev = Events(conn)
+            created = await ev.until("session.created")
+            await conn.session.update(session={"type": "realtime", "output_modalities": ["text"],
+                                               "max_output_tokens": 400})
+            await ev.until("session.updated")
+            await conn.conversation.item.create(item=_text_item("Tell me a long story."))
+            await conn.response.create()
+            await ev.until("response.output_text.delta")
+            await conn.response.cancel()
+            done = await ev.until("response.done")
+            return created, done, ev
+
+    created, done, ev = run(main())
+    assert done.response.status == "cancelled" and done.response.status_details.reason == "client_cancelled"
+    text = "".join(e.delta for e in ev.of("response.output_text.delta"))
+    turns = stored(redis, stack, _session_id(created)).turns
+    assert turns[1].interrupted and turns[1].content == text
+
+
+def test_session_update_reaches_converse_and_bad_settings_are_refused(stack, redis):
+    async def main():
+        async with sdk(stack).realtime.connect(model="vita-tiny") as conn:
+            ev = Events(conn)
+            created = await ev.until("session.created")
+            await conn.session.update(session={
+                "type": "realtime", "instructions": "You are terse.", "audio": {"input": {"turn_detection": {
+                    "type": "server_vad", "threshold": 0.6, "silence_duration_ms": 700, "prefix_padding_ms": 200}}}})
+            updated = await ev.until("session.updated")
+            await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": {
+                "type": "server_vad", "threshold": 1.5}}}})
+            bad = await ev.until("error")
+            await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": {
+                "type": "semantic_vad"}}}})
+            unsupported = await ev.until("error")
+            await conn.conversation.item.create(item=_text_item("hi"))
+            await conn.response.create(response={"output_modalities": ["text"]})
+            await ev.until("response.done")
+            return created, updated, bad, unsupported
+
+    created, updated, bad, unsupported = run(main())
+    td = updated.session.audio.input.turn_detection
+    assert (td.threshold, td.silence_duration_ms, td.prefix_padding_ms) == (0.6, 700, 200)
+    config = stored(redis, stack, _session_id(created)).config
+    assert config.system_prompt == "You are terse."
+    assert (round(config.vad.start_threshold, 3), config.vad.end_silence_ms, config.vad.speech_pad_ms) == (0.6, 700, 200)
+    assert bad.error.type == "invalid_request_error" and "threshold" in bad.error.message
+    assert bad.error.param == "session.audio.input.turn_detection"
+    assert unsupported.error.code == "unsupported_parameter"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Raw WebSocket: malformed events and authentication
+
+
+async def _raw(stack, headers=None, subprotocols=None):
+    return await websockets.connect(f"ws://127.0.0.1:{port(stack)}/v1/realtime?model=vita-tiny",
+                                    additional_headers=headers if headers is not None else
+                                    {"Authorization": f"Bearer {TOKEN}"}, subprotocols=subprotocols)
+
+
+async def _next(ws, kind: str) -> dict:
+    while True:
+        event = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT_S))
+        if event["type"] == kind:
+            return event
+
+
+def test_malformed_events_get_error_events_and_the_session_goes_on(stack):
+    async def main():
+        ws = await _raw(stack)
+        try:
+            # Audio before session.created arrived: taken in order, like the API does (no error).
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(
+                b"\0\0" * 2400).decode()}))
+            created = await _next(ws, "session.created")
+            errors = []
+            for message in ["{not json", json.dumps({"type": "no.such.event", "event_id": "e1"}),
+                            json.dumps({"type": "input_audio_buffer.append", "audio": "%%%", "event_id": "e2"}),
+                            json.dumps({"event_id": "e3"}), json.dumps([1, 2]),
+                            json.dumps({"type": "conversation.item.create", "event_id": "e4",
+                                        "item": {"type": "message", "role": "assistant", "content": []}}),
+                            json.dumps({"type": "response.create", "event_id": "e5"}),
+                            json.dumps({"type": "conversation.item.truncate", "event_id": "e6",
+                                        "item_id": "item_nope", "content_index": 0, "audio_end_ms": 10})]:
+                await ws.send(message)
+                errors.append(await _next(ws, "error"))
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": _text_item("still there?")}))
+            await ws.send(json.dumps({"type": "response.create", "response": {"output_modalities": ["text"]}}))
+            done = await _next(ws, "response.done")
+            return created, errors, done
+        finally:
+            await ws.close()
+
+    created, errors, done = run(main())
+    assert created["session"]["type"] == "realtime"
+    for error in errors:
+        assert set(error) == {"type", "event_id", "error"} and error["event_id"]
+        assert set(error["error"]) == {"type", "code", "message", "param", "event_id"}
+        assert error["error"]["type"] == "invalid_request_error" and error["error"]["message"]
+    codes = [(e["error"]["code"], e["error"]["param"], e["error"]["event_id"]) for e in errors]
+    assert codes == [("invalid_json", None, None), ("invalid_value", "type", "e1"), ("invalid_base64", "audio", "e2"),
+                     ("missing_required_parameter", "type", None), ("invalid_json", None, None),
+                     ("unsupported_parameter", "item.role", "e4"), ("no_user_input", None, "e5"),
+                     ("item_not_found", "item_id", "e6")]
+    assert done["response"]["status"] == "completed"
+
+
+def test_authentication_rejects_missing_or_unknown_tokens(stack):
+    async def main():
+        outcomes = []
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            try:
+                await _raw(stack, headers=headers)
+                outcomes.append("accepted")
+            except websockets.InvalidStatus as e:
+                outcomes.append((e.response.status_code, json.loads(e.response.body)["error"]["code"]))
+        ws = await _raw(stack, headers={}, subprotocols=["realtime", f"openai-insecure-api-key.{TOKEN}"])
+        outcomes.append((ws.subprotocol, (await _next(ws, "session.created"))["type"]))
+        await ws.close()
+        try:
+            async with sdk(stack, key="wrong").realtime.connect(model="vita-tiny") as conn:
+                await conn.recv()
+            outcomes.append("sdk accepted")
+        except Exception as e:  # the SDK's own error for a refused handshake
+            outcomes.append(("sdk refused", "401" in str(e)))
+        return outcomes
+
+    assert run(main()) == [(401, "invalid_api_key"), (401, "invalid_api_key"), ("realtime", "session.created"),
+                           ("sdk refused", True)]

@@ -1,0 +1,136 @@
+"""The Realtime gateway's pure parts: event parsing, session settings, sentence cutting, played text, echo guard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vita.realtime.echo import EchoGuard
+from vita.realtime.protocol import RealtimeError, SessionSettings, b64decode, parse_client_event
+from vita.realtime.tts import EspeakTTS, SentenceSplitter, Spoken, played_text
+
+
+@pytest.mark.parametrize("raw, code, param", [
+    ("{oops", "invalid_json", None),
+    ("[1]", "invalid_json", None),
+    ('{"event_id": "x"}', "missing_required_parameter", "type"),
+    ('{"type": "bogus"}', "invalid_value", "type"),
+    ('{"type": "conversation.item.delete"}', "unsupported_event", "type"),
+    ('{"type": "response.create", "event_id": 7}', "invalid_value", "event_id"),
+])
+def test_bad_client_events_are_named(raw, code, param):
+    with pytest.raises(RealtimeError) as e:
+        parse_client_event(raw)
+    assert (e.value.code, e.value.param) == (code, param) and str(e.value)
+
+
+def test_base64_is_strict():
+    assert b64decode("AAE=", "audio") == b"\0\1"
+    with pytest.raises(RealtimeError) as e:
+        b64decode("AA E=!", "audio")
+    assert e.value.code == "invalid_base64" and e.value.param == "audio"
+
+
+def test_session_update_maps_server_vad_to_converse_vad_params():
+    s = SessionSettings().updated({"type": "realtime", "instructions": "Be brief.", "max_output_tokens": 64,
+                                   "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000},
+                                                       "turn_detection": {"type": "server_vad", "threshold": 0.7,
+                                                                          "silence_duration_ms": 600,
+                                                                          "prefix_padding_ms": 300}}}})
+    config = s.to_converse()
+    assert config.system_prompt == "Be brief." and config.audio_sample_rate_hz == 16000
+    assert config.sampling.max_tokens == 64
+    assert (round(config.vad.start_threshold, 3), round(config.vad.end_threshold, 3)) == (0.7, 0.55)
+    assert (config.vad.end_silence_ms, config.vad.speech_pad_ms) == (600, 300)
+    api = s.to_api()["audio"]["input"]["turn_detection"]
+    assert (api["threshold"], api["silence_duration_ms"], api["prefix_padding_ms"]) == (0.7, 600, 300)
+    # Unset fields keep their values; instructions "" restores the model's own prompts.
+    again = s.updated({"instructions": ""})
+    assert again.input_rate == 16000 and not again.to_converse().HasField("system_prompt")
+
+
+@pytest.mark.parametrize("session, param", [
+    ({"audio": {"input": {"turn_detection": {"type": "server_vad", "threshold": 1.5}}}},
+     "session.audio.input.turn_detection"),
+    ({"audio": {"input": {"turn_detection": None}}}, "session.audio.input.turn_detection"),
+    ({"audio": {"input": {"format": {"type": "audio/pcmu"}}}}, "session.audio.input.format"),
+    ({"audio": {"input": {"format": {"type": "audio/pcm", "rate": 4000}}}}, "session.audio.input.format.rate"),
+    ({"output_modalities": ["video"]}, "session.output_modalities"),
+    ({"tools": [{"type": "function", "name": "f"}]}, "session.tools"),
+    ({"max_output_tokens": 0}, "session.max_output_tokens"),
+    ({"type": "transcription"}, "session.type"),
+])
+def test_refused_session_settings_name_the_field(session, param):
+    before = SessionSettings()
+    with pytest.raises(RealtimeError) as e:
+        before.updated(session)
+    assert e.value.param == param
+    assert before == SessionSettings()  # nothing applied
+
+
+def test_sentences_join_back_to_the_text_and_cut_early():
+    text = "The sky is blue. Why? Because of Rayleigh scattering; it favours short waves. 天空是蓝色的。好！ end"
+    splitter, pieces = SentenceSplitter(), []
+    for k in range(0, len(text), 3):
+        pieces += splitter.push(text[k:k + 3])
+    pieces.append(splitter.flush())
+    assert "".join(pieces) == text
+    assert pieces[:3] == ["The sky is blue. ", "Why? ", "Because of Rayleigh scattering; "]
+    long = SentenceSplitter(max_chars=20).push("word " * 10)
+    assert long and all(len(p) <= 20 and p.endswith(" ") for p in long)
+
+
+def test_played_text_is_whole_sentences_then_whole_words():
+    spoken = [Spoken("Hello there. ", 0, 1000), Spoken("How are you today? ", 1000, 2000)]
+    assert played_text(spoken, 0) == ""
+    assert played_text(spoken, 1000) == "Hello there. "
+    assert played_text(spoken, 1600) == "Hello there. How are"
+    assert played_text(spoken, 5000) == "Hello there. How are you today? "
+
+
+def _pcm(x: np.ndarray) -> bytes:
+    return (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def _floats(pcm: bytes) -> np.ndarray:
+    return np.frombuffer(pcm, "<i2").astype(np.float32) / 32768
+
+
+def _db(x: np.ndarray) -> float:
+    return float(10 * np.log10(np.mean(x.astype(np.float64) ** 2) + 1e-12))
+
+
+@pytest.fixture(scope="module")
+def voice():
+    return EspeakTTS().synthesize("This is the assistant answering your question about the weather in Paris.")
+
+
+def _through(guard: EchoGuard, mic: np.ndarray, step: int = 2400) -> np.ndarray:
+    pcm = _pcm(mic)
+    return _floats(b"".join(guard.process(pcm[k:k + step * 2]) for k in range(0, len(pcm), step * 2)))
+
+
+def test_echo_guard_removes_its_own_voice_and_keeps_a_person_talking_over_it(voice):
+    out = _floats(voice)
+    delay = int(0.23 * 24000)
+    mic = np.zeros(len(out) + delay + 2400, np.float32)
+    mic[delay:delay + len(out)] += 0.5 * out  # -6 dB
+    guard = EchoGuard(24000)
+    guard.played(voice)
+    cleaned = _through(guard, mic)
+    echo = slice(delay, delay + len(out))
+    assert guard.delay == delay
+    assert _db(mic[echo]) - _db(cleaned[echo]) > 40  # gone, to PCM rounding
+
+    rng = np.random.default_rng(0)
+    person = np.zeros_like(mic)
+    person[delay + 4800:delay + 4800 + 24000] = 0.2 * np.sin(np.arange(24000) * 0.05) * rng.uniform(0.5, 1, 24000)
+    guard = EchoGuard(24000)
+    guard.played(voice)
+    cleaned = _through(guard, mic + person)
+    assert _db(cleaned - person) < _db(person) - 20  # what is left is the person
+
+
+def test_echo_guard_leaves_input_alone_when_nothing_was_played(voice):
+    mic = 0.3 * _floats(voice)
+    assert np.array_equal(_through(EchoGuard(24000), mic), _floats(_pcm(mic)))
