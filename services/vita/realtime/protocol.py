@@ -75,6 +75,16 @@ def parse_client_event(raw: str | bytes) -> dict:
     return event
 
 
+def client_event_id(raw: str | bytes) -> str | None:
+    """The `event_id` of a client message, when it has a readable one (for the error it gets)."""
+    try:
+        event = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    event_id = event.get("event_id") if isinstance(event, dict) else None
+    return event_id if isinstance(event_id, str) else None
+
+
 def b64decode(value: Any, param: str) -> bytes:
     """Strict base64 (RealtimeError naming `param` when it is not)."""
     if not isinstance(value, str):

@@ -22,6 +22,7 @@ import json
 import logging
 import re
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -38,6 +39,7 @@ from vita.realtime.protocol import (
     b64,
     b64decode,
     check_modalities,
+    client_event_id,
     data_url_bytes,
     error_event,
     new_id,
@@ -93,7 +95,7 @@ class Response:
     usage: dict | None = None
     converse_done: bool = False  # Converse completed or stopped the answer
     cancel_reason: str | None = None
-    finished: bool = False  # response.done sent
+    finished: bool = False  # nothing more of it goes out (response.done is sent, or once the history is cut)
     splitter: SentenceSplitter = field(default_factory=SentenceSplitter)
     sentences: asyncio.Queue = field(default_factory=asyncio.Queue)
     speaker: asyncio.Task | None = None
@@ -119,7 +121,9 @@ class RealtimeSession:
         self.pending_modality: str | None = None  # response.create sent, its answer not started yet
         self.response: Response | None = None
         self.items: OrderedDict[str, Response] = OrderedDict()
-        self.truncations: dict[int, deque[tuple[str, int] | None]] = {}  # per turn: (item, audio_end_ms), None=ours
+        # Per turn, the TruncateAnswers sent and not confirmed: the client's (item, audio_end_ms), or ours (what to
+        # do once the history holds what was sent: response.done).
+        self.truncations: dict[int, deque[tuple[str, int] | Callable[[], None]]] = {}
         self.last_item_id: str | None = None
 
     # ------------------------------------------------------------------------------------------------------------
@@ -203,14 +207,12 @@ class RealtimeSession:
     # Client events
 
     async def _on_message(self, raw: str | bytes) -> None:
-        event_id = None
         try:
             event = parse_client_event(raw)
-            event_id = event.get("event_id")
             handler = getattr(self, "_on_" + event["type"].replace(".", "_"))
             handler(event)
         except RealtimeError as e:
-            self.send(error_event(e, client_event_id=event_id))
+            self.send(error_event(e, client_event_id=client_event_id(raw)))
 
     def _on_session_update(self, event: dict) -> None:
         new = self.settings.updated(event.get("session"))
@@ -425,7 +427,8 @@ class RealtimeSession:
         if r.cancel_reason:
             self._stop(r, r.cancel_reason)
         elif r.modality == "text":
-            self._finish(r, "completed")
+            r.finished = True
+            self._done(r, "completed")
         else:
             r.sentences.put_nowait(r.splitter.flush())
             r.sentences.put_nowait(None)  # the speaker finishes the response after the last sentence
@@ -442,7 +445,9 @@ class RealtimeSession:
     def _converse_truncated(self, event: ServerEvent) -> None:
         pending = self.truncations.get(event.turn_id)
         request = pending.popleft() if pending else None
-        if request is not None:
+        if callable(request):
+            request()
+        elif request is not None:
             item_id, end_ms = request
             self.send({"type": "conversation.item.truncated", "item_id": item_id, "content_index": 0,
                        "audio_end_ms": end_ms})
@@ -457,10 +462,12 @@ class RealtimeSession:
             self._stop(r, None, error={"type": kind, "code": name, "message": event.error.message})
         elif self.pending_modality is not None and self._active() is None:
             self.pending_modality = None  # the typed query never became an answer
+        self.send(error_event(event.error.message, code=name, kind=kind))
         pending = self.truncations.get(event.turn_id)
         if pending and event.error.message.startswith("truncate"):
-            pending.popleft()
-        self.send(error_event(event.error.message, code=name, kind=kind))
+            request = pending.popleft()
+            if callable(request):
+                request()
 
     # ------------------------------------------------------------------------------------------------------------
     # Responses
@@ -512,21 +519,27 @@ class RealtimeSession:
                 self.send({"type": "response.output_audio.delta", **self._where(r), "delta": b64(chunk)})
                 if self.echo is not None:
                     self.echo.played(chunk)
-        self._finish(r, "completed")
+        r.finished = True
+        self._done(r, "completed")
 
     def _stop(self, r: Response, reason: str | None, *, error: dict | None = None) -> None:
-        """End `r` now: no more audio; the stored answer keeps only the text whose audio went out."""
+        """End `r` now: no more audio; the stored answer is cut to the text whose audio went out, and then
+        response.done tells the client (so the history is final when it arrives)."""
         if r.finished:
             return
+        r.finished = True
         if r.speaker is not None and r.speaker is not asyncio.current_task():
             r.speaker.cancel()
-        self._finish(r, "failed" if error else "cancelled", reason=reason, error=error)
+        status = "failed" if error else "cancelled"
         if r.modality == "audio" and r.spoken_text() != "".join(r.text):
-            self.truncations.setdefault(r.turn_id, deque()).append(None)
+            self.truncations.setdefault(r.turn_id, deque()).append(
+                lambda: self._done(r, status, reason=reason, error=error))
             self._converse(ClientEvent(truncate=TruncateAnswer(turn_id=r.turn_id, content=r.spoken_text())))
+        else:
+            self._done(r, status, reason=reason, error=error)
 
-    def _finish(self, r: Response, status: str, *, reason: str | None = None, error: dict | None = None) -> None:
-        r.finished = True
+    def _done(self, r: Response, status: str, *, reason: str | None = None, error: dict | None = None) -> None:
+        """The closing events of a response: the parts, the item and response.done."""
         text = r.spoken_text() if r.modality == "audio" else "".join(r.text)
         if r.modality == "audio":
             self.send({"type": "response.output_audio.done", **self._where(r)})
