@@ -291,3 +291,41 @@ def test_vita_converse_cli_streams_a_wav_and_prints_the_timeline(stack, query_cl
                           "--fast", "--max-tokens", "8"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "judged query ('<1>')" in out.stdout and "answer completed: 8 tokens" in out.stdout
+
+
+def test_client_controls_update_cancel_truncate_and_cut(client, redis, stack, query_clip):
+    """What the Realtime gateway drives: a later SessionConfig, CancelAnswer, TruncateAnswer, CutSpeech."""
+    from vita.v1.assistant_pb2 import CancelAnswer, CutSpeech, TruncateAnswer
+    from vita.v1.bus_pb2 import GenerationJob
+
+    with ConverseSession(client, session_config(max_tokens=400, ignore_eos=True)) as s:
+        s.send(session_config(session_id=f"other-{uuid.uuid4().hex}"))  # not this session: refused
+        assert s.wait("error").error.code == INVALID_ARGUMENT
+        s.send(session_config(max_tokens=400, ignore_eos=True, system_prompt="Be brief."))
+        s.send(text_event("Tell me a long story."))
+        first = s.wait("answer_started").turn_id
+        s.wait("delta", turn_id=first)
+        s.send(ClientEvent(cancel=CancelAnswer(turn_id=first + 5)))  # another turn: nothing happens
+        s.send(ClientEvent(cancel=CancelAnswer(turn_id=first)))
+        stopped = s.wait("interrupted", turn_id=first).interrupted
+        partial = s.answer_text(first)
+        cut = partial[: len(partial) // 2]
+        s.send(ClientEvent(truncate=TruncateAnswer(turn_id=first, content=partial + "x")))
+        assert "prefix" in s.wait("error").error.message
+        s.send(ClientEvent(truncate=TruncateAnswer(turn_id=first, content=cut)))
+        truncated = s.wait("truncated", turn_id=first).truncated
+        # Speech with no silence after it: CutSpeech ends it now, and it is judged.
+        s.send(*speech_events(query_clip, realtime=False, chunk_ms=100, trailing_silence_s=0.0))
+        s.wait("speech_started")
+        s.send(ClientEvent(cut=CutSpeech()))
+        s.wait("speech_ended")
+        judged = s.wait("judged")
+        s.close()
+    assert stopped.usage.prompt_tokens > 0 and stopped.usage.completion_tokens == stopped.tokens_generated
+    assert len(s.of("interrupted")) == 1  # the cancel of another turn did nothing
+    assert truncated.content == cut
+    assert judged.judged.outcome == UtteranceJudged.QUERY
+    state = stored(redis, stack, s.session_id)
+    assert state.config.system_prompt == "Be brief."
+    assert state.turns[1].content == cut and state.turns[1].interrupted
+    assert state.generator_role == GenerationJob.GENERATOR  # a cancel swaps no roles (nothing waits to be answered)

@@ -229,15 +229,17 @@ def test_spoken_interruption_cancels_the_answer_and_truncate_keeps_what_was_play
             second = await ev.until("response.created")
             await ev.until("response.output_audio.delta", lambda e: e.response_id == second.response.id)
             item_id = cancelled.response.output[0].id
-            await conn.conversation.item.truncate(item_id=item_id, content_index=0, audio_end_ms=1500)
+            received_ms = sum(len(base64.b64decode(e.delta)) for e in ev.of("response.output_audio.delta")
+                              if e.response_id == first.response.id) // 48
+            await conn.conversation.item.truncate(item_id=item_id, content_index=0, audio_end_ms=received_ms // 2)
             truncated = await ev.until("conversation.item.truncated")
             await conn.response.cancel()  # the second answer: not needed to the end
             await ev.until("response.done")
             await conn.response.cancel()  # nothing is in progress now
             error = await ev.until("error")
-            return created, first, cancelled, second, after_cancel, truncated, error, ev
+            return created, first, cancelled, second, after_cancel, truncated, error, ev, received_ms
 
-    created, first, cancelled, second, after_cancel, truncated, error, ev = run(main())
+    created, first, cancelled, second, after_cancel, truncated, error, ev, received_ms = run(main())
     assert cancelled.response.status == "cancelled"
     assert cancelled.response.status_details.reason == "turn_detected"
     assert second.response.id != first.response.id
@@ -250,11 +252,11 @@ def test_spoken_interruption_cancels_the_answer_and_truncate_keeps_what_was_play
     assert cancelled.response.output[0].content[0].transcript == sent
     # The stored answer is what went out as audio (its audio is paced: not all of it) ...
     assert after_cancel.role == SessionTurn.BOT and after_cancel.interrupted and after_cancel.content == sent
-    # ... and after the client's truncate, what it played: the first 1.5 s, whole words, a prefix.
-    assert truncated.item_id == cancelled.response.output[0].id and truncated.audio_end_ms == 1500
+    # ... and after the client's truncate, what it played: half the audio it got, whole words, a prefix.
+    assert truncated.item_id == cancelled.response.output[0].id and truncated.audio_end_ms == received_ms // 2
     turn = stored(redis, stack, _session_id(created)).turns[1]
-    assert turn.content and sent.startswith(turn.content) and len(turn.content) < len(sent)
-    assert sent[len(turn.content):][:1] in (" ", "")  # cut at a word boundary
+    assert sent.startswith(turn.content) and len(turn.content) < len(sent)
+    assert not turn.content or sent[len(turn.content):][:1] in (" ", "")  # cut at a word boundary
     assert error.error.code == "response_cancel_not_active"
 
 
@@ -388,3 +390,135 @@ def test_authentication_rejects_missing_or_unknown_tokens(stack):
 
     assert run(main()) == [(401, "invalid_api_key"), (401, "invalid_api_key"), ("realtime", "session.created"),
                            ("sdk refused", True)]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Echo guard: a loudspeaker next to the microphone
+
+
+async def _loopback(conn, schedule, until, *, gain: float = 0.5, rate: int = 24000, chunk_ms: int = 100):
+    """A client whose microphone hears its own loudspeaker at `gain` (0.5: -6 dB): every answer's audio is played
+    as it arrives, back to back, and mixed into the microphone stream, which goes out in real time.
+
+    `schedule`: (when(events, mic_s) -> bool, samples at `rate`): a person says `samples` once `when` holds.
+    Runs until `until(events)`; returns the events received.
+    """
+    seen: list = []
+    playback = bytearray()
+
+    async def receive():
+        while True:
+            event = await conn.recv()
+            seen.append(event)
+            if event.type == "response.output_audio.delta":
+                playback.extend(base64.b64decode(event.delta))
+
+    receiver = asyncio.create_task(receive())
+    loop = asyncio.get_running_loop()
+    start, n, sent = loop.time(), rate * chunk_ms // 1000, 0
+    person = np.zeros(0, np.float32)
+    pending = list(schedule)
+    try:
+        while not until(seen):
+            assert loop.time() - start < TIMEOUT_S, f"timed out; got {[_type(e) for e in seen][-15:]}"
+            for item in list(pending):
+                if item[0](seen, sent / rate):
+                    person = np.concatenate([person, item[1]])
+                    pending.remove(item)
+            mic = np.zeros(n, np.float32)
+            said, person = person[:n], person[n:]
+            mic[:len(said)] += said
+            played = np.frombuffer(bytes(playback[:2 * n]), "<i2").astype(np.float32) / 32768
+            del playback[:2 * n]
+            mic[:len(played)] += gain * played
+            await conn.input_audio_buffer.append(
+                audio=base64.b64encode((np.clip(mic, -1, 1) * 32767).astype("<i2").tobytes()).decode())
+            sent += n
+            await asyncio.sleep(max(0.0, start + sent / rate - loop.time()))
+    finally:
+        receiver.cancel()
+    return seen
+
+
+def _done(seen) -> list:
+    return [e for e in seen if e.type == "response.done"]
+
+
+def _audio_since_first_delta(seconds: float):
+    """`when` for a schedule: `seconds` of microphone time after the first answer audio arrived."""
+    mark: list[float] = []
+
+    def when(seen, mic_s):
+        if not mark and any(e.type == "response.output_audio.delta" for e in seen):
+            mark.append(mic_s)
+        return bool(mark) and mic_s >= mark[0] + seconds
+
+    return when
+
+
+def _echo_session(url: str, query24: np.ndarray, schedule, until):
+    async def main():
+        client = AsyncOpenAI(base_url=url, api_key=TOKEN)
+        async with client.realtime.connect(model="vita-tiny") as conn:
+            assert (await conn.recv()).type == "session.created"
+            await conn.session.update(session={"type": "realtime", "max_output_tokens": 40})
+            assert (await conn.recv()).type == "session.updated"
+            return await _loopback(conn, [(lambda seen, s: True, query24), *schedule], until)
+
+    return run(main())
+
+
+@pytest.fixture(scope="module")
+def query24(query_clip) -> np.ndarray:
+    pcm = resample_pcm16((query_clip * 32767).astype("<i2").tobytes(), 16000, 24000)
+    return np.frombuffer(pcm, "<i2").astype(np.float32) / 32768
+
+
+def test_echo_guard_no_self_interruption_while_a_real_question_still_interrupts(stack, query24):
+    url = f"http://127.0.0.1:{port(stack)}/v1"
+    # The answer plays to its end with its own voice in the microphone at -6 dB.
+    seen = _echo_session(url, query24, [], lambda seen: bool(_done(seen)))
+    done = _done(seen)[0]
+    assert done.response.status == "completed", done.response.status_details
+    assert len([e for e in seen if e.type == "input_audio_buffer.committed"]) == 1  # only the question
+    audio = [e for e in seen if e.type == "response.output_audio.delta"]
+    assert len(audio) * 0.2 > 3  # more than 3 s of the answer went through the loudspeaker
+
+    # A person asking over the playing answer (and its echo) still interrupts it.
+    seen = _echo_session(url, query24, [(_audio_since_first_delta(1.5), query24)],
+                         lambda seen: len([e for e in seen if e.type == "response.created"]) >= 2)
+    first = _done(seen)[0]
+    assert first.response.status == "cancelled" and first.response.status_details.reason == "turn_detected"
+    assert len([e for e in seen if e.type == "input_audio_buffer.committed"]) == 2
+
+
+def test_without_the_echo_guard_the_answer_interrupts_itself(stack, query24):
+    """The control: the same loudspeaker, a gateway with the guard off (`--no-echo-guard`)."""
+    from vita.realtime.server import RealtimeServer
+
+    async def gateway(ready: asyncio.Future, stop: asyncio.Event):
+        server = RealtimeServer(stack.target, port=0, echo_guard=False)
+        task = asyncio.create_task(server.serve(stop))
+        while not server.port:
+            await asyncio.sleep(0.05)
+        ready.set_result(server.port)
+        await task
+
+    async def main():
+        ready, stop = asyncio.get_running_loop().create_future(), asyncio.Event()
+        serving = asyncio.create_task(gateway(ready, stop))
+        url = f"http://127.0.0.1:{await ready}/v1"
+        try:
+            client = AsyncOpenAI(base_url=url, api_key="unused")
+            async with client.realtime.connect(model="vita-tiny") as conn:
+                await conn.recv()
+                await conn.session.update(session={"type": "realtime", "max_output_tokens": 40})
+                await conn.recv()
+                return await _loopback(conn, [(lambda seen, s: True, query24)], lambda seen: bool(_done(seen)))
+        finally:
+            stop.set()
+            await serving
+
+    seen = run(main())
+    done = _done(seen)[0]
+    assert done.response.status == "cancelled" and done.response.status_details.reason == "turn_detected"

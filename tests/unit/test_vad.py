@@ -168,6 +168,32 @@ def test_speech_running_to_the_end_is_ended_only_by_flush(voices):
     assert vad.flush() == []
 
 
+def test_cut_ends_open_speech_and_the_stream_goes_on(voices):
+    story = voices["story"][: round(2.0 * SR)]
+    clip, [(start, _)] = _place(0.5, story)
+    vad = StreamingVAD()
+    assert vad.push(clip)[0].kind == "started"
+    [ended] = vad.cut()
+    assert ended.kind == "ended" and abs(ended.start_s - start) < TOL and ended.end_s <= len(clip) / SR
+    assert not vad.in_speech and vad.position_s == len(clip) / SR  # positions keep counting (unlike flush)
+    assert vad.cut() == []  # nothing open
+    # Later speech is a new segment, after the cut one.
+    later, [(begin, _)] = _place(0.5, voices["question"], 1.0)
+    events = vad.push(later)
+    assert [e.kind for e in events if e.kind != "partial"] == ["started", "ended"]
+    assert events[-1].segment == 1 and abs(events[-1].start_s - (len(clip) / SR + begin)) < TOL
+
+
+def test_set_config_applies_from_the_next_window(voices):
+    clip, _ = _place(0.5, voices["question"], 0.3, voices["question"], 1.0)
+    vad = StreamingVAD(VADConfig(end_silence_ms=200))
+    split = [e for e in vad.push(clip) if e.kind == "ended"]
+    vad = StreamingVAD(VADConfig(end_silence_ms=200))
+    vad.set_config(VADConfig(end_silence_ms=800))  # a 0.3 s pause no longer ends the utterance
+    joined = [e for e in vad.push(clip) if e.kind == "ended"]
+    assert (len(split), len(joined)) == (2, 1)
+
+
 def test_max_segment_cuts_long_speech_into_contiguous_pieces(voices):
     clip, [(start, end)] = _place(0.5, voices["story"], 1.0)
     ended = speech_segments(clip, VADConfig(max_segment_s=2.0))

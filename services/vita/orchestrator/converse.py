@@ -144,6 +144,7 @@ class ConverseCall:
         self.answer: Answer | None = None
         self._early_query_segment = -1  # a segment already judged a query while being spoken
         self._early_tried: set[int] = set()
+        self._playing = False  # the client still plays the last answer (PlaybackState): judge speech early
         self._states = {token_id: piece for piece, token_id in tokenizer.state_ids.items()}
 
     @property
@@ -240,6 +241,8 @@ class ConverseCall:
             self._work.put_nowait(_Cancel(request.cancel.turn_id))
         elif kind == "truncate":
             self._work.put_nowait(_Truncate(request.truncate.turn_id, request.truncate.content))
+        elif kind == "playback":
+            self._playing = request.playback.playing
 
     async def _configure(self, config: SessionConfig) -> None:
         """Start a new session, or resume a stored one (rebuilding an answer a dead replica left in flight)."""
@@ -294,7 +297,8 @@ class ConverseCall:
         if event.kind == "started":
             self.emit(speech_started=SpeechStarted(audio_start_s=event.start_s))
         elif event.kind == "partial":
-            if self.answer is not None and event.segment not in self._early_tried and self.config.vad.partial_every_ms:
+            answering = self.answer is not None or self._playing
+            if answering and event.segment not in self._early_tried and self.config.vad.partial_every_ms:
                 self._early_tried.add(event.segment)
                 self._work.put_nowait(Utterance(event.audio, event.start_s, event.end_s, event.segment, now, True))
         elif event.kind == "ended":
@@ -351,7 +355,7 @@ class ConverseCall:
             self._early_query_segment = -1  # judged a query while spoken: answer the whole of it
             await self._answer(StateToken.QUERY_AUDIO, u.cut_at, audio=await self._encode_audio(u.audio))
             return
-        if u.early and self.answer is None:
+        if u.early and self.answer is None and not self._playing:
             return  # the answer it might interrupt finished meanwhile; the whole segment is judged at its end
         audio = await self._encode_audio(u.audio)
         token = await self._judge(audio)

@@ -53,6 +53,7 @@ from vita.v1.assistant_pb2 import (
     CancelAnswer,
     ClientEvent,
     CutSpeech,
+    PlaybackState,
     ServerEvent,
     TextMessage,
     TruncateAnswer,
@@ -125,6 +126,9 @@ class RealtimeSession:
         # do once the history holds what was sent: response.done).
         self.truncations: dict[int, deque[tuple[str, int] | Callable[[], None]]] = {}
         self.last_item_id: str | None = None
+        # Converse events held back while a stopped response waits for its stored text to be cut: the next
+        # response's events follow its response.done.
+        self._held: list[ServerEvent] | None = None
 
     # ------------------------------------------------------------------------------------------------------------
     # The connection
@@ -332,6 +336,9 @@ class RealtimeSession:
 
     def _on_converse(self, event: ServerEvent) -> None:
         kind = event.WhichOneof("event")
+        if self._held is not None and kind not in ("truncated", "error"):
+            self._held.append(event)
+            return
         handler = getattr(self, "_converse_" + kind, None) if kind else None
         if handler is not None:
             handler(event)
@@ -406,6 +413,7 @@ class RealtimeSession:
         self.send({"type": "response.content_part.added", **self._where(r), "part": part})
         if modality == "audio":
             r.speaker = asyncio.create_task(self._speak(r))
+            self._converse(ClientEvent(playback=PlaybackState(playing=True)))  # a barge-in is judged early
 
     def _converse_delta(self, event: ServerEvent) -> None:
         r = self._for_turn(event.turn_id)
@@ -520,6 +528,7 @@ class RealtimeSession:
                 if self.echo is not None:
                     self.echo.played(chunk)
         r.finished = True
+        self._converse(ClientEvent(playback=PlaybackState(playing=False)))
         self._done(r, "completed")
 
     def _stop(self, r: Response, reason: str | None, *, error: dict | None = None) -> None:
@@ -530,13 +539,30 @@ class RealtimeSession:
         r.finished = True
         if r.speaker is not None and r.speaker is not asyncio.current_task():
             r.speaker.cancel()
+        if r.modality == "audio":
+            self._converse(ClientEvent(playback=PlaybackState(playing=False)))
         status = "failed" if error else "cancelled"
         if r.modality == "audio" and r.spoken_text() != "".join(r.text):
-            self.truncations.setdefault(r.turn_id, deque()).append(
-                lambda: self._done(r, status, reason=reason, error=error))
+            if self._held is None:
+                self._held = []
+
+            def cut() -> None:
+                self._done(r, status, reason=reason, error=error)
+                self._release()
+
+            self.truncations.setdefault(r.turn_id, deque()).append(cut)
             self._converse(ClientEvent(truncate=TruncateAnswer(turn_id=r.turn_id, content=r.spoken_text())))
         else:
             self._done(r, status, reason=reason, error=error)
+
+    def _release(self) -> None:
+        """Handle the held Converse events, in order (holding again if one of them stops a response)."""
+        held, self._held = self._held or [], None
+        for k, event in enumerate(held):
+            if self._held is not None:
+                self._held.extend(held[k:])
+                return
+            self._on_converse(event)
 
     def _done(self, r: Response, status: str, *, reason: str | None = None, error: dict | None = None) -> None:
         """The closing events of a response: the parts, the item and response.done."""
