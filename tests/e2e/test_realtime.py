@@ -522,3 +522,36 @@ def test_without_the_echo_guard_the_answer_interrupts_itself(stack, query24):
     seen = run(main())
     done = _done(seen)[0]
     assert done.response.status == "cancelled" and done.response.status_details.reason == "turn_detected"
+
+
+def test_resume_a_session_by_id_and_an_unknown_id_is_refused(stack, redis):
+    async def main():
+        ws = await _raw(stack)
+        first = await _next(ws, "session.created")
+        await ws.send(json.dumps({"type": "conversation.item.create", "item": _text_item("remember me")}))
+        await ws.send(json.dumps({"type": "response.create", "response": {"output_modalities": ["text"]}}))
+        await _next(ws, "response.done")
+        await ws.close()
+        session_id = first["session"]["id"].removeprefix("sess_")
+        again = await websockets.connect(
+            f"ws://127.0.0.1:{port(stack)}/v1/realtime?model=m&session_id={session_id}",
+            additional_headers={"Authorization": f"Bearer {TOKEN}"})
+        resumed = await _next(again, "session.created")
+        await again.send(json.dumps({"type": "conversation.item.create", "item": _text_item("and again")}))
+        await again.send(json.dumps({"type": "response.create", "response": {"output_modalities": ["text"]}}))
+        await _next(again, "response.done")
+        await again.close()
+        unknown = await websockets.connect(
+            f"ws://127.0.0.1:{port(stack)}/v1/realtime?model=m&session_id=nope{uuid.uuid4().hex}",
+            additional_headers={"Authorization": f"Bearer {TOKEN}"})
+        refused = await _next(unknown, "error")
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(unknown.recv(), TIMEOUT_S)
+        return session_id, resumed, refused, closed.value
+
+    session_id, resumed, refused, closed = run(main())
+    assert resumed["session"]["id"] == f"sess_{session_id}"
+    turns = stored(redis, stack, session_id).turns
+    assert [t.content for t in turns if t.role == SessionTurn.USER] == ["remember me", "and again"]
+    assert refused["error"]["code"] == "session_refused" and "does not exist" in refused["error"]["message"]
+    assert closed.rcvd.code == 1008
