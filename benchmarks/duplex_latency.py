@@ -33,7 +33,6 @@ import torch
 from tqdm import tqdm
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `training` lives at the repository root
 
 
 @dataclass
@@ -123,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to --output")
     args = parser.parse_args(argv)
 
-    from training.duplex import build_duplex_checkpoint
-    from training.speech import OTHER_HELD_OUT, QUERY_HELD_OUT, espeak, prefetch
     from vita.client import VitaClient
     from vita.stack import LocalStack
+    from vita.training.duplex import build_duplex_checkpoint
+    from vita.training.speech import OTHER_HELD_OUT, QUERY_HELD_OUT, espeak, prefetch
 
     model_dir = build_duplex_checkpoint()
     prefetch([(t, "query") for t in QUERY_HELD_OUT] + list(OTHER_HELD_OUT))

@@ -65,15 +65,15 @@ def short_mp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def duplex_model_dir() -> Path:
-    """The tiny model fine-tuned for the duplex decisions (training/duplex.py); built once, cached in VITA_HOME."""
-    from training.duplex import build_duplex_checkpoint
+    """The tiny model fine-tuned for the duplex decisions (vita/training/duplex.py); built once, cached in VITA_HOME."""
+    from vita.training.duplex import build_duplex_checkpoint
 
     return build_duplex_checkpoint()
 
 
 @pytest.fixture(scope="session")
 def trained_answer() -> str:
-    from training.duplex import DuplexTrainConfig
+    from vita.training.duplex import DuplexTrainConfig
 
     return DuplexTrainConfig().answer
 
@@ -81,7 +81,7 @@ def trained_answer() -> str:
 @pytest.fixture(scope="session")
 def query_clip() -> np.ndarray:
     """A question for the assistant, in the fine-tune's query voice (16 kHz float32)."""
-    from training.speech import espeak as speak
+    from vita.training.speech import espeak as speak
 
     return speak("what is in this picture", "query")
 
@@ -89,6 +89,6 @@ def query_clip() -> np.ndarray:
 @pytest.fixture(scope="session")
 def other_clip() -> np.ndarray:
     """Talk meant for someone else, in a voice the fine-tune learned to ignore."""
-    from training.speech import espeak as speak
+    from vita.training.speech import espeak as speak
 
     return speak("honey did you feed the cat", "en-high")

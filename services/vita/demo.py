@@ -7,7 +7,7 @@ question), prints the streamed answers with their timings, then runs a scripted 
 question about an image, speech not meant for the assistant (ignored), an interruption mid-answer by a new spoken
 question, and a typed question, printed as an event timeline. Speech is streamed in real time, as a microphone would.
 
-The stack serves the tiny model fine-tuned for the duplex decisions (training/duplex.py, a few seconds on first
+The stack serves the tiny model fine-tuned for the duplex decisions (vita/training/duplex.py, a few seconds on first
 use, then cached): whether speech is a query is the model's own state token. Beyond the fine-tuned answer its words
 are noise; what the demo shows is the pipeline and its timings. `--in-process` runs one request through the model
 in this process instead.
@@ -81,11 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def duplex_model() -> str:
-    """The duplex fine-tune lives in training/ at the repository root (where `make demo` runs)."""
-    try:
-        from training.duplex import build_duplex_checkpoint
-    except ImportError:
-        raise SystemExit("training/ is not importable: run the demo from the repository root (`make demo`)") from None
+    """The tiny model after the duplex fine-tune (vita.training.duplex), built once and cached."""
+    from vita.training.duplex import build_duplex_checkpoint
+
     print("duplex fine-tune of the tiny model (cached after the first run) ...")
     return str(build_duplex_checkpoint())
 
@@ -133,9 +131,9 @@ def through_stack(args: argparse.Namespace) -> int:
 
 def converse(client, tmp: Path) -> None:
     """The scripted duplex session, printed as a timeline."""
-    from training.speech import espeak
     from vita.client import ConverseSession, image_event, session_config, speech_events, text_event
     from vita.timeline import Timeline
+    from vita.training.speech import espeak
 
     print("\nConverse session (speech streamed in real time; times since the session opened):")
     timeline = Timeline()

@@ -1,4 +1,4 @@
-"""The duplex fine-tune (training/duplex.py): the tiny model really learns to judge speech with its first token.
+"""The duplex fine-tune (vita/training/duplex.py): the tiny model really learns to judge speech with its first token.
 
 The checkpoint is the shared `duplex_model_dir` (trained once, cached in VITA_HOME, used by the serving tests too).
 Every judgement here goes through the monitor prompt the orchestrator builds, on speech and noise that training
@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from training import duplex, speech
 from vita.inference import VitaPipeline
 from vita.model.vita import MultimodalInputs, VitaForCausalLM
 from vita.processing.image import preprocess_image
 from vita.processing.prompt import Message, StateToken
 from vita.processing.tokenizer import VitaTokenizer
 from vita.processing.vad import speech_segments
+from vita.training import duplex, speech
 
 pytestmark = pytest.mark.slow
 
@@ -155,7 +155,7 @@ def test_training_is_deterministic(tiny_model_dir):
 
 
 def test_cli_help():
-    out = subprocess.run([sys.executable, "-m", "training.duplex", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "vita.training.duplex", "--help"], capture_output=True, text=True,
                          check=True).stdout
     for flag in ("--output", "--steps", "--overwrite"):
         assert flag in out

@@ -45,7 +45,6 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from tqdm import tqdm
 
-from training import speech
 from vita.inference import GenerationRequest, VitaPipeline
 from vita.model.generation import SamplingParams, stream_generate
 from vita.model.tiny import build_tiny_checkpoint, vita_home
@@ -55,6 +54,7 @@ from vita.processing.image import preprocess_image
 from vita.processing.processor import AudioInput
 from vita.processing.prompt import Message, StateToken, encode_prompt
 from vita.processing.tokenizer import VitaTokenizer
+from vita.training import speech
 
 log = logging.getLogger("training.duplex")
 
