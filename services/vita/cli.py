@@ -168,6 +168,26 @@ def _eval(args: argparse.Namespace) -> None:
     run_eval(args)
 
 
+def _train(args: argparse.Namespace) -> None:
+    from vita.training.train import main
+
+    main(args)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from vita.training.export import export_model, verify_repository
+
+    if args.verify:
+        manifest = verify_repository(args.verify)
+        print(f"{args.verify}: {len(manifest['files'])} files match {args.verify}/manifest.json")
+        return
+    if not args.checkpoint or not args.output:
+        raise VitaError("give --checkpoint and --output (or --verify REPO)")
+    path = export_model(args.checkpoint, args.output, max_shard_bytes=args.shard_bytes, overwrite=args.overwrite,
+                        templates=args.templates)
+    print(f"model repository written to {path}")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (naming the command and where to read its flags), exit 2."""
 
@@ -313,6 +333,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=_TOKENS, default=None, help="cap on each answer's length")
     p.add_argument("--threads", type=_int_in(1, 1024), default=None, help="torch CPU threads")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("train", help="run one training stage (also under torchrun)",
+                       description="Train one stage from a config in training/configs/; under torchrun every "
+                                   "process runs this command (torchrun --nproc-per-node N -m vita.cli train ...).")
+    from vita.training.train import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("export", help="write the model repository the serving stack loads from a checkpoint")
+    p.add_argument("--checkpoint", help="a stage's output_dir, its final/, or a checkpoint directory")
+    p.add_argument("--output", help="the model repository directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--shard-bytes", type=int, default=5 * 10**9, help="largest safetensors shard (bytes)")
+    p.add_argument("--templates", default=None, help="Triton model configs to copy (default: model_repository/)")
+    p.add_argument("--verify", metavar="REPO", help="only check REPO's files against its manifest")
+    p.set_defaults(func=_export)
+
     for command in sub.choices.values():
         command.epilog = ("exit status: 0 success, 1 the request failed where it ran, 2 bad input, 3 internal "
                           "error, 130 interrupted (details: vita --help)")

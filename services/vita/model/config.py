@@ -152,18 +152,15 @@ class VitaConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VitaConfig:
-        """Accepts both our own `config.json` and a plain Hugging Face Mixtral one (text-only)."""
+        """Accepts our own `config.json` and a Hugging Face Mixtral one: text-only, or with the towers under a
+        "vita" key (what `vita export` writes, so that TensorRT-LLM reads the same file as a Mixtral config)."""
         if d.get("model_type") == "mixtral":
-            return cls(llm=LLMConfig.from_hf_dict(d), vision=None, audio=None)
+            towers = d.get("vita") or {}
+            return cls(llm=LLMConfig.from_hf_dict(d), vision=_vision(towers.get("vision")),
+                       audio=_audio(towers.get("audio")))
         if d.get("model_type") != "vita":
             raise ValueError(f"config.json has model_type {d.get('model_type')!r}; expected 'vita' or 'mixtral'")
-        vision = d.get("vision")
-        audio = d.get("audio")
-        if vision is not None:
-            vision = VisionConfig(**{**vision, "image_mean": tuple(vision["image_mean"]),
-                                     "image_std": tuple(vision["image_std"])})
-        return cls(llm=LLMConfig.from_hf_dict(d["llm"]), vision=vision,
-                   audio=None if audio is None else AudioConfig(**audio))
+        return cls(llm=LLMConfig.from_hf_dict(d["llm"]), vision=_vision(d.get("vision")), audio=_audio(d.get("audio")))
 
     def save(self, directory: str | Path) -> None:
         Path(directory, "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -174,6 +171,16 @@ class VitaConfig:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: a model directory needs a config.json")
         return cls.from_dict(json.loads(path.read_text()))
+
+
+def _vision(d: dict[str, Any] | None) -> VisionConfig | None:
+    if d is None:
+        return None
+    return VisionConfig(**{**d, "image_mean": tuple(d["image_mean"]), "image_std": tuple(d["image_std"])})
+
+
+def _audio(d: dict[str, Any] | None) -> AudioConfig | None:
+    return None if d is None else AudioConfig(**d)
 
 
 def _mixtral_8x7b() -> VitaConfig:

@@ -308,12 +308,15 @@ class MoECausalLM(nn.Module):
         cache: KVCache | None = None,
         slots: Tensor | None = None,
         positions: Tensor | None = None,
+        segment_ids: Tensor | None = None,
     ) -> CausalLMOutput:
         """Logits (B, T, vocab).
 
         Without a cache: causal attention over the sequence. With one: `positions` (B, T) are absolute positions,
         `slots` (B,) the cache rows (default 0..B-1); keys are written there and each query sees keys at positions
         <= its own, so right-padded prefill and ragged decode batches work.
+        `segment_ids` (B, T), training without a cache: packed samples, each with its own id and positions that
+        restart at 0; a query then sees only the keys of its own segment at positions <= its own.
         """
         x = self._embed(input_ids, inputs_embeds)
         B, T = x.shape[:2]
@@ -324,9 +327,15 @@ class MoECausalLM(nn.Module):
             _check_positions(positions, B, T, limit, " (model max_position_embeddings)")
             step, key_positions = None, positions
         else:
+            if segment_ids is not None:
+                raise InvalidInputError("segment_ids are for packed training batches, not with a KV cache")
             step = self._cache_step(cache, slots, positions, B, T)
             key_positions = torch.arange(step.kv_len, device=x.device)
         visible = (key_positions[..., None, :] <= positions[..., :, None]).unsqueeze(1)  # (B, 1, T, L)
+        if segment_ids is not None:
+            if segment_ids.shape != (B, T):
+                raise InvalidInputError(f"segment_ids must have shape ({B}, {T}), got {tuple(segment_ids.shape)}")
+            visible = visible & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         if T > 1:  # queries are folded as (group, T); a single query's mask broadcasts over the groups as it is
             visible = visible.repeat(1, 1, self.config.num_attention_heads // self.config.num_key_value_heads, 1)
         # An additive float mask, built once: SDPA would otherwise convert a boolean one in every layer.

@@ -128,17 +128,19 @@ class VitaForCausalLM(MoECausalLM):
 
 
 def read_model_config(directory: Path) -> VitaConfig:
-    """Our `config.json`, or a Hugging Face Mixtral one (a text-only model)."""
+    """Our `config.json`, or a Hugging Face Mixtral one (text-only, or with towers under "vita": `vita export`)."""
     path = directory / "config.json"
     try:
-        model_type = json.loads(path.read_text()).get("model_type")
+        raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read the model config ({e})") from None
-    if model_type == "mixtral":
-        return VitaConfig(llm=read_hf_config(directory), vision=None, audio=None)
     try:
+        if raw.get("model_type") == "mixtral":
+            config = VitaConfig.from_dict(raw)
+            config.llm = read_hf_config(directory)
+            return config
         return VitaConfig.load(directory)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{path}: {e}") from None
 
 

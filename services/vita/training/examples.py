@@ -1,0 +1,159 @@
+"""Sample -> Example: the token ids, next-token targets and media tensors one training sequence is made of.
+
+The prompt is the one the serving side builds (`vita.processing.prompt`): `system:...</s>\\nuser:...</s>\\nbot:`,
+the system prompt chosen by data type (image, video, text) and by whether a question is spoken, unless the
+conversation brings its own. Each bot turn is a target: its state token (with state tokens on), its text and
+`</s>`; everything else is context (target -100). The answer is tokenised apart from the `bot:` before it, as
+generation produces it. Placeholders are expanded to one id per encoder embedding (256 per image tile or video
+frame, 12.5 per second of audio), exactly as `VitaProcessor` expands them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from vita.errors import InvalidInputError
+from vita.model.config import VitaConfig
+from vita.processing.audio import load_audio, num_audio_tokens
+from vita.processing.image import preprocess_image
+from vita.processing.prompt import EOS, SYSTEM_PROMPTS, DataType, expand_placeholders
+from vita.processing.tokenizer import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN, VitaTokenizer
+from vita.processing.video import decode_video, video_to_pixel_values
+from vita.training.sample import Sample
+
+IGNORE = -100  # target of a position that predicts nothing (context, padding)
+
+
+@dataclass
+class Example:
+    """One tokenised sample. `targets[t]` is the id that position t must predict (the next token) or IGNORE."""
+
+    input_ids: list[int]
+    targets: list[int]
+    kind: str
+    image_pixels: Tensor | None = None  # (tiles, 3, 448, 448), every image's tiles in prompt order
+    video_pixels: Tensor | None = None  # (frames, 3, 448, 448)
+    audio: list[Tensor] = field(default_factory=list)  # 16 kHz mono waveforms in prompt order
+    index: int = -1  # position in the epoch's order, for the data cursor
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def packable(self) -> bool:
+        """Text and image samples are packed; a video sample always trains in a row of its own."""
+        return self.video_pixels is None and self.kind != "video"
+
+    @property
+    def num_targets(self) -> int:
+        return sum(t != IGNORE for t in self.targets)
+
+
+class TooLong(InvalidInputError):
+    """The sample is longer than the stage allows; the data stream skips and counts it."""
+
+
+class ExampleEncoder:
+    """Tokenises samples for one model config and tokenizer."""
+
+    def __init__(self, tokenizer: VitaTokenizer, config: VitaConfig, *, state_tokens: bool = False,
+                 max_length: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+        self.state_tokens = state_tokens
+        self.max_length = max_length or config.llm.max_position_embeddings
+
+    def __call__(self, sample: Sample, index: int = -1) -> Example:
+        try:
+            return self._encode(sample, index)
+        except TooLong:
+            raise
+        except (InvalidInputError, FileNotFoundError, OSError, ValueError) as e:
+            raise InvalidInputError(f"sample {index} ({sample.kind}): {e}") from None
+
+    def _encode(self, sample: Sample, index: int) -> Example:
+        turns = list(sample.conversation)
+        system = turns.pop(0)["content"] if turns and turns[0]["role"] == "system" else None
+        if not turns or turns[-1]["role"] != "bot":
+            raise InvalidInputError("a training conversation must end with the bot's answer")
+        for k, turn in enumerate(turns):
+            if turn["role"] != ("user", "bot")[k % 2]:
+                raise InvalidInputError("turns must alternate user, bot, ... starting with user")
+            if EOS in turn["content"]:
+                raise InvalidInputError(f"turn {k} contains the end-of-turn marker {EOS!r}")
+            if turn["role"] == "bot" and any(p in turn["content"] for p in (IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN)):
+                raise InvalidInputError(f"turn {k}: a bot turn cannot hold media placeholders")
+
+        image_pixels = [self._image(path) for path in sample.images]
+        video_pixels = self._video(sample.video) if sample.video else None
+        if sample.audio and self.config.audio is None:
+            raise InvalidInputError("the model has no audio tower: it cannot train on audio")
+        audio = [load_waveform(ref) for ref in sample.audio]
+        if system is None:
+            data_type = DataType.for_media(has_images=bool(image_pixels), has_video=video_pixels is not None)
+            system = SYSTEM_PROMPTS.select(data_type, audio_question=bool(audio))
+
+        tok = self.tokenizer
+        ids: list[int] = []
+        labels: list[int] = []
+        context = f"system:{system}{EOS}\n"
+        use_states = self.state_tokens or sample.state is not None
+        for k in range(0, len(turns), 2):
+            user, bot = turns[k]["content"], turns[k + 1]["content"]
+            prompt = tok.encode(f"{context}user:{user}{EOS}\nbot:", add_bos=not ids)
+            last = k + 2 == len(turns)
+            state = (sample.state if last and sample.state else self._state(user)) if use_states else ""
+            if state == "<2>" and bot:
+                raise InvalidInputError("a noisy-audio (<2>) answer must be empty: the model learns to stay silent")
+            answer = [*tok.encode(state + bot), tok.eos_id]
+            ids += prompt + answer
+            labels += [IGNORE] * len(prompt) + answer
+            context = "\n"
+
+        tiles = self.config.vision.tokens_per_tile if self.config.vision is not None else 0
+        expanded = expand_placeholders(
+            ids, tokenizer=tok,
+            image_tokens=[p.shape[0] * tiles for p in image_pixels],
+            video_tokens=[video_pixels.shape[0] * tiles] if video_pixels is not None else [],
+            audio_tokens=[num_audio_tokens(len(w), self.config.audio) for w in audio] if audio else [],
+        )
+        if len(expanded.input_ids) > self.max_length:
+            raise TooLong(f"sample {index} is {len(expanded.input_ids)} tokens; at most {self.max_length} fit")
+        full: list[int] = []
+        src = 0
+        for span in expanded.spans:  # placeholders sit in user turns: context
+            n_text = span.start - len(full)
+            full += labels[src : src + n_text] + [IGNORE] * span.length
+            src += n_text + 1
+        full += labels[src:]
+        return Example(
+            input_ids=expanded.input_ids, targets=[*full[1:], IGNORE], kind=sample.kind,
+            image_pixels=torch.cat(image_pixels) if image_pixels else None, video_pixels=video_pixels,
+            audio=audio, index=index,
+        )
+
+    @staticmethod
+    def _state(user: str) -> str:
+        return "<1>" if AUDIO_TOKEN in user else "<3>"
+
+    def _image(self, path: str) -> Tensor:
+        if self.config.vision is None:
+            raise InvalidInputError("the model has no vision tower: it cannot train on images")
+        return preprocess_image(path, self.config.vision)
+
+    def _video(self, path: str) -> Tensor:
+        if self.config.vision is None:
+            raise InvalidInputError("the model has no vision tower: it cannot train on video")
+        return video_to_pixel_values(decode_video(path), self.config.vision)
+
+
+def load_waveform(ref: str) -> Tensor:
+    """16 kHz mono float32; `file#t=BEGIN,END` (a segment of a long recording) is decoded by the data module."""
+    if "#t=" in ref:
+        from vita.training.data import load_audio_ref
+
+        return torch.from_numpy(load_audio_ref(ref))
+    return load_audio(ref)

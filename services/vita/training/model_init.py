@@ -1,0 +1,126 @@
+"""The weights and tokenizer a stage starts from (when it is not resuming a checkpoint of its own).
+
+- `init.model`: a model directory: the previous stage's `final/`, or at full size a Hugging Face Mixtral directory
+  (text only; with `init.preset` the preset's towers are added with seeded random weights).
+- `init.preset`: seeded random weights of a preset, with `init.tokenizer`, or (tiny runs) an English-only base
+  tokenizer trained on the built-in corpus (`init.base_tokenizer_vocab`).
+Then, if the stage says so, stage 1's vocabulary extension and the audio encoder's global CMVN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vita.errors import CheckpointError
+from vita.model.audio import compute_cmvn_stats
+from vita.model.config import VitaConfig
+from vita.model.vita import VitaForCausalLM
+from vita.processing.audio import fbank
+from vita.processing.tokenizer import VitaTokenizer
+from vita.training.config import ConfigError, StageConfig
+from vita.training.examples import load_waveform
+from vita.training.sample import Sample
+from vita.training.vocab import base_tokenizer_from_corpus, chinese_lines, extend_vocabulary
+
+log = logging.getLogger("vita.training")
+
+CMVN_CLIPS = 256  # clips the global CMVN statistics are computed from
+
+
+@dataclass
+class Initialised:
+    model: VitaForCausalLM
+    tokenizer: VitaTokenizer
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def initial_model(config: StageConfig, samples: Sequence[Sample], work_dir: Path) -> Initialised:
+    init = config.init
+    notes: dict[str, Any] = {}
+    if init.model:
+        model = VitaForCausalLM.from_pretrained(init.model)
+        if model.vision_tower is None and model.audio_tower is None and init.preset:
+            model = _with_towers(model, VitaConfig.preset(init.preset), init.seed)
+            notes["towers"] = f"random ({init.preset} preset, seed {init.seed})"
+        tokenizer = VitaTokenizer.from_file(init.tokenizer or init.model)
+    else:
+        vita_config = VitaConfig.preset(init.preset)
+        if init.base_tokenizer_vocab:
+            tokenizer = base_tokenizer_from_corpus(work_dir / "base-tokenizer.model", init.base_tokenizer_vocab)
+        elif init.tokenizer:
+            tokenizer = VitaTokenizer.from_file(init.tokenizer)
+        else:
+            raise ConfigError("init.preset needs init.tokenizer or init.base_tokenizer_vocab")
+        vita_config.llm.vocab_size = tokenizer.vocab_size
+        torch.manual_seed(init.seed)
+        model = VitaForCausalLM(vita_config)
+        notes["weights"] = f"random ({init.preset} preset, seed {init.seed})"
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model {model.config.vocab_size} "
+                              "embedding rows")
+    if config.vocab.enabled:
+        extension = extend_vocabulary(model, tokenizer, _vocab_text(config, samples),
+                                      sp_vocab_size=config.vocab.sp_vocab_size,
+                                      target_vocab_size=config.vocab.target_vocab_size)
+        tokenizer = extension.tokenizer
+        notes["vocab"] = {"base": extension.base_size, "added": len(extension.pieces),
+                          "vocab_size": extension.vocab_size}
+    if config.fit_audio_cmvn:
+        notes["cmvn_clips"] = fit_cmvn(model, samples)
+    return Initialised(model, tokenizer, notes)
+
+
+def _with_towers(text_model: VitaForCausalLM, preset: VitaConfig, seed: int) -> VitaForCausalLM:
+    config = VitaConfig(llm=text_model.vita_config.llm, vision=preset.vision, audio=preset.audio)
+    torch.manual_seed(seed)
+    model = VitaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(text_model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("vision_tower.", "audio_tower.")) for k in missing)
+    return model
+
+
+def _vocab_text(config: StageConfig, samples: Sequence[Sample]) -> list[str]:
+    """Chinese text for the SentencePiece model: the files, the built-in corpus, the stage's conversations."""
+    vocab = config.vocab
+    lines: list[str] = []
+    for name in vocab.text_files:
+        try:
+            with open(name, encoding="utf-8") as f:
+                lines += [line.rstrip("\n") for line, _ in zip(f, range(vocab.max_sentences))]
+        except OSError as e:
+            raise ConfigError(f"vocab.text_files: cannot read {name} ({e.strerror})") from None
+    if vocab.builtin_corpus:
+        from vita.processing.corpus import bilingual_corpus
+
+        lines += bilingual_corpus(20_000)
+    if vocab.from_data:
+        lines += [turn["content"] for s in samples for turn in s.conversation]
+    return chinese_lines(lines)[: vocab.max_sentences]
+
+
+@torch.no_grad()
+def fit_cmvn(model: VitaForCausalLM, samples: Sequence[Sample], max_clips: int = CMVN_CLIPS) -> int:
+    """The audio encoder's global CMVN from the training audio (first clips in manifest order), as WeNet computes
+    it before training an encoder; returns how many clips it used."""
+    if model.audio_tower is None:
+        raise ConfigError("fit_audio_cmvn: the model has no audio tower")
+    refs = [ref for s in samples for ref in s.audio][:max_clips]
+    if not refs:
+        raise ConfigError("fit_audio_cmvn: the training data has no audio")
+    audio_config = model.vita_config.audio
+    batches = [fbank(load_waveform(ref), None, audio_config) for ref in refs]
+    model.audio_tower.encoder.global_cmvn.set_stats(*compute_cmvn_stats(batches))
+    return len(refs)
+
+
+def describe(model: VitaForCausalLM) -> dict[str, Any]:
+    config = dataclasses.asdict(model.vita_config.llm)
+    return {"vocab_size": config["vocab_size"], "hidden_size": config["hidden_size"],
+            "parameters": sum(p.numel() for p in model.parameters())}

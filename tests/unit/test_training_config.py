@@ -1,0 +1,83 @@
+"""Stage configs: every shipped file loads; mistakes are one ConfigError naming the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vita.training.config import PARAMETER_GROUPS, ConfigError, InitConfig, StageConfig, load_stage_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "training" / "configs"
+EXPECTED = {  # stage, trainable groups (MISSION.md "Training")
+    "stage1_llm": (1, ["llm"]),
+    "stage2_vision": (2, ["vision_connector"]),
+    "stage2_audio": (2, ["audio_encoder", "audio_connector"]),
+    "stage3_multimodal": (3, ["llm", "vision_connector", "audio_connector"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("variant", ["", "_tiny"])
+def test_shipped_configs_load(name, variant, monkeypatch):
+    for var in ("MIXTRAL_DIR", "VITA_DATA", "VITA_TRAIN_DIR"):
+        monkeypatch.setenv(var, f"/data/{var.lower()}")
+    config = load_stage_config(CONFIGS / f"{name}{variant}.yaml")
+    stage, trainable = EXPECTED[name]
+    assert (config.stage, config.trainable) == (stage, trainable)
+    assert config.data.manifests and all(m.endswith(".jsonl") for m in config.data.manifests)
+    if variant:
+        assert config.data.packing_length <= 4096 and config.precision == "fp32" and not config.fsdp
+    else:
+        assert config.data.packing_length == 6144 and config.precision == "bf16" and config.fsdp
+        assert config.output_dir.startswith("/data/vita_train_dir")
+    if name == "stage1_llm":
+        assert config.vocab.enabled
+        assert config.vocab.target_vocab_size == (None if variant else 51747)
+    if name == "stage3_multimodal":
+        assert config.state_tokens and config.spoken.p_spoken == 0.5 and config.spoken.p_negative > 0
+
+
+def test_defaults_are_the_mission_numbers():
+    config = StageConfig(stage=1, init=InitConfig(preset="tiny"))
+    assert config.data.packing_length == 6144
+    assert set(PARAMETER_GROUPS) == {"llm", "vision_encoder", "vision_connector", "audio_encoder", "audio_connector"}
+
+
+def _write(tmp_path: Path, text: str, suffix: str = ".yaml") -> Path:
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("stage: 1\ninit: {preset: tiny}\nmax_step: 3\n", r"c\.yaml: unknown key max_step"),
+    ("stage: 1\ninit: {preset: tiny}\noptim: {lr: fast}\n", r"optim\.lr must be float, got 'fast'"),
+    ("stage: 1\ninit: {preset: tiny}\ntrainable: [llm, eyes]\n", r"trainable must name parameter groups"),
+    ("stage: 4\ninit: {preset: tiny}\n", r"stage must be 1, 2 or 3"),
+    ("stage: 1\n", r"init needs a model directory"),
+    ("stage: 1\ninit: {preset: tiny}\ndata: {manifests: x.jsonl}\n", r"data\.manifests must be a list"),
+    ("stage: 1\ninit: {model: '${NO_SUCH_VAR_G1}'}\n", r"environment variable NO_SUCH_VAR_G1 is not set"),
+    ("stage: [1\n", r"not valid YAML"),
+    ("", r"the config is empty"),
+])
+def test_mistakes_name_the_file_and_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_stage_config(_write(tmp_path, text))
+    assert str(tmp_path / "c.yaml") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_json_env_defaults_and_overrides(tmp_path, monkeypatch):
+    path = _write(tmp_path, '{"stage": 2, "init": {"model": "${G1_MODEL:-/m}"}, "max_steps": 5}', ".json")
+    config = load_stage_config(path, ["max_steps=7", "data.grad_accum=3", "optim.group_lr={llm: 0.5}"])
+    assert (config.init.model, config.max_steps, config.data.grad_accum) == ("/m", 7, 3)
+    assert config.optim.group_lr == {"llm": 0.5}
+    monkeypatch.setenv("G1_MODEL", "/elsewhere")
+    assert load_stage_config(path).init.model == "/elsewhere"
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_stage_config(path, ["max_steps"])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the config"):
+        load_stage_config(tmp_path / "nope.yaml")
