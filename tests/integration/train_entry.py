@@ -9,6 +9,7 @@ several ranks never write the same files.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +31,8 @@ def main() -> None:
               "progress": False, "threads": 1, **overrides}
     config = _build(StageConfig, fields, "", "train_entry")
     summary = run_stage(config, th.mixed_samples(work / "media"), resume="--resume" in sys.argv[3:])
-    print(json.dumps(summary, default=str), flush=True)
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary, default=str), flush=True)
 
 
 if __name__ == "__main__":

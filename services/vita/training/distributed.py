@@ -1,8 +1,8 @@
 """Process groups and model wrapping: one process, DDP over gloo (CPU) or NCCL (GPU), or FSDP by a flag.
 
 `torchrun` sets RANK/WORLD_SIZE/LOCAL_RANK; without them training runs in one process with no process group.
-State dicts go through `torch.distributed.checkpoint.state_dict`, which gives full (unsharded, CPU) model and
-optimizer states keyed by parameter name whatever the wrapper, so a checkpoint written under FSDP on 8 GPUs
+State dicts are full (unsharded, CPU) and keyed by parameter name whatever the wrapper
+(`model_state`, `optimizer_state`), so a checkpoint written under FSDP on 8 GPUs
 resumes under DDP on 2 CPUs and the other way round.
 """
 
@@ -12,18 +12,13 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+from vita.errors import CheckpointError
 
 
 @dataclass
@@ -107,16 +102,59 @@ def gradient_sync(module: nn.Module, sync: bool):
 
 
 def model_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Full model state on CPU (gathered on every rank under FSDP), keys without wrapper prefixes."""
-    return get_model_state_dict(module, options=FULL)
+    """Full model state on CPU, keys without wrapper prefixes (gathered on every rank under FSDP)."""
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        module = module.module
+    if not any(hasattr(p, "device_mesh") for p in module.parameters()):
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    return get_optimizer_state_dict(module, optimizer, options=FULL)
+def optimizer_state(optimizer: torch.optim.Optimizer, named: dict[str, nn.Parameter]) -> dict[str, Any]:
+    """The optimizer's state keyed by parameter name, unsharded, on CPU; only parameters that have state.
+
+    Written by hand rather than with `get_optimizer_state_dict`, which first gives every parameter a state (a
+    zero-gradient step): a resumed run would then differ from an uninterrupted one for parameters that had
+    no gradient yet (a tower that has seen no audio so far).
+    """
+    state = {}
+    for name, param in named.items():
+        if param in optimizer.state:
+            state[name] = {k: _full(v).cpu().clone() if torch.is_tensor(v) else v
+                           for k, v in optimizer.state[param].items()}
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    return {"state": state, "param_groups": groups}
 
 
-def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+def load_optimizer_state(optimizer: torch.optim.Optimizer, named: dict[str, nn.Parameter], saved: dict) -> None:
+    """Restores `optimizer_state`'s output into an optimizer over the same named parameters (any wrapper)."""
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        raise CheckpointError(f"the checkpoint's optimizer has {len(saved['param_groups'])} parameter groups, this "
+                              f"stage's {len(optimizer.param_groups)}: was the trainable set changed?")
+    for group, hyper in zip(optimizer.param_groups, saved["param_groups"]):
+        group.update(hyper)
+    unknown = sorted(saved["state"].keys() - named.keys())
+    if unknown:
+        raise CheckpointError(f"the checkpoint has optimizer state for {unknown[:3]}, which this stage does not train")
+    for name, values in saved["state"].items():
+        param = named[name]
+        optimizer.state[param] = {k: _like(v, param) if torch.is_tensor(v) and v.ndim else v
+                                  for k, v in values.items()}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(value: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+    """A full state tensor placed like `param`: sharded the same way when it is a DTensor (FSDP2)."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+    return value.to(device=param.device, dtype=value.dtype)
 
 
 def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:

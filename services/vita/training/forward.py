@@ -31,7 +31,13 @@ class TrainingModel(nn.Module):
                 audio: list[Tensor] | None = None) -> Tensor:
         embeds = self.embed(input_ids, image_pixels, video_pixels, audio or [])
         logits = self.vita(inputs_embeds=embeds, positions=positions, segment_ids=segment_ids).logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        idle = []
+        if (image_pixels is None or not image_pixels.numel()) and (video_pixels is None or not video_pixels.numel()):
+            idle.append(self.vita.vision_tower)
+        if not audio:
+            idle.append(self.vita.audio_tower)
+        return loss + _zero_touch(idle)
 
     def embed(self, input_ids: Tensor, image_pixels: Tensor | None, video_pixels: Tensor | None,
               audio: list[Tensor]) -> Tensor:
@@ -72,6 +78,14 @@ class TrainingModel(nn.Module):
         feats, frames = fbank(padded, lengths, tower.config)
         out, n_tokens = tower(feats.to(param.dtype), frames)
         return torch.cat([o[:n] for o, n in zip(out, n_tokens.tolist())])
+
+
+def _zero_touch(modules: list[nn.Module | None]) -> Tensor | float:
+    """0 x one element of every trainable parameter of towers this batch did not use: every trainable parameter
+    then gets a gradient (zero) on every rank and every step, so DDP and FSDP reduce the same tensors everywhere
+    and the optimizer treats a tower the same whether or not this micro-batch had its medium."""
+    touched = [p.reshape(-1)[:1] for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+    return torch.cat(touched).sum() * 0.0 if touched else 0.0
 
 
 def batch_loss_sum(module: nn.Module, batch: Batch) -> Tensor:

@@ -143,6 +143,7 @@ class Trainer:
         slots = SlotIds(tokenizer.image_id, tokenizer.video_id, tokenizer.audio_id)
         module = D.wrap(TrainingModel(model, slots), info, fsdp=config.fsdp, layer_types=(DecoderLayer,))
         groups = freeze(model, config.trainable)  # again: FSDP replaces the parameter objects it shards
+        named = {name: p for params in groups.values() for name, p in params}
         optimizer = build_optimizer(groups, config.optim)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
             lr_factor, warmup=config.optim.warmup_steps, max_steps=config.max_steps,
@@ -150,7 +151,7 @@ class Trainer:
         step, cursor = 0, Cursor()
         metrics_path = self.output_dir / "metrics.jsonl"
         if state is not None:
-            D.load_optimizer_state(module, optimizer, state["optimizer"])
+            D.load_optimizer_state(optimizer, named, state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step, cursor = state["step"], Cursor(**state["data"])
             rng = Checkpoints.load_rng(checkpoint, info.rank)
@@ -170,7 +171,7 @@ class Trainer:
                            packing_length=config.data.packing_length, pack_rows=config.data.pack,
                            shuffle=config.data.shuffle, seed=config.data.seed, cursor=cursor)
         metrics = MetricsLog(self.output_dir, tensorboard=config.tensorboard) if info.is_main else None
-        trainable = [p for named in groups.values() for _, p in named]
+        trainable = list(named.values())
         per_rank = config.data.micro_batch_size * config.data.grad_accum
         autocast = (partial(torch.autocast, info.device.type, dtype=torch.bfloat16)
                     if config.precision == "bf16" else contextlib.nullcontext)
@@ -216,7 +217,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if step % config.save_every == 0 or step == config.max_steps:
-                    self._save(step, module, optimizer, scheduler, stream.cursor, model, tokenizer, info)
+                    self._save(step, module, optimizer, named, scheduler, stream.cursor, model, tokenizer, info)
                 if self.stop_after is not None and step >= self.stop_after:
                     break
         finally:
@@ -241,11 +242,11 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------------------------
 
-    def _save(self, step: int, module: nn.Module, optimizer, scheduler, cursor: Cursor, model: VitaForCausalLM,
-              tokenizer: VitaTokenizer, info: D.DistInfo) -> None:
+    def _save(self, step: int, module: nn.Module, optimizer, named: dict[str, nn.Parameter], scheduler,
+              cursor: Cursor, model: VitaForCausalLM, tokenizer: VitaTokenizer, info: D.DistInfo) -> None:
         checkpoints = Checkpoints(self.output_dir, self.config.keep_checkpoints)
         weights = D.model_state(module)  # collective under FSDP
-        optim = D.optimizer_state(module, optimizer)
+        optim = D.optimizer_state(optimizer, named)  # collective under FSDP (full_tensor)
         staging = checkpoints.staging(step) if info.is_main else checkpoints.root / f".step-{step:06d}.tmp"
         D.barrier(info)
         if info.is_main:
