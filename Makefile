@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps proto test test-fast test-deploy lint bench demo images clean
+.PHONY: help setup system-deps proto test test-fast test-deploy lint bench demo images train-tiny clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -77,6 +77,17 @@ images:  ## build the vita image, CPU and CUDA targets (vita-omni/vita:VERSION-c
 	$(if $(BUILDER),,$(error make images: no container builder on this machine (a docker daemon, podman or buildah); the image cannot be built here))
 	$(BUILDER) --target cpu -t $(IMAGE):$(VERSION)-cpu .
 	$(BUILDER) --target cuda -t $(IMAGE):$(VERSION)-cuda .
+
+TRAIN_TINY ?= .artifacts/train-tiny
+TINY_ENV := VITA_TRAIN_DIR=$(TRAIN_TINY) VITA_CURRICULUM=$(TRAIN_TINY)/curriculum
+
+train-tiny: setup  ## the synthetic curriculum, the three training stages and the export, on the tiny preset
+	$(PY) -c "from vita.training.curriculum import build_curriculum; build_curriculum('$(TRAIN_TINY)/curriculum', seed=0)"
+	$(TINY_ENV) $(PY) -m vita.cli train --resume --stage 1 --config training/configs/stage1_llm_tiny.yaml
+	$(TINY_ENV) $(PY) -m vita.cli train --resume --stage 2 --config training/configs/stage2_vision_tiny.yaml
+	$(TINY_ENV) $(PY) -m vita.cli train --resume --stage 2 --config training/configs/stage2_audio_tiny.yaml
+	$(TINY_ENV) $(PY) -m vita.cli train --resume --stage 3 --config training/configs/stage3_multimodal_tiny.yaml
+	$(PY) -m vita.cli export --checkpoint $(TRAIN_TINY)/stage3 --output $(TRAIN_TINY)/model --overwrite
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .artifacts

@@ -35,7 +35,8 @@ def test_shipped_configs_load(name, variant, monkeypatch):
         assert config.vocab.enabled
         assert config.vocab.target_vocab_size == (None if variant else 51747)
     if name == "stage3_multimodal":
-        assert config.state_tokens and config.spoken.p_spoken == 0.5 and config.spoken.p_negative > 0
+        assert config.state_tokens and config.spoken.p_spoken == 0.5
+        assert (config.spoken.p_negative == 0) == bool(variant)  # tiny: the curriculum brings its chatter
 
 
 def test_defaults_are_the_mission_numbers():

@@ -96,6 +96,7 @@ class SpokenConfig:
     p_spoken: float = 0.0  # share of samples whose last question is replaced by its spoken version
     p_negative: float = 0.0  # share of samples turned into a noisy-audio negative (answer `<2>` + eos)
     voices: list[str] = field(default_factory=lambda: ["en-m", "en-f", "en-gb"])  # for English questions
+    chinese_voices: list[str] = field(default_factory=lambda: ["zh", "zh-f"])  # none: Chinese questions stay typed
     negative_voices: list[str] = field(default_factory=lambda: ["en-f-fast", "en-m-low"])  # English chatter
     p_noise: float = 0.5  # share of negatives that are noise rather than someone else's speech
 

@@ -2,7 +2,7 @@
 
 The prompt is the one the serving side builds (`vita.processing.prompt`): `system:...</s>\\nuser:...</s>\\nbot:`,
 the system prompt chosen by data type (image, video, text) and by whether a question is spoken, unless the
-conversation brings its own. Each bot turn is a target: its state token (with state tokens on), its text and
+conversation brings its own. Each bot turn is a target: `answer_text` (its state token, then its text) and
 `</s>`; everything else is context (target -100). The answer is tokenised apart from the `bot:` before it, as
 generation produces it. Placeholders are expanded to one id per encoder embedding (256 per image tile or video
 frame, 12.5 per second of audio), exactly as `VitaProcessor` expands them.
@@ -19,12 +19,13 @@ from vita.errors import InvalidInputError
 from vita.model.config import VitaConfig
 from vita.processing.audio import load_audio, num_audio_tokens
 from vita.processing.image import preprocess_image
-from vita.processing.prompt import EOS, SYSTEM_PROMPTS, DataType, expand_placeholders
+from vita.processing.prompt import EOS, SYSTEM_PROMPTS, DataType, StateToken, answer_text, expand_placeholders
 from vita.processing.tokenizer import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN, VitaTokenizer
 from vita.processing.video import decode_video, video_to_pixel_values
 from vita.training.sample import Sample
 
 IGNORE = -100  # target of a position that predicts nothing (context, padding)
+QUESTION_KINDS = ("text", "image", "video", "duplex")
 
 
 @dataclass
@@ -100,15 +101,16 @@ class ExampleEncoder:
         ids: list[int] = []
         labels: list[int] = []
         context = f"system:{system}{EOS}\n"
-        use_states = self.state_tokens or sample.state is not None
+        # A sample's `state` is its last answer's state token; earlier answers get theirs from their question
+        # (`<1>` spoken, `<3>` typed). Without one, a question sample gets inferred states when the stage asks
+        # for state tokens; ASR and captioning samples never have any (they are not questions).
+        use_states = sample.state is not None or (self.state_tokens and sample.kind in QUESTION_KINDS)
         for k in range(0, len(turns), 2):
             user, bot = turns[k]["content"], turns[k + 1]["content"]
             prompt = tok.encode(f"{context}user:{user}{EOS}\nbot:", add_bos=not ids)
             last = k + 2 == len(turns)
             state = (sample.state if last and sample.state else self._state(user)) if use_states else ""
-            if state == "<2>" and bot:
-                raise InvalidInputError("a noisy-audio (<2>) answer must be empty: the model learns to stay silent")
-            answer = [*tok.encode(state + bot), tok.eos_id]
+            answer = [*tok.encode(answer_text(StateToken(state), bot) if state else bot), tok.eos_id]
             ids += prompt + answer
             labels += [IGNORE] * len(prompt) + answer
             context = "\n"

@@ -35,8 +35,7 @@ from vita.training.vocab import CJK
 if TYPE_CHECKING:
     from vita.training.tts import TTS
 
-QUESTION_KINDS = ("text", "image", "video")
-CHINESE_VOICES = ("zh", "zh-f")
+SPEAKABLE_KINDS = ("text", "image", "video")
 # Chatter that is not for the assistant (training phrases only): language -> voices that speak it.
 CHATTER_VOICES = {"de": ("de",), "fr": ("fr",)}
 _PLACEHOLDERS = re.compile("|".join(re.escape(p) for p in (IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN)))
@@ -56,7 +55,7 @@ class SpokenTransform:
         self.seed = seed
 
     def __call__(self, sample: Sample, epoch: int, index: int) -> Sample:
-        if sample.kind not in QUESTION_KINDS or sample.state == "<2>" or len(sample.conversation) < 2:
+        if sample.kind not in SPEAKABLE_KINDS or sample.state == "<2>" or len(sample.conversation) < 2:
             return sample
         question = sample.conversation[-2]
         if question["role"] != "user" or AUDIO_TOKEN in question["content"]:
@@ -73,7 +72,9 @@ class SpokenTransform:
         media, text = _split(sample.conversation[-2]["content"])
         if not text:
             return sample
-        voices = CHINESE_VOICES if CJK.search(text) else tuple(self.config.voices)
+        voices = self.config.chinese_voices if CJK.search(text) else self.config.voices
+        if not voices:
+            return sample
         voice = voices[int(rng.integers(len(voices)))]
         wav = self._cached(f"tts|{voice}|{text}", lambda: self.tts.synthesize(text, voice))
         return _replace_last_question(sample, media + AUDIO_TOKEN, wav, sample.conversation[-1]["content"], "<1>")
