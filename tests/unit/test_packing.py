@@ -93,3 +93,41 @@ def test_without_segments_packing_would_leak_across_samples(setup):
         leaky = module(row.input_ids, row.targets, torch.arange(row.input_ids.shape[1])[None], None,
                        image_pixels=row.image_pixels, audio=row.audio)
     assert abs(isolated.item() - leaky.item()) > 1e-3
+
+
+def test_the_stream_restarts_at_its_cursor_with_the_same_rows(setup, tmp_path):
+    from vita.training.stream import RowStream
+
+    tok, module, _ = setup
+    encoder = ExampleEncoder(tok, module.vita.vita_config, max_length=300)
+    samples = th.mixed_samples(tmp_path)
+    samples.append(th.text("long " * 400, "x"))  # too long: skipped, counted
+
+    def stream(cursor=None):
+        return RowStream(samples, lambda s, epoch, i: encoder(s, i), packing_length=400, seed=3, cursor=cursor)
+
+    def ids(rows):
+        return [[e.input_ids for e in r.examples] for r in rows]
+
+    whole = stream()
+    first, rest = whole.take(3), whole.take(9)  # beyond one epoch
+    assert whole.skipped >= 1
+    again = stream()
+    again.take(3)
+    resumed = stream(again.cursor)
+    assert ids(resumed.take(9)) == ids(rest)
+    assert ids(stream().take(3)) == ids(first)
+
+
+def test_a_bad_sample_is_named(setup, tmp_path):
+    from vita.errors import InvalidInputError
+    from vita.training.stream import RowStream
+
+    tok, module, _ = setup
+    encoder = ExampleEncoder(tok, module.vita.vita_config)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    bad = th.Sample("image", [{"role": "user", "content": "<image>\nWhat?"}, {"role": "bot", "content": "x"}],
+                    images=[str(tmp_path / "broken.png")], meta={"id": "img-7"})
+    with pytest.raises(InvalidInputError, match=r"training sample 2 of 2 \(in manifest order\): image sample, id "
+                                                r"img-7: "):
+        RowStream([th.text("a", "b"), bad], lambda s, e, i: encoder(s, i), packing_length=4000, shuffle=False)

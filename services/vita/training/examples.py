@@ -73,7 +73,8 @@ class ExampleEncoder:
         except TooLong:
             raise
         except (InvalidInputError, FileNotFoundError, OSError, ValueError) as e:
-            raise InvalidInputError(f"sample {index} ({sample.kind}): {e}") from None
+            label = f", id {sample.meta['id']}" if sample.meta.get("id") else ""
+            raise InvalidInputError(f"{sample.kind} sample{label}: {e}") from None
 
     def _encode(self, sample: Sample, index: int) -> Example:
         turns = list(sample.conversation)
@@ -123,7 +124,7 @@ class ExampleEncoder:
             audio_tokens=[num_audio_tokens(len(w), self.config.audio) for w in audio] if audio else [],
         )
         if len(expanded.input_ids) > self.max_length:
-            raise TooLong(f"sample {index} is {len(expanded.input_ids)} tokens; at most {self.max_length} fit")
+            raise TooLong(f"the sample is {len(expanded.input_ids)} tokens; at most {self.max_length} fit")
         full: list[int] = []
         src = 0
         for span in expanded.spans:  # placeholders sit in user turns: context

@@ -82,6 +82,11 @@ class RowStream:
         order = epoch_order(len(self.samples), self.seed, epoch, self.shuffle)
         for index in range(start, len(order)):
             try:
-                yield self.encode(self.samples[int(order[index])], epoch, index)
+                example = self.encode(self.samples[int(order[index])], epoch, index)
             except TooLong:
                 self.skipped += 1
+                continue
+            except InvalidInputError as e:
+                raise InvalidInputError(f"training sample {int(order[index]) + 1} of {len(self.samples)} (in "
+                                        f"manifest order): {e}") from None
+            yield example
