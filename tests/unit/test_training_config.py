@@ -82,3 +82,19 @@ def test_json_env_defaults_and_overrides(tmp_path, monkeypatch):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read the config"):
         load_stage_config(tmp_path / "nope.yaml")
+
+
+def test_tensorboard_flag_writes_or_says_what_is_missing(tmp_path):
+    import importlib.util
+
+    from vita.training.metrics import MetricsLog, read_metrics
+
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ConfigError, match="needs the tensorboard package"):
+            MetricsLog(tmp_path, tensorboard=True)
+        return
+    log = MetricsLog(tmp_path, tensorboard=True)
+    log.write({"step": 1, "loss": 2.5})
+    log.close()
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 2.5}]
+    assert any((tmp_path / "tensorboard").iterdir())
