@@ -107,18 +107,22 @@ def test_resolve_checkpoint_accepts_run_final_and_step_dirs(trained, tmp_path):
         resolve_checkpoint(tmp_path)
 
 
-def test_cli_export_verify_and_errors(trained, tmp_path):
+def test_cli_export_verify_and_errors(trained, tmp_path, capsys):
+    from vita.cli import main
+
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "services"), os.environ.get("PYTHONPATH", "")]))
-
-    def vita(*args):
-        return subprocess.run([sys.executable, "-m", "vita.cli", *args], capture_output=True, text=True, env=env)
-
-    out = vita("export", "--checkpoint", str(trained), "--output", str(tmp_path / "r"))
+    out = subprocess.run([sys.executable, "-m", "vita.cli", "export", "--checkpoint", str(trained), "--output",
+                          str(tmp_path / "r")], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     verify_repository(tmp_path / "r")
     assert VitaTokenizer.from_file(tmp_path / "r").vocab_size == 1024
-    again = vita("export", "--checkpoint", str(trained), "--output", str(tmp_path / "r"))
-    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "--overwrite" in again.stderr
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(trained), "--output", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite" in err
     (tmp_path / "r" / "config.json").write_text("{}")
-    bad = vita("export", "--verify", str(tmp_path / "r"))
-    assert bad.returncode == 2 and "config.json: " in bad.stderr and "Traceback" not in bad.stderr
+    assert main(["export", "--verify", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.json: 2 bytes, the manifest says" in err
+    assert main(["export", "--verify", str(tmp_path)]) == 2
+    assert "not an exported model repository" in capsys.readouterr().err
