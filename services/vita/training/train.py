@@ -41,12 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     from vita.telemetry.logging import configure_logging
+    from vita.training.distributed import shutdown
     from vita.training.trainer import run_stage
 
     config = load_stage_config(args.config, args.set)
     if config.stage != args.stage:
         raise ConfigError(f"{args.config} is a stage {config.stage} config, not stage {args.stage}")
     configure_logging("training", level=os.environ.get("VITA_LOG_LEVEL", "info"))
-    summary = run_stage(config, load_samples(config), resume=args.resume)
+    try:
+        summary = run_stage(config, load_samples(config), resume=args.resume)
+    finally:
+        shutdown()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, default=str), flush=True)

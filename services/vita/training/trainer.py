@@ -159,7 +159,8 @@ class Trainer:
                 set_rng_state(rng)
             if info.is_main:
                 truncate_metrics(metrics_path, step)
-                log.info("resumed", extra={"checkpoint": str(checkpoint), "step": step})
+                changed = sorted(k for k, v in config.to_dict().items() if state["config"].get(k) != v)
+                log.info("resumed", extra={"checkpoint": str(checkpoint), "step": step, "changed_config": changed})
         else:
             torch.manual_seed(config.data.seed + info.rank)
             if info.is_main and metrics_path.exists():
