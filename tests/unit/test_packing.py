@@ -7,6 +7,7 @@ import torch
 
 from tests import training_helpers as th
 from vita.model.vita import SlotIds
+from vita.processing.tokenizer import Special
 from vita.training.examples import IGNORE, ExampleEncoder
 from vita.training.forward import TrainingModel, batch_loss_sum
 from vita.training.packing import PAD_SEGMENT, Row, collate, pack
@@ -131,3 +132,22 @@ def test_a_bad_sample_is_named(setup, tmp_path):
     with pytest.raises(InvalidInputError, match=r"training sample 2 of 2 \(in manifest order\): image sample, id "
                                                 r"img-7: "):
         RowStream([th.text("a", "b"), bad], lambda s, e, i: encoder(s, i), packing_length=4000, shuffle=False)
+
+
+def test_the_training_prompt_is_the_serving_prompt(setup, tmp_path):
+    """Context up to the answer: the ids VitaProcessor builds for the same request; then state, answer, eos."""
+    from vita.processing.processor import VitaProcessor
+
+    tok, module, _ = setup
+    config = module.vita.vita_config
+    image, tone = th.write_image(tmp_path / "i.png", 3), th.write_tone(tmp_path / "t.wav", 1.1)
+    sample = th.Sample("image", [{"role": "user", "content": "<image>\n<audio>What colour is it?"},
+                                 {"role": "bot", "content": "red"}], images=[image], audio=[tone], state="<1>")
+    example = ExampleEncoder(tok, config)(sample)
+    served, _ = VitaProcessor(tok, config)("What colour is it?", images=[image], audio=[tone])
+    n = len(served.input_ids)
+    assert example.input_ids[:n] == served.input_ids.tolist()
+    answer = [tok.state_ids["<1>"], *tok.encode_segments([Special("</s>"), "red"])[1:], tok.eos_id]
+    assert example.input_ids[n:] == answer
+    assert [t for t in example.targets if t != IGNORE] == answer  # position t predicts token t + 1
+    assert example.targets[n - 1] == answer[0] and example.targets[: n - 1] == [IGNORE] * (n - 1)

@@ -9,7 +9,7 @@ import torch
 from tests import training_helpers as th
 from vita.errors import InvalidInputError
 from vita.processing.corpus import bilingual_corpus
-from vita.processing.tokenizer import USER_DEFINED_SYMBOLS, VitaTokenizer
+from vita.processing.tokenizer import USER_DEFINED_SYMBOLS, Special, VitaTokenizer
 from vita.training.vocab import (
     base_tokenizer_from_corpus,
     chinese_lines,
@@ -66,9 +66,10 @@ def test_extended_tokenizer_round_trips_and_keeps_base_ids(base, extended):
     assert len(tok.encode(chinese)) < len(base.encode(chinese)) / 3
     english = "It is sunny in Beijing this morning."
     assert tok.encode(english) == base.encode(english)  # English unchanged
-    # the state and placeholder tokens stay single pieces
+    # the state and placeholder tokens stay single special pieces (text never yields them)
     for symbol in USER_DEFINED_SYMBOLS:
-        assert tok.encode(symbol) == [tok.id_of(symbol)]
+        assert tok.id_of(symbol) == base.id_of(symbol) and tok.is_special(tok.id_of(symbol))
+        assert tok.encode_segments([Special(symbol)]) == [tok.id_of(symbol)]
 
 
 def test_the_model_runs_on_new_ids(extended):
@@ -107,6 +108,8 @@ def test_special_symbols_are_added_when_the_base_lacks_them(tmp_path):
     extension = extend_tokenizer(plain, train_chinese_model(["你好世界"] * 20, 50))
     assert extension.pieces[: len(USER_DEFINED_SYMBOLS)] == list(USER_DEFINED_SYMBOLS)
     tok = extension.tokenizer
-    for symbol in ("<image>", "<2>"):  # this base adds a dummy-prefix "▁" first, as Mixtral's does
-        assert tok.encode(f"what{symbol}colour").count(tok.id_of(symbol)) == 1
-        assert tok.encode(symbol)[-1] == tok.id_of(symbol)
+    for symbol in USER_DEFINED_SYMBOLS:
+        assert tok.is_special(tok.id_of(symbol))
+        ids = tok.encode_segments(["what", Special(symbol), "colour"])
+        assert ids.count(tok.id_of(symbol)) == 1
+        assert tok.id_of(symbol) not in tok.encode(f"what{symbol}colour")  # typed, it stays text

@@ -2,10 +2,12 @@
 
 The prompt is the one the serving side builds (`vita.processing.prompt`): `system:...</s>\\nuser:...</s>\\nbot:`,
 the system prompt chosen by data type (image, video, text) and by whether a question is spoken, unless the
-conversation brings its own. Each bot turn is a target: `answer_text` (its state token, then its text) and
-`</s>`; everything else is context (target -100). The answer is tokenised apart from the `bot:` before it, as
-generation produces it. Placeholders are expanded to one id per encoder embedding (256 per image tile or video
-frame, 12.5 per second of audio), exactly as `VitaProcessor` expands them.
+conversation brings its own. A user turn's `<image>`/`<video>`/`<audio>` marks become its media
+(`Message.from_markup`), placed as the template places them; all other text stays text. Each bot turn is a target:
+`Message("bot", text, state=...)` (its state token, then its text) and `</s>`; everything else is context (target
+-100). The answer is tokenised apart from the `bot:` before it, as generation produces it. Placeholders are
+expanded to one id per encoder embedding (256 per image tile or video frame, 12.5 per second of audio), exactly as
+`VitaProcessor` expands them.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from vita.errors import InvalidInputError
 from vita.model.config import VitaConfig
 from vita.processing.audio import load_audio, num_audio_tokens
 from vita.processing.image import preprocess_image
-from vita.processing.prompt import EOS, SYSTEM_PROMPTS, DataType, StateToken, answer_text, expand_placeholders
-from vita.processing.tokenizer import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN, VitaTokenizer
+from vita.processing.prompt import EOS, DataType, Message, StateToken, build_prompt, expand_placeholders
+from vita.processing.tokenizer import Segment, Special, VitaTokenizer
 from vita.processing.video import decode_video, video_to_pixel_values
 from vita.training.sample import Sample
 
@@ -84,37 +86,37 @@ class ExampleEncoder:
         for k, turn in enumerate(turns):
             if turn["role"] != ("user", "bot")[k % 2]:
                 raise InvalidInputError("turns must alternate user, bot, ... starting with user")
-            if EOS in turn["content"]:
-                raise InvalidInputError(f"turn {k} contains the end-of-turn marker {EOS!r}")
-            if turn["role"] == "bot" and any(p in turn["content"] for p in (IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN)):
-                raise InvalidInputError(f"turn {k}: a bot turn cannot hold media placeholders")
+        # The data format's media marks become the user turns' media, as the serving template places them.
+        users = [Message.from_markup("user", t["content"]) for t in turns[0::2]]
+        answers = [t["content"] for t in turns[1::2]]
 
         image_pixels = [self._image(path) for path in sample.images]
         video_pixels = self._video(sample.video) if sample.video else None
         if sample.audio and self.config.audio is None:
             raise InvalidInputError("the model has no audio tower: it cannot train on audio")
         audio = [load_waveform(ref) for ref in sample.audio]
-        if system is None:
-            data_type = DataType.for_media(has_images=bool(image_pixels), has_video=video_pixels is not None)
-            system = SYSTEM_PROMPTS.select(data_type, audio_question=bool(audio))
+        data_type = DataType.for_media(has_images=bool(image_pixels), has_video=video_pixels is not None)
 
         tok = self.tokenizer
-        ids: list[int] = []
-        labels: list[int] = []
-        context = f"system:{system}{EOS}\n"
         # A sample's `state` is its last answer's state token; earlier answers get theirs from their question
         # (`<1>` spoken, `<3>` typed). Without one, a question sample gets inferred states when the stage asks
         # for state tokens; ASR and captioning samples never have any (they are not questions).
         use_states = sample.state is not None or (self.state_tokens and sample.kind in QUESTION_KINDS)
-        for k in range(0, len(turns), 2):
-            user, bot = turns[k]["content"], turns[k + 1]["content"]
-            prompt = tok.encode(f"{context}user:{user}{EOS}\nbot:", add_bos=not ids)
-            last = k + 2 == len(turns)
-            state = (sample.state if last and sample.state else self._state(user)) if use_states else ""
-            answer = [*tok.encode(answer_text(StateToken(state), bot) if state else bot), tok.eos_id]
-            ids += prompt + answer
-            labels += [IGNORE] * len(prompt) + answer
-            context = "\n"
+        first = build_prompt(users[:1], system=system, data_type=data_type, audio_question=bool(audio))
+        ids = tok.encode_segments(first, add_bos=True)  # exactly the serving prompt of a one-turn request
+        labels = [IGNORE] * len(ids)
+        for k, (user, text) in enumerate(zip(users, answers)):
+            if k:
+                between = _after_special(tok, ["\n", *user.segments(), Special(EOS), "\n", "bot:"])
+                ids += between
+                labels += [IGNORE] * len(between)
+            last = k == len(answers) - 1
+            state = (sample.state if last and sample.state else self._state(user)) if use_states else None
+            bot = Message("bot", text, state=StateToken(state) if state else None)
+            # the answer is tokenised apart from the `bot:` before it, as generation produces it
+            answer = _after_special(tok, [*bot.segments()[1:], Special(EOS)])
+            ids += answer
+            labels += answer
 
         tiles = self.config.vision.tokens_per_tile if self.config.vision is not None else 0
         expanded = expand_placeholders(
@@ -139,8 +141,8 @@ class ExampleEncoder:
         )
 
     @staticmethod
-    def _state(user: str) -> str:
-        return "<1>" if AUDIO_TOKEN in user else "<3>"
+    def _state(user: Message) -> str:
+        return "<1>" if "audio" in user.media else "<3>"
 
     def _image(self, path: str) -> Tensor:
         if self.config.vision is None:
@@ -151,6 +153,12 @@ class ExampleEncoder:
         if self.config.vision is None:
             raise InvalidInputError("the model has no vision tower: it cannot train on video")
         return video_to_pixel_values(decode_video(path), self.config.vision)
+
+
+def _after_special(tok: VitaTokenizer, segments: list[Segment]) -> list[int]:
+    """Ids of segments that follow a special token in the sequence (a turn end, `bot:`'s answer): text right
+    after a special token is tokenised as such (no dummy prefix), which encoding them alone would not do."""
+    return tok.encode_segments([Special(EOS), *segments])[1:]
 
 
 def load_waveform(ref: str) -> Tensor:
