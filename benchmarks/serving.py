@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from vita.inference import VitaPipeline
-    from vita.model.tiny import build_tiny_checkpoint
     from vita.stack import LocalStack
+    from vita.tiny import build_tiny_checkpoint
 
     model_dir = build_tiny_checkpoint()
     pipeline = VitaPipeline.load(model_dir)

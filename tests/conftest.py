@@ -17,7 +17,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny preset with seeded random weights and the built-in tokenizer, written once per session."""
-    from vita.model.tiny import build_tiny_checkpoint
+    from vita.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 

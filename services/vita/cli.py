@@ -35,7 +35,7 @@ def _model_info(args: argparse.Namespace) -> None:
 
 
 def _init_tiny(args: argparse.Namespace) -> None:
-    from vita.model.tiny import build_tiny_checkpoint
+    from vita.tiny import build_tiny_checkpoint
 
     path = build_tiny_checkpoint(args.output, seed=args.seed, overwrite=args.overwrite)
     print(f"tiny model written to {path}")
@@ -87,14 +87,14 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _stack_file():
-    from vita.model.tiny import vita_home
+    from vita.paths import vita_home
 
     return vita_home() / "stack.json"
 
 
 def _up(args: argparse.Namespace) -> None:
-    from vita.model.tiny import build_tiny_checkpoint
     from vita.stack import LocalStack
+    from vita.tiny import build_tiny_checkpoint
 
     path = _stack_file()
     if path.exists():

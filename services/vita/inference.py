@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from vita.model.generation import SamplingParams, stream_generate, token_budget
-from vita.model.tiny import build_tiny_checkpoint
 from vita.model.vita import VitaForCausalLM
 from vita.processing.processor import AudioInput, ImageInput, PromptStats, VideoInput, VitaProcessor
 from vita.processing.prompt import Message
 from vita.processing.tokenizer import IncrementalDecoder, VitaTokenizer
+from vita.tiny import build_tiny_checkpoint
 
 
 @dataclass

@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vita.errors import VitaError
-from vita.model.tiny import vita_home
+from vita.paths import vita_home
 
 
 class StackError(VitaError):

@@ -166,7 +166,7 @@ class Reference:
     @torch.inference_mode()
     def audio(self, source) -> torch.Tensor:
         inputs, _ = self.processor(audio=[source])
-        return self.model.audio_tower.encode_waveforms(inputs.audio_waveforms)[0]
+        return self.model.audio_tower.encode_features(inputs.audio_features)[0]
 
 
 @pytest.fixture(scope="module")

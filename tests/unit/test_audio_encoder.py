@@ -18,7 +18,7 @@ from vita.model.audio import (
     relative_positions,
 )
 from vita.model.config import AudioConfig, VitaConfig
-from vita.processing.audio import fbank, num_audio_tokens
+from vita.processing.audio import audio_features, fbank, num_audio_tokens
 
 TINY = VitaConfig.preset("tiny")
 
@@ -33,6 +33,11 @@ def _noise(num_samples: int, seed: int) -> torch.Tensor:
     return 0.1 * torch.randn(num_samples, generator=torch.Generator().manual_seed(seed))
 
 
+def _encode(tower: AudioTower, waves: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Waveforms -> filterbanks (processing) -> the tower, as the processor and the model do it."""
+    return tower.encode_features(audio_features(waves, tower.config))
+
+
 def test_full_size_encoder_has_341m_parameters() -> None:
     with torch.device("meta"):
         encoder = AudioEncoder(AudioConfig())
@@ -42,7 +47,7 @@ def test_full_size_encoder_has_341m_parameters() -> None:
 
 @torch.no_grad()
 def test_two_seconds_give_25_tokens(tower: AudioTower) -> None:
-    (embeds,) = tower.encode_waveforms([_noise(32000, 0)])
+    (embeds,) = _encode(tower, [_noise(32000, 0)])
     assert embeds.shape == (25, TINY.llm.hidden_size)
 
 
@@ -51,9 +56,9 @@ def test_token_counts_and_embeddings_do_not_depend_on_batching(tower: AudioTower
     # 0.1 s .. 7.3 s, odd sample counts, frame counts on both sides of every rounding step
     lengths = [1600, 1601, 2479, 4801, 12345, 20003, 32000, 45677, 116800]
     waves = [_noise(n, seed) for seed, n in enumerate(lengths)]
-    batched = tower.encode_waveforms(waves)
+    batched = _encode(tower, waves)
     for wave, together in zip(waves, batched):
-        (alone,) = tower.encode_waveforms([wave])
+        (alone,) = _encode(tower, [wave])
         assert alone.shape[0] == together.shape[0] == num_audio_tokens(len(wave), TINY.audio)
         torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
 
@@ -133,10 +138,10 @@ def test_gradients_are_finite_with_padding() -> None:
 
 def test_unusable_lengths_are_rejected(tower: AudioTower) -> None:
     with pytest.raises(InvalidInputError, match="at least 10 ms"):
-        tower.encode_waveforms([_noise(16000, 5), _noise(50, 6)])
+        _encode(tower, [_noise(16000, 5), _noise(50, 6)])
     short = AudioTower(AudioConfig(**{**vars(TINY.audio), "max_relative_positions": 8}), 16)
     with pytest.raises(InvalidInputError, match="max_relative_positions"):
-        short.encode_waveforms([_noise(16000, 7)])
+        _encode(short, [_noise(16000, 7)])
 
 
 def test_connector_pairs_frames_and_pads_odd_tails(tower: AudioTower) -> None:

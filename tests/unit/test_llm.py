@@ -13,7 +13,8 @@ from transformers import MixtralConfig, MixtralForCausalLM
 from vita.errors import CheckpointError, ContextLengthError, InvalidInputError
 from vita.model.config import LLMConfig
 from vita.model.generation import SamplingParams, sample_next_token, stream_generate
-from vita.model.llm import MoECausalLM, llm_state_dict_from_hf, llm_state_dict_to_hf, select_experts
+from vita.model.hf_names import llm_state_dict_from_hf, llm_state_dict_to_hf
+from vita.model.llm import MoECausalLM, select_experts
 
 HF_SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256)

@@ -8,7 +8,9 @@ import torch
 from vita.errors import CheckpointError, InvalidInputError
 from vita.inference import GenerationRequest, VitaPipeline
 from vita.model.generation import SamplingParams
-from vita.model.vita import MultimodalInputs, SlotIds, VitaForCausalLM
+from vita.model.inputs import MultimodalInputs, SlotIds
+from vita.model.vita import VitaForCausalLM
+from vita.processing.audio import audio_features
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,8 @@ def test_slots_are_overwritten_by_tower_outputs(pipeline, wide_png, speech_wav):
     ids = inputs.input_ids
     with torch.inference_mode():
         vision = pipeline.model.vision_tower(inputs.image_pixels).flatten(0, 1)
-        audio = pipeline.model.audio_tower.encode_waveforms(inputs.audio_waveforms)[0]
+        audio = pipeline.model.audio_tower.encode_features(
+            audio_features(inputs.audio_waveforms, pipeline.model.vita_config.audio))[0]
         text = pipeline.model.get_input_embeddings()(ids)
     torch.testing.assert_close(embeds[ids == slots.image], vision)
     torch.testing.assert_close(embeds[ids == slots.audio], audio)

@@ -1,8 +1,8 @@
 """The audio tower behind the audio-encoder pool: WAV or PCM16 speech -> 16 kHz -> filterbanks -> embeddings.
 
-Filterbanks are computed per job in `prepare` (what `AudioTower.encode_waveforms` does for a whole batch), so
-preprocessed `features` items batch with raw audio, and a clip too long for the tower is refused alone instead of
-failing everyone's forward.
+Filterbanks are computed per job in `prepare` (what `vita.processing.audio.audio_features` does for a whole
+batch), so preprocessed `features` items batch with raw audio, and a clip too long for the tower is refused alone
+instead of failing everyone's forward.
 """
 
 from __future__ import annotations

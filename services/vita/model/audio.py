@@ -7,7 +7,7 @@ converted WeNet/ESPnet encoder checkpoints map onto it by name. 2 s of 16 kHz au
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from vita.errors import InvalidInputError
 from vita.model.config import AudioConfig
-from vita.processing.audio import fbank
 
 
 def length_mask(lengths: Tensor, max_length: int) -> Tensor:
@@ -218,11 +217,14 @@ class AudioTower(nn.Module):
         """feats (B, T, bins), num_frames (B,) -> embeds (B, N, llm_hidden), num_tokens (B,); rows past N_b are padding."""
         return self.connector(*self.encoder(feats, num_frames))
 
-    def encode_waveforms(self, waveforms: list[Tensor]) -> list[Tensor]:
-        """Filterbank and encode 1-D 16 kHz waveforms as one padded batch: one (n_i, llm_hidden) tensor each."""
+    def encode_features(self, features: Sequence[Tensor]) -> list[Tensor]:
+        """Encode clips given as (frames_i, num_mel_bins) filterbanks as one padded batch: one (n_i, llm_hidden) each.
+
+        Filterbanks come from `vita.processing.audio` (`audio_features` for waveforms); padding frames never reach
+        a row's valid ones, so a clip gives the same embeddings alone or in any batch.
+        """
         param = next(self.parameters())
-        lengths = torch.tensor([w.shape[-1] for w in waveforms], device=param.device)
-        batch = nn.utils.rnn.pad_sequence([w.to(param.device) for w in waveforms], batch_first=True)
-        feats, num_frames = fbank(batch, lengths, self.config)
+        num_frames = torch.tensor([f.shape[0] for f in features], device=param.device)
+        feats = nn.utils.rnn.pad_sequence([f.to(param.device) for f in features], batch_first=True)
         embeds, num_tokens = self(feats.to(param.dtype), num_frames)
         return [e[:n] for e, n in zip(embeds, num_tokens.tolist())]

@@ -1,7 +1,7 @@
 """Mixtral-style sparse MoE decoder in the spirit of gpt-fast, under Hugging Face Mixtral parameter names.
 
 Experts are stacked per layer, `block_sparse_moe.w1`/`w3` (E, I, H) and `w2` (E, H, I), so dispatch is one bmm per
-matrix over all experts rather than a loop; `llm_state_dict_to_hf`/`_from_hf` map them to the per-expert hub names.
+matrix over all experts rather than a loop; `vita.model.hf_names` maps them to and from the per-expert hub names.
 The KV cache is one static buffer addressed by (slot, position), so the same forward serves prefill, incremental
 decode and batched decode of sequences of different lengths, which is what continuous batching is built on.
 """
@@ -11,9 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
-from collections import defaultdict
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vita.errors import CheckpointError, ContextLengthError, InvalidInputError
+from vita.errors import ContextLengthError, InvalidInputError
 from vita.model import generation
 from vita.model.checkpoint import load_sharded, save_sharded, validate_state_dict
 from vita.model.config import LLMConfig
+from vita.model.hf_names import input_major, llm_state_dict_from_hf, llm_state_dict_to_hf, read_hf_config
 
 
 @dataclass
@@ -142,19 +140,42 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_dim, hidden, bias=False)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, step: CacheStep | None) -> Tensor:
+        """x (B, T, hidden) -> (B, T, hidden). `mask` is additive, in the folded layout of `fold_query_mask`:
+        (B, 1, groups * T, L), or (B, 1, 1, L) for a single query; L is T without a cache, else the cache's kv_len."""
         B, T, _ = x.shape
         n_kv, groups, D = self.n_kv, self.groups, self.head_dim
-        q = apply_rope(self.q_proj(x).view(B, T, n_kv * groups, D), *rope)
-        k = apply_rope(self.k_proj(x).view(B, T, n_kv, D), *rope)
-        v = self.v_proj(x).view(B, T, n_kv, D)
+        # Query head h serves kv head h // groups (HF's order): heads (n_kv * groups) split as (n_kv, groups).
+        q = apply_rope(self.q_proj(x).view(B, T, n_kv * groups, D), *rope)  # (B, T, n_kv * groups, D)
+        k = apply_rope(self.k_proj(x).view(B, T, n_kv, D), *rope)  # (B, T, n_kv, D)
+        v = self.v_proj(x).view(B, T, n_kv, D)  # (B, T, n_kv, D)
         if step is None:
-            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, n_kv, L=T, D)
         else:
-            k, v = step.update(self.layer_idx, k, v)
+            k, v = step.update(self.layer_idx, k, v)  # (B, n_kv, L=kv_len, D): this row's cache, new keys included
+        # Fold: (B, T, n_kv, groups, D) -> (B, n_kv, groups, T, D) -> (B, n_kv, groups * T, D). Query row r is
+        # group r // T at position r % T (group-major), which is the row order `fold_query_mask` gives the mask.
         q = q.view(B, T, n_kv, groups, D).permute(0, 2, 3, 1, 4).reshape(B, n_kv, groups * T, D)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, n_kv, groups * T, D)
+        # Unfold: (B, n_kv, groups, T, D) -> (B, T, n_kv, groups, D) -> (B, T, n_kv * groups * D), heads in HF order.
         out = out.view(B, n_kv, groups, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, n_kv * groups * D)
         return self.o_proj(out)
+
+
+def fold_query_mask(visible: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
+    """(B, T, L) bool, True where query position t may see key l -> the additive mask `Attention` takes.
+
+    `Attention` folds each kv head's `groups` query heads into the query length, group-major: row r of its
+    (groups * T) queries is group r // T at position r % T. The mask follows that order, (B, 1, groups * T, L) with
+    dim 1 broadcasting over the kv heads; a single query (T == 1) keeps (B, 1, 1, L), which broadcasts over the
+    groups as it is. Float, built once per forward: SDPA would otherwise convert a boolean mask in every layer.
+    """
+    B, T, L = visible.shape
+    visible = visible.unsqueeze(1)  # (B, 1, T, L)
+    if T > 1:
+        visible = visible.repeat(1, 1, groups, 1)  # (B, 1, groups * T, L): whole (T, L) blocks, one per group
+    mask = torch.full(visible.shape, -math.inf, dtype=dtype, device=visible.device).masked_fill_(visible, 0.0)
+    assert mask.shape == (B, 1, groups * T if T > 1 else 1, L)
+    return mask
 
 
 class MoEFeedForward(nn.Module):
@@ -238,11 +259,6 @@ class MoEFeedForward(nn.Module):
         h = F.silu(torch.bmm(batch, self.w1.mT)) * torch.bmm(batch, self.w3.mT)
         out = torch.bmm(h, self.w2.mT)[pair_expert, slot].view(-1, self.top_k, x.shape[-1])
         return torch.bmm(weights.unsqueeze(1), out).squeeze(1)
-
-
-def input_major(w: Tensor) -> Tensor:
-    """Stacked expert matrices (E, out, in) backed by (E, in, out) memory; no copy when they already are."""
-    return w if w.mT.is_contiguous() else w.mT.contiguous().mT
 
 
 def select_experts(w: Tensor, ids: list[int]) -> Tensor:
@@ -331,15 +347,15 @@ class MoECausalLM(nn.Module):
                 raise InvalidInputError("segment_ids are for packed training batches, not with a KV cache")
             step = self._cache_step(cache, slots, positions, B, T)
             key_positions = torch.arange(step.kv_len, device=x.device)
-        visible = (key_positions[..., None, :] <= positions[..., :, None]).unsqueeze(1)  # (B, 1, T, L)
-        if segment_ids is not None:
+        # Query t of a row sees the keys at positions <= its own: (B, T, L), keys (B, L) or (L,) against (B, T, 1).
+        visible = key_positions[..., None, :] <= positions[..., :, None]
+        if segment_ids is not None:  # no cache here, so L == T: a packed sample sees only its own tokens
             if segment_ids.shape != (B, T):
                 raise InvalidInputError(f"segment_ids must have shape ({B}, {T}), got {tuple(segment_ids.shape)}")
-            visible = visible & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-        if T > 1:  # queries are folded as (group, T); a single query's mask broadcasts over the groups as it is
-            visible = visible.repeat(1, 1, self.config.num_attention_heads // self.config.num_key_value_heads, 1)
-        # An additive float mask, built once: SDPA would otherwise convert a boolean one in every layer.
-        mask = torch.full(visible.shape, -math.inf, dtype=x.dtype, device=x.device).masked_fill_(visible, 0.0)
+            visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])  # (B, T, T)
+        # The mask must follow Attention's query fold (group-major rows): fold_query_mask owns that layout.
+        groups = self.config.num_attention_heads // self.config.num_key_value_heads
+        mask = fold_query_mask(visible, groups, x.dtype)
         rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         return CausalLMOutput(logits=self.lm_head(self.model(x, rope, mask, step)))
 
@@ -415,68 +431,3 @@ def _check_positions(positions: Tensor, B: int, T: int, limit: int, detail: str)
     if high >= limit:
         raise ContextLengthError(f"position {high} is beyond the context: at most {limit} positions fit{detail}")
     return high + 1
-
-
-def read_hf_config(directory: Path) -> LLMConfig:
-    """LLMConfig from a Hugging Face Mixtral `config.json` (transformers 4 or 5 layout)."""
-    path = directory / "config.json"
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read the model config ({e})") from None
-    if d.get("model_type") != "mixtral":
-        raise CheckpointError(f"{path}: model_type is {d.get('model_type')!r}, expected 'mixtral'")
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise CheckpointError(f"{path}: RoPE scaling {rope} is not supported")
-    if "rope_theta" not in d and "rope_theta" in rope:  # transformers 5 nests it under rope_parameters
-        d["rope_theta"] = rope["rope_theta"]
-    try:
-        return LLMConfig.from_hf_dict(d)
-    except (TypeError, ValueError, NotImplementedError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
-
-
-# Hub names: model.layers.N.block_sparse_moe.experts.E.w1.weight. transformers 5 keeps the experts fused in
-# memory (mlp.experts.gate_up_proj (E, 2I, H) = [w1; w3], mlp.experts.down_proj (E, H, I)) and can save that too.
-_STACKED = re.compile(r"^(?P<layer>.*\.)block_sparse_moe\.(?P<w>w[123])$")
-_PER_EXPERT = re.compile(r"^(?P<layer>.*\.)block_sparse_moe\.experts\.(?P<e>\d+)\.(?P<w>w[123])\.weight$")
-_FUSED = re.compile(r"^(?P<layer>.*\.)mlp\.(?P<name>experts\.gate_up_proj|experts\.down_proj|gate\.weight)$")
-
-
-def llm_state_dict_to_hf(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Our names -> hub names: split stacked experts into per-expert matrices; other keys pass through."""
-    out: dict[str, Tensor] = {}
-    for key, tensor in state_dict.items():
-        m = _STACKED.match(key)
-        if m is None:
-            out[key] = tensor
-            continue
-        for e, matrix in enumerate(tensor.unbind(0)):
-            out[f"{m['layer']}block_sparse_moe.experts.{e}.{m['w']}.weight"] = matrix
-    return out
-
-
-def llm_state_dict_from_hf(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Hub (or transformers-5 fused) names -> ours: stack per-expert matrices input-major; other keys pass through."""
-    out: dict[str, Tensor] = {}
-    experts: dict[str, dict[int, Tensor]] = defaultdict(dict)
-    for key, tensor in state_dict.items():
-        if m := _PER_EXPERT.match(key):
-            experts[f"{m['layer']}block_sparse_moe.{m['w']}"][int(m["e"])] = tensor
-        elif m := _FUSED.match(key):
-            moe = f"{m['layer']}block_sparse_moe."
-            if m["name"] == "gate.weight":
-                out[moe + "gate.weight"] = tensor
-            elif m["name"] == "experts.down_proj":
-                out[moe + "w2"] = input_major(tensor)
-            else:
-                out[moe + "w1"], out[moe + "w3"] = (input_major(half) for half in tensor.chunk(2, dim=1))
-        else:
-            out[key] = tensor
-    for key, by_index in experts.items():
-        if sorted(by_index) != list(range(len(by_index))):
-            missing = sorted(set(range(max(by_index) + 1)) - set(by_index))
-            raise CheckpointError(f"{key}: experts {missing} are missing from the checkpoint")
-        out[key] = torch.stack([by_index[e].mT for e in range(len(by_index))]).mT  # input-major, as the model keeps it
-    return out

@@ -7,7 +7,7 @@ the towers live under `vision_tower.*` and `audio_tower.*` in the same sharded s
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,27 +17,10 @@ from vita.errors import CheckpointError, InvalidInputError
 from vita.model.audio import AudioTower
 from vita.model.checkpoint import load_sharded, save_sharded, validate_state_dict
 from vita.model.config import VitaConfig
-from vita.model.llm import MoECausalLM, llm_state_dict_from_hf, llm_state_dict_to_hf, read_hf_config
+from vita.model.hf_names import llm_state_dict_from_hf, llm_state_dict_to_hf, read_hf_config
+from vita.model.inputs import MultimodalInputs, SlotIds
+from vita.model.llm import MoECausalLM
 from vita.model.vision import VisionTower
-
-
-@dataclass
-class MultimodalInputs:
-    """One prompt after placeholder expansion: token ids plus the media whose embeddings fill the slots."""
-
-    input_ids: Tensor  # (L,) with image/video/audio ids repeated once per embedding slot
-    image_pixels: Tensor | None = None  # (tiles, 3, 448, 448): every tile of every image, in prompt order
-    video_pixels: Tensor | None = None  # (frames, 3, 448, 448): every frame of every video, in prompt order
-    audio_waveforms: list[Tensor] = field(default_factory=list)  # 16 kHz mono, in prompt order
-
-
-@dataclass
-class SlotIds:
-    """Token ids whose positions receive encoder embeddings (from the tokenizer)."""
-
-    image: int
-    video: int
-    audio: int
 
 
 class VitaForCausalLM(MoECausalLM):
@@ -60,7 +43,7 @@ class VitaForCausalLM(MoECausalLM):
         for name, slot_id, produce in (
             ("image", slots.image, lambda: self._encode_pixels(inputs.image_pixels, "image")),
             ("video", slots.video, lambda: self._encode_pixels(inputs.video_pixels, "video")),
-            ("audio", slots.audio, lambda: self._encode_audio(inputs.audio_waveforms)),
+            ("audio", slots.audio, lambda: self._encode_audio(inputs.audio_features)),
         ):
             positions = (ids == slot_id).nonzero().squeeze(-1)
             media = produce()
@@ -81,12 +64,12 @@ class VitaForCausalLM(MoECausalLM):
         tower_dtype = next(self.vision_tower.parameters()).dtype
         return self.vision_tower(pixels.to(tower_dtype)).flatten(0, 1)
 
-    def _encode_audio(self, waveforms: list[Tensor]) -> Tensor | None:
-        if not waveforms:
+    def _encode_audio(self, features: list[Tensor]) -> Tensor | None:
+        if not features:
             return None
         if self.audio_tower is None:
             raise InvalidInputError("this model has no audio tower; it cannot take audio input")
-        return torch.cat(self.audio_tower.encode_waveforms(waveforms), dim=0)
+        return torch.cat(self.audio_tower.encode_features(features), dim=0)
 
     # --- checkpoints --------------------------------------------------------------------------------------
 

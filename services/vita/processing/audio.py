@@ -9,7 +9,7 @@ import functools
 import io
 import math
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import av
@@ -375,6 +375,19 @@ def fbank(
 
     valid = torch.arange(frames_max, device=device)[None] < num_frames[:, None]
     return feats.masked_fill(~valid[..., None], 0.0), num_frames
+
+
+def audio_features(waveforms: Sequence[torch.Tensor], config: AudioConfig | None = None) -> list[torch.Tensor]:
+    """One (frames_i, num_mel_bins) filterbank per 1-D 16 kHz waveform, computed as one padded `fbank` batch.
+
+    This is what the audio tower reads (`MultimodalInputs.audio_features`, `AudioTower.encode_features`); a clip
+    under 10 ms gives 0 frames, which the tower refuses.
+    """
+    if not waveforms:
+        return []
+    lengths = torch.tensor([w.shape[-1] for w in waveforms])
+    feats, num_frames = fbank(torch.nn.utils.rnn.pad_sequence(list(waveforms), batch_first=True), lengths, config)
+    return [f[:n] for f, n in zip(feats, num_frames.tolist())]
 
 
 @functools.lru_cache(maxsize=8)

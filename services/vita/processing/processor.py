@@ -18,8 +18,8 @@ from PIL import Image
 
 from vita.errors import InvalidInputError
 from vita.model.config import VitaConfig
-from vita.model.vita import MultimodalInputs, SlotIds
-from vita.processing.audio import load_audio, num_audio_tokens
+from vita.model.inputs import MultimodalInputs, SlotIds
+from vita.processing.audio import audio_features, load_audio, num_audio_tokens
 from vita.processing.image import preprocess_image
 from vita.processing.prompt import Message, encode_prompt
 from vita.processing.tokenizer import VitaTokenizer
@@ -102,6 +102,7 @@ class VitaProcessor:
             input_ids=torch.tensor(prompt.input_ids, dtype=torch.long),
             image_pixels=torch.cat(image_pixels) if image_pixels else None,
             video_pixels=video_pixels,
+            audio_features=audio_features(waveforms, self.config.audio),
             audio_waveforms=waveforms,
         )
         stats = PromptStats(

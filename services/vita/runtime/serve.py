@@ -69,7 +69,7 @@ async def serve(name: str, args: argparse.Namespace, build: Build, *, threads: i
     """
     import torch
 
-    from vita.model.tiny import build_tiny_checkpoint
+    from vita.tiny import build_tiny_checkpoint
 
     if threads:
         torch.set_num_threads(threads)

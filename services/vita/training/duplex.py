@@ -13,7 +13,7 @@ one-token decision nor the 106-token answer drowns the other.
 
 The loop is nanoGPT-sized: draw a batch, run its samples one at a time (embedding each with the audio connector
 in the graph and its image from the frozen vision tower) and accumulate the gradients, then one AdamW step with
-warmup and cosine decay. It starts from `vita.model.tiny.build_tiny_checkpoint()`; before the first step it fits
+warmup and cosine decay. It starts from `vita.tiny.build_tiny_checkpoint()`; before the first step it fits
 the audio tower's global CMVN to the training audio and recentres and rescales the audio connector's output (a
 data-dependent init), then trains the LLM and the audio connector; the audio encoder and the vision tower stay
 frozen. With the defaults (72 steps of 4 samples) training takes about 40 s on 2 CPU cores (measured: 40 s while
@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -47,13 +46,14 @@ from tqdm import tqdm
 
 from vita.inference import GenerationRequest, VitaPipeline
 from vita.model.generation import SamplingParams, stream_generate
-from vita.model.tiny import build_tiny_checkpoint, vita_home
 from vita.model.vita import VitaForCausalLM
-from vita.processing.audio import fbank, num_audio_tokens
+from vita.paths import atomic_directory, vita_home
+from vita.processing.audio import audio_features, fbank, num_audio_tokens
 from vita.processing.image import preprocess_image
 from vita.processing.processor import AudioInput
 from vita.processing.prompt import Message, StateToken, encode_prompt
 from vita.processing.tokenizer import VitaTokenizer
+from vita.tiny import build_tiny_checkpoint
 from vita.training import speech
 
 log = logging.getLogger("training.duplex")
@@ -243,7 +243,8 @@ def fit_connector(model: VitaForCausalLM, clips: Sequence[np.ndarray]) -> None:
     the little that tells one voice from another is drowned in the residual stream; recentring and rescaling
     (as LSUV-style inits do) lets the LLM pick it up within tens of steps instead of hundreds.
     """
-    out = torch.cat(model.audio_tower.encode_waveforms([torch.from_numpy(c) for c in clips]))
+    features = audio_features([torch.from_numpy(c) for c in clips], model.vita_config.audio)
+    out = torch.cat(model.audio_tower.encode_features(features))
     target = model.get_input_embeddings().weight.norm(dim=-1).mean()
     mean = out.mean(0)
     scale = target / (out - mean).norm(dim=-1).mean()
@@ -436,31 +437,23 @@ def default_duplex_dir() -> Path:
 def build_duplex_checkpoint(output: str | Path | None = None, *, overwrite: bool = False,
                             config: DuplexTrainConfig | None = None, progress: bool = False) -> Path:
     """The tiny model fine-tuned for duplex judging, trained once and cached (default `$VITA_HOME/models/` +
-    RECIPE). Written to a staging directory and renamed, so a half-trained model is never picked up; if another
-    process finished the same checkpoint meanwhile, its copy is kept."""
+    RECIPE). Published with `atomic_directory`, so a half-trained model is never picked up; if another process
+    finished the same checkpoint meanwhile, its copy is kept."""
     path = Path(output) if output is not None else default_duplex_dir()
     if path.joinpath("config.json").is_file() and not overwrite:
         return path
     config = config or DuplexTrainConfig()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".duplex-", dir=path.parent))
-    try:
-        base = build_tiny_checkpoint(staging / "base", seed=0)
+    with atomic_directory(path, overwrite=overwrite) as staging, \
+            tempfile.TemporaryDirectory(prefix=".duplex-base-", dir=path.parent) as scratch:
+        base = build_tiny_checkpoint(Path(scratch) / "base", seed=0)
         model = VitaForCausalLM.from_pretrained(base)
         tokenizer = VitaTokenizer.from_file(base)
         summary = train_duplex(model, tokenizer, config, progress=progress)
         summary["held_out_accuracy"] = evaluate(model, tokenizer)
-        model.save_pretrained(staging / "model", tokenizer=tokenizer)
+        model.save_pretrained(staging, tokenizer=tokenizer)
         record = {"recipe": RECIPE, "config": dataclasses.asdict(config), **summary}
-        staging.joinpath("model", "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        staging.joinpath("training.json").write_text(json.dumps(record, indent=2) + "\n")
         log.info("saved", extra={"path": str(path), "held_out_accuracy": summary["held_out_accuracy"]})
-        if path.joinpath("config.json").is_file() and not overwrite:
-            return path
-        if path.exists():
-            shutil.rmtree(path)
-        staging.joinpath("model").rename(path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
