@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     section = "\n".join([
         f"## Duplex latency: interruptions on the local stack ({datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} "
         "UTC)", "", f"Command: `{command}`", "",
-        "Duplex fine-tuned tiny model (training/duplex.py), every service a process on 127.0.0.1, Redis 7; "
+        "Duplex fine-tuned tiny model (vita/training/duplex.py), every service a process on 127.0.0.1, Redis 7; "
         "speech is held-out espeak-ng phrases streamed in real time (20 ms chunks); VAD defaults (end after 400 ms "
         f"of silence, early judgement at 600 ms of speech); torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores.", "",

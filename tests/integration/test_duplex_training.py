@@ -2,7 +2,7 @@
 
 The checkpoint is the shared `duplex_model_dir` (trained once, cached in VITA_HOME, used by the serving tests too).
 Every judgement here goes through the monitor prompt the orchestrator builds, on speech and noise that training
-never saw (training.speech's held-out phrases and noise seeds).
+never saw (vita.training.speech's held-out phrases and noise seeds).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ frozen. With the defaults (72 steps of 4 samples) training takes about 40 s on 2
 other jobs shared the machine; 42 s for the whole `build_duplex_checkpoint`) and the model judges every held-out
 clip correctly and reproduces the whole answer.
 
-    python -m training.duplex --output /tmp/tiny-duplex     # or no --output: $VITA_HOME/models/tiny-duplex-v2
+    python -m vita.training.duplex --output /tmp/tiny-duplex     # or no --output: $VITA_HOME/models/tiny-duplex-v2
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from vita.processing.tokenizer import VitaTokenizer
 from vita.tiny import build_tiny_checkpoint
 from vita.training import speech
 
-log = logging.getLogger("training.duplex")
+log = logging.getLogger("vita.training.duplex")
 
 RECIPE = "tiny-duplex-v2"  # bump when the data or the recipe changes: cached checkpoints are keyed by it
 
@@ -137,7 +137,7 @@ def synthetic_image(seed: int) -> Image.Image:
 
 
 class DuplexData:
-    """Draws training samples; the speech comes from the training phrase lists of `training.speech` only."""
+    """Draws training samples; the speech comes from the training phrase lists of `vita.training.speech` only."""
 
     def __init__(self, tokenizer: VitaTokenizer, model: VitaForCausalLM, config: DuplexTrainConfig) -> None:
         self.tokenizer = tokenizer
@@ -459,7 +459,7 @@ def build_duplex_checkpoint(output: str | Path | None = None, *, overwrite: bool
 
 def main(argv: Sequence[str] | None = None) -> None:
     defaults = DuplexTrainConfig()
-    parser = argparse.ArgumentParser(prog="python -m training.duplex", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vita.training.duplex", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=None,
                         help=f"model directory to write (default: $VITA_HOME/models/{RECIPE})")
     parser.add_argument("--overwrite", action="store_true", help="train again even if the output exists")
