@@ -35,12 +35,9 @@ $(STAMP): requirements.lock requirements-nodeps.lock services/pyproject.toml
 PROTO_OUT := services/vita/v1
 PROTO_STAMP := $(PROTO_OUT)/.generated
 
+# services/build_protos.py is also what setup.py runs, so a wheel built from services/ always ships vita/v1.
 $(PROTO_STAMP): $(STAMP) $(wildcard protos/vita/v1/*.proto)
-	rm -rf $(PROTO_OUT) && mkdir -p $(PROTO_OUT)
-	$(PY) -m grpc_tools.protoc -I protos --python_out=services --pyi_out=services --grpc_python_out=services \
-	  protos/vita/v1/*.proto
-	echo '"""Generated from protos/vita/v1 by `make proto`; do not edit."""' > $(PROTO_OUT)/__init__.py
-	touch $(PROTO_STAMP)
+	$(PY) services/build_protos.py --force
 
 proto: $(PROTO_STAMP)  ## generate Python gRPC code from protos/ into services/vita/v1 (not committed)
 
@@ -55,8 +52,9 @@ test-fast: setup  ## unit tests only
 test-deploy: setup  ## the Helm charts, dashboard and alerts: render, validate, run their args locally, real Prometheus
 	$(PY) -m pytest tests/deploy
 
-lint: setup  ## ruff
+lint: setup  ## ruff, and the import contracts in .importlinter (layers, model/ stays torch-only, no cycles)
 	$(VENV)/bin/ruff check --config ruff.toml .
+	PYTHONPATH=services $(VENV)/bin/lint-imports --no-logo  # the contracts in .importlinter
 
 bench: setup  ## benchmarks; figures are appended to BENCHMARKS.md
 	$(PY) benchmarks/llm_decode.py

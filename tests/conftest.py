@@ -1,9 +1,12 @@
-"""Fixtures shared by every test layer: the tiny model on disk, and media made on the spot."""
+"""Fixtures shared by every test layer: the tiny model on disk, media made on the spot, Redis key cleanup."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,30 @@ import torch
 from PIL import Image, ImageDraw
 
 torch.set_num_threads(2)
+
+REDIS_URL = os.environ.get("VITA_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def delete_prefix(prefix: str, url: str = REDIS_URL) -> None:
+    """Delete every Redis key under `prefix:`, the bus prefix a test worked under (the Redis is shared).
+
+    Call it after the test's workers stop: a deleted stream fails their blocked reads. Test modules import it
+    (`from conftest import delete_prefix`); tests that need no particular order take the `redis_prefix` fixture.
+    """
+    from redis import Redis
+
+    with Redis.from_url(url) as redis:
+        keys = list(redis.scan_iter(match=f"{prefix}:*"))
+        if keys:
+            redis.delete(*keys)
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A fresh `test:{uuid}` bus prefix whose keys are deleted when the test is done."""
+    prefix = f"test:{uuid.uuid4().hex}"
+    yield prefix
+    delete_prefix(prefix)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import uuid
 
 import grpc
 import pytest
+from conftest import delete_prefix
 from redis.asyncio import Redis
 
 from vita.bus.streams import BusConfig
@@ -74,9 +75,7 @@ def test_killed_worker_job_is_reclaimed_and_completed(tiny_model_dir):
                         done = r.completed
         finally:
             await server.drain()
-            keys = [k async for k in redis.scan_iter(f"{prefix}:*")]
-            if keys:
-                await redis.delete(*keys)
+            delete_prefix(prefix)
             await redis.aclose()
         return tokens, done
 

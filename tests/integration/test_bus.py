@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 import numpy as np
 import pytest
 import torch
+from conftest import delete_prefix
 from opentelemetry.sdk.trace import TracerProvider
 from redis.asyncio import Redis
 
@@ -55,13 +56,7 @@ def config() -> Iterator[BusConfig]:
         max_deliveries=2,
     )
     yield cfg
-    run(lambda redis: _delete_prefix(redis, cfg.prefix))
-
-
-async def _delete_prefix(redis: Redis, prefix: str) -> None:
-    keys = [key async for key in redis.scan_iter(match=f"{prefix}:*")]
-    if keys:
-        await redis.delete(*keys)
+    delete_prefix(cfg.prefix)
 
 
 def run(body: Callable[[Redis], Awaitable[None]]) -> None:

@@ -9,15 +9,14 @@ import asyncio
 import json
 import subprocess
 import sys
-import uuid
 
 
-def test_a_spoken_turn_is_one_trace(duplex_model_dir, query_clip, tmp_path):
+def test_a_spoken_turn_is_one_trace(duplex_model_dir, query_clip, tmp_path, redis_prefix):
     clip = tmp_path / "q.npy"
     import numpy as np
 
     np.save(clip, query_clip)
-    out = subprocess.run([sys.executable, __file__, str(duplex_model_dir), str(clip)], capture_output=True,
+    out = subprocess.run([sys.executable, __file__, str(duplex_model_dir), str(clip), redis_prefix], capture_output=True,
                          text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     spans = json.loads(out.stdout.strip().splitlines()[-1])
@@ -29,7 +28,7 @@ def test_a_spoken_turn_is_one_trace(duplex_model_dir, query_clip, tmp_path):
     assert {s["trace"] for s in children.values()} == {turn["trace"]}
 
 
-async def _scenario(model_dir: str, clip_path: str) -> None:
+async def _scenario(model_dir: str, clip_path: str, prefix: str) -> None:
     import grpc
     import numpy as np
     from redis.asyncio import Redis
@@ -50,7 +49,7 @@ async def _scenario(model_dir: str, clip_path: str) -> None:
 
     pipeline = VitaPipeline.load(model_dir)
     redis = Redis.from_url("redis://127.0.0.1:6379/0")
-    bus = BusConfig(prefix=f"test:{uuid.uuid4().hex[:12]}")
+    bus = BusConfig(prefix=prefix)  # the test deletes its keys (redis_prefix fixture)
     service = AssistantService(redis, bus, pipeline.model.vita_config, pipeline.tokenizer)
     server = ServiceServer([GrpcService("vita.v1.Assistant",
                                         lambda s: assistant_pb2_grpc.add_AssistantServicer_to_server(service, s))])
@@ -85,9 +84,6 @@ async def _scenario(model_dir: str, clip_path: str) -> None:
         for b in backends:
             await b.close()
         await server.drain()
-        keys = [k async for k in redis.scan_iter(f"{bus.prefix}:*")]
-        if keys:
-            await redis.delete(*keys)
         await redis.aclose()
 
 
@@ -98,6 +94,6 @@ if __name__ == "__main__":
 
     exporter = InMemorySpanExporter()
     configure_tracing("test", exporter=exporter)
-    asyncio.run(_scenario(sys.argv[1], sys.argv[2]))
+    asyncio.run(_scenario(sys.argv[1], sys.argv[2], sys.argv[3]))
     print(json.dumps([{"name": s.name, "trace": s.context.trace_id, "span": s.context.span_id,
                        "parent": s.parent.span_id if s.parent else None} for s in exporter.get_finished_spans()]))

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as triton
+from conftest import delete_prefix
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
@@ -109,13 +110,6 @@ def start(pool: str, model_dir: Path, prefix: str, log: Path, *flags: str, kserv
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return Service(proc, grpc_port, kserve_port, metrics_port, log)
-
-
-def delete_prefix(prefix: str) -> None:
-    with SyncRedis.from_url(REDIS_URL) as redis:
-        keys = list(redis.scan_iter(match=f"{prefix}:*"))
-        if keys:
-            redis.delete(*keys)
 
 
 @dataclass

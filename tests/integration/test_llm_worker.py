@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 import torch
+from conftest import delete_prefix
 from redis.asyncio import Redis
 
 from vita.bus.cancel import cancel
@@ -61,9 +62,7 @@ async def with_worker(model, tokenizer, body, role=GenerationJob.GENERATOR):
         worker.stop()
         await asyncio.wait_for(task, 30)
         await backend.close()
-        keys = [k async for k in redis.scan_iter(f"{bus.prefix}:*")]
-        if keys:
-            await redis.delete(*keys)
+        delete_prefix(bus.prefix)
         await redis.aclose()
 
 

@@ -5,6 +5,7 @@ import uuid
 
 import grpc
 import pytest
+from conftest import delete_prefix
 from redis.asyncio import Redis
 
 from vita.bus.streams import BusConfig
@@ -49,9 +50,7 @@ async def run_stack(pipeline, body, *, worker=True, backlog_limit=1000, config=N
             await asyncio.wait_for(task, 30)
         await backend.close()
         await server.drain()
-        keys = [k async for k in redis.scan_iter(f"{bus.prefix}:*")]
-        if keys:
-            await redis.delete(*keys)
+        delete_prefix(bus.prefix)
         await redis.aclose()
 
 
