@@ -82,7 +82,8 @@ def test_wheel_ships_the_generated_protos_and_the_training_code(wheel: Path) -> 
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in ("assistant", "bus", "media", "session"):
         assert {f"vita/v1/{module}_pb2.py", f"vita/v1/{module}_pb2_grpc.py"} <= names
-    assert {"vita/training/duplex.py", "vita/training/speech.py", "vita/tiny.py", "vita/paths.py"} <= names
+    assert {"vita/training/duplex.py", "vita/training/speech.py", "vita/eval/cli.py", "vita/tiny.py",
+            "vita/paths.py"} <= names
     assert not any(n.startswith(("build_protos", "setup", "tests/", "training/")) for n in names)
 
 
@@ -105,7 +106,7 @@ def test_installed_package_runs_its_commands_and_the_demo(venv: Path, duplex_mod
 
     assert "model-info" in run(venv, "vita", "--help", cwd=tmp_path).stdout
 
-    commands = [["model-info", "--preset", "tiny"],
+    commands = [["model-info", "--preset", "tiny"], ["eval", "--help"],
                 *(["serve", service, "--help"] for service in ("orchestrator", "llm", "audio-encoder",
                                                                "vision-encoder"))]
     results = json.loads(run(venv, "python", "-c", CLI_DRIVER, json.dumps(commands), cwd=tmp_path).stdout)
@@ -113,7 +114,7 @@ def test_installed_package_runs_its_commands_and_the_demo(venv: Path, duplex_mod
         assert result["rc"] in (0, None), result
     assert results[0]["out"].startswith("preset tiny:"), results[0]["out"]
     for result in results[1:]:
-        assert result["out"].startswith(f"usage: vita serve {result['argv'][1]}"), result["out"][:200]
+        assert result["out"].startswith(f"usage: vita {' '.join(result['argv'][:-1])}"), result["out"][:200]
     assert "--steps" in run(venv, "python", "-m", "vita.training.duplex", "--help", cwd=tmp_path).stdout
 
     # The demo's model preparation: the tiny model built from scratch, and the duplex fine-tune found where the

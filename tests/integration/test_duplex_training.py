@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from vita.inference import VitaPipeline
-from vita.model.vita import MultimodalInputs, VitaForCausalLM
+from vita.model.inputs import MultimodalInputs
+from vita.model.vita import VitaForCausalLM
+from vita.processing.audio import audio_features
 from vita.processing.image import preprocess_image
 from vita.processing.prompt import Message, StateToken
 from vita.processing.tokenizer import VitaTokenizer
@@ -135,7 +137,8 @@ def test_training_embeds_what_inference_embeds(tiny_model_dir):
     pixels = preprocess_image(duplex.synthetic_image(config.seed * 1000 + sample.images[0]), model.vita_config.vision)
     reference = model.embed_multimodal(
         MultimodalInputs(torch.tensor(sample.input_ids), image_pixels=pixels,
-                         audio_waveforms=[torch.from_numpy(a) for a in sample.audios]),
+                         audio_features=audio_features([torch.from_numpy(a) for a in sample.audios],
+                                                       model.vita_config.audio)),
         VitaPipeline(model, tokenizer, tiny_model_dir).processor.slot_ids)
     with torch.no_grad():
         trained = duplex.embed_sample(model, sample, images, tokenizer)

@@ -320,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(install.binary)
             return 0
         if args.checkpoint is None:
-            from vita.model.tiny import build_tiny_checkpoint
+            from vita.tiny import build_tiny_checkpoint
 
             args.checkpoint = build_tiny_checkpoint()
         if not Path(args.checkpoint, "config.json").is_file():
