@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from conftest import delete_prefix
 from PIL import Image
 from redis.asyncio import Redis
 
@@ -81,9 +82,7 @@ async def with_stack(pipeline, body):
         for b in backends:
             await b.close()
         await server.drain()
-        keys = [k async for k in redis.scan_iter(f"{bus.prefix}:*")]
-        if keys:
-            await redis.delete(*keys)
+        delete_prefix(bus.prefix)
         await redis.aclose()
 
 
