@@ -18,12 +18,16 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
+import grimp
 import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
+# Imported only inside Triton's Python backend, which provides it.
+PROVIDED_AT_RUN_TIME = {"triton_python_backend_utils"}
 
 # `vita.cli.main` on each command, in one interpreter (the console script is run on its own below).
 CLI_DRIVER = """
@@ -87,16 +91,24 @@ def test_wheel_ships_the_generated_protos_and_the_training_code(wheel: Path) -> 
     assert not any(n.startswith(("build_protos", "setup", "tests/", "training/")) for n in names)
 
 
-def test_declared_dependencies_are_the_locked_ones(wheel: Path) -> None:
-    """Every Requires-Dist of the wheel is satisfied by the locked environment (requirements.lock)."""
+def test_declared_dependencies_are_the_locked_ones_and_cover_every_import(wheel: Path) -> None:
+    """Every Requires-Dist of the wheel is satisfied by the locked environment (requirements.lock), and every
+    package that `vita` imports (function-level imports too) comes from a declared distribution."""
     meta = zipfile.ZipFile(wheel).read("vita_omni-0.1.0.dist-info/METADATA").decode()
     requirements = [Requirement(line.split(":", 1)[1].strip()) for line in meta.splitlines()
                     if line.startswith("Requires-Dist:")]
     runtime = [r for r in requirements if r.marker is None]
-    assert {"torch", "grpcio", "protobuf", "redis"} <= {r.name for r in runtime}
     for r in runtime:
         installed = metadata.version(r.name)
         assert r.specifier.contains(installed, prereleases=True), f"{r} but the lock has {r.name}=={installed}"
+
+    declared = {canonicalize_name(r.name) for r in runtime}
+    graph = grimp.build_graph("vita", include_external_packages=True, cache_dir=None)
+    imported = {m for m in graph.modules if not m.startswith("vita") and m not in sys.stdlib_module_names}
+    providers = metadata.packages_distributions()
+    undeclared = {m: providers.get(m) for m in imported - PROVIDED_AT_RUN_TIME
+                  if not declared & {canonicalize_name(d) for d in providers.get(m, ())}}
+    assert not undeclared, f"imported by vita but not in services/pyproject.toml: {undeclared}"
 
 
 def test_installed_package_runs_its_commands_and_the_demo(venv: Path, duplex_model_dir: Path,
@@ -106,9 +118,9 @@ def test_installed_package_runs_its_commands_and_the_demo(venv: Path, duplex_mod
 
     assert "model-info" in run(venv, "vita", "--help", cwd=tmp_path).stdout
 
-    commands = [["model-info", "--preset", "tiny"], ["eval", "--help"],
+    commands = [["model-info", "--preset", "tiny"], ["eval", "--help"], ["train", "--help"], ["export", "--help"],
                 *(["serve", service, "--help"] for service in ("orchestrator", "llm", "audio-encoder",
-                                                               "vision-encoder"))]
+                                                               "vision-encoder", "realtime"))]
     results = json.loads(run(venv, "python", "-c", CLI_DRIVER, json.dumps(commands), cwd=tmp_path).stdout)
     for result in results:
         assert result["rc"] in (0, None), result

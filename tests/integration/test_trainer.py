@@ -20,7 +20,7 @@ import torch
 from tests import training_helpers as th
 from tests.integration.train_entry import prepare
 from vita.model.checkpoint import load_sharded
-from vita.model.vita import SlotIds
+from vita.model.inputs import SlotIds
 from vita.training.config import PARAMETER_GROUPS, DataConfig, InitConfig, OptimConfig, StageConfig
 from vita.training.examples import ExampleEncoder
 from vita.training.forward import TrainingModel, batch_loss_sum

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests import training_helpers as th
-from vita.model.vita import SlotIds
+from vita.model.inputs import SlotIds
 from vita.processing.tokenizer import Special
 from vita.training.examples import IGNORE, ExampleEncoder
 from vita.training.forward import TrainingModel, batch_loss_sum

@@ -26,7 +26,7 @@ import torch
 from vita.errors import CheckpointError
 from vita.model.checkpoint import save_sharded
 from vita.model.config import VitaConfig
-from vita.model.llm import llm_state_dict_to_hf
+from vita.model.hf_names import llm_state_dict_to_hf
 from vita.processing.tokenizer import VitaTokenizer
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")

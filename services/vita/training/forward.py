@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vita.errors import InvalidInputError
-from vita.model.vita import SlotIds, VitaForCausalLM
+from vita.model.inputs import SlotIds
+from vita.model.vita import VitaForCausalLM
 from vita.processing.audio import fbank
 from vita.training.examples import IGNORE
 from vita.training.packing import Batch

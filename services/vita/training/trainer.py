@@ -27,8 +27,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from vita.model.inputs import SlotIds
 from vita.model.llm import DecoderLayer
-from vita.model.vita import SlotIds, VitaForCausalLM
+from vita.model.vita import VitaForCausalLM
 from vita.processing.tokenizer import VitaTokenizer
 from vita.training import distributed as D
 from vita.training.checkpoints import Checkpoints, rng_state, save_model_dir, set_rng_state, truncate_metrics
