@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,16 +22,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vita.errors import VitaError
 from vita.paths import vita_home
+from vita.runtime.ports import free_port
 
 
 class StackError(VitaError):
     """A service did not come up; the message holds the tail of its log."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def redis_answers(url: str) -> bool:

@@ -17,7 +17,8 @@ from pathlib import Path
 import redis
 
 from tests.deploy import k8s
-from vita.stack import ServiceProcess, free_port, wait_healthy
+from vita.runtime.ports import free_port
+from vita.stack import ServiceProcess, wait_healthy
 
 
 @dataclass

@@ -20,7 +20,7 @@ from tests.deploy import k8s, promql
 from tests.deploy.localrun import LocalRelease
 from vita.bus.streams import BusConfig, Pool
 from vita.client import ConverseSession, VitaClient, session_config, speech_events, text_event
-from vita.stack import free_port
+from vita.runtime.ports import free_port
 from vita.v1.assistant_pb2 import GenerateRequest
 
 pytestmark = pytest.mark.slow

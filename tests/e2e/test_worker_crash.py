@@ -16,8 +16,8 @@ from vita.bus.streams import BusConfig
 from vita.inference import GenerationRequest, VitaPipeline
 from vita.model.generation import SamplingParams
 from vita.orchestrator.service import AssistantService
+from vita.runtime.ports import free_port
 from vita.runtime.server import GrpcService, ServiceServer
-from vita.stack import free_port
 from vita.v1 import assistant_pb2_grpc
 from vita.v1.assistant_pb2 import Completed, GenerateRequest
 from vita.v1.media_pb2 import SamplingParams as SamplingProto

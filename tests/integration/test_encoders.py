@@ -49,7 +49,7 @@ from vita.model.vita import VitaForCausalLM
 from vita.processing.audio import fbank, num_audio_frames
 from vita.processing.processor import VitaProcessor
 from vita.processing.tokenizer import VitaTokenizer
-from vita.stack import free_port
+from vita.runtime.ports import free_port
 from vita.v1.bus_pb2 import EncodeJob, EncodeResult, JobError, MediaItem
 from vita.v1.media_pb2 import Audio, TimestampedFrame, Video
 from vita.v1.media_pb2 import Image as ImageProto

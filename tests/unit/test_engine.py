@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vita.errors import ContextLengthError, InvalidInputError
-from vita.llm.engine import EngineRequest, LLMEngine
+from vita.llm.backends.torch.engine import EngineRequest, LLMEngine
 from vita.model.config import LLMConfig
 from vita.model.generation import SamplingParams, stream_generate
 from vita.model.llm import MoECausalLM

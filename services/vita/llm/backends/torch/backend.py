@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import torch
 
 from vita.llm.backends.base import BackendRequest, PromptInput, TokenOutput
-from vita.llm.engine import EngineLoop, EngineRequest, LLMEngine
+from vita.llm.backends.torch.engine import EngineLoop, EngineRequest, LLMEngine
 from vita.model.llm import MoECausalLM
 from vita.telemetry.metrics import Metrics
 

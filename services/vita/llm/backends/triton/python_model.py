@@ -39,7 +39,7 @@ import triton_python_backend_utils as pb_utils
 
 from vita.errors import InvalidInputError, VitaError
 from vita.llm.backends.base import TokenOutput
-from vita.llm.engine import EngineLoop, EngineRequest, LLMEngine
+from vita.llm.backends.torch.engine import EngineLoop, EngineRequest, LLMEngine
 from vita.model.generation import SamplingParams
 
 _INPUTS = ("input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "stop_words_list",

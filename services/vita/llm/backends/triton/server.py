@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vita.errors import VitaError
+from vita.runtime.ports import free_port
 
 MODEL_NAME = "tensorrt_llm"
 CPU_TEMPLATE = Path(__file__).resolve().parents[5] / "model_repository_cpu"  # the repository's checkout
@@ -165,12 +166,6 @@ def write_cpu_repository(destination: str | Path, checkpoint: str | Path, *, max
     return destination
 
 
-def _free_port() -> int:
-    from vita.stack import free_port
-
-    return free_port()
-
-
 @dataclass
 class TritonServer:
     """tritonserver as a child process: `start()` returns once its readiness endpoint answers 200; `stop()`.
@@ -204,9 +199,9 @@ class TritonServer:
 
     def start(self) -> TritonServer:
         install = prepare()
-        self.http_port = self.http_port or _free_port()
-        self.grpc_port = self.grpc_port or _free_port()
-        self.metrics_port = self.metrics_port or _free_port()
+        self.http_port = self.http_port or free_port()
+        self.grpc_port = self.grpc_port or free_port()
+        self.metrics_port = self.metrics_port or free_port()
         argv = [
             str(install.binary), f"--model-repository={self.repository}",
             f"--backend-directory={install.backends}",
