@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps proto test test-fast test-deploy lint bench demo images train-tiny clean
+.PHONY: help setup system-deps proto duplex-model test test-fast test-deploy lint bench demo images train-tiny clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,8 +43,13 @@ proto: $(PROTO_STAMP)  ## generate Python gRPC code from protos/ into services/v
 
 setup: system-deps $(STAMP) $(PROTO_STAMP)  ## virtualenv, pinned dependencies, the vita package, generated protos
 
-test: setup  ## the whole test suite (unit, integration, end-to-end)
+test: setup duplex-model  ## the whole test suite (unit, integration, end-to-end)
 	$(PY) -m pytest tests
+
+# The duplex-tuned tiny model the e2e tests and the demo use: trained once (a few minutes on 2 cores), cached in
+# $$VITA_HOME/models. Built here, with its progress bar, rather than inside a test's setup and its time limit.
+duplex-model: setup  ## train (or reuse) the duplex-tuned tiny model in $VITA_HOME
+	$(PY) -m vita.training.duplex
 
 test-fast: setup  ## unit tests only
 	$(PY) -m pytest tests/unit
