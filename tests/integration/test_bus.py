@@ -392,6 +392,31 @@ def test_cancel_watcher_resync_catches_a_lost_message(config: BusConfig) -> None
     run(body)
 
 
+def test_cancel_watcher_calls_on_cancel_once_per_running_request(config: BusConfig) -> None:
+    async def body(redis: Redis) -> None:
+        heard: list[str] = []
+
+        async def on_cancel(request_id: str) -> None:
+            heard.append(request_id)
+            if request_id == "req-bad":
+                raise RuntimeError("a failing callback must not stop the listener")
+
+        async with CancelWatcher(redis, config, resync_s=0.05, on_cancel=on_cancel) as watcher:
+            for rid in ("req-bad", "req-pubsub", "req-resync"):
+                assert not await watcher.watch(rid)
+            await cancel(redis, config, "req-bad")
+            await cancel(redis, config, "req-pubsub")
+            await cancel(redis, config, "req-pubsub")  # twice: one callback
+            await redis.set(config.cancel_key("req-resync"), 1)  # no pub/sub message: found by the resync
+            await cancel(redis, config, "req-not-ours")
+            await wait_until(lambda: len(heard) >= 3)
+            await asyncio.sleep(0.2)  # a few more resyncs: nothing is heard twice
+            assert sorted(heard) == ["req-bad", "req-pubsub", "req-resync"]
+            assert watcher.cancelled("req-pubsub")  # the listener is alive
+
+    run(body)
+
+
 def test_events_time_out_with_a_clear_error(config: BusConfig) -> None:
     async def body(redis: Redis) -> None:
         stream = config.reply("req-silent")

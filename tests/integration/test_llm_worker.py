@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 import uuid
 
 import pytest
@@ -148,8 +149,46 @@ def test_cancel_stops_the_compute(model_and_tokenizer):
 
     seen, at_finish, stopped, later, engine = asyncio.run(with_worker(model, tok, body))
     assert seen[-1].finished.finish_reason == Completed.CANCELLED
-    assert stopped - at_finish <= 1  # at most the one decode step already running when the cancel landed
+    assert stopped == at_finish  # the worker reports the end only once the engine dropped the sequence
+    assert seen[-1].finished.usage.completion_tokens == stopped
     assert later == stopped < 3000 and "long" not in engine.running
+
+
+def test_cancel_stops_the_engine_and_counts_its_tokens_however_far_the_worker_lags(model_and_tokenizer):
+    """A busy event loop relays tokens slower than the engine computes them: the tokens pile up between the two.
+    The cancel must still stop the engine, and the usage must be what the engine computed, not what was relayed."""
+    model, tok = model_and_tokenizer
+
+    async def body(redis, bus, backend):
+        async def busy_loop():  # every turn of the event loop takes 3 ms more; the engine thread is not slowed
+            while True:
+                time.sleep(0.003)
+                await asyncio.sleep(0)
+
+        await submit(redis, bus, Pool.LLM_GENERATOR, job(bus, "long", tok.encode("tell me", add_bos=True),
+                                                            max_tokens=3000))
+        replies = events(redis, bus.reply("long"), timeout_s=30)
+        seen = [await anext(replies)]
+        hog = asyncio.create_task(busy_loop())
+        try:
+            relayed = lambda: backend.engine.stats.tokens_by_request.get("long", 0)  # noqa: E731
+            while relayed() < len(seen) + 20:  # wait for a backlog of tokens the worker has not relayed
+                seen.append(await anext(replies))
+            await cancel(redis, bus, "long")
+            async for event in replies:
+                seen.append(event)
+                if event.WhichOneof("event") in ("finished", "error"):
+                    break
+        finally:
+            hog.cancel()
+        return seen, backend.engine
+
+    seen, engine = asyncio.run(with_worker(model, tok, body))
+    done = seen[-1].finished
+    computed = engine.stats.tokens_by_request["long"]
+    assert done.finish_reason == Completed.CANCELLED and "long" not in engine.running
+    assert done.usage.completion_tokens == computed < 3000  # every token the engine made, relayed or not
+    assert len(tokens_of(seen)) < computed  # the backlog was dropped, not relayed after the cancel
 
 
 def test_bad_job_gets_an_error_and_the_worker_goes_on(model_and_tokenizer):

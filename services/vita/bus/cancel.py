@@ -1,19 +1,26 @@
-"""Request cancellation: the orchestrator signals once, workers check a local set every decode step.
+"""Request cancellation: the orchestrator signals once; a worker hears it and stops the compute at once.
 
 The signal is both a key (for jobs not yet running, and for anything pub/sub lost) and a pub/sub message (so a
-running generation stops within one decode step without a Redis round trip per step).
+running generation stops within one decode step without a Redis round trip per step). The watcher calls its
+`on_cancel` callback the moment the signal for a running request arrives, so a worker can tell its backend
+directly: the engine must not wait for the worker's own loop to get round to the request (under load, the loop
+that relays tokens to Redis lags the engine by many tokens).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from vita.bus.streams import BusConfig, milliseconds
+
+log = logging.getLogger(__name__)
 
 
 async def cancel(redis: Redis, config: BusConfig, request_id: str) -> None:
@@ -30,11 +37,16 @@ class CancelWatcher:
 
     Pub/sub is fire-and-forget (a reconnect drops messages), so every `resync_s` the keys of all running
     requests are checked in one pipelined round trip: a missed signal is late by at most that long.
+
+    `on_cancel(request_id)` is awaited once per cancelled running request, from the listener task, as soon as
+    the signal (or the resync) shows it; it should be quick (e.g. `backend.cancel`). An exception in it is logged
+    and does not stop the listener.
     """
 
     redis: Redis
     config: BusConfig
     resync_s: float = 1.0
+    on_cancel: Callable[[str], Awaitable[None]] | None = None
     _running: set[str] = field(default_factory=set, init=False)
     _cancelled: set[str] = field(default_factory=set, init=False)
     _pubsub: PubSub | None = field(default=None, init=False)
@@ -82,7 +94,7 @@ class CancelWatcher:
         while True:
             message = await self._pubsub.get_message(timeout=self.resync_s)
             if message is not None and (request_id := message["data"].decode()) in self._running:
-                self._cancelled.add(request_id)
+                await self._mark(request_id)
             if loop.time() >= resync_at:
                 await self._resync()
                 resync_at = loop.time() + self.resync_s
@@ -96,4 +108,14 @@ class CancelWatcher:
             pipe.exists(self.config.cancel_key(request_id))
         for request_id, found in zip(unseen, await pipe.execute()):
             if found and request_id in self._running:  # not forgotten while we waited
-                self._cancelled.add(request_id)
+                await self._mark(request_id)
+
+    async def _mark(self, request_id: str) -> None:
+        if request_id in self._cancelled:
+            return  # the callback runs once per request
+        self._cancelled.add(request_id)
+        if self.on_cancel is not None:
+            try:
+                await self.on_cancel(request_id)
+            except Exception:
+                log.exception("on_cancel failed", extra={"request_id": request_id})

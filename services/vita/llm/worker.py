@@ -42,6 +42,7 @@ class WorkerConfig:
     role: int = GenerationJob.GENERATOR
     max_concurrency: int = 8  # jobs taken from the stream at once; match the backend's batch size
     keep_alive_s: float = 5.0  # capped at a third of BusConfig.reclaim_idle_ms: a live job is never reclaimed
+    stop_wait_s: float = 10.0  # after a cancel, how long the backend may take to end the sequence
     lag_every_s: float = 2.0
 
 
@@ -110,7 +111,8 @@ class LLMWorker:
         self._stopping.set()
 
     async def run(self) -> None:
-        async with CancelWatcher(self.redis, self.bus) as watcher:
+        # A cancel reaches the backend the moment it arrives, not when this worker's loop gets to the request.
+        async with CancelWatcher(self.redis, self.bus, on_cancel=self.backend.cancel) as watcher:
             lag_task = asyncio.create_task(self._report_lag())
             try:
                 while not self._stopping.is_set():
@@ -168,32 +170,45 @@ class LLMWorker:
         request = BackendRequest(job.request_id, prompt, sampling_from_job(job))
         decoder = IncrementalDecoder(self.tokenizer)
         stops = {self.tokenizer.eos_id}
-        generated, first_token_s, finish = 0, 0.0, "length"
+        generated, first_token_s, finish = 0, 0.0, None
+        stopping = False  # cancelled or past the deadline: the backend was told, we read on to its last output
         last_keep_alive = last_token = time.perf_counter()
         stream = self.backend.generate(request)
         try:
-            async for output in stream:
+            while finish is None:
+                try:
+                    output = await (asyncio.wait_for(anext(stream), self.config.stop_wait_s) if stopping
+                                    else anext(stream))
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:  # the backend never confirmed the stop: closing the stream cancels it
+                    log.warning("the backend did not end a cancelled request", extra={"request_id": job.request_id})
+                    break
                 now = time.perf_counter()
                 if output.token_id is not None:
-                    generated += 1
-                    if generated == 1:
-                        first_token_s = now - start
-                    else:
-                        self.metrics.inter_token_latency.labels(self.pool.value).observe(now - last_token)
-                    last_token = now
-                    text = "" if output.token_id in stops else decoder.push(output.token_id)
-                    await replies.send(delta=TextDelta(text=text, token_ids=[output.token_id]))
-                if output.finish_reason is not None:
-                    finish = output.finish_reason
-                    break
-                if watcher.cancelled(job.request_id) or _past(job.deadline_unix_ms):
-                    finish = "cancelled"
-                    break  # closing the stream cancels the sequence in the backend: compute stops
+                    generated += 1  # counted whether or not it is sent: usage is what the backend computed
+                    if not stopping:
+                        if generated == 1:
+                            first_token_s = now - start
+                        else:
+                            self.metrics.inter_token_latency.labels(self.pool.value).observe(now - last_token)
+                        last_token = now
+                        text = "" if output.token_id in stops else decoder.push(output.token_id)
+                        await replies.send(delta=TextDelta(text=text, token_ids=[output.token_id]))
+                finish = output.finish_reason
+                if finish is None and not stopping and (watcher.cancelled(job.request_id)
+                                                        or _past(job.deadline_unix_ms)):
+                    # Usually the watcher told the backend already; this covers a cancel that came before the
+                    # backend knew the request, and the deadline. Tokens computed meanwhile are read, not sent.
+                    stopping = True
+                    await self.backend.cancel(job.request_id)
                 if now - last_keep_alive > self.keep_alive_s:
                     await self.consumer.keep_alive(delivery.entry_id)
                     last_keep_alive = now
         finally:
-            await stream.aclose()
+            await stream.aclose()  # a no-op after the last output; else it cancels the sequence in the backend
+        if finish is None:
+            finish = "cancelled" if stopping else "length"
         tail = decoder.flush()
         if tail:
             await replies.send(delta=TextDelta(text=tail))
