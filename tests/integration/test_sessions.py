@@ -7,7 +7,7 @@ import pytest
 from redis.asyncio import Redis
 
 from vita.bus.streams import BusConfig
-from vita.orchestrator.sessions import SessionNotFound, SessionStore
+from vita.orchestrator.sessions import ImageLimitExceeded, SessionNotFound, SessionStore, SessionTakenOver
 from vita.v1.bus_pb2 import EmbeddingRef
 from vita.v1.media_pb2 import Image, TimestampedFrame
 from vita.v1.session_pb2 import SessionMedia, SessionState, SessionTurn
@@ -57,20 +57,57 @@ def test_history_embeddings_live_as_long_as_the_session(store):
     assert 59_000 < emb_ttl <= 60_000 and 59_000 < session_ttl <= 60_000
 
 
-def test_pending_media_are_taken_once_and_bounded(store):
+def test_pending_media_are_taken_once_and_bounded_and_every_drop_is_counted(store):
     async def main():
         s = await store()
+        dropped = 0
         for k in range(300):
-            await s.add_frame("s3", TimestampedFrame(timestamp_s=k, image=Image(data=b"f")))
+            dropped += await s.add_frame("s3", TimestampedFrame(timestamp_s=k, image=Image(data=b"f")))
         await s.add_image("s3", Image(data=b"i"))
         first = await s.take_media("s3")
         second = await s.take_media("s3")
         await s.redis.aclose()
-        return first, second
+        return dropped, first, second
 
-    (images, frames), again = asyncio.run(main())
+    dropped, (images, frames), again = asyncio.run(main())
     assert len(images) == 1 and len(frames) == 256 and frames[0].timestamp_s == 44  # the newest kept
+    assert dropped == 44
     assert again == ([], [])
+
+
+def test_images_beyond_the_limit_are_refused_not_dropped_in_silence(store):
+    async def main():
+        s = await store()
+        outcomes = await asyncio.gather(*(s.add_image("s5", Image(data=bytes([k]))) for k in range(12)),
+                                        return_exceptions=True)
+        images, _ = await s.take_media("s5")
+        await s.redis.aclose()
+        return outcomes, images
+
+    outcomes, images = asyncio.run(main())
+    refused = [o for o in outcomes if isinstance(o, ImageLimitExceeded)]
+    assert len(refused) == 4 and outcomes.count(None) == 8
+    kept = {i.data[0] for i in images}
+    assert len(images) == 8 and kept == {k for k, o in enumerate(outcomes) if o is None}
+
+
+def test_one_owner_hands_out_turn_ids_and_a_claim_takes_the_session_over(store):
+    async def main():
+        s = await store()
+        await s.create(SessionState(session_id="s6", next_turn_id=1, owner="a"))
+        ids = await asyncio.gather(*(s.reserve_turn("s6", "a") for _ in range(20)))
+        await s.claim("s6", "b")
+        with pytest.raises(SessionTakenOver):
+            await s.reserve_turn("s6", "a")
+        with pytest.raises(SessionTakenOver):
+            await s.update("s6", lambda st: st.turns.append(SessionTurn()), owner="a")
+        last, state = await s.reserve_turn("s6", "b")
+        await s.redis.aclose()
+        return [i for i, _ in ids], last, state
+
+    ids, last, state = asyncio.run(main())
+    assert sorted(ids) == list(range(1, 21)) and last == 21
+    assert state.owner == "b" and not state.turns and state.next_turn_id == 22
 
 
 def test_unknown_session(store):

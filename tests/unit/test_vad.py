@@ -173,8 +173,10 @@ def test_cut_ends_open_speech_and_the_stream_goes_on(voices):
     clip, [(start, _)] = _place(0.5, story)
     vad = StreamingVAD()
     assert vad.push(clip)[0].kind == "started"
+    assert vad.segment_open
     [ended] = vad.cut()
     assert ended.kind == "ended" and abs(ended.start_s - start) < TOL and ended.end_s <= len(clip) / SR
+    assert not vad.segment_open
     assert not vad.in_speech and vad.position_s == len(clip) / SR  # positions keep counting (unlike flush)
     assert vad.cut() == []  # nothing open
     # Later speech is a new segment, after the cut one.

@@ -4,6 +4,11 @@ One key per session holds its `SessionState` (history, roles, the answer in flig
 on `version` (WATCH/MULTI), so two replicas touching one session never lose each other's turns. Pending camera
 frames and images sit in two lists beside it. Every write refreshes the TTL of the session, its lists and the
 embeddings its history refers to: they expire together, `session_ttl_s` after the last activity.
+
+One owner. A session is driven by one Converse call at a time, named in `SessionState.owner`: a write made for
+an owner that is no longer the session's raises `SessionTakenOver`, inside the same compare-and-set, so two
+connections on one session can never both hand out turn ids or both append turns. `claim` (a resume) takes the
+session over; the call that owned it finds out at its next write.
 """
 
 from __future__ import annotations
@@ -27,6 +32,14 @@ MAX_PENDING_IMAGES = 8
 
 class SessionNotFound(VitaError):
     """Resume of a session id that never existed or has expired."""
+
+
+class SessionTakenOver(VitaError):
+    """The session was resumed by another call, which owns it now: this call may not write to it any more."""
+
+
+class ImageLimitExceeded(VitaError):
+    """Too many images wait for the next turn; the client hears RESOURCE_EXHAUSTED."""
 
 
 class SessionConflict(VitaError):
@@ -57,8 +70,12 @@ class SessionStore:
             raise SessionNotFound(f"session {session_id!r} does not exist or has expired")
         return SessionState.FromString(raw)
 
-    async def update(self, session_id: str, change: Callable[[SessionState], None]) -> SessionState:
-        """Apply `change` to the stored state and write it back if nobody wrote in between; else re-read, retry."""
+    async def update(self, session_id: str, change: Callable[[SessionState], None], *,
+                     owner: str | None = None) -> SessionState:
+        """Apply `change` to the stored state and write it back if nobody wrote in between; else re-read, retry.
+
+        With `owner`, the write is made only while that call owns the session (else SessionTakenOver).
+        """
         key = self.bus.session(session_id)
         for attempt in range(self.retries):
             if attempt:  # a random pause, so writers that collided do not collide again in lockstep
@@ -70,6 +87,8 @@ class SessionStore:
                     if raw is None:
                         raise SessionNotFound(f"session {session_id!r} does not exist or has expired")
                     state = SessionState.FromString(raw)
+                    if owner is not None and state.owner != owner:
+                        raise SessionTakenOver(f"session {session_id!r} was resumed by another connection")
                     change(state)
                     state.version += 1
                     state.updated_unix_s = time.time()
@@ -86,11 +105,39 @@ class SessionStore:
                     continue
         raise SessionConflict(f"session {session_id!r}: {self.retries} concurrent writes in a row; try again")
 
-    async def add_frame(self, session_id: str, frame: TimestampedFrame) -> None:
-        await self._push(self.bus.session_frames(session_id), frame.SerializeToString(), MAX_PENDING_FRAMES)
+    async def claim(self, session_id: str, owner: str) -> SessionState:
+        """Make `owner` the session's one writer (a resume): the previous owner's next write fails."""
+        def take(state: SessionState) -> None:
+            state.owner = owner
+
+        return await self.update(session_id, take)
+
+    async def reserve_turn(self, session_id: str, owner: str) -> tuple[int, SessionState]:
+        """A new turn id, handed out once per session (compare-and-set on `next_turn_id`), and the new state."""
+        def bump(state: SessionState) -> None:
+            state.next_turn_id += 1
+
+        state = await self.update(session_id, bump, owner=owner)
+        return state.next_turn_id - 1, state
+
+    async def add_frame(self, session_id: str, frame: TimestampedFrame) -> int:
+        """Keep `frame` for the next turn; returns how many older frames were dropped to keep the latest
+        MAX_PENDING_FRAMES (0 or 1)."""
+        length = await self._push(self.bus.session_frames(session_id), frame.SerializeToString(),
+                                  MAX_PENDING_FRAMES)
+        return max(0, length - MAX_PENDING_FRAMES)
 
     async def add_image(self, session_id: str, image: Image) -> None:
-        await self._push(self.bus.session_images(session_id), image.SerializeToString(), MAX_PENDING_IMAGES)
+        """Keep `image` for the next turn; ImageLimitExceeded (and it is not kept) when MAX_PENDING_IMAGES wait.
+
+        Pushed, then taken back off if that made too many: concurrent adders each remove one of their own, so the
+        first MAX_PENDING_IMAGES stay, whatever the interleaving.
+        """
+        key = self.bus.session_images(session_id)
+        if await self._push(key, image.SerializeToString(), 0) > MAX_PENDING_IMAGES:
+            await self.redis.rpop(key)
+            raise ImageLimitExceeded(f"{MAX_PENDING_IMAGES} images already wait for the next turn; this one was "
+                                     "not kept (send it after the next answer starts)")
 
     async def take_media(self, session_id: str) -> tuple[list[Image], list[TimestampedFrame]]:
         """The images and frames waiting for this turn, removed in one transaction (a turn takes them once)."""
@@ -102,9 +149,11 @@ class SessionStore:
         images, frames, _ = await pipe.execute()
         return [Image.FromString(x) for x in images], [TimestampedFrame.FromString(x) for x in frames]
 
-    async def _push(self, key: str, value: bytes, keep: int) -> None:
+    async def _push(self, key: str, value: bytes, keep: int) -> int:
+        """Append; with `keep`, trim to the newest `keep`. Returns the length right after the append."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.rpush(key, value)
-        pipe.ltrim(key, -keep, -1)
+        if keep:
+            pipe.ltrim(key, -keep, -1)
         pipe.pexpire(key, self.ttl_ms)
-        await pipe.execute()
+        return (await pipe.execute())[0]

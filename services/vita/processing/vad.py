@@ -231,6 +231,11 @@ class StreamingVAD:
         return self._started
 
     @property
+    def segment_open(self) -> bool:
+        """Whether speech crossed start_threshold and no end was decided yet (reported "started" or not)."""
+        return self._open
+
+    @property
     def position_s(self) -> float:
         """Seconds of audio pushed since the stream began (or since the last reset/flush)."""
         return self._history.end / SAMPLE_RATE
