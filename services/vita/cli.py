@@ -93,21 +93,23 @@ def _stack_file():
 
 
 def _up(args: argparse.Namespace) -> None:
-    from vita.stack import LocalStack
-    from vita.tiny import build_tiny_checkpoint
+    from vita.stack import LocalStack, duplex_model_dir
 
     path = _stack_file()
     if path.exists():
         raise VitaError(f"a stack is already up (state in {path}); run `vita down` first")
-    model = args.model or str(build_tiny_checkpoint())
-    stack = LocalStack(model_dir=model, redis_url=args.redis, orchestrator_port=args.port, realtime=True,
-                       realtime_port=args.realtime_port).start()
+    if args.model is None:
+        print("model: the duplex fine-tune of the tiny model (trained on first use, then cached) ...")
+    model = args.model or str(duplex_model_dir())
+    stack = LocalStack(model_dir=model, redis_url=args.redis, prefix=args.prefix, orchestrator_port=args.port,
+                       metrics=True, realtime=True, realtime_port=args.realtime_port).start()
     stack.save(path)
     for s in stack.services:
         kind = "http" if s.health == "http" else "grpc"
-        print(f"  {s.name:<15} pid {s.pid:<7} {kind} 127.0.0.1:{s.grpc_port}  log {s.log_path}")
-    print(f"stack up: the API is at {stack.target}, the Realtime endpoint at {stack.realtime_url}; "
-          "`vita ask --text ...` to try it, `vita down` to stop")
+        metrics = f"metrics http://127.0.0.1:{s.metrics_port}/metrics" if s.metrics_port else ""
+        print(f"  {s.name:<15} pid {s.pid:<7} {kind} 127.0.0.1:{s.grpc_port}  {metrics}  log {s.log_path}")
+    print(f"stack up, serving {model}: the API is at {stack.target}, the Realtime endpoint at {stack.realtime_url}; "
+          "`vita ask --text ...` or `vita converse` to try it, `vita down` to stop")
 
 
 def _down(args: argparse.Namespace) -> None:
@@ -286,8 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("up", help="start Redis (if needed) and every service locally, in the background")
-    p.add_argument("--model", default=None, help="model directory (default: the tiny model)")
+    p.add_argument("--model", default=None, help="model directory (default: the tiny model fine-tuned for duplex "
+                   "sessions, as `make demo` serves it; built on first use from the repository root)")
     p.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--prefix", default="vita", help="Redis key prefix of this stack's streams and sessions")
     p.add_argument("--port", type=_int_in(1, 65535), default=50051, help="the orchestrator's (public API) port")
     p.add_argument("--realtime-port", type=_int_in(1, 65535), default=8080,
                    help="the OpenAI-Realtime WebSocket endpoint's port")

@@ -213,9 +213,11 @@ class ConverseSession:
 
         threading.Thread(target=pump, daemon=True).start()
 
-    def wait(self, kind: str, *, turn_id: int | None = None, timeout_s: float = 60.0,
+    def wait(self, kind: str | tuple[str, ...], *, turn_id: int | None = None, timeout_s: float = 60.0,
              where: Callable[[ServerEvent], bool] | None = None) -> ServerEvent:
-        """The next event of `kind` (a ServerEvent oneof name) matching the filters; earlier ones are kept."""
+        """The next event of `kind` (a ServerEvent oneof name, or a tuple of them: any) matching the filters;
+        earlier ones are kept."""
+        kinds = (kind,) if isinstance(kind, str) else kind
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
@@ -234,7 +236,7 @@ class ConverseSession:
             self.events.append(event)
             if self.on_event is not None:
                 self.on_event(event)
-            if event.WhichOneof("event") == kind and (turn_id is None or event.turn_id == turn_id) \
+            if event.WhichOneof("event") in kinds and (turn_id is None or event.turn_id == turn_id) \
                     and (where is None or where(event)):
                 return event
 

@@ -6,6 +6,9 @@ tiles into two 448 tiles plus a thumbnail with a 3 s spoken question from espeak
 question), prints the streamed answers with their timings, then runs a scripted `Converse` session: a spoken
 question about an image, speech not meant for the assistant (ignored), an interruption mid-answer by a new spoken
 question, and a typed question, printed as an event timeline. Speech is streamed in real time, as a microphone would.
+The interruption is scripted against the answer's own events, not the clock: the long answer (no end of sequence,
+up to the whole context) is interrupted after its first tokens, however fast or slow the machine is; then the
+caller hangs up mid-answer and a new call resumes the session.
 
 The stack serves the tiny model fine-tuned for the duplex decisions (vita/training/duplex.py, a few seconds on first
 use, then cached): whether speech is a query is the model's own state token. Beyond the fine-tuned answer its words
@@ -72,20 +75,31 @@ def make_video(path: Path, seconds: float = 1.5, fps: int = 10) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import grpc
+
+    from vita.errors import VitaError
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--model", default=None, help="model directory (default: the tiny model, built on first use)")
     parser.add_argument("--in-process", action="store_true", help="no services: one request in this process")
     args = parser.parse_args(argv)
-    return in_process(args) if args.in_process else through_stack(args)
+    try:
+        return in_process(args) if args.in_process else through_stack(args)
+    except (VitaError, TimeoutError, EOFError) as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, VitaError) else 1
+    except grpc.RpcError as e:
+        print(f"demo: error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
 
 
 def duplex_model() -> str:
     """The tiny model after the duplex fine-tune (vita.training.duplex), built once and cached."""
-    from vita.training.duplex import build_duplex_checkpoint
+    from vita.stack import duplex_model_dir
 
     print("duplex fine-tune of the tiny model (cached after the first run) ...")
-    return str(build_duplex_checkpoint())
+    return str(duplex_model_dir())
 
 
 def through_stack(args: argparse.Namespace) -> int:
@@ -129,40 +143,58 @@ def through_stack(args: argparse.Namespace) -> int:
     return 0
 
 
+# The waits below are for events that must come; their timeouts only stop a demo that hangs.
+HANG_S = 600.0
+
+
 def converse(client, tmp: Path) -> None:
-    """The scripted duplex session, printed as a timeline."""
+    """The scripted duplex sessions, printed as timelines."""
     from vita.client import ConverseSession, image_event, session_config, speech_events, text_event
     from vita.timeline import Timeline
     from vita.training.speech import espeak
 
+    say = {name: espeak(text, voice) for name, (text, voice) in {
+        "question": ("what is in this picture", "query"),
+        "aside": ("honey did you feed the cat", "en-high"),
+        "story": ("tell me a short story", "query"),
+        "interrupt": ("what colour is the square", "query"),
+    }.items()}
+
     print("\nConverse session (speech streamed in real time; times since the session opened):")
-    timeline = Timeline()
-    # Long answers (ignore_eos) so that real-time speech can cut one: the tiny model answers in about a second.
-    config = session_config(max_tokens=300, ignore_eos=True)
-    with ConverseSession(client, config, on_event=timeline.print) as s:
-        say = {name: espeak(text, voice) for name, (text, voice) in {
-            "question": ("what is in this picture", "query"),
-            "aside": ("honey did you feed the cat", "en-high"),
-            "story": ("tell me a short story", "query"),
-            "interrupt": ("what colour is the square", "query"),
-        }.items()}
+    timeline = Timeline(max_answer_chars=160)
+    with ConverseSession(client, on_event=timeline.print) as s:
         timeline.out.write("  > image attached, then a spoken question\n")
         s.send(image_event(make_image(tmp / "converse.png")))
         s.stream(speech_events(say["question"]))
-        s.wait("completed", timeout_s=120)
+        s.wait("completed", timeout_s=HANG_S)
         timeline.out.write("  > someone talks to somebody else\n")
         s.stream(speech_events(say["aside"]))
-        s.wait("judged", timeout_s=60)
-        timeline.out.write("  > a spoken question, and a new one while the answer streams\n")
-        s.stream(speech_events(say["story"]))
-        turn = s.wait("answer_started", timeout_s=60).turn_id
-        s.stream(speech_events(say["interrupt"]))
-        s.wait("interrupted", turn_id=turn, timeout_s=60)
-        s.wait("completed", timeout_s=120)
+        s.wait("judged", timeout_s=HANG_S)
         timeline.out.write("  > a typed question\n")
         s.send(text_event("Which shape is red?"))
-        s.wait("completed", timeout_s=120)
+        s.wait("completed", timeout_s=HANG_S)
         s.close()
+
+    print("\nInterruption (answers without an end of sequence, up to the whole context, so the spoken question "
+          "always cuts one):")
+    timeline = Timeline(max_answer_chars=160)
+    long_answers = session_config(max_tokens=1 << 20, ignore_eos=True)  # cut to the room the context leaves
+    with ConverseSession(client, long_answers, on_event=timeline.print) as s:
+        timeline.out.write("  > a spoken question\n")
+        s.stream(speech_events(say["story"]))
+        story = s.wait("answer_started", timeout_s=HANG_S).turn_id
+        s.wait("delta", turn_id=story, timeout_s=HANG_S)
+        timeline.out.write("  > a new spoken question while the answer streams\n")
+        s.stream(speech_events(say["interrupt"]))
+        s.wait("interrupted", turn_id=story, timeout_s=HANG_S)
+        answer = s.wait("answer_started", where=lambda e: e.turn_id != story, timeout_s=HANG_S).turn_id
+        s.wait("delta", turn_id=answer, timeout_s=HANG_S)
+        timeline.out.write("\n  > the caller hangs up mid-answer\n")
+        s.cancel()
+    timeline.out.write("  > and calls again: the session resumes with both answers kept as interrupted\n")
+    with ConverseSession(client, session_config(session_id=s.session_id, resume=True),
+                         on_event=timeline.print) as again:
+        again.close()
 
 
 def in_process(args: argparse.Namespace) -> int:

@@ -6,17 +6,20 @@ import sys
 import time
 from typing import TextIO
 
-from vita.v1.assistant_pb2 import ServerEvent, UtteranceJudged
+from vita.v1.assistant_pb2 import Completed, ServerEvent, UtteranceJudged
 
 
 class Timeline:
-    """Text deltas of one answer are joined on one line; everything else gets its own line."""
+    """Text deltas of one answer are joined on one line (cut after `max_answer_chars`, when given); everything
+    else gets its own line."""
 
-    def __init__(self, out: TextIO = sys.stdout) -> None:
+    def __init__(self, out: TextIO = sys.stdout, max_answer_chars: int | None = None) -> None:
         self.out = out
         self.start = time.perf_counter()
         self.events: list[tuple[float, ServerEvent]] = []
+        self.max_answer_chars = max_answer_chars
         self._in_answer = False
+        self._printed = 0
 
     def print(self, event: ServerEvent) -> None:
         t = (time.perf_counter() - self.start) * 1000
@@ -25,8 +28,13 @@ class Timeline:
         if kind == "delta":
             if not self._in_answer:
                 self.out.write(f"{t:9.1f} ms  turn {event.turn_id}  answer: ")
-                self._in_answer = True
-            self.out.write(event.delta.text)
+                self._in_answer, self._printed = True, 0
+            text, before = event.delta.text, self._printed
+            self._printed += len(text)
+            if self.max_answer_chars is not None and self._printed > self.max_answer_chars:
+                room = max(0, self.max_answer_chars - before)  # "..." once, where the cut falls
+                text = text[:room] + "..." if before <= self.max_answer_chars else ""
+            self.out.write(text)
             self.out.flush()
             return
         if self._in_answer:
@@ -50,12 +58,18 @@ def describe(event: ServerEvent) -> str:
         return (f"judged {outcome} ({e.state_token!r}{', early' if e.early else ''}) "
                 f"in {e.latency_s * 1000:.0f} ms")
     if kind == "answer_started":
-        return f"answer started ({e.state_token})"
+        limits = [f"up to {e.max_tokens} tokens"] if e.max_tokens else []
+        if e.history_turns_dropped:
+            limits.append(f"{e.history_turns_dropped} oldest turns left out of the prompt")
+        if e.frames_dropped:
+            limits.append(f"{e.frames_dropped} camera frames dropped")
+        return f"answer started ({e.state_token}{'; ' if limits else ''}{', '.join(limits)})"
     if kind == "interrupted":
         return (f"answer interrupted after {e.tokens_sent} tokens sent ({e.tokens_generated} generated); "
                 f"generator stopped {e.stop_latency_s * 1000:.0f} ms after the query")
     if kind == "completed":
-        return (f"answer completed: {e.usage.completion_tokens} tokens, first token "
+        reason = Completed.FinishReason.Name(e.finish_reason).lower()
+        return (f"answer completed ({reason}): {e.usage.completion_tokens} tokens, first token "
                 f"{e.timings.time_to_first_token_s * 1000:.0f} ms after the query, total {e.timings.total_s:.2f} s")
     if kind == "error":
         return f"error {e.code}: {e.message}"

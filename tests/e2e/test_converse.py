@@ -5,19 +5,18 @@ over the real Redis; the client is the public gRPC API.
 """
 
 import threading
-import urllib.request
 import uuid
 
 import numpy as np
 import pytest
+from converse_helpers import fast, scrape, stored
 from redis import Redis
 
-from vita.bus.streams import BusConfig
 from vita.client import ConverseSession, VitaClient, image_event, session_config, speech_events, text_event
 from vita.stack import LocalStack
 from vita.v1.assistant_pb2 import AudioChunk, ClientEvent, UtteranceJudged
 from vita.v1.media_pb2 import Image, TimestampedFrame
-from vita.v1.session_pb2 import SessionState, SessionTurn
+from vita.v1.session_pb2 import SessionTurn
 
 pytestmark = pytest.mark.slow
 INVALID_ARGUMENT, NOT_FOUND = 3, 5
@@ -41,24 +40,6 @@ def redis():
     r = Redis.from_url("redis://127.0.0.1:6379/0")
     yield r
     r.close()
-
-
-def stored(redis, stack, session_id) -> SessionState:
-    return SessionState.FromString(redis.get(BusConfig(prefix=stack.prefix).session(session_id)))
-
-
-def fast(samples):
-    return speech_events(samples, realtime=False, chunk_ms=100)
-
-
-def scrape(port: int, name: str, **labels) -> float:
-    """One sample of a Prometheus text exposition (0 when absent)."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    for line in text.splitlines():
-        if line.startswith(name + ("{" + wanted + "}" if wanted else " ")):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_text_turn_is_answered_and_recorded(client, redis, stack):
@@ -290,7 +271,7 @@ def test_vita_converse_cli_streams_a_wav_and_prints_the_timeline(stack, query_cl
     out = subprocess.run([sys.executable, "-m", "vita.cli", "converse", "--target", stack.target, "--wav", str(wav),
                           "--fast", "--max-tokens", "8"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "judged query ('<1>')" in out.stdout and "answer completed: 8 tokens" in out.stdout
+    assert "judged query ('<1>')" in out.stdout and "answer completed (length): 8 tokens" in out.stdout
 
 
 def test_client_controls_update_cancel_truncate_and_cut(client, redis, stack, query_clip):

@@ -124,8 +124,14 @@ def test_history_prompt_leaves_out_the_oldest_exchanges_when_the_context_is_full
     full = history_prompt(tok, turns, audio_question=False, system=None, context_len=context_len)
     assert len(full.input_ids) > len(last_two.input_ids)
 
+    assert full.turns_dropped == 0
     cut = history_prompt(tok, turns, audio_question=False, system=None, context_len=len(last_two.input_ids) + 1)
     assert cut.input_ids == last_two.input_ids
+    assert cut.turns_dropped == 4  # two exchanges, counted in stored turns
+    # Turns merged for the template (a question that got no answer) count as the stored turns they were.
+    unanswered = [turns[0], *turns]
+    assert history_prompt(tok, unanswered, audio_question=False, system=None,
+                          context_len=len(last_two.input_ids) + 1).turns_dropped == 5
     text = text_of(tok, cut.input_ids)
     assert "question number 1" not in text and "question number 2" in text and text.endswith("tomorrow?</s>\nbot:")
 

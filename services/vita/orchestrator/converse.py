@@ -1,13 +1,21 @@
 """`Converse`: the duplex voice loop of one call (VAD, judging by the monitor pool, interruption with role swap).
 
-Three tasks per call, joined by queues so each stays simple:
+Tasks per call, joined by queues so each stays simple:
 - the reader takes client events in order: config, media to Redis, audio through the VAD; it never waits on
   the model, so speech keeps being cut while an answer streams;
+- the audio watchdog ends open speech when the audio stops (a muted mic, a stalled network): no chunk for the
+  end-silence time, counted on the wall clock from where the last chunk's audio ran out;
 - the turn worker handles what the VAD and the client produce, one at a time: it encodes a segment, has the
   monitor-role pool judge it from the model's own state token, and on a query interrupts the answer in flight
   and starts the next one;
 - a relay per answer streams the generator's tokens to the client and writes the finished turn to history.
 Everything a replica needs to continue the session (history, roles, the answer in flight) is in Redis.
+
+The call owns its session (`SessionState.owner`): turn ids are handed out by compare-and-set in Redis when a query
+is decided (so `UtteranceJudged.turn_id` is the turn that answers it), and a resume elsewhere takes the session
+over, ending this call at its next write. When the call ends, however it ends and wherever its tasks were, one
+cleanup task sends the bus cancel for every generation it issued that has not finished and records those turns
+as interrupted: a task cancelled in the middle of a Redis call can leave no generation running for nobody.
 
 This module is the state machine only: the prompts come from `prompts.py`, the jobs go through `pools.py`.
 """
@@ -15,7 +23,6 @@ This module is the state machine only: the prompts come from `prompts.py`, the j
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -33,7 +40,7 @@ from vita.errors import ContextLengthError, InvalidInputError, VitaError
 from vita.orchestrator.config import OrchestratorConfig, session_vad
 from vita.orchestrator.pools import JobFailed, PoolClient, job_status
 from vita.orchestrator.prompts import answer_prompt, judge_prompt, user_turn
-from vita.orchestrator.sessions import SessionNotFound, SessionStore
+from vita.orchestrator.sessions import ImageLimitExceeded, SessionNotFound, SessionStore, SessionTakenOver
 from vita.processing.audio import float_to_pcm16, pcm16_to_float, resample
 from vita.processing.image import load_image
 from vita.processing.prompt import StateToken
@@ -46,6 +53,7 @@ from vita.v1.assistant_pb2 import (
     AnswerStarted,
     AnswerTruncated,
     ClientEvent,
+    Completed,
     ErrorEvent,
     ServerEvent,
     SessionConfig,
@@ -66,6 +74,7 @@ tracer = trace.get_tracer(__name__)
 
 SAMPLE_RATE = 16_000
 _OTHER_ROLE = {GenerationJob.GENERATOR: GenerationJob.MONITOR, GenerationJob.MONITOR: GenerationJob.GENERATOR}
+_CLEANUPS: set[asyncio.Task] = set()  # ending calls' cleanup tasks, held until done (the loop keeps weak refs)
 
 
 @dataclass
@@ -118,6 +127,7 @@ class Answer:
     started_at: float  # when its query was cut or typed
     usage: Usage
     interrupting: bool  # it interrupted another answer (for the interruption latency metric)
+    job: GenerationJob = field(default_factory=GenerationJob)
     tokens_sent: int = 0
     text: list[str] = field(default_factory=list)
     first_token_at: float = 0.0
@@ -127,6 +137,16 @@ class Answer:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     stopped: bool = False
     done: bool = False
+
+
+@dataclass
+class _Issued:
+    """A generation job this call submitted (or was about to) whose bot turn is not recorded yet."""
+
+    request_id: str
+    turn_id: int
+    user: SessionTurn
+    answer: Answer | None = None
 
 
 class ConverseCall:
@@ -143,9 +163,25 @@ class ConverseCall:
         self._work: asyncio.Queue[Utterance | TextQuery | _Cancel | _Truncate | _End] = asyncio.Queue()
         self.answer: Answer | None = None
         self._early_query_segment = -1  # a segment already judged a query while being spoken
+        self._early_query_turn = 0  # ... and the turn id handed out for it
         self._early_tried: set[int] = set()
         self._playing = False  # the client still plays the last answer (PlaybackState): judge speech early
         self._states = {token_id: piece for piece, token_id in tokenizer.state_ids.items()}
+        self.call_id = uuid.uuid4().hex  # the session's owner while this call drives it
+        self._turn: int | None = None  # the turn the worker is on, for its error events
+        self._issued: dict[str, _Issued] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._counted = False  # in the active sessions gauge
+        self._cleanup: asyncio.Task | None = None
+        self._closing = False
+        self._taken_over = False
+        self._frames_dropped = 0  # camera frames dropped since the last answered turn
+        # The audio watchdog's view of the reader (loop time, seconds).
+        self._vad_lock = asyncio.Lock()  # the VAD is pushed in a thread; the watchdog must not touch it meanwhile
+        self._poke = asyncio.Event()  # the reader went idle: the watchdog recomputes its deadline
+        self._reader_idle_since: float | None = None  # None while the reader handles an event
+        self._audio_runs_out = 0.0  # when the last chunk's audio would end, had it been played in real time
 
     @property
     def session_id(self) -> str:
@@ -156,21 +192,59 @@ class ConverseCall:
 
     async def run(self, requests: AsyncIterator[ClientEvent]) -> AsyncIterator[ServerEvent]:
         """Server events until the client ends (or leaves) and the last answer is done; an answer still in flight
-        when the call goes away is stopped and kept as interrupted."""
+        when the call goes away is stopped and kept as interrupted (see `close`)."""
         self.metrics.active_sessions.inc()
-        reader = asyncio.create_task(self._read(requests))
-        worker = asyncio.create_task(self._turns())
+        self._counted = True
+        self._loop = asyncio.get_running_loop()
+        self._tasks = [asyncio.create_task(self._read(requests)), asyncio.create_task(self._turns()),
+                       asyncio.create_task(self._watch_audio())]
         try:
             while (event := await self._out.get()) is not None:
                 yield event
         finally:
-            self.metrics.active_sessions.dec()
-            reader.cancel()
-            worker.cancel()
-            for task in (reader, worker):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            await asyncio.shield(self._abandon_answer())
+            await asyncio.shield(self.close())
+
+    def close(self) -> asyncio.Task:
+        """End the call: the one cleanup, started once, run to its end even if whoever awaits it is cancelled.
+
+        Call it on the call's event loop from anything that learns the call is over (the end of `run`); from
+        elsewhere (gRPC's done callback), `close_soon`.
+        """
+        if self._cleanup is None:
+            self._cleanup = asyncio.get_running_loop().create_task(self._end())
+            _CLEANUPS.add(self._cleanup)
+            self._cleanup.add_done_callback(_CLEANUPS.discard)
+        return self._cleanup
+
+    def close_soon(self) -> None:
+        """`close` from any thread, once `run` has started (before that there is nothing to clean up)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.close)
+
+    async def _end(self) -> None:
+        """No new generation from here on; the ones issued are cancelled on the bus first (compute stops whatever
+        the tasks were doing), then, once the tasks are done, their turns are recorded as interrupted."""
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        try:
+            for request_id in list(self._issued):
+                await self.pools.cancel(request_id)
+            if self._tasks:  # each ends at its next await; the wait only bounds a task that ignores its cancel
+                await asyncio.wait(self._tasks, timeout=self.config.stop_wait_s)
+            if self.answer is not None:
+                await self._stop_relay(self.answer)
+            for issued in list(self._issued.values()):
+                await self.pools.cancel(issued.request_id)  # again: issued while the first round went out
+                if not self._taken_over and self.state is not None:
+                    await self._record_abandoned(issued)
+        except SessionTakenOver:
+            pass  # a new call resumed the session meanwhile and recorded the answer from its reply stream
+        except Exception:  # the session keeps its active answer; a resume rebuilds it from the reply stream
+            log.exception("could not clean up the ended call", extra={"session_id": self.session_id})
+        finally:
+            if self._counted:
+                self.metrics.active_sessions.dec()
 
     def emit(self, turn_id: int | None = None, **event) -> None:
         """Queue one ServerEvent for the client; `turn_id` defaults to the turn about to start."""
@@ -183,12 +257,40 @@ class ConverseCall:
         """Errors are events: the client hears of it and the session goes on."""
         self.emit(turn_id, error=ErrorEvent(code=code.value[0], message=message))
 
+    def _lose_session(self) -> None:
+        """Another call resumed the session and owns it now: say so, and end this call."""
+        if self._taken_over:
+            return
+        self._taken_over = True
+        self.error(grpc.StatusCode.ABORTED, f"session {self.session_id} was resumed by another connection; "
+                   "this call ends")
+        self._out.put_nowait(None)
+
+    async def _update(self, change) -> SessionState:
+        """A session write that holds only while this call owns the session (else SessionTakenOver)."""
+        self.state = await self.store.update(self.session_id, change, owner=self.call_id)
+        return self.state
+
+    async def _check_owner(self) -> None:
+        state = await self.store.load(self.session_id)
+        if state.owner != self.call_id:
+            raise SessionTakenOver(f"session {self.session_id!r} was resumed by another connection")
+        self.state = state
+
+    async def _reserve_turn(self) -> int:
+        turn_id, self.state = await self.store.reserve_turn(self.session_id, self.call_id)
+        return turn_id
+
     # ------------------------------------------------------------------------------------------------------
     # Reader: client events, in order
 
     async def _read(self, requests: AsyncIterator[ClientEvent]) -> None:
+        loop = asyncio.get_running_loop()
+        self._reader_idle_since = loop.time()
+        done = False
         try:
             async for request in requests:
+                self._reader_idle_since = None
                 if request.WhichOneof("event") == "end":
                     break
                 try:
@@ -197,11 +299,23 @@ class ConverseCall:
                     self.error(grpc.StatusCode.INVALID_ARGUMENT, str(e))
                 except SessionNotFound as e:
                     self.error(grpc.StatusCode.NOT_FOUND, str(e))
+                except ImageLimitExceeded as e:
+                    self.error(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+                except SessionTakenOver:
+                    self._lose_session()
+                    return
                 except VitaError as e:
                     self.error(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+                self._reader_idle_since = loop.time()
+                self._poke.set()
+            done = True
         finally:
-            if self.vad is not None:  # the client is done (or gone): speech still open is cut now
-                for event in self.vad.flush():
+            # The client is done: speech still open is cut now. (Not when the call is cancelled instead: nothing
+            # would answer that speech, and a VAD push may still be running in its thread.)
+            if done and self.vad is not None:
+                async with self._vad_lock:
+                    events = self.vad.flush()
+                for event in events:
                     self._on_speech(event)
             self._work.put_nowait(_End())
 
@@ -216,14 +330,19 @@ class ConverseCall:
         if self.state is None:
             raise InvalidInputError(f"{kind} before the session config: the first event must be a SessionConfig")
         if kind == "audio":
-            for event in await asyncio.to_thread(self._vad_push, request.audio.pcm16):
+            async with self._vad_lock:
+                events = await asyncio.to_thread(self._vad_push, request.audio.pcm16)
+            loop_now = asyncio.get_running_loop().time()
+            seconds = len(request.audio.pcm16) / 2 / self.rate
+            self._audio_runs_out = max(self._audio_runs_out, loop_now) + seconds
+            for event in events:
                 self._on_speech(event)
         elif kind == "frame":
             frame = request.frame
             if not frame.image.data:
                 raise InvalidInputError("camera frame has no image bytes")
             await asyncio.to_thread(_check_image_bytes, frame.image.data, "camera frame")
-            await self.store.add_frame(self.session_id, frame)
+            self._frames_dropped += await self.store.add_frame(self.session_id, frame)
         elif kind == "image":
             await asyncio.to_thread(_check_image_bytes, request.image.data, "image")
             await self.store.add_image(self.session_id, request.image)
@@ -259,7 +378,8 @@ class ConverseCall:
         else:
             session_id = check_id("session id", config.session_id) if config.session_id else uuid.uuid4().hex
             state = await self.store.create(SessionState(session_id=session_id, config=config, next_turn_id=1,
-                                                         generator_role=GenerationJob.GENERATOR))
+                                                         generator_role=GenerationJob.GENERATOR,
+                                                         owner=self.call_id))
             resumed = False
         self.state, self.rate, self.vad = state, rate, StreamingVAD(vad)
         self.emit(session_started=SessionStarted(resumed=resumed, history_turns=len(state.turns)))
@@ -274,7 +394,7 @@ class ConverseCall:
         new = SessionConfig()
         new.CopyFrom(config)
         new.session_id = self.session_id
-        self.state = await self.store.update(self.session_id, lambda s: s.config.CopyFrom(new))
+        await self._update(lambda s: s.config.CopyFrom(new))
         if rate != self.rate:
             self.rate, self._pcm_carry = rate, b""
         self.vad.set_config(vad)
@@ -290,6 +410,34 @@ class ConverseCall:
         if self.rate != SAMPLE_RATE:
             samples = resample(samples, self.rate, SAMPLE_RATE)
         return self.vad.push(samples.numpy())
+
+    # ------------------------------------------------------------------------------------------------------
+    # Audio watchdog: speech stays open only while audio comes
+
+    def _stall_deadline(self) -> float | None:
+        """Loop time at which open speech is ended for lack of audio; None while there is none to end, or while
+        the reader is busy (chunks may be waiting behind the event it handles)."""
+        if self.vad is None or not self.vad.segment_open or self._reader_idle_since is None:
+            return None
+        silence_s = self.vad.config.end_silence_ms / 1000
+        return max(self._audio_runs_out, self._reader_idle_since) + silence_s
+
+    async def _watch_audio(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            deadline = self._stall_deadline()
+            if deadline is None:
+                self._poke.clear()
+                await self._poke.wait()
+                continue
+            if deadline > loop.time():
+                await asyncio.sleep(deadline - loop.time())
+                continue  # audio may have come meanwhile: the deadline is computed again
+            async with self._vad_lock:
+                deadline = self._stall_deadline()
+                events = self.vad.cut() if deadline is not None and deadline <= loop.time() else []
+            for event in events:
+                self._on_speech(event)
 
     def _on_speech(self, event: SpeechEvent) -> None:
         """Tell the client what the VAD heard; segments (and, during an answer, early partial cuts) go to be judged."""
@@ -315,45 +463,54 @@ class ConverseCall:
             item = await self._work.get()
             if isinstance(item, _End):
                 if self.answer is not None and self.answer.task is not None:
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await self.answer.task
+                    await asyncio.wait([self.answer.task])  # our own cancellation still raises here
                 self._out.put_nowait(None)
                 return
             if isinstance(item, _Cancel | _Truncate):
                 try:
                     await self._client_stop(item)
+                except SessionTakenOver:
+                    self._lose_session()
+                    return
                 except (InvalidInputError, SessionNotFound) as e:
                     self.error(grpc.StatusCode.INVALID_ARGUMENT, str(e), item.turn_id)
                 continue
-            turn_id = self.state.next_turn_id
+            self._turn = None
             with tracer.start_as_current_span("converse turn") as span:
                 span.set_attribute("vita.session_id", self.session_id)
-                span.set_attribute("vita.turn_id", turn_id)
                 try:
+                    await self._check_owner()
                     if isinstance(item, TextQuery):
                         await self._answer(StateToken.TEXT, item.cut_at, text=item.text)
                     else:
                         await self._utterance(item)
+                except SessionTakenOver:
+                    self._lose_session()
+                    return
                 except (InvalidInputError, ContextLengthError) as e:
-                    self.error(grpc.StatusCode.INVALID_ARGUMENT, str(e), turn_id)
+                    self.error(grpc.StatusCode.INVALID_ARGUMENT, str(e), self._turn)
                 except Backpressure as e:
-                    self.error(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), turn_id)
+                    self.error(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), self._turn)
                 except ReplyTimeout as e:
-                    self.error(grpc.StatusCode.UNAVAILABLE, str(e), turn_id)
+                    self.error(grpc.StatusCode.UNAVAILABLE, str(e), self._turn)
                 except JobFailed as e:
-                    self.error(e.code, str(e), turn_id)
+                    self.error(e.code, str(e), self._turn)
                 except VitaError as e:
-                    self.error(grpc.StatusCode.FAILED_PRECONDITION, str(e), turn_id)
+                    self.error(grpc.StatusCode.FAILED_PRECONDITION, str(e), self._turn)
                 except Exception:
                     log.exception("turn failed", extra={"session_id": self.session_id})
-                    self.error(grpc.StatusCode.INTERNAL, "the orchestrator failed on this turn", turn_id)
+                    self.error(grpc.StatusCode.INTERNAL, "the orchestrator failed on this turn", self._turn)
+                if self._turn is not None:
+                    span.set_attribute("vita.turn_id", self._turn)
 
     async def _utterance(self, u: Utterance) -> None:
         """Judge speech: a query is answered (an early one first interrupts, the whole segment is answered at its
         end); anything else is ignored, and an early cut that is not decisive waits for the whole segment."""
         if not u.early and u.segment == self._early_query_segment:
-            self._early_query_segment = -1  # judged a query while spoken: answer the whole of it
-            await self._answer(StateToken.QUERY_AUDIO, u.cut_at, audio=await self._encode_audio(u.audio))
+            self._early_query_segment = -1  # judged a query while spoken: answer the whole of it, as its turn
+            self._turn = self._early_query_turn
+            await self._answer(StateToken.QUERY_AUDIO, u.cut_at, audio=await self._encode_audio(u.audio),
+                               turn_id=self._early_query_turn)
             return
         if u.early and self.answer is None and not self._playing:
             return  # the answer it might interrupt finished meanwhile; the whole segment is judged at its end
@@ -364,16 +521,19 @@ class ConverseCall:
         self.metrics.utterances_judged.labels("query" if query else "ignored", str(u.early).lower()).inc()
         if u.early and not query:
             return  # not decisive: the whole segment is judged when it ends
-        self.emit(judged=UtteranceJudged(
-            outcome=UtteranceJudged.QUERY if query else UtteranceJudged.IGNORED, state_token=token, early=u.early,
-            audio_start_s=u.start_s, audio_end_s=u.end_s, latency_s=latency))
+        judged = UtteranceJudged(outcome=UtteranceJudged.QUERY if query else UtteranceJudged.IGNORED,
+                                 state_token=token, early=u.early, audio_start_s=u.start_s, audio_end_s=u.end_s,
+                                 latency_s=latency)
         if not query:
+            self.emit(judged=judged)
             return
+        self._turn = turn_id = await self._reserve_turn()  # the turn that will answer it, whatever comes between
+        self.emit(turn_id, judged=judged)
         if u.early:
-            self._early_query_segment = u.segment
+            self._early_query_segment, self._early_query_turn = u.segment, turn_id
             await self._interrupt(u.cut_at)
             return
-        await self._answer(StateToken.QUERY_AUDIO, u.cut_at, audio=audio)
+        await self._answer(StateToken.QUERY_AUDIO, u.cut_at, audio=audio, turn_id=turn_id)
 
     async def _encode_audio(self, samples: np.ndarray) -> EmbeddingRef:
         audio = Audio(data=float_to_pcm16(samples), encoding=Audio.PCM16, sample_rate_hz=SAMPLE_RATE)
@@ -401,36 +561,49 @@ class ConverseCall:
     # Answers, interruption, history
 
     async def _answer(self, state: StateToken, cut_at: float, *, text: str = "",
-                      audio: EmbeddingRef | None = None) -> None:
+                      audio: EmbeddingRef | None = None, turn_id: int | None = None) -> None:
         """A query: interrupt the answer in flight (roles swap), then answer with the whole history.
 
-        Images and camera frames sent since the last turn are encoded now and become part of this user turn.
+        `turn_id` is the one handed out when the query was decided (a new one for text). Images and camera frames
+        sent since the last turn are encoded now and become part of this user turn.
         """
         interrupted = self.answer is not None
         if interrupted:
             await self._interrupt(cut_at)
+        if turn_id is None:
+            self._turn = turn_id = await self._reserve_turn()
         images, frames = await self.store.take_media(self.session_id)
+        frames_dropped, self._frames_dropped = self._frames_dropped, 0
         video = Video(frames=Video.Frames(frames=frames)) if frames else None
         refs = await self.pools.encode(self._encode_id(), images=images, video=video)  # {} when there is none
         if audio is not None:
             refs["audio"] = audio
-        turn_id = self.state.next_turn_id
         user = user_turn(text, refs, turn_id=turn_id, state=state, unix_s=time.time())
         prompt = answer_prompt(self.tokenizer, self.state.turns, user, state, **self._prompt_args())
         request_id = f"{self.session_id}.t{turn_id}.{uuid.uuid4().hex[:8]}"
         role = self.state.generator_role
-        reply_stream = await self.pools.generate(request_id, role, prompt, self.state.config.sampling)
+        if self._closing:  # the call is ending: issue nothing the cleanup could miss
+            raise asyncio.CancelledError
+        issued = self._issued[request_id] = _Issued(request_id, turn_id, user)
 
         def record(s: SessionState) -> None:
             s.turns.append(user)
-            s.next_turn_id = turn_id + 1
+            s.next_turn_id = max(s.next_turn_id, turn_id + 1)
             s.active.CopyFrom(ActiveAnswer(request_id=request_id, turn_id=turn_id, state_token=state.value, role=role))
 
-        self.state = await self.store.update(self.session_id, record)
-        answer = Answer(request_id, turn_id, state.value, cut_at, prompt.usage(), interrupted)
-        self.answer = answer
-        self.emit(turn_id, answer_started=AnswerStarted(state_token=state.value))
-        answer.task = asyncio.create_task(self._relay(answer, reply_stream))
+        try:
+            job = await self.pools.generate(request_id, role, prompt, self.state.config.sampling)
+            await self._update(record)
+        except Exception:
+            del self._issued[request_id]
+            await self.pools.cancel(request_id)  # it may have been queued: nobody would read it
+            raise
+        answer = Answer(request_id, turn_id, state.value, cut_at, prompt.usage(), interrupted, job)
+        self.answer = issued.answer = answer
+        self.emit(turn_id, answer_started=AnswerStarted(
+            state_token=state.value, max_tokens=job.max_tokens, history_turns_dropped=prompt.turns_dropped,
+            frames_dropped=frames_dropped))
+        answer.task = asyncio.create_task(self._relay(answer, job.reply_stream))
 
     async def _relay(self, answer: Answer, reply_stream: str) -> None:
         """Stream the generator's tokens to the client until it finishes, fails, times out or is stopped."""
@@ -444,8 +617,11 @@ class ConverseCall:
         except ReplyTimeout as e:
             async with answer.lock:
                 if not answer.stopped:
+                    await self.pools.cancel(answer.request_id)
                     await self._finish(answer, answer.tokens_sent, interrupted=True)
                     self.error(grpc.StatusCode.UNAVAILABLE, str(e), answer.turn_id)
+        except SessionTakenOver:
+            self._lose_session()
 
     async def _relay_event(self, answer: Answer, event) -> bool:
         """Forward one generator event; True when it was the last."""
@@ -463,11 +639,21 @@ class ConverseCall:
             self.emit(answer.turn_id, delta=TextDelta(text=event.delta.text, token_ids=event.delta.token_ids))
             return False
         if kind == "finished":
-            await self._finish(answer, event.finished.usage.completion_tokens, interrupted=False)
-            answer.usage.completion_tokens = event.finished.usage.completion_tokens
+            finished = event.finished
+            if finished.finish_reason == Completed.CANCELLED:  # stopped by someone else (deadline, a resume)
+                await self._finish(answer, answer.tokens_sent, interrupted=True)
+                usage = Usage()
+                usage.CopyFrom(answer.usage)
+                usage.completion_tokens = finished.usage.completion_tokens
+                self.emit(answer.turn_id, interrupted=AnswerInterrupted(
+                    tokens_sent=answer.tokens_sent, tokens_generated=finished.usage.completion_tokens, usage=usage))
+                return True
+            await self._finish(answer, finished.usage.completion_tokens, interrupted=False)
+            answer.usage.completion_tokens = finished.usage.completion_tokens
             first = answer.first_token_at - answer.started_at if answer.first_token_at else 0.0
-            self.emit(answer.turn_id, completed=AnswerCompleted(usage=answer.usage, timings=Timings(
-                time_to_first_token_s=first, total_s=time.perf_counter() - answer.started_at)))
+            self.emit(answer.turn_id, completed=AnswerCompleted(
+                usage=answer.usage, finish_reason=self.pools.finish_reason(answer.job, finished),
+                timings=Timings(time_to_first_token_s=first, total_s=time.perf_counter() - answer.started_at)))
             return True
         if kind == "error":
             await self._finish(answer, answer.tokens_sent, interrupted=True)
@@ -487,8 +673,9 @@ class ConverseCall:
             if swap:
                 s.generator_role = _OTHER_ROLE[s.generator_role]
 
-        self.state = await self.store.update(self.session_id, record)
+        await self._update(record)
         answer.done = True
+        self._issued.pop(answer.request_id, None)
         if self.answer is answer:
             self.answer = None
 
@@ -528,7 +715,7 @@ class ConverseCall:
             if turn.content != item.content:
                 turn.content, turn.tokens, turn.interrupted = item.content, tokens, True
 
-        self.state = await self.store.update(self.session_id, record)
+        await self._update(record)
         self.emit(item.turn_id, truncated=AnswerTruncated(content=item.content, tokens=tokens))
 
     async def _stop_relay(self, answer: Answer) -> bool:
@@ -537,26 +724,38 @@ class ConverseCall:
             if answer.done:
                 return False
             answer.stopped = True
-        if answer.task is not None:
+        if answer.task is not None and answer.task is not asyncio.current_task():
             answer.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await answer.task
+            await asyncio.wait([answer.task])  # unlike awaiting it, never swallows our own cancellation
         return True
 
-    async def _abandon_answer(self) -> None:
-        """The call ended with an answer in flight (client gone): stop it and keep what was sent."""
-        answer = self.answer
-        if answer is None or self.state is None or not await self._stop_relay(answer):
-            return
-        try:
-            await self.pools.cancel(answer.request_id)
-            await self._finish(answer, answer.tokens_sent, interrupted=True)
-        except Exception:  # the session keeps its active answer; a resume rebuilds it from the reply stream
-            log.exception("could not record the abandoned answer", extra={"session_id": self.session_id})
+    async def _record_abandoned(self, issued: _Issued) -> None:
+        """The call ended with this generation unfinished: its turn goes to history as interrupted, with what the
+        client received (nothing, if it never started), whether or not the user turn was written before."""
+        answer = issued.answer
+        bot = SessionTurn(role=SessionTurn.BOT, turn_id=issued.turn_id, state_token=issued.user.state_token,
+                          content="".join(answer.text) if answer else "", interrupted=True,
+                          tokens=answer.tokens_sent if answer else 0, unix_s=time.time())
+
+        def record(s: SessionState) -> None:
+            if s.HasField("active") and s.active.request_id == issued.request_id:
+                s.ClearField("active")
+            mine = [t for t in s.turns if t.turn_id == issued.turn_id]
+            if any(t.role == SessionTurn.BOT for t in mine):
+                return  # recorded meanwhile
+            if not mine:
+                s.turns.append(issued.user)
+            s.turns.append(bot)
+
+        await self._update(record)
+        self._issued.pop(issued.request_id, None)
+        if answer is not None:
+            answer.done = True
 
     async def _recover(self, session_id: str) -> SessionState:
-        """Resume: an answer left in flight by a replica that died is rebuilt from its reply stream."""
-        state = await self.store.load(session_id)
+        """Resume: this call takes the session over; an answer left in flight (by a replica that died, or by the
+        call that had the session) is rebuilt from its reply stream."""
+        state = await self.store.claim(session_id, self.call_id)
         if not state.HasField("active"):
             return state
         active = state.active
@@ -567,7 +766,7 @@ class ConverseCall:
                 text.append(event.delta.text)
                 tokens += len(event.delta.token_ids)
             elif kind == "finished":
-                finished = True
+                finished = event.finished.finish_reason != Completed.CANCELLED
                 tokens = event.finished.usage.completion_tokens
         if not finished:
             await self.pools.cancel(active.request_id)
@@ -579,7 +778,10 @@ class ConverseCall:
                 s.ClearField("active")
                 s.turns.append(turn)
 
-        return await self.store.update(session_id, record)
+        try:
+            return await self.store.update(session_id, record, owner=self.call_id)
+        except SessionTakenOver:  # resumed again meanwhile: that call recovers it; this one hears at its first turn
+            return state
 
 
 def _audio_rate(config: SessionConfig) -> int:

@@ -22,6 +22,7 @@ from vita.errors import VitaError
 from vita.model.generation import token_budget
 from vita.orchestrator.config import OrchestratorConfig
 from vita.orchestrator.prompts import Prompt
+from vita.v1.assistant_pb2 import Completed
 from vita.v1.bus_pb2 import EmbeddingRef, EncodeJob, GenerationJob, JobError, MediaItem
 from vita.v1.media_pb2 import Audio, Image, SamplingParams, Video
 
@@ -97,19 +98,32 @@ class PoolClient:
         return refs
 
     async def generate(self, request_id: str, role: GenerationJob.Role, prompt: Prompt, sampling: SamplingParams,
-                       *, deadline_ms: int = 0) -> str:
-        """Queue `prompt` on the llm pool of `role`; returns the reply stream its tokens come on (see `tokens`).
+                       *, deadline_ms: int = 0) -> GenerationJob:
+        """Queue `prompt` on the llm pool of `role`; returns the job (its tokens come on `job.reply_stream`, see
+        `tokens`).
 
         `max_tokens` is the sampling's (or `default_max_tokens`), cut to the context left after the prompt.
         """
-        requested = sampling.max_tokens or self.config.default_max_tokens
+        requested = self.requested_tokens(sampling)
         job = GenerationJob(
             request_id=request_id, role=role, reply_stream=self.bus.reply(request_id),
             prompt_token_ids=prompt.input_ids, embeddings=prompt.placements, sampling=sampling,
             max_tokens=token_budget(requested, len(prompt.input_ids), self.context_len),
             deadline_unix_ms=deadline_ms, trace_context=current_trace_context())
         await submit(self.redis, self.bus, ROLE_POOLS[role], job)
-        return job.reply_stream
+        return job
+
+    def requested_tokens(self, sampling: SamplingParams) -> int:
+        return sampling.max_tokens or self.config.default_max_tokens
+
+    def finish_reason(self, job: GenerationJob, finished: Completed) -> Completed.FinishReason:
+        """The generator's finish reason, with LENGTH told apart: CONTEXT_LENGTH when the context, not the
+        requested max_tokens, ended the answer (the budget was cut to fit it, or the engine's sequence filled)."""
+        reason = finished.finish_reason
+        if reason == Completed.LENGTH and (job.max_tokens < self.requested_tokens(job.sampling)
+                                           or finished.usage.completion_tokens < job.max_tokens):
+            return Completed.CONTEXT_LENGTH
+        return reason
 
     def tokens(self, reply_stream: str) -> AsyncIterator[Reply]:
         """A generation's events in order; ReplyTimeout after `token_timeout_s` without one."""

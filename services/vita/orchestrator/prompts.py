@@ -28,6 +28,7 @@ class Prompt:
     input_ids: list[int]
     spans: list[Span]
     placements: list[EmbeddingPlacement]
+    turns_dropped: int = 0  # turns of the history left out because the whole of it did not fit the context
 
     def usage(self) -> Usage:
         """The prompt side of `Usage`: all tokens, and per modality the tokens its embeddings fill."""
@@ -52,19 +53,25 @@ def media_prompt(tokenizer: VitaTokenizer, messages: Sequence[Message], media: S
 
 def history_prompt(tokenizer: VitaTokenizer, turns: Sequence[SessionTurn], *, audio_question: bool,
                    system: str | None, context_len: int) -> Prompt:
-    """A conversation as one prompt; the oldest exchanges are left out while it does not fit the context.
+    """A conversation as one prompt; the oldest exchanges are left out while it does not fit the context, and
+    `Prompt.turns_dropped` counts the turns of `turns` left out so.
 
     Raises ContextLengthError when even the last turn alone does not fit.
     """
-    turns = alternating(turns)
+    runs = _runs(turns)
+    dropped = 0
     while True:
+        kept = [t for t, _ in runs]
         try:
-            return media_prompt(tokenizer, [message(t) for t in turns], [m for t in turns for m in t.media],
-                                audio_question=audio_question, system=system, context_len=context_len)
+            prompt = media_prompt(tokenizer, [message(t) for t in kept], [m for t in kept for m in t.media],
+                                  audio_question=audio_question, system=system, context_len=context_len)
+            prompt.turns_dropped = dropped
+            return prompt
         except ContextLengthError:
-            if len(turns) <= 1:
+            if len(runs) <= 1:
                 raise
-            turns = turns[2:]  # drop the oldest user turn and its answer
+            dropped += sum(n for _, n in runs[:2])  # the oldest user turn and its answer
+            runs = runs[2:]
 
 
 def judge_prompt(tokenizer: VitaTokenizer, turns: Sequence[SessionTurn], audio: EmbeddingRef, *,
@@ -117,17 +124,22 @@ def alternating(turns: Sequence[SessionTurn]) -> list[SessionTurn]:
     Turns of the same role in a row are merged (user contents joined by a newline); leading bot turns are dropped.
     The input is not modified.
     """
-    out: list[SessionTurn] = []
+    return [turn for turn, _ in _runs(turns)]
+
+
+def _runs(turns: Sequence[SessionTurn]) -> list[tuple[SessionTurn, int]]:
+    """`alternating`, with how many input turns each output turn stands for."""
+    out: list[tuple[SessionTurn, int]] = []
     for turn in turns:
-        if out and out[-1].role == turn.role:
+        if out and out[-1][0].role == turn.role:
             merged = SessionTurn()
-            merged.CopyFrom(out[-1])
+            merged.CopyFrom(out[-1][0])
             merged.content += ("\n" if turn.role == SessionTurn.USER else "") + turn.content
             merged.media.extend(turn.media)
-            out[-1] = merged
+            out[-1] = (merged, out[-1][1] + 1)
         else:
-            out.append(turn)
-    while out and out[0].role != SessionTurn.USER:
+            out.append((turn, 1))
+    while out and out[0][0].role != SessionTurn.USER:
         out.pop(0)
     return out
 

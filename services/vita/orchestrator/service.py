@@ -7,6 +7,7 @@ per-request state lives in Redis (the reply stream), so any replica can serve an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -66,8 +67,10 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         """See converse.py; errors are events, so one bad input never ends the conversation."""
         self.metrics.requests.labels("orchestrator", "Converse").inc()
         call = ConverseCall(self.pools, self.tokenizer, self.sessions, self.config, self.metrics)
-        async for event in call.run(request_iterator):
-            yield event
+        context.add_done_callback(lambda _: call.close_soon())  # the call's cleanup runs however the RPC ends
+        async with contextlib.aclosing(call.run(request_iterator)) as events:
+            async for event in events:
+                yield event
 
     async def Generate(self, request: GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[GenerateResponse]:
@@ -119,12 +122,12 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         sampling.CopyFrom(request.sampling)
         if sampling.temperature > 0 and not sampling.HasField("seed"):
             sampling.seed = uuid.uuid4().int % (1 << 63)  # a redelivered job must resume the same sample
-        reply_stream = await self.pools.generate(request_id, GenerationJob.GENERATOR, prompt, sampling,
-                                                 deadline_ms=deadline_ms)
+        job = await self.pools.generate(request_id, GenerationJob.GENERATOR, prompt, sampling,
+                                        deadline_ms=deadline_ms)
         usage = prompt.usage()
         first_token_s = 0.0
         last = time.perf_counter()
-        async for event in self.pools.tokens(reply_stream):
+        async for event in self.pools.tokens(job.reply_stream):
             kind = event.WhichOneof("event") if hasattr(event, "sequence") else None  # skips the encoders' results
             if kind == "delta":
                 now = time.perf_counter()
@@ -137,10 +140,11 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
                 yield GenerateResponse(request_id=request_id, delta=event.delta)
             elif kind == "finished":
                 usage.completion_tokens = event.finished.usage.completion_tokens
-                reason = Completed.FinishReason.Name(event.finished.finish_reason).lower()
+                finish_reason = self.pools.finish_reason(job, event.finished)
+                reason = Completed.FinishReason.Name(finish_reason).lower()
                 self.metrics.request_success.labels("orchestrator", reason).inc()
                 yield GenerateResponse(request_id=request_id, completed=Completed(
-                    finish_reason=event.finished.finish_reason, usage=usage,
+                    finish_reason=finish_reason, usage=usage,
                     timings=Timings(encode_s=encode_s, time_to_first_token_s=first_token_s,
                                     total_s=time.perf_counter() - start)))
                 return

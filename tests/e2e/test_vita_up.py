@@ -1,0 +1,49 @@
+"""`vita up` / `vita down` as a user runs them: the demo's duplex model, every service with its metrics endpoint."""
+
+import os
+import subprocess
+import sys
+import urllib.request
+import uuid
+
+import pytest
+
+from vita.client import ConverseSession, VitaClient, text_event
+from vita.stack import LocalStack, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def test_vita_up_serves_the_duplex_model_with_every_metrics_endpoint(duplex_model_dir, tmp_path):
+    home = tmp_path / "vita-home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / duplex_model_dir.name).symlink_to(duplex_model_dir)  # built once per VITA_HOME
+    env = {**os.environ, "VITA_HOME": str(home)}
+    port = free_port()
+
+    def vita(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "vita.cli", *args], env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    up = vita("up", "--port", str(port), "--prefix", f"up{uuid.uuid4().hex[:8]}")
+    try:
+        assert up.returncode == 0, up.stderr
+        stack = LocalStack.load(home / "stack.json")
+        assert stack.model_dir == str(home / "models" / duplex_model_dir.name)  # not the random tiny model
+        assert {s.name for s in stack.services} == {"audio-encoder", "vision-encoder", "llm-generator",
+                                                     "llm-monitor", "orchestrator"}
+        for service in stack.services:
+            assert service.metrics_port, service.name
+            endpoint = f"http://127.0.0.1:{service.metrics_port}/metrics"
+            assert endpoint in up.stdout
+            assert "vita:" in urllib.request.urlopen(endpoint, timeout=10).read().decode()
+        with VitaClient(f"127.0.0.1:{port}", timeout_s=None) as client, ConverseSession(client) as s:
+            s.send(text_event("What is in the picture?"))
+            s.wait("completed", timeout_s=120)
+            s.close()
+        assert "vita:converse_active_sessions" in urllib.request.urlopen(
+            f"http://127.0.0.1:{stack.service('orchestrator').metrics_port}/metrics", timeout=10).read().decode()
+    finally:
+        down = vita("down")
+    assert down.returncode == 0, down.stderr
+    assert not (home / "stack.json").exists()
