@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 from opentelemetry import trace
+from redis.exceptions import RedisError
 
 from vita.bus.queue import Backpressure
 from vita.bus.replies import ReplyTimeout
@@ -614,14 +615,22 @@ class ConverseCall:
                         return
                     if await self._relay_event(answer, event):
                         return
-        except ReplyTimeout as e:
-            async with answer.lock:
-                if not answer.stopped:
-                    await self.pools.cancel(answer.request_id)
-                    await self._finish(answer, answer.tokens_sent, interrupted=True)
-                    self.error(grpc.StatusCode.UNAVAILABLE, str(e), answer.turn_id)
         except SessionTakenOver:
             self._lose_session()
+        except Exception as e:  # never leave the client waiting on an answer nobody relays any more
+            if isinstance(e, ReplyTimeout | RedisError):
+                code, message = grpc.StatusCode.UNAVAILABLE, str(e)
+            else:
+                log.exception("relay failed", extra={"session_id": self.session_id})
+                code, message = grpc.StatusCode.INTERNAL, "the orchestrator failed relaying this answer"
+            try:
+                async with answer.lock:
+                    if not answer.stopped and not answer.done:
+                        await self.pools.cancel(answer.request_id)
+                        await self._finish(answer, answer.tokens_sent, interrupted=True)
+                        self.error(code, message, answer.turn_id)
+            except SessionTakenOver:
+                self._lose_session()
 
     async def _relay_event(self, answer: Answer, event) -> bool:
         """Forward one generator event; True when it was the last."""
