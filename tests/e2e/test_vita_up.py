@@ -25,14 +25,16 @@ def test_vita_up_serves_the_duplex_model_with_every_metrics_endpoint(duplex_mode
         return subprocess.run([sys.executable, "-m", "vita.cli", *args], env=env, capture_output=True, text=True,
                               timeout=300)
 
-    up = vita("up", "--port", str(port), "--prefix", f"up{uuid.uuid4().hex[:8]}")
+    up = vita("up", "--port", str(port), "--realtime-port", str(free_port()), "--prefix", f"up{uuid.uuid4().hex[:8]}")
     try:
         assert up.returncode == 0, up.stderr
         stack = LocalStack.load(home / "stack.json")
         assert stack.model_dir == str(home / "models" / duplex_model_dir.name)  # not the random tiny model
         assert {s.name for s in stack.services} == {"audio-encoder", "vision-encoder", "llm-generator",
-                                                     "llm-monitor", "orchestrator"}
+                                                     "llm-monitor", "orchestrator", "realtime"}
         for service in stack.services:
+            if service.name == "realtime":
+                continue  # the Realtime gateway exports no metrics of its own
             assert service.metrics_port, service.name
             endpoint = f"http://127.0.0.1:{service.metrics_port}/metrics"
             assert endpoint in up.stdout
