@@ -163,14 +163,14 @@ def converse(client, tmp: Path) -> None:
     print("\nConverse session (speech streamed in real time; times since the session opened):")
     timeline = Timeline(max_answer_chars=160)
     with ConverseSession(client, on_event=timeline.print) as s:
-        timeline.out.write("  > image attached, then a spoken question\n")
+        timeline.note("image attached, then a spoken question")
         s.send(image_event(make_image(tmp / "converse.png")))
         s.stream(speech_events(say["question"]))
         s.wait("completed", timeout_s=HANG_S)
-        timeline.out.write("  > someone talks to somebody else\n")
+        timeline.note("someone talks to somebody else")
         s.stream(speech_events(say["aside"]))
         s.wait("judged", timeout_s=HANG_S)
-        timeline.out.write("  > a typed question\n")
+        timeline.note("a typed question")
         s.send(text_event("Which shape is red?"))
         s.wait("completed", timeout_s=HANG_S)
         s.close()
@@ -180,18 +180,18 @@ def converse(client, tmp: Path) -> None:
     timeline = Timeline(max_answer_chars=160)
     long_answers = session_config(max_tokens=1 << 20, ignore_eos=True)  # cut to the room the context leaves
     with ConverseSession(client, long_answers, on_event=timeline.print) as s:
-        timeline.out.write("  > a spoken question\n")
+        timeline.note("a spoken question")
         s.stream(speech_events(say["story"]))
         story = s.wait("answer_started", timeout_s=HANG_S).turn_id
         s.wait("delta", turn_id=story, timeout_s=HANG_S)
-        timeline.out.write("  > a new spoken question while the answer streams\n")
+        timeline.note("a new spoken question while the answer streams")
         s.stream(speech_events(say["interrupt"]))
         s.wait("interrupted", turn_id=story, timeout_s=HANG_S)
         answer = s.wait("answer_started", where=lambda e: e.turn_id != story, timeout_s=HANG_S).turn_id
         s.wait("delta", turn_id=answer, timeout_s=HANG_S)
-        timeline.out.write("\n  > the caller hangs up mid-answer\n")
+        timeline.note("the caller hangs up mid-answer")
         s.cancel()
-    timeline.out.write("  > and calls again: the session resumes with both answers kept as interrupted\n")
+    timeline.note("and calls again: the session resumes with both answers kept as interrupted")
     with ConverseSession(client, session_config(session_id=s.session_id, resume=True),
                          on_event=timeline.print) as again:
         again.close()

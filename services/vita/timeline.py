@@ -21,6 +21,14 @@ class Timeline:
         self._in_answer = False
         self._printed = 0
 
+    def note(self, text: str) -> None:
+        """A line of narration between events (it ends an answer's line first)."""
+        if self._in_answer:
+            self.out.write("\n")
+            self._in_answer = False
+        self.out.write(f"  > {text}\n")
+        self.out.flush()
+
     def print(self, event: ServerEvent) -> None:
         t = (time.perf_counter() - self.start) * 1000
         self.events.append((t, event))

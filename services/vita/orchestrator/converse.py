@@ -452,7 +452,9 @@ class ConverseCall:
                 self._work.put_nowait(Utterance(event.audio, event.start_s, event.end_s, event.segment, now, True))
         elif event.kind == "ended":
             self.metrics.vad_segments.inc()
-            self.emit(speech_ended=SpeechEnded(audio_start_s=event.start_s, audio_end_s=event.end_s))
+            judged = event.segment == self._early_query_segment  # a query already: its turn is known
+            self.emit(self._early_query_turn if judged else None,
+                      speech_ended=SpeechEnded(audio_start_s=event.start_s, audio_end_s=event.end_s))
             self._work.put_nowait(Utterance(event.audio, event.start_s, event.end_s, event.segment, now))
 
     # ------------------------------------------------------------------------------------------------------
