@@ -19,6 +19,7 @@ class Timeline:
         self.events: list[tuple[float, ServerEvent]] = []
         self.max_answer_chars = max_answer_chars
         self._in_answer = False
+        self._answer_turn = -1
         self._printed = 0
 
     def note(self, text: str) -> None:
@@ -34,9 +35,14 @@ class Timeline:
         self.events.append((t, event))
         kind = event.WhichOneof("event")
         if kind == "delta":
+            if self._in_answer and event.turn_id != self._answer_turn:
+                self.out.write("\n")
+                self._in_answer = False
             if not self._in_answer:
                 self.out.write(f"{t:9.1f} ms  turn {event.turn_id}  answer: ")
-                self._in_answer, self._printed = True, 0
+                self._in_answer = True
+            if event.turn_id != self._answer_turn:  # the cut counts per answer, across lines
+                self._answer_turn, self._printed = event.turn_id, 0
             text, before = event.delta.text, self._printed
             self._printed += len(text)
             if self.max_answer_chars is not None and self._printed > self.max_answer_chars:
