@@ -3,12 +3,12 @@
 Starts Redis if none answers, every service as a process on 127.0.0.1 (audio encoder, vision encoder, generator
 and monitor LLM pools, orchestrator), waits for their health checks, sends requests made on the spot (an image that
 tiles into two 448 tiles plus a thumbnail with a 3 s spoken question from espeak-ng; a short video with a text
-question), prints the streamed answers with their timings, then runs a scripted `Converse` session: a spoken
-question about an image, speech not meant for the assistant (ignored), an interruption mid-answer by a new spoken
-question, and a typed question, printed as an event timeline. Speech is streamed in real time, as a microphone would.
-The interruption is scripted against the answer's own events, not the clock: the long answer (no end of sequence,
-up to the whole context) is interrupted after its first tokens, however fast or slow the machine is; then the
-caller hangs up mid-answer and a new call resumes the session.
+question), prints the streamed answers with their timings, then runs two scripted `Converse` sessions, printed as
+event timelines: a spoken question about an image, speech not meant for the assistant (ignored) and a typed
+question; then a long answer interrupted by a new spoken question, a hang-up mid-answer and a resume. Speech is
+streamed in real time, as a microphone would. The interruption is scripted against the answer's own events, not
+the clock: the answer has no end of sequence and may fill the context, and the question starts after its first
+token, so it is cut however fast or slow the machine is.
 
 The stack serves the tiny model fine-tuned for the duplex decisions (vita/training/duplex.py, a few seconds on first
 use, then cached): whether speech is a query is the model's own state token. Beyond the fine-tuned answer its words
