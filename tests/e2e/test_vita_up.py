@@ -9,7 +9,8 @@ import uuid
 import pytest
 
 from vita.client import ConverseSession, VitaClient, text_event
-from vita.stack import LocalStack, free_port
+from vita.runtime.ports import free_port
+from vita.stack import LocalStack
 
 pytestmark = pytest.mark.slow
 
