@@ -50,7 +50,8 @@ RUN python -m grpc_tools.protoc -I protos --python_out=services --pyi_out=servic
 
 # --- the runtime images ------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
-# ffmpeg libraries come with the PyAV wheel; espeak-ng makes the spoken questions of stage-3 training data.
+# ffmpeg libraries come with the PyAV wheel; espeak-ng speaks the Realtime gateway's answers and makes the spoken
+# questions of stage-3 training data.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends espeak-ng \
  && rm -rf /var/lib/apt/lists/* \

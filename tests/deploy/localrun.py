@@ -20,6 +20,8 @@ from tests.deploy import k8s
 from vita.runtime.ports import free_port
 from vita.stack import ServiceProcess, wait_healthy
 
+GATEWAYS = {"realtime"}  # components that call other Services of the release: started after them
+
 
 @dataclass
 class LocalProcess:
@@ -70,16 +72,37 @@ class LocalRelease:
             self.replace[f"{service['metadata']['name']}.{k8s.NAMESPACE}.svc"] = "127.0.0.1"
         self.replace[":6379"] = f":{self.redis_port}"
         self._start_redis(secrets)
-        for workload, container in k8s.vita_containers(self.docs):
-            self._start_vita(workload, container, secrets)
+        # The services first; then the gateways, which call them through their Services (`host:port` -> the
+        # local port of the container port the Service targets).
+        containers = list(k8s.vita_containers(self.docs))
+        for workload, container in containers:
+            if k8s.component(workload) not in GATEWAYS:
+                self._start_vita(workload, container, secrets)
+        self._map_service_ports()
+        for workload, container in containers:
+            if k8s.component(workload) in GATEWAYS:
+                self._start_vita(workload, container, secrets)
         try:
             for p in self.processes:
-                wait_healthy(ServiceProcess(p.name, p.argv, p.ports["grpc"], str(p.log_path), pid=p.proc.pid),
-                             timeout_s)
+                http = "grpc" not in p.ports  # the Realtime gateway: GET /healthz on its WebSocket port
+                port = p.ports["http" if http else "grpc"]
+                wait_healthy(ServiceProcess(p.name, p.argv, port, str(p.log_path), pid=p.proc.pid,
+                                            health="http" if http else "grpc"), timeout_s)
         except Exception:
             self.stop()
             raise
         return self
+
+    def _map_service_ports(self) -> None:
+        """`<service>.<namespace>.svc:<port>` of every started process' Service -> 127.0.0.1:<its local port>."""
+        for service in k8s.named(self.docs, "Service"):
+            selector = service["spec"].get("selector") or {}
+            for p in self.processes:
+                if selector and all(p.labels.get(k) == v for k, v in selector.items()):
+                    for port in service["spec"]["ports"]:
+                        if port["targetPort"] in p.ports:
+                            address = f"{service['metadata']['name']}.{k8s.NAMESPACE}.svc:{port['port']}"
+                            self.replace[address] = f"127.0.0.1:{p.ports[port['targetPort']]}"
 
     def _start_redis(self, secrets: dict) -> None:
         sts = k8s.one(self.docs, "StatefulSet", f"{k8s.RELEASE}-redis")
@@ -116,7 +139,8 @@ class LocalRelease:
         env = {k: self._local(v) for k, v in k8s.container_env(container, secrets, fields).items()}
         ports = {p["name"]: free_port() for p in container["ports"]}
         args = [self._local(k8s.expand(a, env)) for a in container["args"]]
-        for flag_name, port_name in (("--grpc-port", "grpc"), ("--metrics-port", "metrics"), ("--kserve-port", "h2c")):
+        for flag_name, port_name in (("--grpc-port", "grpc"), ("--metrics-port", "metrics"), ("--kserve-port", "h2c"),
+                                     ("--port", "http")):
             if flag_name in args:
                 args[args.index(flag_name) + 1] = str(ports[port_name])
         args[args.index("--host") + 1] = "127.0.0.1"

@@ -18,9 +18,11 @@ from tests.deploy import k8s, promql
 from vita.bus.streams import BusConfig, Pool
 
 PRODUCTION = k8s.values_file(k8s.VITA_CHART / "examples" / "production.yaml")
+SMOKE = k8s.values_file(k8s.VITA_CHART / "examples" / "smoke.yaml")
 PROFILES = {
     "default": {},
     "production": PRODUCTION,
+    "smoke": SMOKE,
     "kserve+adapter+external-redis": {
         "audioEncoder": {"kserve": {"enabled": True}}, "visionEncoder": {"kserve": {"enabled": True}},
         "autoscaling": {"mode": "prometheusAdapter"},
@@ -43,6 +45,14 @@ def rendered(request) -> tuple[str, list[dict]]:
 @pytest.fixture(scope="module", params=sorted(TRAINING_PROFILES))
 def rendered_training(request) -> tuple[str, list[dict]]:
     return request.param, k8s.render(k8s.TRAINING_CHART, TRAINING_PROFILES[request.param])
+
+
+def test_the_smoke_install_needs_no_operator():
+    """examples/smoke.yaml (README's bare-cluster install): built-in kinds only, so no CRD has to exist."""
+    docs = k8s.render(k8s.VITA_CHART, SMOKE)
+    kinds = {d["kind"] for d in docs}
+    assert not kinds & k8s.CRD_KINDS and "HorizontalPodAutoscaler" not in kinds
+    assert all(d["spec"]["replicas"] == 1 for d in k8s.named(docs, "Deployment") + k8s.named(docs, "StatefulSet"))
 
 
 @pytest.mark.parametrize("chart, values", [
@@ -128,6 +138,8 @@ def test_training_manifests_validate(rendered_training):
     ({"audioEncoder": {"dtype": "int4"}}, "/audioEncoder/dtype"),
     ({"orchestrator": {"replica": 3}}, "replica"),
     ({"autoscaling": {"mode": "hpa"}}, "/autoscaling/mode"),
+    ({"realtime": {"port": 0}}, "/realtime/port"),
+    ({"realtime": {"echoGuard": "no"}}, "/realtime/echoGuard"),
 ])
 def test_values_schema_rejects_bad_values_with_the_key_named(values, message):
     with helm.Chart.load(str(k8s.VITA_CHART)) as chart, pytest.raises(helm.HelmValuesError) as e:
@@ -157,13 +169,37 @@ def test_every_container_parses_with_its_services_own_parser(rendered):
         (service, args), env = _parse(doc, container, docs)
         seen.add(part)
         assert {"orchestrator": "orchestrator", "audio-encoder": "audio-encoder", "vision-encoder": "vision-encoder",
-                "llm-generator": "llm", "llm-monitor": "llm"}[part] == service
+                "llm-generator": "llm", "llm-monitor": "llm", "realtime": "realtime"}[part] == service
+        assert args.host == "0.0.0.0"
+        if service == "realtime":  # the gateway reaches the orchestrator through its Service, on the Service's port
+            api = k8s.one(docs, "Service", f"{k8s.RELEASE}-orchestrator")
+            assert args.orchestrator == f"{k8s.RELEASE}-orchestrator.{k8s.NAMESPACE}.svc:{api['spec']['ports'][0]['port']}"
+            assert api["spec"]["ports"][0]["name"] == "grpc"
+            continue
         if service == "llm":
             assert args.role == part.removeprefix("llm-")
-        assert args.host == "0.0.0.0" and args.metrics_port > 0
+        assert args.metrics_port > 0
         if "VITA_REDIS_URL" in env:  # the Redis URL comes from the Secret through VITA_REDIS_URL, never from argv
             assert args.redis == env["VITA_REDIS_URL"] and "--redis" not in container["args"]
-    assert seen == {"orchestrator", "audio-encoder", "vision-encoder", "llm-generator", "llm-monitor"}
+    assert seen == {"orchestrator", "audio-encoder", "vision-encoder", "llm-generator", "llm-monitor", "realtime"}
+
+
+def test_the_realtime_gateway_switch_tokens_and_echo_guard():
+    docs = k8s.render(k8s.VITA_CHART, {"realtime": {"enabled": False}})
+    assert not [d for d in docs if d["metadata"]["labels"].get("app.kubernetes.io/component") == "realtime"]
+    docs = k8s.render(k8s.VITA_CHART, {"realtime": {"apiTokens": {"existingSecret": "realtime-tokens"},
+                                                    "echoGuard": False, "autoscaling": {"enabled": False}}})
+    gateway = k8s.one(docs, "Deployment", f"{k8s.RELEASE}-realtime")
+    spec = gateway["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    with mock.patch.dict(os.environ, {}):
+        _, args = k8s.parse_service_argv(container["args"])
+    assert args.no_echo_guard and gateway["spec"]["replicas"] == 2
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "api-tokens")
+    volume = next(v for v in spec["volumes"] if v["name"] == "api-tokens")
+    assert args.api_tokens == f"{mount['mountPath']}/{volume['secret']['items'][0]['path']}"
+    assert volume["secret"]["secretName"] == "realtime-tokens" and volume["secret"]["items"][0]["key"] == "tokens"
+    assert not k8s.named(docs, "HorizontalPodAutoscaler", f"{k8s.RELEASE}-realtime")
 
 
 def test_ports_in_args_services_probes_and_service_monitor_agree(rendered):
@@ -172,6 +208,14 @@ def test_ports_in_args_services_probes_and_service_monitor_agree(rendered):
     metrics_ports = {}
     for doc, container in k8s.vita_containers(docs):
         args = container["args"]
+        if k8s.component(doc) == "realtime":  # the WebSocket port, its HTTP health checks, no metrics
+            port = int(k8s.flag(args, "--port"))
+            assert k8s.port_number(container, "http") == port and [p["name"] for p in container["ports"]] == ["http"]
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert k8s.port_number(container, container[probe]["httpGet"]["port"]) == port, probe
+            (service,) = [s for s in services if s["metadata"]["name"] == doc["metadata"]["name"]]
+            assert [k8s.port_number(container, p["targetPort"]) for p in service["spec"]["ports"]] == [port]
+            continue
         grpc_port = int(k8s.flag(args, "--grpc-port"))
         assert k8s.port_number(container, "grpc") == grpc_port
         assert k8s.port_number(container, "metrics") == int(k8s.flag(args, "--metrics-port"))
@@ -205,8 +249,11 @@ def test_ports_in_args_services_probes_and_service_monitor_agree(rendered):
 
 
 def test_keda_triggers_read_each_pools_own_stream_and_group(rendered):
-    _, docs = rendered
+    name, docs = rendered
     scaled = k8s.named(docs, "ScaledObject")
+    if name == "smoke":  # no autoscaling at all
+        assert not scaled and not k8s.named(docs, "HorizontalPodAutoscaler")
+        return
     if not scaled:
         hpas = k8s.named(docs, "HorizontalPodAutoscaler")
         external = {(h["metadata"]["name"], m["external"]["metric"]["name"]) for h in hpas
@@ -247,19 +294,35 @@ def test_pods_run_as_non_root_with_read_only_root_filesystems(rendered):
             assert sc["capabilities"]["drop"] == ["ALL"]
 
 
-def test_only_the_orchestrator_is_reachable_from_outside(rendered):
+def test_only_the_entry_points_are_reachable_from_outside(rendered):
+    """The orchestrator's API and the Realtime gateway's WebSocket port; nothing else."""
     _, docs = rendered
+    entry_points = {("orchestrator", "grpc"), ("realtime", "http")}
+    policies = {p["metadata"]["labels"]["app.kubernetes.io/component"] for p in k8s.named(docs, "NetworkPolicy")}
+    workloads = {k8s.component(d) for d in docs if d["kind"] in ("Deployment", "StatefulSet", "InferenceService")}
+    assert workloads <= policies  # every pod is under a policy
     for policy in k8s.named(docs, "NetworkPolicy"):
         part = policy["metadata"]["labels"]["app.kubernetes.io/component"]
         for rule in policy["spec"]["ingress"]:
             ports = {p["port"] for p in rule["ports"]}
-            if part == "orchestrator" and ports == {"grpc"}:
-                continue  # the API: open (or `networkPolicy.orchestratorFrom`)
+            if len(ports) == 1 and (part, *ports) in entry_points:
+                continue  # open (or `networkPolicy.orchestratorFrom` / `realtimeFrom`)
             assert rule.get("from"), f"{part}: ingress on {ports} open to everyone"
             if part == "redis":
                 peers = rule["from"]
                 assert peers[0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == k8s.RELEASE
                 assert all("podSelector" in p or p["namespaceSelector"] for p in peers)
+
+
+def test_narrowing_the_api_keeps_the_realtime_gateway_admitted():
+    clients = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "frontend"}}}]
+    docs = k8s.render(k8s.VITA_CHART, {"networkPolicy": {"orchestratorFrom": clients, "realtimeFrom": clients}})
+    (api,) = k8s.one(docs, "NetworkPolicy", f"{k8s.RELEASE}-orchestrator")["spec"]["ingress"][:1]
+    gateway = k8s.one(docs, "Deployment", f"{k8s.RELEASE}-realtime")
+    assert api["from"][0] == clients[0]
+    assert api["from"][1]["podSelector"]["matchLabels"] == gateway["spec"]["selector"]["matchLabels"]
+    (ws,) = k8s.one(docs, "NetworkPolicy", f"{k8s.RELEASE}-realtime")["spec"]["ingress"]
+    assert ws["from"] == clients and ws["ports"] == [{"port": "http", "protocol": "TCP"}]
 
 
 def test_triton_prepares_the_repositorys_layout(tmp_path):

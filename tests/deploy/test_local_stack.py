@@ -1,6 +1,6 @@
 """The chart's own processes, run here: its Redis and every vita container started with exactly the rendered
 command, args and env (hosts mapped to 127.0.0.1, ports to free ones, volumes to local directories), a Converse
-session through the orchestrator, and a real Prometheus scraping them: every query the dashboard, the alert rules
+session through the orchestrator, a Realtime session through the gateway, and a real Prometheus scraping them: every query the dashboard, the alert rules
 and the autoscaling triggers use returns data.
 
 One release per module (it takes a minute to start on 2 cores); the tests share it.
@@ -8,6 +8,8 @@ One release per module (it takes a minute to start on 2 cores); the tests share 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import re
 import time
@@ -15,6 +17,7 @@ import time
 import grpc
 import pytest
 import redis
+import websockets
 
 from tests.deploy import k8s, promql
 from tests.deploy.localrun import LocalRelease
@@ -49,6 +52,8 @@ def prometheus(release, tmp_path_factory):
     """Scrapes each process like the chart's ServiceMonitor: job = the Service, plus namespace, pod, component."""
     targets = []
     for p in release.processes:
+        if "metrics" not in p.ports:
+            continue  # the Realtime gateway exports no metrics (the ServiceMonitor finds no `metrics` port on it)
         service = f"{k8s.RELEASE}-{p.name}"
         targets.append({"job": service, "address": f"127.0.0.1:{p.ports['metrics']}",
                         "labels": {"namespace": k8s.NAMESPACE, "pod": f"{p.name}-0", "service": service,
@@ -111,6 +116,36 @@ def test_a_converse_session_runs_through_the_rendered_services(session):
     assert 0 < i.tokens_sent <= i.tokens_generated < 300
     judged = [e for e in session["events"] if e.WhichOneof("event") == "judged"]
     assert judged and judged[0].judged.state_token == "<1>"
+
+
+def test_a_realtime_session_runs_through_the_rendered_gateway(release):
+    """The gateway, started with its rendered args (its --orchestrator, the orchestrator's Service, mapped here):
+    session.created, then a text turn answered in text through the orchestrator behind it."""
+    url = f"ws://127.0.0.1:{release.process('realtime').ports['http']}/v1/realtime?model=vita"
+
+    async def next_event(ws, kind: str) -> dict:
+        while True:
+            event = json.loads(await asyncio.wait_for(ws.recv(), 120))
+            assert event["type"] != "error", event
+            if event["type"] == kind:
+                return event
+
+    async def main():
+        async with websockets.connect(url) as ws:
+            created = await next_event(ws, "session.created")
+            await ws.send(json.dumps({"type": "session.update", "session": {
+                "type": "realtime", "output_modalities": ["text"], "max_output_tokens": 8}}))
+            await next_event(ws, "session.updated")
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello there"}]}}))
+            await ws.send(json.dumps({"type": "response.create"}))
+            done = await next_event(ws, "response.done")
+            return created, done
+
+    created, done = asyncio.run(main())
+    assert created["session"]["type"] == "realtime" and created["session"]["id"].startswith("sess_")
+    assert done["response"]["status"] == "completed" and done["response"]["usage"]["output_tokens"] > 0
+    assert done["response"]["output"][0]["content"][0]["text"]
 
 
 def test_the_processes_run_the_rendered_pools_and_redis_needs_the_rendered_password(release):

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def triton(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("triton")
-    repository = write_cpu_repository(root / "repository", tiny_model_dir, max_batch_size=4,
+    repository = write_cpu_repository(root / "repository", tiny_model_dir, max_batch_size=4, models=["tensorrt_llm"],
                                       torch_threads=torch.get_num_threads())
     with TritonServer(repository, root / "tritonserver.log") as server:
         yield server

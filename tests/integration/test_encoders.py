@@ -454,6 +454,37 @@ def test_kserve_v2_audio_bytes_and_samples(services, reference, speech_wav):
         assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
 
 
+def test_kserve_v2_takes_the_inputs_of_the_triton_models_too(services, reference, wide_png, speech_wav):
+    """UINT8 (one encoded file) and FP32 features / pixel tiles: what model_repository_cpu's encoder models take,
+    without their batch dimension (test_triton_encoders.py)."""
+    def uint8(name: str, data: bytes) -> triton.InferInput:
+        tensor = triton.InferInput(name, [len(data)], "UINT8")
+        tensor.set_data_from_numpy(np.frombuffer(data, dtype=np.uint8))
+        return tensor
+
+    def fp32(name: str, array: np.ndarray) -> triton.InferInput:
+        tensor = triton.InferInput(name, list(array.shape), "FP32")
+        tensor.set_data_from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        return tensor
+
+    with triton.InferenceServerClient(f"127.0.0.1:{services.vision.kserve_port}") as client:
+        expected = reference.image(wide_png.read_bytes())
+        response = client.infer("vision-encoder", [uint8("image", wide_png.read_bytes())])
+        torch.testing.assert_close(embeddings(response), expected, atol=ATOL, rtol=0)
+        pixels = reference.processor(images=[wide_png.read_bytes()])[0].image_pixels
+        response = client.infer("vision-encoder", [fp32("pixel_values", pixels.numpy())])
+        torch.testing.assert_close(embeddings(response), expected, atol=ATOL, rtol=0)
+    with triton.InferenceServerClient(f"127.0.0.1:{services.audio.kserve_port}") as client:
+        expected = reference.audio(speech_wav.read_bytes())
+        response = client.infer("audio-encoder", [uint8("audio", speech_wav.read_bytes())])
+        torch.testing.assert_close(embeddings(response), expected, atol=ATOL, rtol=0)
+        features = reference.processor(audio=[speech_wav.read_bytes()])[0].audio_features[0]
+        response = client.infer("audio-encoder", [fp32("features", features.numpy())])
+        torch.testing.assert_close(embeddings(response), expected, atol=ATOL, rtol=0)
+        with pytest.raises(InferenceServerException, match=r"filterbank features must have shape \(N, "):
+            client.infer("audio-encoder", [fp32("features", features.numpy()[:, :-1])])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Failure and shutdown
 

@@ -45,7 +45,7 @@ def server(model, tmp_path_factory):
     """One tritonserver for the module; every test reads its counters as differences."""
     root = tmp_path_factory.mktemp("triton")
     model.save_pretrained(root / "model")
-    repository = write_cpu_repository(root / "repository", root / "model", max_batch_size=8,
+    repository = write_cpu_repository(root / "repository", root / "model", max_batch_size=8, models=[MODEL],
                                       torch_threads=torch.get_num_threads())  # the same numerics as here
     with TritonServer(repository, root / "tritonserver.log") as server:
         yield server

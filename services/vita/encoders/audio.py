@@ -14,7 +14,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from vita.bus.streams import Pool
-from vita.encoders.base import Encoder, blob_input, kind_name, prepare_all, v2_bytes
+from vita.encoders.base import Encoder, blob_input, checked_input, kind_name, prepare_all, v2_bytes
 from vita.errors import InvalidInputError
 from vita.model.audio import AudioTower
 from vita.model.config import AudioConfig
@@ -27,9 +27,12 @@ class AudioTowerEncoder(Encoder):
     pool = Pool.AUDIO_ENCODER
     modality = "audio"
     kinds = frozenset({EncodeJob.AUDIO})
-    # BYTES: encoded files (WAV or anything FFmpeg reads). FP32: samples, [samples] or [clips, samples], with the
-    # request parameter `sample_rate` (Hz).
-    v2_inputs = ({"name": "audio", "datatype": "BYTES", "shape": [-1]},)
+    # audio, BYTES: encoded files (WAV or anything FFmpeg reads), or UINT8 [bytes]: one file. audio, FP32: samples,
+    # [samples] or [clips, samples], with the request parameter `sample_rate` (Hz). features: one clip's
+    # filterbanks. Triton's Python-backend model (model_repository_cpu/audio-encoder) takes audio as UINT8 and
+    # features.
+    v2_inputs = ({"name": "audio", "datatype": "BYTES", "shape": [-1]},
+                 {"name": "features", "datatype": "FP32", "shape": [-1, -1]})
 
     tower: AudioTower
     config: AudioConfig
@@ -58,8 +61,12 @@ class AudioTowerEncoder(Encoder):
         return feats
 
     def from_v2(self, name: str, array: np.ndarray, parameters: Mapping[str, object]) -> list[torch.Tensor]:
+        if name == "features":
+            return [self._fits(checked_input(torch.from_numpy(np.array(array, dtype=np.float32)),
+                                             "filterbank features", (None, self.config.num_mel_bins)))]
         if name != "audio":
-            raise InvalidInputError(f"unknown input {name!r}: this model takes 'audio' (BYTES or FP32)")
+            raise InvalidInputError(f"unknown input {name!r}: this model takes 'audio' (BYTES, UINT8 or FP32) "
+                                    f"or 'features' (FP32)")
         if array.dtype == np.float32:
             if "sample_rate" not in parameters:
                 raise InvalidInputError("FP32 audio needs the sample rate in Hz as parameter 'sample_rate'")

@@ -18,7 +18,7 @@ import torch
 from vita.bus.codec import MalformedEntry, blob_to_tensor
 from vita.bus.streams import Pool
 from vita.errors import CheckpointError, InvalidInputError
-from vita.model.vita import VitaForCausalLM
+from vita.model.vita import load_tower
 from vita.telemetry.metrics import Metrics
 from vita.v1.bus_pb2 import EncodeJob, MediaItem, TensorBlob
 
@@ -38,14 +38,6 @@ class Encoder(ABC):
     def __init__(self, tower: torch.nn.Module) -> None:
         self.tower = tower.eval()
         self.config = tower.config
-
-    @classmethod
-    def tower_of(cls, model: VitaForCausalLM) -> torch.nn.Module:
-        """The tower this pool runs; CheckpointError when the model has none."""
-        tower = getattr(model, f"{cls.modality}_tower")
-        if tower is None:
-            raise CheckpointError(f"this model has no {cls.modality} tower: it cannot serve the {cls.pool} pool")
-        return tower
 
     @abstractmethod
     def prepare(self, kind: int, item: MediaItem) -> torch.Tensor:
@@ -67,9 +59,15 @@ class Encoder(ABC):
 
 
 def load_encoder(encoder_cls: type[Encoder], model_dir: Path, device: str, dtype: torch.dtype) -> Encoder:
-    """Read on the CPU, keep the tower, move only it: the LLM next to it in the checkpoint never reaches the device."""
-    model = VitaForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    return encoder_cls(encoder_cls.tower_of(model).to(device))
+    """Read only this pool's tower from the checkpoint: the LLM next to it is never loaded.
+
+    CheckpointError when the model has no such tower (it cannot serve this pool).
+    """
+    try:
+        tower = load_tower(model_dir, encoder_cls.modality, dtype=dtype, device=device)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}: it cannot serve the {encoder_cls.pool} pool") from None
+    return encoder_cls(tower)
 
 
 def prepare_all(what: str, sources: Iterable[T], prepare: Callable[[T], torch.Tensor]) -> list[torch.Tensor]:
@@ -89,6 +87,11 @@ def blob_input(blob: TensorBlob, what: str, shape: tuple[int | None, ...]) -> to
         x = blob_to_tensor(blob)
     except MalformedEntry as e:
         raise InvalidInputError(f"{what}: {e}") from None
+    return checked_input(x, what, shape)
+
+
+def checked_input(x: torch.Tensor, what: str, shape: tuple[int | None, ...]) -> torch.Tensor:
+    """A preprocessed tower input of `shape` (None: any size of at least 1), finite, as float32."""
     if x.dim() != len(shape) or any(n < 1 or (want is not None and n != want) for n, want in zip(x.shape, shape)):
         wanted = ", ".join("N" if n is None else str(n) for n in shape)
         raise InvalidInputError(f"{what} must have shape ({wanted}); got {tuple(x.shape)}")
@@ -98,9 +101,15 @@ def blob_input(blob: TensorBlob, what: str, shape: tuple[int | None, ...]) -> to
 
 
 def v2_bytes(name: str, array: np.ndarray) -> list[bytes]:
-    """The elements of a BYTES input; anything else is refused, so a string can never be taken for a file path."""
+    """The encoded files of an input: BYTES (one file per element) or UINT8 [bytes] (one file, the form Triton's
+    Python-backend models take). Anything else is refused, so a string can never be taken for a file path."""
+    if array.dtype == np.uint8 and array.ndim == 1:
+        if not array.size:
+            raise InvalidInputError(f"input {name!r} is empty")
+        return [array.tobytes()]
     if array.dtype != np.object_ or not all(isinstance(x, bytes) for x in array.flat):
-        raise InvalidInputError(f"input {name!r} must be BYTES holding encoded files")
+        raise InvalidInputError(f"input {name!r} must be BYTES holding encoded files, or UINT8 [bytes] "
+                                f"holding one")
     return list(array.flat)
 
 

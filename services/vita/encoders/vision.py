@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from vita.bus.streams import Pool
-from vita.encoders.base import Encoder, blob_input, kind_name, prepare_all, v2_bytes
+from vita.encoders.base import Encoder, blob_input, checked_input, kind_name, prepare_all, v2_bytes
 from vita.errors import InvalidInputError
 from vita.model.config import VisionConfig
 from vita.model.vision import VisionTower
@@ -30,7 +30,8 @@ class VisionTowerEncoder(Encoder):
     v2_inputs = (
         {"name": "image", "datatype": "BYTES", "shape": [-1]},  # encoded images, each tiled dynamically
         {"name": "video", "datatype": "BYTES", "shape": [-1]},  # video files, each sampled into frames
-    )
+        {"name": "pixel_values", "datatype": "FP32", "shape": [-1, 3, -1, -1]},  # one item's preprocessed tiles
+    )  # image and video also take UINT8 [bytes], one file: what the Triton model (vision-encoder) takes
 
     tower: VisionTower
     config: VisionConfig
@@ -59,8 +60,13 @@ class VisionTowerEncoder(Encoder):
         return video_to_pixel_values(clip, self.config)
 
     def from_v2(self, name: str, array: np.ndarray, parameters: Mapping[str, object]) -> list[torch.Tensor]:
+        if name == "pixel_values":
+            size = self.config.image_size
+            return [checked_input(torch.from_numpy(np.array(array, dtype=np.float32)), "pixel tiles",
+                                  (None, self.config.num_channels, size, size))]
         if name not in _V2_KINDS:
-            raise InvalidInputError(f"unknown input {name!r}: this model takes {sorted(_V2_KINDS)} (BYTES)")
+            raise InvalidInputError(f"unknown input {name!r}: this model takes {sorted(_V2_KINDS)} (BYTES or UINT8) "
+                                    f"or 'pixel_values' (FP32)")
         files = v2_bytes(name, array)
         if name == "image":
             return prepare_all(name, files, lambda data: preprocess_image(data, self.config))

@@ -110,6 +110,30 @@ class VitaForCausalLM(MoECausalLM):
         return model.to(device=device, dtype=dtype).eval()
 
 
+def load_tower(directory: str | Path, modality: str, *, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> VisionTower | AudioTower:
+    """One tower of a checkpoint, `modality` "vision" or "audio": only its tensors are read (an encoder's model).
+
+    CheckpointError when the checkpoint has no such tower or its tensors do not match the config.
+    """
+    if modality not in ("vision", "audio"):
+        raise ValueError(f"modality must be 'vision' or 'audio', not {modality!r}")
+    directory = Path(directory)
+    config = read_model_config(directory)
+    tower_config = getattr(config, modality)
+    if tower_config is None:
+        raise CheckpointError(f"{directory}: this model has no {modality} tower")
+    tower_cls = VisionTower if modality == "vision" else AudioTower
+    with torch.device("meta"):
+        tower = tower_cls(tower_config, config.llm.hidden_size)
+    prefix = f"{modality}_tower."
+    loaded = {name.removeprefix(prefix): tensor
+              for name, tensor in load_sharded(directory, keep=lambda name: name.startswith(prefix)).items()}
+    validate_state_dict(tower.state_dict(), loaded)
+    tower.load_state_dict(loaded, assign=True)
+    return tower.to(device=device, dtype=dtype).eval()
+
+
 def read_model_config(directory: Path) -> VitaConfig:
     """Our `config.json`, or a Hugging Face Mixtral one (text-only, or with towers under "vita": `vita export`)."""
     path = directory / "config.json"

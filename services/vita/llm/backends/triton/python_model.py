@@ -16,8 +16,7 @@ does, and drops the sequence at its next step.
 `execute()` only hands requests to the engine and returns, so that requests (and `stop`s) keep arriving while
 others generate; the engine batches them in flight in its own thread, which sends the responses.
 
-Tensors cross the stub boundary by DLPack only: the stub's numpy bridge (`as_numpy`, `Tensor(name, ndarray)`)
-was built against numpy 1 and reads numpy 2 arrays wrongly (the project pins numpy 2).
+Tensors cross the stub boundary by DLPack only (`vita.runtime.triton_python` says why).
 
 Counters on Triton's metrics port, labelled with model and version, under the names the llm worker uses:
 `vita:num_requests_running`, `vita:num_requests_waiting`, `vita:generation_tokens`, `vita:prompt_tokens`,
@@ -41,6 +40,7 @@ from vita.errors import InvalidInputError, VitaError
 from vita.llm.backends.base import TokenOutput
 from vita.llm.backends.torch.engine import EngineLoop, EngineRequest, LLMEngine
 from vita.model.generation import SamplingParams
+from vita.runtime.triton_python import string_parameters, tensor_from_triton, triton_error
 
 _INPUTS = ("input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "stop_words_list",
            "temperature", "runtime_top_k", "runtime_top_p", "random_seed", "stop", "streaming",
@@ -69,14 +69,14 @@ class TorchEngineModel:
         from vita.model.vita import VitaForCausalLM
 
         config = json.loads(args["model_config"])
-        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        params = string_parameters(config)
         checkpoint = params.get("checkpoint_dir", "")
         if not checkpoint or checkpoint.startswith("${"):
             raise ValueError("the checkpoint_dir parameter of config.pbtxt is not filled in: set it to a model "
                              "directory (vita.llm.backends.triton.server.write_cpu_repository does)")
         if int(params.get("torch_threads") or 0):
             torch.set_num_threads(int(params["torch_threads"]))
-        model = VitaForCausalLM.from_pretrained(checkpoint)
+        model = VitaForCausalLM.from_pretrained(checkpoint, towers=False)  # embeddings come in the prompt table
         self.engine = LLMEngine(model, max_batch_size=config["max_batch_size"],
                                 max_seq_len=int(params.get("max_seq_len") or 0) or None)
         self.vocab_size = model.config.vocab_size
@@ -102,7 +102,7 @@ class TorchEngineModel:
                 if not isinstance(e, VitaError):
                     pb_utils.Logger.log_error(f"request {request.request_id()!r} failed: {e!r}")
                 self._metrics.failed(e)
-                sender.send(pb_utils.InferenceResponse(output_tensors=[], error=_error(e)), flags=_FINAL)
+                sender.send(pb_utils.InferenceResponse(output_tensors=[], error=triton_error(e)), flags=_FINAL)
         return None
 
     def finalize(self) -> None:
@@ -114,7 +114,7 @@ class TorchEngineModel:
         for name in _INPUTS:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:
-                tensors[name] = _from_triton(name, tensor)
+                tensors[name] = tensor_from_triton(name, tensor)
         triton_id = request.request_id()
         if _scalar(tensors, "stop", False):
             self._stop(triton_id)
@@ -297,26 +297,12 @@ class _Metrics:
             self._sent[key] = value
 
 
-def _from_triton(name: str, tensor) -> torch.Tensor:
-    """An input as a torch tensor of its own (DLPack, then copied: the request's memory is Triton's)."""
-    try:
-        return torch.from_dlpack(tensor.to_dlpack()).clone()
-    except Exception as e:
-        raise InvalidInputError(f"input {name!r} cannot be read: {e}") from None
-
-
 def _response(tokens: list[int], outputs: frozenset[str]):
     """`output_ids` [1, 1, n] and `sequence_length` [1, 1], those the request asked for."""
     arrays = {"output_ids": torch.tensor([[tokens]], dtype=torch.int32),
               "sequence_length": torch.tensor([[len(tokens)]], dtype=torch.int32)}
     return pb_utils.InferenceResponse(output_tensors=[
         pb_utils.Tensor.from_dlpack(name, array) for name, array in arrays.items() if name in outputs])
-
-
-def _error(e: Exception):
-    message = str(e) if isinstance(e, VitaError) else f"{type(e).__name__}: {e}"
-    code = getattr(pb_utils.TritonError, "INVALID_ARG" if isinstance(e, InvalidInputError) else "INTERNAL", None)
-    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
 
 def _stop_words(tensors: dict[str, torch.Tensor]) -> list[int]:

@@ -9,7 +9,8 @@ executable per Python version. Two steps make it serve Python-backend models her
 - `server_env()` puts this interpreter's `libpython3.X.so` first on LD_LIBRARY_PATH: the stub embeds it, and the
   loader would otherwise take a system libpython of another build, or find none.
 
-`write_cpu_repository()` writes the CPU model repository (`model_repository_cpu` with its parameters filled in)
+`write_cpu_repository()` writes the CPU model repository (`model_repository_cpu`: the `tensorrt_llm` model and
+the two encoders, with their parameters filled in)
 and `TritonServer` runs tritonserver on loopback ports and waits on its readiness endpoint. The tests use both;
 from the shell:
 
@@ -125,12 +126,18 @@ def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> di
     return env
 
 
+ENCODER_MODELS = ("audio-encoder", "vision-encoder")
+CPU_MODELS = (MODEL_NAME, *ENCODER_MODELS)
+
+
 def write_cpu_repository(destination: str | Path, checkpoint: str | Path, *, max_batch_size: int = 8,
                          max_seq_len: int = 0, torch_threads: int = 0, cancellation_check_period_ms: int = 20,
-                         template: Path = CPU_TEMPLATE) -> Path:
-    """Copy `model_repository_cpu` to `destination`, with this checkout's code, virtualenv and `checkpoint`.
+                         models: Sequence[str] = CPU_MODELS, template: Path = CPU_TEMPLATE) -> Path:
+    """Copy the `models` of `model_repository_cpu` to `destination`, with this checkout's code, virtualenv and
+    `checkpoint` (the encoders need a model with their tower; a text-only one serves `tensorrt_llm` alone).
 
-    max_seq_len 0: the model's context. torch_threads 0: torch's default. Returns `destination`.
+    max_batch_size, max_seq_len and cancellation_check_period_ms are the LLM's (max_seq_len 0: the model's
+    context). torch_threads 0: torch's default. Returns `destination`.
     Raises TritonUnavailable without a virtualenv: Triton's Python backend activates one (EXECUTION_ENV_PATH).
     """
     from google.protobuf import text_format
@@ -143,26 +150,31 @@ def write_cpu_repository(destination: str | Path, checkpoint: str | Path, *, max
                                 "(EXECUTION_ENV_PATH): run under `make setup`'s .venv")
     if max_batch_size < 1 or max_seq_len < 0 or torch_threads < 0 or cancellation_check_period_ms < 1:
         raise ValueError("max_batch_size and cancellation_check_period_ms must be >= 1, the others >= 0")
+    unknown = sorted(set(models) - set(CPU_MODELS))
+    if unknown or not models:
+        raise ValueError(f"models must be some of {list(CPU_MODELS)}; got {list(models)}")
     destination = Path(destination)
-    shutil.copytree(template, destination, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    path = destination / MODEL_NAME / "config.pbtxt"
-    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-    config.max_batch_size = max_batch_size
-    del config.dynamic_batching.preferred_batch_size[:]
-    config.dynamic_batching.preferred_batch_size.append(max_batch_size)
-    values = {
+    common = {
         "EXECUTION_ENV_PATH": sys.prefix,
         "vita_path": str(Path(vita.__file__).resolve().parents[1]),
         "checkpoint_dir": str(Path(checkpoint).resolve()),
-        "max_seq_len": str(max_seq_len),
         "torch_threads": str(torch_threads),
-        "cancellation_check_period_ms": str(cancellation_check_period_ms),
     }
-    for key, value in values.items():
-        config.parameters[key].string_value = value
-    path.write_text(f"# Written by vita.llm.backends.triton.server.write_cpu_repository from {template}\n"
-                    + text_format.MessageToString(config))
+    for name in models:
+        shutil.copytree(template / name, destination / name, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        path = destination / name / "config.pbtxt"
+        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        values = dict(common)
+        if name == MODEL_NAME:
+            config.max_batch_size = max_batch_size
+            del config.dynamic_batching.preferred_batch_size[:]
+            config.dynamic_batching.preferred_batch_size.append(max_batch_size)
+            values.update(max_seq_len=str(max_seq_len), cancellation_check_period_ms=str(cancellation_check_period_ms))
+        for key, value in values.items():
+            config.parameters[key].string_value = value
+        path.write_text(f"# Written by vita.llm.backends.triton.server.write_cpu_repository from {template}\n"
+                        + text_format.MessageToString(config))
     return destination
 
 
@@ -293,8 +305,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                                 description="The nvidia-pytriton wheel's tritonserver, on this machine's CPU.")
     commands = p.add_subparsers(dest="command", required=True)
     commands.add_parser("prepare", help="put the Python backend stub in place; print the tritonserver path")
-    run = commands.add_parser("run", help="serve the CPU model repository (TensorRT-LLM's tensor names, the "
-                                          "torch engine) until SIGINT/SIGTERM")
+    run = commands.add_parser("run", help="serve the CPU model repository (TensorRT-LLM's tensor names on the "
+                                          "torch engine, and the encoders) until SIGINT/SIGTERM")
     run.add_argument("--checkpoint", default=None, help="model directory (default: the tiny model)")
     run.add_argument("--repository", default=None, help="where to write the repository (default: a temp dir)")
     run.add_argument("--host", default="127.0.0.1")
@@ -303,7 +315,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument("--metrics-port", type=int, default=8002)
     run.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     run.add_argument("--max-seq-len", type=int, default=0, help="KV cache length per sequence (0: the model's)")
-    run.add_argument("--threads", type=int, default=0, help="torch CPU threads in the model (0: torch's default)")
+    run.add_argument("--threads", type=int, default=0, help="torch CPU threads per model (0: torch's default)")
+    run.add_argument("--models", nargs="+", choices=CPU_MODELS, default=list(CPU_MODELS),
+                     help="the models to serve (the encoders need a checkpoint with their tower)")
     return p.parse_args(argv)
 
 
@@ -322,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise TritonUnavailable(f"{args.checkpoint} is not a model directory (no config.json)")
         repository = Path(args.repository or tempfile.mkdtemp(prefix="vita-triton-"))
         write_cpu_repository(repository, args.checkpoint, max_batch_size=args.max_batch,
-                             max_seq_len=args.max_seq_len, torch_threads=args.threads)
+                             max_seq_len=args.max_seq_len, torch_threads=args.threads, models=args.models)
         server = TritonServer(repository, repository / "tritonserver.log", host=args.host,
                               http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port)
         stopped = False
