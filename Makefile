@@ -12,8 +12,11 @@ export PYTHONUNBUFFERED := 1
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-system-deps:  ## install espeak-ng, sox, ffmpeg and prometheus (+promtool) with apt-get when missing
-	@missing=""; for t in espeak-ng sox ffmpeg prometheus; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+# Each entry is COMMAND:PACKAGE (the package name when it differs from the command's).
+SYSTEM_DEPS := espeak-ng sox ffmpeg prometheus chromium chromedriver:chromium-driver
+
+system-deps:  ## install espeak-ng, sox, ffmpeg, prometheus (+promtool), chromium (+chromedriver) with apt-get when missing
+	@missing=""; for d in $(SYSTEM_DEPS); do command -v $${d%%:*} >/dev/null || missing="$$missing $${d##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \

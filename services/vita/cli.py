@@ -108,8 +108,9 @@ def _up(args: argparse.Namespace) -> None:
         kind = "http" if s.health == "http" else "grpc"
         metrics = f"metrics http://127.0.0.1:{s.metrics_port}/metrics" if s.metrics_port else ""
         print(f"  {s.name:<15} pid {s.pid:<7} {kind} 127.0.0.1:{s.grpc_port}  {metrics}  log {s.log_path}")
+    console = stack.realtime_url.replace("ws://", "http://").replace("/v1/realtime", "/")
     print(f"stack up, serving {model}: the API is at {stack.target}, the Realtime endpoint at {stack.realtime_url}; "
-          "`vita ask --text ...` or `vita converse` to try it, `vita down` to stop")
+          f"`vita ask --text ...`, `vita converse` or the browser console at {console} to try it, `vita down` to stop")
 
 
 def _down(args: argparse.Namespace) -> None:

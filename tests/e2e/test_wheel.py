@@ -88,6 +88,8 @@ def test_wheel_ships_the_generated_protos_and_the_training_code(wheel: Path) -> 
         assert {f"vita/v1/{module}_pb2.py", f"vita/v1/{module}_pb2_grpc.py"} <= names
     assert {"vita/training/duplex.py", "vita/training/speech.py", "vita/eval/cli.py", "vita/tiny.py",
             "vita/paths.py"} <= names
+    console = {f"vita/realtime/console/{f}" for f in ("index.html", "console.js", "mic-worklet.js", "console.css")}
+    assert console <= names  # the browser console the gateway serves (package data)
     assert not any(n.startswith(("build_protos", "setup", "tests/", "training/")) for n in names)
 
 

@@ -2,6 +2,7 @@
 
     ws://HOST:PORT/v1/realtime?model=...   one Realtime session per connection (one Converse call)
     GET /healthz                           200 while serving (readiness and liveness probes)
+    GET / (-> /console/)                   the browser console (realtime/console/, a static page)
 
 It holds no model and no session state (sessions live in Redis behind the orchestrator), so it scales as its own
 Deployment. Authentication: with `--api-tokens FILE` a connection must bring one of the file's tokens, as
@@ -31,6 +32,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from vita.errors import VitaError
+from vita.realtime.console import console_response
 from vita.realtime.protocol import SessionSettings
 from vita.realtime.session import RealtimeSession
 from vita.realtime.tts import make_tts
@@ -96,6 +98,8 @@ class RealtimeServer:
         path = urlsplit(request.path).path
         if path in ("/healthz", "/readyz"):
             return connection.respond(HTTPStatus.OK, "ok\n")
+        if (page := console_response(path)) is not None:
+            return page
         if path != PATH:
             return _json_response(HTTPStatus.NOT_FOUND, f"no such endpoint {path!r}: connect to {PATH}",
                                   "not_found")
@@ -132,6 +136,7 @@ class RealtimeServer:
                          compression=None) as server:
             self.port = next(iter(server.sockets)).getsockname()[1]
             log.info("serving", extra={"url": f"ws://{self.host}:{self.port}{PATH}",
+                                       "console": f"http://{self.host}:{self.port}/console/",
                                        "orchestrator": self.orchestrator, "auth": self.tokens is not None})
             await stop.wait()
             server.close(close_connections=True)

@@ -1,0 +1,159 @@
+"""The browser console in Debian's headless Chromium, driven by selenium, against the process stack.
+
+Chromium's fake capture devices stand in for a person: the microphone plays `q.wav` (an espeak-ng question in the
+duplex fine-tune's query voice, once) and the camera plays `cam.y4m` (a synthetic scene). The page does what it does
+for a person: it streams the microphone as PCM16 appends, sends the camera frame when speech starts, plays the spoken
+answer. Everything asserted is read from the page (its event timeline, conversation and playback counter); every
+decision is the model's. Waits are on page state, never fixed sleeps. A screenshot is kept in the test's tmp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from vita.stack import LocalStack
+
+pytestmark = pytest.mark.slow
+TOKEN = f"console-{uuid.uuid4().hex}"
+TIMEOUT_S = 300  # the whole answer is spoken at playback pace (~40 s) on a busy 2-core machine
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = 16000, *, lead_s: float = 1.5,
+              tail_s: float = 3.0) -> Path:
+    """16-bit mono WAV: silence, the clip, silence (so the VAD hears its end before the file does)."""
+    padded = np.concatenate([np.zeros(round(lead_s * rate), np.float32), samples,
+                             np.zeros(round(tail_s * rate), np.float32)])
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(padded, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+def write_y4m(path: Path, *, width: int = 320, height: int = 240, fps: int = 10, frames: int = 20) -> Path:
+    """A YUV4MPEG2 clip (4:2:0, JPEG range, what Chromium's fake camera reads): a red square moving on grey."""
+    with path.open("wb") as f:
+        f.write(f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
+        for k in range(frames):
+            img = Image.new("RGB", (width, height), (200, 200, 200))
+            x = 40 + k * (width - 160) // frames
+            ImageDraw.Draw(img).rectangle((x, 60, x + 100, 160), fill=(210, 30, 30))
+            y, u, v = (np.asarray(c, np.float32) for c in img.convert("YCbCr").split())
+            sub = [c.reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3)) for c in (u, v)]
+            f.write(b"FRAME\n")
+            for plane in (y, *sub):
+                f.write(np.round(plane).astype(np.uint8).tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(duplex_model_dir, tmp_path_factory):
+    tokens = tmp_path_factory.mktemp("auth") / "tokens"
+    tokens.write_text(f"{TOKEN}\n")
+    with LocalStack(model_dir=str(duplex_model_dir), prefix=f"con{uuid.uuid4().hex[:8]}", realtime=True,
+                    extra_args={"realtime": ["--api-tokens", str(tokens)]},
+                    log_dir=str(tmp_path_factory.mktemp("logs"))) as running:
+        yield running
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("chromium and chromium-driver are not installed (`make setup` installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    from vita.training.speech import espeak
+
+    question = write_wav(tmp_path / "q.wav", espeak("what is in this picture", "query"))
+    camera = write_y4m(tmp_path / "cam.y4m")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
+                "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-audio-capture={question}%noloop",  # asked once, not every few seconds
+                f"--use-file-for-fake-video-capture={camera}", "--autoplay-policy=no-user-gesture-required"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER, log_output=str(tmp_path / "driver.log")))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def timeline(driver) -> list[tuple[str, str, dict]]:
+    """The page's event rows: (direction, type, the JSON the page shows for it)."""
+    rows = driver.execute_script(
+        "return [...document.querySelectorAll('#timeline li')]"
+        ".map(li => [li.dataset.direction, li.dataset.type, li.querySelector('pre').textContent])")
+    return [(d, t, json.loads(j)) for d, t, j in rows]
+
+
+def server_types(rows) -> list[str]:
+    return [t for d, t, _ in rows if d == "server"]
+
+
+def test_spoken_question_about_the_camera_is_judged_a_query_and_answered(stack, browser, tmp_path,
+                                                                        trained_answer, record_property):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, TIMEOUT_S, poll_frequency=0.5)
+    screenshot = tmp_path / "console.png"
+    port = stack.service("realtime").grpc_port
+    browser.get(f"http://127.0.0.1:{port}/")  # redirected to /console/
+    try:
+        browser.find_element(By.ID, "api-key").send_keys(TOKEN)
+        browser.find_element(By.ID, "connect").click()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("connected", "error"))
+        assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "connected", \
+            browser.find_element(By.ID, "status").text
+        browser.find_element(By.ID, "camera").click()
+        wait.until(lambda d: d.execute_script("return document.getElementById('preview').videoWidth > 0"))
+        browser.find_element(By.ID, "mic").click()
+        # The question is judged: answered (response.done) or ignored; either ends the wait.
+        wait.until(lambda d: {"response.done", "vita.utterance.ignored", "error"} & set(server_types(timeline(d))))
+        rows = timeline(browser)
+        kinds = server_types(rows)
+        assert "vita.utterance.ignored" not in kinds and "error" not in kinds, kinds
+        # The page played the answer while it came (its clock advanced over scheduled audio).
+        wait.until(lambda d: int(d.find_element(By.ID, "playback").text.split()[1]) > 0)
+    finally:
+        browser.save_screenshot(str(screenshot))
+        record_property("screenshot", str(screenshot))
+        print(f"console screenshot: {screenshot}")
+
+    order = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
+             "response.created", "response.done"]
+    assert [k for k in kinds if k in order] == order
+    sent = [(t, e) for d, t, e in rows if d == "client"]
+    update = next(e for t, e in sent if t == "session.update")
+    assert update["session"]["audio"]["input"]["format"]["rate"] == 24000  # the AudioContext ran at 24 kHz
+    appends = [li for li in browser.find_elements(By.CSS_SELECTOR, '#timeline li[data-type="input_audio_buffer.append"]')]
+    assert sum(int(li.get_attribute("data-count")) for li in appends) > 30  # > 3 s of microphone, in 100 ms chunks
+    # The camera frame went out as the question started and the gateway took it as a user image item.
+    frames = [e for t, e in sent if t == "conversation.item.create" and e["item"]["content"][0]["type"] == "input_image"]
+    assert len(frames) == 1
+    users = [e["item"] for d, t, e in rows if d == "server" and t == "conversation.item.created"
+             and e["item"]["role"] == "user"]
+    assert [[p["type"] for p in item["content"]] for item in users] == [["input_image"], ["input_audio"]]
+    done = next(e for d, t, e in rows if t == "response.done")["response"]
+    assert done["status"] == "completed", done["status_details"]
+    transcript = done["output"][0]["content"][0]["transcript"]
+    assert transcript.startswith(trained_answer.split()[0])  # the fine-tuned answer, from the model
+    assert done["usage"]["input_token_details"]["image_tokens"] > 0  # the answer saw the camera frame
+    deltas = browser.find_elements(By.CSS_SELECTOR, '#timeline li[data-type="response.output_audio.delta"]')
+    assert sum(int(li.get_attribute("data-count")) for li in deltas) * 0.2 > 3  # more than 3 s of spoken answer
+    said = browser.find_element(By.CSS_SELECTOR, "#conversation li.assistant").text
+    assert said == transcript.strip()
+    assert screenshot.stat().st_size > 10_000
