@@ -4,12 +4,15 @@ Chromium's fake capture devices stand in for a person: the microphone plays `q.w
 duplex fine-tune's query voice, once) and the camera plays `cam.y4m` (a synthetic scene). The page does what it does
 for a person: it streams the microphone as PCM16 appends, sends the camera frame when speech starts, plays the spoken
 answer. Everything asserted is read from the page (its event timeline, conversation and playback counter); every
-decision is the model's. Waits are on page state, never fixed sleeps. A screenshot is kept in the test's tmp dir.
+decision is the model's. Waits are on page state, never fixed sleeps. Each test keeps a screenshot of the page in
+`.artifacts/tests/` (ignored by git; `VITA_TEST_ARTIFACTS` to put them elsewhere) and prints its path: pytest's own
+tmp dirs are pruned after three runs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import uuid
 import wave
@@ -25,6 +28,16 @@ pytestmark = pytest.mark.slow
 TOKEN = f"console-{uuid.uuid4().hex}"
 TIMEOUT_S = 300  # the whole answer is spoken at playback pace (~40 s) on a busy 2-core machine
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+ARTIFACTS = Path(os.environ.get("VITA_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / ".artifacts" / "tests"))
+
+
+def keep_screenshot(driver, name: str) -> Path:
+    """The page as it is now, as a test artifact (printed, so `pytest -s` shows where)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / name
+    driver.save_screenshot(str(path))
+    print(f"console screenshot: {path}")
+    return path
 
 
 def write_wav(path: Path, samples: np.ndarray, rate: int = 16000, *, lead_s: float = 1.5,
@@ -67,7 +80,9 @@ def stack(duplex_model_dir, tmp_path_factory):
 
 
 @pytest.fixture
-def browser(tmp_path):
+def browser(request, tmp_path):
+    """Headless Chromium whose microphone says, once, `request.param` ((text, voice) of vita.training.speech;
+    default: the question "what is in this picture" in the query voice) and whose camera plays cam.y4m."""
     if CHROMIUM is None or CHROMEDRIVER is None:
         pytest.skip("chromium and chromium-driver are not installed (`make setup` installs them)")
     from selenium import webdriver
@@ -75,7 +90,8 @@ def browser(tmp_path):
 
     from vita.training.speech import espeak
 
-    question = write_wav(tmp_path / "q.wav", espeak("what is in this picture", "query"))
+    text, voice = getattr(request, "param", ("what is in this picture", "query"))
+    question = write_wav(tmp_path / "q.wav", espeak(text, voice))
     camera = write_y4m(tmp_path / "cam.y4m")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -103,35 +119,47 @@ def server_types(rows) -> list[str]:
     return [t for d, t, _ in rows if d == "server"]
 
 
-def test_spoken_question_about_the_camera_is_judged_a_query_and_answered(stack, browser, tmp_path,
-                                                                        trained_answer, record_property):
+def played_ms(driver) -> int:
+    from selenium.webdriver.common.by import By
+
+    return int(driver.find_element(By.ID, "playback").text.split()[1])
+
+
+def start_talking(browser, stack) -> None:
+    """Open the console, connect with the API key, start the camera, then the microphone (the question plays)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     wait = WebDriverWait(browser, TIMEOUT_S, poll_frequency=0.5)
-    screenshot = tmp_path / "console.png"
-    port = stack.service("realtime").grpc_port
-    browser.get(f"http://127.0.0.1:{port}/")  # redirected to /console/
+    browser.get(f"http://127.0.0.1:{stack.service('realtime').grpc_port}/")  # redirected to /console/
+    browser.find_element(By.ID, "api-key").send_keys(TOKEN)
+    browser.find_element(By.ID, "connect").click()
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("connected", "error"))
+    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "connected", \
+        browser.find_element(By.ID, "status").text
+    browser.find_element(By.ID, "camera").click()
+    wait.until(lambda d: d.execute_script("return document.getElementById('preview').videoWidth > 0"))
+    browser.find_element(By.ID, "mic").click()
+
+
+def test_spoken_question_about_the_camera_is_judged_a_query_and_answered(stack, browser, trained_answer,
+                                                                        record_property):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, TIMEOUT_S, poll_frequency=0.5)
     try:
-        browser.find_element(By.ID, "api-key").send_keys(TOKEN)
-        browser.find_element(By.ID, "connect").click()
-        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("connected", "error"))
-        assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "connected", \
-            browser.find_element(By.ID, "status").text
-        browser.find_element(By.ID, "camera").click()
-        wait.until(lambda d: d.execute_script("return document.getElementById('preview').videoWidth > 0"))
-        browser.find_element(By.ID, "mic").click()
+        start_talking(browser, stack)
         # The question is judged: answered (response.done) or ignored; either ends the wait.
         wait.until(lambda d: {"response.done", "vita.utterance.ignored", "error"} & set(server_types(timeline(d))))
         rows = timeline(browser)
         kinds = server_types(rows)
         assert "vita.utterance.ignored" not in kinds and "error" not in kinds, kinds
         # The page played the answer while it came (its clock advanced over scheduled audio).
-        wait.until(lambda d: int(d.find_element(By.ID, "playback").text.split()[1]) > 0)
+        wait.until(lambda d: played_ms(d) > 0)
     finally:
-        browser.save_screenshot(str(screenshot))
+        screenshot = keep_screenshot(browser, "console-spoken-question.png")
         record_property("screenshot", str(screenshot))
-        print(f"console screenshot: {screenshot}")
 
     order = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
              "response.created", "response.done"]
@@ -157,3 +185,51 @@ def test_spoken_question_about_the_camera_is_judged_a_query_and_answered(stack, 
     said = browser.find_element(By.CSS_SELECTOR, "#conversation li.assistant").text
     assert said == transcript.strip()
     assert screenshot.stat().st_size > 10_000
+
+
+def test_stopping_the_answer_cuts_it_where_it_was_heard(stack, browser):
+    """"Stop answer" mid-way: response.cancel, the rest is not played, and the truncate reports what was heard."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, TIMEOUT_S, poll_frequency=0.2)
+    try:
+        start_talking(browser, stack)
+        wait.until(lambda d: played_ms(d) > 1500)  # the spoken answer (tens of seconds long) is playing
+        browser.find_element(By.ID, "stop").click()
+        wait.until(lambda d: {"conversation.item.truncated", "error"} & set(server_types(timeline(d))))
+    finally:
+        keep_screenshot(browser, "console-stopped-answer.png")
+    rows = timeline(browser)
+    assert "error" not in server_types(rows)
+    done = next(e for d, t, e in rows if t == "response.done")["response"]
+    assert done["status"] == "cancelled" and done["status_details"]["reason"] == "client_cancelled"
+    truncate = next(e for d, t, e in rows if d == "client" and t == "conversation.item.truncate")
+    truncated = next(e for d, t, e in rows if d == "server" and t == "conversation.item.truncated")
+    assert truncate["item_id"] == truncated["item_id"] == done["output"][0]["id"]
+    received_ms = browser.execute_script("return window.vitaConsole.play.ms")  # audio the page got and scheduled
+    assert 1500 <= truncated["audio_end_ms"] <= received_ms  # what had played when Stop was clicked, at least
+    assert "cut" in browser.find_element(By.CSS_SELECTOR, "#conversation li.assistant").get_attribute("class")
+
+
+@pytest.mark.parametrize("browser", [("honey did you feed the cat", "en-high")], indirect=True)
+def test_speech_for_someone_else_is_shown_as_ignored_and_not_answered(stack, browser):
+    """Non-awakening in the page: the extension event is in the timeline and the conversation, no answer starts."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        start_talking(browser, stack)
+        WebDriverWait(browser, TIMEOUT_S, poll_frequency=0.5).until(
+            lambda d: {"vita.utterance.ignored", "input_audio_buffer.committed", "error"} & set(server_types(timeline(d))))
+    finally:
+        keep_screenshot(browser, "console-ignored-speech.png")
+    rows = timeline(browser)
+    kinds = server_types(rows)
+    assert "input_audio_buffer.committed" not in kinds and "response.created" not in kinds, kinds
+    assert "error" not in kinds
+    started = next(e for d, t, e in rows if t == "input_audio_buffer.speech_started")
+    ignored = next(e for d, t, e in rows if t == "vita.utterance.ignored")
+    assert ignored["item_id"] == started["item_id"] and ignored["state_token"] == "<2>"
+    shown = browser.find_element(By.CSS_SELECTOR, "#conversation li.ignored")
+    assert shown.get_attribute("data-item") == ignored["item_id"] and "not for the assistant" in shown.text

@@ -21,7 +21,7 @@ const state = {
   response: null,  // {id, itemId} of the response in progress
   play: null,  // {itemId, chunks: [{start, ms, offsetMs}], sources: [], next, cut}
   bubbles: new Map(),  // item id -> conversation <li>
-  lastRow: null,
+  runs: new Map(),  // event type -> the timeline row counting its current run (audio appends and deltas)
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -317,9 +317,7 @@ function cutPlayback(itemId) {
   const heard = playedMs();
   play.cut = true;
   stopPlayback();
-  if (heard < play.ms) {
-    send({ type: "conversation.item.truncate", item_id: itemId, content_index: 0, audio_end_ms: heard });
-  }
+  send({ type: "conversation.item.truncate", item_id: itemId, content_index: 0, audio_end_ms: heard });
 }
 
 function stopAnswer() {
@@ -351,7 +349,7 @@ function userBubble(item) {
   const li = bubble(item.id, "user", "");
   for (const part of item.content || []) {
     if (part.type === "input_text") li.append(part.text);
-    else if (part.type === "input_audio") li.append("🎤 spoken question");
+    else if (part.type === "input_audio") li.append("(spoken question)");
     else if (part.type === "input_image") {
       const img = document.createElement("img");
       img.src = part.image_url;
@@ -389,14 +387,18 @@ function summary(ev) {
 
 function record(ev, direction) {
   const timeline = $("timeline");
-  const last = state.lastRow;
-  // Runs of audio appends and deltas are one row with a count; their JSON shows the last one.
-  if (last && last.dataset.type === ev.type && last.dataset.direction === direction &&
-      (ev.type === "input_audio_buffer.append" || ev.type === "response.output_audio.delta")) {
-    last.dataset.count = String(Number(last.dataset.count) + 1);
-    last.querySelector(".count").textContent = `×${last.dataset.count}`;
-    last.querySelector("pre").textContent = elide(ev);
-    return;
+  // Runs of audio appends and audio deltas (interleaved as they are while an answer plays) are one row each, with a
+  // count; their JSON shows the last one. Any other event ends the runs.
+  if (AUDIO_EVENTS.has(ev.type)) {
+    const last = state.runs.get(ev.type);
+    if (last) {
+      last.dataset.count = String(Number(last.dataset.count) + 1);
+      last.querySelector(".count").textContent = `×${last.dataset.count}`;
+      last.querySelector("pre").textContent = elide(ev);
+      return;
+    }
+  } else {
+    state.runs.clear();
   }
   const li = document.createElement("li");
   li.className = direction;
@@ -420,7 +422,7 @@ function record(ev, direction) {
   details.append(head, pre);
   li.append(details);
   timeline.append(li);
-  state.lastRow = li;
+  if (AUDIO_EVENTS.has(ev.type)) state.runs.set(ev.type, li);
   while (timeline.childElementCount > MAX_ROWS) timeline.firstElementChild.remove();
   const pane = timeline.parentElement;
   if (pane.scrollHeight - pane.scrollTop - pane.clientHeight < 200) pane.scrollTop = pane.scrollHeight;
@@ -452,6 +454,6 @@ $("camera").addEventListener("click", toggleCamera);
 $("snap").addEventListener("click", () => attachFrame(true));
 $("stop").addEventListener("click", stopAnswer);
 $("text-form").addEventListener("submit", sendText);
-$("clear").addEventListener("click", () => { $("timeline").replaceChildren(); state.lastRow = null; });
+$("clear").addEventListener("click", () => { $("timeline").replaceChildren(); state.runs.clear(); });
 $("modality").addEventListener("change", configure);
 window.vitaConsole = state;  // for the browser's devtools
