@@ -213,18 +213,27 @@ def test_stopping_the_answer_cuts_it_where_it_was_heard(stack, browser):
 
 
 @pytest.mark.parametrize("browser", [("honey did you feed the cat", "en-high")], indirect=True)
-def test_speech_for_someone_else_is_shown_as_ignored_and_not_answered(stack, browser):
-    """Non-awakening in the page: the extension event is in the timeline and the conversation, no answer starts."""
+def test_speech_for_someone_else_is_ignored_then_a_typed_question_is_answered_in_text(stack, browser):
+    """Non-awakening in the page: the extension event is in the timeline and the conversation, no answer starts.
+    Then the text box with "Answer as: text": the typed question is answered in text, with the camera frame that
+    was waiting since the ignored speech."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
+    wait = WebDriverWait(browser, TIMEOUT_S, poll_frequency=0.5)
     try:
         start_talking(browser, stack)
-        WebDriverWait(browser, TIMEOUT_S, poll_frequency=0.5).until(
-            lambda d: {"vita.utterance.ignored", "input_audio_buffer.committed", "error"} & set(server_types(timeline(d))))
+        wait.until(lambda d: {"vita.utterance.ignored", "input_audio_buffer.committed", "error"}
+                   & set(server_types(timeline(d))))
+        rows = timeline(browser)
+        Select(browser.find_element(By.ID, "modality")).select_by_value("text")
+        wait.until(lambda d: server_types(timeline(d)).count("session.updated") == 2)
+        box = browser.find_element(By.ID, "text")
+        box.send_keys("What colour is the square?")
+        box.submit()
+        wait.until(lambda d: {"response.done", "error"} & set(server_types(timeline(d))))
     finally:
-        keep_screenshot(browser, "console-ignored-speech.png")
-    rows = timeline(browser)
+        keep_screenshot(browser, "console-ignored-then-typed.png")
     kinds = server_types(rows)
     assert "input_audio_buffer.committed" not in kinds and "response.created" not in kinds, kinds
     assert "error" not in kinds
@@ -233,3 +242,16 @@ def test_speech_for_someone_else_is_shown_as_ignored_and_not_answered(stack, bro
     assert ignored["item_id"] == started["item_id"] and ignored["state_token"] == "<2>"
     shown = browser.find_element(By.CSS_SELECTOR, "#conversation li.ignored")
     assert shown.get_attribute("data-item") == ignored["item_id"] and "not for the assistant" in shown.text
+
+    rows = timeline(browser)
+    assert "error" not in server_types(rows)
+    updated = [e for d, t, e in rows if t == "session.updated"][-1]
+    assert updated["session"]["output_modalities"] == ["text"]
+    typed = [e["item"]["content"] for d, t, e in rows if d == "client" and t == "conversation.item.create"][-1]
+    assert typed == [{"type": "input_text", "text": "What colour is the square?"}]  # the frame already waits
+    done = next(e for d, t, e in rows if t == "response.done")["response"]
+    assert done["status"] == "completed" and done["output_modalities"] == ["text"]
+    text = done["output"][0]["content"][0]["text"]
+    assert text.strip() and "response.output_audio.delta" not in server_types(rows)
+    assert done["usage"]["input_token_details"]["image_tokens"] > 0  # the frame sent as the ignored speech began
+    assert browser.find_element(By.CSS_SELECTOR, "#conversation li.assistant").text == text.strip()
