@@ -124,12 +124,29 @@ def _down(args: argparse.Namespace) -> None:
     print("stack stopped")
 
 
+def _connect(args: argparse.Namespace, **kwargs):
+    from vita.client import VitaClient
+
+    return VitaClient(args.target, token=args.token, tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                      tls_key=args.tls_key, **kwargs)
+
+
+def _add_connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="127.0.0.1:50051", help="orchestrator address")
+    p.add_argument("--token", default=os.environ.get("VITA_API_TOKEN"),
+                   help="bearer token for a server started with --api-tokens (env VITA_API_TOKEN)")
+    p.add_argument("--tls", action="store_true", help="connect over TLS (implied by --tls-ca / --tls-cert)")
+    p.add_argument("--tls-ca", default=None, help="CA certificate (PEM) the server's must chain to")
+    p.add_argument("--tls-cert", default=None, help="this client's certificate (PEM), for mutual TLS")
+    p.add_argument("--tls-key", default=None, help="the --tls-cert's private key (PEM)")
+
+
 def _ask(args: argparse.Namespace) -> None:
-    from vita.client import VitaClient, build_request
+    from vita.client import build_request
 
     request = build_request(args.text or "", images=args.image or [], video=args.video, audio=args.audio or [],
                             max_tokens=args.max_tokens, temperature=args.temperature)
-    with VitaClient(args.target) as client:
+    with _connect(args) as client:
         for response in client.generate(request):
             if response.HasField("delta"):
                 sys.stdout.write(response.delta.text)
@@ -142,7 +159,7 @@ def _ask(args: argparse.Namespace) -> None:
 
 
 def _converse(args: argparse.Namespace) -> None:
-    from vita.client import END, VitaClient, image_event, session_config, speech_events, text_event
+    from vita.client import END, image_event, session_config, speech_events, text_event
     from vita.processing.audio import load_audio
     from vita.timeline import Timeline
 
@@ -160,7 +177,7 @@ def _converse(args: argparse.Namespace) -> None:
         yield END
 
     timeline = Timeline()
-    with VitaClient(args.target, timeout_s=None) as client:
+    with _connect(args, timeout_s=None) as client:
         for event in client.converse(events()):
             timeline.print(event)
 
@@ -302,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_down)
 
     p = sub.add_parser("ask", help="send one request to a running stack and stream the answer")
-    p.add_argument("--target", default="127.0.0.1:50051", help="orchestrator address")
+    _add_connection_args(p)
     p.add_argument("--text", type=_text, help="the question or instruction (UTF-8)")
     p.add_argument("--image", action="append", help="image file (repeatable)")
     p.add_argument("--video", help="video file")
@@ -316,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Open a Converse session, attach images, stream each WAV in real time (then "
                                    "0.8 s of silence), send the text messages, and print every server event with "
                                    "its time since the session started.")
-    p.add_argument("--target", default="127.0.0.1:50051", help="orchestrator address")
+    _add_connection_args(p)
     p.add_argument("--wav", action="append", help="speech to stream (repeatable; any rate, resampled)")
     p.add_argument("--image", action="append", help="image for the next answered turn (repeatable)")
     p.add_argument("--text", action="append", type=_text, help="a typed message, sent after the speech (repeatable)")

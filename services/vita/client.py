@@ -18,6 +18,7 @@ import grpc
 from opentelemetry import propagate
 
 from vita.runtime.server import MAX_MESSAGE_BYTES
+from vita.runtime.tls import channel_credentials
 from vita.v1 import assistant_pb2_grpc
 from vita.v1.assistant_pb2 import (
     AudioChunk,
@@ -116,13 +117,30 @@ END = ClientEvent(end=EndOfInput())
 
 
 class VitaClient:
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout_s: float | None = 120.0) -> None:
+    """`token`: the bearer token of a server started with `--api-tokens` (sent as `authorization` metadata).
+    `tls`: connect over TLS, trusting `tls_ca` (default: the system's roots); `tls_cert` + `tls_key` are this
+    client's certificate for a server that requires mutual TLS (`--tls-client-ca`)."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, timeout_s: float | None = 120.0,
+                 token: str | None = None, tls: bool = False, tls_ca: str | Path | None = None,
+                 tls_cert: str | Path | None = None, tls_key: str | Path | None = None) -> None:
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(target, options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ])
+        self.token = token
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        if tls or tls_ca is not None or tls_cert is not None:
+            self.channel = grpc.secure_channel(target, channel_credentials(tls_ca, tls_cert, tls_key), options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
         self.stub = assistant_pb2_grpc.AssistantStub(self.channel)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata: the bearer token, and W3C trace context when the caller has a span."""
+        metadata: dict[str, str] = {}
+        propagate.inject(metadata)
+        if self.token:
+            metadata["authorization"] = f"Bearer {self.token}"
+        return tuple(metadata.items())
 
     def __enter__(self) -> VitaClient:
         return self
@@ -135,9 +153,7 @@ class VitaClient:
 
     def generate(self, request: GenerateRequest) -> Iterator[GenerateResponse]:
         """The raw response stream; closing the iterator early cancels the call (and the server's compute)."""
-        metadata: dict[str, str] = {}
-        propagate.inject(metadata)  # W3C trace context, when the caller has a span
-        call = self.stub.Generate(request, timeout=self.timeout_s, metadata=tuple(metadata.items()))
+        call = self.stub.Generate(request, timeout=self.timeout_s, metadata=self.metadata())
         try:
             yield from call
         finally:
@@ -146,9 +162,7 @@ class VitaClient:
     def converse(self, events: Iterable[ClientEvent], *, timeout_s: float | None = None) -> Iterator[ServerEvent]:
         """A duplex session: `events` is sent as it is produced (e.g. `speech_events` in real time), server events
         arrive meanwhile. Start with `session_config(...)`; end with `END` to hear the last answer out."""
-        metadata: dict[str, str] = {}
-        propagate.inject(metadata)
-        call = self.stub.Converse(iter(events), timeout=timeout_s, metadata=tuple(metadata.items()))
+        call = self.stub.Converse(iter(events), timeout=timeout_s, metadata=self.metadata())
         try:
             yield from call
         finally:
@@ -185,7 +199,7 @@ class ConverseSession:
         self._inbox: queue.Queue[ServerEvent | BaseException | None] = queue.Queue()
         self.events: list[ServerEvent] = []  # everything received so far, in order
         self.on_event = on_event
-        self._call = client.stub.Converse(iter(self._outbox.get, None), timeout=None)
+        self._call = client.stub.Converse(iter(self._outbox.get, None), timeout=None, metadata=client.metadata())
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.send(config or session_config())

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from vita.orchestrator.limits import InputLimits
 from vita.orchestrator.service import AssistantService, OrchestratorConfig
 from vita.runtime.args import add_common_args
 from vita.runtime.serve import Context, Service, run_service
@@ -23,12 +24,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--encode-timeout", type=float, default=60.0, help="seconds to wait for the encoders")
     p.add_argument("--token-timeout", type=float, default=60.0,
                    help="seconds without a token before the request fails UNAVAILABLE (> reclaim time)")
+    d = InputLimits()
+    g = p.add_argument_group("input limits (INVALID_ARGUMENT beyond them; docs/serving.md)")
+    g.add_argument("--max-text-chars", type=int, default=d.max_text_chars,
+                   help="characters of a request's text, its system prompt, or one Converse text message")
+    g.add_argument("--max-images", type=int, default=d.max_images, help="images in one Generate request")
+    g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
+                   help="width x height of any image or video frame")
+    g.add_argument("--max-audio-clips", type=int, default=d.max_audio_clips, help="audio inputs in one request")
+    g.add_argument("--max-audio-seconds", type=float, default=d.max_audio_s, help="length of each audio input")
+    g.add_argument("--max-video-seconds", type=float, default=d.max_video_s,
+                   help="a video file's duration, or the span of a frame sequence")
+    g.add_argument("--max-video-frames", type=int, default=d.max_video_frames, help="frames in a frame sequence")
     add_common_args(p)
     return p.parse_args(argv)
 
 
+def input_limits(args: argparse.Namespace) -> InputLimits:
+    return InputLimits(max_text_chars=args.max_text_chars, max_images=args.max_images,
+                       max_image_pixels=args.max_image_pixels, max_audio_clips=args.max_audio_clips,
+                       max_audio_s=args.max_audio_seconds, max_video_s=args.max_video_seconds,
+                       max_video_frames=args.max_video_frames)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    limits = input_limits(args)  # a bad value fails here, before anything starts
 
     async def build(ctx: Context) -> Service:
         from vita.model.vita import read_model_config
@@ -37,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         service = AssistantService(
             ctx.redis, ctx.bus, read_model_config(ctx.model_dir), VitaTokenizer.from_file(ctx.model_dir),
             OrchestratorConfig(default_max_tokens=args.default_max_tokens, encode_timeout_s=args.encode_timeout,
-                               token_timeout_s=args.token_timeout), ctx.metrics)
+                               token_timeout_s=args.token_timeout, limits=limits), ctx.metrics)
         return Service(grpc=[GrpcService("vita.v1.Assistant",
                                          lambda s: assistant_pb2_grpc.add_AssistantServicer_to_server(service, s))])
 

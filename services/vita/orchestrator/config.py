@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vita.orchestrator.limits import InputLimits
 from vita.processing.vad import VADConfig
 from vita.v1.assistant_pb2 import SessionConfig
 
@@ -21,6 +22,7 @@ class OrchestratorConfig:
     judge_timeout_s: float = 30.0  # Converse: wait for the monitor's one-token judgement
     stop_wait_s: float = 5.0  # Converse: wait for an interrupted generator to confirm it stopped
     vad: VADConfig = field(default_factory=VADConfig)  # Converse: defaults for what a session does not set
+    limits: InputLimits = field(default_factory=InputLimits)  # what one request or client event may carry
 
 
 def session_vad(defaults: VADConfig, config: SessionConfig) -> VADConfig:

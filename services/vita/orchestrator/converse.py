@@ -342,14 +342,17 @@ class ConverseCall:
             frame = request.frame
             if not frame.image.data:
                 raise InvalidInputError("camera frame has no image bytes")
-            await asyncio.to_thread(_check_image_bytes, frame.image.data, "camera frame")
+            await asyncio.to_thread(_check_image_bytes, frame.image.data, "camera frame",
+                                    self.config.limits.max_image_pixels)
             self._frames_dropped += await self.store.add_frame(self.session_id, frame)
         elif kind == "image":
-            await asyncio.to_thread(_check_image_bytes, request.image.data, "image")
+            await asyncio.to_thread(_check_image_bytes, request.image.data, "image",
+                                    self.config.limits.max_image_pixels)
             await self.store.add_image(self.session_id, request.image)
         elif kind == "text":
             if not request.text.text.strip():
                 raise InvalidInputError("text message is empty")
+            self.config.limits.check_text(request.text.text, "text message")
             self._work.put_nowait(TextQuery(request.text.text, time.perf_counter()))
         elif kind == "cut":
             for event in self.vad.cut():
@@ -366,6 +369,8 @@ class ConverseCall:
 
     async def _configure(self, config: SessionConfig) -> None:
         """Start a new session, or resume a stored one (rebuilding an answer a dead replica left in flight)."""
+        if config.HasField("system_prompt"):
+            self.config.limits.check_text(config.system_prompt, "system_prompt")
         if self.state is not None:
             await self._reconfigure(config)
             return
@@ -802,9 +807,9 @@ def _audio_rate(config: SessionConfig) -> int:
     return rate
 
 
-def _check_image_bytes(data: bytes, what: str) -> None:
+def _check_image_bytes(data: bytes, what: str, max_pixels: int) -> None:
     """Refused here, before it is stored: a bad frame must not fail a later turn."""
     try:
-        load_image(data)
+        load_image(data, max_pixels=max_pixels)
     except InvalidInputError as e:
         raise InvalidInputError(f"{what}: {e}") from None

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import grpc
 from opentelemetry import trace
 from redis.asyncio import Redis
+from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 
 from vita.bus.queue import Backpressure
 from vita.bus.replies import ReplyTimeout
@@ -94,6 +95,12 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
                 await self._abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
             except JobFailed as e:
                 await self._abort(context, e.code, str(e))
+            except (NoPermissionError, AuthenticationError) as e:  # a deployment error, not the caller's
+                await self._abort(context, grpc.StatusCode.INTERNAL, f"the bus refused the orchestrator's Redis "
+                                  f"user: {e} (the ACL it needs is in docs/deployment.md)")
+            except RedisError as e:
+                await self._abort(context, grpc.StatusCode.UNAVAILABLE, f"the bus (Redis) failed: "
+                                  f"{type(e).__name__}: {e}")
             finally:
                 if not finished:  # client gone, deadline, or failure: stop the workers' compute too
                     await self.pools.cancel(request_id)
@@ -108,6 +115,7 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         video = 1 if request.HasField("video") else 0
         if not request.text.strip() and not request.images and not video and not request.audio:
             raise InvalidInputError("the request is empty: give text, an image, a video or audio")
+        self.config.limits.check_generate(request)
         deadline_ms = _deadline_ms(context)
         refs = await self.pools.encode(request_id, images=request.images, deadline_ms=deadline_ms,
                                        video=request.video if video else None, audio=request.audio)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -23,7 +22,6 @@ import signal
 import sys
 from collections.abc import Sequence
 from http import HTTPStatus
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import grpc
@@ -36,6 +34,8 @@ from vita.realtime.console import console_response
 from vita.realtime.protocol import SessionSettings
 from vita.realtime.session import RealtimeSession
 from vita.realtime.tts import make_tts
+from vita.runtime.access import TokenSet, bearer_token, load_tokens
+from vita.runtime.tls import channel_credentials
 from vita.v1.assistant_pb2_grpc import AssistantStub
 
 log = logging.getLogger("vita.realtime")
@@ -45,32 +45,16 @@ MAX_MESSAGE_BYTES = 16 << 20  # the API allows 15 MiB of base64 audio per append
 _KEY_PROTOCOL = "openai-insecure-api-key."
 
 
-def load_tokens(path: str | Path) -> frozenset[str]:
-    """One token per line; blank lines and `#` comments are skipped. VitaError if the file is unreadable or empty."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise VitaError(f"cannot read the API token file {path}: {e.strerror}") from None
-    tokens = frozenset(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
-    if not tokens:
-        raise VitaError(f"the API token file {path} holds no token")
-    return tokens
-
-
 def request_token(headers: Headers) -> str | None:
     """The bearer token of a handshake: Authorization header first, then the browser subprotocol."""
-    auth = headers.get("Authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip() or None
+    token = bearer_token(headers.get("Authorization"))
+    if token is not None:
+        return token
     for value in headers.get_all("Sec-WebSocket-Protocol"):
         for protocol in value.split(","):
             if protocol.strip().startswith(_KEY_PROTOCOL):
                 return protocol.strip()[len(_KEY_PROTOCOL):] or None
     return None
-
-
-def _token_known(token: str | None, tokens: frozenset[str]) -> bool:
-    return token is not None and any(hmac.compare_digest(token.encode(), t.encode()) for t in tokens)
 
 
 def _json_response(status: HTTPStatus, message: str, code: str) -> Response:
@@ -86,11 +70,13 @@ def _json_response(status: HTTPStatus, message: str, code: str) -> Response:
 class RealtimeServer:
     def __init__(self, orchestrator: str, *, host: str = "127.0.0.1", port: int = 0,
                  tokens: frozenset[str] | None = None, tts: str = "espeak", echo_guard: bool = True,
-                 audio_lead_ms: int = 500) -> None:
+                 audio_lead_ms: int = 500, orchestrator_tls: grpc.ChannelCredentials | None = None) -> None:
         self.orchestrator, self.host, self.port = orchestrator, host, port
-        self.tokens, self.tts, self.echo_guard, self.audio_lead_ms = tokens, tts, echo_guard, audio_lead_ms
-        self.channel = grpc.aio.insecure_channel(orchestrator, options=[
-            ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)])
+        self.tokens = TokenSet(tokens) if tokens is not None else None
+        self.tts, self.echo_guard, self.audio_lead_ms = tts, echo_guard, audio_lead_ms
+        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        self.channel = (grpc.aio.insecure_channel(orchestrator, options=options) if orchestrator_tls is None
+                        else grpc.aio.secure_channel(orchestrator, orchestrator_tls, options=options))
         self.stub = AssistantStub(self.channel)
         self.sessions = 0
 
@@ -103,7 +89,7 @@ class RealtimeServer:
         if path != PATH:
             return _json_response(HTTPStatus.NOT_FOUND, f"no such endpoint {path!r}: connect to {PATH}",
                                   "not_found")
-        if self.tokens is not None and not _token_known(request_token(request.headers), self.tokens):
+        if self.tokens is not None and request_token(request.headers) not in self.tokens:
             return _json_response(HTTPStatus.UNAUTHORIZED, "missing or unknown API key: send "
                                   "'Authorization: Bearer <token>'", "invalid_api_key")
         return None
@@ -154,6 +140,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8080, help="WebSocket port (0 picks a free one)")
     p.add_argument("--api-tokens", default=os.environ.get("VITA_API_TOKENS_FILE"),
                    help="file of accepted bearer tokens, one per line (env VITA_API_TOKENS_FILE); unset: no auth")
+    p.add_argument("--orchestrator-tls-ca", default=None,
+                   help="reach the orchestrator over TLS, trusting this CA (PEM)")
+    p.add_argument("--orchestrator-tls-cert", default=None,
+                   help="this gateway's client certificate (PEM) for an orchestrator that requires mutual TLS")
+    p.add_argument("--orchestrator-tls-key", default=None, help="the --orchestrator-tls-cert's key (PEM)")
     p.add_argument("--tts", default="espeak", choices=["espeak"], help="text-to-speech engine for spoken answers")
     p.add_argument("--audio-lead-ms", type=int, default=500,
                    help="spoken answers go out at playback pace, this far ahead of it (a client's jitter buffer)")
@@ -167,8 +158,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 async def _serve(args: argparse.Namespace) -> None:
     tokens = load_tokens(args.api_tokens) if args.api_tokens else None
     make_tts(args.tts)  # fail at start-up, not in the first session, when the engine is missing
+    tls = None
+    if args.orchestrator_tls_ca or args.orchestrator_tls_cert:
+        tls = channel_credentials(args.orchestrator_tls_ca, args.orchestrator_tls_cert, args.orchestrator_tls_key)
     server = RealtimeServer(args.orchestrator, host=args.host, port=args.port, tokens=tokens, tts=args.tts,
-                            echo_guard=not args.no_echo_guard, audio_lead_ms=args.audio_lead_ms)
+                            echo_guard=not args.no_echo_guard, audio_lead_ms=args.audio_lead_ms,
+                            orchestrator_tls=tls)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -8,6 +8,11 @@ import os
 from redis.asyncio import Redis
 
 from vita.bus.streams import BusConfig
+from vita.errors import VitaError
+from vita.runtime.access import AccessPolicy, load_tokens
+from vita.runtime.redis_client import RedisSettings, connect
+from vita.runtime.server import MAX_MESSAGE_BYTES
+from vita.runtime.tls import ServerTLS, server_tls
 from vita.telemetry.logging import configure_logging
 from vita.telemetry.metrics import Metrics, serve_metrics
 from vita.telemetry.tracing import configure_tracing
@@ -16,7 +21,16 @@ from vita.telemetry.tracing import configure_tracing
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("common service options")
     g.add_argument("--redis", default=os.environ.get("VITA_REDIS_URL", "redis://127.0.0.1:6379/0"),
-                   help="Redis URL of the bus (env VITA_REDIS_URL)")
+                   help="Redis URL of the bus: redis://[user:password@]host:port/db, rediss:// for TLS "
+                        "(env VITA_REDIS_URL)")
+    g.add_argument("--redis-cluster", action="store_true", default=_env_flag("VITA_REDIS_CLUSTER"),
+                   help="the URL names a node of a Redis Cluster (env VITA_REDIS_CLUSTER=1)")
+    g.add_argument("--redis-ca", default=os.environ.get("VITA_REDIS_CA"),
+                   help="rediss://: CA certificate (PEM) the server's must chain to (env VITA_REDIS_CA)")
+    g.add_argument("--redis-cert", default=os.environ.get("VITA_REDIS_CERT"),
+                   help="rediss://: client certificate (PEM) for a server with tls-auth-clients (env VITA_REDIS_CERT)")
+    g.add_argument("--redis-key", default=os.environ.get("VITA_REDIS_KEY"),
+                   help="rediss://: the client certificate's key (env VITA_REDIS_KEY)")
     g.add_argument("--prefix", default=os.environ.get("VITA_BUS_PREFIX", "vita"),
                    help="key prefix of every stream and key on the bus (env VITA_BUS_PREFIX)")
     g.add_argument("--host", default="127.0.0.1", help="address the gRPC server binds (0.0.0.0 in a cluster)")
@@ -29,6 +43,45 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--otlp-endpoint", default=None, help="send OpenTelemetry spans here (OTLP/gRPC); off by default")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
+    a = parser.add_argument_group("access to the gRPC API (runtime/access.py; health and reflection stay open)")
+    a.add_argument("--api-tokens", default=os.environ.get("VITA_API_TOKENS_FILE"),
+                   help="file of accepted bearer tokens, one per line, # comments (env VITA_API_TOKENS_FILE); "
+                        "unset: no authentication")
+    a.add_argument("--rate-limit", type=float, default=0.0,
+                   help="calls a token (or, without --api-tokens, any caller) may start per second; 0: unlimited")
+    a.add_argument("--rate-burst", type=int, default=0, help="calls a token may start at once (0: the rate, >= 1)")
+    a.add_argument("--max-sessions-per-token", type=int, default=0,
+                   help="open Converse calls per token on this replica; 0: unlimited")
+    a.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES,
+                   help="largest gRPC message received or sent (RESOURCE_EXHAUSTED beyond it)")
+    a.add_argument("--tls-cert", default=None, help="serve gRPC over TLS with this certificate (PEM)")
+    a.add_argument("--tls-key", default=None, help="the --tls-cert's private key (PEM)")
+    a.add_argument("--tls-client-ca", default=None,
+                   help="mutual TLS: clients must present a certificate signed by this CA (PEM)")
+    a.add_argument("--health-port", type=int, default=None,
+                   help="with TLS: also serve grpc.health.v1 alone, in plaintext, on this port (for probes)")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def access_policy(args: argparse.Namespace) -> AccessPolicy:
+    """The flags' AccessPolicy; VitaError for a bad value (the process exits with the message)."""
+    if args.rate_limit < 0 or args.rate_burst < 0 or args.max_sessions_per_token < 0:
+        raise VitaError("--rate-limit, --rate-burst and --max-sessions-per-token must not be negative")
+    tokens = load_tokens(args.api_tokens) if args.api_tokens else None
+    return AccessPolicy(tokens=tokens, rate_per_s=args.rate_limit, burst=args.rate_burst,
+                        max_sessions=args.max_sessions_per_token)
+
+
+def grpc_tls(args: argparse.Namespace) -> ServerTLS | None:
+    return server_tls(args.tls_cert, args.tls_key, args.tls_client_ca)
+
+
+def redis_settings(args: argparse.Namespace) -> RedisSettings:
+    return RedisSettings(url=args.redis, cluster=args.redis_cluster, ca_file=args.redis_ca,
+                         cert_file=args.redis_cert, key_file=args.redis_key)
 
 
 def setup(service: str, args: argparse.Namespace) -> tuple[Redis, BusConfig, Metrics]:
@@ -42,4 +95,4 @@ def setup(service: str, args: argparse.Namespace) -> tuple[Redis, BusConfig, Met
     # redis-py 8's 5 s default cut them with a TimeoutError whenever a pool was slow to answer. (None, "no
     # timeout", stopped encoder workers from reclaiming a dead worker's jobs in tests/integration/test_encoders.py.)
     longest_block_s = max(60.0, getattr(args, "token_timeout", 0.0), getattr(args, "encode_timeout", 0.0))
-    return Redis.from_url(args.redis, socket_timeout=longest_block_s + 30, socket_connect_timeout=5), bus, metrics
+    return connect(redis_settings(args), socket_timeout=longest_block_s + 30, socket_connect_timeout=5), bus, metrics

@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import Protocol
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from vita.bus.streams import BusConfig
-from vita.runtime.args import setup
+from vita.errors import VitaError
+from vita.runtime.args import access_policy, grpc_tls, setup
+from vita.runtime.redis_client import redacted
 from vita.runtime.server import GrpcService, ServiceServer
 from vita.telemetry.metrics import Metrics
 
@@ -73,23 +76,35 @@ async def serve(name: str, args: argparse.Namespace, build: Build, *, threads: i
 
     if threads:
         torch.set_num_threads(threads)
+    access, tls = access_policy(args), grpc_tls(args)  # bad files or values fail before anything starts
     redis, bus, metrics = setup(name, args)
     server: ServiceServer | None = None
     try:
+        await _check_redis(redis, args.redis)
         async with contextlib.AsyncExitStack() as resources:
             model_dir = Path(args.model) if args.model else build_tiny_checkpoint()
             service = await build(Context(args, model_dir, redis, bus, metrics, resources))
-            server = ServiceServer(service.grpc, host=args.host, port=args.grpc_port)
+            server = ServiceServer(service.grpc, host=args.host, port=args.grpc_port, access=access, tls=tls,
+                                   health_port=args.health_port, max_message_bytes=args.max_message_bytes)
             await server.start()
             worker = service.worker
             server.install_signal_handlers(on_drain=worker.stop if worker is not None else None)
-            log.info("serving", extra={"grpc_port": server.port, "model": str(model_dir), **service.log})
+            log.info("serving", extra={"grpc_port": server.port, "model": str(model_dir), "tls": tls is not None,
+                                       "auth": access.tokens is not None, **service.log})
             await (worker.run() if worker is not None else server.wait())
     finally:
         if server is not None:
             await server.drain()
         await redis.aclose()
     log.info("stopped")
+
+
+async def _check_redis(redis: Redis, url: str) -> None:
+    """Fail at start-up, in one line, when the bus is unreachable or refuses the credentials (not at first use)."""
+    try:
+        await redis.ping()
+    except (RedisError, OSError) as e:
+        raise VitaError(f"cannot use Redis at {redacted(url)}: {type(e).__name__}: {e}") from None
 
 
 def run_service(name: str, args: argparse.Namespace, build: Build, *, threads: int | None = None) -> int:

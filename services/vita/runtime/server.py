@@ -16,6 +16,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from vita.runtime.access import AccessInterceptor, AccessPolicy
+from vita.runtime.tls import ServerTLS
+
 log = logging.getLogger(__name__)
 
 # 64 MiB: a request carrying a few images or a minute of audio fits; anything larger is refused by gRPC itself.
@@ -33,26 +36,44 @@ class GrpcService:
 
 
 class ServiceServer:
+    """`access`: token check, rate and session limits (runtime/access.py); `tls`: serve TLS or mutual TLS, and
+    then, with `health_port`, also grpc.health.v1 alone in plaintext there (Kubernetes' gRPC probes speak no TLS).
+    A request larger than `max_message_bytes` is refused by gRPC itself with RESOURCE_EXHAUSTED."""
+
     def __init__(self, services: Sequence[GrpcService], *, host: str = "127.0.0.1", port: int = 0,
-                 grace_s: float = GRACE_S, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                 grace_s: float = GRACE_S, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 access: AccessPolicy | None = None, tls: ServerTLS | None = None,
+                 health_port: int | None = None) -> None:
         self.services = services
         self.grace_s = grace_s
+        self.access = AccessInterceptor(access) if access is not None and access.enabled else None
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-        ])
+        ], interceptors=[self.access] if self.access is not None else None)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for service in services:
             service.register(self.server)
         reflection.enable_server_reflection(
             [s.name for s in services] + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if tls is None:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        else:
+            self.port = self.server.add_secure_port(f"{host}:{port}", tls.credentials())
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
+        if health_port is not None and tls is not None:
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(f"{host}:{health_port}")
         self._stopped = asyncio.Event()
         self._drain_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         await self._set_status(health_pb2.HealthCheckResponse.SERVING)
 
     async def _set_status(self, status: int) -> None:
@@ -72,6 +93,8 @@ class ServiceServer:
     async def _drain(self) -> None:
         await self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(self.grace_s)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         self._stopped.set()
 
     def install_signal_handlers(self, on_drain: Callable[[], None] | None = None) -> None:

@@ -1,0 +1,86 @@
+"""A small stack in one event loop for tests that vary how the parts connect (tokens, TLS, Redis ACL users,
+Redis TLS, Redis Cluster): the orchestrator's gRPC server, an llm generator worker and, optionally, a vision
+encoder worker, all on real Redis and real loopback gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from vita.bus.streams import BusConfig
+from vita.encoders.__main__ import ENCODERS
+from vita.encoders.base import load_encoder
+from vita.encoders.worker import EncoderWorker
+from vita.encoders.worker import WorkerConfig as EncoderConfig
+from vita.inference import VitaPipeline
+from vita.llm.backends.torch.backend import TorchBackend
+from vita.llm.worker import LLMWorker, WorkerConfig
+from vita.orchestrator.service import AssistantService, OrchestratorConfig
+from vita.runtime.server import GrpcService, ServiceServer
+from vita.v1 import assistant_pb2_grpc
+from vita.v1.assistant_pb2 import Completed, GenerateRequest
+from vita.v1.media_pb2 import SamplingParams
+
+
+@dataclass
+class Stack:
+    server: ServiceServer
+    service: AssistantService
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+
+@contextlib.asynccontextmanager
+async def running_stack(pipeline: VitaPipeline, model_dir: Path, redis: Any, bus: BusConfig, *,
+                        vision: bool = False, config: OrchestratorConfig | None = None,
+                        **server_kwargs: Any) -> AsyncIterator[Stack]:
+    """`redis` may be a Redis or a RedisCluster client; `server_kwargs` go to ServiceServer (access, tls...)."""
+    service = AssistantService(redis, bus, pipeline.model.vita_config, pipeline.tokenizer, config)
+    server = ServiceServer([GrpcService("vita.v1.Assistant",
+                                        lambda s: assistant_pb2_grpc.add_AssistantServicer_to_server(service, s))],
+                           **server_kwargs)
+    await server.start()
+    backend = TorchBackend(pipeline.model, max_batch_size=4)
+    await backend.start()
+    workers: list[Any] = [LLMWorker(redis, bus, backend, pipeline.tokenizer, WorkerConfig(max_concurrency=4))]
+    if vision:
+        encoder = load_encoder(ENCODERS["vision-encoder"][0], model_dir, "cpu", torch.float32)
+        workers.append(EncoderWorker(redis, bus, encoder, EncoderConfig(max_batch=2)))
+    tasks = [asyncio.create_task(w.run()) for w in workers]
+    try:
+        yield Stack(server, service)
+    finally:
+        for w in workers:
+            w.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        await backend.close()
+        await server.drain()
+
+
+async def generate(stub: assistant_pb2_grpc.AssistantStub, request: GenerateRequest | str, *,
+                   metadata: tuple[tuple[str, str], ...] = (), max_tokens: int = 4) -> tuple[str, Completed]:
+    """The whole answer and its Completed record; raises grpc.aio.AioRpcError as the call does."""
+    if isinstance(request, str):
+        request = GenerateRequest(text=request, sampling=SamplingParams(max_tokens=max_tokens))
+    parts, done = [], None
+    async for r in stub.Generate(request, metadata=metadata, timeout=120):
+        if r.HasField("delta"):
+            parts.append(r.delta.text)
+        else:
+            done = r.completed
+    assert done is not None, "the stream ended without a Completed response"
+    return "".join(parts), done
+
+
+def channel(target: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
+    return (grpc.aio.insecure_channel(target) if credentials is None
+            else grpc.aio.secure_channel(target, credentials))

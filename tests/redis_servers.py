@@ -1,0 +1,92 @@
+"""Real redis-server processes on free loopback ports for tests that need their own server: ACL users, TLS,
+a Redis Cluster. Each runs without persistence in its own directory and is stopped (its pid only) at exit."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import redis
+
+from vita.runtime.ports import free_port
+
+
+def _require(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} is missing: install Redis 7 (make setup)")
+    return path
+
+
+class RedisServer:
+    """`redis-server` with `args` (e.g. ["--aclfile", path]) on a free port; `tls=True` serves only TLS there."""
+
+    def __init__(self, directory: Path, args: Sequence[str] = (), *, tls: bool = False) -> None:
+        self.directory, self.port, self.tls = directory, free_port(), tls
+        directory.mkdir(parents=True, exist_ok=True)
+        ports = ["--port", "0", "--tls-port", str(self.port)] if tls else ["--port", str(self.port)]
+        self.log = directory / "redis.log"
+        self.proc = subprocess.Popen(
+            [_require("redis-server"), "--bind", "127.0.0.1", *ports, "--save", "", "--appendonly", "no",
+             "--dir", str(directory), "--logfile", str(self.log), *args])
+
+    def wait_ready(self, probe: redis.Redis, timeout_s: float = 20.0) -> None:
+        """Until `probe` (a client that may log in) answers PING; fails with the server's log otherwise."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"redis-server exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                probe.ping()
+                return
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"redis-server on {self.port} did not answer: {self.log.read_text()[-2000:]}")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class RedisCluster:
+    """A Redis Cluster of `masters` masters (no replicas) on loopback: redis-server --cluster-enabled yes per
+    node, joined by `redis-cli --cluster create ... --cluster-yes`, ready when every slot is served."""
+
+    def __init__(self, directory: Path, masters: int = 3) -> None:
+        self.nodes = [RedisServer(directory / f"node{k}", ["--cluster-enabled", "yes", "--cluster-config-file",
+                                                             "nodes.conf", "--cluster-node-timeout", "5000"])
+                      for k in range(masters)]
+        for node in self.nodes:
+            node.wait_ready(redis.Redis(port=node.port))
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        created = subprocess.run([_require("redis-cli"), "--cluster", "create", *addresses, "--cluster-yes"],
+                                 capture_output=True, text=True, timeout=60)
+        if created.returncode != 0:
+            self.stop()
+            pytest.fail(f"redis-cli --cluster create failed: {created.stdout[-2000:]} {created.stderr[-2000:]}")
+        deadline = time.monotonic() + 30
+        for node in self.nodes:
+            with redis.Redis(port=node.port, decode_responses=True) as client:
+                while client.cluster("info").get("cluster_state") != "ok":
+                    if time.monotonic() > deadline:
+                        self.stop()
+                        pytest.fail("the Redis Cluster did not reach cluster_state:ok in 30 s")
+                    time.sleep(0.1)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}"
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
