@@ -103,7 +103,8 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
                                   f"{type(e).__name__}: {e}")
             finally:
                 if not finished:  # client gone, deadline, or failure: stop the workers' compute too
-                    await self.pools.cancel(request_id)
+                    with contextlib.suppress(RedisError):  # the bus failed: the status above already says so
+                        await self.pools.cancel(request_id)
         self.metrics.e2e_latency.labels("orchestrator").observe(time.perf_counter() - start)
 
     async def _abort(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
