@@ -29,6 +29,8 @@ PROFILES = {
         "redis": {"mode": "external", "external": {"host": "redis.data", "password": "s3cret", "tls": True}},
         "secretEnv": {"OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer x"},
         "otlp": {"endpoint": "http://otel:4317"}, "bus": {"prefix": "prod:vita"}},
+    "auth": {"auth": {"enabled": True, "tokens": ["alpha-token", "beta-token"], "rateLimit": 2.5, "rateBurst": 5,
+                      "maxSessionsPerToken": 4}},
 }
 TRAINING_PROFILES = {
     "default": {},
@@ -451,3 +453,30 @@ def test_readme_install_section_uses_the_charts_values():
     assert keys
     for key in keys:
         assert any(has(values, key) for values in charts), f"README sets {key}, which neither chart's values have"
+
+
+def test_auth_mounts_the_token_secret_where_api_tokens_points():
+    docs = k8s.render(k8s.VITA_CHART, PROFILES["auth"])
+    secret = k8s.one(docs, "Secret", f"{k8s.RELEASE}-api-tokens")
+    assert secret["stringData"]["tokens"].split() == ["alpha-token", "beta-token"]
+    containers = dict((k8s.component(doc), (doc, c)) for doc, c in k8s.vita_containers(docs))
+    doc, orchestrator = containers.pop("orchestrator")
+    (_, args), _ = _parse(doc, orchestrator, docs)
+    assert (args.rate_limit, args.rate_burst, args.max_sessions_per_token) == (2.5, 5, 4)
+    mount = next(m for m in orchestrator["volumeMounts"] if m["name"] == "api-tokens")
+    assert os.path.dirname(args.api_tokens) == mount["mountPath"] and mount["readOnly"]
+    volume = next(v for v in doc["spec"]["template"]["spec"]["volumes"] if v["name"] == "api-tokens")
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    assert os.path.basename(args.api_tokens) == volume["secret"]["items"][0]["path"]
+    for _, container in containers.values():  # only the public API checks tokens
+        assert "--api-tokens" not in container["args"]
+    own = k8s.render(k8s.VITA_CHART, {"auth": {"enabled": True, "existingSecret": "my-tokens"}})
+    assert not [d for d in own if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-api-tokens")]
+    (doc, _), = [(d, c) for d, c in k8s.vita_containers(own) if k8s.component(d) == "orchestrator"]
+    volume = next(v for v in doc["spec"]["template"]["spec"]["volumes"] if v["name"] == "api-tokens")
+    assert volume["secret"]["secretName"] == "my-tokens"
+
+
+def test_auth_without_tokens_is_refused():
+    with helm.Chart.load(str(k8s.VITA_CHART)) as chart, pytest.raises(Exception, match="auth.tokens"):
+        chart.render({"auth": {"enabled": True}}, name=k8s.RELEASE, namespace=k8s.NAMESPACE)

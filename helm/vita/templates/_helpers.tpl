@@ -103,6 +103,10 @@ llm-monitor: {key: llmMonitor, service: llm, role: monitor, pool: "llm:monitor"}
 {{- end -}}
 {{- end -}}
 
+{{- define "vita.apiTokensSecretName" -}}
+{{- default (printf "%s-api-tokens" (include "vita.fullname" .)) .Values.auth.existingSecret -}}
+{{- end -}}
+
 {{/* The service processes ------------------------------------------------------------------------------------- */}}
 
 {{/* Flags every service takes (services/vita/runtime/args.py); include "vita.commonArgs" $ */}}
@@ -149,6 +153,22 @@ llm-monitor: {key: llmMonitor, service: llm, role: monitor, pool: "llm:monitor"}
 - {{ $v.encodeTimeout | quote }}
 - --token-timeout
 - {{ $v.tokenTimeout | quote }}
+{{- if $root.Values.auth.enabled }}
+- --api-tokens
+- /etc/vita/auth/tokens
+{{- end }}
+{{- if $root.Values.auth.rateLimit }}
+- --rate-limit
+- {{ $root.Values.auth.rateLimit | quote }}
+{{- end }}
+{{- if $root.Values.auth.rateBurst }}
+- --rate-burst
+- {{ int64 $root.Values.auth.rateBurst | quote }}
+{{- end }}
+{{- if $root.Values.auth.maxSessionsPerToken }}
+- --max-sessions-per-token
+- {{ int64 $root.Values.auth.maxSessionsPerToken | quote }}
+{{- end }}
 {{- else if $c.role }}
 - --role
 - {{ $c.role }}
@@ -265,6 +285,9 @@ envFrom:
   volumeMounts:
     - {name: tmp, mountPath: /tmp}
     - {name: vita-home, mountPath: /var/lib/vita}
+    {{- if and (eq $name "orchestrator") $root.Values.auth.enabled }}
+    - {name: api-tokens, mountPath: /etc/vita/auth, readOnly: true}
+    {{- end }}
     {{- if eq $root.Values.model.source "pvc" }}
     - name: model
       mountPath: {{ $root.Values.model.mountPath }}
@@ -307,6 +330,13 @@ volumes:
     emptyDir: {sizeLimit: 1Gi}
   - name: vita-home
     emptyDir: {sizeLimit: 4Gi}
+  {{- if and (eq $name "orchestrator") $root.Values.auth.enabled }}
+  - name: api-tokens
+    secret:
+      secretName: {{ include "vita.apiTokensSecretName" $root }}
+      defaultMode: 0440
+      items: [{key: tokens, path: tokens}]
+  {{- end }}
   {{- if eq $root.Values.model.source "pvc" }}
   - name: model
     persistentVolumeClaim:
