@@ -478,5 +478,5 @@ def test_auth_mounts_the_token_secret_where_api_tokens_points():
 
 
 def test_auth_without_tokens_is_refused():
-    with helm.Chart.load(str(k8s.VITA_CHART)) as chart, pytest.raises(Exception, match="auth.tokens"):
+    with helm.Chart.load(str(k8s.VITA_CHART)) as chart, pytest.raises(Exception, match=r"auth\.tokens"):
         chart.render({"auth": {"enabled": True}}, name=k8s.RELEASE, namespace=k8s.NAMESPACE)

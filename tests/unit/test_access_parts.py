@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from vita.bus.acl import acl_rule
 from vita.errors import InvalidInputError, VitaError
 from vita.orchestrator.limits import InputLimits, audio_seconds, image_size, video_seconds
 from vita.runtime.access import TokenBucket, TokenSet, bearer_token, load_tokens, token_id
@@ -84,3 +85,10 @@ def test_media_sizes_come_from_headers(tmp_path, wide_png, short_mp4):
 def test_input_limits_must_be_positive():
     with pytest.raises(InvalidInputError, match="max_text_chars"):
         InputLimits(max_text_chars=0)
+
+
+def test_the_documented_acl_rule_is_the_one_the_tests_run():
+    from pathlib import Path
+
+    docs = (Path(__file__).parents[2] / "docs" / "deployment.md").read_text()
+    assert acl_rule("vita", "vita", ">PASSWORD") in docs
