@@ -60,32 +60,41 @@ class RedisServer:
 
 class RedisCluster:
     """A Redis Cluster of `masters` masters (no replicas) on loopback: redis-server --cluster-enabled yes per
-    node, joined by `redis-cli --cluster create ... --cluster-yes`, ready when every slot is served."""
+    node (plus `args`, e.g. an ACL file), joined by `redis-cli --cluster create ... --cluster-yes`, ready when
+    every node reports cluster_state:ok. `admin_password`: the default user's, when `args` set one."""
 
-    def __init__(self, directory: Path, masters: int = 3) -> None:
+    def __init__(self, directory: Path, masters: int = 3, args: Sequence[str] = (),
+                 admin_password: str | None = None) -> None:
+        # The cluster bus port is given, not left at port + 10000 (over 65535 for an ephemeral port).
         self.nodes = [RedisServer(directory / f"node{k}", ["--cluster-enabled", "yes", "--cluster-config-file",
-                                                             "nodes.conf", "--cluster-node-timeout", "5000"])
+                                                             "nodes.conf", "--cluster-node-timeout", "5000",
+                                                             "--cluster-port", str(free_port()), *args])
                       for k in range(masters)]
+        self.admin_password = admin_password
         for node in self.nodes:
-            node.wait_ready(redis.Redis(port=node.port))
+            node.wait_ready(self.admin(node))
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        created = subprocess.run([_require("redis-cli"), "--cluster", "create", *addresses, "--cluster-yes"],
+        auth = ["-a", admin_password, "--no-auth-warning"] if admin_password else []
+        created = subprocess.run([_require("redis-cli"), *auth, "--cluster", "create", *addresses, "--cluster-yes"],
                                  capture_output=True, text=True, timeout=60)
         if created.returncode != 0:
             self.stop()
             pytest.fail(f"redis-cli --cluster create failed: {created.stdout[-2000:]} {created.stderr[-2000:]}")
         deadline = time.monotonic() + 30
         for node in self.nodes:
-            with redis.Redis(port=node.port, decode_responses=True) as client:
-                while client.cluster("info").get("cluster_state") != "ok":
+            with self.admin(node) as client:
+                while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO", NEVER_DECODE=True):
                     if time.monotonic() > deadline:
                         self.stop()
                         pytest.fail("the Redis Cluster did not reach cluster_state:ok in 30 s")
                     time.sleep(0.1)
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.nodes[0].port}"
+    def admin(self, node: RedisServer) -> redis.Redis:
+        return redis.Redis(port=node.port, password=self.admin_password)
+
+    def url(self, user: str = "", password: str = "") -> str:
+        auth = f"{user}:{password}@" if password else ""
+        return f"redis://{auth}127.0.0.1:{self.nodes[0].port}"
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -233,3 +233,53 @@ def test_input_limits_are_invalid_argument_and_oversized_messages_resource_exhau
         assert message in errors[name].details(), (name, errors[name].details())
     assert errors["message bytes"].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert done.usage.completion_tokens >= 1
+
+
+def test_realtime_gateway_checks_and_forwards_the_token(pipeline, tiny_model_dir):
+    import json
+
+    import websockets
+
+    from vita.realtime.server import RealtimeServer
+
+    async def session(port: int, headers: dict) -> list[dict]:
+        events = []
+        async with websockets.connect(f"ws://127.0.0.1:{port}/v1/realtime?model=vita",
+                                      additional_headers=headers) as ws:
+            try:
+                while True:
+                    events.append(json.loads(await asyncio.wait_for(ws.recv(), 60)))
+                    if events[-1]["type"] in ("session.created", "error"):
+                        break
+            except websockets.ConnectionClosed:
+                pass
+        return events
+
+    async def body(stub, ch, stack):
+        outcomes = {}
+        for name, tokens in {"open gateway": None, "checking gateway": TOKENS}.items():
+            stop = asyncio.Event()
+            server = RealtimeServer(stack.target, port=0, tokens=tokens)
+            serving = asyncio.create_task(server.serve(stop))
+            while not server.port:
+                await asyncio.sleep(0.01)
+            try:
+                for who, headers in {"alpha": {"Authorization": "Bearer alpha-token"},
+                                     "wrong": {"Authorization": "Bearer wrong"}}.items():
+                    try:
+                        outcomes[name, who] = [e["type"] if e["type"] != "error" else e["error"]["code"]
+                                               for e in await session(server.port, headers)]
+                    except websockets.InvalidStatus as e:
+                        outcomes[name, who] = e.response.status_code
+            finally:
+                stop.set()
+                await serving
+        return outcomes
+
+    outcomes = run(pipeline, tiny_model_dir, body, access=AccessPolicy(tokens=TOKENS))
+    assert outcomes == {
+        ("open gateway", "alpha"): ["session.created"],  # the gateway passed the token on; the orchestrator took it
+        ("open gateway", "wrong"): ["invalid_api_key"],  # the orchestrator refused it, the client hears why
+        ("checking gateway", "alpha"): ["session.created"],
+        ("checking gateway", "wrong"): 401,  # refused at the handshake
+    }

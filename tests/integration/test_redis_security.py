@@ -14,18 +14,14 @@ import grpc
 import pytest
 import redis
 
-from tests.bus_stack import channel, generate, running_stack
+from tests.bus_stack import bus_traffic, channel, check_traffic, generate, running_stack
 from tests.certs import CertificateAuthority
 from tests.redis_servers import RedisServer
 from vita.bus.acl import acl_rule
-from vita.bus.cancel import CancelWatcher, cancel
 from vita.bus.streams import BusConfig
-from vita.client import END, image_event, session_config, text_event
 from vita.inference import VitaPipeline
 from vita.runtime.redis_client import RedisSettings, connect
 from vita.v1 import assistant_pb2_grpc
-from vita.v1.assistant_pb2 import GenerateRequest
-from vita.v1.media_pb2 import Image, SamplingParams
 
 PASSWORD = "bus-secret"
 
@@ -75,52 +71,9 @@ def tls_redis(tmp_path_factory, prefix):
     server.stop()
 
 
-async def _traffic(pipeline, model_dir, settings: RedisSettings, prefix: str, png: bytes):
-    """Everything the services send on the bus, through a client made from `settings`."""
-    client = connect(settings, socket_timeout=30)
-    bus = BusConfig(prefix=prefix)
-    try:
-        async with running_stack(pipeline, model_dir, client, bus, vision=True) as stack, \
-                channel(stack.target) as ch:
-            stub = assistant_pb2_grpc.AssistantStub(ch)
-            _, text_done = await generate(stub, "hello there")
-            _, image_done = await generate(stub, GenerateRequest(
-                text="what is this?", images=[Image(data=png)], sampling=SamplingParams(max_tokens=3)))
-
-            async def converse():
-                yield session_config(max_tokens=3)
-                yield image_event(png)
-                yield text_event("what is in the picture?")
-                yield END
-
-            events = [e async for e in stub.Converse(converse())]
-            heard: list[str] = []
-
-            async def on_cancel(request_id: str) -> None:
-                heard.append(request_id)
-
-            async with CancelWatcher(client, bus, on_cancel=on_cancel) as watcher:
-                await watcher.watch("req-1")
-                await cancel(client, bus, "req-1")
-                while not heard:
-                    await asyncio.sleep(0.01)
-            return text_done, image_done, events, heard
-    finally:
-        await client.aclose()
-
-
-def _check_traffic(text_done, image_done, events, heard):
-    assert text_done.usage.completion_tokens >= 1
-    assert image_done.usage.image_tokens > 0 and image_done.usage.completion_tokens >= 1
-    kinds = [e.WhichOneof("event") for e in events]
-    assert "error" not in kinds, [e.error for e in events if e.HasField("error")]
-    assert "session_started" in kinds and "completed" in kinds, kinds
-    assert heard == ["req-1"]
-
-
 def test_the_acl_user_is_enough_for_all_bus_traffic(pipeline, tiny_model_dir, acl_redis, prefix, wide_png):
     settings = RedisSettings(f"redis://vita:{PASSWORD}@127.0.0.1:{acl_redis.port}/0")
-    _check_traffic(*asyncio.run(_traffic(pipeline, tiny_model_dir, settings, prefix, wide_png.read_bytes())))
+    check_traffic(*asyncio.run(bus_traffic(pipeline, tiny_model_dir, settings, prefix, wide_png.read_bytes())))
 
 
 def test_a_user_without_the_rule_is_refused_clearly(pipeline, tiny_model_dir, acl_redis, prefix):
@@ -128,7 +81,8 @@ def test_a_user_without_the_rule_is_refused_clearly(pipeline, tiny_model_dir, ac
         client = connect(RedisSettings(f"redis://intruder:{PASSWORD}@127.0.0.1:{acl_redis.port}/0"))
         bus = BusConfig(prefix=prefix)
         try:
-            async with running_stack(pipeline, tiny_model_dir, client, bus) as stack, channel(stack.target) as ch:
+            async with running_stack(pipeline, tiny_model_dir, client, bus, workers_may_fail=True) as stack, \
+                    channel(stack.target) as ch:
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await generate(assistant_pb2_grpc.AssistantStub(ch), "hello")
                 return err.value
@@ -157,7 +111,7 @@ def test_bus_traffic_over_tls_with_client_certificates(pipeline, tiny_model_dir,
     url = f"rediss://vita:{PASSWORD}@127.0.0.1:{server.port}/0"
     settings = RedisSettings(url, ca_file=str(ca.ca_file), cert_file=str(client_cert.cert),
                              key_file=str(client_cert.key))
-    _check_traffic(*asyncio.run(_traffic(pipeline, tiny_model_dir, settings, prefix, wide_png.read_bytes())))
+    check_traffic(*asyncio.run(bus_traffic(pipeline, tiny_model_dir, settings, prefix, wide_png.read_bytes())))
 
     async def ping(settings: RedisSettings):
         client = connect(settings)

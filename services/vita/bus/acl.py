@@ -11,7 +11,7 @@ from __future__ import annotations
 # `cluster|shards` and `command` are what redis.asyncio.RedisCluster reads to learn the slot map and key positions.
 COMMANDS = (
     "ping", "select", "multi", "exec", "discard", "watch", "unwatch",
-    "get", "set", "mget", "exists", "del", "pexpire",
+    "get", "set", "exists", "del", "pexpire",
     "rpush", "rpop", "ltrim", "lrange",
     "xadd", "xread", "xreadgroup", "xack", "xclaim", "xautoclaim", "xpending", "xrange", "xlen", "xinfo|groups",
     "xgroup|create",

@@ -18,15 +18,22 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
+from vita.bus.cluster import is_cluster
 from vita.bus.streams import BusConfig, milliseconds
 
 log = logging.getLogger(__name__)
 
 
 async def cancel(redis: Redis, config: BusConfig, request_id: str) -> None:
-    """Mark `request_id` cancelled and tell every subscribed worker, in one MULTI."""
+    """Mark `request_id` cancelled, then tell every subscribed worker: one MULTI on a single Redis; two commands,
+    key first, on a Redis Cluster (PUBLISH has no key, so it shares no slot and cannot be pipelined there)."""
+    key, ttl_ms = config.cancel_key(request_id), milliseconds(config.cancel_ttl_s)
+    if is_cluster(redis):
+        await redis.set(key, 1, px=ttl_ms)
+        await redis.publish(config.cancel_channel, request_id)
+        return
     pipe = redis.pipeline(transaction=True)
-    pipe.set(config.cancel_key(request_id), 1, px=milliseconds(config.cancel_ttl_s))
+    pipe.set(key, 1, px=ttl_ms)
     pipe.publish(config.cancel_channel, request_id)
     await pipe.execute()
 
@@ -53,6 +60,8 @@ class CancelWatcher:
     _task: asyncio.Task[None] | None = field(default=None, init=False)
 
     async def __aenter__(self) -> CancelWatcher:
+        if is_cluster(self.redis):  # its pub/sub needs the slot map, which the first command would load
+            await self.redis.initialize()
         self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         await self._pubsub.subscribe(self.config.cancel_channel)
         self._task = asyncio.create_task(self._listen())

@@ -39,11 +39,15 @@ async def write_embedding(
 
 
 async def read_embeddings(redis: Redis, refs: Sequence[EmbeddingRef]) -> list[torch.Tensor]:
-    """All blobs of one generation job in a single MGET round trip, checked against their references."""
+    """All blobs of one generation job in one pipelined round trip (per Cluster node), checked against their
+    references. GETs, not one MGET: the blobs of different jobs live in different Cluster hash slots."""
     if not refs:
         return []
+    pipe = redis.pipeline(transaction=False)
+    for ref in refs:
+        pipe.get(ref.key)
     tensors = []
-    for ref, raw in zip(refs, await redis.mget([ref.key for ref in refs])):
+    for ref, raw in zip(refs, await pipe.execute()):
         if raw is None:
             raise EmbeddingMissing(f"embedding {ref.key} is gone: it expired or was never written")
         try:

@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator
 
 from redis.asyncio import Redis
 
+from vita.bus.cluster import by_slot, socket_timeout
 from vita.bus.codec import decode_entry, encode_entry
 from vita.bus.streams import REPLY_TYPES, BusConfig, milliseconds
 from vita.errors import InvalidInputError, VitaError
@@ -62,24 +63,30 @@ class ReplyPublisher:
         await written
 
     async def _flush(self) -> None:
-        ttl_ms = milliseconds(self.config.reply_ttl_s)
         while self._pending:
             batch, self._pending = self._pending, []
-            pipe = self.redis.pipeline(transaction=True)
-            for stream, fields, _ in batch:
-                pipe.xadd(stream, fields)
-            for stream in dict.fromkeys(stream for stream, _, _ in batch):
-                pipe.pexpire(stream, ttl_ms)
-            try:
-                await pipe.execute()
-            except Exception as e:  # every waiter of this batch hears it; later batches try again
-                for _, _, written in batch:
-                    if not written.done():
-                        written.set_exception(e)
-                continue
+            # One MULTI on a single Redis; on a Cluster one per hash slot (a reply stream is its own slot), sent
+            # together. A stream's events and its TTL are always in the same transaction.
+            groups = by_slot(dict.fromkeys(stream for stream, _, _ in batch), self.redis)
+            await asyncio.gather(*(self._write([b for b in batch if b[0] in set(streams)], streams)
+                                   for streams in groups))
+
+    async def _write(self, batch: list[tuple[str, dict, asyncio.Future[None]]], streams: list[str]) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        for stream, fields, _ in batch:
+            pipe.xadd(stream, fields)
+        for stream in streams:
+            pipe.pexpire(stream, milliseconds(self.config.reply_ttl_s))
+        try:
+            await pipe.execute()
+        except Exception as e:  # every waiter of this batch hears it; later batches try again
             for _, _, written in batch:
                 if not written.done():
-                    written.set_result(None)
+                    written.set_exception(e)
+            return
+        for _, _, written in batch:
+            if not written.done():
+                written.set_result(None)
 
 
 async def events(
@@ -97,8 +104,8 @@ async def events(
     next_sequence: dict[str, int] = {}
     # One XREAD BLOCK must end before the client's socket timeout (redis-py 8 defaults it to 5 s), else the
     # read fails with redis' TimeoutError: a longer wait is a series of shorter blocks.
-    socket_timeout = redis.connection_pool.connection_kwargs.get("socket_timeout")
-    slice_s = min(_MAX_BLOCK_S, socket_timeout / 2) if socket_timeout else _MAX_BLOCK_S
+    timeout = socket_timeout(redis)
+    slice_s = min(_MAX_BLOCK_S, timeout / 2) if timeout else _MAX_BLOCK_S
     while True:
         deadline = time.monotonic() + timeout_s
         reply = None

@@ -84,23 +84,27 @@ class BusConfig:
             if limit is None or not 1 <= limit < self.jobs_maxlen:
                 raise InvalidInputError(f"backlog limit of {pool} must be in [1, jobs_maxlen={self.jobs_maxlen}); got {limit}")
 
+    # Redis Cluster hash tags: the part in braces alone picks a key's slot. A pool's job stream and its dead
+    # letters share one tag (a dead letter is written and its job acked in one MULTI); a session's state and its
+    # pending-media lists share the session id (one WATCH/MULTI touches all three). Ids never contain braces.
+
     def jobs(self, pool: Pool) -> str:
-        return f"{self.prefix}:jobs:{pool}"
+        return f"{self.prefix}:jobs:{{{pool}}}"
 
     def dead_letters(self, pool: Pool) -> str:
-        return f"{self.prefix}:dead:{pool}"
+        return f"{self.prefix}:dead:{{{pool}}}"
 
     def reply(self, request_id: str) -> str:
-        return f"{self.prefix}:reply:{check_id('request id', request_id)}"
+        return f"{self.prefix}:reply:{{{check_id('request id', request_id)}}}"
 
     def embedding(self, blob_id: str) -> str:
-        return f"{self.prefix}:emb:{check_id('embedding id', blob_id)}"
+        return f"{self.prefix}:emb:{{{check_id('embedding id', blob_id)}}}"
 
     def cancel_key(self, request_id: str) -> str:
-        return f"{self.prefix}:cancel:{check_id('request id', request_id)}"
+        return f"{self.prefix}:cancel:{{{check_id('request id', request_id)}}}"
 
     def session(self, session_id: str) -> str:
-        return f"{self.prefix}:session:{check_id('session id', session_id)}"
+        return f"{self.prefix}:session:{{{check_id('session id', session_id)}}}"
 
     def session_frames(self, session_id: str) -> str:
         """Camera frames (TimestampedFrame) waiting for the session's next answered turn, oldest first."""
@@ -117,8 +121,8 @@ class BusConfig:
 
     def check_reply_stream(self, key: str) -> str:
         """Workers write where a job tells them; this keeps a bad job from writing outside the reply streams."""
-        head = f"{self.prefix}:reply:"
-        if not key.startswith(head):
-            raise InvalidInputError(f"reply stream {key!r} is not under {head!r}")
-        check_id("request id", key.removeprefix(head))
+        head = f"{self.prefix}:reply:{{"
+        if not (key.startswith(head) and key.endswith("}")):
+            raise InvalidInputError(f"reply stream {key!r} is not under {head + '...}'!r}")
+        check_id("request id", key.removeprefix(head).removesuffix("}"))
         return key

@@ -96,14 +96,22 @@ class SessionStore:
                     pipe.set(key, state.SerializeToString(), px=self.ttl_ms)
                     for name in (self.bus.session_frames(session_id), self.bus.session_images(session_id)):
                         pipe.pexpire(name, self.ttl_ms)
-                    for turn in state.turns:
-                        for media in turn.media:
-                            pipe.pexpire(media.embedding.key, self.ttl_ms)
                     await pipe.execute()
-                    return state
                 except WatchError:
                     continue
+                await self._keep_embeddings(state)
+                return state
         raise SessionConflict(f"session {session_id!r}: {self.retries} concurrent writes in a row; try again")
+
+    async def _keep_embeddings(self, state: SessionState) -> None:
+        """The history's embedding blobs live as long as the session. Not inside the session's MULTI: on a Redis
+        Cluster they sit in other hash slots (one pipelined round trip, per node)."""
+        keys = [media.embedding.key for turn in state.turns for media in turn.media]
+        if keys:
+            pipe = self.redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.pexpire(key, self.ttl_ms)
+            await pipe.execute()
 
     async def claim(self, session_id: str, owner: str) -> SessionState:
         """Make `owner` the session's one writer (a resume): the previous owner's next write fails."""

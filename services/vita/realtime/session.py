@@ -71,6 +71,11 @@ _ERROR_TYPES = {3: "invalid_request_error", 5: "invalid_request_error", 8: "rate
 _STATUS_NAMES = {status.value[0]: status.name.lower() for status in grpc.StatusCode}
 
 
+# Orchestrator refusals that are about the caller, with the OpenAI error codes a client already handles.
+_REFUSALS = {grpc.StatusCode.UNAUTHENTICATED: ("invalid_api_key", "invalid_request_error"),
+             grpc.StatusCode.RESOURCE_EXHAUSTED: ("rate_limit_exceeded", "rate_limit_error")}
+
+
 @dataclass
 class Segment:
     """A stretch of speech the VAD cut: becomes a user item if judged a query."""
@@ -164,7 +169,11 @@ class RealtimeSession:
         try:
             first = await call.read()
         except grpc.aio.AioRpcError as e:
-            await self._fail(f"the orchestrator is unavailable: {e.code().name}: {e.details()}")
+            refusal = _REFUSALS.get(e.code())  # the caller's token or its limits: say so, as the OpenAI API does
+            if refusal is not None:
+                await self._fail(f"{e.code().name}: {e.details()}", code=refusal[0], kind=refusal[1], close=1008)
+            else:
+                await self._fail(f"the orchestrator is unavailable: {e.code().name}: {e.details()}")
             return False
         if first is grpc.aio.EOF or first.WhichOneof("event") != "session_started":
             message = first.error.message if first is not grpc.aio.EOF else "the orchestrator ended the call"

@@ -1,0 +1,87 @@
+"""The bus on a real 3-master Redis Cluster (loopback ports, nodes holding only the services' ACL user besides an
+admin): every multi-key command stays in one hash slot, so Generate (text, and an image through the vision
+encoder's embedding blobs), a Converse session, cancellation and dead letters work through
+redis.asyncio.RedisCluster, and the keys really spread over the masters."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from redis.crc import key_slot
+
+from tests.bus_stack import bus_traffic, check_traffic
+from tests.redis_servers import RedisCluster
+from vita.bus.acl import acl_rule
+from vita.bus.queue import Consumer
+from vita.bus.streams import BusConfig, Pool
+from vita.inference import VitaPipeline
+from vita.runtime.redis_client import RedisSettings, connect
+
+PASSWORD = "cluster-bus-secret"
+ADMIN = "cluster-admin-secret"
+
+
+def slot(key: str) -> int:
+    return key_slot(key.encode())
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_model_dir):
+    return VitaPipeline.load(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prefix() -> str:
+    return f"test:{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, prefix):
+    directory = tmp_path_factory.mktemp("redis-cluster")
+    acl = directory / "users.acl"
+    acl.write_text(f"user default on >{ADMIN} ~* &* +@all\n{acl_rule('vita', prefix, f'>{PASSWORD}')}\n")
+    cluster = RedisCluster(directory, args=["--aclfile", str(acl)], admin_password=ADMIN)
+    yield cluster
+    cluster.stop()
+
+
+def test_keys_that_share_a_command_share_a_slot():
+    bus = BusConfig(prefix="vita")
+    for pool in Pool:  # a dead letter is added and its job acked in one MULTI
+        assert slot(bus.jobs(pool)) == slot(bus.dead_letters(pool))
+    # A session's state and its pending media: one WATCH/MULTI.
+    assert slot(bus.session("s1")) == slot(bus.session_frames("s1")) == slot(bus.session_images("s1"))
+    # Different requests and sessions do spread over the slots.
+    assert len({slot(bus.reply(f"r{k}")) for k in range(50)}) > 40
+    assert len({slot(bus.session(f"s{k}")) for k in range(50)}) > 40
+
+
+def test_the_stack_runs_on_a_redis_cluster(pipeline, tiny_model_dir, cluster, prefix, wide_png):
+    settings = RedisSettings(cluster.url("vita", PASSWORD), cluster=True)
+    check_traffic(*asyncio.run(bus_traffic(pipeline, tiny_model_dir, settings, prefix, wide_png.read_bytes())))
+    holders = 0
+    for node in cluster.nodes:
+        with cluster.admin(node) as client:
+            holders += bool(list(client.scan_iter(match=f"{prefix}:*", count=1000)))
+    assert holders >= 2, "the bus's keys all landed on one master: the hash tags defeat sharding"
+
+
+def test_dead_letters_on_a_cluster(cluster, prefix):
+    async def main():
+        redis = connect(RedisSettings(cluster.url("vita", PASSWORD), cluster=True))
+        bus = BusConfig(prefix=prefix)
+        try:
+            await redis.xadd(bus.jobs(Pool.LLM_MONITOR), {b"not.a.Message": b"junk"})
+            consumer = Consumer(redis, bus, Pool.LLM_MONITOR)
+            delivered = await consumer.read(count=10, block_ms=100)
+            dead = await redis.xrange(bus.dead_letters(Pool.LLM_MONITOR))
+            pending = await redis.xpending(bus.jobs(Pool.LLM_MONITOR), Pool.LLM_MONITOR.group)
+            return delivered, dead, pending
+        finally:
+            await redis.aclose()
+
+    delivered, dead, pending = asyncio.run(main())
+    assert delivered == [] and len(dead) == 1 and pending["pending"] == 0
+    assert dead[0][1][b"dead:stream"].decode() == BusConfig(prefix=prefix).jobs(Pool.LLM_MONITOR)
