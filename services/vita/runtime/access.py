@@ -4,7 +4,7 @@ Callers authenticate with a bearer token (`authorization: Bearer TOKEN` metadata
 gRPC clients send). Tokens come from a file (`--api-tokens`, a Kubernetes Secret mounted as a file): one per line,
 blank lines and `#` comments skipped. Health checking and reflection stay open, so probes need no token.
 
-Per caller (the token; the peer's address when authentication is off):
+Per caller (the token; without authentication, all callers together as one):
 - a token bucket on call starts (`--rate-limit` calls/s, `--rate-burst`): beyond it RESOURCE_EXHAUSTED with a
   `google.rpc.RetryInfo` detail (and the wait in the message), so a client knows when to try again;
 - at most `--max-sessions-per-token` open Converse calls: beyond it RESOURCE_EXHAUSTED.

@@ -48,7 +48,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                    help="file of accepted bearer tokens, one per line, # comments (env VITA_API_TOKENS_FILE); "
                         "unset: no authentication")
     a.add_argument("--rate-limit", type=float, default=0.0,
-                   help="calls a token (or, without --api-tokens, any caller) may start per second; 0: unlimited")
+                   help="calls a token may start per second (without --api-tokens: all callers together); "
+                        "0: unlimited")
     a.add_argument("--rate-burst", type=int, default=0, help="calls a token may start at once (0: the rate, >= 1)")
     a.add_argument("--max-sessions-per-token", type=int, default=0,
                    help="open Converse calls per token on this replica; 0: unlimited")
