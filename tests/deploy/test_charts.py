@@ -29,8 +29,9 @@ PROFILES = {
         "redis": {"mode": "external", "external": {"host": "redis.data", "password": "s3cret", "tls": True}},
         "secretEnv": {"OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer x"},
         "otlp": {"endpoint": "http://otel:4317"}, "bus": {"prefix": "prod:vita"}},
-    "auth": {"auth": {"enabled": True, "tokens": ["alpha-token", "beta-token"], "rateLimit": 2.5, "rateBurst": 5,
-                      "maxSessionsPerToken": 4}},
+    "auth+tls": {"auth": {"enabled": True, "tokens": ["alpha-token", "beta-token"], "rateLimit": 2.5,
+                          "rateBurst": 5, "maxSessionsPerToken": 4},
+                 "tls": {"enabled": True, "secretName": "vita-api-tls", "mutual": True}},
 }
 TRAINING_PROFILES = {
     "default": {},
@@ -223,8 +224,12 @@ def test_ports_in_args_services_probes_and_service_monitor_agree(rendered):
         assert k8s.port_number(container, "metrics") == int(k8s.flag(args, "--metrics-port"))
         if k8s.flag(args, "--kserve-port"):
             assert k8s.port_number(container, "h2c") == int(k8s.flag(args, "--kserve-port"))
+        # With TLS the probes use the plaintext health-only port (Kubernetes' gRPC probes speak no TLS).
+        probe_port = int(k8s.flag(args, "--health-port") or grpc_port)
+        if k8s.flag(args, "--health-port"):
+            assert k8s.flag(args, "--tls-cert") and k8s.port_number(container, "health") == probe_port
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"]["port"] == grpc_port, probe
+            assert container[probe]["grpc"]["port"] == probe_port, probe
         labels = k8s.pod_labels(doc)
         matching = [s for s in services if s["spec"].get("selector")
                     and all(labels.get(k) == v for k, v in s["spec"]["selector"].items())]
@@ -456,7 +461,7 @@ def test_readme_install_section_uses_the_charts_values():
 
 
 def test_auth_mounts_the_token_secret_where_api_tokens_points():
-    docs = k8s.render(k8s.VITA_CHART, PROFILES["auth"])
+    docs = k8s.render(k8s.VITA_CHART, PROFILES["auth+tls"])
     secret = k8s.one(docs, "Secret", f"{k8s.RELEASE}-api-tokens")
     assert secret["stringData"]["tokens"].split() == ["alpha-token", "beta-token"]
     containers = dict((k8s.component(doc), (doc, c)) for doc, c in k8s.vita_containers(docs))
@@ -468,8 +473,14 @@ def test_auth_mounts_the_token_secret_where_api_tokens_points():
     volume = next(v for v in doc["spec"]["template"]["spec"]["volumes"] if v["name"] == "api-tokens")
     assert volume["secret"]["secretName"] == secret["metadata"]["name"]
     assert os.path.basename(args.api_tokens) == volume["secret"]["items"][0]["path"]
-    for _, container in containers.values():  # only the public API checks tokens
-        assert "--api-tokens" not in container["args"]
+    tls = next(m for m in orchestrator["volumeMounts"] if m["name"] == "tls")["mountPath"]
+    assert {os.path.dirname(f) for f in (args.tls_cert, args.tls_key, args.tls_client_ca)} == {tls}
+    volume = next(v for v in doc["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
+    assert volume["secret"]["secretName"] == "vita-api-tls"
+    assert {os.path.basename(f) for f in (args.tls_cert, args.tls_key, args.tls_client_ca)} == {
+        "tls.crt", "tls.key", "ca.crt"}  # the keys of a kubernetes.io/tls Secret (plus the CA)
+    for _, container in containers.values():  # only the public API checks tokens and serves TLS
+        assert "--api-tokens" not in container["args"] and "--tls-cert" not in container["args"]
     own = k8s.render(k8s.VITA_CHART, {"auth": {"enabled": True, "existingSecret": "my-tokens"}})
     assert not [d for d in own if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-api-tokens")]
     (doc, _), = [(d, c) for d, c in k8s.vita_containers(own) if k8s.component(d) == "orchestrator"]
@@ -477,6 +488,8 @@ def test_auth_mounts_the_token_secret_where_api_tokens_points():
     assert volume["secret"]["secretName"] == "my-tokens"
 
 
-def test_auth_without_tokens_is_refused():
+def test_auth_without_tokens_and_tls_without_a_secret_are_refused():
     with helm.Chart.load(str(k8s.VITA_CHART)) as chart, pytest.raises(Exception, match=r"auth\.tokens"):
         chart.render({"auth": {"enabled": True}}, name=k8s.RELEASE, namespace=k8s.NAMESPACE)
+    with helm.Chart.load(str(k8s.VITA_CHART)) as chart, pytest.raises(helm.HelmValuesError, match="/tls/secretName"):
+        chart.render({"tls": {"enabled": True}}, name=k8s.RELEASE, namespace=k8s.NAMESPACE)

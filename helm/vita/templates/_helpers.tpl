@@ -157,6 +157,18 @@ llm-monitor: {key: llmMonitor, service: llm, role: monitor, pool: "llm:monitor"}
 - --api-tokens
 - /etc/vita/auth/tokens
 {{- end }}
+{{- if $root.Values.tls.enabled }}
+- --tls-cert
+- /etc/vita/tls/tls.crt
+- --tls-key
+- /etc/vita/tls/tls.key
+{{- if $root.Values.tls.mutual }}
+- --tls-client-ca
+- /etc/vita/tls/ca.crt
+{{- end }}
+- --health-port
+- {{ int64 $root.Values.ports.health | quote }}
+{{- end }}
 {{- if $root.Values.auth.rateLimit }}
 - --rate-limit
 - {{ $root.Values.auth.rateLimit | quote }}
@@ -264,17 +276,24 @@ envFrom:
     {{- if and (hasKey $v "kserve") $v.kserve.enabled }}
     - {name: h2c, containerPort: {{ $root.Values.ports.kserve }}, protocol: TCP}
     {{- end }}
+    {{- if and (eq $name "orchestrator") $root.Values.tls.enabled }}
+    - {name: health, containerPort: {{ $root.Values.ports.health }}, protocol: TCP}
+    {{- end }}
   # gRPC health (grpc.health.v1): SERVING only once the model is loaded, NOT_SERVING while draining.
+  {{- $probePort := $root.Values.ports.grpc }}
+  {{- if and (eq $name "orchestrator") $root.Values.tls.enabled }}
+  {{- $probePort = $root.Values.ports.health }}
+  {{- end }}
   startupProbe:
-    grpc: {port: {{ $root.Values.ports.grpc }}}
+    grpc: {port: {{ $probePort }}}
     periodSeconds: {{ $v.startupProbe.periodSeconds }}
     failureThreshold: {{ $v.startupProbe.failureThreshold }}
   readinessProbe:
-    grpc: {port: {{ $root.Values.ports.grpc }}}
+    grpc: {port: {{ $probePort }}}
     periodSeconds: 10
     failureThreshold: 2
   livenessProbe:
-    grpc: {port: {{ $root.Values.ports.grpc }}}
+    grpc: {port: {{ $probePort }}}
     periodSeconds: 20
     timeoutSeconds: 5
     failureThreshold: 3
@@ -287,6 +306,9 @@ envFrom:
     - {name: vita-home, mountPath: /var/lib/vita}
     {{- if and (eq $name "orchestrator") $root.Values.auth.enabled }}
     - {name: api-tokens, mountPath: /etc/vita/auth, readOnly: true}
+    {{- end }}
+    {{- if and (eq $name "orchestrator") $root.Values.tls.enabled }}
+    - {name: tls, mountPath: /etc/vita/tls, readOnly: true}
     {{- end }}
     {{- if eq $root.Values.model.source "pvc" }}
     - name: model
@@ -336,6 +358,12 @@ volumes:
       secretName: {{ include "vita.apiTokensSecretName" $root }}
       defaultMode: 0440
       items: [{key: tokens, path: tokens}]
+  {{- end }}
+  {{- if and (eq $name "orchestrator") $root.Values.tls.enabled }}
+  - name: tls
+    secret:
+      secretName: {{ $root.Values.tls.secretName }}
+      defaultMode: 0440
   {{- end }}
   {{- if eq $root.Values.model.source "pvc" }}
   - name: model
