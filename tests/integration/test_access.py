@@ -224,15 +224,29 @@ def test_input_limits_are_invalid_argument_and_oversized_messages_resource_exhau
             errors[name] = await refused(generate(stub, request))
         errors["message bytes"] = await refused(generate(stub, GenerateRequest(text="z" * 300_000)))
         _, done = await generate(stub, "still fine")  # the service stays usable
-        return errors, done
 
-    errors, done = run(pipeline, tiny_model_dir, body, config=OrchestratorConfig(limits=limits),
+        async def conversation():
+            yield session_config(max_tokens=1)
+            yield ClientEvent(text={"text": "x" * 51})
+            yield ClientEvent(image=Image(data=large))
+            yield ClientEvent(text={"text": "short"})
+            yield ClientEvent(end=EndOfInput())
+
+        events = [e async for e in stub.Converse(conversation())]
+        return errors, done, events
+
+    errors, done, events = run(pipeline, tiny_model_dir, body, config=OrchestratorConfig(limits=limits),
                        max_message_bytes=256 * 1024)
     for name, (_, message) in cases.items():
         assert errors[name].code() == grpc.StatusCode.INVALID_ARGUMENT, (name, errors[name])
         assert message in errors[name].details(), (name, errors[name].details())
     assert errors["message bytes"].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert done.usage.completion_tokens >= 1
+    # Converse: each refusal is an error event, and the session goes on to answer the next message.
+    refusals = [(e.error.code, e.error.message) for e in events if e.HasField("error")]
+    assert [code for code, _ in refusals] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]] * 2, refusals
+    assert "text message is 51 characters" in refusals[0][1] and "64x64 = 4096 pixels" in refusals[1][1]
+    assert [e.WhichOneof("event") for e in events].count("completed") == 1
 
 
 def test_realtime_gateway_checks_and_forwards_the_token(pipeline, tiny_model_dir):
