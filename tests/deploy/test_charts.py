@@ -32,6 +32,8 @@ PROFILES = {
     "auth+tls": {"auth": {"enabled": True, "tokens": ["alpha-token", "beta-token"], "rateLimit": 2.5,
                           "rateBurst": 5, "maxSessionsPerToken": 4},
                  "tls": {"enabled": True, "secretName": "vita-api-tls", "mutual": True}},
+    "external-redis-cluster": {"redis": {"mode": "external", "external": {
+        "host": "redis-cluster.data", "username": "vita", "password": "s3cret", "cluster": True}}},
 }
 TRAINING_PROFILES = {
     "default": {},
@@ -106,7 +108,7 @@ def _check_crd(doc: dict) -> None:
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"])
     if doc["kind"] == "ScaledObject":
         for trigger in doc["spec"]["triggers"]:
-            assert trigger["type"] == "redis-streams"
+            assert trigger["type"] in ("redis-streams", "redis-cluster-streams")
             assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA metadata values are strings"
     if doc["kind"] == "InferenceService":  # the predictor inlines a PodSpec: validate it as one
         spec = {k: v for k, v in doc["spec"]["predictor"].items() if k not in ("minReplicas", "maxReplicas", "labels")}
@@ -493,3 +495,18 @@ def test_auth_without_tokens_and_tls_without_a_secret_are_refused():
         chart.render({"auth": {"enabled": True}}, name=k8s.RELEASE, namespace=k8s.NAMESPACE)
     with helm.Chart.load(str(k8s.VITA_CHART)) as chart, pytest.raises(helm.HelmValuesError, match="/tls/secretName"):
         chart.render({"tls": {"enabled": True}}, name=k8s.RELEASE, namespace=k8s.NAMESPACE)
+
+
+def test_an_external_redis_cluster_reaches_the_services_and_keda():
+    docs = k8s.render(k8s.VITA_CHART, PROFILES["external-redis-cluster"])
+    for doc, container in k8s.vita_containers(docs):
+        (_, args), _ = _parse(doc, container, docs)
+        assert args.redis_cluster and args.redis == "redis://vita:s3cret@redis-cluster.data:6379/0"
+    for obj in k8s.named(docs, "ScaledObject"):
+        for trigger in obj["spec"]["triggers"]:
+            assert trigger["type"] == "redis-cluster-streams"
+            assert trigger["metadata"]["addresses"] == "redis-cluster.data:6379"
+            assert "databaseIndex" not in trigger["metadata"]
+    with helm.Chart.load(str(k8s.VITA_CHART)) as chart, pytest.raises(helm.HelmValuesError, match="/redis/external/db"):
+        chart.render({"redis": {"mode": "external", "external": {"host": "h", "password": "p", "cluster": True,
+                                                                  "db": 2}}}, name=k8s.RELEASE, namespace=k8s.NAMESPACE)

@@ -85,6 +85,10 @@ llm-monitor: {key: llmMonitor, service: llm, role: monitor, pool: "llm:monitor"}
 {{- if eq .Values.redis.mode "bundled" -}}0{{- else -}}{{ .Values.redis.external.db }}{{- end -}}
 {{- end -}}
 
+{{- define "vita.redisCluster" -}}
+{{- and (eq .Values.redis.mode "external") .Values.redis.external.cluster -}}
+{{- end -}}
+
 {{- define "vita.redisTLS" -}}
 {{- and (eq .Values.redis.mode "external") .Values.redis.external.tls -}}
 {{- end -}}
@@ -235,6 +239,10 @@ llm-monitor: {key: llmMonitor, service: llm, role: monitor, pool: "llm:monitor"}
   valueFrom: {secretKeyRef: {name: {{ include "vita.redisSecretName" . }}, key: redis-username, optional: true}}
 - name: VITA_REDIS_URL
   valueFrom: {secretKeyRef: {name: {{ include "vita.redisSecretName" . }}, key: redis-url}}
+{{- if eq (include "vita.redisCluster" .) "true" }}
+- name: VITA_REDIS_CLUSTER
+  value: "1"
+{{- end }}
 - name: OTEL_RESOURCE_ATTRIBUTES
   value: {{ include "vita.otelAttributes" . | quote }}
 {{- end -}}
