@@ -31,7 +31,8 @@ PROFILES = {
         "otlp": {"endpoint": "http://otel:4317"}, "bus": {"prefix": "prod:vita"}},
     "auth+tls": {"auth": {"enabled": True, "tokens": ["alpha-token", "beta-token"], "rateLimit": 2.5,
                           "rateBurst": 5, "maxSessionsPerToken": 4},
-                 "tls": {"enabled": True, "secretName": "vita-api-tls", "mutual": True}},
+                 "tls": {"enabled": True, "secretName": "vita-api-tls", "mutual": True,
+                         "realtimeClientSecretName": "gateway-client-cert"}},
     "external-redis-cluster": {"redis": {"mode": "external", "external": {
         "host": "redis-cluster.data", "username": "vita", "password": "s3cret", "cluster": True}}},
 }
@@ -462,6 +463,27 @@ def test_readme_install_section_uses_the_charts_values():
         assert any(has(values, key) for values in charts), f"README sets {key}, which neither chart's values have"
 
 
+def test_with_auth_and_tls_the_realtime_gateway_shares_the_tokens_and_reaches_the_api_over_tls():
+    docs = k8s.render(k8s.VITA_CHART, PROFILES["auth+tls"])
+    gateway = k8s.one(docs, "Deployment", f"{k8s.RELEASE}-realtime")
+    (container,) = gateway["spec"]["template"]["spec"]["containers"]
+    (service, args), _ = _parse(gateway, container, docs)
+    assert service == "realtime"
+    volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert volumes["api-tokens"]["secret"]["secretName"] == f"{k8s.RELEASE}-api-tokens"  # the API's own tokens
+    assert os.path.dirname(args.api_tokens) == mounts["api-tokens"]
+    assert volumes["orchestrator-ca"]["secret"] == {"secretName": "vita-api-tls", "items": [
+        {"key": "ca.crt", "path": "ca.crt"}]}  # the CA only: the gateway never holds the API's private key
+    assert os.path.dirname(args.orchestrator_tls_ca) == mounts["orchestrator-ca"]
+    assert volumes["client-cert"]["secret"]["secretName"] == "gateway-client-cert"
+    assert {os.path.dirname(args.orchestrator_tls_cert), os.path.dirname(args.orchestrator_tls_key)} == {
+        mounts["client-cert"]}
+    with helm.Chart.load(str(k8s.VITA_CHART)) as chart, pytest.raises(Exception, match="realtimeClientSecretName"):
+        chart.render(k8s.deep_merge(PROFILES["auth+tls"], {"tls": {"realtimeClientSecretName": ""}}),
+                     name=k8s.RELEASE, namespace=k8s.NAMESPACE)
+
+
 def test_auth_mounts_the_token_secret_where_api_tokens_points():
     docs = k8s.render(k8s.VITA_CHART, PROFILES["auth+tls"])
     secret = k8s.one(docs, "Secret", f"{k8s.RELEASE}-api-tokens")
@@ -481,7 +503,8 @@ def test_auth_mounts_the_token_secret_where_api_tokens_points():
     assert volume["secret"]["secretName"] == "vita-api-tls"
     assert {os.path.basename(f) for f in (args.tls_cert, args.tls_key, args.tls_client_ca)} == {
         "tls.crt", "tls.key", "ca.crt"}  # the keys of a kubernetes.io/tls Secret (plus the CA)
-    for _, container in containers.values():  # only the public API checks tokens and serves TLS
+    containers.pop("realtime")  # the other entry point: tested above
+    for _, container in containers.values():  # the workers have no API: no tokens, no TLS
         assert "--api-tokens" not in container["args"] and "--tls-cert" not in container["args"]
     own = k8s.render(k8s.VITA_CHART, {"auth": {"enabled": True, "existingSecret": "my-tokens"}})
     assert not [d for d in own if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-api-tokens")]
@@ -500,7 +523,9 @@ def test_auth_without_tokens_and_tls_without_a_secret_are_refused():
 def test_an_external_redis_cluster_reaches_the_services_and_keda():
     docs = k8s.render(k8s.VITA_CHART, PROFILES["external-redis-cluster"])
     for doc, container in k8s.vita_containers(docs):
-        (_, args), _ = _parse(doc, container, docs)
+        (service, args), _ = _parse(doc, container, docs)
+        if service == "realtime":  # the gateway talks to the orchestrator only, never to Redis
+            continue
         assert args.redis_cluster and args.redis == "redis://vita:s3cret@redis-cluster.data:6379/0"
     for obj in k8s.named(docs, "ScaledObject"):
         for trigger in obj["spec"]["triggers"]:
