@@ -45,6 +45,7 @@ class RedisServer:
                 return
             except (redis.ConnectionError, redis.TimeoutError):
                 if time.monotonic() > deadline:
+                    self.stop()  # a fixture that fails here never reaches its teardown
                     pytest.fail(f"redis-server on {self.port} did not answer: {self.log.read_text()[-2000:]}")
                 time.sleep(0.05)
 
@@ -66,26 +67,32 @@ class RedisCluster:
     def __init__(self, directory: Path, masters: int = 3, args: Sequence[str] = (),
                  admin_password: str | None = None) -> None:
         # The cluster bus port is given, not left at port + 10000 (over 65535 for an ephemeral port).
-        self.nodes = [RedisServer(directory / f"node{k}", ["--cluster-enabled", "yes", "--cluster-config-file",
-                                                             "nodes.conf", "--cluster-node-timeout", "5000",
-                                                             "--cluster-port", str(free_port()), *args])
-                      for k in range(masters)]
+        self.nodes: list[RedisServer] = []
         self.admin_password = admin_password
+        try:  # a node that fails to start must not leave the others running
+            for k in range(masters):
+                self.nodes.append(RedisServer(directory / f"node{k}", [
+                    "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout",
+                    "5000", "--cluster-port", str(free_port()), *args]))
+            self._create()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _create(self) -> None:
         for node in self.nodes:
             node.wait_ready(self.admin(node))
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        auth = ["-a", admin_password, "--no-auth-warning"] if admin_password else []
+        auth = ["-a", self.admin_password, "--no-auth-warning"] if self.admin_password else []
         created = subprocess.run([_require("redis-cli"), *auth, "--cluster", "create", *addresses, "--cluster-yes"],
                                  capture_output=True, text=True, timeout=60)
         if created.returncode != 0:
-            self.stop()
             pytest.fail(f"redis-cli --cluster create failed: {created.stdout[-2000:]} {created.stderr[-2000:]}")
         deadline = time.monotonic() + 30
         for node in self.nodes:
             with self.admin(node) as client:
                 while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO", NEVER_DECODE=True):
                     if time.monotonic() > deadline:
-                        self.stop()
                         pytest.fail("the Redis Cluster did not reach cluster_state:ok in 30 s")
                     time.sleep(0.1)
 
