@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vita.errors import ContextLengthError, InvalidInputError
-from vita.llm.backends.torch.engine import EngineRequest, LLMEngine
+from vita.llm.backends.torch.engine import EngineConfig, EngineRequest, LLMEngine
 from vita.model.config import LLMConfig
 from vita.model.generation import SamplingParams, stream_generate
 from vita.model.llm import MoECausalLM
@@ -123,3 +123,133 @@ def test_bad_requests(model):
     while engine.has_work():
         outs += engine.step()
     assert outs[-1].finish_reason == "length" and len(outs) == 16 - 10 + 1  # the last token is never fed back
+
+
+# --- chunked prefill ------------------------------------------------------------------------------------------
+
+
+def chunked(budget: int) -> EngineConfig:
+    return EngineConfig(enable_chunked_prefill=True, max_num_batched_tokens=budget)
+
+
+def test_chunked_prefill_gives_the_tokens_of_whole_prefill(model):
+    params = SamplingParams(max_new_tokens=10, stop_token_ids=())
+    lengths = [5, 40, 17, 90, 9, 64]
+    reqs = lambda: {f"r{i}": EngineRequest(f"r{i}", params, input_ids=prompt(20 + i, n))  # noqa: E731
+                    for i, n in enumerate(lengths)}
+    arrivals = lambda r: {0: [r["r0"], r["r1"]], 2: [r["r2"], r["r3"]], 5: [r["r4"], r["r5"]]}  # noqa: E731
+    whole = LLMEngine(model, max_batch_size=4, max_seq_len=128)
+    got_whole = run(whole, arrivals(reqs()))
+    engine = LLMEngine(model, max_batch_size=4, max_seq_len=128, config=chunked(8))
+    got = run(engine, arrivals(reqs()))
+    assert got == got_whole
+    for rid, req in reqs().items():
+        assert got[rid] == alone(model, req.input_ids, params), rid
+    assert engine.stats.max_step_tokens <= 8 < whole.stats.max_step_tokens
+    assert engine.stats.prefill_chunks >= sum(-(-n // 7) for n in lengths)  # at most 7 prompt tokens per step
+    assert engine.stats.prefill_tokens == whole.stats.prefill_tokens == sum(lengths)
+    assert sorted(engine.free_slots) == [0, 1, 2, 3] and not engine.running
+
+
+def test_chunked_prefill_keeps_running_streams_decoding(model):
+    engine = LLMEngine(model, max_batch_size=3, max_seq_len=256, config=chunked(16))
+    stream = SamplingParams(max_new_tokens=200, ignore_eos=True)
+    engine.add(EngineRequest("a", stream, input_ids=prompt(1, 6)))
+    engine.add(EngineRequest("b", stream, input_ids=prompt(2, 6)))
+    engine.step()
+    engine.add(EngineRequest("long", SamplingParams(max_new_tokens=3), input_ids=prompt(3, 140)))
+    steps = 0
+    while engine.stats.tokens_by_request.get("long", 0) == 0:
+        outs = engine.step()
+        steps += 1
+        assert {o.request_id for o in outs if o.token_id is not None} >= {"a", "b"}  # never stalled
+    # 16 tokens a step: 2 decode tokens and 14 prompt tokens, 9 times; then the last 14 do not fit beside the new
+    # sequence's own first decode token, so 13 go and the last one ends the prompt in step 11.
+    assert steps == 11 and engine.stats.max_step_tokens == 16
+    embeds = model.get_input_embeddings()(prompt(3, 140)).detach()
+    params = SamplingParams(max_new_tokens=3)
+    tokens = run(LLMEngine(model, max_batch_size=1, config=chunked(16)),
+                 {0: [EngineRequest("e", params, inputs_embeds=embeds)]})
+    assert tokens["e"] == alone(model, prompt(3, 140), params)
+
+
+def test_budget_must_leave_room_for_a_prompt_chunk(model):
+    with pytest.raises(InvalidInputError, match="max_num_batched_tokens"):
+        LLMEngine(model, max_batch_size=8, config=chunked(8))
+
+
+# --- prefix caching -------------------------------------------------------------------------------------------
+
+
+def conversation_turns(engine: LLMEngine, turns: int, params: SamplingParams) -> list[list[int]]:
+    """A growing history: each prompt is the last prompt, its answer and a new user turn (judge/generator shape)."""
+    history = prompt(50, 21)
+    answers = []
+    for turn in range(turns):
+        rid = f"t{turn}"
+        engine.add(EngineRequest(rid, params, input_ids=history))
+        answer = []
+        while engine.has_work():
+            answer += [o.token_id for o in engine.step() if o.token_id is not None]
+        answers.append(answer)
+        history = torch.cat((history, torch.tensor(answer), prompt(60 + turn, 11)))
+    return answers
+
+
+def test_prefix_caching_gives_the_same_tokens_and_skips_the_cached_prefix(model):
+    params = SamplingParams(max_new_tokens=6, stop_token_ids=(), ignore_eos=True)
+    off = LLMEngine(model, max_batch_size=2)
+    on = LLMEngine(model, max_batch_size=2, config=EngineConfig(enable_prefix_caching=True, block_size=4))
+    assert conversation_turns(on, 6, params) == conversation_turns(off, 6, params)
+    stats = on.prefix_cache_stats
+    assert stats.hits > 0 and on.stats.prefill_tokens == off.stats.prefill_tokens - stats.hits
+    # Each later turn finds its whole history (prompt + the answer fed back) cached up to the last full block.
+    assert on.stats.prefill_tokens < off.stats.prefill_tokens / 2
+
+
+def test_prefix_caching_with_chunked_prefill_and_a_small_pool(model):
+    params = SamplingParams(max_new_tokens=6, stop_token_ids=(), ignore_eos=True)
+    off = LLMEngine(model, max_batch_size=2)
+    config = EngineConfig(enable_prefix_caching=True, block_size=4, num_prefix_blocks=6,
+                          enable_chunked_prefill=True, max_num_batched_tokens=7)
+    on = LLMEngine(model, max_batch_size=2, config=config)
+    assert conversation_turns(on, 5, params) == conversation_turns(off, 5, params)
+    assert on.prefix_cache_stats.evicted_blocks > 0 and on.prefix_cache_stats.hits > 0
+    assert len(on.prefix_cache) <= 6 and on.stats.max_step_tokens <= 7
+
+
+def test_shared_system_prompt_is_computed_once(model):
+    system = prompt(70, 32)
+    params = SamplingParams(max_new_tokens=4)
+    engine = LLMEngine(model, max_batch_size=4, config=EngineConfig(enable_prefix_caching=True, block_size=8))
+    users = [torch.cat((system, prompt(80 + i, 5 + i))) for i in range(3)]
+    got = run(engine, {0: [EngineRequest("first", params, input_ids=users[0])],
+                       2: [EngineRequest(f"u{i}", params, input_ids=u) for i, u in enumerate(users[1:])]})
+    assert engine.prefix_cache_stats.hits == 2 * 32  # the later two found the system prompt's 4 blocks
+    assert got["first"] == alone(model, users[0], params)
+    for i, u in enumerate(users[1:]):
+        assert got[f"u{i}"] == alone(model, u, params)
+
+
+def test_prefix_cache_never_shares_blocks_of_different_images(model):
+    """Same ids (placeholders) at the same place, different image rows: only the text before the image is shared."""
+    ids = torch.cat((prompt(90, 16), torch.full((24,), 2), prompt(91, 8)))
+    embed = model.get_input_embeddings()
+
+    def with_image(seed: int) -> torch.Tensor:
+        rows = embed(ids).detach().clone()
+        rows[16:40] = torch.randn(24, 64, generator=torch.Generator().manual_seed(seed))
+        return rows
+
+    params = SamplingParams(max_new_tokens=5, stop_token_ids=(), ignore_eos=True)
+    engine = LLMEngine(model, max_batch_size=1, config=EngineConfig(enable_prefix_caching=True, block_size=8))
+    got = {}
+    for rid, seed in (("cat", 1), ("dog", 2), ("cat-again", 1)):
+        rows = with_image(seed)
+        got[rid] = run(engine, {0: [EngineRequest(rid, params, inputs_embeds=rows)]})[rid]
+        assert got[rid] == list(stream_generate(model, inputs_embeds=rows, params=params)), rid
+    stats = engine.prefix_cache_stats
+    # "dog" reuses the 2 text blocks before the image, not the cat's image blocks; "cat-again" reuses all 5 full
+    # blocks of its 48-token prompt (the last one is recomputed for its logits: 47 // 8 = 5 blocks).
+    assert stats.hits == (2 + 5) * 8
+    assert got["cat"] == got["cat-again"]

@@ -325,8 +325,10 @@ class MoECausalLM(nn.Module):
         slots: Tensor | None = None,
         positions: Tensor | None = None,
         segment_ids: Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> CausalLMOutput:
-        """Logits (B, T, vocab).
+        """Logits (B, T, vocab), or (B, logits_to_keep, vocab) for the last positions only when it is > 0
+        (transformers' name): a prefill needs the last row alone, and the LM head is a large part of its cost.
 
         Without a cache: causal attention over the sequence. With one: `positions` (B, T) are absolute positions,
         `slots` (B,) the cache rows (default 0..B-1); keys are written there and each query sees keys at positions
@@ -357,7 +359,10 @@ class MoECausalLM(nn.Module):
         groups = self.config.num_attention_heads // self.config.num_key_value_heads
         mask = fold_query_mask(visible, groups, x.dtype)
         rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        return CausalLMOutput(logits=self.lm_head(self.model(x, rope, mask, step)))
+        hidden = self.model(x, rope, mask, step)
+        if logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        return CausalLMOutput(logits=self.lm_head(hidden))
 
     def _embed(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
         if (input_ids is None) == (inputs_embeds is None):

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import torch
 
 from vita.llm.backends.base import BackendRequest, PromptInput, TokenOutput
-from vita.llm.backends.torch.engine import EngineLoop, EngineRequest, LLMEngine
+from vita.llm.backends.torch.engine import EngineConfig, EngineLoop, EngineRequest, LLMEngine
 from vita.model.llm import MoECausalLM
 from vita.telemetry.metrics import Metrics
 
@@ -17,9 +17,10 @@ class TorchBackend:
     """One engine per process; a caller that stops iterating (client gone, deadline) cancels its sequence."""
 
     def __init__(self, model: MoECausalLM, *, max_batch_size: int = 8, max_seq_len: int | None = None,
-                 metrics: Metrics | None = None, pool: str = "llm:generator") -> None:
+                 metrics: Metrics | None = None, pool: str = "llm:generator",
+                 engine_config: EngineConfig | None = None) -> None:
         self.model = model
-        self.engine = LLMEngine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+        self.engine = LLMEngine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len, config=engine_config)
         self.metrics = metrics
         self.pool = pool
         self._queues: dict[str, asyncio.Queue[TokenOutput]] = {}

@@ -1,9 +1,14 @@
 """Continuous batching on the slot KV cache, in the spirit of vLLM's scheduler/worker split but in one class.
 
-Each `step()` first drops cancelled sequences (their slots are free before any more compute), then prefills
-waiting sequences into free slots, then runs one batched decode forward for every running sequence. A new request
-therefore waits at most one decode step before its prefill, however long the running generations are: that is
-what keeps the monitor's short judgements from queueing behind the generator's answers.
+Each `step()` first drops cancelled sequences (their slots are free before any more compute), then admits waiting
+sequences into free slots, prefills, then runs one batched decode forward for every sequence whose prompt is in the
+cache. A new request therefore waits at most one decode step before its prefill starts, however long the running
+generations are: that is what keeps the monitor's short judgements from queueing behind the generator's answers.
+
+With chunked prefill (`EngineConfig.enable_chunked_prefill`) a step computes at most `max_num_batched_tokens`
+tokens: the running sequences' decode tokens first, then prompt chunks first come first served, so a 4,000-token
+prompt is spread over many steps and never stalls the running streams for its whole prefill. With prefix caching
+(`enable_prefix_caching`) a prompt starts from the KV blocks of the longest prefix seen before (`prefix_cache`).
 """
 
 from __future__ import annotations
@@ -19,8 +24,26 @@ from torch import Tensor
 
 from vita.errors import ContextLengthError, InvalidInputError
 from vita.llm.backends.base import TokenOutput
+from vita.llm.backends.torch.prefix_cache import PrefixCache, PrefixCacheStats, block_hashes
 from vita.model.generation import SamplingParams, make_generator, sample_next_token, stop_ids
 from vita.model.llm import MoECausalLM
+
+
+@dataclass
+class EngineConfig:
+    """Scheduler and cache settings, under vLLM's names.
+
+    max_num_batched_tokens: tokens computed per step (decode tokens + prompt chunk tokens) when chunked prefill is
+      on; must be more than max_batch_size so that a prompt always progresses. Off: each prompt is prefilled whole.
+    block_size: tokens per prefix-cache block. num_prefix_blocks: blocks in the prefix-cache pool (None: as many as
+      the slot cache holds, max_batch_size * max_seq_len / block_size, which doubles the KV memory).
+    """
+
+    enable_chunked_prefill: bool = False
+    max_num_batched_tokens: int = 512
+    enable_prefix_caching: bool = False
+    block_size: int = 16
+    num_prefix_blocks: int | None = None
 
 
 @dataclass
@@ -43,8 +66,10 @@ class EngineStats:
     """Counters a test or a metric can read: how much compute each part of the schedule took."""
 
     steps: int = 0
-    prefill_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens computed (prefix-cache hits are not computed)
+    prefill_chunks: int = 0  # prefill forwards
     decode_tokens: int = 0  # one per running sequence per decode forward
+    max_step_tokens: int = 0  # the most tokens (prefill + decode) one step computed
     cancelled: int = 0
     tokens_by_request: dict[str, int] = field(default_factory=dict)
 
@@ -55,22 +80,38 @@ class _Sequence:
     slot: int
     stops: frozenset[int]
     generator: torch.Generator | None
-    position: int = 0  # position of the next token fed to the model
+    position: int = 0  # positions [0, position) have keys/values in the cache; the next token goes here
     last_token: int = 0
     generated: int = 0
+    token_ids: list[int] = field(default_factory=list)  # generated so far (prefix caching of the answer)
+    hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of the prompt's full blocks
+
+    @property
+    def prefilling(self) -> bool:
+        return self.position < self.request.prompt_len
 
 
 class LLMEngine:
     """Owns the model, the KV cache and the schedule. Thread-safe `add`/`cancel`; `step()` runs in one thread."""
 
-    def __init__(self, model: MoECausalLM, *, max_batch_size: int = 8, max_seq_len: int | None = None) -> None:
+    def __init__(self, model: MoECausalLM, *, max_batch_size: int = 8, max_seq_len: int | None = None,
+                 config: EngineConfig | None = None) -> None:
         self.model = model
+        self.config = config = config or EngineConfig()
+        if config.enable_chunked_prefill and config.max_num_batched_tokens <= max_batch_size:
+            raise InvalidInputError(f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be more than "
+                                    f"max_batch_size ({max_batch_size}): a prompt chunk needs room beside the "
+                                    "running sequences' decode tokens")
         self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings,
                                model.config.max_position_embeddings)
         self.cache = model.new_cache(max_batch_size, self.max_seq_len)
+        self.prefix_cache: PrefixCache | None = None
+        if config.enable_prefix_caching:
+            blocks = config.num_prefix_blocks or max_batch_size * self.max_seq_len // config.block_size
+            self.prefix_cache = PrefixCache(self.cache, block_size=config.block_size, num_blocks=max(1, blocks))
         self.free_slots = list(range(max_batch_size - 1, -1, -1))  # pop() hands out slot 0 first
         self.waiting: deque[EngineRequest] = deque()
-        self.running: dict[str, _Sequence] = {}
+        self.running: dict[str, _Sequence] = {}  # in admission order: prefills go first come first served
         self.stats = EngineStats()
         self._cancel: set[str] = set()
         self._lock = threading.Lock()
@@ -80,8 +121,12 @@ class LLMEngine:
     def max_batch_size(self) -> int:
         return self.cache.max_batch_size
 
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        return None if self.prefix_cache is None else self.prefix_cache.stats
+
     def add(self, request: EngineRequest) -> None:
-        """Queue a sequence; it is prefilled at the start of the next step that has a free slot."""
+        """Queue a sequence; it is prefilled from the next step that has a free slot."""
         if (request.input_ids is None) == (request.inputs_embeds is None):
             raise InvalidInputError("a request needs exactly one of input_ids and inputs_embeds")
         if request.prompt_len == 0:
@@ -114,9 +159,14 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[TokenOutput]:
         outputs = self._drop_cancelled()
-        outputs += self._admit()
-        if self.running:  # sequences admitted just now decode too: their first token came from the prefill
-            outputs += self._decode(list(self.running.values()))
+        self._admit()
+        decoding = [s for s in self.running.values() if not s.prefilling]
+        outputs += self._prefill(len(decoding))
+        # Sequences whose prefill ended just now decode too (their first token came from the prefill): the budget
+        # kept a token for each of them.
+        decoding = [s for s in self.running.values() if not s.prefilling]
+        if decoding:
+            outputs += self._decode(decoding)
         self.stats.steps += 1
         return outputs
 
@@ -137,8 +187,8 @@ class LLMEngine:
         self.stats.cancelled += len(outputs)
         return outputs
 
-    def _admit(self) -> list[TokenOutput]:
-        outputs = []
+    def _admit(self) -> None:
+        """Waiting requests take free slots; with prefix caching their row starts from the cached blocks."""
         while self.free_slots:
             with self._lock:
                 if not self.waiting:
@@ -146,21 +196,52 @@ class LLMEngine:
                 request = self.waiting.popleft()
             seq = _Sequence(request, self.free_slots.pop(), stop_ids(request.params, self.model.config.eos_token_id),
                             make_generator(request.params, self._device))
+            if self.prefix_cache is not None:
+                seq.hashes = block_hashes(self._identity(request), self.prefix_cache.block_size)
+                # The last prompt token is always computed: its logits pick the first generated token.
+                seq.position = self.prefix_cache.load(seq.hashes, seq.slot,
+                                                      (request.prompt_len - 1) // self.prefix_cache.block_size)
             self.running[request.request_id] = seq
-            outputs.append(self._prefill(seq))
+
+    def _prefill(self, decode_tokens: int) -> list[TokenOutput]:
+        """Prompt chunks within the step's budget, first come first served; a chunk that ends its prompt keeps one
+        token of the budget for that sequence's first decode in this step."""
+        chunked = self.config.enable_chunked_prefill
+        budget = self.config.max_num_batched_tokens - decode_tokens if chunked else None
+        outputs, computed = [], decode_tokens
+        for seq in [s for s in self.running.values() if s.prefilling]:
+            remaining = seq.request.prompt_len - seq.position
+            take = remaining
+            if budget is not None:
+                take = remaining if remaining < budget else min(budget, remaining - 1)
+                if take <= 0:
+                    break
+                budget -= take + (take == remaining)
+            computed += take + (take == remaining)
+            output = self._prefill_chunk(seq, take)
+            if output is not None:
+                outputs.append(output)
+        self.stats.max_step_tokens = max(self.stats.max_step_tokens, computed)
         return outputs
 
-    def _prefill(self, seq: _Sequence) -> TokenOutput:
-        request = seq.request
-        n = request.prompt_len
-        positions = torch.arange(n, device=self._device)[None]
+    def _prefill_chunk(self, seq: _Sequence, n: int) -> TokenOutput | None:
+        """Compute prompt positions [position, position + n); at the prompt's end, sample the first token."""
+        request, start = seq.request, seq.position
+        end = start + n
+        positions = torch.arange(start, end, device=self._device)[None]
         slots = torch.tensor([seq.slot], device=self._device)
-        ids = None if request.input_ids is None else request.input_ids[None].to(self._device)
-        embeds = None if request.inputs_embeds is None else request.inputs_embeds[None].to(self._device)
-        logits = self.model(ids, inputs_embeds=embeds, cache=self.cache, slots=slots, positions=positions).logits
-        token = int(sample_next_token(logits[:, -1], request.params, seq.generator)[0])
-        seq.position = n
+        ids = None if request.input_ids is None else request.input_ids[None, start:end].to(self._device)
+        embeds = None if request.inputs_embeds is None else request.inputs_embeds[None, start:end].to(self._device)
+        logits = self.model(ids, inputs_embeds=embeds, cache=self.cache, slots=slots, positions=positions,
+                            logits_to_keep=1).logits
+        seq.position = end
         self.stats.prefill_tokens += n
+        self.stats.prefill_chunks += 1
+        if seq.prefilling:
+            return None
+        if self.prefix_cache is not None:  # concurrent requests with the same system prompt find it at once
+            self.prefix_cache.store(seq.hashes, seq.slot)
+        token = int(sample_next_token(logits[:, -1], request.params, seq.generator)[0])
         return self._emit(seq, token)
 
     def _decode(self, seqs: list[_Sequence]) -> list[TokenOutput]:
@@ -188,6 +269,8 @@ class LLMEngine:
         index = seq.generated
         seq.generated += 1
         seq.last_token = token
+        if self.prefix_cache is not None:
+            seq.token_ids.append(token)
         by_request = self.stats.tokens_by_request
         by_request[seq.request.request_id] = by_request.get(seq.request.request_id, 0) + 1
         finish = None
@@ -200,8 +283,33 @@ class LLMEngine:
         return TokenOutput(seq.request.request_id, token, index, finish)
 
     def _release(self, seq: _Sequence) -> None:
+        if self.prefix_cache is not None and not seq.prefilling:
+            self._store_answer(seq)
         del self.running[seq.request.request_id]
         self.free_slots.append(seq.slot)
+
+    def _store_answer(self, seq: _Sequence) -> None:
+        """Cache the full blocks of prompt + answer in the row, for the next turn of the same conversation, whose
+        prompt is this history with the answer in it."""
+        request, block_size = seq.request, self.prefix_cache.block_size
+        fed = seq.token_ids[: seq.position - request.prompt_len]  # generated tokens whose keys are in the row
+        if not fed:
+            return
+        first = len(seq.hashes)
+        answer = torch.tensor(fed, dtype=torch.long, device=self._device)
+        if request.inputs_embeds is None:
+            identity = torch.cat((request.input_ids.to(self._device), answer))
+        else:  # the rows the next prompt will hold there: the answer's token embeddings
+            answer_rows = self.model.get_input_embeddings()(answer).to(request.inputs_embeds.dtype)
+            identity = torch.cat((request.inputs_embeds.to(self._device), answer_rows))
+        parent = seq.hashes[-1] if seq.hashes else None
+        hashes = block_hashes(identity, block_size, parent, start_block=first)
+        self.prefix_cache.store(hashes, seq.slot, first_block=first)
+
+    @staticmethod
+    def _identity(request: EngineRequest) -> Tensor:
+        """What a prompt's keys/values are a function of: its ids, or its embedding rows (images, audio)."""
+        return request.input_ids if request.input_ids is not None else request.inputs_embeds
 
 
 class EngineLoop:
