@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import itertools
 import os
 import platform
 import shlex
@@ -118,7 +119,7 @@ def prefill_stall(model: MoECausalLM, config: EngineConfig, args: argparse.Names
     figures = StallFigures(ttft=[f - s for s, f in windows], steps_with_prefill=engine.stats.prefill_chunks)
     for rid in streams:
         times = recorder.arrivals[rid]
-        for a, b in zip(times, times[1:], strict=False):
+        for a, b in itertools.pairwise(times):
             if a < warm_end:
                 continue
             inside = any(a < f and b > s for s, f in windows)
@@ -213,14 +214,15 @@ def stall_markdown(results: dict[str, StallFigures], args: argparse.Namespace) -
         f"{args.repeats} times, {args.gap} stream tokens apart. ITL of the running streams: steady (outside the "
         "prefill windows) and during a prefill window (overlapping arrival -> first token of the long prompt).",
         "",
-        "| engine | steady ITL p50 ms | window ITL p50 ms | window ITL p99 ms | window ITL max ms | n window "
+        "| engine | steady ITL p50 ms | steady ITL p99 ms | window ITL p50 ms | window ITL p99 ms | window ITL max ms | n window "
         "| window p99 / steady p50 | long prompt TTFT p50 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, f in results.items():
         steady = statistics.median(f.steady_itl)
         p99 = pct(f.window_itl, 0.99)
-        lines.append(f"| {name} | {ms(steady)} | {ms(statistics.median(f.window_itl))} | {ms(p99)} "
+        lines.append(f"| {name} | {ms(steady)} | {ms(pct(f.steady_itl, 0.99))} | {ms(statistics.median(f.window_itl))} "
+                     f"| {ms(p99)} "
                      f"| {ms(max(f.window_itl))} | {len(f.window_itl)} | {p99 / steady:.2f}x "
                      f"| {ms(statistics.median(f.ttft))} |")
     return lines
@@ -255,7 +257,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--streams", type=int, default=4, help="prefill-stall: sequences decoding")
     p.add_argument("--long-prompt", type=int, default=4000, help="prefill-stall: tokens of the arriving prompt")
     p.add_argument("--gap", type=int, default=40, help="prefill-stall: stream tokens between arrivals")
-    p.add_argument("--max-num-batched-tokens", type=int, default=64, help="prefill-stall: the chunked step budget")
+    p.add_argument("--max-num-batched-tokens", type=int, nargs="+", default=[32, 64],
+                   help="prefill-stall: chunked step budgets, each run next to chunked prefill off")
     p.add_argument("--turns", type=int, default=20, help="judge-prefix: turns per conversation")
     p.add_argument("--system-tokens", type=int, default=48)
     p.add_argument("--speech-tokens", type=int, default=40, help="judge-prefix: audio rows per user turn")
@@ -266,7 +269,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     p.add_argument("--no-write", action="store_true", help="print only; do not append to --output")
     args = p.parse_args(argv)
-    if args.long_prompt + 64 >= args.context or args.max_num_batched_tokens <= args.streams + 1:
+    if args.long_prompt + 64 >= args.context or min(args.max_num_batched_tokens) <= args.streams + 1:
         p.error("need --long-prompt + 64 < --context and --max-num-batched-tokens > --streams + 1")
     return args
 
@@ -282,14 +285,14 @@ def main(argv: list[str] | None = None) -> int:
              f"Command: `{shlex.join(['python', 'benchmarks/llm_engine.py', *sys.argv[1:]])}`", "",
              setup_line(model, args), ""]
     if args.scenario in ("prefill-stall", "both"):
-        budget = args.max_num_batched_tokens
         results = {}
-        for name, config in (("chunked prefill off", EngineConfig()),
-                             (f"chunked prefill on, max_num_batched_tokens {budget}",
-                              EngineConfig(enable_chunked_prefill=True, max_num_batched_tokens=budget))):
+        configs = [("chunked prefill off", EngineConfig())] + [
+            (f"chunked prefill on, max_num_batched_tokens {b}",
+             EngineConfig(enable_chunked_prefill=True, max_num_batched_tokens=b)) for b in args.max_num_batched_tokens]
+        for name, config in configs:
             print(f"prefill-stall: {name}", file=sys.stderr)
             results[name] = prefill_stall(model, config, args)
-        lines += stall_markdown(results, args) + [""]
+        lines += [*stall_markdown(results, args), ""]
     if args.scenario in ("judge-prefix", "both"):
         conv = conversation(model, args, 0)
         lens = {t: judge_prompt(conv, t).input_ids.numel() for t in range(1, args.turns + 1)}
@@ -298,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                              ("prefix caching on", EngineConfig(enable_prefix_caching=True))):
             print(f"judge-prefix: {name}", file=sys.stderr)
             judged[name] = judge_latencies(model, config, args)
-        lines += judge_markdown(judged, args, lens) + [""]
+        lines += [*judge_markdown(judged, args, lens), ""]
     report = "\n".join(lines)
     print(report)
     if not args.no_write:

@@ -16,7 +16,7 @@ from vita.bus.queue import submit
 from vita.bus.replies import events
 from vita.bus.streams import BusConfig, Pool
 from vita.errors import CheckpointError
-from vita.llm.__main__ import load_backend, parse_args
+from vita.llm.__main__ import engine_config, load_backend, parse_args
 from vita.llm.backends.torch.backend import TorchBackend
 from vita.llm.worker import LLMWorker, WorkerConfig
 from vita.model.audio import AudioTower
@@ -53,7 +53,8 @@ def served_model(request, model_and_tokenizer):
 async def with_worker(model, tokenizer, body, role=GenerationJob.GENERATOR):
     redis = Redis.from_url("redis://127.0.0.1:6379/0")
     bus = BusConfig(prefix=f"test:{uuid.uuid4().hex[:12]}")
-    backend = TorchBackend(model, max_batch_size=4)
+    # The engine as the worker's CLI configures it by default (chunked prefill, prefix caching).
+    backend = TorchBackend(model, max_batch_size=4, engine_config=engine_config(parse_args([])))
     await backend.start()
     worker = LLMWorker(redis, bus, backend, tokenizer, WorkerConfig(role=role, max_concurrency=4))
     task = asyncio.create_task(worker.run())

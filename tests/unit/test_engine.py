@@ -146,7 +146,7 @@ def test_chunked_prefill_gives_the_tokens_of_whole_prefill(model):
     for rid, req in reqs().items():
         assert got[rid] == alone(model, req.input_ids, params), rid
     assert engine.stats.max_step_tokens <= 8 < whole.stats.max_step_tokens
-    assert engine.stats.prefill_chunks >= sum(-(-n // 7) for n in lengths)  # at most 7 prompt tokens per step
+    assert engine.stats.prefill_chunks >= sum(-(-n // 7) for n in lengths)  # at most 7 prompt tokens a step
     assert engine.stats.prefill_tokens == whole.stats.prefill_tokens == sum(lengths)
     assert sorted(engine.free_slots) == [0, 1, 2, 3] and not engine.running
 
@@ -163,9 +163,8 @@ def test_chunked_prefill_keeps_running_streams_decoding(model):
         outs = engine.step()
         steps += 1
         assert {o.request_id for o in outs if o.token_id is not None} >= {"a", "b"}  # never stalled
-    # 16 tokens a step: 2 decode tokens and 14 prompt tokens, 9 times; then the last 14 do not fit beside the new
-    # sequence's own first decode token, so 13 go and the last one ends the prompt in step 11.
-    assert steps == 11 and engine.stats.max_step_tokens == 16
+    # One forward of 16 tokens a step: 2 decode tokens and 14 prompt tokens; the 10th chunk ends the prompt.
+    assert steps == 10 and engine.stats.max_step_tokens == 16
     embeds = model.get_input_embeddings()(prompt(3, 140)).detach()
     params = SamplingParams(max_new_tokens=3)
     tokens = run(LLMEngine(model, max_batch_size=1, config=chunked(16)),

@@ -14,7 +14,7 @@ from vita.errors import CheckpointError, ContextLengthError, InvalidInputError
 from vita.model.config import LLMConfig
 from vita.model.generation import SamplingParams, sample_next_token, stream_generate
 from vita.model.hf_names import llm_state_dict_from_hf, llm_state_dict_to_hf
-from vita.model.llm import MoECausalLM, select_experts
+from vita.model.llm import CacheBatch, MoECausalLM, select_experts
 
 HF_SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256)
@@ -173,6 +173,30 @@ def test_right_padded_prefill_then_ragged_batched_decode_matches_each_row_alone(
         alone = model(row[None]).logits[0]
         assert (prefill[i, :n] - alone[:n]).abs().max() < 1e-5
         assert (decode[i, 0] - alone[n]).abs().max() < 1e-5
+
+
+@torch.inference_mode()
+def test_fused_forward_of_decode_rows_and_prompt_chunks_matches_each_row_alone():
+    """`forward_batches`: attention per batch, experts over all tokens at once; the same logits and cache writes."""
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(4)
+    rows = [torch.randint(0, 128, (n,), generator=gen) for n in (7, 5, 20)]
+    cache = model.new_cache(3, 32)
+    for slot, row in enumerate(rows[:2]):  # two sequences decoding: their prompts but the last token are cached
+        model(row[None, :-1], cache=cache, slots=torch.tensor([slot]), positions=torch.arange(row.numel() - 1)[None])
+    model(rows[2][None, :8], cache=cache, slots=torch.tensor([2]), positions=torch.arange(8)[None])  # a chunk done
+    decode = CacheBatch(torch.tensor([[6], [4]]), torch.tensor([0, 1]), torch.stack([rows[0][-1:], rows[1][-1:]]))
+    chunk = CacheBatch(torch.arange(8, 20)[None], torch.tensor([2]), inputs_embeds=model.get_input_embeddings()(
+        rows[2][None, 8:]))
+    decoded, chunked = model.forward_batches([decode, chunk], cache, logits_to_keep=1)
+    assert decoded.shape == (2, 1, 128) and chunked.shape == (1, 1, 128)
+    for i, row in enumerate(rows[:2]):
+        assert (decoded[i, 0] - model(row[None]).logits[0, -1]).abs().max() < 1e-5
+    assert (chunked[0, 0] - model(rows[2][None]).logits[0, -1]).abs().max() < 1e-5
+    # The chunk's keys are in slot 2: one more token decodes as it would after a whole prefill.
+    nxt = torch.tensor([[5]])
+    after = model(nxt, cache=cache, slots=torch.tensor([2]), positions=torch.tensor([[20]])).logits[0, -1]
+    assert (after - model(torch.cat((rows[2], nxt[0]))[None]).logits[0, -1]).abs().max() < 1e-5
 
 
 @torch.inference_mode()

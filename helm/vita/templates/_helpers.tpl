@@ -196,6 +196,12 @@ llm-monitor: {key: llmMonitor, service: llm, role: monitor, pool: "llm:monitor"}
 - --max-seq-len
 - {{ int64 $v.maxSeqLen | quote }}
 {{- end }}
+{{- if eq $root.Values.llm.backend "torch" }}
+- {{ ternary "--enable-chunked-prefill" "--no-enable-chunked-prefill" (ne $v.enableChunkedPrefill false) }}
+- --max-num-batched-tokens
+- {{ int64 $v.maxNumBatchedTokens | quote }}
+- {{ ternary "--enable-prefix-caching" "--no-enable-prefix-caching" (ne $v.enablePrefixCaching false) }}
+{{- end }}
 {{- if eq $root.Values.llm.backend "triton" }}
 - --triton-url
 - {{ printf "%s-triton:%v" (include "vita.fullname" $root) $root.Values.triton.ports.grpc | quote }}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vita.bus.streams import ROLE_POOLS
 from vita.llm.backends.base import GenerationBackend
+from vita.llm.backends.torch.engine import EngineConfig
 from vita.llm.worker import LLMWorker, WorkerConfig
 from vita.runtime.args import add_common_args
 from vita.runtime.serve import Context, Service, run_service
@@ -30,9 +31,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--triton-model", default="tensorrt_llm", help="model name in Triton's repository")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (and jobs taken at once)")
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length per sequence (torch backend)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch backend: spread long prompts over steps of at most --max-num-batched-tokens tokens, "
+                   "so running streams keep decoding while they prefill (vLLM's flag)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
+                   help="torch backend, chunked prefill: tokens computed per step (decode + prompt chunks); more "
+                   "than --max-batch. Smaller: steadier inter-token latency, slower long prompts")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch backend: reuse the KV blocks of prompt prefixes seen before (a session's history, "
+                   "the system prompt, the judge prompt)")
     add_common_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.backend == "torch" and args.enable_chunked_prefill and args.max_num_batched_tokens <= args.max_batch:
+        p.error(f"--max-num-batched-tokens ({args.max_num_batched_tokens}) must be more than --max-batch "
+                f"({args.max_batch}) with chunked prefill")
+    return args
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(enable_chunked_prefill=args.enable_chunked_prefill,
+                        max_num_batched_tokens=args.max_num_batched_tokens,
+                        enable_prefix_caching=args.enable_prefix_caching)
 
 
 def load_backend(args: argparse.Namespace, model_dir: Path, metrics: Metrics) -> GenerationBackend:
@@ -43,7 +62,7 @@ def load_backend(args: argparse.Namespace, model_dir: Path, metrics: Metrics) ->
         from vita.model.vita import VitaForCausalLM
 
         return TorchBackend(VitaForCausalLM.from_pretrained(model_dir, towers=False), max_batch_size=args.max_batch,
-                            max_seq_len=args.max_seq_len, metrics=metrics,
+                            max_seq_len=args.max_seq_len, metrics=metrics, engine_config=engine_config(args),
                             pool=ROLE_POOLS[ROLES[args.role]].value)  # the label the worker uses
     from vita.llm.backends.triton.backend import TritonBackend
     from vita.model.vita import read_model_config

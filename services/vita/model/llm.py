@@ -296,6 +296,42 @@ class Decoder(nn.Module):
             x = layer(x, rope, mask, step)
         return self.norm(x)
 
+    def forward_fused(self, batches: list[_Prepared]) -> list[Tensor]:
+        """Several batches of different shapes in one pass: attention per batch, the MoE on all their tokens at once.
+
+        Decode rows (B, 1) and a prompt chunk (1, T) cannot share one padded batch without computing the padding, but
+        every part of a layer except attention is per token: concatenating the tokens reads the experts' weights
+        once per layer for the whole step instead of once per batch.
+        """
+        xs = [b.x for b in batches]
+        sizes = [x.shape[0] * x.shape[1] for x in xs]
+        for layer in self.layers:
+            xs = [x + layer.self_attn(layer.input_layernorm(x), b.rope, b.mask, b.step) for x, b in zip(xs, batches, strict=True)]
+            flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+            flat = flat + layer.block_sparse_moe(layer.post_attention_layernorm(flat))
+            xs = [part.view(x.shape) for part, x in zip(flat.split(sizes), xs, strict=True)]
+        return [self.norm(x) for x in xs]
+
+
+@dataclass
+class _Prepared:
+    """One batch's embedded input and what its layers share: RoPE, the folded mask, where it reads/writes the cache."""
+
+    x: Tensor  # (B, T, hidden)
+    rope: tuple[Tensor, Tensor]
+    mask: Tensor
+    step: CacheStep | None
+
+
+@dataclass
+class CacheBatch:
+    """One batch of a fused forward (`MoECausalLM.forward_batches`): the arguments `forward` takes with a cache."""
+
+    positions: Tensor  # (B, T)
+    slots: Tensor  # (B,)
+    input_ids: Tensor | None = None  # (B, T)
+    inputs_embeds: Tensor | None = None  # (B, T, hidden)
+
 
 class MoECausalLM(nn.Module):
     """The text model. With a KV cache every row has its own positions, so rows of different lengths batch."""
@@ -336,6 +372,24 @@ class MoECausalLM(nn.Module):
         `segment_ids` (B, T), training without a cache: packed samples, each with its own id and positions that
         restart at 0; a query then sees only the keys of its own segment at positions <= its own.
         """
+        prepared = self._prepare(input_ids, inputs_embeds, cache, slots, positions, segment_ids)
+        hidden = self.model(prepared.x, prepared.rope, prepared.mask, prepared.step)
+        if logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        return CausalLMOutput(logits=self.lm_head(hidden))
+
+    def forward_batches(self, batches: list[CacheBatch], cache: KVCache, *, logits_to_keep: int = 1) -> list[Tensor]:
+        """One fused forward of several cache batches (decode rows and prompt chunks of a scheduler step).
+
+        Returns each batch's logits (B, logits_to_keep, vocab). The batches' slots must be distinct across batches
+        (each writes its own rows). Same results as one `forward` per batch, for the cost of one weight read.
+        """
+        prepared = [self._prepare(b.input_ids, b.inputs_embeds, cache, b.slots, b.positions, None) for b in batches]
+        hidden = self.model.forward_fused(prepared)
+        return [self.lm_head(h[:, -logits_to_keep:]) for h in hidden]
+
+    def _prepare(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, cache: KVCache | None,
+                 slots: Tensor | None, positions: Tensor | None, segment_ids: Tensor | None) -> _Prepared:
         x = self._embed(input_ids, inputs_embeds)
         B, T = x.shape[:2]
         if cache is None:
@@ -359,10 +413,7 @@ class MoECausalLM(nn.Module):
         groups = self.config.num_attention_heads // self.config.num_key_value_heads
         mask = fold_query_mask(visible, groups, x.dtype)
         rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        hidden = self.model(x, rope, mask, step)
-        if logits_to_keep > 0:
-            hidden = hidden[:, -logits_to_keep:]
-        return CausalLMOutput(logits=self.lm_head(hidden))
+        return _Prepared(x, rope, mask, step)
 
     def _embed(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
         if (input_ids is None) == (inputs_embeds is None):

@@ -62,6 +62,12 @@ class Metrics:
             "vita:engine_decode_tokens", "Tokens computed by the engine's decode forwards, cancelled sequences "
             "included: the compute actually spent, where generation_tokens counts what was delivered",
             ["pool"], registry=r)
+        self.prefix_cache_queries = Counter(
+            "vita:prefix_cache_queries", "Prompt tokens looked up in the prefix cache (full blocks)", ["pool"],
+            registry=r)
+        self.prefix_cache_hits = Counter(
+            "vita:prefix_cache_hits", "Prompt tokens found in the prefix cache: not computed again", ["pool"],
+            registry=r)
         # Converse (orchestrator)
         self.active_sessions = Gauge("vita:converse_active_sessions", "Converse calls open on this replica",
                                      registry=r)

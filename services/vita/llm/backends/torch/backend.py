@@ -25,6 +25,7 @@ class TorchBackend:
         self.pool = pool
         self._queues: dict[str, asyncio.Queue[TokenOutput]] = {}
         self._decode_tokens_seen = 0
+        self._prefix_seen = (0, 0)  # (queries, hits) already counted
         self._loop: asyncio.AbstractEventLoop | None = None
         self._engine_loop = EngineLoop(self.engine, self._on_output, on_step=self._on_step)
 
@@ -79,6 +80,11 @@ class TorchBackend:
         m.num_requests_running.labels(self.pool).set(engine.num_running)
         m.engine_decode_tokens.labels(self.pool).inc(engine.stats.decode_tokens - self._decode_tokens_seen)
         self._decode_tokens_seen = engine.stats.decode_tokens
+        if (prefix := engine.prefix_cache_stats) is not None:
+            queries, hits = self._prefix_seen
+            m.prefix_cache_queries.labels(self.pool).inc(prefix.queries - queries)
+            m.prefix_cache_hits.labels(self.pool).inc(prefix.hits - hits)
+            self._prefix_seen = (prefix.queries, prefix.hits)
         m.num_requests_waiting.labels(self.pool).set(engine.num_waiting)
         if engine.num_running:
             m.batch_size.labels(self.pool).observe(engine.num_running)

@@ -5,9 +5,10 @@ sequences into free slots, prefills, then runs one batched decode forward for ev
 cache. A new request therefore waits at most one decode step before its prefill starts, however long the running
 generations are: that is what keeps the monitor's short judgements from queueing behind the generator's answers.
 
-With chunked prefill (`EngineConfig.enable_chunked_prefill`) a step computes at most `max_num_batched_tokens`
-tokens: the running sequences' decode tokens first, then prompt chunks first come first served, so a 4,000-token
-prompt is spread over many steps and never stalls the running streams for its whole prefill. With prefix caching
+With chunked prefill (`EngineConfig.enable_chunked_prefill`) a step is one forward of at most
+`max_num_batched_tokens` tokens: the running sequences' decode tokens first, then prompt chunks first come first
+served, so a 4,000-token prompt is spread over many steps and never stalls the running streams for its whole
+prefill; the chunks and the decode rows share the step's read of the expert weights (`forward_batches`). With prefix caching
 (`enable_prefix_caching`) a prompt starts from the KV blocks of the longest prefix seen before (`prefix_cache`).
 """
 
@@ -26,21 +27,22 @@ from vita.errors import ContextLengthError, InvalidInputError
 from vita.llm.backends.base import TokenOutput
 from vita.llm.backends.torch.prefix_cache import PrefixCache, PrefixCacheStats, block_hashes
 from vita.model.generation import SamplingParams, make_generator, sample_next_token, stop_ids
-from vita.model.llm import MoECausalLM
+from vita.model.llm import CacheBatch, MoECausalLM
 
 
 @dataclass
 class EngineConfig:
     """Scheduler and cache settings, under vLLM's names.
 
-    max_num_batched_tokens: tokens computed per step (decode tokens + prompt chunk tokens) when chunked prefill is
-      on; must be more than max_batch_size so that a prompt always progresses. Off: each prompt is prefilled whole.
+    enable_chunked_prefill: each step is one fused forward of at most `max_num_batched_tokens` tokens (decode
+      tokens + prompt chunks); the budget must be more than max_batch_size so that a prompt always progresses.
+      Off: each prompt is prefilled whole in a forward of its own, then the step decodes.
     block_size: tokens per prefix-cache block. num_prefix_blocks: blocks in the prefix-cache pool (None: as many as
       the slot cache holds, max_batch_size * max_seq_len / block_size, which doubles the KV memory).
     """
 
     enable_chunked_prefill: bool = False
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = 64
     enable_prefix_caching: bool = False
     block_size: int = 16
     num_prefix_blocks: int | None = None
@@ -160,13 +162,14 @@ class LLMEngine:
     def step(self) -> list[TokenOutput]:
         outputs = self._drop_cancelled()
         self._admit()
-        decoding = [s for s in self.running.values() if not s.prefilling]
-        outputs += self._prefill(len(decoding))
-        # Sequences whose prefill ended just now decode too (their first token came from the prefill): the budget
-        # kept a token for each of them.
-        decoding = [s for s in self.running.values() if not s.prefilling]
-        if decoding:
-            outputs += self._decode(decoding)
+        if self.config.enable_chunked_prefill:
+            outputs += self._chunked_step()
+        else:
+            outputs += self._prefill_whole()
+            # Sequences prefilled just now decode too: their first token came from the prefill.
+            decoding = [s for s in self.running.values() if not s.prefilling]
+            if decoding:
+                outputs += self._decode(decoding)
         self.stats.steps += 1
         return outputs
 
@@ -203,52 +206,85 @@ class LLMEngine:
                                                       (request.prompt_len - 1) // self.prefix_cache.block_size)
             self.running[request.request_id] = seq
 
-    def _prefill(self, decode_tokens: int) -> list[TokenOutput]:
-        """Prompt chunks within the step's budget, first come first served; a chunk that ends its prompt keeps one
-        token of the budget for that sequence's first decode in this step."""
-        chunked = self.config.enable_chunked_prefill
-        budget = self.config.max_num_batched_tokens - decode_tokens if chunked else None
-        outputs, computed = [], decode_tokens
+    def _prefill_whole(self) -> list[TokenOutput]:
+        """Chunked prefill off: every admitted prompt is computed in one forward of its own."""
+        outputs, computed = [], 0
         for seq in [s for s in self.running.values() if s.prefilling]:
-            remaining = seq.request.prompt_len - seq.position
-            take = remaining
-            if budget is not None:
-                take = remaining if remaining < budget else min(budget, remaining - 1)
-                if take <= 0:
-                    break
-                budget -= take + (take == remaining)
-            computed += take + (take == remaining)
-            output = self._prefill_chunk(seq, take)
+            n = seq.request.prompt_len - seq.position
+            ids, embeds = self._chunk_inputs(seq, n)
+            logits = self.model(ids, inputs_embeds=embeds, cache=self.cache, slots=self._slots([seq]),
+                                positions=self._positions(seq, n), logits_to_keep=1).logits
+            computed += n
+            outputs.append(self._prefilled(seq, n, logits[:, -1]))
+        decode_tokens = sum(1 for s in self.running.values() if not s.prefilling)
+        self.stats.max_step_tokens = max(self.stats.max_step_tokens, computed + decode_tokens)
+        return [o for o in outputs if o is not None]
+
+    def _chunked_step(self) -> list[TokenOutput]:
+        """One fused forward of the step's decode tokens and prompt chunks, at most `max_num_batched_tokens` in all.
+
+        Running sequences decode first; the rest of the budget goes to prompts first come first served. A prompt
+        whose last chunk ran this step gets its first token from that chunk and decodes from the next step.
+        """
+        decoding = [s for s in self.running.values() if not s.prefilling]
+        budget = self.config.max_num_batched_tokens - len(decoding)
+        chunks = []
+        for seq in [s for s in self.running.values() if s.prefilling]:
+            take = min(seq.request.prompt_len - seq.position, budget)
+            if take <= 0:
+                break
+            chunks.append((seq, take))
+            budget -= take
+        batches = [CacheBatch(self._positions(seq, n), self._slots([seq]), *self._chunk_inputs(seq, n))
+                   for seq, n in chunks]
+        if decoding:
+            batches.insert(0, CacheBatch(torch.tensor([[s.position] for s in decoding], device=self._device),
+                                         self._slots(decoding),
+                                         torch.tensor([[s.last_token] for s in decoding], device=self._device)))
+        if not batches:
+            return []
+        self.stats.max_step_tokens = max(self.stats.max_step_tokens, len(decoding) + sum(n for _, n in chunks))
+        logits = self.model.forward_batches(batches, self.cache)
+        outputs = self._decoded(decoding, logits.pop(0)[:, -1]) if decoding else []
+        for (seq, n), chunk_logits in zip(chunks, logits, strict=True):
+            output = self._prefilled(seq, n, chunk_logits[:, -1])
             if output is not None:
                 outputs.append(output)
-        self.stats.max_step_tokens = max(self.stats.max_step_tokens, computed)
         return outputs
 
-    def _prefill_chunk(self, seq: _Sequence, n: int) -> TokenOutput | None:
-        """Compute prompt positions [position, position + n); at the prompt's end, sample the first token."""
+    def _chunk_inputs(self, seq: _Sequence, n: int) -> tuple[Tensor | None, Tensor | None]:
+        """The next n prompt tokens of `seq` as (input_ids (1, n), None) or (None, inputs_embeds (1, n, H))."""
         request, start = seq.request, seq.position
-        end = start + n
-        positions = torch.arange(start, end, device=self._device)[None]
-        slots = torch.tensor([seq.slot], device=self._device)
-        ids = None if request.input_ids is None else request.input_ids[None, start:end].to(self._device)
-        embeds = None if request.inputs_embeds is None else request.inputs_embeds[None, start:end].to(self._device)
-        logits = self.model(ids, inputs_embeds=embeds, cache=self.cache, slots=slots, positions=positions,
-                            logits_to_keep=1).logits
-        seq.position = end
+        if request.input_ids is not None:
+            return request.input_ids[None, start : start + n].to(self._device), None
+        return None, request.inputs_embeds[None, start : start + n].to(self._device)
+
+    def _positions(self, seq: _Sequence, n: int) -> Tensor:
+        return torch.arange(seq.position, seq.position + n, device=self._device)[None]
+
+    def _slots(self, seqs: list[_Sequence]) -> Tensor:
+        return torch.tensor([s.slot for s in seqs], device=self._device)
+
+    def _prefilled(self, seq: _Sequence, n: int, logits: Tensor) -> TokenOutput | None:
+        """n more prompt positions are in the cache; at the prompt's end, sample the first token from `logits`."""
+        seq.position += n
         self.stats.prefill_tokens += n
         self.stats.prefill_chunks += 1
         if seq.prefilling:
             return None
         if self.prefix_cache is not None:  # concurrent requests with the same system prompt find it at once
             self.prefix_cache.store(seq.hashes, seq.slot)
-        token = int(sample_next_token(logits[:, -1], request.params, seq.generator)[0])
+        token = int(sample_next_token(logits, seq.request.params, seq.generator)[0])
         return self._emit(seq, token)
 
     def _decode(self, seqs: list[_Sequence]) -> list[TokenOutput]:
         ids = torch.tensor([[s.last_token] for s in seqs], device=self._device)
         positions = torch.tensor([[s.position] for s in seqs], device=self._device)
-        slots = torch.tensor([s.slot for s in seqs], device=self._device)
-        logits = self.model(ids, cache=self.cache, slots=slots, positions=positions).logits[:, -1]
+        logits = self.model(ids, cache=self.cache, slots=self._slots(seqs), positions=positions).logits[:, -1]
+        return self._decoded(seqs, logits)
+
+    def _decoded(self, seqs: list[_Sequence], logits: Tensor) -> list[TokenOutput]:
+        """Each sequence's next token from its row of `logits` (B, vocab)."""
         self.stats.decode_tokens += len(seqs)
         tokens = self._sample(logits, seqs)
         outputs = []
