@@ -483,3 +483,104 @@ def test_trace_context_crosses_the_bus(config: BusConfig) -> None:
             assert worker.parent is not None and worker.parent.span_id == producer.get_span_context().span_id
 
     run(body)
+
+
+async def _until(predicate: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 30.0) -> None:
+    """Poll a state Redis reaches; the timeout only stops a hang."""
+    deadline = time.monotonic() + timeout_s
+    while not await predicate():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:g} s"
+        await asyncio.sleep(0.01)
+
+
+async def _consumers(redis: Redis, config: BusConfig, pool: Pool) -> dict[str, dict]:
+    return {c["name"].decode(): c for c in await redis.xinfo_consumers(config.jobs(pool), pool.group)}
+
+
+def test_dead_consumers_are_removed_once_their_jobs_are_reclaimed(config: BusConfig) -> None:
+    config = dataclasses.replace(config, dead_consumer_ms=2 * IDLE_MS)
+    pool = Pool.VISION_ENCODER
+
+    async def body(redis: Redis) -> None:
+        await submit(redis, config, pool, image_job("job-1", config))
+        dead, alive = Consumer(redis, config, pool), Consumer(redis, config, pool)
+        (first,) = await dead.read(block_ms=None)  # and never reads again: killed
+        got: list = []
+
+        async def reclaimed_and_removed() -> bool:
+            got.extend(await alive.read(block_ms=None))
+            return bool(got) and dead.name not in await _consumers(redis, config, pool)
+
+        await _until(reclaimed_and_removed, "the dead consumer's job reclaimed and the consumer removed")
+        assert [d.entry_id for d in got] == [first.entry_id]
+        await alive.ack(first.entry_id)
+        assert alive.name in await _consumers(redis, config, pool)
+
+    run(body)
+
+
+def test_a_consumer_holding_a_job_is_never_removed(config: BusConfig) -> None:
+    config = dataclasses.replace(config, dead_consumer_ms=2 * IDLE_MS)
+    pool = Pool.LLM_GENERATOR
+
+    async def body(redis: Redis) -> None:
+        await submit(redis, config, pool, generation_job("req-1", config))
+        holder, other = Consumer(redis, config, pool), Consumer(redis, config, pool)
+        await holder.read(block_ms=None)
+
+        async def idle_past_threshold() -> bool:
+            return (await _consumers(redis, config, pool))[holder.name]["idle"] > config.dead_consumer_ms
+
+        await _until(idle_past_threshold, "the holder idle past the dead-consumer threshold")
+        # Idle long enough, but its job was not reclaimed yet (no XAUTOCLAIM here): it must stay with its job.
+        assert await other.remove_dead_consumers() == []
+        assert (await _consumers(redis, config, pool))[holder.name]["pending"] == 1
+
+    run(body)
+
+
+def test_a_group_lost_with_the_data_is_created_again(config: BusConfig) -> None:
+    pool = Pool.AUDIO_ENCODER
+
+    async def body(redis: Redis) -> None:
+        consumer = Consumer(redis, config, pool)
+        assert await consumer.read(block_ms=None) == []
+        await redis.delete(config.jobs(pool))  # what a Redis restarted without its data looks like
+        assert await consumer.read(block_ms=None) == []
+        job = EncodeJob(job_id="j1", request_id="r1", reply_stream=config.reply("r1"), kind=EncodeJob.AUDIO)
+        await submit(redis, config, pool, job)
+        (delivery,) = await consumer.read(block_ms=None)
+        assert delivery.message == job
+        await consumer.keep_alive(delivery.entry_id)
+        await redis.delete(config.jobs(pool))
+        await consumer.keep_alive(delivery.entry_id)  # the group is gone: the job runs on, no error
+
+    run(body)
+
+
+def test_a_bus_client_and_cancel_watcher_ride_out_a_redis_restart(tmp_path) -> None:
+    from vita.runtime.redis_client import RedisSettings, RetryPolicy, connect
+    from vita.stack import RedisServer
+
+    config = BusConfig(prefix="test:restart")
+    with RedisServer(str(tmp_path / "redis")) as server:
+        async def main() -> None:
+            redis = connect(RedisSettings(server.url), socket_timeout=10, retry=RetryPolicy(outage_s=10))
+            heard = asyncio.Event()
+
+            async def on_cancel(request_id: str) -> None:
+                heard.set()
+
+            try:
+                async with CancelWatcher(redis, config, on_cancel=on_cancel) as watcher:
+                    await watcher.watch("r1")
+                    await redis.set("test:restart:k", 1)
+                    server.restart(keep_data=False)
+                    assert await redis.get("test:restart:k") is None  # reconnected, to the empty server
+                    await cancel(redis, config, "r1")
+                    await asyncio.wait_for(heard.wait(), 30)
+                    assert watcher.cancelled("r1")
+            finally:
+                await redis.aclose()
+
+        asyncio.run(main())

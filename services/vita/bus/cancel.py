@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
 
 from vita.bus.cluster import is_cluster
 from vita.bus.streams import BusConfig, milliseconds
@@ -97,16 +98,29 @@ class CancelWatcher:
         self._cancelled.discard(request_id)
 
     async def _listen(self) -> None:
-        assert self._pubsub is not None
+        """Runs as long as the watcher: a Redis outage past the client's retries is waited out (subscribing
+        again), never fatal, and the resync that follows catches the cancels sent meanwhile."""
         loop = asyncio.get_running_loop()
         resync_at = loop.time() + self.resync_s
         while True:
-            message = await self._pubsub.get_message(timeout=self.resync_s)
-            if message is not None and (request_id := message["data"].decode()) in self._running:
-                await self._mark(request_id)
-            if loop.time() >= resync_at:
-                await self._resync()
-                resync_at = loop.time() + self.resync_s
+            try:
+                if self._pubsub is None:
+                    self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                    await self._pubsub.subscribe(self.config.cancel_channel)
+                message = await self._pubsub.get_message(timeout=self.resync_s)
+                if message is not None and (request_id := message["data"].decode()) in self._running:
+                    await self._mark(request_id)
+                if loop.time() >= resync_at:
+                    await self._resync()
+                    resync_at = loop.time() + self.resync_s
+            except RedisError as e:
+                log.warning("cancel listener lost Redis, subscribing again: %s", e)
+                pubsub, self._pubsub = self._pubsub, None
+                if pubsub is not None:
+                    with contextlib.suppress(RedisError, OSError):
+                        await pubsub.aclose()
+                await asyncio.sleep(self.resync_s)
+                resync_at = loop.time()  # at once: cancels sent while unsubscribed are only in their keys
 
     async def _resync(self) -> None:
         unseen = list(self._running - self._cancelled)

@@ -56,8 +56,13 @@ async def read_embeddings(redis: Redis, refs: Sequence[EmbeddingRef]) -> list[to
             raise MalformedEntry(f"{ref.key} does not hold a TensorBlob: {e}") from e
         if blob.dtype != ref.dtype or list(blob.shape) != list(ref.shape):
             raise MalformedEntry(
-                f"{ref.key} holds {TensorBlob.DType.Name(blob.dtype)}{list(blob.shape)}, "
-                f"its reference says {TensorBlob.DType.Name(ref.dtype)}{list(ref.shape)}"
+                f"{ref.key} holds {_dtype_name(blob.dtype)}{list(blob.shape)}, "
+                f"its reference says {_dtype_name(ref.dtype)}{list(ref.shape)}"
             )
         tensors.append(blob_to_tensor(blob))
     return tensors
+
+
+def _dtype_name(code: int) -> str:
+    """Proto3 enums are open: a corrupt blob may carry a number with no name (DType.Name would raise)."""
+    return TensorBlob.DType.Name(code) if code in TensorBlob.DType.values() else f"dtype#{code}"

@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +93,7 @@ class Consumer:
     name: str = field(default_factory=default_consumer_name)
     _cursor: str = field(default="0-0", init=False)  # XAUTOCLAIM resumes its scan of the pending list here
     _ready: bool = field(default=False, init=False)
+    _next_sweep: float = field(default=0.0, init=False)  # monotonic time of the next dead-consumer sweep
 
     @property
     def stream(self) -> str:
@@ -101,14 +103,16 @@ class Consumer:
         """Up to `count` jobs: first any a dead worker left behind, else new ones, waiting up to `block_ms`.
 
         `block_ms=None` returns at once; 0 would block until a job arrives, skipping reclaim meanwhile.
+        A group that vanished (Redis restarted without persistence, the stream deleted) is created again.
         """
-        await self._ensure_group()
-        entries = await self._reclaim(count)
-        if not entries:
-            reply = await self.redis.xreadgroup(
-                self.pool.group, self.name, {self.stream: ">"}, count=count, block=block_ms
-            )
-            entries = [(entry_id, fields, 1) for entry_id, fields in (reply[0][1] if reply else [])]
+        try:
+            entries = await self._fetch(count, block_ms)
+        except ResponseError as e:
+            if not str(e).startswith("NOGROUP"):
+                raise
+            log.warning("%s: the consumer group is gone (Redis lost its data?); creating it again", self.stream)
+            self._ready, self._cursor = False, "0-0"
+            entries = await self._fetch(count, block_ms)
         deliveries = []
         for entry_id, fields, n in entries:
             if n > self.config.max_deliveries:
@@ -122,6 +126,40 @@ class Consumer:
             deliveries.append(Delivery(entry_id.decode(), message, n))
         return deliveries
 
+    async def _fetch(self, count: int, block_ms: int | None) -> list[tuple[bytes, dict[bytes, bytes], int]]:
+        await self._ensure_group()
+        entries = await self._reclaim(count)
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + self.config.dead_consumer_ms / 2000
+            await self.remove_dead_consumers()
+        if not entries:
+            reply = await self.redis.xreadgroup(
+                self.pool.group, self.name, {self.stream: ">"}, count=count, block=block_ms
+            )
+            entries = [(entry_id, fields, 1) for entry_id, fields in (reply[0][1] if reply else [])]
+        return entries
+
+    async def remove_dead_consumers(self) -> list[str]:
+        """Delete the group's consumers idle past `dead_consumer_ms` that hold no pending job; returns their names.
+
+        Killed workers stay in XINFO CONSUMERS forever otherwise. `read` calls this every `dead_consumer_ms / 2`,
+        after its XAUTOCLAIM, so a dead consumer's jobs were taken over before it is removed. The pending check and
+        XGROUP DELCONSUMER run in one script: a consumer that took a job meanwhile is kept (deleting it would drop
+        its pending entries). A live worker idle that long (nothing to read) loses only its name: its next read
+        creates it again.
+        """
+        consumers = await self.redis.xinfo_consumers(self.stream, self.pool.group)
+        removed = []
+        for c in consumers:
+            name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+            if name == self.name or c["idle"] < self.config.dead_consumer_ms or c["pending"]:
+                continue
+            if await self.redis.eval(_DELETE_IF_IDLE, 1, self.stream, self.pool.group, name):
+                removed.append(name)
+        if removed:
+            log.info("%s: removed dead consumers %s", self.stream, removed)
+        return removed
+
     async def ack(self, *entry_ids: str) -> None:
         """Call after the job's final event is published: until then a crash must leave it reclaimable."""
         await self.redis.xack(self.stream, self.pool.group, *entry_ids)
@@ -129,9 +167,14 @@ class Consumer:
     async def keep_alive(self, *entry_ids: str) -> None:
         """Reset the idle time of jobs still running (a long generation), so nobody reclaims them as abandoned.
 
-        Call more often than `reclaim_idle_ms`; JUSTID leaves the delivery counter alone.
+        Call more often than `reclaim_idle_ms`; JUSTID leaves the delivery counter alone. A group lost with Redis'
+        data is not an error here: the job runs on, with nobody left to reclaim it from.
         """
-        await self.redis.xclaim(self.stream, self.pool.group, self.name, 0, list(entry_ids), justid=True)
+        try:
+            await self.redis.xclaim(self.stream, self.pool.group, self.name, 0, list(entry_ids), justid=True)
+        except ResponseError as e:
+            if not str(e).startswith("NOGROUP"):
+                raise
 
     async def _ensure_group(self) -> None:
         if self._ready:
@@ -174,6 +217,14 @@ class Consumer:
         pipe.xadd(self.config.dead_letters(self.pool), letter, maxlen=self.config.dead_letter_maxlen)
         pipe.xack(self.stream, self.pool.group, entry_id)
         await pipe.execute()
+
+
+# KEYS[1] stream, ARGV[1] group, ARGV[2] consumer: delete the consumer only if it holds no pending entry, so no
+# job is dropped with it (XGROUP DELCONSUMER discards a consumer's pending entries).
+_DELETE_IF_IDLE = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) + 1
+"""
 
 
 def _raise_errors(results: list[Any]) -> list[Any]:

@@ -7,16 +7,19 @@ request's stream disappears on its own.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator
 
 from redis.asyncio import Redis
 
 from vita.bus.cluster import by_slot, socket_timeout
-from vita.bus.codec import decode_entry, encode_entry
+from vita.bus.codec import MalformedEntry, decode_entry, encode_entry
 from vita.bus.streams import REPLY_TYPES, BusConfig, milliseconds
 from vita.errors import InvalidInputError, VitaError
 from vita.v1.bus_pb2 import EncodeResult, GenerationEvent
+
+log = logging.getLogger(__name__)
 
 Reply = EncodeResult | GenerationEvent
 _MAX_BLOCK_S = 1.0  # one blocking read of `events`: below any socket timeout a client is likely to have
@@ -116,7 +119,11 @@ async def events(
             reply = await redis.xread({reply_stream: after}, count=64, block=milliseconds(min(remaining, slice_s)))
         for entry_id, fields in reply[0][1]:
             after = entry_id.decode()
-            message = decode_entry(fields, REPLY_TYPES)
+            try:
+                message = decode_entry(fields, REPLY_TYPES)
+            except MalformedEntry as e:  # a stray writer must not fail the request: its real events may follow
+                log.error("%s %s skipped: %s", reply_stream, after, e)
+                continue
             if isinstance(message, EncodeResult):
                 if message.job_id in seen_jobs:
                     continue

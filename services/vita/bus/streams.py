@@ -68,16 +68,22 @@ class BusConfig:
     session_ttl_s: float = 1800.0  # a Converse session, its pending media and history embeddings; reset on writes
     reclaim_idle_ms: int = 30_000  # an unacknowledged job idle this long belongs to a dead worker
     max_deliveries: int = 3  # a job delivered more often than this is dead-lettered
+    # A consumer idle this long with nothing pending is dead (a killed pod): removed from its group. At least
+    # reclaim_idle_ms, so its pending jobs were taken over first.
+    dead_consumer_ms: int = 60_000
 
     def __post_init__(self) -> None:
         if not _PREFIX.fullmatch(self.prefix):
             raise InvalidInputError(f"bus prefix {self.prefix!r} must be ':'-separated words of A-Z a-z 0-9 _ . -")
-        for name in ("jobs_maxlen", "dead_letter_maxlen", "reclaim_idle_ms", "max_deliveries"):
+        for name in ("jobs_maxlen", "dead_letter_maxlen", "reclaim_idle_ms", "max_deliveries", "dead_consumer_ms"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"{name} must be at least 1; got {getattr(self, name)}")
         for name in ("reply_ttl_s", "embedding_ttl_s", "cancel_ttl_s", "session_ttl_s"):
             if not getattr(self, name) > 0:
                 raise InvalidInputError(f"{name} must be positive; got {getattr(self, name)}")
+        if self.dead_consumer_ms < self.reclaim_idle_ms:
+            raise InvalidInputError(f"dead_consumer_ms ({self.dead_consumer_ms}) must be at least reclaim_idle_ms "
+                                    f"({self.reclaim_idle_ms}): a consumer's jobs are reclaimed before it is removed")
         for pool in Pool:
             limit = self.backlog_limits.get(pool)
             # Backpressure must refuse work before MAXLEN trimming could drop jobs nobody has read.

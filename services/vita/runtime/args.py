@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 from vita.bus.streams import BusConfig
 from vita.errors import VitaError
 from vita.runtime.access import AccessPolicy, load_tokens
-from vita.runtime.redis_client import RedisSettings, connect
+from vita.runtime.redis_client import RedisSettings, RetryPolicy, connect
 from vita.runtime.server import MAX_MESSAGE_BYTES
 from vita.runtime.tls import ServerTLS, server_tls
 from vita.telemetry.logging import configure_logging
@@ -38,6 +38,11 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port; 0 disables it")
     g.add_argument("--reclaim-idle-ms", type=int, default=30_000,
                    help="a job unacknowledged this long belongs to a dead worker and is redelivered")
+    g.add_argument("--dead-consumer-ms", type=int, default=None,
+                   help="a consumer idle this long with no pending job is removed from its group (default: twice "
+                        "--reclaim-idle-ms)")
+    g.add_argument("--redis-outage-s", type=float, default=15.0,
+                   help="how long each Redis command keeps reconnecting (a restart, a stall) before it fails")
     g.add_argument("--backlog-limit", type=int, default=1_000,
                    help="jobs waiting or running in a pool beyond which requests are refused (RESOURCE_EXHAUSTED)")
     g.add_argument("--otlp-endpoint", default=None, help="send OpenTelemetry spans here (OTLP/gRPC); off by default")
@@ -89,6 +94,7 @@ def setup(service: str, args: argparse.Namespace) -> tuple[Redis, BusConfig, Met
     configure_logging(service, args.log_level, json_format=not args.plain_logs)
     configure_tracing(service, otlp_endpoint=args.otlp_endpoint)
     bus = BusConfig(prefix=args.prefix, reclaim_idle_ms=args.reclaim_idle_ms,
+                    dead_consumer_ms=args.dead_consumer_ms or 2 * args.reclaim_idle_ms,
                     backlog_limits=dict.fromkeys(BusConfig().backlog_limits, args.backlog_limit))
     metrics = Metrics()
     serve_metrics(metrics, args.metrics_port, host=args.host)
@@ -96,4 +102,6 @@ def setup(service: str, args: argparse.Namespace) -> tuple[Redis, BusConfig, Met
     # redis-py 8's 5 s default cut them with a TimeoutError whenever a pool was slow to answer. (None, "no
     # timeout", stopped encoder workers from reclaiming a dead worker's jobs in tests/integration/test_encoders.py.)
     longest_block_s = max(60.0, getattr(args, "token_timeout", 0.0), getattr(args, "encode_timeout", 0.0))
-    return connect(redis_settings(args), socket_timeout=longest_block_s + 30, socket_connect_timeout=5), bus, metrics
+    retry = RetryPolicy(outage_s=args.redis_outage_s)
+    return connect(redis_settings(args), socket_timeout=longest_block_s + 30, socket_connect_timeout=5,
+                   retry=retry), bus, metrics

@@ -16,8 +16,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from vita.errors import VitaError
+from vita.errors import InvalidInputError, VitaError
 
 
 @dataclass(frozen=True)
@@ -44,10 +48,51 @@ class RedisSettings:
             raise VitaError("a Redis Cluster has only database 0: drop the /db from the URL")
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long one command keeps reconnecting before it raises; the sleeps double from `base_s` up to `cap_s`.
+
+    redis-py's client from a URL retries nothing: a Redis restart (or a failover, a dropped connection) made the
+    next command of every service fail at once, which ended the worker loops and failed every request in flight.
+    With this policy each command reconnects (a pub/sub connection re-subscribes) for `outage_s`. A command whose
+    reply was lost with the connection may run twice; everything on the bus is idempotent or deduplicated for that
+    reason (bus/README.md, "Delivery semantics").
+    """
+
+    outage_s: float = 15.0  # a Redis restart or a 5 s network stall is invisible to the services
+    base_s: float = 0.05
+    cap_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not (self.outage_s >= 0 and 0 < self.base_s <= self.cap_s):
+            raise InvalidInputError(f"retry policy needs outage_s >= 0 and 0 < base_s <= cap_s; got {self}")
+
+    @property
+    def retries(self) -> int:
+        """How many retries sleep `outage_s` in all (each attempt's own time comes on top)."""
+        slept, delay, n = 0.0, self.base_s, 0
+        while slept < self.outage_s:
+            slept += delay
+            delay = min(self.cap_s, delay * 2)
+            n += 1
+        return n
+
+    def retry(self) -> Retry:
+        return Retry(ExponentialBackoff(cap=self.cap_s, base=self.base_s), self.retries,
+                     supported_errors=(RedisConnectionError, RedisTimeoutError, OSError))
+
+
 def connect(settings: RedisSettings, *, socket_timeout: float | None = None,
-            socket_connect_timeout: float | None = 5.0) -> Redis | RedisCluster:
-    """A client for the bus (binary replies: entries are protobuf). No I/O happens until the first command."""
+            socket_connect_timeout: float | None = 5.0, retry: RetryPolicy | None = None) -> Redis | RedisCluster:
+    """A client for the bus (binary replies: entries are protobuf). No I/O happens until the first command.
+
+    `retry`: ride out an outage that long (the services pass `--redis-outage-s`); None retries nothing.
+    """
     kwargs: dict[str, object] = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_connect_timeout}
+    if retry is not None:
+        kwargs["retry"] = retry.retry()
+        if not settings.cluster:  # the cluster client retries through its own slot-map refresh
+            kwargs["retry_on_error"] = [RedisConnectionError, RedisTimeoutError, OSError]
     if settings.ca_file is not None:
         kwargs["ssl_ca_certs"] = settings.ca_file
     if settings.cert_file is not None:
