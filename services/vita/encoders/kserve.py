@@ -30,6 +30,7 @@ from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 
 from vita.encoders.base import Encoder, timed_forward
 from vita.errors import InvalidInputError
+from vita.runtime.guard import StatusGuard
 from vita.runtime.server import MAX_MESSAGE_BYTES
 from vita.telemetry.metrics import Metrics
 
@@ -93,7 +94,7 @@ class KServeEndpoint:
         registry = ModelRepository()
         registry.update(self.model)
         self.server = grpc.aio.server(
-            interceptors=(ExceptionToStatusInterceptor(),),
+            interceptors=(StatusGuard(), ExceptionToStatusInterceptor()),
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
         )

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from vita.runtime.access import AccessInterceptor, AccessPolicy
+from vita.runtime.guard import StatusGuard
 from vita.runtime.tls import ServerTLS
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,12 @@ class ServiceServer:
         self.services = services
         self.grace_s = grace_s
         self.access = AccessInterceptor(access) if access is not None and access.enabled else None
+        # StatusGuard: undecodable requests and unexpected errors end in a proper status, never bare INTERNAL/UNKNOWN.
+        interceptors = [StatusGuard(), *([self.access] if self.access is not None else [])]
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-        ], interceptors=[self.access] if self.access is not None else None)
+        ], interceptors=interceptors)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for service in services:
