@@ -67,9 +67,13 @@ class EncoderWorker:
         lag_task = asyncio.create_task(self._report_lag())
         try:
             while not self._stopping.is_set():
-                deliveries = await self.consumer.read(count=self.config.max_batch, block_ms=self.config.block_ms)
-                if deliveries:
-                    await self.process(deliveries)
+                try:
+                    deliveries = await self.consumer.read(count=self.config.max_batch, block_ms=self.config.block_ms)
+                    if deliveries:
+                        await self.process(deliveries)
+                except RedisError as e:  # Redis gone past the client's retries: unacknowledged jobs are redelivered
+                    log.warning("the bus failed, retrying: %s", e)
+                    await asyncio.sleep(1.0)
         finally:
             lag_task.cancel()
 

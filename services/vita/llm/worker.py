@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from opentelemetry import trace
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from vita.bus.cancel import CancelWatcher
 from vita.bus.embeddings import EmbeddingMissing, read_embeddings
@@ -51,8 +52,14 @@ def prompt_from_job(job: GenerationJob, embeddings: list[torch.Tensor]) -> Promp
     ids = torch.tensor(list(job.prompt_token_ids), dtype=torch.long)
     if ids.numel() == 0:
         raise InvalidInputError("the generation job has an empty prompt")
+    if int(ids.min()) < 0:
+        raise InvalidInputError("the generation job has a negative token id")
+    if len(job.embeddings) != len(embeddings):
+        raise InvalidInputError(f"the job places {len(job.embeddings)} embeddings; {len(embeddings)} were read")
     positions, rows = [], []
     for placement, blob in zip(job.embeddings, embeddings, strict=True):
+        if any(s.start < 0 or s.length < 0 for s in placement.spans):
+            raise InvalidInputError(f"embedding {placement.embedding.key} has a span with a negative start or length")
         spans = [torch.arange(s.start, s.start + s.length) for s in placement.spans]
         where = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
         if where.numel() != blob.shape[0] or (where.numel() and int(where.max()) >= ids.numel()):
@@ -104,6 +111,7 @@ class LLMWorker:
         self.publisher = ReplyPublisher(redis, bus)
         self.keep_alive_s = min(self.config.keep_alive_s, bus.reclaim_idle_ms / 3000)
         self._tasks: set[asyncio.Task] = set()
+        self._running: set[str] = set()  # entry ids of the jobs this worker runs now
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:
@@ -120,7 +128,19 @@ class LLMWorker:
                     if room <= 0:
                         await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
                         continue
-                    for delivery in await self.consumer.read(count=room, block_ms=200):
+                    try:
+                        deliveries = await self.consumer.read(count=room, block_ms=200)
+                    except RedisError as e:  # Redis gone past the client's retries: keep trying, never exit
+                        log.warning("reading jobs failed, retrying: %s", e)
+                        await asyncio.sleep(1.0)
+                        continue
+                    for delivery in deliveries:
+                        if delivery.entry_id in self._running:
+                            # Reclaimed from ourselves (the loop stalled past reclaim_idle_ms): it is running here,
+                            # and its first delivery acknowledges it.
+                            log.warning("a job running here was redelivered to us; ignored",
+                                        extra={"entry_id": delivery.entry_id})
+                            continue
                         task = asyncio.create_task(self._handle(delivery, watcher))
                         self._tasks.add(task)
                         task.add_done_callback(self._tasks.discard)
@@ -142,20 +162,47 @@ class LLMWorker:
         queued_s = time.time() - int(delivery.entry_id.split("-")[0]) / 1000
         self.metrics.queue_time.labels(self.pool.value).observe(max(0.0, queued_s))
         replies = _Replies(self.publisher, job)
+        self._running.add(delivery.entry_id)
+        heartbeat = asyncio.create_task(self._keep_alive(delivery.entry_id))
+        try:
+            await self._handle_job(job, delivery, watcher, replies)
+        finally:
+            heartbeat.cancel()
+            self._running.discard(delivery.entry_id)
+
+    async def _keep_alive(self, entry_id: str) -> None:
+        """Refresh the job's idle time on the clock, not per token: a long prefill emits nothing for a while, and
+        was reclaimed (and run twice) when keep-alives rode on the token loop."""
+        while True:
+            await asyncio.sleep(self.keep_alive_s)
+            try:
+                await self.consumer.keep_alive(entry_id)
+            except RedisError as e:
+                log.warning("keep-alive failed: %s", e, extra={"entry_id": entry_id})
+
+    async def _handle_job(self, job: GenerationJob, delivery: Delivery, watcher: CancelWatcher,
+                          replies: _Replies) -> None:
         with tracer.start_as_current_span(f"generate {self.pool.value}", context=trace_parent(job)) as span:
             span.set_attribute("vita.request_id", job.request_id)
             try:
-                await self._generate(job, delivery, watcher, replies)
-            except VitaError as e:
-                await replies.fail(JobError.INVALID_ARGUMENT if isinstance(e, InvalidInputError)
-                                   else JobError.UNAVAILABLE if isinstance(e, EmbeddingMissing)
-                                   else JobError.INTERNAL, str(e))
-            except Exception:
-                log.exception("generation failed", extra={"request_id": job.request_id})
-                await replies.fail(JobError.INTERNAL, "the llm worker failed on this request")
+                try:
+                    await self._generate(job, delivery, watcher, replies)
+                except VitaError as e:
+                    await replies.fail(JobError.INVALID_ARGUMENT if isinstance(e, InvalidInputError)
+                                       else JobError.UNAVAILABLE if isinstance(e, EmbeddingMissing)
+                                       else JobError.INTERNAL, str(e))
+                except RedisError:
+                    raise
+                except Exception:
+                    log.exception("generation failed", extra={"request_id": job.request_id})
+                    await replies.fail(JobError.INTERNAL, "the llm worker failed on this request")
+                await self.consumer.ack(delivery.entry_id)
+            except RedisError as e:
+                # The bus went away past the client's retries (the stream closed the sequence in the backend).
+                # Not acknowledged: the job is reclaimed and rerun, and the reader drops the events it has seen.
+                log.warning("job left for redelivery: %s", e, extra={"request_id": job.request_id})
             finally:
                 watcher.forget(job.request_id)
-                await self.consumer.ack(delivery.entry_id)
 
     async def _generate(self, job: GenerationJob, delivery: Delivery, watcher: CancelWatcher,
                         replies: _Replies) -> None:
@@ -172,7 +219,7 @@ class LLMWorker:
         stops = {self.tokenizer.eos_id}
         generated, first_token_s, finish = 0, 0.0, None
         stopping = False  # cancelled or past the deadline: the backend was told, we read on to its last output
-        last_keep_alive = last_token = time.perf_counter()
+        last_token = time.perf_counter()
         stream = self.backend.generate(request)
         try:
             while finish is None:
@@ -202,9 +249,6 @@ class LLMWorker:
                     # backend knew the request, and the deadline. Tokens computed meanwhile are read, not sent.
                     stopping = True
                     await self.backend.cancel(job.request_id)
-                if now - last_keep_alive > self.keep_alive_s:
-                    await self.consumer.keep_alive(delivery.entry_id)
-                    last_keep_alive = now
         finally:
             await stream.aclose()  # a no-op after the last output; else it cancels the sequence in the backend
         if finish is None:

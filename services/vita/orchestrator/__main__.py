@@ -24,6 +24,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--encode-timeout", type=float, default=60.0, help="seconds to wait for the encoders")
     p.add_argument("--token-timeout", type=float, default=60.0,
                    help="seconds without a token before the request fails UNAVAILABLE (> reclaim time)")
+    p.add_argument("--judge-timeout", type=float, default=30.0,
+                   help="Converse: seconds to wait for the monitor pool's judgement of an utterance")
     d = InputLimits()
     g = p.add_argument_group("input limits (INVALID_ARGUMENT beyond them; docs/serving.md)")
     g.add_argument("--max-text-chars", type=int, default=d.max_text_chars,
@@ -58,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         service = AssistantService(
             ctx.redis, ctx.bus, read_model_config(ctx.model_dir), VitaTokenizer.from_file(ctx.model_dir),
             OrchestratorConfig(default_max_tokens=args.default_max_tokens, encode_timeout_s=args.encode_timeout,
-                               token_timeout_s=args.token_timeout, limits=limits), ctx.metrics)
+                               token_timeout_s=args.token_timeout, judge_timeout_s=args.judge_timeout,
+                               limits=limits), ctx.metrics)
         return Service(grpc=[GrpcService("vita.v1.Assistant",
                                          lambda s: assistant_pb2_grpc.add_AssistantServicer_to_server(service, s))])
 

@@ -307,6 +307,8 @@ class ConverseCall:
                     return
                 except VitaError as e:
                     self.error(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+                except RedisError as e:  # past the client's retries: this event is lost, the call goes on
+                    self.error(grpc.StatusCode.UNAVAILABLE, f"the message bus (Redis) is unreachable: {e}")
                 self._reader_idle_since = loop.time()
                 self._poke.set()
             done = True
@@ -497,6 +499,8 @@ class ConverseCall:
                     return
                 except (InvalidInputError, ContextLengthError) as e:
                     self.error(grpc.StatusCode.INVALID_ARGUMENT, str(e), self._turn)
+                except SessionNotFound as e:
+                    self.error(grpc.StatusCode.NOT_FOUND, str(e), self._turn)
                 except Backpressure as e:
                     self.error(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), self._turn)
                 except ReplyTimeout as e:
@@ -505,6 +509,8 @@ class ConverseCall:
                     self.error(e.code, str(e), self._turn)
                 except VitaError as e:
                     self.error(grpc.StatusCode.FAILED_PRECONDITION, str(e), self._turn)
+                except RedisError as e:
+                    self.error(grpc.StatusCode.UNAVAILABLE, f"the message bus (Redis) is unreachable: {e}", self._turn)
                 except Exception:
                     log.exception("turn failed", extra={"session_id": self.session_id})
                     self.error(grpc.StatusCode.INTERNAL, "the orchestrator failed on this turn", self._turn)
@@ -627,17 +633,24 @@ class ConverseCall:
         except Exception as e:  # never leave the client waiting on an answer nobody relays any more
             if isinstance(e, ReplyTimeout | RedisError):
                 code, message = grpc.StatusCode.UNAVAILABLE, str(e)
+            elif isinstance(e, SessionNotFound):  # Redis lost it (restarted without its data), or it expired
+                code, message = grpc.StatusCode.NOT_FOUND, str(e)
             else:
                 log.exception("relay failed", extra={"session_id": self.session_id})
                 code, message = grpc.StatusCode.INTERNAL, "the orchestrator failed relaying this answer"
             try:
                 async with answer.lock:
                     if not answer.stopped and not answer.done:
+                        self.error(code, message, answer.turn_id)
                         await self.pools.cancel(answer.request_id)
                         await self._finish(answer, answer.tokens_sent, interrupted=True)
-                        self.error(code, message, answer.turn_id)
             except SessionTakenOver:
                 self._lose_session()
+            except (SessionNotFound, RedisError):  # nowhere to record the answer; the client was told
+                answer.done = True
+                self._issued.pop(answer.request_id, None)
+                if self.answer is answer:
+                    self.answer = None
 
     async def _relay_event(self, answer: Answer, event) -> bool:
         """Forward one generator event; True when it was the last."""
