@@ -12,9 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from PIL import Image, ImageDraw
 
 torch.set_num_threads(2)
+
+# Fuzzing profiles: `ci` (the default) is derandomized and small enough for 2 busy cores; HYPOTHESIS_PROFILE=deep
+# explores more (random seeds, more examples) when run by hand.
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large]
+settings.register_profile("ci", derandomize=True, max_examples=25, deadline=None, suppress_health_check=_SLOW_OK,
+                          database=None, print_blob=True)
+settings.register_profile("deep", max_examples=500, deadline=None, suppress_health_check=_SLOW_OK)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REDIS_URL = os.environ.get("VITA_REDIS_URL", "redis://127.0.0.1:6379/0")
 

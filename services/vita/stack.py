@@ -279,3 +279,63 @@ def _signal(pid: int, sig: signal.Signals) -> None:
 def _reap(pid: int) -> None:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
+
+
+@dataclass
+class RedisServer:
+    """A private redis-server on a free loopback port, for fault drills (tests, benchmarks/faults.py): it can be
+    killed, restarted on the same port with or without its data, and paused (SIGSTOP: connections hang, as in a
+    network stall). Never the shared 127.0.0.1:6379."""
+
+    data_dir: str
+    persistent: bool = False  # appendfsync always: a restart keeps every acknowledged write
+    port: int = 0
+    pid: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        if shutil.which("redis-server") is None:
+            raise StackError("redis-server is not installed")
+        self.port = self.port or free_port()
+        persistence = (["--appendonly", "yes", "--appendfsync", "always"] if self.persistent
+                       else ["--appendonly", "no"])
+        Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+                                 "--dir", self.data_dir, *persistence], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        self.pid = proc.pid
+        deadline = time.monotonic() + timeout_s
+        while not redis_answers(self.url):
+            if not _alive(self.pid) or time.monotonic() > deadline:
+                raise StackError(f"redis-server did not answer on port {self.port}")
+            time.sleep(0.05)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash looks like (with persistence, appendfsync always lost nothing acknowledged)."""
+        _signal(self.pid, signal.SIGKILL)
+        _reap(self.pid)
+        self.pid = 0
+
+    def restart(self, *, keep_data: bool) -> None:
+        """Kill, then start again on the same port; without `keep_data` the data directory is emptied first."""
+        self.kill()
+        if not keep_data:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+        self.start()
+
+    def pause(self) -> None:
+        _signal(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        _signal(self.pid, signal.SIGCONT)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.resume()
+        self.kill()
