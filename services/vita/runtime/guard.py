@@ -11,6 +11,7 @@ with UNKNOWN. `StatusGuard`, a server interceptor, wraps each method's handler:
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -88,6 +89,20 @@ def _guard(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler
                 await _fail(context, method, e)
         return handler._replace(unary_unary=unary_unary, request_deserializer=parse)
 
+    if handler.unary_stream is not None and not inspect.isasyncgenfunction(handler.unary_stream):
+        inner_uw = handler.unary_stream  # writes its responses with context.write (e.g. grpc health's Watch)
+
+        async def unary_write(request: Any, context: grpc.aio.ServicerContext) -> None:
+            if isinstance(request, _Undecodable):
+                await _refuse(context, method, request)
+            try:
+                await inner_uw(request, context)
+            except (grpc.aio.AbortError, grpc.RpcError):
+                raise
+            except Exception as e:
+                await _fail(context, method, e)
+        return handler._replace(unary_stream=unary_write, request_deserializer=parse)
+
     if handler.unary_stream is not None:
         inner_us = handler.unary_stream
 
@@ -121,6 +136,20 @@ def _guard(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler
         return handler._replace(stream_unary=stream_unary, request_deserializer=parse)
 
     inner_ss = handler.stream_stream
+    if not inspect.isasyncgenfunction(inner_ss):  # writes with context.write
+
+        async def stream_write(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+            checked = _Checked(requests)
+            try:
+                await inner_ss(checked.__aiter__(), context)
+            except (grpc.aio.AbortError, grpc.RpcError):
+                raise
+            except Exception as e:
+                if checked.refused is None:
+                    await _fail(context, method, e)
+            if checked.refused is not None:
+                await _refuse(context, method, checked.refused)
+        return handler._replace(stream_stream=stream_write, request_deserializer=parse)
 
     async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         checked = _Checked(requests)
