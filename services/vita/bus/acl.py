@@ -7,7 +7,7 @@ added here fails that test rather than a deployment.
 from __future__ import annotations
 
 # By use: connection, transactions, strings (sessions, embeddings, cancel keys), lists (pending session media),
-# streams (jobs, replies, dead letters, consumer groups), pub/sub (cancellation). `cluster|slots`,
+# streams (jobs, replies, dead letters, consumer groups and their dead consumers), pub/sub (cancellation). `cluster|slots`,
 # `cluster|shards` and `command` are what redis.asyncio.RedisCluster reads to learn the slot map and key positions.
 COMMANDS = (
     "ping", "select", "multi", "exec", "discard", "watch", "unwatch",
@@ -15,6 +15,9 @@ COMMANDS = (
     "rpush", "rpop", "ltrim", "lrange",
     "xadd", "xread", "xreadgroup", "xack", "xclaim", "xautoclaim", "xpending", "xrange", "xlen", "xinfo|groups",
     "xgroup|create",
+    # Dead-consumer removal (queue.Consumer.remove_dead_consumers): the list, then a script that re-checks the
+    # consumer's pending entries (XPENDING) and deletes it; a script runs with the user's own command rights.
+    "xinfo|consumers", "xgroup|delconsumer", "eval",
     "publish", "subscribe", "unsubscribe",
     "cluster|slots", "cluster|shards", "command",
 )
