@@ -31,6 +31,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--triton-model", default="tensorrt_llm", help="model name in Triton's repository")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (and jobs taken at once)")
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length per sequence (torch backend)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
                    help="torch backend: spread long prompts over steps of at most --max-num-batched-tokens tokens, "
                    "so running streams keep decoding while they prefill (vLLM's flag)")
