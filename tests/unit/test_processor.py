@@ -97,3 +97,15 @@ def test_typed_placeholder_without_media_is_text(processor):
     ids = inputs.input_ids.tolist()
     assert processor.tokenizer.image_id not in ids and stats.image_tokens == 0
     assert processor.tokenizer.decode(ids).endswith("user:look at <image>\nbot:")
+
+
+def test_tiny_224_preset_gives_one_64_token_tile_per_image_and_frame(tiny_model_dir, wide_png, short_mp4):
+    """The learning proof's preset: any image is one 224-pixel tile (no grid, no thumbnail), 64 tokens; a frame too."""
+    config = VitaConfig.preset("tiny-224")
+    assert (config.vision.image_size, config.vision.tokens_per_tile, config.vision.max_tiles) == (224, 64, 1)
+    processor = VitaProcessor(VitaTokenizer.from_file(tiny_model_dir), config)
+    inputs, stats = processor("What is this?", images=[wide_png], video=str(short_mp4))
+    assert inputs.image_pixels.shape == (1, 3, 224, 224)
+    assert inputs.video_pixels.shape == (6, 3, 224, 224)
+    assert (stats.image_tokens, stats.video_tokens) == (64, 6 * 64)
+    assert VitaConfig.preset("tiny").vision.image_size == 448  # the serving tests' preset is unchanged

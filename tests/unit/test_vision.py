@@ -135,3 +135,11 @@ def test_full_size_parameter_counts():
     assert abs(encoder - 0.30e9) / 0.30e9 < 0.03
     assert encoder == 304_012_288  # InternViT-300M-448px
     assert connector == 2 * (4096 * 4096 + 4096) == 33_562_624  # Linear(4096, 4096) x 2
+
+
+def test_tiny_224_tower_gives_64_tokens_per_tile():
+    config = VitaConfig.preset("tiny-224")
+    tower = VisionTower(config.vision, config.llm.hidden_size).eval()
+    with torch.no_grad():
+        out = tower(torch.randn(2, 3, 224, 224))
+    assert out.shape == (2, 64, config.llm.hidden_size)

@@ -198,4 +198,12 @@ def _tiny() -> VitaConfig:
     )
 
 
-PRESETS = {"mixtral-8x7b": _mixtral_8x7b, "tiny": _tiny}
+def _tiny_224() -> VitaConfig:
+    """The tiny preset with 224-pixel tiles, one per image (64 tokens instead of 256): the learning proof's preset
+    (`make train-tiny`), where a quarter of the vision tokens lets the 2-core budget see three times the samples."""
+    config = _tiny()
+    config.vision = dataclasses.replace(config.vision, image_size=224, max_tiles=1)
+    return config
+
+
+PRESETS = {"mixtral-8x7b": _mixtral_8x7b, "tiny": _tiny, "tiny-224": _tiny_224}

@@ -47,7 +47,7 @@ from vita.training.sample import Sample
 from vita.training.tts import TTS, VOICES, EspeakTTS
 
 SAMPLE_RATE = 16000
-IMAGE_SIZE = 448  # one vision tile: no resize, 256 tokens
+IMAGE_SIZE = 448  # one tile of the tiny preset (256 tokens); tiny-224, the learning proof's, resizes it to 64 tokens
 VIDEO_SIZE = 224
 VIDEO_FPS = 8
 CATEGORIES = ("image", "video", "spoken", "chatter", "asr", "caption", "text")
