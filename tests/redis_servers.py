@@ -1,5 +1,6 @@
 """Real redis-server processes on free loopback ports for tests that need their own server: ACL users, TLS,
-a Redis Cluster. Each runs without persistence in its own directory and is stopped (its pid only) at exit."""
+a Redis Cluster. One server is `vita.stack.RedisServer` (the fault drills' too); this module joins them into a
+Cluster."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import redis
 
 from vita.runtime.ports import free_port
+from vita.stack import RedisServer
 
 
 def _require(tool: str) -> str:
@@ -20,43 +22,6 @@ def _require(tool: str) -> str:
     if path is None:
         pytest.fail(f"{tool} is missing: install Redis 7 (make setup)")
     return path
-
-
-class RedisServer:
-    """`redis-server` with `args` (e.g. ["--aclfile", path]) on a free port; `tls=True` serves only TLS there."""
-
-    def __init__(self, directory: Path, args: Sequence[str] = (), *, tls: bool = False) -> None:
-        self.directory, self.port, self.tls = directory, free_port(), tls
-        directory.mkdir(parents=True, exist_ok=True)
-        ports = ["--port", "0", "--tls-port", str(self.port)] if tls else ["--port", str(self.port)]
-        self.log = directory / "redis.log"
-        self.proc = subprocess.Popen(
-            [_require("redis-server"), "--bind", "127.0.0.1", *ports, "--save", "", "--appendonly", "no",
-             "--dir", str(directory), "--logfile", str(self.log), *args])
-
-    def wait_ready(self, probe: redis.Redis, timeout_s: float = 20.0) -> None:
-        """Until `probe` (a client that may log in) answers PING; fails with the server's log otherwise."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"redis-server exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                probe.ping()
-                return
-            except (redis.ConnectionError, redis.TimeoutError):
-                if time.monotonic() > deadline:
-                    self.stop()  # a fixture that fails here never reaches its teardown
-                    pytest.fail(f"redis-server on {self.port} did not answer: {self.log.read_text()[-2000:]}")
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 class RedisCluster:
@@ -71,17 +36,23 @@ class RedisCluster:
         self.admin_password = admin_password
         try:  # a node that fails to start must not leave the others running
             for k in range(masters):
-                self.nodes.append(RedisServer(directory / f"node{k}", [
+                node = RedisServer(str(directory / f"node{k}"), args=(
                     "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout",
-                    "5000", "--cluster-port", str(free_port()), *args]))
+                    "5000", "--cluster-port", str(free_port()), *args))
+                node.probe = self._pinger(node)
+                self.nodes.append(node.start())
             self._create()
         except BaseException:
             self.stop()
             raise
 
+    def _pinger(self, node: RedisServer):
+        def ping() -> bool:
+            with self.admin(node) as client:
+                return bool(client.ping())
+        return ping
+
     def _create(self) -> None:
-        for node in self.nodes:
-            node.wait_ready(self.admin(node))
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
         auth = ["-a", self.admin_password, "--no-auth-warning"] if self.admin_password else []
         created = subprocess.run([_require("redis-cli"), *auth, "--cluster", "create", *addresses, "--cluster-yes"],

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -283,36 +284,67 @@ def _reap(pid: int) -> None:
 
 @dataclass
 class RedisServer:
-    """A private redis-server on a free loopback port, for fault drills (tests, benchmarks/faults.py): it can be
-    killed, restarted on the same port with or without its data, and paused (SIGSTOP: connections hang, as in a
-    network stall). Never the shared 127.0.0.1:6379."""
+    """A private redis-server on a free loopback port, never the shared 127.0.0.1:6379: for fault drills (tests,
+    benchmarks/faults.py: it can be killed, restarted on the same port with or without its data, and paused with
+    SIGSTOP, which hangs connections as a network stall does) and for tests that need a server of their own (an ACL
+    file, TLS, a Cluster node: `args` are passed to redis-server as they are).
+
+    `tls`: the port serves TLS only (`args` name the certificates). `probe`: a call that pings as a client that can
+    log in there (a password, TLS); without one, readiness is a plain PING on `url`. Raises StackError, with the server's log,
+    when it does not answer within `timeout_s`.
+    """
 
     data_dir: str
     persistent: bool = False  # appendfsync always: a restart keeps every acknowledged write
     port: int = 0
     pid: int = 0
+    args: tuple[str, ...] = ()
+    tls: bool = False
+    probe: Callable[[], object] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> RedisServer:
+    @property
+    def log(self) -> Path:
+        return Path(self.data_dir) / "redis.log"
+
+    def start(self, timeout_s: float = 20.0) -> RedisServer:
         if shutil.which("redis-server") is None:
-            raise StackError("redis-server is not installed")
+            raise StackError("redis-server is not installed: install Redis 7 (make setup)")
         self.port = self.port or free_port()
         persistence = (["--appendonly", "yes", "--appendfsync", "always"] if self.persistent
                        else ["--appendonly", "no"])
+        ports = ["--port", "0", "--tls-port", str(self.port)] if self.tls else ["--port", str(self.port)]
         Path(self.data_dir).mkdir(parents=True, exist_ok=True)
-        proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-                                 "--dir", self.data_dir, *persistence], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", *ports, "--save", "", "--dir", self.data_dir,
+                                 "--logfile", str(self.log), *persistence, *self.args],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         self.pid = proc.pid
         deadline = time.monotonic() + timeout_s
-        while not redis_answers(self.url):
+        while not self._answers():
             if not _alive(self.pid) or time.monotonic() > deadline:
-                raise StackError(f"redis-server did not answer on port {self.port}")
+                log = self.log.read_text()[-2000:] if self.log.exists() else ""
+                self.stop()
+                raise StackError(f"redis-server did not answer on port {self.port}: {log}")
             time.sleep(0.05)
         return self
+
+    def _answers(self) -> bool:
+        import redis
+
+        if self.probe is None:
+            return redis_answers(self.url)
+        try:
+            return bool(self.probe())
+        except (redis.RedisError, OSError):
+            return False
+
+    def stop(self) -> None:
+        """Resume (if paused) and kill; safe to call twice."""
+        self.resume()
+        self.kill()
 
     def kill(self) -> None:
         """SIGKILL: what a crash looks like (with persistence, appendfsync always lost nothing acknowledged)."""
@@ -337,5 +369,4 @@ class RedisServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.resume()
-        self.kill()
+        self.stop()

@@ -16,11 +16,11 @@ import redis
 
 from tests.bus_stack import bus_traffic, channel, check_traffic, generate, running_stack
 from tests.certs import CertificateAuthority
-from tests.redis_servers import RedisServer
 from vita.bus.acl import acl_rule
 from vita.bus.streams import BusConfig
 from vita.inference import VitaPipeline
 from vita.runtime.redis_client import RedisSettings, connect
+from vita.stack import RedisServer
 from vita.v1 import assistant_pb2_grpc
 
 PASSWORD = "bus-secret"
@@ -50,9 +50,9 @@ def _acl_file(directory, prefix: str):
 @pytest.fixture(scope="module")
 def acl_redis(tmp_path_factory, prefix):
     directory = tmp_path_factory.mktemp("redis-acl")
-    server = RedisServer(directory, ["--aclfile", str(_acl_file(directory, prefix))])
-    server.wait_ready(redis.Redis(port=server.port, username="vita", password=PASSWORD))
-    yield server
+    server = RedisServer(str(directory), args=("--aclfile", str(_acl_file(directory, prefix))))
+    server.probe = lambda: redis.Redis(port=server.port, username="vita", password=PASSWORD).ping()
+    yield server.start()
     server.stop()
 
 
@@ -61,12 +61,13 @@ def tls_redis(tmp_path_factory, prefix):
     directory = tmp_path_factory.mktemp("redis-tls")
     ca = CertificateAuthority(directory, "redis CA")
     server_cert, client_cert = ca.issue("redis", server=True), ca.issue("vita-service", server=False)
-    server = RedisServer(directory, ["--aclfile", str(_acl_file(directory, prefix)),
-                                     "--tls-cert-file", str(server_cert.cert), "--tls-key-file", str(server_cert.key),
-                                     "--tls-ca-cert-file", str(ca.ca_file), "--tls-auth-clients", "yes"], tls=True)
-    server.wait_ready(redis.Redis(port=server.port, username="vita", password=PASSWORD, ssl=True,
-                                  ssl_ca_certs=str(ca.ca_file), ssl_certfile=str(client_cert.cert),
-                                  ssl_keyfile=str(client_cert.key)))
+    server = RedisServer(str(directory), tls=True, args=(
+        "--aclfile", str(_acl_file(directory, prefix)), "--tls-cert-file", str(server_cert.cert),
+        "--tls-key-file", str(server_cert.key), "--tls-ca-cert-file", str(ca.ca_file), "--tls-auth-clients", "yes"))
+    server.probe = lambda: redis.Redis(port=server.port, username="vita", password=PASSWORD, ssl=True,
+                                       ssl_ca_certs=str(ca.ca_file), ssl_certfile=str(client_cert.cert),
+                                       ssl_keyfile=str(client_cert.key)).ping()
+    server.start()
     yield server, ca, client_cert
     server.stop()
 
