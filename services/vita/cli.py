@@ -188,6 +188,12 @@ def _eval(args: argparse.Namespace) -> None:
     run_eval(args)
 
 
+def _eval_duplex(args: argparse.Namespace) -> None:
+    from vita.eval.cli import run_duplex
+
+    run_duplex(args)
+
+
 def _train(args: argparse.Namespace) -> None:
     from vita.training.train import main
 
@@ -344,17 +350,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     from vita.eval.registry import NAMES
 
-    p = sub.add_parser("eval", help="score a model on the curriculum's held-out split or a benchmark's local copy",
+    p = sub.add_parser("eval", help="score a model on the curriculum's held-out split or a benchmark's local copy, "
+                                    "or a live stack's turn-taking (duplex)",
                        description="Read a benchmark in its published layout (docs/training.md, 'Evaluation'), "
-                                   "answer every question greedily in-process and print the metrics.")
-    p.add_argument("benchmark", choices=NAMES)
-    p.add_argument("--model", default=None, help="model directory (default: the tiny model)")
-    p.add_argument("--data", required=True, help="the benchmark's local copy (file or directory)")
-    p.add_argument("--limit", type=_int_in(1, _INT32), default=None, help="only the first N questions (curriculum: N per manifest)")
-    p.add_argument("--output", default=None, help="write metrics and every answer to this JSON file")
-    p.add_argument("--max-tokens", type=_TOKENS, default=None, help="cap on each answer's length")
-    p.add_argument("--threads", type=_int_in(1, 1024), default=None, help="torch CPU threads")
-    p.set_defaults(func=_eval)
+                                   "answer every question greedily in-process and print the metrics; or (duplex) "
+                                   "stream synthetic dialogues through Converse sessions and score the turn-taking.")
+    benchmarks = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name in NAMES:
+        b = benchmarks.add_parser(name, help=f"{name}: a local copy in its published layout")
+        b.add_argument("--model", default=None, help="model directory (default: the tiny model)")
+        b.add_argument("--data", required=True, help="the benchmark's local copy (file or directory)")
+        b.add_argument("--limit", type=_int_in(1, _INT32), default=None,
+                       help="only the first N questions (curriculum: N per manifest)")
+        b.add_argument("--output", default=None, help="write metrics and every answer to this JSON file")
+        b.add_argument("--max-tokens", type=_TOKENS, default=None, help="cap on each answer's length")
+        b.add_argument("--threads", type=_int_in(1, 1024), default=None, help="torch CPU threads")
+        b.set_defaults(func=_eval)
+    from vita.eval.duplex import CATEGORIES
+
+    b = benchmarks.add_parser(
+        "duplex", help="turn-taking of a live Converse session (pauses, interruptions, talk not for it)",
+        description="Full-Duplex-Bench-style evaluation: synthetic espeak-ng dialogues streamed in real time "
+                    "through fresh Converse sessions; pause takeover rate, interruption takeover rate and "
+                    "latencies, no-response rates for talk to someone else and background speech. Prints a "
+                    "markdown table (docs/serving.md, 'Duplex evaluation').")
+    b.add_argument("--target", default=None, help="orchestrator address of a running stack (default: start a "
+                                                  "local stack on --model)")
+    b.add_argument("--model", default=None, help="model directory for the local stack (default: the duplex-tuned "
+                                                 "tiny model, `make duplex-model`)")
+    b.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis of the local stack")
+    size = b.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="2 dialogues per category (the test suite's run)")
+    size.add_argument("--per-category", type=_int_in(1, 100), default=10, help="dialogues per category (10)")
+    b.add_argument("--category", action="append", choices=CATEGORIES, help="only these categories (repeatable)")
+    b.add_argument("--compare-off", action="store_true",
+                   help="run every dialogue also with the end-of-turn judgement and the barge-in rule off (side by "
+                        "side, twice the time)")
+    b.add_argument("--output", default=None, help="write the metrics and every dialogue's outcome to this JSON file")
+    b.add_argument("--markdown", default=None, help="also write the table to this file")
+    b.set_defaults(func=_eval_duplex)
 
     p = sub.add_parser("train", help="run one training stage (also under torchrun)",
                        description="Train one stage from a config in training/configs/; under torchrun every "

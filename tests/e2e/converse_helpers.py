@@ -36,3 +36,15 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 120.
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not reached within {timeout_s:g} s")
         time.sleep(0.05)
+
+
+BARRIER_TURN = 2**31 - 1
+
+
+def barrier(session) -> None:
+    """Wait until the session's turn worker has handled everything sent so far: a TruncateAnswer for a turn that
+    cannot exist queues behind every segment the audio produced, and its error event comes after their events."""
+    from vita.v1.assistant_pb2 import ClientEvent, TruncateAnswer
+
+    session.send(ClientEvent(truncate=TruncateAnswer(turn_id=BARRIER_TURN)))
+    session.wait("error", turn_id=BARRIER_TURN)

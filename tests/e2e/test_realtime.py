@@ -285,7 +285,7 @@ def test_session_update_reaches_converse_and_bad_settings_are_refused(stack, red
                 "type": "server_vad", "threshold": 1.5}}}})
             bad = await ev.until("error")
             await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": {
-                "type": "semantic_vad"}}}})
+                "type": "manual"}}}})
             unsupported = await ev.until("error")
             await conn.conversation.item.create(item=_text_item("hi"))
             await conn.response.create(response={"output_modalities": ["text"]})

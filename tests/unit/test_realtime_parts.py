@@ -49,7 +49,22 @@ def test_session_update_maps_server_vad_to_converse_vad_params():
     assert again.input_rate == 16000 and not again.to_converse().HasField("system_prompt")
 
 
+def test_semantic_vad_eagerness_sets_the_end_of_turn_hold():
+    s = SessionSettings().updated({"audio": {"input": {"turn_detection": {"type": "semantic_vad",
+                                                                          "eagerness": "low"}}}})
+    assert s.to_converse().vad.incomplete_silence_ms == 2000
+    api = s.to_api()["audio"]["input"]["turn_detection"]
+    assert (api["type"], api["eagerness"]) == ("semantic_vad", "low")
+    assert s.vad().incomplete_silence_ms == 2000 and s.vad().end_silence_ms == 400
+    back = s.updated({"audio": {"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 300}}}})
+    assert back.to_converse().vad.incomplete_silence_ms == 0  # the server's default hold
+    assert "eagerness" not in back.to_api()["audio"]["input"]["turn_detection"]
+    assert back.vad().end_silence_ms == 300 and back.vad().incomplete_silence_ms == 800
+
+
 @pytest.mark.parametrize("session, param", [
+    ({"audio": {"input": {"turn_detection": {"type": "semantic_vad", "eagerness": "urgent"}}}},
+     "session.audio.input.turn_detection.eagerness"),
     ({"audio": {"input": {"turn_detection": {"type": "server_vad", "threshold": 1.5}}}},
      "session.audio.input.turn_detection"),
     ({"audio": {"input": {"turn_detection": None}}}, "session.audio.input.turn_detection"),

@@ -188,10 +188,12 @@ def test_cut_ends_open_speech_and_the_stream_goes_on(voices):
 
 def test_set_config_applies_from_the_next_window(voices):
     clip, _ = _place(0.5, voices["question"], 0.3, voices["question"], 1.0)
-    vad = StreamingVAD(VADConfig(end_silence_ms=200))
+    # Silence alone ends segments here: the question's final rise ("?") would otherwise hold the turn open
+    # (the end-of-turn judgement, tests/unit/test_turn_taking.py).
+    vad = StreamingVAD(VADConfig(end_silence_ms=200, incomplete_silence_ms=0))
     split = [e for e in vad.push(clip) if e.kind == "ended"]
-    vad = StreamingVAD(VADConfig(end_silence_ms=200))
-    vad.set_config(VADConfig(end_silence_ms=800))  # a 0.3 s pause no longer ends the utterance
+    vad = StreamingVAD(VADConfig(end_silence_ms=200, incomplete_silence_ms=0))
+    vad.set_config(VADConfig(end_silence_ms=800, incomplete_silence_ms=0))  # a 0.3 s pause no longer ends it
     joined = [e for e in vad.push(clip) if e.kind == "ended"]
     assert (len(split), len(joined)) == (2, 1)
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from vita.orchestrator.limits import InputLimits
 from vita.orchestrator.service import AssistantService, OrchestratorConfig
+from vita.processing.vad import VADConfig
 from vita.runtime.args import add_common_args
 from vita.runtime.serve import Context, Service, run_service
 from vita.runtime.server import GrpcService
@@ -24,6 +25,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--encode-timeout", type=float, default=60.0, help="seconds to wait for the encoders")
     p.add_argument("--token-timeout", type=float, default=60.0,
                    help="seconds without a token before the request fails UNAVAILABLE (> reclaim time)")
+    vad = VADConfig()
+    p.add_argument("--end-silence-ms", type=int, default=vad.end_silence_ms,
+                   help="Converse: silence that ends speech that sounds finished")
+    p.add_argument("--incomplete-silence-ms", type=int, default=vad.incomplete_silence_ms,
+                   help="Converse: silence that ends speech that sounds unfinished (a hesitation mid-sentence); "
+                        "not above --end-silence-ms: no end-of-turn judgement")
+    p.add_argument("--barge-in-max-ms", type=int, default=vad.barge_in_max_ms,
+                   help="Converse: speech up to this long during an answer stops it even when not judged a query "
+                        "(0: off)")
     p.add_argument("--judge-timeout", type=float, default=30.0,
                    help="Converse: seconds to wait for the monitor pool's judgement of an utterance")
     d = InputLimits()
@@ -61,7 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ctx.redis, ctx.bus, read_model_config(ctx.model_dir), VitaTokenizer.from_file(ctx.model_dir),
             OrchestratorConfig(default_max_tokens=args.default_max_tokens, encode_timeout_s=args.encode_timeout,
                                token_timeout_s=args.token_timeout, judge_timeout_s=args.judge_timeout,
-                               limits=limits), ctx.metrics)
+                               limits=limits,
+                               vad=VADConfig(end_silence_ms=args.end_silence_ms,
+                                             incomplete_silence_ms=args.incomplete_silence_ms,
+                                             barge_in_max_ms=args.barge_in_max_ms)), ctx.metrics)
         return Service(grpc=[GrpcService("vita.v1.Assistant",
                                          lambda s: assistant_pb2_grpc.add_AssistantServicer_to_server(service, s))])
 

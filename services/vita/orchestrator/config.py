@@ -28,14 +28,23 @@ class OrchestratorConfig:
 def session_vad(defaults: VADConfig, config: SessionConfig) -> VADConfig:
     """A session's VAD: what the client set in `config.vad`, the orchestrator's defaults for the rest.
 
-    `early_judge_ms` 0 means the default, a negative value switches early judging off.
+    `early_judge_ms`, `incomplete_silence_ms` and `barge_in_max_ms`: 0 means the default, a negative value
+    switches the feature off (early judging, the end-of-turn hold, the barge-in rule).
     """
     v = config.vad
-    early = defaults.partial_every_ms if v.early_judge_ms == 0 else max(0, v.early_judge_ms)
+
+    def switch(value: int, default: int) -> int:
+        return default if value == 0 else max(0, value)
+
     return VADConfig(
         start_threshold=v.start_threshold or defaults.start_threshold,
         end_threshold=v.end_threshold or defaults.end_threshold,
         min_speech_ms=v.min_speech_ms or defaults.min_speech_ms,
         end_silence_ms=v.end_silence_ms or defaults.end_silence_ms,
-        speech_pad_ms=v.speech_pad_ms or defaults.speech_pad_ms, max_segment_s=defaults.max_segment_s, partial_every_ms=early,
+        speech_pad_ms=v.speech_pad_ms or defaults.speech_pad_ms, max_segment_s=defaults.max_segment_s,
+        partial_every_ms=switch(v.early_judge_ms, defaults.partial_every_ms),
+        incomplete_silence_ms=switch(v.incomplete_silence_ms, defaults.incomplete_silence_ms),
+        end_of_turn_ratio=defaults.end_of_turn_ratio,
+        barge_in_min_speech_ms=v.barge_in_min_speech_ms or defaults.barge_in_min_speech_ms,
+        barge_in_max_ms=switch(v.barge_in_max_ms, defaults.barge_in_max_ms),
     )

@@ -334,6 +334,7 @@ class ConverseCall:
             raise InvalidInputError(f"{kind} before the session config: the first event must be a SessionConfig")
         if kind == "audio":
             async with self._vad_lock:
+                self.vad.answering = self._answering()  # barge-in words count while the assistant speaks
                 events = await asyncio.to_thread(self._vad_push, request.audio.pcm16)
             loop_now = asyncio.get_running_loop().time()
             seconds = len(request.audio.pcm16) / 2 / self.rate
@@ -427,7 +428,7 @@ class ConverseCall:
         the reader is busy (chunks may be waiting behind the event it handles)."""
         if self.vad is None or not self.vad.segment_open or self._reader_idle_since is None:
             return None
-        silence_s = self.vad.config.end_silence_ms / 1000
+        silence_s = self.vad.end_silence_s  # longer while the speech so far sounds unfinished
         return max(self._audio_runs_out, self._reader_idle_since) + silence_s
 
     async def _watch_audio(self) -> None:
@@ -453,8 +454,7 @@ class ConverseCall:
         if event.kind == "started":
             self.emit(speech_started=SpeechStarted(audio_start_s=event.start_s))
         elif event.kind == "partial":
-            answering = self.answer is not None or self._playing
-            if answering and event.segment not in self._early_tried and self.config.vad.partial_every_ms:
+            if self._answering() and event.segment not in self._early_tried and self.config.vad.partial_every_ms:
                 self._early_tried.add(event.segment)
                 self._work.put_nowait(Utterance(event.audio, event.start_s, event.end_s, event.segment, now, True))
         elif event.kind == "ended":
@@ -463,6 +463,15 @@ class ConverseCall:
             self.emit(self._early_query_turn if judged else None,
                       speech_ended=SpeechEnded(audio_start_s=event.start_s, audio_end_s=event.end_s))
             self._work.put_nowait(Utterance(event.audio, event.start_s, event.end_s, event.segment, now))
+
+    def _answering(self) -> bool:
+        """An answer streams, or the client still plays one: speech now may be a barge-in."""
+        return self.answer is not None or self._playing
+
+    def _barge_in(self, u: Utterance) -> bool:
+        """Short speech while the assistant speaks ("stop", "no"): it stops the answer whatever the judgement."""
+        longest = self.vad.config.barge_in_max_ms / 1000
+        return not u.early and self._answering() and longest > 0 and u.end_s - u.start_s <= longest
 
     # ------------------------------------------------------------------------------------------------------
     # Turn worker: one utterance or text at a time
@@ -531,15 +540,19 @@ class ConverseCall:
         audio = await self._encode_audio(u.audio)
         token = await self._judge(audio)
         query = token == StateToken.QUERY_AUDIO.value
+        barge_in = not query and self._barge_in(u)
         latency = time.perf_counter() - u.cut_at
-        self.metrics.utterances_judged.labels("query" if query else "ignored", str(u.early).lower()).inc()
+        self.metrics.utterances_judged.labels("query" if query else "barge_in" if barge_in else "ignored",
+                                              str(u.early).lower()).inc()
         if u.early and not query:
             return  # not decisive: the whole segment is judged when it ends
-        judged = UtteranceJudged(outcome=UtteranceJudged.QUERY if query else UtteranceJudged.IGNORED,
-                                 state_token=token, early=u.early, audio_start_s=u.start_s, audio_end_s=u.end_s,
-                                 latency_s=latency)
+        outcome = UtteranceJudged.QUERY if query else UtteranceJudged.BARGE_IN if barge_in else UtteranceJudged.IGNORED
+        judged = UtteranceJudged(outcome=outcome, state_token=token, early=u.early, audio_start_s=u.start_s,
+                                 audio_end_s=u.end_s, latency_s=latency)
         if not query:
-            self.emit(judged=judged)
+            self.emit(self.answer.turn_id if barge_in and self.answer else None, judged=judged)
+            if barge_in:  # nothing waits to be answered: the roles stay (like a client's cancel)
+                await self._interrupt(u.cut_at, swap=False, barge_in=True)
             return
         self._turn = turn_id = await self._reserve_turn()  # the turn that will answer it, whatever comes between
         self.emit(turn_id, judged=judged)
@@ -708,9 +721,9 @@ class ConverseCall:
         if self.answer is answer:
             self.answer = None
 
-    async def _interrupt(self, cut_at: float, *, swap: bool = True) -> None:
+    async def _interrupt(self, cut_at: float, *, swap: bool = True, barge_in: bool = False) -> None:
         """Stop the relay first (nothing more reaches the client), then the generator's compute; roles swap
-        (unless the client stopped it: then no query is waiting for the other role to answer)."""
+        (unless the client or a barge-in word stopped it: then no query is waiting for the other role to answer)."""
         answer = self.answer
         if answer is None or not await self._stop_relay(answer):
             return  # it finished meanwhile: nothing to interrupt
@@ -718,7 +731,7 @@ class ConverseCall:
         await self._finish(answer, answer.tokens_sent, interrupted=True, swap=swap)
         generated = await self.pools.stopped(answer.request_id)
         stop_latency = time.perf_counter() - cut_at
-        if swap:
+        if swap or barge_in:
             self.metrics.interruption_latency.labels("generator_stopped").observe(stop_latency)
         usage = Usage()
         usage.CopyFrom(answer.usage)

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from vita.errors import InvalidInputError
+from vita.processing.turn import sounds_finished
 
 SAMPLE_RATE = 16000
 WINDOW = 512  # Silero's 16 kHz model takes exactly 512 new samples (32 ms) per call
@@ -69,6 +70,15 @@ class VADConfig:
     speech_pad_ms: int = 100  # audio kept before the start and after the end
     max_segment_s: float = 30.0  # a segment this long is closed (the audio encoder has a length cap)
     partial_every_ms: int = 600  # while in speech, report a partial every this many ms of segment (0 = never)
+    # Turn-taking (vita.processing.turn). After end_silence_ms the segment ends only if the speech sounds finished
+    # (a final pitch fall); if it sounds cut off mid-sentence, it stays open (a hesitation, not the end of the turn)
+    # until this much silence. Not above end_silence_ms: no end-of-turn judgement, silence alone ends segments.
+    incomplete_silence_ms: int = 800
+    end_of_turn_ratio: float = 0.835  # final F0 / median F0 at or below this sounds finished (turn.py)
+    # While the assistant answers (`StreamingVAD.answering`), speech this long already opens a segment, so a brisk
+    # "no" or "stop" (under min_speech_ms) is heard; segments up to barge_in_max_ms (with padding) are never held.
+    barge_in_min_speech_ms: int = 96
+    barge_in_max_ms: int = 1000
 
     def __post_init__(self) -> None:
         for name in ("start_threshold", "end_threshold"):
@@ -80,7 +90,11 @@ class VADConfig:
                 f"VADConfig.end_threshold ({self.end_threshold}) must not exceed start_threshold "
                 f"({self.start_threshold}): the hysteresis band is [end, start)"
             )
-        for name in ("min_speech_ms", "end_silence_ms", "speech_pad_ms", "partial_every_ms"):
+        if not _is_real(self.end_of_turn_ratio) or not self.end_of_turn_ratio > 0.0:
+            raise InvalidInputError(f"VADConfig.end_of_turn_ratio must be a positive number; got "
+                                    f"{self.end_of_turn_ratio!r}")
+        for name in ("min_speech_ms", "end_silence_ms", "speech_pad_ms", "partial_every_ms",
+                     "incomplete_silence_ms", "barge_in_min_speech_ms", "barge_in_max_ms"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
                 raise InvalidInputError(f"VADConfig.{name} must be a non-negative integer; got {value!r}")
@@ -196,6 +210,9 @@ class StreamingVAD:
 
     def __init__(self, config: VADConfig | None = None) -> None:
         self._net = _load_model()
+        # Set by the caller while the assistant answers: shorter speech counts (barge-in words), and short segments
+        # end without the end-of-turn hold. A plain attribute: read once per window.
+        self.answering = False
         self.set_config(config or VADConfig())
         self.reset()
 
@@ -204,7 +221,10 @@ class StreamingVAD:
         self.config = cfg = config
         ms = SAMPLE_RATE // 1000
         self._min_speech = cfg.min_speech_ms * ms
+        self._barge_in_speech = min(cfg.barge_in_min_speech_ms, cfg.min_speech_ms) * ms
+        self._barge_in_max = cfg.barge_in_max_ms * ms
         self._end_silence = cfg.end_silence_ms * ms
+        self._hold_silence = max(cfg.incomplete_silence_ms, cfg.end_silence_ms) * ms
         self._pad = cfg.speech_pad_ms * ms
         self._every = cfg.partial_every_ms * ms
         self._max_len = int(cfg.max_segment_s * SAMPLE_RATE)
@@ -223,6 +243,7 @@ class StreamingVAD:
         self._audio_start = 0  # _speech_start minus the padding, not before _floor
         self._voiced_end = 0  # end of the last window at or above end_threshold
         self._silence_start: int | None = None  # start of the current run of silent windows
+        self._finished: bool | None = None  # end-of-turn judgement of the speech before this silence run
         self._next_partial = 0
 
     @property
@@ -234,6 +255,12 @@ class StreamingVAD:
     def segment_open(self) -> bool:
         """Whether speech crossed start_threshold and no end was decided yet (reported "started" or not)."""
         return self._open
+
+    @property
+    def end_silence_s(self) -> float:
+        """The silence that ends the open segment now: longer while the speech before it sounds unfinished."""
+        held = self._silence_start is not None and self._finished is False
+        return (self._hold_silence if held else self._end_silence) / SAMPLE_RATE
 
     @property
     def position_s(self) -> float:
@@ -302,15 +329,17 @@ class StreamingVAD:
             self._voiced_end, self._silence_start = end, None
             self._next_partial = self._every
         elif prob >= cfg.end_threshold:  # hysteresis: once open, only a drop below end_threshold is silence
-            self._voiced_end, self._silence_start = end, None
+            self._voiced_end, self._silence_start, self._finished = end, None, None
         else:
             if self._silence_start is None:
                 self._silence_start = start
-            if end - self._silence_start >= self._end_silence:
+            silent = end - self._silence_start
+            if silent >= self._end_silence and (silent >= self._hold_silence or self._sounds_finished()):
                 self._close(min(self._silence_start + self._pad, end), events)
                 return
 
-        if not self._started and self._voiced_end - self._speech_start >= self._min_speech:
+        min_speech = self._barge_in_speech if self.answering else self._min_speech
+        if not self._started and self._voiced_end - self._speech_start >= min_speech:
             self._started = True
             events.append(SpeechEvent("started", self._audio_start / SAMPLE_RATE, end / SAMPLE_RATE, None,
                                       self._segment))
@@ -332,6 +361,16 @@ class StreamingVAD:
             events.append(self._event("partial", end))
             self._next_partial = ((end - self._speech_start) // self._every + 1) * self._every
 
+    def _sounds_finished(self) -> bool:
+        """End-of-turn judgement of the speech before the current silence, made once per silence run."""
+        if self._finished is None:
+            # Up to now, not to the start of the silence: a soft final fall is often already below end_threshold.
+            speech = self._history.view(self._audio_start, self._done)
+            spoken = self._silence_start - self._audio_start + self._pad
+            short = self.answering and spoken <= self._barge_in_max  # a barge-in word: no hold
+            self._finished = short or not self._started or sounds_finished(speech, self.config.end_of_turn_ratio)
+        return self._finished
+
     def _close(self, end: int, events: list[SpeechEvent]) -> None:
         """End the open segment at sample `end`: reported if it had started, silently dropped otherwise."""
         if self._started:
@@ -339,7 +378,7 @@ class StreamingVAD:
             self._segment += 1
             self._floor = end
         self._open = self._started = False
-        self._silence_start = None
+        self._silence_start = self._finished = None
 
     def _event(self, kind: Literal["partial", "ended"], end: int) -> SpeechEvent:
         audio = self._history.view(self._audio_start, end).copy()

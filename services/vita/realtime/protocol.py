@@ -111,6 +111,11 @@ def data_url_bytes(url: Any, param: str) -> bytes:
 # The session
 
 
+# semantic_vad's eagerness -> the silence that ends speech that sounds unfinished (VadParams.incomplete_silence_ms;
+# speech that sounds finished ends after silence_duration_ms whatever the eagerness). server_vad keeps the server's.
+EAGERNESS = {"low": 2000, "medium": 800, "auto": 800, "high": 600}
+
+
 @dataclass
 class SessionSettings:
     """A session's effective configuration, kept in the API's terms; `to_converse` makes the Converse config."""
@@ -135,6 +140,8 @@ class SessionSettings:
             vad.end_silence_ms = td["silence_duration_ms"]
         if td.get("prefix_padding_ms") is not None:
             vad.speech_pad_ms = td["prefix_padding_ms"]
+        if td.get("type") == "semantic_vad":
+            vad.incomplete_silence_ms = EAGERNESS[td.get("eagerness", "auto")]
         config = SessionConfig(
             session_id=self.session_id, resume=resume, audio_sample_rate_hz=self.input_rate, vad=vad,
             sampling=SamplingParams(max_tokens=0 if self.max_output_tokens == "inf" else self.max_output_tokens))
@@ -158,7 +165,10 @@ class SessionSettings:
                     "format": {"type": "audio/pcm", "rate": self.input_rate},
                     "transcription": None, "noise_reduction": None,
                     "turn_detection": {
-                        "type": "server_vad", "threshold": round(vad.start_threshold, 6),  # float32 in the proto
+                        "type": self.turn_detection.get("type", "server_vad"),
+                        **({"eagerness": self.turn_detection.get("eagerness", "auto")}
+                           if self.turn_detection.get("type") == "semantic_vad" else {}),
+                        "threshold": round(vad.start_threshold, 6),  # float32 in the proto
                         "prefix_padding_ms": vad.speech_pad_ms, "silence_duration_ms": vad.end_silence_ms,
                         "create_response": True, "interrupt_response": True, "idle_timeout_ms": None,
                     },
@@ -226,9 +236,12 @@ def _apply_input(new: SessionSettings, config: Any) -> None:
         return
     td = config["turn_detection"]
     param = "session.audio.input.turn_detection"
-    if not isinstance(td, dict) or td.get("type", "server_vad") != "server_vad":
-        raise RealtimeError("only server_vad turn detection is supported: VITA cuts and judges all speech itself "
-                            "(no semantic_vad, no null/manual turns)", code="unsupported_parameter", param=param)
+    if not isinstance(td, dict) or td.get("type", "server_vad") not in ("server_vad", "semantic_vad"):
+        raise RealtimeError("only server_vad and semantic_vad turn detection are supported: VITA cuts and judges "
+                            "all speech itself (no null/manual turns)", code="unsupported_parameter", param=param)
+    if td.get("eagerness", "auto") not in EAGERNESS:
+        raise RealtimeError(f"eagerness must be one of {', '.join(EAGERNESS)}; got {td.get('eagerness')!r}",
+                            param=f"{param}.eagerness")
     for key in ("create_response", "interrupt_response"):
         if td.get(key) is False:
             raise RealtimeError(f"{key}=false is not supported: a query VITA judges is answered and interrupts",
@@ -237,6 +250,11 @@ def _apply_input(new: SessionSettings, config: Any) -> None:
         raise RealtimeError("idle_timeout_ms is not supported", code="unsupported_parameter",
                             param=f"{param}.idle_timeout_ms")
     merged = dict(new.turn_detection)
+    merged["type"] = td.get("type", "server_vad")
+    if merged["type"] == "semantic_vad":
+        merged["eagerness"] = td.get("eagerness", merged.get("eagerness", "auto"))
+    else:
+        merged.pop("eagerness", None)
     for key, kind in (("threshold", float), ("silence_duration_ms", int), ("prefix_padding_ms", int)):
         if td.get(key) is not None:
             merged[key] = _typed(td[key], kind, f"{param}.{key}")

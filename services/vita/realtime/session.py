@@ -374,9 +374,10 @@ class RealtimeSession:
     def _converse_judged(self, event: ServerEvent) -> None:
         judged = event.judged
         segment = self._judged_segment(judged.audio_start_s)
-        if judged.outcome == UtteranceJudged.QUERY:
-            self.queries.append(segment)
-            active = self._active()
+        if judged.outcome in (UtteranceJudged.QUERY, UtteranceJudged.BARGE_IN):
+            if judged.outcome == UtteranceJudged.QUERY:
+                self.queries.append(segment)
+            active = self._active()  # a barge-in word whose answer still streams: its Interrupted event stops it
             if active is not None and active.converse_done:  # its text is done, its audio is still going out
                 self._stop(active, "turn_detected")
             return

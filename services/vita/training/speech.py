@@ -69,6 +69,9 @@ VOICES: dict[str, tuple[str, ...]] = {
     "en-high": ("-v", "en+f3", "-p", "90", "-s", "200"),
     "de": ("-v", "de+f2", "-p", "90", "-s", "175"),
     "fr": ("-v", "fr+f2", "-p", "80", "-s", "180"),
+    # Not used in training: a low, brisk voice the fine-tune never heard (the turn-taking tests and `vita eval
+    # duplex`: barge-in words like "stop" at 260 words a minute last under 0.25 s).
+    "brisk": ("-v", "en+m3", "-p", "20", "-s", "260"),
 }
 
 
@@ -88,17 +91,28 @@ def espeak(text: str, voice: str = "query") -> np.ndarray:
 
 
 @functools.cache
-def _espeak(text: str, voice: str) -> np.ndarray:
+def _espeak(text: str, voice: str, ssml: bool = False) -> np.ndarray:
     if shutil.which("espeak-ng") is None:
         raise VitaError("espeak-ng is missing: install it (`make setup`) to make synthetic speech")
     try:
         args = VOICES[voice]
     except KeyError:
         raise ValueError(f"unknown voice {voice!r}; choose one of {sorted(VOICES)}") from None
-    wav = subprocess.run(["espeak-ng", *args, "--stdout", text], check=True, capture_output=True).stdout
+    wav = subprocess.run(["espeak-ng", *args, *(["-m"] if ssml else []), "--stdout", text], check=True,
+                         capture_output=True).stdout
     samples = load_audio(wav).numpy()  # espeak writes 22.05 kHz; load_audio resamples to 16 kHz
     samples.setflags(write=False)
     return samples
+
+
+def hesitant(text: str, after_words: int, pause_s: float, voice: str = "query") -> np.ndarray:
+    """`text` spoken in one breath but for a pause of `pause_s` after its first `after_words` words (SSML break):
+    the intonation runs on across the pause as a speaker's who hesitates mid-sentence, unlike two clips glued."""
+    words = text.split()
+    if not 0 < after_words < len(words):
+        raise ValueError(f"after_words must be 1..{len(words) - 1} for {text!r}; got {after_words}")
+    ssml = f"{' '.join(words[:after_words])} <break time=\"{round(pause_s * 1000)}ms\"/> {' '.join(words[after_words:])}"
+    return _espeak(ssml, voice, ssml=True).copy()
 
 
 def prefetch(items: Iterable[tuple[str, str]], workers: int = 4) -> None:

@@ -1,0 +1,126 @@
+"""Turn-taking through the process stack on the duplex fine-tuned tiny model: a hesitation mid-sentence is one turn,
+brisk barge-in words stop an answer (with events), and `vita eval duplex` runs a shortened evaluation.
+
+Speech is espeak-ng (`vita.training.speech`); every wait is on an event (see `converse_helpers.barrier`).
+"""
+
+import json
+import subprocess
+import sys
+import uuid
+
+import pytest
+from converse_helpers import barrier, fast
+
+from vita.client import ConverseSession, VitaClient, session_config, text_event
+from vita.stack import LocalStack
+from vita.training.speech import espeak, hesitant
+from vita.v1.assistant_pb2 import CancelAnswer, ClientEvent, UtteranceJudged
+
+pytestmark = pytest.mark.slow
+HESITANT = ("what is the weather like in Beijing", 3, 0.55)  # "what is the ... weather like in Beijing"
+
+
+@pytest.fixture(scope="module")
+def stack(duplex_model_dir, tmp_path_factory):
+    with LocalStack(model_dir=str(duplex_model_dir), prefix=f"turns{uuid.uuid4().hex[:8]}",
+                    log_dir=str(tmp_path_factory.mktemp("logs"))) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    with VitaClient(stack.target, timeout_s=None) as c:
+        yield c
+
+
+def _config(**vad) -> ClientEvent:
+    config = session_config(max_tokens=400, ignore_eos=True)
+    for name, value in vad.items():
+        setattr(config.config.vad, name, value)
+    return config
+
+
+def test_a_hesitation_mid_sentence_is_one_turn_and_one_answer(client):
+    with ConverseSession(client) as s:
+        s.send(*fast(hesitant(*HESITANT)))
+        judged = s.wait("judged")
+        barrier(s)
+        s.close()
+    assert judged.judged.outcome == UtteranceJudged.QUERY
+    assert len(s.of("speech_started")) == len(s.of("speech_ended")) == len(s.of("judged")) == 1
+    assert len(s.of("answer_started")) == 1
+    ended = s.of("speech_ended")[0].speech_ended
+    assert ended.audio_end_s - ended.audio_start_s > 2.0  # both halves and the pause between them
+
+
+def test_without_the_end_of_turn_judgement_the_hesitation_splits_the_turn(client):
+    with ConverseSession(client, _config(incomplete_silence_ms=-1)) as s:
+        s.send(*fast(hesitant(*HESITANT)))
+        s.wait("judged")
+        barrier(s)
+        s.send(ClientEvent(cancel=CancelAnswer()))
+        s.close()
+    assert len(s.of("speech_ended")) == 2 and len(s.of("judged")) == 2  # what issue 13 reported
+
+
+@pytest.mark.parametrize("word", ["no", "stop"])
+def test_a_brisk_word_in_an_unseen_voice_stops_the_answer(client, word):
+    clip = espeak(word, "brisk")
+    assert len(clip) < 16000  # espeak's whole clip, silence included; the word itself is under 0.25 s
+    with ConverseSession(client, _config()) as s:
+        s.send(text_event("Tell me a long story."))
+        first = s.wait("delta").turn_id
+        s.send(*fast(clip))
+        interrupted = s.wait("interrupted", turn_id=first)
+        barrier(s)
+        s.close()
+    assert s.of("speech_started") and s.of("speech_ended")
+    [judged] = s.of("judged")
+    assert judged.judged.outcome == UtteranceJudged.BARGE_IN and judged.judged.state_token != "<1>"
+    assert 0 < interrupted.interrupted.tokens_sent < 400
+    assert not s.of("completed", first)
+    assert [e.turn_id for e in s.of("answer_started")] == [first]  # stopped, nothing new answered
+
+
+def test_a_brisk_word_outside_an_answer_is_not_a_turn_and_the_rule_can_be_switched_off(client, other_clip):
+    with ConverseSession(client) as s:
+        s.send(*fast(espeak("stop please", "brisk")))
+        barrier(s)
+        s.close()
+    assert not s.of("answer_started") and all(e.judged.outcome != UtteranceJudged.BARGE_IN for e in s.of("judged"))
+    with ConverseSession(client, _config(barge_in_max_ms=-1)) as s:
+        s.send(text_event("Tell me a long story."))
+        first = s.wait("delta").turn_id
+        s.send(*fast(espeak("stop please", "brisk")), *fast(other_clip))
+        judged = s.wait("judged")
+        barrier(s)
+        still_playing = not s.of("interrupted")
+        s.send(ClientEvent(cancel=CancelAnswer(turn_id=first)))
+        s.wait("interrupted", turn_id=first)
+        s.close()
+    assert judged.judged.outcome == UtteranceJudged.IGNORED
+    # Neither the word (rule off) nor talk to someone else stopped the answer: only the cancel did.
+    assert still_playing and len(s.of("interrupted")) == 1
+    assert all(e.judged.outcome == UtteranceJudged.IGNORED for e in s.of("judged"))
+
+
+def test_vita_eval_duplex_quick(stack, tmp_path):
+    out, table = tmp_path / "duplex.json", tmp_path / "duplex.md"
+    r = subprocess.run([sys.executable, "-m", "vita.cli", "eval", "duplex", "--target", stack.target, "--quick",
+                        "--compare-off", "--output", str(out), "--markdown", str(table)], capture_output=True,
+                       text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    m, off = result["metrics"]["default"], result["metrics"]["off"]
+    assert {k: v["n"] for k, v in m.items()} == {c: 2 for c in ("pause", "interrupt_query", "interrupt_word",
+                                                                 "others", "background")}
+    assert len(result["items"]) == 20
+    assert m["pause"]["split_rate"] == m["pause"]["takeover_rate"] == 0.0 and m["pause"]["answered_rate"] == 1.0
+    assert off["pause"]["split_rate"] == 1.0  # silence alone cuts the question at the hesitation
+    assert m["interrupt_word"]["takeover_rate"] == 1.0 and 0 < m["interrupt_word"]["stop_latency_s"] < 10
+    assert m["others"]["no_response_rate"] == 1.0
+    assert "| pause | 2 |" in r.stdout and table.read_text() in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "vita.cli", "eval", "duplex", "--per-category", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--per-category" in bad.stderr and "Traceback" not in bad.stderr

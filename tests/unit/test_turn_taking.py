@@ -1,0 +1,88 @@
+"""End-of-turn judgement and barge-in words: the real Silero VAD on espeak-ng speech (vita.processing.turn)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vita.errors import InvalidInputError
+from vita.processing.turn import END_OF_TURN_RATIO, final_pitch_ratio, sounds_finished
+from vita.processing.vad import StreamingVAD, VADConfig
+from vita.training.speech import QUERY_HELD_OUT, espeak, hesitant
+
+SR = 16_000
+
+
+def _pad(wave: np.ndarray, before: float = 0.5, after: float = 1.5) -> np.ndarray:
+    return np.concatenate([np.zeros(int(before * SR), np.float32), wave, np.zeros(int(after * SR), np.float32)])
+
+
+def _ended(clip: np.ndarray, config: VADConfig | None = None, *, answering: bool = False) -> list:
+    vad = StreamingVAD(config)
+    vad.answering = answering
+    events = []
+    for i in range(0, len(clip), 320):
+        events += vad.push(clip[i : i + 320])
+    return [e for e in events + vad.flush() if e.kind == "ended"]
+
+
+def _first_words(text: str, pause_s: float = 0.55) -> np.ndarray:
+    """The words before the hesitation, as the VAD has them when the pause begins."""
+    wave = hesitant(text, len(text.split()) // 2, pause_s)
+    quiet = np.flatnonzero(np.convolve(np.abs(wave), np.ones(1600) / 1600, "same") < 0.003)
+    return wave[: quiet[quiet > 3200][0]]
+
+
+@pytest.mark.parametrize("text", QUERY_HELD_OUT)
+def test_whole_questions_sound_finished_and_their_first_halves_do_not(text):
+    assert sounds_finished(espeak(text))
+    ratio = final_pitch_ratio(_first_words(text))
+    assert ratio is not None and ratio > END_OF_TURN_RATIO
+
+
+def test_too_little_voiced_speech_counts_as_finished():
+    assert final_pitch_ratio(np.zeros(SR, np.float32)) is None and sounds_finished(np.zeros(SR, np.float32))
+    rng = np.random.default_rng(0)
+    assert sounds_finished((0.1 * rng.standard_normal(SR)).astype(np.float32))
+
+
+def test_a_hesitation_mid_sentence_is_one_segment_unless_the_judgement_is_off():
+    clip = _pad(hesitant("what is the weather like in Beijing", 3, 0.55))
+    assert len(_ended(clip)) == 1
+    assert len(_ended(clip, VADConfig(incomplete_silence_ms=0))) == 2  # silence alone: two turns
+    # The hold is bounded: a pause longer than incomplete_silence_ms still ends the turn.
+    assert len(_ended(_pad(hesitant("what is the weather like in Beijing", 3, 1.5)))) == 2
+
+
+def test_finished_speech_ends_after_end_silence_not_the_hold():
+    wave = espeak("what is the weather like in Beijing")
+    vad = StreamingVAD()
+    clip = _pad(wave, 0.5, 0.0)
+    events = vad.push(clip)
+    events += vad.push(np.zeros(int(0.6 * SR), np.float32))  # 600 ms: past end_silence_ms, short of the hold
+    assert [e.kind for e in events if e.kind != "partial"] == ["started", "ended"]
+    assert vad.end_silence_s == pytest.approx(0.4)
+
+
+def test_unfinished_speech_waits_for_the_longer_silence():
+    vad = StreamingVAD()
+    events = vad.push(_pad(_first_words("what is the weather like in Beijing"), 0.5, 0.6))
+    assert [e.kind for e in events if e.kind != "partial"] == ["started"]  # held: no end yet
+    assert vad.segment_open and vad.end_silence_s == pytest.approx(0.8)
+    assert [e.kind for e in vad.push(np.zeros(int(0.4 * SR), np.float32))] == ["ended"]
+
+
+def test_a_brisk_no_is_heard_only_while_an_answer_plays():
+    no = espeak("no", "brisk")
+    assert np.count_nonzero(np.abs(no) > 0.02) < 0.25 * SR  # shorter than min_speech_ms
+    clip = _pad(no)
+    assert _ended(clip) == []  # a click-length word outside an answer: dropped as before
+    heard = _ended(clip, answering=True)
+    assert len(heard) == 1 and heard[0].end_s - heard[0].start_s <= VADConfig().barge_in_max_ms / 1000
+
+
+def test_turn_taking_settings_are_checked():
+    with pytest.raises(InvalidInputError, match="incomplete_silence_ms"):
+        VADConfig(incomplete_silence_ms=-1)
+    with pytest.raises(InvalidInputError, match="end_of_turn_ratio"):
+        VADConfig(end_of_turn_ratio=0.0)
