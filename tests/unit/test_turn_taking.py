@@ -72,8 +72,9 @@ def test_unfinished_speech_waits_for_the_longer_silence():
     assert [e.kind for e in vad.push(np.zeros(int(0.4 * SR), np.float32))] == ["ended"]
 
 
-def test_a_brisk_no_is_heard_only_while_an_answer_plays():
-    no = espeak("no", "brisk")
+@pytest.mark.parametrize("word", ["no", "stop"])
+def test_a_brisk_word_is_heard_only_while_an_answer_plays(word):
+    no = espeak(word, "brisk")
     assert np.count_nonzero(np.abs(no) > 0.02) < 0.25 * SR  # shorter than min_speech_ms
     clip = _pad(no)
     assert _ended(clip) == []  # a click-length word outside an answer: dropped as before

@@ -46,6 +46,7 @@ from vita.processing.audio import float_to_pcm16, pcm16_to_float, resample
 from vita.processing.image import load_image
 from vita.processing.prompt import StateToken
 from vita.processing.tokenizer import VitaTokenizer
+from vita.processing.turn import BARGE_IN_VOICED_S, voiced_seconds
 from vita.processing.vad import SpeechEvent, StreamingVAD
 from vita.telemetry.metrics import Metrics
 from vita.v1.assistant_pb2 import (
@@ -469,9 +470,11 @@ class ConverseCall:
         return self.answer is not None or self._playing
 
     def _barge_in(self, u: Utterance) -> bool:
-        """Short speech while the assistant speaks ("stop", "no"): it stops the answer whatever the judgement."""
+        """Short speech while the assistant speaks ("stop", "no"): it stops the answer whatever the judgement, if
+        it has a vowel's worth of voicing (a click or a cough that the VAD let through does not)."""
         longest = self.vad.config.barge_in_max_ms / 1000
-        return not u.early and self._answering() and longest > 0 and u.end_s - u.start_s <= longest
+        return (not u.early and self._answering() and longest > 0 and u.end_s - u.start_s <= longest
+                and voiced_seconds(u.audio) >= BARGE_IN_VOICED_S)
 
     # ------------------------------------------------------------------------------------------------------
     # Turn worker: one utterance or text at a time

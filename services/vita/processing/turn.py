@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 SAMPLE_RATE = 16_000
+BARGE_IN_VOICED_S = 0.03  # a barge-in word has at least this much voiced speech (a brisk "stop": 0.04 s)
 END_OF_TURN_RATIO = 0.835  # final F0 / median F0 at or below this: the speech sounds finished
 
 _WIN, _HOP, _FFT = 640, 160, 2048  # 40 ms frames every 10 ms; FFT long enough for a linear autocorrelation
@@ -60,6 +61,13 @@ def final_pitch_ratio(samples: np.ndarray) -> float | None:
     if len(voiced) < _MIN_VOICED:
         return None
     return float(np.min(voiced[-_TAIL:]) / np.median(voiced))
+
+
+def voiced_seconds(samples: np.ndarray) -> float:
+    """Seconds of voiced (pitched) speech in 16 kHz float samples: a spoken word has a vowel; a click or a burst of
+    hiss has none (low-frequency noise and hum do pass for voiced: this is no noise detector)."""
+    f0 = pitch_track(samples)
+    return float(np.count_nonzero(~np.isnan(f0)) * _HOP / SAMPLE_RATE)
 
 
 def sounds_finished(samples: np.ndarray, ratio: float = END_OF_TURN_RATIO) -> bool:

@@ -77,7 +77,7 @@ class VADConfig:
     end_of_turn_ratio: float = 0.835  # final F0 / median F0 at or below this sounds finished (turn.py)
     # While the assistant answers (`StreamingVAD.answering`), speech this long already opens a segment, so a brisk
     # "no" or "stop" (under min_speech_ms) is heard; segments up to barge_in_max_ms (with padding) are never held.
-    barge_in_min_speech_ms: int = 96
+    barge_in_min_speech_ms: int = 64  # two Silero windows: "stop" is one vowel between a fricative and a plosive
     barge_in_max_ms: int = 1000
 
     def __post_init__(self) -> None:
