@@ -57,9 +57,9 @@ def test_semantic_vad_eagerness_sets_the_end_of_turn_hold():
     assert (api["type"], api["eagerness"]) == ("semantic_vad", "low")
     assert s.vad().incomplete_silence_ms == 2000 and s.vad().end_silence_ms == 400
     back = s.updated({"audio": {"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 300}}}})
-    assert back.to_converse().vad.incomplete_silence_ms == 0  # the server's default hold
+    assert back.to_converse().vad.incomplete_silence_ms == -1  # as OpenAI's server_vad: silence alone
     assert "eagerness" not in back.to_api()["audio"]["input"]["turn_detection"]
-    assert back.vad().end_silence_ms == 300 and back.vad().incomplete_silence_ms == 800
+    assert back.vad().end_silence_ms == 300 and back.vad().incomplete_silence_ms == 0
 
 
 @pytest.mark.parametrize("session, param", [

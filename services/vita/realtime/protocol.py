@@ -112,7 +112,8 @@ def data_url_bytes(url: Any, param: str) -> bytes:
 
 
 # semantic_vad's eagerness -> the silence that ends speech that sounds unfinished (VadParams.incomplete_silence_ms;
-# speech that sounds finished ends after silence_duration_ms whatever the eagerness). server_vad keeps the server's.
+# speech that sounds finished ends after silence_duration_ms whatever the eagerness). server_vad, as OpenAI's, has no
+# end-of-turn judgement: silence_duration_ms alone ends a turn.
 EAGERNESS = {"low": 2000, "medium": 800, "auto": 800, "high": 600}
 
 
@@ -142,6 +143,8 @@ class SessionSettings:
             vad.speech_pad_ms = td["prefix_padding_ms"]
         if td.get("type") == "semantic_vad":
             vad.incomplete_silence_ms = EAGERNESS[td.get("eagerness", "auto")]
+        else:  # server_vad, as OpenAI's: silence alone ends a turn
+            vad.incomplete_silence_ms = -1
         config = SessionConfig(
             session_id=self.session_id, resume=resume, audio_sample_rate_hz=self.input_rate, vad=vad,
             sampling=SamplingParams(max_tokens=0 if self.max_output_tokens == "inf" else self.max_output_tokens))
