@@ -48,7 +48,7 @@ PAUSES_S = (0.5, 0.6, 0.7)
 BARGE_IN_WORDS = ("stop", "no", "wait", "stop please", "no no", "hold on", "stop that", "enough", "no thanks",
                   "wait a second")
 LONG_ANSWER = "Tell me a long story."  # typed: the answer every interruption cuts into (max_tokens, no EOS)
-ANSWER_TOKENS = 300
+ANSWER_TOKENS = 2000  # longer than any dialogue: the answer still streams when the user speaks (cancelled after)
 _LEAD_S, _TRAIL_S = 0.3, 1.5
 _BARRIER_TURN = 2**31 - 1  # a TruncateAnswer for this turn: an error event that orders after every judgement
 _LOUD = 0.02  # a sample above this is speech (espeak's silence is exact zeros)

@@ -471,7 +471,7 @@ class ConverseCall:
 
     def _barge_in(self, u: Utterance) -> bool:
         """Short speech while the assistant speaks ("stop", "no"): it stops the answer whatever the judgement, if
-        it has a vowel's worth of voicing (a click or a cough that the VAD let through does not)."""
+        it has a vowel's worth of voicing (a click or a burst of hiss that the VAD let through has none)."""
         longest = self.vad.config.barge_in_max_ms / 1000
         return (not u.early and self._answering() and longest > 0 and u.end_s - u.start_s <= longest
                 and voiced_seconds(u.audio) >= BARGE_IN_VOICED_S)
