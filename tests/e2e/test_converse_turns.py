@@ -35,7 +35,7 @@ def client(stack):
 
 
 def _config(**vad) -> ClientEvent:
-    config = session_config(max_tokens=400, ignore_eos=True)
+    config = session_config(max_tokens=2000, ignore_eos=True)  # cut to the context: streams until stopped
     for name, value in vad.items():
         setattr(config.config.vad, name, value)
     return config
@@ -78,31 +78,45 @@ def test_a_brisk_word_in_an_unseen_voice_stops_the_answer(client, word):
     assert s.of("speech_started") and s.of("speech_ended")
     [judged] = s.of("judged")
     assert judged.judged.outcome == UtteranceJudged.BARGE_IN and judged.judged.state_token != "<1>"
-    assert 0 < interrupted.interrupted.tokens_sent < 400
+    assert 0 < interrupted.interrupted.tokens_sent < 2000
     assert not s.of("completed", first)
     assert [e.turn_id for e in s.of("answer_started")] == [first]  # stopped, nothing new answered
 
 
-def test_a_brisk_word_outside_an_answer_is_not_a_turn_and_the_rule_can_be_switched_off(client, other_clip):
+def test_a_brisk_word_outside_an_answer_is_no_barge_in_and_the_rule_can_be_switched_off(client):
     with ConverseSession(client) as s:
         s.send(*fast(espeak("stop please", "brisk")))
         barrier(s)
         s.close()
-    assert not s.of("answer_started") and all(e.judged.outcome != UtteranceJudged.BARGE_IN for e in s.of("judged"))
+    assert all(e.judged.outcome != UtteranceJudged.BARGE_IN for e in s.of("judged"))
     with ConverseSession(client, _config(barge_in_max_ms=-1)) as s:
         s.send(text_event("Tell me a long story."))
         first = s.wait("delta").turn_id
-        s.send(*fast(espeak("stop please", "brisk")), *fast(other_clip))
+        s.send(*fast(espeak("no", "brisk")))
+        s.wait("judged")
+        barrier(s)
+        s.send(ClientEvent(cancel=CancelAnswer(turn_id=first)))
+        s.close()
+    # Rule off: the word is heard (a segment, a judgement), but only the model's own "<1>" could stop the answer.
+    assert all(e.judged.outcome != UtteranceJudged.BARGE_IN for e in s.of("judged"))
+    queries = [e for e in s.of("judged") if e.judged.outcome == UtteranceJudged.QUERY]
+    assert len(s.of("answer_started")) == 1 + len(queries)
+    assert len(s.of("interrupted", first)) == 1  # the cancel's, or the query's (then nothing after it)
+
+
+def test_talk_to_someone_else_during_an_answer_leaves_it_playing(client, other_clip):
+    with ConverseSession(client, _config()) as s:
+        s.send(text_event("Tell me a long story."))
+        first = s.wait("delta").turn_id
+        s.send(*fast(other_clip))
         judged = s.wait("judged")
         barrier(s)
-        still_playing = not s.of("interrupted")
+        playing = not s.of("interrupted")
         s.send(ClientEvent(cancel=CancelAnswer(turn_id=first)))
         s.wait("interrupted", turn_id=first)
         s.close()
-    assert judged.judged.outcome == UtteranceJudged.IGNORED
-    # Neither the word (rule off) nor talk to someone else stopped the answer: only the cancel did.
-    assert still_playing and len(s.of("interrupted")) == 1
-    assert all(e.judged.outcome == UtteranceJudged.IGNORED for e in s.of("judged"))
+    assert judged.judged.outcome == UtteranceJudged.IGNORED  # too long for a barge-in word
+    assert playing and len(s.of("interrupted")) == 1
 
 
 def test_vita_eval_duplex_quick(stack, tmp_path):
