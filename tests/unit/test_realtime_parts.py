@@ -151,20 +151,13 @@ def test_echo_guard_leaves_input_alone_when_nothing_was_played(voice):
     assert np.array_equal(_through(EchoGuard(24000), mic), _floats(_pcm(mic)))
 
 
-def test_token_file_and_handshake_tokens(tmp_path):
+def test_handshake_tokens():
+    """The token file is vita.runtime.access's (tested in test_access_parts.py); here, where the gateway finds the
+    token in a WebSocket handshake."""
     from websockets.datastructures import Headers
 
-    from vita.errors import VitaError
-    from vita.realtime.server import load_tokens, request_token
+    from vita.realtime.server import request_token
 
-    path = tmp_path / "tokens"
-    path.write_text("# keys\n\n  alpha  \nbeta\n")
-    assert load_tokens(path) == {"alpha", "beta"}
-    path.write_text("# nothing\n")
-    with pytest.raises(VitaError, match="holds no token"):
-        load_tokens(path)
-    with pytest.raises(VitaError, match="cannot read"):
-        load_tokens(tmp_path / "missing")
     assert request_token(Headers([("Authorization", "Bearer alpha")])) == "alpha"
     assert request_token(Headers([("Sec-WebSocket-Protocol", "realtime, openai-insecure-api-key.beta")])) == "beta"
     assert request_token(Headers([("Authorization", "Basic xyz")])) is None
