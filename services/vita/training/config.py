@@ -118,6 +118,7 @@ class StageConfig:
     log_every: int = 1
     state_tokens: bool = False  # answers start with their state token (stage 3)
     fit_audio_cmvn: bool = False  # set the audio encoder's global CMVN from the training audio first
+    fit_connectors: list[str] = field(default_factory=list)  # data-dependent init of these connectors: vision, audio
     precision: str = "fp32"  # fp32 or bf16 (autocast; GPUs)
     fsdp: bool = False  # shard parameters with FullyShardedDataParallel instead of DDP
     tensorboard: bool = False
@@ -145,6 +146,8 @@ class StageConfig:
         for name in ("p_spoken", "p_negative", "p_noise"):
             if not 0.0 <= getattr(self.spoken, name) <= 1.0:
                 raise ConfigError(f"spoken.{name} must be in [0, 1], got {getattr(self.spoken, name)}")
+        if any(c not in ("vision", "audio") for c in self.fit_connectors):
+            raise ConfigError(f"fit_connectors names connectors among vision, audio; got {self.fit_connectors}")
         if self.init.model is None and self.init.preset is None:
             raise ConfigError("init needs a model directory (init.model) or a preset (init.preset)")
 

@@ -56,6 +56,7 @@ from vita.processing.prompt import Message, StateToken, encode_prompt
 from vita.processing.tokenizer import VitaTokenizer
 from vita.tiny import build_tiny_checkpoint
 from vita.training import speech
+from vita.training.model_init import fit_connector_output
 
 log = logging.getLogger("vita.training.duplex")
 
@@ -238,20 +239,10 @@ def fit_cmvn(model: VitaForCausalLM, clips: Sequence[np.ndarray]) -> None:
 
 @torch.no_grad()
 def fit_connector(model: VitaForCausalLM, clips: Sequence[np.ndarray]) -> None:
-    """Data-dependent init of the audio connector's last layer: centred outputs at the token embeddings' scale.
-
-    A random tower's outputs share a large common component and are ~5x smaller than the token embeddings, so
-    the little that tells one voice from another is drowned in the residual stream; recentring and rescaling
-    (as LSUV-style inits do) lets the LLM pick it up within tens of steps instead of hundreds.
-    """
+    """The audio connector's data-dependent init (`vita.training.model_init.fit_connector_output`) on the clips."""
     features = audio_features([torch.from_numpy(c) for c in clips], model.vita_config.audio)
     out = torch.cat(model.audio_tower.encode_features(features))
-    target = model.get_input_embeddings().weight.norm(dim=-1).mean()
-    mean = out.mean(0)
-    scale = target / (out - mean).norm(dim=-1).mean()
-    linear = model.audio_tower.connector.linear_2
-    linear.bias.sub_(mean).mul_(scale)
-    linear.weight.mul_(scale)
+    fit_connector_output(model.audio_tower.connector.linear_2, out, model.get_input_embeddings().weight.norm(dim=-1).mean())
 
 
 @torch.no_grad()

@@ -4,7 +4,8 @@
   (text only; with `init.preset` the preset's towers are added with seeded random weights).
 - `init.preset`: seeded random weights of a preset, with `init.tokenizer`, or (tiny runs) an English-only base
   tokenizer trained on the built-in corpus (`init.base_tokenizer_vocab`).
-Then, if the stage says so, stage 1's vocabulary extension and the audio encoder's global CMVN.
+Then, if the stage says so, stage 1's vocabulary extension, the audio encoder's global CMVN and the
+connectors' data-dependent init (`fit_connectors`).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from vita.errors import CheckpointError
 from vita.model.audio import compute_cmvn_stats
 from vita.model.config import VitaConfig
 from vita.model.vita import VitaForCausalLM
-from vita.processing.audio import fbank
+from vita.processing.audio import audio_features, fbank
+from vita.processing.image import preprocess_image
 from vita.processing.tokenizer import VitaTokenizer
 from vita.training.config import ConfigError, StageConfig
 from vita.training.examples import load_waveform
@@ -32,6 +35,7 @@ from vita.training.vocab import base_tokenizer_from_corpus, chinese_lines, exten
 log = logging.getLogger("vita.training")
 
 CMVN_CLIPS = 256  # clips the global CMVN statistics are computed from
+FIT_ITEMS = 64  # images (or clips) a connector's data-dependent init is computed from
 
 
 @dataclass
@@ -74,6 +78,8 @@ def initial_model(config: StageConfig, samples: Sequence[Sample], work_dir: Path
                           "vocab_size": extension.vocab_size}
     if config.fit_audio_cmvn:
         notes["cmvn_clips"] = fit_cmvn(model, samples)
+    if config.fit_connectors:
+        notes["fit_connectors"] = fit_connectors(model, samples, config.fit_connectors)
     return Initialised(model, tokenizer, notes)
 
 
@@ -118,6 +124,55 @@ def fit_cmvn(model: VitaForCausalLM, samples: Sequence[Sample], max_clips: int =
     batches = [fbank(load_waveform(ref), None, audio_config) for ref in refs]
     model.audio_tower.encoder.global_cmvn.set_stats(*compute_cmvn_stats(batches))
     return len(refs)
+
+
+@torch.no_grad()
+def fit_connector_output(linear: nn.Linear, outputs: Tensor, target_norm: float | Tensor) -> None:
+    """Data-dependent init of a connector's last layer: its outputs (N, hidden) centred and rescaled so that their
+    mean norm is `target_norm` (the token embeddings' norm).
+
+    A random tower's outputs share a large common component and are several times smaller than the token
+    embeddings (tiny preset: vision 8.1 with 7.7 common, audio ~5x smaller), so what tells one input from
+    another is drowned in the residual stream; recentring and rescaling, as LSUV-style inits do (Mishkin & Matas,
+    "All you need is a good init", 2016), lets the LLM pick it up in tens of steps instead of hundreds.
+    """
+    mean = outputs.mean(0)
+    scale = target_norm / (outputs - mean).norm(dim=-1).mean().clamp_min(1e-8)
+    linear.bias.sub_(mean).mul_(scale)
+    linear.weight.mul_(scale)
+
+
+@torch.no_grad()
+def fit_connectors(model: VitaForCausalLM, samples: Sequence[Sample], which: Sequence[str],
+                   max_items: int = FIT_ITEMS) -> dict[str, int]:
+    """`fit_connector_output` for each connector in `which` ("vision", "audio") on the first `max_items` images
+    (or video frames) and audio clips of the training data; returns how many items each fit used."""
+    target = model.get_input_embeddings().weight.norm(dim=-1).mean()
+    used: dict[str, int] = {}
+    for name in which:
+        if name == "vision":
+            if model.vision_tower is None:
+                raise ConfigError("fit_connectors: the model has no vision tower")
+            paths = [p for s in samples for p in s.images][:max_items]
+            if not paths:
+                raise ConfigError("fit_connectors: vision needs images in the training data")
+            pixels = torch.cat([preprocess_image(p, model.vita_config.vision) for p in paths])
+            outputs = model.vision_tower(pixels).flatten(0, 1)
+            fit_connector_output(model.vision_tower.connector.fc2, outputs, target)
+            used[name] = len(paths)
+        elif name == "audio":
+            if model.audio_tower is None:
+                raise ConfigError("fit_connectors: the model has no audio tower")
+            refs = [ref for s in samples for ref in s.audio][:max_items]
+            if not refs:
+                raise ConfigError("fit_connectors: audio needs audio clips in the training data")
+            features = audio_features([load_waveform(ref) for ref in refs], model.vita_config.audio)
+            outputs = torch.cat(model.audio_tower.encode_features(features))
+            fit_connector_output(model.audio_tower.connector.linear_2, outputs, target)
+            used[name] = len(refs)
+        else:
+            raise ConfigError(f"fit_connectors: unknown connector {name!r} (vision, audio)")
+    return used
 
 
 def describe(model: VitaForCausalLM) -> dict[str, Any]:
