@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                             s.close(timeout_s=300)
                             turns["sessions"] += 1
                     except Exception as e:  # counted and reported; the client starts a new session
-                        errors.append(f"client {k}: {type(e).__name__}: {e}"[:300])
+                        at = (time.monotonic() - start) / 60
+                        errors.append(f"{at:.1f} min, client {k}: {type(e).__name__}: {e}"[:300])
 
         services = {s.name: (s.pid, s.metrics_port) for s in stack.services}
 
