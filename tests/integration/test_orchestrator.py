@@ -1,6 +1,8 @@
 """`Assistant.Generate` over real gRPC on 127.0.0.1 and real Redis, with a real llm worker (text requests)."""
 
 import asyncio
+import gc
+import time
 import uuid
 
 import grpc
@@ -14,6 +16,7 @@ from vita.inference import GenerationRequest, VitaPipeline
 from vita.llm.backends.torch.backend import TorchBackend
 from vita.llm.worker import LLMWorker, WorkerConfig
 from vita.model.generation import SamplingParams
+from vita.orchestrator import converse
 from vita.orchestrator.service import AssistantService, OrchestratorConfig
 from vita.runtime.server import GrpcService, ServiceServer
 from vita.v1 import assistant_pb2_grpc
@@ -191,3 +194,57 @@ def test_encode_timeout_reaches_generate_and_converse(pipeline, wide_png):
     assert [e.code for e in errors] == [grpc.StatusCode.UNAVAILABLE.value[0]], events
     assert "within 0.4 s" in errors[0].message
     assert err.code() == grpc.StatusCode.UNAVAILABLE and "within 0.4 s" in err.details()
+
+
+def test_converse_calls_leave_nothing_behind(pipeline):
+    """The soak's leak check in one process: once its sessions have ended, a round of concurrent Converse calls
+    leaves no ConverseCall, cleanup task or asyncio task behind, so a second round ends where the first did.
+
+    With the garbage collector off: an ended call must be freed by reference counting alone. (gRPC keeps each
+    RPC's state in a cycle that only a full collection frees; a callback there that held the call strongly kept
+    every ended call, its VAD buffers and tasks with it, alive until then.)
+    """
+    async def session(stub, k):
+        """Two typed turns, each sent once the previous answer completed (an interrupted answer would swap the
+        roles, and only a generator-role worker runs here)."""
+        answered = asyncio.Queue()
+
+        async def requests():
+            yield session_config(max_tokens=4)
+            for turn in range(2):
+                yield text_event(f"Client {k}, question {turn}.")
+                await answered.get()
+            yield ClientEvent(end=EndOfInput())
+
+        completed = 0
+        async for event in stub.Converse(requests()):
+            if event.HasField("completed"):
+                completed += 1
+                answered.put_nowait(None)
+        return completed
+
+    def calls_alive() -> int:
+        return sum(type(o) is converse.ConverseCall for o in gc.get_objects())  # no collection: gc is off
+
+    async def settled() -> int:
+        """Tasks once every call's cleanup has run and its objects are gone (polled: gRPC ends its own tasks)."""
+        start = time.monotonic()
+        while converse._CLEANUPS or calls_alive():
+            assert time.monotonic() - start < 60, f"{len(converse._CLEANUPS)} cleanups, {calls_alive()} calls left"
+            await asyncio.sleep(0.01)
+        return len(asyncio.all_tasks())
+
+    async def body(stub, backend):
+        counts = []
+        for _ in range(2):
+            assert await asyncio.gather(*(session(stub, k) for k in range(6))) == [2] * 6
+            counts.append(await settled())
+        return counts
+
+    gc.collect()
+    gc.disable()
+    try:
+        first, second = asyncio.run(run_stack(pipeline, body))
+    finally:
+        gc.enable()
+    assert second == first

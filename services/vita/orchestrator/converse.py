@@ -26,6 +26,7 @@ import asyncio
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -223,6 +224,23 @@ class ConverseCall:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self.close)
 
+    def close_when_done(self, context: grpc.aio.ServicerContext) -> None:
+        """`close_soon` when the RPC ends, however it ends.
+
+        The callback holds the call weakly: gRPC keeps its per-RPC state, callbacks included, in a reference cycle
+        (through the request iterator) that only a full garbage collection frees, two collections after the RPC.
+        Held strongly, every ended call stayed alive that long with its VAD buffers and tasks. While the RPC runs,
+        its handler holds the call, so the callback finds it whenever there is anything to clean up.
+        """
+        ref = weakref.ref(self)
+
+        def done(_: object) -> None:
+            call = ref()
+            if call is not None:
+                call.close_soon()
+
+        context.add_done_callback(done)
+
     async def _end(self) -> None:
         """No new generation from here on; the ones issued are cancelled on the bus first (compute stops whatever
         the tasks were doing), then, once the tasks are done, their turns are recorded as interrupted."""
@@ -247,6 +265,7 @@ class ConverseCall:
         finally:
             if self._counted:
                 self.metrics.active_sessions.dec()
+            self._tasks = []  # done (or given up on): their frames and a cancelled one's traceback refer to this call
 
     def emit(self, turn_id: int | None = None, **event) -> None:
         """Queue one ServerEvent for the client; `turn_id` defaults to the turn about to start."""

@@ -68,7 +68,7 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         """See converse.py; errors are events, so one bad input never ends the conversation."""
         self.metrics.requests.labels("orchestrator", "Converse").inc()
         call = ConverseCall(self.pools, self.tokenizer, self.sessions, self.config, self.metrics)
-        context.add_done_callback(lambda _: call.close_soon())  # the call's cleanup runs however the RPC ends
+        call.close_when_done(context)  # the call's cleanup runs however the RPC ends
         async with contextlib.aclosing(call.run(request_iterator)) as events:
             async for event in events:
                 yield event

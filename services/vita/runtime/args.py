@@ -13,6 +13,7 @@ from vita.runtime.access import AccessPolicy, load_tokens
 from vita.runtime.redis_client import RedisSettings, RetryPolicy, connect
 from vita.runtime.server import MAX_MESSAGE_BYTES
 from vita.runtime.tls import ServerTLS, server_tls
+from vita.telemetry.heap import start_heap_trace
 from vita.telemetry.logging import configure_logging
 from vita.telemetry.metrics import Metrics, serve_metrics
 from vita.telemetry.tracing import configure_tracing
@@ -48,6 +49,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--otlp-endpoint", default=None, help="send OpenTelemetry spans here (OTLP/gRPC); off by default")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
+    g.add_argument("--heap-trace-s", type=float, default=0.0,
+                   help="debugging: trace the Python heap and log its growth every this many seconds "
+                        "(telemetry/heap.py; slows the process); 0: off")
     a = parser.add_argument_group("access to the gRPC API (runtime/access.py; health and reflection stay open)")
     a.add_argument("--api-tokens", default=os.environ.get("VITA_API_TOKENS_FILE"),
                    help="file of accepted bearer tokens, one per line, # comments (env VITA_API_TOKENS_FILE); "
@@ -93,6 +97,7 @@ def redis_settings(args: argparse.Namespace) -> RedisSettings:
 def setup(service: str, args: argparse.Namespace) -> tuple[Redis, BusConfig, Metrics]:
     configure_logging(service, args.log_level, json_format=not args.plain_logs)
     configure_tracing(service, otlp_endpoint=args.otlp_endpoint)
+    start_heap_trace(args.heap_trace_s)
     bus = BusConfig(prefix=args.prefix, reclaim_idle_ms=args.reclaim_idle_ms,
                     dead_consumer_ms=args.dead_consumer_ms or 2 * args.reclaim_idle_ms,
                     backlog_limits=dict.fromkeys(BusConfig().backlog_limits, args.backlog_limit))

@@ -78,6 +78,7 @@ async def serve(name: str, args: argparse.Namespace, build: Build, *, threads: i
         torch.set_num_threads(threads)
     access, tls = access_policy(args), grpc_tls(args)  # bad files or values fail before anything starts
     redis, bus, metrics = setup(name, args)
+    metrics.event_loop.loop = asyncio.get_running_loop()
     server: ServiceServer | None = None
     try:
         await _check_redis(redis, args.redis)

@@ -6,6 +6,7 @@ and monitor LLM pools apart; `modality` the encoders. The full list, with meanin
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
+
+from vita.telemetry.heap import malloc_info
 
 # Latency buckets from 5 ms to 60 s: wide enough for a tiny CPU model and a full-size GPU one.
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -29,6 +32,9 @@ class Metrics:
         r = self.registry
         ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         r.register(CudaMemoryCollector())
+        self.event_loop = EventLoopCollector()
+        r.register(self.event_loop)
+        r.register(MallocCollector())
         self.requests = Counter("vita:requests", "Requests received", ["service", "method"], registry=r)
         self.request_success = Counter("vita:request_success", "Requests finished, by finish reason",
                                        ["service", "finished_reason"], registry=r)
@@ -104,6 +110,43 @@ class CudaMemoryCollector(Collector):
             reserved.add_metric([str(index)], torch.cuda.memory_reserved(index))
         yield allocated
         yield reserved
+
+
+class EventLoopCollector(Collector):
+    """`vita:asyncio_tasks`: tasks not yet done on the service's event loop (`serve` names the loop).
+
+    Flat while a service's load is steady and back to its idle level after the calls end; a task left behind per
+    call or per job makes it climb (the soak benchmark reads it).
+    """
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        # all_tasks copies the loop's task set with retries, so reading it from the metrics thread is safe.
+        yield GaugeMetricFamily("vita:asyncio_tasks", "asyncio tasks not yet done on the event loop",
+                                value=len(asyncio.all_tasks(loop)))
+
+
+class MallocCollector(Collector):
+    """`vita:malloc_in_use_bytes` / `vita:malloc_free_bytes`: the C allocator's view of the process (glibc only).
+
+    Next to process_resident_memory_bytes they tell a leak (in use grows) from memory freed but kept by the
+    allocator's arenas (free grows, in use flat).
+    """
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        info = malloc_info()
+        if info is None:
+            return
+        yield GaugeMetricFamily("vita:malloc_in_use_bytes", "Bytes in use from the C allocator (all arenas, mmap "
+                                "included): torch CPU tensors, numpy arrays, grpc, Python objects over 512 bytes "
+                                "(smaller ones live in Python's own arenas)", value=info[0])
+        yield GaugeMetricFamily("vita:malloc_free_bytes", "Bytes freed but kept by the C allocator's arenas",
+                                value=info[1])
 
 
 class _QuietHandler(WSGIRequestHandler):
