@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from vita.bus.cancel import CancelWatcher, cancel
 from vita.bus.codec import MalformedEntry, tensor_to_blob
 from vita.bus.embeddings import EmbeddingMissing, read_embeddings, write_embedding
+from vita.bus.lease import LeaseKeeper, grace_s, stop_bound_s
 from vita.bus.queue import Backpressure, Consumer, PoolLag, lag, submit
 from vita.bus.replies import Reply, ReplyTimeout, events, publish_event
 from vita.bus.streams import BusConfig, Pool
@@ -413,6 +414,125 @@ def test_cancel_watcher_calls_on_cancel_once_per_running_request(config: BusConf
             await asyncio.sleep(0.2)  # a few more resyncs: nothing is heard twice
             assert sorted(heard) == ["req-bad", "req-pubsub", "req-resync"]
             assert watcher.cancelled("req-pubsub")  # the listener is alive
+
+    run(body)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Leases (bus/lease.py): a worker stops the requests of an owner that died
+
+
+def test_a_held_lease_is_renewed_and_set_again_when_redis_lost_it(config: BusConfig) -> None:
+    config = dataclasses.replace(config, lease_ttl_s=1.0)
+
+    async def body(redis: Redis) -> None:
+        keeper = LeaseKeeper(redis, config, owner="orchestrator-1")
+        key = config.lease_key("req-1")
+        assert await keeper.acquire("req-1")
+        assert await redis.get(key) == b"orchestrator-1" and 0 < await redis.pttl(key) <= 1000
+        first = await redis.pttl(key)
+        await _until(lambda: _pttl_above(redis, key, first), "renewed (its TTL went back up)")
+        await redis.delete(key)  # Redis restarted without its data
+        await _until(lambda: redis.exists(key), "set again by the next renewal")
+        keeper.release("req-1")
+        await _until(lambda: _gone(redis, key), "expired once released")
+        assert keeper._renewer is not None and keeper._renewer.done()  # nothing held: the renewer ended
+        assert keeper.held == frozenset()
+
+    run(body)
+
+
+async def _pttl_above(redis: Redis, key: str, ms: int) -> bool:
+    return await redis.pttl(key) > ms
+
+
+async def _gone(redis: Redis, key: str) -> bool:
+    return not await redis.exists(key)
+
+
+def test_leases_off_set_nothing(config: BusConfig) -> None:
+    config = dataclasses.replace(config, lease_ttl_s=0)
+
+    async def body(redis: Redis) -> None:
+        keeper = LeaseKeeper(redis, config)
+        assert not await keeper.acquire("req-1")
+        assert not await redis.exists(config.lease_key("req-1")) and keeper.held == frozenset()
+
+    run(body)
+
+
+def test_lease_ttl_must_be_off_or_long_enough() -> None:
+    with pytest.raises(InvalidInputError, match="lease_ttl_s must be 0"):
+        BusConfig(lease_ttl_s=0.1)
+    assert stop_bound_s(BusConfig(lease_ttl_s=5)) == 5 + 2.5 + 2 * 1.0
+
+
+def test_cancel_watcher_stops_a_running_request_whose_lease_expired(config: BusConfig) -> None:
+    """The owner stops renewing without cancelling (a killed orchestrator): the watcher tells the backend, as for a
+    cancel, and calls it orphaned. A renewed lease and a request without one are left alone."""
+    config = dataclasses.replace(config, lease_ttl_s=1.0)
+
+    async def body(redis: Redis) -> None:
+        heard: list[str] = []
+
+        async def on_cancel(request_id: str) -> None:
+            heard.append(request_id)
+
+        keeper = LeaseKeeper(redis, config)
+        async with CancelWatcher(redis, config, on_cancel=on_cancel) as watcher:
+            for rid in ("kept", "orphan"):
+                assert await keeper.acquire(rid)
+                assert not await watcher.watch(rid, leased=True)
+            assert not await watcher.watch("unleased")  # no lease key, and none expected
+            keeper.release("orphan")  # no renewal, no cancel
+            seconds = await wait_until(lambda: bool(heard), timeout_s=60)
+            print(f"orphan stopped {seconds:.2f} s after its last renewal (bound {stop_bound_s(config):.2f} s)")
+            assert heard == ["orphan"] and watcher.orphaned("orphan") and watcher.cancelled("orphan")
+            assert not watcher.cancelled("kept") and not watcher.cancelled("unleased")
+            await cancel(redis, config, "kept")  # a cancel is a cancel, not an orphan
+            await wait_until(lambda: watcher.cancelled("kept"), timeout_s=60)
+            assert not watcher.orphaned("kept")
+            watcher.forget("orphan")
+            assert not watcher.orphaned("orphan")
+        keeper.release("kept")
+
+    run(body)
+
+
+def test_a_lease_missing_for_less_than_the_grace_is_not_an_orphan(config: BusConfig) -> None:
+    """Redis lost the key (restarted without its data, or stalled past the TTL) while the owner lives: it is back
+    before the grace ends, and the request runs on. (A long TTL: the grace cannot pass during the test.)"""
+    config = dataclasses.replace(config, lease_ttl_s=60.0)
+
+    async def body(redis: Redis) -> None:
+        key = config.lease_key("req-1")
+        await redis.set(key, "owner", px=60_000)
+        async with CancelWatcher(redis, config, resync_s=0.02) as watcher:
+            assert not await watcher.watch("req-1", leased=True)
+            await redis.delete(key)
+            await wait_until(lambda: "req-1" in watcher._lease_missing_since, timeout_s=60)  # seen gone
+            await redis.set(key, "owner", px=60_000)  # the owner's next renewal
+            await wait_until(lambda: "req-1" not in watcher._lease_missing_since, timeout_s=60)  # seen back
+            assert not watcher.cancelled("req-1") and not watcher.orphaned("req-1")
+
+    run(body)
+
+
+def test_a_queued_request_whose_owner_died_is_skipped_after_the_grace(config: BusConfig) -> None:
+    """No lease when the job starts: the watcher asks again after the grace; still gone, it is skipped (orphaned);
+    set again meanwhile (the owner lives, Redis had lost it), it runs."""
+    config = dataclasses.replace(config, lease_ttl_s=2.0)
+
+    async def body(redis: Redis) -> None:
+        async with CancelWatcher(redis, config, resync_s=30.0) as watcher:  # no resync: watch() alone decides
+            start = time.perf_counter()
+            assert await watcher.watch("dead-owner", leased=True)
+            assert time.perf_counter() - start >= grace_s(config) and watcher.orphaned("dead-owner")
+
+            waiting = asyncio.create_task(watcher.watch("live-owner", leased=True))
+            await wait_until(lambda: "live-owner" in watcher._lease_missing_since, timeout_s=60)
+            await redis.set(config.lease_key("live-owner"), "owner", px=2000)
+            assert not await waiting and not watcher.orphaned("live-owner")
 
     run(body)
 

@@ -12,9 +12,10 @@ from redis.asyncio import Redis
 
 from vita.bus.cancel import cancel
 from vita.bus.embeddings import write_embedding
+from vita.bus.lease import LeaseKeeper
 from vita.bus.queue import submit
 from vita.bus.replies import events
-from vita.bus.streams import BusConfig, Pool
+from vita.bus.streams import ROLE_POOLS, BusConfig, Pool
 from vita.errors import CheckpointError
 from vita.llm.__main__ import engine_config, load_backend, parse_args
 from vita.llm.backends.torch.backend import TorchBackend
@@ -50,13 +51,13 @@ def served_model(request, model_and_tokenizer):
     return model_and_tokenizer[0] if request.param == "whole model" else request.getfixturevalue("worker_model")
 
 
-async def with_worker(model, tokenizer, body, role=GenerationJob.GENERATOR):
+async def with_worker(model, tokenizer, body, role=GenerationJob.GENERATOR, *, lease_ttl_s=5.0, metrics=None):
     redis = Redis.from_url("redis://127.0.0.1:6379/0")
-    bus = BusConfig(prefix=f"test:{uuid.uuid4().hex[:12]}")
+    bus = BusConfig(prefix=f"test:{uuid.uuid4().hex[:12]}", lease_ttl_s=lease_ttl_s)
     # The engine as the worker's CLI configures it by default (chunked prefill, prefix caching).
     backend = TorchBackend(model, max_batch_size=4, engine_config=engine_config(parse_args([])))
     await backend.start()
-    worker = LLMWorker(redis, bus, backend, tokenizer, WorkerConfig(role=role, max_concurrency=4))
+    worker = LLMWorker(redis, bus, backend, tokenizer, WorkerConfig(role=role, max_concurrency=4), metrics)
     task = asyncio.create_task(worker.run())
     try:
         return await body(redis, bus, backend)
@@ -190,6 +191,42 @@ def test_cancel_stops_the_engine_and_counts_its_tokens_however_far_the_worker_la
     assert done.finish_reason == Completed.CANCELLED and "long" not in engine.running
     assert done.usage.completion_tokens == computed < 3000  # every token the engine made, relayed or not
     assert len(tokens_of(seen)) < computed  # the backlog was dropped, not relayed after the cancel
+
+
+@pytest.mark.parametrize("role", [GenerationJob.GENERATOR, GenerationJob.MONITOR], ids=["generator", "monitor"])
+def test_a_generation_whose_owner_is_gone_stops_when_its_lease_expires(model_and_tokenizer, role):
+    """The owner stops renewing and sends no cancel, as a killed orchestrator does: the running job ends CANCELLED
+    long before max_tokens and is counted orphaned; a queued job whose lease is gone is skipped without compute."""
+    model, tok = model_and_tokenizer
+    metrics = Metrics()
+    pool = ROLE_POOLS[role]
+
+    async def body(redis, bus, backend):
+        keeper = LeaseKeeper(redis, bus)
+        running = job(bus, "running", tok.encode("tell me", add_bos=True), max_tokens=3000, role=role)
+        running.leased = await keeper.acquire("running")
+        await submit(redis, bus, pool, running)
+        seen = []
+        async for event in events(redis, bus.reply("running"), timeout_s=60):
+            seen.append(event)
+            if len(seen) == 3:
+                keeper.release("running")  # the owner died
+            if event.WhichOneof("event") in ("finished", "error"):
+                break
+        queued = job(bus, "queued", tok.encode("hello", add_bos=True), max_tokens=3000, role=role)
+        queued.leased = True  # its owner died before the job was read: no lease left
+        await submit(redis, bus, pool, queued)
+        return seen, await collect(redis, bus, "queued"), backend.engine
+
+    seen, queued, engine = asyncio.run(with_worker(model, tok, body, role, lease_ttl_s=1.0, metrics=metrics))
+    done = seen[-1].finished
+    assert done.finish_reason == Completed.CANCELLED and done.usage.completion_tokens < 3000
+    assert "running" not in engine.running
+    assert [e.WhichOneof("event") for e in queued] == ["finished"]
+    assert queued[0].finished.finish_reason == Completed.CANCELLED
+    assert "queued" not in engine.stats.tokens_by_request  # never reached the engine
+    assert metrics.orphaned.labels(pool.value)._value.get() == 2
+    assert metrics.cancelled.labels(pool.value)._value.get() == 1  # the sequence stopped; the queued job never ran
 
 
 def test_bad_job_gets_an_error_and_the_worker_goes_on(model_and_tokenizer):

@@ -5,6 +5,9 @@ running generation stops within one decode step without a Redis round trip per s
 `on_cancel` callback the moment the signal for a running request arrives, so a worker can tell its backend
 directly: the engine must not wait for the worker's own loop to get round to the request (under load, the loop
 that relays tokens to Redis lags the engine by many tokens).
+
+An owner that died cannot cancel: the watcher also reads the leases of leased requests (lease.py) in its periodic
+round trip, and stops a request whose lease is gone as if it had been cancelled (`orphaned` tells the two apart).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from vita.bus.cluster import is_cluster
+from vita.bus.lease import check_every_s, grace_s
 from vita.bus.streams import BusConfig, milliseconds
 
 log = logging.getLogger(__name__)
@@ -43,8 +47,9 @@ async def cancel(redis: Redis, config: BusConfig, request_id: str) -> None:
 class CancelWatcher:
     """A worker's view of which of its running requests were cancelled; use as `async with`.
 
-    Pub/sub is fire-and-forget (a reconnect drops messages), so every `resync_s` the keys of all running
-    requests are checked in one pipelined round trip: a missed signal is late by at most that long.
+    Pub/sub is fire-and-forget (a reconnect drops messages), so every `resync_s` (default: the lease check period,
+    `lease.check_every_s`) the cancel keys of all running requests, and the leases of the leased ones, are read in
+    one pipelined round trip: a missed signal is late by at most that long.
 
     `on_cancel(request_id)` is awaited once per cancelled running request, from the listener task, as soon as
     the signal (or the resync) shows it; it should be quick (e.g. `backend.cancel`). An exception in it is logged
@@ -53,12 +58,19 @@ class CancelWatcher:
 
     redis: Redis
     config: BusConfig
-    resync_s: float = 1.0
+    resync_s: float | None = None
     on_cancel: Callable[[str], Awaitable[None]] | None = None
     _running: set[str] = field(default_factory=set, init=False)
     _cancelled: set[str] = field(default_factory=set, init=False)
+    _leased: set[str] = field(default_factory=set, init=False)
+    _orphaned: set[str] = field(default_factory=set, init=False)
+    _lease_missing_since: dict[str, float] = field(default_factory=dict, init=False)  # loop time, first seen gone
     _pubsub: PubSub | None = field(default=None, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.resync_s is None:
+            self.resync_s = check_every_s(self.config)
 
     async def __aenter__(self) -> CancelWatcher:
         if is_cluster(self.redis):  # its pub/sub needs the slot map, which the first command would load
@@ -76,13 +88,24 @@ class CancelWatcher:
         if self._pubsub is not None:
             await self._pubsub.aclose()
 
-    async def watch(self, request_id: str) -> bool:
-        """Track a request about to run; True when it was cancelled already and should be skipped.
+    async def watch(self, request_id: str, *, leased: bool = False) -> bool:
+        """Track a request about to run; True when it was cancelled already, or its owner is gone (`leased`: its
+        lease stayed missing for the grace period), and it should be skipped.
 
         Subscribing happened before, so a cancel sent after this key check cannot be missed.
         """
         self._running.add(request_id)
-        if await self.redis.exists(self.config.cancel_key(request_id)):
+        if leased and self.config.lease_ttl_s:
+            self._leased.add(request_id)
+        ((cancelled, orphaned),) = await self._check([request_id])
+        if not cancelled and request_id in self._lease_missing_since:
+            # Its owner died while it was queued, or Redis lost the key while the owner lives: by the end of the
+            # grace the owner has set it again.
+            await asyncio.sleep(grace_s(self.config))
+            ((cancelled, orphaned),) = await self._check([request_id])
+        if orphaned and not cancelled:
+            self._orphaned.add(request_id)
+        if cancelled or orphaned:
             self._cancelled.add(request_id)
         return request_id in self._cancelled
 
@@ -92,10 +115,17 @@ class CancelWatcher:
             self._task.result()
         return request_id in self._cancelled
 
+    def orphaned(self, request_id: str) -> bool:
+        """Stopped because its owner's lease expired, not by a cancel."""
+        return request_id in self._orphaned
+
     def forget(self, request_id: str) -> None:
         """Call when the request finished, so the sets only ever hold running requests."""
         self._running.discard(request_id)
         self._cancelled.discard(request_id)
+        self._leased.discard(request_id)
+        self._orphaned.discard(request_id)
+        self._lease_missing_since.pop(request_id, None)
 
     async def _listen(self) -> None:
         """Runs as long as the watcher: a Redis outage past the client's retries is waited out (subscribing
@@ -126,12 +156,43 @@ class CancelWatcher:
         unseen = list(self._running - self._cancelled)
         if not unseen:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        for request_id in unseen:
-            pipe.exists(self.config.cancel_key(request_id))
-        for request_id, found in zip(unseen, await pipe.execute()):
-            if found and request_id in self._running:  # not forgotten while we waited
+        for request_id, (cancelled, orphaned) in zip(unseen, await self._check(unseen)):
+            if request_id not in self._running:  # forgotten while we waited
+                continue
+            if orphaned and not cancelled:
+                self._orphaned.add(request_id)
+            if cancelled or orphaned:
                 await self._mark(request_id)
+
+    async def _check(self, request_ids: list[str]) -> list[tuple[bool, bool]]:
+        """(cancelled, orphaned) per request, from one pipelined round trip: the cancel key, and for a leased
+        request its lease too (one MGET: the two keys share the request's hash tag, so one Cluster slot)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for request_id in request_ids:
+            if request_id in self._leased:
+                pipe.mget(self.config.cancel_key(request_id), self.config.lease_key(request_id))
+            else:
+                pipe.exists(self.config.cancel_key(request_id))
+        replies = await pipe.execute()
+        now = asyncio.get_running_loop().time()
+        checked = []
+        for request_id, reply in zip(request_ids, replies):
+            if request_id in self._leased:
+                cancel_value, lease_value = reply
+                lapsed = self._lease_lapsed(request_id, lease_value is not None, now)
+                checked.append((cancel_value is not None, lapsed))
+            else:
+                checked.append((bool(reply), False))
+        return checked
+
+    def _lease_lapsed(self, request_id: str, present: bool, now: float) -> bool:
+        """True once the lease has been missing for the grace period, as seen by successful reads only (a worker
+        cut off from Redis never counts the outage against a lease)."""
+        if present:
+            self._lease_missing_since.pop(request_id, None)
+            return False
+        since = self._lease_missing_since.setdefault(request_id, now)
+        return now - since >= grace_s(self.config)
 
     async def _mark(self, request_id: str) -> None:
         if request_id in self._cancelled:

@@ -49,6 +49,10 @@ def check_id(what: str, value: str) -> str:
     return value
 
 
+# Below this a lease's renewals (every quarter of it) would be too close to the round trip that renews it.
+MIN_LEASE_TTL_S = 0.5
+
+
 def milliseconds(seconds: float) -> int:
     """Redis TTLs and blocking reads take integer milliseconds; 0 would mean 'forever' for XREAD."""
     return max(1, round(seconds * 1000))
@@ -71,6 +75,9 @@ class BusConfig:
     # A consumer idle this long with nothing pending is dead (a killed pod): removed from its group. At least
     # reclaim_idle_ms, so its pending jobs were taken over first.
     dead_consumer_ms: int = 60_000
+    # A request's owner renews its lease this often over; a worker stops a leased job whose lease is gone
+    # (lease.py). 0: requests are not leased.
+    lease_ttl_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not _PREFIX.fullmatch(self.prefix):
@@ -81,6 +88,9 @@ class BusConfig:
         for name in ("reply_ttl_s", "embedding_ttl_s", "cancel_ttl_s", "session_ttl_s"):
             if not getattr(self, name) > 0:
                 raise InvalidInputError(f"{name} must be positive; got {getattr(self, name)}")
+        if self.lease_ttl_s != 0 and not self.lease_ttl_s >= MIN_LEASE_TTL_S:
+            raise InvalidInputError(f"lease_ttl_s must be 0 (off) or at least {MIN_LEASE_TTL_S:g} s; "
+                                    f"got {self.lease_ttl_s}")
         if self.dead_consumer_ms < self.reclaim_idle_ms:
             raise InvalidInputError(f"dead_consumer_ms ({self.dead_consumer_ms}) must be at least reclaim_idle_ms "
                                     f"({self.reclaim_idle_ms}): a consumer's jobs are reclaimed before it is removed")
@@ -108,6 +118,10 @@ class BusConfig:
 
     def cancel_key(self, request_id: str) -> str:
         return f"{self.prefix}:cancel:{{{check_id('request id', request_id)}}}"
+
+    def lease_key(self, request_id: str) -> str:
+        """Tagged like the cancel key: a worker reads both of a request in one MGET, on a Cluster too."""
+        return f"{self.prefix}:lease:{{{check_id('request id', request_id)}}}"
 
     def session(self, session_id: str) -> str:
         return f"{self.prefix}:session:{{{check_id('session id', session_id)}}}"

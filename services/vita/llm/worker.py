@@ -207,7 +207,8 @@ class LLMWorker:
     async def _generate(self, job: GenerationJob, delivery: Delivery, watcher: CancelWatcher,
                         replies: _Replies) -> None:
         start = time.perf_counter()
-        if await watcher.watch(job.request_id):
+        if await watcher.watch(job.request_id, leased=job.leased):
+            self._report_orphan(job, watcher, 0)
             await replies.send(finished=Completed(finish_reason=Completed.CANCELLED))
             return
         if _past(job.deadline_unix_ms):
@@ -263,11 +264,19 @@ class LLMWorker:
             self.metrics.time_to_first_token.labels(self.pool.value).observe(first_token_s)
         if finish == "cancelled":
             self.metrics.cancelled.labels(self.pool.value).inc()
+            self._report_orphan(job, watcher, generated)
         await replies.send(finished=Completed(
             finish_reason=_FINISH[finish],
             usage=Usage(prompt_tokens=len(job.prompt_token_ids), completion_tokens=generated),
             timings=Timings(time_to_first_token_s=first_token_s, total_s=total_s),
         ))
+
+    def _report_orphan(self, job: GenerationJob, watcher: CancelWatcher, generated: int) -> None:
+        """A job stopped (or skipped) because its owner's lease expired: the orchestrator that asked is gone."""
+        if watcher.orphaned(job.request_id):
+            self.metrics.orphaned.labels(self.pool.value).inc()
+            log.warning("stopped a generation whose owner is gone (its lease expired)",
+                        extra={"request_id": job.request_id, "pool": self.pool.value, "completion_tokens": generated})
 
 
 def _past(deadline_unix_ms: int) -> bool:

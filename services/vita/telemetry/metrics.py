@@ -64,6 +64,9 @@ class Metrics:
                                          ["modality"], buckets=_LATENCY, registry=r)
         self.cancelled = Counter("vita:requests_cancelled", "Sequences stopped by cancellation", ["pool"],
                                  registry=r)
+        self.orphaned = Counter("vita:requests_orphaned", "Sequences stopped because their owner's lease expired "
+                                "(the orchestrator that asked is gone); counted in requests_cancelled too", ["pool"],
+                                registry=r)
         self.engine_decode_tokens = Counter(
             "vita:engine_decode_tokens", "Tokens computed by the engine's decode forwards, cancelled sequences "
             "included: the compute actually spent, where generation_tokens counts what was delivered",
