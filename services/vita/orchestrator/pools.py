@@ -3,6 +3,9 @@
 Jobs go onto the Redis bus (`vita.bus.queue.submit`); results and tokens come back on the request's reply stream.
 Generate and Converse both talk to the pools through `PoolClient`, so the job shapes, the waits (all from
 `OrchestratorConfig`) and the JobError -> gRPC status map exist once.
+
+Every generation job is leased (`vita.bus.lease`): the lease is taken before the job is queued and held until its
+last event arrives or it is cancelled, so if this process dies, the workers stop its generations.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from redis.asyncio import Redis
 
 from vita.bus.cancel import cancel
 from vita.bus.codec import decode_entry
+from vita.bus.lease import LeaseKeeper
 from vita.bus.queue import submit
 from vita.bus.replies import Reply, ReplyTimeout, events
 from vita.bus.streams import REPLY_TYPES, ROLE_POOLS, BusConfig, Pool
@@ -23,7 +27,7 @@ from vita.model.generation import token_budget
 from vita.orchestrator.config import OrchestratorConfig
 from vita.orchestrator.prompts import Prompt
 from vita.v1.assistant_pb2 import Completed
-from vita.v1.bus_pb2 import EmbeddingRef, EncodeJob, GenerationJob, JobError, MediaItem
+from vita.v1.bus_pb2 import EmbeddingRef, EncodeJob, GenerationEvent, GenerationJob, JobError, MediaItem
 from vita.v1.media_pb2 import Audio, Image, SamplingParams, Video
 
 _STATUS = {
@@ -61,6 +65,7 @@ class PoolClient:
 
     def __init__(self, redis: Redis, bus: BusConfig, config: OrchestratorConfig, context_len: int) -> None:
         self.redis, self.bus, self.config, self.context_len = redis, bus, config, context_len
+        self.leases = LeaseKeeper(redis, bus)
 
     async def encode(self, request_id: str, *, images: Sequence[Image] = (), video: Video | None = None,
                      audio: Sequence[Audio] = (), deadline_ms: int = 0) -> dict[str, EmbeddingRef]:
@@ -100,7 +105,7 @@ class PoolClient:
     async def generate(self, request_id: str, role: GenerationJob.Role, prompt: Prompt, sampling: SamplingParams,
                        *, deadline_ms: int = 0) -> GenerationJob:
         """Queue `prompt` on the llm pool of `role`; returns the job (its tokens come on `job.reply_stream`, see
-        `tokens`).
+        `tokens`). Its lease is held until `tokens` yields its last event or `cancel` is called.
 
         `max_tokens` is the sampling's (or `default_max_tokens`), cut to the context left after the prompt.
         """
@@ -110,8 +115,16 @@ class PoolClient:
             prompt_token_ids=prompt.input_ids, embeddings=prompt.placements, sampling=sampling,
             max_tokens=token_budget(requested, len(prompt.input_ids), self.context_len),
             deadline_unix_ms=deadline_ms, trace_context=current_trace_context())
-        await submit(self.redis, self.bus, ROLE_POOLS[role], job)
+        await self._submit_leased(job)
         return job
+
+    async def _submit_leased(self, job: GenerationJob) -> None:
+        job.leased = await self.leases.acquire(job.request_id)  # before the job exists: a worker finds it set
+        try:
+            await submit(self.redis, self.bus, ROLE_POOLS[job.role], job)
+        except BaseException:
+            self.leases.release(job.request_id)
+            raise
 
     def requested_tokens(self, sampling: SamplingParams) -> int:
         return sampling.max_tokens or self.config.default_max_tokens
@@ -125,9 +138,13 @@ class PoolClient:
             return Completed.CONTEXT_LENGTH
         return reason
 
-    def tokens(self, reply_stream: str) -> AsyncIterator[Reply]:
-        """A generation's events in order; ReplyTimeout after `token_timeout_s` without one."""
-        return events(self.redis, reply_stream, self.config.token_timeout_s)
+    async def tokens(self, reply_stream: str) -> AsyncIterator[Reply]:
+        """A generation's events in order; ReplyTimeout after `token_timeout_s` without one. Its last event (finished
+        or error) releases the generation's lease."""
+        async for event in events(self.redis, reply_stream, self.config.token_timeout_s):
+            if isinstance(event, GenerationEvent) and event.WhichOneof("event") in ("finished", "error"):
+                self.leases.release(event.request_id)
+            yield event
 
     async def judge(self, request_id: str, role: GenerationJob.Role, prompt: Prompt) -> int | None:
         """The one token (greedy) the pool of `role` picks after `prompt`; None if it finished without one."""
@@ -135,20 +152,25 @@ class PoolClient:
             request_id=request_id, role=role, reply_stream=self.bus.reply(request_id),
             prompt_token_ids=prompt.input_ids, embeddings=prompt.placements,
             sampling=SamplingParams(temperature=0.0), max_tokens=1, trace_context=current_trace_context())
-        await submit(self.redis, self.bus, ROLE_POOLS[role], job)
+        await self._submit_leased(job)
         token = None
-        async for event in events(self.redis, job.reply_stream, self.config.judge_timeout_s):
-            kind = event.WhichOneof("event")
-            if kind == "delta" and event.delta.token_ids and token is None:
-                token = event.delta.token_ids[0]
-            elif kind == "error":
-                raise JobFailed.of(event.error)
-            elif kind == "finished":
-                break
+        try:
+            async for event in events(self.redis, job.reply_stream, self.config.judge_timeout_s):
+                kind = event.WhichOneof("event")
+                if kind == "delta" and event.delta.token_ids and token is None:
+                    token = event.delta.token_ids[0]
+                elif kind == "error":
+                    raise JobFailed.of(event.error)
+                elif kind == "finished":
+                    break
+        finally:
+            self.leases.release(request_id)
         return token
 
     async def cancel(self, request_id: str) -> None:
-        """Stop the workers' compute for `request_id` (queued or running); idempotent."""
+        """Stop the workers' compute for `request_id` (queued or running); idempotent. Its lease is released
+        first, so even a cancel that Redis refused leaves nothing renewed for nobody."""
+        self.leases.release(request_id)
         await cancel(self.redis, self.bus, request_id)
 
     async def stopped(self, request_id: str) -> int:

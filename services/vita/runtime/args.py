@@ -42,6 +42,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dead-consumer-ms", type=int, default=None,
                    help="a consumer idle this long with no pending job is removed from its group (default: twice "
                         "--reclaim-idle-ms)")
+    g.add_argument("--lease-ttl-s", type=float, default=BusConfig.lease_ttl_s,
+                   help="orchestrator: renews the lease of each generation it waits for, every quarter of this; "
+                        "llm workers: stop a leased generation whose lease has been gone for half of this (its "
+                        "orchestrator died); 0: no leases")
     g.add_argument("--redis-outage-s", type=float, default=15.0,
                    help="how long each Redis command keeps reconnecting (a restart, a stall) before it fails")
     g.add_argument("--backlog-limit", type=int, default=1_000,
@@ -99,7 +103,7 @@ def setup(service: str, args: argparse.Namespace) -> tuple[Redis, BusConfig, Met
     configure_tracing(service, otlp_endpoint=args.otlp_endpoint)
     start_heap_trace(args.heap_trace_s)
     bus = BusConfig(prefix=args.prefix, reclaim_idle_ms=args.reclaim_idle_ms,
-                    dead_consumer_ms=args.dead_consumer_ms or 2 * args.reclaim_idle_ms,
+                    dead_consumer_ms=args.dead_consumer_ms or 2 * args.reclaim_idle_ms, lease_ttl_s=args.lease_ttl_s,
                     backlog_limits=dict.fromkeys(BusConfig().backlog_limits, args.backlog_limit))
     metrics = Metrics()
     serve_metrics(metrics, args.metrics_port, host=args.host)
