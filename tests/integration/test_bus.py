@@ -430,8 +430,7 @@ def test_a_held_lease_is_renewed_and_set_again_when_redis_lost_it(config: BusCon
         key = config.lease_key("req-1")
         assert await keeper.acquire("req-1")
         assert await redis.get(key) == b"orchestrator-1" and 0 < await redis.pttl(key) <= 1000
-        first = await redis.pttl(key)
-        await _until(lambda: _pttl_above(redis, key, first), "renewed (its TTL went back up)")
+        await _until(_rises(redis, key), "renewed (its TTL went back up)")
         await redis.delete(key)  # Redis restarted without its data
         await _until(lambda: redis.exists(key), "set again by the next renewal")
         keeper.release("req-1")
@@ -442,8 +441,16 @@ def test_a_held_lease_is_renewed_and_set_again_when_redis_lost_it(config: BusCon
     run(body)
 
 
-async def _pttl_above(redis: Redis, key: str, ms: int) -> bool:
-    return await redis.pttl(key) > ms
+def _rises(redis: Redis, key: str) -> Callable[[], Awaitable[bool]]:
+    """A predicate: the key's TTL is above the lowest it was seen at (it was renewed since)."""
+    lowest: list[int] = []
+
+    async def rose() -> bool:
+        ttl = await redis.pttl(key)
+        risen = bool(lowest) and ttl > lowest[0]
+        lowest[:] = [min([ttl, *lowest])]
+        return risen
+    return rose
 
 
 async def _gone(redis: Redis, key: str) -> bool:

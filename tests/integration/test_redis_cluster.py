@@ -1,6 +1,6 @@
 """The bus on a real 3-master Redis Cluster (loopback ports, nodes holding only the services' ACL user besides an
 admin): every multi-key command stays in one hash slot, so Generate (text, and an image through the vision
-encoder's embedding blobs), a Converse session, cancellation and dead letters work through
+encoder's embedding blobs), a Converse session, cancellation, leases and dead letters work through
 redis.asyncio.RedisCluster, and the keys really spread over the masters."""
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from redis.crc import key_slot
 from tests.bus_stack import bus_traffic, check_traffic
 from tests.redis_servers import RedisCluster
 from vita.bus.acl import acl_rule
+from vita.bus.cancel import CancelWatcher
+from vita.bus.lease import LeaseKeeper
 from vita.bus.queue import Consumer
 from vita.bus.streams import BusConfig, Pool
 from vita.inference import VitaPipeline
@@ -53,6 +55,8 @@ def test_keys_that_share_a_command_share_a_slot():
         assert slot(bus.jobs(pool)) == slot(bus.dead_letters(pool))
     # A session's state and its pending media: one WATCH/MULTI.
     assert slot(bus.session("s1")) == slot(bus.session_frames("s1")) == slot(bus.session_images("s1"))
+    # A request's reply stream, cancel key and lease: one node.
+    assert slot(bus.reply("r1")) == slot(bus.cancel_key("r1")) == slot(bus.lease_key("r1"))
     # Different requests and sessions do spread over the slots.
     assert len({slot(bus.reply(f"r{k}")) for k in range(50)}) > 40
     assert len({slot(bus.session(f"s{k}")) for k in range(50)}) > 40
@@ -85,3 +89,43 @@ def test_dead_letters_on_a_cluster(cluster, prefix):
     delivered, dead, pending = asyncio.run(main())
     assert delivered == [] and len(dead) == 1 and pending["pending"] == 0
     assert dead[0][1][b"dead:stream"].decode() == BusConfig(prefix=prefix).jobs(Pool.LLM_MONITOR)
+
+
+def test_leases_on_a_cluster(cluster, prefix):
+    """Renewals (one pipeline over every held lease, across slots) and the watcher's reads of leases and cancel
+    keys (one pipeline) run on a Cluster; a released lease expires and its request is stopped as orphaned."""
+    async def main():
+        redis = connect(RedisSettings(cluster.url("vita", PASSWORD), cluster=True))
+        admin = connect(RedisSettings(cluster.url("default", ADMIN), cluster=True))  # PTTL: not the services' rule
+        bus = BusConfig(prefix=prefix, lease_ttl_s=1.0)
+        ids = [f"lease-{k}" for k in range(8)]
+        stopped = asyncio.Event()
+
+        async def on_cancel(request_id: str) -> None:
+            stopped.set()
+
+        keeper = LeaseKeeper(redis, bus)
+        try:
+            async with CancelWatcher(redis, bus, on_cancel=on_cancel) as watcher:
+                for request_id in ids:
+                    await keeper.acquire(request_id)
+                    assert not await watcher.watch(request_id, leased=True)
+                keys = [bus.lease_key(request_id) for request_id in ids]
+                lowest, renewed = [await admin.pttl(key) for key in keys], [False] * len(keys)
+                while not all(renewed):  # until every lease was renewed (its TTL went back up), whatever its slot
+                    await asyncio.sleep(0.02)
+                    for k, key in enumerate(keys):
+                        ttl = await admin.pttl(key)
+                        renewed[k] = renewed[k] or ttl > lowest[k]
+                        lowest[k] = min(lowest[k], ttl)
+                keeper.release(ids[0])
+                await asyncio.wait_for(stopped.wait(), 60)
+                return [watcher.orphaned(request_id) for request_id in ids], {slot(key) for key in keys}
+        finally:
+            for request_id in ids:
+                keeper.release(request_id)
+            await redis.aclose()
+            await admin.aclose()
+
+    orphaned, slots = asyncio.run(main())
+    assert orphaned == [True] + [False] * 7 and len(slots) > 1

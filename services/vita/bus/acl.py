@@ -6,7 +6,7 @@ added here fails that test rather than a deployment.
 
 from __future__ import annotations
 
-# By use: connection, transactions, strings (sessions, embeddings, cancel keys), lists (pending session media),
+# By use: connection, transactions, strings (sessions, embeddings, cancel keys, leases), lists (pending session media),
 # streams (jobs, replies, dead letters, consumer groups and their dead consumers), pub/sub (cancellation). `cluster|slots`,
 # `cluster|shards` and `command` are what redis.asyncio.RedisCluster reads to learn the slot map and key positions.
 COMMANDS = (

@@ -165,24 +165,22 @@ class CancelWatcher:
                 await self._mark(request_id)
 
     async def _check(self, request_ids: list[str]) -> list[tuple[bool, bool]]:
-        """(cancelled, orphaned) per request, from one pipelined round trip: the cancel key, and for a leased
-        request its lease too (one MGET: the two keys share the request's hash tag, so one Cluster slot)."""
+        """(cancelled, orphaned) per request, from one pipelined round trip: an EXISTS of the cancel key, and for a
+        leased request of its lease too. (Not MGET: a Cluster pipeline refuses multi-key commands. The two keys
+        share the request's hash tag, so on a Cluster both go to the same node.)"""
+        leased = [request_id in self._leased for request_id in request_ids]
         pipe = self.redis.pipeline(transaction=False)
-        for request_id in request_ids:
-            if request_id in self._leased:
-                pipe.mget(self.config.cancel_key(request_id), self.config.lease_key(request_id))
-            else:
-                pipe.exists(self.config.cancel_key(request_id))
-        replies = await pipe.execute()
+        for request_id, with_lease in zip(request_ids, leased):
+            pipe.exists(self.config.cancel_key(request_id))
+            if with_lease:
+                pipe.exists(self.config.lease_key(request_id))
+        replies = iter(await pipe.execute())
         now = asyncio.get_running_loop().time()
         checked = []
-        for request_id, reply in zip(request_ids, replies):
-            if request_id in self._leased:
-                cancel_value, lease_value = reply
-                lapsed = self._lease_lapsed(request_id, lease_value is not None, now)
-                checked.append((cancel_value is not None, lapsed))
-            else:
-                checked.append((bool(reply), False))
+        for request_id, with_lease in zip(request_ids, leased):
+            cancelled = bool(next(replies))
+            lapsed = with_lease and self._lease_lapsed(request_id, bool(next(replies)), now)
+            checked.append((cancelled, lapsed))
         return checked
 
     def _lease_lapsed(self, request_id: str, present: bool, now: float) -> bool:

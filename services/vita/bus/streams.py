@@ -120,7 +120,7 @@ class BusConfig:
         return f"{self.prefix}:cancel:{{{check_id('request id', request_id)}}}"
 
     def lease_key(self, request_id: str) -> str:
-        """Tagged like the cancel key: a worker reads both of a request in one MGET, on a Cluster too."""
+        """Tagged like the cancel key and reply stream: on a Cluster, a request's keys live on one node."""
         return f"{self.prefix}:lease:{{{check_id('request id', request_id)}}}"
 
     def session(self, session_id: str) -> str:
