@@ -146,6 +146,7 @@ def test_training_manifests_validate(rendered_training):
     ({"autoscaling": {"mode": "hpa"}}, "/autoscaling/mode"),
     ({"realtime": {"port": 0}}, "/realtime/port"),
     ({"realtime": {"echoGuard": "no"}}, "/realtime/echoGuard"),
+    ({"bus": {"leaseTtlS": 0.2}}, "/bus/leaseTtlS"),
 ])
 def test_values_schema_rejects_bad_values_with_the_key_named(values, message):
     with helm.Chart.load(str(k8s.VITA_CHART)) as chart, pytest.raises(helm.HelmValuesError) as e:
@@ -185,6 +186,7 @@ def test_every_container_parses_with_its_services_own_parser(rendered):
         if service == "llm":
             assert args.role == part.removeprefix("llm-")
         assert args.metrics_port > 0
+        assert args.lease_ttl_s == 5.0  # the orchestrator renews what the llm workers check
         if "VITA_REDIS_URL" in env:  # the Redis URL comes from the Secret through VITA_REDIS_URL, never from argv
             assert args.redis == env["VITA_REDIS_URL"] and "--redis" not in container["args"]
     assert seen == {"orchestrator", "audio-encoder", "vision-encoder", "llm-generator", "llm-monitor", "realtime"}

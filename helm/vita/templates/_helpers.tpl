@@ -127,6 +127,8 @@ llm-monitor: {key: llmMonitor, service: llm, role: monitor, pool: "llm:monitor"}
 - {{ int64 .Values.bus.reclaimIdleMs | quote }}
 - --backlog-limit
 - {{ int64 .Values.bus.backlogLimit | quote }}
+- --lease-ttl-s
+- {{ .Values.bus.leaseTtlS | quote }}
 - --log-level
 - {{ .Values.logging.level }}
 {{- if .Values.logging.plain }}
