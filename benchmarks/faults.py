@@ -2,7 +2,9 @@
 append-only file with fsync on every write; the shared 127.0.0.1:6379 is never touched).
 
 Kinds: kill -9 mid-job of each worker kind (audio encoder, vision encoder, generator, monitor: a second replica
-takes over), kill -9 of the orchestrator mid-answer (the session resumes on its restart), Redis stalled 5 s
+takes over), kill -9 of the orchestrator mid-answer (the session resumes on its restart), kill -9 of the
+orchestrator while a Generate and a Converse answer stream (each worker stops its orphaned generation once the
+orchestrator's lease on it expires), Redis stalled 5 s
 (SIGSTOP), Redis down 5 s and restarted with its data, Redis restarted without its data, and a generator pool that
 stops consuming while requests with a 4 s deadline arrive. Each drill is `vita.drills.Drills`; the test suite
 (tests/e2e/test_faults.py) runs one trial of each. Counts "k of N" are appended to BENCHMARKS.md with the command.
@@ -22,8 +24,8 @@ import uuid
 from pathlib import Path
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-KINDS = ["audio-encoder", "vision-encoder", "llm-generator", "llm-monitor", "orchestrator", "redis-stall",
-         "redis-down-restart", "redis-restart-empty", "slow-consumer"]
+KINDS = ["audio-encoder", "vision-encoder", "llm-generator", "llm-monitor", "orchestrator", "orphaned-generations",
+         "redis-stall", "redis-down-restart", "redis-restart-empty", "slow-consumer"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from vita.drills import Drills, drill_stack
+    from vita.drills import LEASE_MARGIN_S, Drills, drill_stack
     from vita.stack import RedisServer
     from vita.tiny import build_tiny_checkpoint
     from vita.training.speech import espeak
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         drills = Drills(stack, server, espeak("what is in this picture", "query"))
         runs = {
             "orchestrator": drills.kill_orchestrator_mid_answer,
+            "orphaned-generations": drills.orphaned_generations,
             "redis-stall": lambda: drills.redis_stall(5.0),
             "redis-down-restart": lambda: drills.redis_restart(keep_data=True, down_s=5.0),
             "redis-restart-empty": lambda: drills.redis_restart(keep_data=False),
@@ -79,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         f"always); torch {torch.__version__}, {platform.machine()}, reclaim after 1.5 s, dead consumers removed "
         f"after 3 s; {total_s / 60:.1f} min in all. A trial passes when every request completed or ended with a "
         "clear status before its deadline, the session resumed (or, with the data lost, was refused NOT_FOUND and "
-        "a new one was answered), the next request was answered, and (kills) the dead consumer left its group.", "",
+        "a new one was answered), the next request was answered, (kills) the dead consumer left its group, and "
+        "(orphaned generations) each worker ended the killed orchestrator's generation CANCELLED within the "
+        f"lease bound plus {LEASE_MARGIN_S:g} s of the kill.", "",
         "| fault | passed |", "|---|---:|",
         *(f"| {kind} | {sum(oks)} of {len(oks)} |" for kind, oks in counts.items()), "",
     ]

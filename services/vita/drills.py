@@ -15,23 +15,31 @@ import shutil
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
 from PIL import Image as PILImage
 from redis import Redis
 
-from vita.bus.streams import BusConfig, Pool
+from vita.bus.codec import decode_entry
+from vita.bus.lease import stop_bound_s
+from vita.bus.streams import REPLY_TYPES, ROLE_POOLS, BusConfig, Pool
 from vita.client import ConverseSession, VitaClient, session_config, speech_events, text_event
 from vita.stack import LocalStack, RedisServer, ServiceProcess, wait_healthy
 from vita.v1.assistant_pb2 import Completed, GenerateRequest, UtteranceJudged
+from vita.v1.bus_pb2 import GenerationEvent, GenerationJob
 from vita.v1.media_pb2 import Audio, Image, SamplingParams
+from vita.v1.session_pb2 import SessionState
 
 POOLS = {"audio-encoder": Pool.AUDIO_ENCODER, "vision-encoder": Pool.VISION_ENCODER,
          "llm-generator": Pool.LLM_GENERATOR, "llm-monitor": Pool.LLM_MONITOR}
 # Statuses that say what happened; UNKNOWN and INTERNAL never count as clear.
+# A lease-stopped generation may be this much later than the lease's own bound on a machine that is busy.
+LEASE_MARGIN_S = 10.0
 CLEAR = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND,
          grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED,
          grpc.StatusCode.FAILED_PRECONDITION}
@@ -202,6 +210,90 @@ class Drills:
         ok = started.resumed and started.history_turns == 2
         return self._record("kill orchestrator", start, ok,
                             f"resumed with {started.history_turns} turns; next question answered")
+
+    def orphaned_generations(self, max_tokens: int = 4000) -> Outcome:
+        """kill -9 of the orchestrator while it streams a Generate answer (the generator pool) and a Converse
+        answer that interrupted another, so that the roles swapped and the monitor pool generates it. Nobody is
+        left to cancel them: each worker stops its generation once the orchestrator's lease on it has expired (a
+        CANCELLED finish on its reply stream, long before `max_tokens`, within `lease.stop_bound_s` plus
+        LEASE_MARGIN_S of the kill, and the worker's log says why); after a restart the next request is answered."""
+        start = time.monotonic()
+        generate_id = f"orphan-{uuid.uuid4().hex[:12]}"
+        streaming = threading.Event()
+
+        def one_shot() -> None:  # its call ends UNAVAILABLE with the orchestrator
+            request = GenerateRequest(request_id=generate_id, text="Tell me a very long story.",
+                                      sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+            try:
+                with self.client() as client:
+                    for _ in client.generate(request):
+                        streaming.set()
+            except grpc.RpcError:
+                pass
+            finally:
+                streaming.set()
+
+        with self.client() as client, ConverseSession(
+                client, session_config(max_tokens=max_tokens, ignore_eos=True)) as s:
+            s.send(text_event("Tell me a long story."))
+            first = s.wait("answer_started", timeout_s=self.hang_s)
+            s.wait("delta", turn_id=first.turn_id, timeout_s=self.hang_s)
+            s.send(text_event("No, tell me another one."))  # interrupts the first answer: the roles swap
+            second = s.wait("answer_started", where=lambda e: e.turn_id != first.turn_id, timeout_s=self.hang_s)
+            s.wait("delta", turn_id=second.turn_id, timeout_s=self.hang_s)
+            active = self._session(s.session_id).active
+            threading.Thread(target=one_shot, daemon=True).start()
+            if not streaming.wait(self.hang_s):
+                return self._record("orphaned generations", start, False, "Generate never streamed")
+            killed_at = time.time()
+            self.stack.kill("orchestrator")
+        orphans = {generate_id: Pool.LLM_GENERATOR, active.request_id: ROLE_POOLS[active.role]}
+        bound = stop_bound_s(self.bus) + LEASE_MARGIN_S
+        details, ok = [], active.role == GenerationJob.MONITOR
+        for request_id, pool in orphans.items():
+            finished, finished_at = self._finished(request_id)
+            after = finished_at - killed_at
+            logged = self._logged(pool, request_id, "owner is gone")
+            reason = Completed.FinishReason.Name(finished.finish_reason) if finished else "no finish"
+            tokens = finished.usage.completion_tokens if finished else 0
+            ok = ok and reason == "CANCELLED" and tokens < max_tokens and after <= bound and logged
+            details.append(f"{pool.value} {reason} after {tokens} tokens, {after:.1f} s after the kill "
+                           f"(bound {bound:g} s){'' if logged else ', not logged'}")
+        self.stack.respawn("orchestrator", timeout_s=self.hang_s)
+        with self.client() as client:
+            _, done = client.ask("Still there?", max_tokens=4)
+        ok = ok and done.usage.completion_tokens > 0
+        return self._record("orphaned generations", start, ok, "; ".join(details) + "; next request answered")
+
+    def _session(self, session_id: str) -> SessionState:
+        with Redis.from_url(self.server.url) as redis:
+            return SessionState.FromString(redis.get(self.bus.session(session_id)))
+
+    def _finished(self, request_id: str) -> tuple[Completed | None, float]:
+        """The worker's last event for `request_id` (its finish, or None after an error or `hang_s` of silence),
+        and when Redis received it (unix seconds, from the entry id)."""
+        stream, after = self.bus.reply(request_id), "0-0"
+        deadline = time.monotonic() + self.hang_s
+        with Redis.from_url(self.server.url) as redis:
+            while time.monotonic() < deadline:
+                for _, entries in redis.xread({stream: after}, block=1000) or []:
+                    for entry_id, fields in entries:
+                        after = entry_id.decode()
+                        event = decode_entry(fields, REPLY_TYPES)
+                        if isinstance(event, GenerationEvent) and event.WhichOneof("event") in ("finished", "error"):
+                            at = int(after.split("-")[0]) / 1000
+                            return (event.finished if event.HasField("finished") else None), at
+        return None, time.time()
+
+    def _logged(self, pool: Pool, request_id: str, words: str) -> bool:
+        """Whether a worker of `pool` logged a line with `words` about `request_id`."""
+        name = next(service for service, p in POOLS.items() if p == pool)
+        for service in self.stack.services:
+            if service.name.startswith(name) and Path(service.log_path).exists():
+                for line in Path(service.log_path).read_text(errors="replace").splitlines():
+                    if request_id in line and words in line:
+                        return True
+        return False
 
     # ----------------------------------------------------------------------------------------------------------
     # Redis

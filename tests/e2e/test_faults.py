@@ -1,6 +1,6 @@
 """Faults while a turn is in flight, through the process stack on a private redis-server (never the shared one):
 kill -9 of each service kind, Redis restarted with and without its data, Redis stalled for 5 s, a consumer slower
-than its producer. One trial per kind here (each prints "N of N"); benchmarks/faults.py runs N trials per kind.
+than its producer, and the generations of a killed orchestrator stopped by their workers once its leases expire. One trial per kind here (each prints "N of N"); benchmarks/faults.py runs N trials per kind.
 
 Each drill (vita/drills.py) waits on events: a job pending in its group, a token, a process exit. The only clock is
 the length of an outage the drill injects.
@@ -42,6 +42,13 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_turn_completes(drills, serv
 @pytest.mark.timeout(600)
 def test_a_killed_orchestrator_ends_its_calls_clearly_and_the_session_resumes(drills):
     report(drills.kill_orchestrator_mid_answer())
+
+
+@pytest.mark.timeout(600)
+def test_the_generations_of_a_killed_orchestrator_stop_when_its_leases_expire(drills):
+    """A Generate answer (generator pool) and a Converse answer after a role swap (monitor pool): each worker ends
+    its generation CANCELLED within the lease bound of the kill, not at max tokens."""
+    report(drills.orphaned_generations())
 
 
 @pytest.mark.timeout(600)
