@@ -12,16 +12,12 @@ import io
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 import wave
 from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.request import urlopen
 
 import grpc
 import numpy as np
@@ -33,11 +29,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 from PIL import Image, ImageDraw
-from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from tritonclient.utils import InferenceServerException
 
+from tests.encoder_services import Service, Services, encoder_services, start
 from vita.bus.cancel import cancel
 from vita.bus.codec import encode_entry, tensor_to_blob
 from vita.bus.embeddings import read_embeddings
@@ -49,7 +45,6 @@ from vita.model.vita import VitaForCausalLM
 from vita.processing.audio import fbank, num_audio_frames
 from vita.processing.processor import VitaProcessor
 from vita.processing.tokenizer import VitaTokenizer
-from vita.runtime.ports import free_port
 from vita.v1.bus_pb2 import EncodeJob, EncodeResult, JobError, MediaItem
 from vita.v1.media_pb2 import Audio, TimestampedFrame, Video
 from vita.v1.media_pb2 import Image as ImageProto
@@ -59,81 +54,14 @@ ATOL = 1e-5
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Services as subprocesses
-
-
-@dataclass
-class Service:
-    proc: subprocess.Popen
-    grpc_port: int
-    kserve_port: int
-    metrics_port: int
-    log: Path
-
-    def wait_serving(self, timeout_s: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}") as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                assert self.proc.poll() is None, f"service exited during start-up:\n{self.log.read_text()[-3000:]}"
-                try:
-                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    if status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    time.sleep(0.1)
-        pytest.fail(f"service not SERVING after {timeout_s} s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def batches(self, pool: Pool) -> tuple[float, float]:
-        """(forward passes, items encoded) so far, from the service's Prometheus endpoint."""
-        text = urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-        values = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
-                  if s.labels.get("pool") == pool.value}
-        return values.get("vita:batch_size_count", 0.0), values.get("vita:batch_size_sum", 0.0)
-
-
-def start(pool: str, model_dir: Path, prefix: str, log: Path, *flags: str, kserve: bool = False) -> Service:
-    grpc_port, metrics_port = free_port(), free_port()
-    kserve_port = free_port() if kserve else 0
-    argv = [sys.executable, "-m", "vita.encoders", pool, "--model", str(model_dir), "--redis", REDIS_URL,
-            "--prefix", prefix, "--grpc-port", str(grpc_port), "--kserve-port", str(kserve_port),
-            "--metrics-port", str(metrics_port), "--threads", "1", *flags]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    return Service(proc, grpc_port, kserve_port, metrics_port, log)
-
-
-@dataclass
-class Services:
-    bus: BusConfig
-    vision: Service
-    audio: Service
+# Services as subprocesses (tests/encoder_services.py)
 
 
 @pytest.fixture(scope="module")
 def services(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     """One vision and one audio encoder, each with its KServe port, shared by the tests of this module."""
-    bus = BusConfig(prefix=f"test:{uuid.uuid4().hex}")
-    logs = tmp_path_factory.mktemp("encoder-logs")
-    vision = start("vision-encoder", tiny_model_dir, bus.prefix, logs / "vision.log", kserve=True)
-    audio = start("audio-encoder", tiny_model_dir, bus.prefix, logs / "audio.log", kserve=True)
-    try:
-        vision.wait_serving()
-        audio.wait_serving()
-        yield Services(bus, vision, audio)
-    finally:
-        vision.stop()
-        audio.stop()
-        delete_prefix(bus.prefix)  # after the workers stop: a deleted stream fails their blocked reads
+    with encoder_services(tiny_model_dir, tmp_path_factory.mktemp("encoder-logs")) as running:
+        yield running
 
 
 # ----------------------------------------------------------------------------------------------------------------
