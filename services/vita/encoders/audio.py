@@ -14,7 +14,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from vita.bus.streams import Pool
-from vita.encoders.base import Encoder, blob_input, checked_input, kind_name, prepare_all, v2_bytes
+from vita.encoders.base import Encoder, blob_input, checked_input, kind_name, prepare_all, v2_bytes, v2_floats
 from vita.errors import InvalidInputError
 from vita.model.audio import AudioTower
 from vita.model.config import AudioConfig
@@ -62,16 +62,17 @@ class AudioTowerEncoder(Encoder):
 
     def from_v2(self, name: str, array: np.ndarray, parameters: Mapping[str, object]) -> list[torch.Tensor]:
         if name == "features":
-            return [self._fits(checked_input(torch.from_numpy(np.array(array, dtype=np.float32)),
-                                             "filterbank features", (None, self.config.num_mel_bins)))]
+            return [self._fits(checked_input(v2_floats(name, array), "filterbank features",
+                                             (None, self.config.num_mel_bins)))]
         if name != "audio":
             raise InvalidInputError(f"unknown input {name!r}: this model takes 'audio' (BYTES, UINT8 or FP32) "
                                     f"or 'features' (FP32)")
         if array.dtype == np.float32:
             if "sample_rate" not in parameters:
                 raise InvalidInputError("FP32 audio needs the sample rate in Hz as parameter 'sample_rate'")
-            if array.ndim not in (1, 2):
-                raise InvalidInputError(f"FP32 audio must be [samples] or [clips, samples]; got {list(array.shape)}")
+            if array.ndim not in (1, 2) or not array.size:
+                raise InvalidInputError(f"FP32 audio must be [samples] or [clips, samples], not empty; got "
+                                        f"{list(array.shape)}")
             rate = parameters["sample_rate"]
             clips = array.reshape(-1, array.shape[-1])
             return prepare_all(name, clips, lambda samples: self.filterbank(load_audio(samples.copy(), rate)))

@@ -113,6 +113,14 @@ def v2_bytes(name: str, array: np.ndarray) -> list[bytes]:
     return list(array.flat)
 
 
+def v2_floats(name: str, array: np.ndarray) -> torch.Tensor:
+    """A preprocessed input (features, pixel tiles) as float32: FP32 as sent, other numbers converted; BYTES and
+    BOOL are refused (numpy would raise, or read b"1" as 1.0)."""
+    if array.dtype.kind not in "fiu":
+        raise InvalidInputError(f"input {name!r} must hold numbers (FP32); got {array.dtype}")
+    return torch.from_numpy(np.array(array, dtype=np.float32))
+
+
 def timed_forward(encoder: Encoder, inputs: Sequence[torch.Tensor], metrics: Metrics) -> list[torch.Tensor]:
     """The forward both front doors (the Redis worker and KServe) run, under the one latency histogram."""
     start = time.perf_counter()

@@ -7,6 +7,10 @@ InferenceService (a custom predictor whose container port is the gRPC one).
 its own, bound to the given host and port, in the worker's loop. There is no REST port. The v2 ServerLive,
 ServerReady and ModelReady RPCs are this port's health; grpc.health.v1 lives on the service's --grpc-port.
 
+Every answer is a status a client can act on (tests/integration/test_fuzz_kserve.py fuzzes the port): tensors that
+do not decode are INVALID_ARGUMENT, and the model repository extension's load and unload are FAILED_PRECONDITION:
+the port serves its one encoder, which no client may unload from under the others.
+
 Only the service process may import this module: kserve and tritonclient register the same `inference.*`
 protobuf symbols, so they cannot share a process. (Importing kserve also runs its ModelServer argument parser over
 sys.argv; it only reads flags it knows and ignores ours.)
@@ -15,6 +19,7 @@ sys.argv; it only reads flags it knows and ignores ours.)
 from __future__ import annotations
 
 import asyncio
+import struct
 
 import grpc
 import numpy as np
@@ -70,8 +75,11 @@ class EncoderModel(Model):
         for tensor in payload.inputs:
             try:
                 array = tensor.as_numpy()
-            except (InvalidInput, ValueError) as e:
-                raise InvalidInputError(f"input {tensor.name!r}: {e}") from None
+            # kserve decodes with numpy and struct, which raise what they raise: a BYTES length prefix past the
+            # end (struct.error), a value out of its datatype's range (OverflowError), a shape that does not fit.
+            except (InvalidInput, ValueError, TypeError, OverflowError, struct.error) as e:
+                raise InvalidInputError(f"input {tensor.name!r} does not decode as {tensor.datatype} "
+                                        f"{list(tensor.shape)}: {e}") from None
             parameters = {**request_parameters, **(tensor.parameters or {})}
             inputs += self.encoder.from_v2(tensor.name, array, parameters)
         if not inputs:
@@ -86,6 +94,25 @@ def _output(name: str, datatype: str, array: np.ndarray) -> InferOutput:
     return output
 
 
+class _OneModelServicer(InferenceServicer):
+    """kserve's v2 servicer with the repository extension's load and unload refused."""
+
+    def __init__(self, registry: ModelRepository, model: EncoderModel) -> None:
+        super().__init__(DataPlane(model_registry=registry), ModelRepositoryExtension(registry))
+        self._model_name = model.name
+
+    async def RepositoryModelLoad(self, request, context: grpc.aio.ServicerContext):
+        await self._refuse(context)
+
+    async def RepositoryModelUnload(self, request, context: grpc.aio.ServicerContext):
+        await self._refuse(context)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"this port serves the model {self._model_name!r} alone: models are not loaded or "
+                            "unloaded at run time")
+
+
 class KServeEndpoint:
     """The v2 gRPC server of one encoder; `stop` flips ModelReady to false before it closes the port."""
 
@@ -98,8 +125,7 @@ class KServeEndpoint:
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
         )
-        servicer = InferenceServicer(DataPlane(model_registry=registry), ModelRepositoryExtension(registry))
-        add_GRPCInferenceServiceServicer_to_server(servicer, self.server)
+        add_GRPCInferenceServiceServicer_to_server(_OneModelServicer(registry, self.model), self.server)
         self.port = self.server.add_insecure_port(f"{host}:{port}")
 
     async def start(self) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from vita.bus.streams import Pool
-from vita.encoders.base import Encoder, blob_input, checked_input, kind_name, prepare_all, v2_bytes
+from vita.encoders.base import Encoder, blob_input, checked_input, kind_name, prepare_all, v2_bytes, v2_floats
 from vita.errors import InvalidInputError
 from vita.model.config import VisionConfig
 from vita.model.vision import VisionTower
@@ -62,8 +62,7 @@ class VisionTowerEncoder(Encoder):
     def from_v2(self, name: str, array: np.ndarray, parameters: Mapping[str, object]) -> list[torch.Tensor]:
         if name == "pixel_values":
             size = self.config.image_size
-            return [checked_input(torch.from_numpy(np.array(array, dtype=np.float32)), "pixel tiles",
-                                  (None, self.config.num_channels, size, size))]
+            return [checked_input(v2_floats(name, array), "pixel tiles", (None, self.config.num_channels, size, size))]
         if name not in _V2_KINDS:
             raise InvalidInputError(f"unknown input {name!r}: this model takes {sorted(_V2_KINDS)} (BYTES or UINT8) "
                                     f"or 'pixel_values' (FP32)")
