@@ -1,18 +1,22 @@
 """A small stack in one event loop for tests that vary how the parts connect (tokens, TLS, Redis ACL users,
 Redis TLS, Redis Cluster): the orchestrator's gRPC server, an llm generator worker and, optionally, a vision
-encoder worker, all on real Redis and real loopback gRPC."""
+encoder worker or every pool, all on real Redis and real loopback gRPC. `stack_in_thread` runs it with every pool
+in a background event loop, for synchronous tests (the fuzzers) and clients in other processes."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import torch
+from conftest import REDIS_URL
+from redis.asyncio import Redis
 
 from vita.bus.cancel import CancelWatcher, cancel
 from vita.bus.streams import BusConfig
@@ -29,6 +33,7 @@ from vita.runtime.redis_client import RedisSettings, connect
 from vita.runtime.server import GrpcService, ServiceServer
 from vita.v1 import assistant_pb2_grpc
 from vita.v1.assistant_pb2 import Completed, GenerateRequest
+from vita.v1.bus_pb2 import GenerationJob
 from vita.v1.media_pb2 import Image, SamplingParams
 
 
@@ -44,9 +49,10 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def running_stack(pipeline: VitaPipeline, model_dir: Path, redis: Any, bus: BusConfig, *,
-                        vision: bool = False, config: OrchestratorConfig | None = None,
+                        vision: bool = False, all_pools: bool = False, config: OrchestratorConfig | None = None,
                         workers_may_fail: bool = False, **server_kwargs: Any) -> AsyncIterator[Stack]:
     """`redis` may be a Redis or a RedisCluster client; `server_kwargs` go to ServiceServer (access, tls...).
+    `all_pools`: the monitor pool (on the generator's backend) and both encoders too, as Converse needs them.
     A worker that died with an error re-raises it at the end, unless `workers_may_fail`."""
     service = AssistantService(redis, bus, pipeline.model.vita_config, pipeline.tokenizer, config)
     server = ServiceServer([GrpcService("vita.v1.Assistant",
@@ -55,9 +61,11 @@ async def running_stack(pipeline: VitaPipeline, model_dir: Path, redis: Any, bus
     await server.start()
     backend = TorchBackend(pipeline.model, max_batch_size=4)
     await backend.start()
-    workers: list[Any] = [LLMWorker(redis, bus, backend, pipeline.tokenizer, WorkerConfig(max_concurrency=4))]
-    if vision:
-        encoder = load_encoder(ENCODERS["vision-encoder"][0], model_dir, "cpu", torch.float32)
+    roles = (GenerationJob.GENERATOR, GenerationJob.MONITOR) if all_pools else (GenerationJob.GENERATOR,)
+    workers: list[Any] = [LLMWorker(redis, bus, backend, pipeline.tokenizer, WorkerConfig(role=role, max_concurrency=4))
+                          for role in roles]
+    for pool in ("vision-encoder",) * (vision or all_pools) + ("audio-encoder",) * all_pools:
+        encoder = load_encoder(ENCODERS[pool][0], model_dir, "cpu", torch.float32)
         workers.append(EncoderWorker(redis, bus, encoder, EncoderConfig(max_batch=2)))
     tasks = [asyncio.create_task(w.run()) for w in workers]
     try:
@@ -71,6 +79,36 @@ async def running_stack(pipeline: VitaPipeline, model_dir: Path, redis: Any, bus
         for outcome in outcomes:
             if isinstance(outcome, Exception) and not workers_may_fail:
                 raise outcome
+
+
+@contextlib.contextmanager
+def stack_in_thread(pipeline: VitaPipeline, model_dir: Path, bus: BusConfig,
+                    config: OrchestratorConfig | None = None) -> Iterator[str]:
+    """`running_stack` with every pool on the shared Redis, in an event loop of its own thread; yields the
+    orchestrator's address. Deleting the prefix's keys afterwards is the caller's."""
+    ready, box = threading.Event(), {}
+
+    async def main() -> None:
+        box["stop"] = stop = asyncio.Event()
+        redis = Redis.from_url(REDIS_URL)
+        try:
+            async with running_stack(pipeline, model_dir, redis, bus, all_pools=True, config=config) as stack:
+                box["target"] = stack.target
+                ready.set()
+                await stop.wait()
+        finally:
+            ready.set()  # a stack that failed to start must not leave the caller waiting
+            await redis.aclose()
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert ready.wait(300) and "target" in box, "the in-process stack did not start"
+    try:
+        yield box["target"]
+    finally:
+        loop.call_soon_threadsafe(box["stop"].set)
+        thread.join(60)
 
 
 async def generate(stub: assistant_pb2_grpc.AssistantStub, request: GenerateRequest | str, *,

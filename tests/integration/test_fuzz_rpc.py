@@ -10,33 +10,23 @@ Example counts come from the hypothesis profile (tests/conftest.py: `ci`, derand
 
 from __future__ import annotations
 
-import asyncio
 import io
-import threading
 import uuid
 import wave
 
 import grpc
 import numpy as np
 import pytest
-import torch
 from conftest import delete_prefix
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image as PILImage
-from redis.asyncio import Redis
 
+from tests.bus_stack import stack_in_thread
 from vita.bus.streams import BusConfig
-from vita.encoders.audio import AudioTowerEncoder
-from vita.encoders.base import load_encoder
-from vita.encoders.vision import VisionTowerEncoder
-from vita.encoders.worker import EncoderWorker
 from vita.inference import VitaPipeline
-from vita.llm.backends.torch.backend import TorchBackend
-from vita.llm.worker import LLMWorker, WorkerConfig
-from vita.orchestrator.service import AssistantService, OrchestratorConfig
-from vita.runtime.server import GrpcService, ServiceServer
+from vita.orchestrator.service import OrchestratorConfig
 from vita.v1 import assistant_pb2_grpc
 from vita.v1.assistant_pb2 import (
     AudioChunk,
@@ -51,7 +41,6 @@ from vita.v1.assistant_pb2 import (
     TruncateAnswer,
     VadParams,
 )
-from vita.v1.bus_pb2 import GenerationJob
 from vita.v1.media_pb2 import Audio, Image, SamplingParams, TimestampedFrame, Video
 
 pytestmark = pytest.mark.slow
@@ -78,47 +67,13 @@ def _wav() -> bytes:
 @pytest.fixture(scope="module")
 def target(tiny_model_dir):
     """The whole stack in one background event loop; yields the orchestrator's address."""
-    pipeline = VitaPipeline.load(tiny_model_dir)
-    prefix = f"test:{uuid.uuid4().hex[:12]}"
-    ready, stop = threading.Event(), None
-    box: dict = {}
-
-    async def main() -> None:
-        nonlocal stop
-        stop = asyncio.Event()
-        redis = Redis.from_url("redis://127.0.0.1:6379/0")
-        bus = BusConfig(prefix=prefix)
-        config = OrchestratorConfig(default_max_tokens=4, encode_timeout_s=20, token_timeout_s=20,
-                                    judge_timeout_s=20)
-        service = AssistantService(redis, bus, pipeline.model.vita_config, pipeline.tokenizer, config)
-        server = ServiceServer([GrpcService("vita.v1.Assistant",
-                                            lambda s: assistant_pb2_grpc.add_AssistantServicer_to_server(service, s))])
-        await server.start()
-        backend = TorchBackend(pipeline.model, max_batch_size=4)
-        await backend.start()
-        workers = [LLMWorker(redis, bus, backend, pipeline.tokenizer, WorkerConfig(role=role, max_concurrency=4))
-                   for role in (GenerationJob.GENERATOR, GenerationJob.MONITOR)]
-        workers += [EncoderWorker(redis, bus, load_encoder(cls, tiny_model_dir, "cpu", torch.float32))
-                    for cls in (AudioTowerEncoder, VisionTowerEncoder)]
-        tasks = [asyncio.create_task(w.run()) for w in workers]
-        box["port"] = server.port
-        ready.set()
-        await stop.wait()
-        for w in workers:
-            w.stop()
-        await asyncio.wait(tasks, timeout=30)
-        await backend.close()
-        await server.drain()
-        await redis.aclose()
-
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    thread.start()
-    assert ready.wait(300), "the in-process stack did not start"
-    yield f"127.0.0.1:{box['port']}"
-    loop.call_soon_threadsafe(stop.set)
-    thread.join(60)
-    delete_prefix(prefix)
+    bus = BusConfig(prefix=f"test:{uuid.uuid4().hex[:12]}")
+    config = OrchestratorConfig(default_max_tokens=4, encode_timeout_s=20, token_timeout_s=20, judge_timeout_s=20)
+    try:
+        with stack_in_thread(VitaPipeline.load(tiny_model_dir), tiny_model_dir, bus, config) as address:
+            yield address
+    finally:
+        delete_prefix(bus.prefix)
 
 
 @pytest.fixture(scope="module")
