@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import numpy as np
 import pytest
 
 from vita.realtime.echo import EchoGuard
 from vita.realtime.protocol import RealtimeError, SessionSettings, b64decode, parse_client_event
-from vita.realtime.tts import EspeakTTS, SentenceSplitter, Spoken, played_text
+from vita.realtime.session import RealtimeSession
+from vita.realtime.tts import DEFAULT_VOICE, EspeakTTS, SentenceSplitter, Spoken, played_text
 
 
 @pytest.mark.parametrize("raw, code, param", [
@@ -17,6 +21,10 @@ from vita.realtime.tts import EspeakTTS, SentenceSplitter, Spoken, played_text
     ('{"type": "bogus"}', "invalid_value", "type"),
     ('{"type": "conversation.item.delete"}', "unsupported_event", "type"),
     ('{"type": "response.create", "event_id": 7}', "invalid_value", "event_id"),
+    # Not JSON, though Python reads them (they came back to clients in echoed items and session values):
+    ('{"type": "session.update", "session": {"audio": {"output": {"speed": NaN}}}}', "invalid_json", None),
+    ('{"type": "conversation.item.create", "item": {"x": Infinity}}', "invalid_json", None),
+    ('{"type": "conversation.item.create", "item": {"x": 1e999}}', "invalid_json", None),
 ])
 def test_bad_client_events_are_named(raw, code, param):
     with pytest.raises(RealtimeError) as e:
@@ -74,6 +82,13 @@ def test_semantic_vad_eagerness_sets_the_end_of_turn_hold():
     ({"tools": [{"type": "function", "name": "f"}]}, "session.tools"),
     ({"max_output_tokens": 0}, "session.max_output_tokens"),
     ({"type": "transcription"}, "session.type"),
+    # What the fuzzing of the gateway found: each ended the session (an exception past the event handler).
+    ({"audio": {"input": {"turn_detection": {"type": "semantic_vad", "eagerness": ["low"]}}}},
+     "session.audio.input.turn_detection.eagerness"),  # TypeError: a list is not hashable
+    ({"audio": {"input": {"turn_detection": {"silence_duration_ms": 1 << 40}}}},
+     "session.audio.input.turn_detection.silence_duration_ms"),  # ValueError: past Converse's int32
+    ({"audio": {"input": {"turn_detection": {"prefix_padding_ms": 1 << 31}}}},
+     "session.audio.input.turn_detection.prefix_padding_ms"),
 ])
 def test_refused_session_settings_name_the_field(session, param):
     before = SessionSettings()
@@ -81,6 +96,28 @@ def test_refused_session_settings_name_the_field(session, param):
         before.updated(session)
     assert e.value.param == param
     assert before == SessionSettings()  # nothing applied
+
+
+def test_a_session_refuses_a_voice_it_cannot_speak_and_survives_an_event_that_fails():
+    """An unknown voice was taken, and failed only when the first answer was spoken (that answer never ended); an
+    exception an event handler did not foresee ended the session. Both are error events now, and the session goes
+    on. (No connection is needed: the events go to the session's outbox.)"""
+    session = RealtimeSession(None, None, SessionSettings())
+
+    def fails(event: dict) -> None:
+        raise KeyError("something not foreseen")
+
+    async def main() -> None:
+        await session._on_message(json.dumps({"type": "session.update", "event_id": "e1",
+                                              "session": {"audio": {"output": {"voice": "nope!"}}}}))
+        session._on_input_audio_buffer_clear = fails
+        await session._on_message(json.dumps({"type": "input_audio_buffer.clear", "event_id": "e2"}))
+
+    asyncio.run(main())
+    refused, failed = (session._out.get_nowait() for _ in range(2))
+    assert (refused["error"]["param"], refused["error"]["event_id"]) == ("session.audio.output.voice", "e1")
+    assert (failed["error"]["type"], failed["error"]["event_id"]) == ("server_error", "e2")
+    assert session.settings.voice == DEFAULT_VOICE and session._out.empty()
 
 
 def test_sentences_join_back_to_the_text_and_cut_early():

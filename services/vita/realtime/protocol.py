@@ -10,6 +10,7 @@ import base64
 import binascii
 import copy
 import json
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,10 +54,27 @@ def error_event(error: RealtimeError | str, *, code: str | None = None, kind: st
         "event_id": client_event_id}}
 
 
+def _not_json(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:24]} is out of range")
+    return value
+
+
+def _loads(raw: str | bytes) -> Any:
+    """Strict JSON: Python's reader also takes NaN, Infinity and 1e999, which would come back to clients (echoed
+    items, session values) as something their JSON readers refuse."""
+    return json.loads(raw, parse_constant=_not_json, parse_float=_finite)
+
+
 def parse_client_event(raw: str | bytes) -> dict:
     """One WebSocket message as a client event dict with a known `type`; RealtimeError otherwise."""
     try:
-        event = json.loads(raw)
+        event = _loads(raw)
     except (ValueError, RecursionError) as e:
         raise RealtimeError(f"the message is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(event, dict):
@@ -78,7 +96,7 @@ def parse_client_event(raw: str | bytes) -> dict:
 def client_event_id(raw: str | bytes) -> str | None:
     """The `event_id` of a client message, when it has a readable one (for the error it gets)."""
     try:
-        event = json.loads(raw)
+        event = _loads(raw)
     except (ValueError, RecursionError):
         return None
     event_id = event.get("event_id") if isinstance(event, dict) else None
@@ -115,6 +133,7 @@ def data_url_bytes(url: Any, param: str) -> bytes:
 # speech that sounds finished ends after silence_duration_ms whatever the eagerness). server_vad, as OpenAI's, has no
 # end-of-turn judgement: silence_duration_ms alone ends a turn.
 EAGERNESS = {"low": 2000, "medium": 800, "auto": 800, "high": 600}
+MAX_VAD_MS = 60_000  # silence_duration_ms and prefix_padding_ms
 
 
 @dataclass
@@ -242,8 +261,9 @@ def _apply_input(new: SessionSettings, config: Any) -> None:
     if not isinstance(td, dict) or td.get("type", "server_vad") not in ("server_vad", "semantic_vad"):
         raise RealtimeError("only server_vad and semantic_vad turn detection are supported: VITA cuts and judges "
                             "all speech itself (no null/manual turns)", code="unsupported_parameter", param=param)
-    if td.get("eagerness", "auto") not in EAGERNESS:
-        raise RealtimeError(f"eagerness must be one of {', '.join(EAGERNESS)}; got {td.get('eagerness')!r}",
+    eagerness = td.get("eagerness", "auto")
+    if not isinstance(eagerness, str) or eagerness not in EAGERNESS:  # (a list is not hashable: no `in` a dict)
+        raise RealtimeError(f"eagerness must be one of {', '.join(EAGERNESS)}; got {eagerness!r}",
                             param=f"{param}.eagerness")
     for key in ("create_response", "interrupt_response"):
         if td.get(key) is False:
@@ -263,6 +283,8 @@ def _apply_input(new: SessionSettings, config: Any) -> None:
             merged[key] = _typed(td[key], kind, f"{param}.{key}")
             if merged[key] < 0:
                 raise RealtimeError(f"{key} must not be negative", param=f"{param}.{key}")
+            if kind is int and merged[key] > MAX_VAD_MS:  # (Converse's fields are int32)
+                raise RealtimeError(f"{key} must be at most {MAX_VAD_MS}; got {merged[key]}", param=f"{param}.{key}")
     new.turn_detection = merged
 
 

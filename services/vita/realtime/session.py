@@ -226,9 +226,17 @@ class RealtimeSession:
             handler(event)
         except RealtimeError as e:
             self.send(error_event(e, client_event_id=client_event_id(raw)))
+        except Exception:  # a client event we did not foresee must not end the session: say so, and go on
+            log.exception("client event failed", extra={"session_id": self.settings.session_id})
+            self.send(error_event("the server failed on this event", code="server_error", kind="server_error",
+                                  client_event_id=client_event_id(raw)))
 
     def _on_session_update(self, event: dict) -> None:
         new = self.settings.updated(event.get("session"))
+        try:  # an unknown voice failed only when the first answer was spoken, and that answer never ended
+            make_tts(self.tts_name, new.voice, new.speed)
+        except VitaError as e:
+            raise RealtimeError(str(e), param="session.audio.output.voice") from None
         if new.to_converse() != self.settings.to_converse():
             self._converse(ClientEvent(config=new.to_converse()))
         if self.echo is not None and new.input_rate != self.settings.input_rate:
