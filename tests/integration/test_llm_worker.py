@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 
 from vita.bus.cancel import cancel
 from vita.bus.embeddings import write_embedding
-from vita.bus.lease import LeaseKeeper
+from vita.bus.lease import LeaseKeeper, check_every_s, renew_every_s
 from vita.bus.queue import submit
 from vita.bus.replies import events
 from vita.bus.streams import ROLE_POOLS, BusConfig, Pool
@@ -51,8 +51,9 @@ def served_model(request, model_and_tokenizer):
     return model_and_tokenizer[0] if request.param == "whole model" else request.getfixturevalue("worker_model")
 
 
-async def with_worker(model, tokenizer, body, role=GenerationJob.GENERATOR, *, lease_ttl_s=5.0, metrics=None):
-    redis = Redis.from_url("redis://127.0.0.1:6379/0")
+async def with_worker(model, tokenizer, body, role=GenerationJob.GENERATOR, *, lease_ttl_s=5.0, metrics=None,
+                      url="redis://127.0.0.1:6379/0"):
+    redis = Redis.from_url(url)
     bus = BusConfig(prefix=f"test:{uuid.uuid4().hex[:12]}", lease_ttl_s=lease_ttl_s)
     # The engine as the worker's CLI configures it by default (chunked prefill, prefix caching).
     backend = TorchBackend(model, max_batch_size=4, engine_config=engine_config(parse_args([])))
@@ -65,7 +66,7 @@ async def with_worker(model, tokenizer, body, role=GenerationJob.GENERATOR, *, l
         worker.stop()
         await asyncio.wait_for(task, 30)
         await backend.close()
-        delete_prefix(bus.prefix)
+        delete_prefix(bus.prefix, url)
         await redis.aclose()
 
 
@@ -227,6 +228,35 @@ def test_a_generation_whose_owner_is_gone_stops_when_its_lease_expires(model_and
     assert "queued" not in engine.stats.tokens_by_request  # never reached the engine
     assert metrics.orphaned.labels(pool.value)._value.get() == 2
     assert metrics.cancelled.labels(pool.value)._value.get() == 1  # the sequence stopped; the queued job never ran
+
+
+def test_leases_cost_redis_calls_per_second_not_per_token(model_and_tokenizer, tmp_path):
+    """No Redis call per token for a lease: the owner renews on its clock, the worker reads leases with its cancel
+    keys on its clock. Counted on a private redis-server, where nothing else runs: the SETs and EXISTSes of a long
+    leased generation are bounded by its duration over those periods, whatever its token count."""
+    from vita.stack import RedisServer
+
+    model, tok = model_and_tokenizer
+    with RedisServer(str(tmp_path / "redis")) as server:
+        async def body(redis, bus, backend):
+            keeper = LeaseKeeper(redis, bus)
+            leased = job(bus, "long", tok.encode("tell me", add_bos=True), max_tokens=1000)
+            await redis.config_resetstat()
+            start = time.perf_counter()
+            leased.leased = await keeper.acquire("long")
+            await submit(redis, bus, Pool.LLM_GENERATOR, leased)
+            evts = await collect(redis, bus, "long")
+            keeper.release("long")
+            seconds = time.perf_counter() - start
+            stats = await redis.info("commandstats")
+            return evts, seconds, {c: stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("set", "exists")}
+
+        evts, seconds, calls = asyncio.run(with_worker(model, tok, body, lease_ttl_s=1.0, url=server.url))
+    bus = BusConfig(lease_ttl_s=1.0)
+    tokens = len(tokens_of(evts))
+    bound = (seconds / renew_every_s(bus) + 2) + 2 * (seconds / check_every_s(bus) + 2)  # SETs + EXISTS pairs
+    print(f"{tokens} tokens in {seconds:.1f} s: {calls['set']} SET, {calls['exists']} EXISTS (bound {bound:.0f})")
+    assert tokens == 1000 and calls["set"] + calls["exists"] <= bound
 
 
 def test_bad_job_gets_an_error_and_the_worker_goes_on(model_and_tokenizer):
