@@ -16,6 +16,7 @@ From the owner's death to the worker's stop: at most the TTL (the key expires), 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -55,13 +56,15 @@ def owner_name() -> str:
 
 class LeaseKeeper:
     """The owner's side: `acquire` before the job is queued, `release` once its output is no longer wanted (its last
-    event arrived, or it was cancelled). One task renews every held lease, and ends when none is held."""
+    event arrived, or it was cancelled). One task renews every held lease; it ends as soon as none is held, so an
+    idle process runs nothing for leases."""
 
     def __init__(self, redis: Redis, config: BusConfig, owner: str | None = None) -> None:
         self.redis, self.config = redis, config
         self.owner = owner or owner_name()
         self._held: set[str] = set()
         self._renewer: asyncio.Task[None] | None = None
+        self._emptied = asyncio.Event()  # the last lease was released: the renewer ends now, not a period later
 
     @property
     def held(self) -> frozenset[str]:
@@ -81,13 +84,17 @@ class LeaseKeeper:
     def release(self, request_id: str) -> None:
         """No more renewals; the key expires by itself (a worker still on the request has been told, or is done)."""
         self._held.discard(request_id)
+        if not self._held:
+            self._emptied.set()
 
     async def _renew(self) -> None:
         """SET (not PEXPIRE), so a key that Redis lost is back at the next renewal. Never dies of an error: a
         renewer that stopped would let every lease of this process lapse."""
         ttl_ms = milliseconds(self.config.lease_ttl_s)
         while self._held:
-            await asyncio.sleep(renew_every_s(self.config))
+            self._emptied.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._emptied.wait(), renew_every_s(self.config))
             held = list(self._held)
             if not held:
                 return
