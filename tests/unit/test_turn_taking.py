@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -85,7 +87,7 @@ def test_pauses_are_reported_on_request_and_the_ended_speech_is_the_last_paused_
     kinds = [e.kind for e in events if e.kind != "partial"]
     assert kinds[0] == "started" and kinds[-2:] == ["paused", "ended"]
     assert kinds.count("resumed") >= 1  # the hesitation: paused, then the speech went on
-    assert all(b in ("resumed", "ended") for a, b in zip(kinds, kinds[1:]) if a == "paused")
+    assert all(b in ("resumed", "ended") for a, b in itertools.pairwise(kinds) if a == "paused")
     paused = [e for e in events if e.kind == "paused"][-1]
     ended = events[-1]
     assert len({e.segment for e in events}) == 1 and paused.start_s == ended.start_s
