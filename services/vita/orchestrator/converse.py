@@ -953,6 +953,7 @@ class ConverseCall:
             return
         p.request_id = f"{self.session_id}.pre.{uuid.uuid4().hex[:12]}"  # the cleanup cancels it from here on
         p.job = await self.pools.generate(p.request_id, p.state.generator_role, p.prompt, p.state.config.sampling)
+        self.metrics.preemptive_answers.labels("started").inc()
 
     def _ends_preempted_turn(self, item: object) -> bool:
         """What a held-back answer waits for: the end of its own segment. Anything else discards it."""

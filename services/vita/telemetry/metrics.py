@@ -90,8 +90,9 @@ class Metrics:
                                                "End of a spoken query to the first token of its answer",
                                                buckets=_LATENCY, registry=r)
         self.preemptive_answers = Counter(
-            "vita:preemptive_answers", "Answers started when the speech paused: released at the end of the turn, "
-            "or discarded (speech resumed, the history or the media changed)", ["outcome"], registry=r)
+            "vita:preemptive_answers", "Answers started when the speech paused (outcome=started), then released at "
+            "the end of the turn (released) or discarded (discarded: speech resumed, the history or the media "
+            "changed)", ["outcome"], registry=r)
 
 
 class CudaMemoryCollector(Collector):
