@@ -169,6 +169,11 @@ class SessionStore:
         """Take the waiting media only if they are exactly `images` and `frames` (what `peek_media` saw); False,
         and nothing taken, when any was added or dropped since (compare-and-set on both lists)."""
         keys = self.bus.session_images(session_id), self.bus.session_frames(session_id)
+        if not images and not frames:  # the usual case: one round trip (what comes after it is the next turn's)
+            pipe = self.redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.llen(key)
+            return not any(await pipe.execute())
         for _ in range(self.retries):
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
