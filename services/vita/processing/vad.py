@@ -239,6 +239,10 @@ class StreamingVAD:
         judging = self._hold_silence > self._end_silence
         self._complete_silence = (cfg.complete_silence_ms * ms if judging and 0 < cfg.complete_silence_ms
                                   < cfg.end_silence_ms else self._end_silence)
+        # The judgement (a pitch track of up to 4 s: ~10 ms of CPU, ~50 ms on a busy 2-core machine) is made two
+        # windows before the shortest end, so its cost delays no end of turn: the windows after it are pushed
+        # while it runs, and taken in a burst after.
+        self._judge_silence = max(WINDOW, self._complete_silence - 2 * WINDOW) if judging else self._end_silence
         self._pad = cfg.speech_pad_ms * ms
         self._every = cfg.partial_every_ms * ms
         self._max_len = int(cfg.max_segment_s * SAMPLE_RATE)
@@ -358,7 +362,7 @@ class StreamingVAD:
                     self._paused = True
                     events.append(self._event("paused", min(start + self._pad, end)))
             silent = end - self._silence_start
-            if silent >= self._complete_silence and silent >= self._silence_for(self._end_of_turn()):
+            if silent >= self._judge_silence and silent >= self._silence_for(self._end_of_turn()):
                 self._close(min(self._silence_start + self._pad, end), events)
                 return
 
@@ -389,7 +393,8 @@ class StreamingVAD:
         """End-of-turn judgement of the speech before the current silence, made once per silence run (when the
         judgement is on): True finished, False unfinished, None neither (too little to judge, a barge-in word)."""
         if not self._judged and self._hold_silence > self._end_silence:
-            # Up to now, not to the start of the silence: a soft final fall is often already below end_threshold.
+            # Up to now (at least two windows into the silence), not to the start of the silence: a soft final
+            # fall is often already below end_threshold.
             speech = self._history.view(self._audio_start, self._done)
             spoken = self._silence_start - self._audio_start + self._pad
             short = self.answering and spoken <= self._barge_in_max  # a barge-in word: no hold
