@@ -68,6 +68,7 @@ class Results:
     false_takeovers: int = 0
     others: int = 0
     missed_answer_ended: int = 0  # the answer finished before the speech could interrupt it (trial void)
+    splits: int = 0  # the question was cut into two or more segments (trial void for the latencies)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -118,19 +119,22 @@ def interruption_trial(client, speech, query: bool, results: Results, max_tokens
             try:
                 stopped = s.wait("interrupted", turn_id=first, timeout_s=10)
                 new = s.wait("delta", timeout_s=30, where=lambda e: e.turn_id != first)
-                [ended] = s.of("speech_ended")  # received before the new answer's first token
             except (TimeoutError, EOFError):
                 if s.of("completed", first):
                     results.missed_answer_ended += 1
                 return
             results.takeovers += 1
             results.early += judged.judged.early
+            ends = s.of("speech_ended")  # received before the new answer's first token
+            if len(ends) != 1:
+                results.splits += 1
+                return
             results.stop_from_speech_end.append(arrivals[id(stopped)] - speech_end)
             results.stop_from_cut.append(stopped.interrupted.stop_latency_s)
             results.first_token_from_speech_end.append(arrivals[id(new)] - speech_end)
-            results.speech_ended_from_speech_end.append(arrivals[id(ended)] - speech_end)
-            results.speech_ended_sent_from_speech_end.append(ended.timestamp_s - spoke_wall - voiced_end_s(speech))
-            results.first_token_from_speech_ended.append(arrivals[id(new)] - arrivals[id(ended)])
+            results.speech_ended_from_speech_end.append(arrivals[id(ends[0])] - speech_end)
+            results.speech_ended_sent_from_speech_end.append(ends[0].timestamp_s - spoke_wall - voiced_end_s(speech))
+            results.first_token_from_speech_ended.append(arrivals[id(new)] - arrivals[id(ends[0])])
         else:
             results.others += 1
             results.false_takeovers += judged.judged.outcome == 1  # judged a query: it would take the turn
@@ -146,7 +150,12 @@ def fresh_trial(client, speech, results: Results, setting: tuple[int | None, boo
         spoke_at, spoke_wall = time.perf_counter(), time.time()
         s.stream(speech_events(speech, realtime=True))
         first = s.wait("delta", timeout_s=30)
-        [ended] = s.of("speech_ended")
+        ends = s.of("speech_ended")
+        if len(ends) != 1:
+            results.splits += 1
+            s.cancel()
+            return
+        ended = ends[0]
         speech_end = spoke_at + voiced_end_s(speech)
         results.fresh_ttft_from_speech_end.append(arrivals[id(first)] - speech_end)
         results.fresh_speech_ended_from_speech_end.append(arrivals[id(ended)] - speech_end)
@@ -178,7 +187,8 @@ def counts(name: str, r: Results) -> list[str]:
         f"- {name}: takeover rate on interrupting questions {r.takeovers}/{r.queries} "
         f"({r.takeovers / max(1, r.queries):.0%}), judged early (before the end of speech) {r.early}, answer "
         f"finished before the question could interrupt it {r.missed_answer_ended}; false takeovers on non-query "
-        f"speech {r.false_takeovers}/{r.others}",
+        f"speech {r.false_takeovers}/{r.others}; questions cut into two turns (left out of the latencies) "
+        f"{r.splits}",
     ]
 
 
