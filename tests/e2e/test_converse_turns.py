@@ -1,5 +1,6 @@
-"""Turn-taking through the process stack on the duplex fine-tuned tiny model: a hesitation mid-sentence is one turn,
-brisk barge-in words stop an answer (with events), and `vita eval duplex` runs a shortened evaluation.
+"""Turn-taking through the process stack on the duplex fine-tuned tiny model: a hesitation mid-sentence is one turn
+(also when an answer was started preemptively in the pause), brisk barge-in words stop an answer (with events), and
+`vita eval duplex` runs a shortened evaluation.
 
 Speech is espeak-ng (`vita.training.speech`); every wait is on an event (see `converse_helpers.barrier`).
 """
@@ -9,13 +10,18 @@ import subprocess
 import sys
 import uuid
 
+import numpy as np
 import pytest
-from converse_helpers import barrier, fast
+from converse_helpers import barrier, fast, scrape, stored, wait_until
+from redis import Redis
 
-from vita.client import ConverseSession, VitaClient, session_config, text_event
+from vita.bus.codec import decode_entry
+from vita.bus.streams import REPLY_TYPES, BusConfig
+from vita.client import ConverseSession, VitaClient, session_config, speech_events, text_event
 from vita.stack import LocalStack
 from vita.training.speech import espeak, hesitant
-from vita.v1.assistant_pb2 import CancelAnswer, ClientEvent, UtteranceJudged
+from vita.v1.assistant_pb2 import CancelAnswer, ClientEvent, Completed, UtteranceJudged
+from vita.v1.session_pb2 import SessionTurn
 
 pytestmark = pytest.mark.slow
 HESITANT = ("what is the weather like in Beijing", 3, 0.55)  # "what is the ... weather like in Beijing"
@@ -23,7 +29,7 @@ HESITANT = ("what is the weather like in Beijing", 3, 0.55)  # "what is the ... 
 
 @pytest.fixture(scope="module")
 def stack(duplex_model_dir, tmp_path_factory):
-    with LocalStack(model_dir=str(duplex_model_dir), prefix=f"turns{uuid.uuid4().hex[:8]}",
+    with LocalStack(model_dir=str(duplex_model_dir), prefix=f"turns{uuid.uuid4().hex[:8]}", metrics=True,
                     log_dir=str(tmp_path_factory.mktemp("logs"))) as running:
         yield running
 
@@ -32,6 +38,13 @@ def stack(duplex_model_dir, tmp_path_factory):
 def client(stack):
     with VitaClient(stack.target, timeout_s=None) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def redis():
+    r = Redis.from_url("redis://127.0.0.1:6379/0")
+    yield r
+    r.close()
 
 
 def _config(**vad) -> ClientEvent:
@@ -62,6 +75,58 @@ def test_without_the_end_of_turn_judgement_the_hesitation_splits_the_turn(client
         s.send(ClientEvent(cancel=CancelAnswer()))
         s.close()
     assert len(s.of("speech_ended")) == 2 and len(s.of("judged")) == 2  # what issue 13 reported
+
+
+def _split_in_the_pause(clip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The clip cut in the middle of its longest pause inside the speech: the words before it, then the rest."""
+    quiet = np.convolve(np.abs(clip), np.ones(160) / 160, "same") < 0.003  # 10 ms average under -50 dBFS
+    edges = np.flatnonzero(np.diff(quiet.astype(np.int8)))  # run boundaries
+    runs = [(b - a, a, b) for a, b in zip(edges[:-1] + 1, edges[1:] + 1) if quiet[a]]
+    _, a, b = max(runs)
+    return clip[: (a + b) // 2], clip[(a + b) // 2 :]
+
+
+def test_speech_resuming_after_a_pause_discards_the_answer_started_there_and_the_turn_stays_one(client, stack,
+                                                                                                 redis):
+    before, after = _split_in_the_pause(hesitant(*HESITANT))
+    port = stack.service("orchestrator").metrics_port
+
+    def preemptive(outcome: str) -> float:
+        return scrape(port, "vita:preemptive_answers_total", outcome=outcome)
+
+    started, released, discarded = preemptive("started"), preemptive("released"), preemptive("discarded")
+    config = session_config(max_tokens=120, ignore_eos=True)  # long enough to be still running when discarded
+    # A long hold for unfinished speech: the pause lasts however long the busy machine takes to start the answer.
+    config.config.vad.incomplete_silence_ms = 120_000
+    with ConverseSession(client, config) as s:
+        s.send(*speech_events(before, realtime=False, chunk_ms=100, trailing_silence_s=0.0))
+        s.wait("speech_started")
+        wait_until(lambda: preemptive("started") > started, "an answer started in the pause")
+        s.send(*fast(after))  # the speech goes on: that answer is discarded
+        judged = s.wait("judged")
+        s.wait("completed", turn_id=judged.turn_id)
+        text = s.answer_text(judged.turn_id)
+        s.close()
+    assert judged.judged.outcome == UtteranceJudged.QUERY
+    assert [len(s.of(k)) for k in ("speech_started", "speech_ended", "judged", "answer_started")] == [1, 1, 1, 1]
+    assert preemptive("released") == released + 1 and preemptive("discarded") >= discarded + 1
+    # The history: the one turn, with exactly what the client received.
+    turns = stored(redis, stack, s.session_id).turns
+    assert [(t.role, t.turn_id) for t in turns] == [(SessionTurn.USER, judged.turn_id),
+                                                    (SessionTurn.BOT, judged.turn_id)]
+    assert [m.modality for m in turns[0].media] == ["audio"] and turns[1].content == text and text
+    # The discarded answer was cancelled on the generator; the released one ran to its length.
+    pattern = BusConfig(prefix=stack.prefix).reply(f"{s.session_id}.pre.x").replace(".pre.x}", ".pre.*}")
+
+    def endings() -> list[int]:
+        ends = []
+        for key in redis.scan_iter(match=pattern):
+            events = [decode_entry(fields, REPLY_TYPES) for _, fields in redis.xrange(key)]
+            ends += [e.finished.finish_reason for e in events if e.WhichOneof("event") == "finished"]
+        return sorted(ends)
+
+    wait_until(lambda: Completed.CANCELLED in endings(), "the discarded generation stopped")
+    assert endings().count(Completed.LENGTH) == 1
 
 
 @pytest.mark.parametrize("word", ["no", "stop"])

@@ -127,9 +127,10 @@ def generate_requests(draw) -> GenerateRequest:
 _config = st.builds(
     SessionConfig, session_id=st.one_of(st.just(""), st.text(max_size=20)), resume=st.booleans(),
     sampling=_sampling, audio_sample_rate_hz=st.integers(-1, 100_000), language=st.text(max_size=5),
+    preemptive_generation=st.booleans(),
     vad=st.builds(VadParams, start_threshold=_floats, end_threshold=_floats,
                   min_speech_ms=st.integers(-5, 5000), end_silence_ms=st.integers(-5, 5000),
-                  early_judge_ms=st.integers(-5, 5000)))
+                  early_judge_ms=st.integers(-5, 5000), complete_silence_ms=st.integers(-5, 5000)))
 _event = st.one_of(
     st.builds(ClientEvent, config=_config),
     st.builds(ClientEvent, audio=st.builds(AudioChunk, pcm16=st.one_of(

@@ -75,6 +75,32 @@ def test_pending_media_are_taken_once_and_bounded_and_every_drop_is_counted(stor
     assert again == ([], [])
 
 
+def test_media_peeked_for_a_preemptive_answer_are_taken_only_if_nothing_changed(store):
+    async def main():
+        s = await store()
+        out = {"nothing waits": await s.take_media_if("s6", [], [])}
+        await s.add_image("s6", Image(data=b"a"))
+        await s.add_frame("s6", TimestampedFrame(timestamp_s=1, image=Image(data=b"f")))
+        images, frames = await s.peek_media("s6")
+        out["an image came, none was seen"] = await s.take_media_if("s6", [], [])
+        await s.add_image("s6", Image(data=b"b"))
+        out["one more since the peek"] = await s.take_media_if("s6", images, frames)
+        out["left in place"] = await s.take_media("s6")
+        await s.add_image("s6", Image(data=b"c"))
+        images, frames = await s.peek_media("s6")
+        out["unchanged"] = await s.take_media_if("s6", images, frames)
+        out["taken"] = await s.take_media("s6")
+        await s.redis.aclose()
+        return out
+
+    out = asyncio.run(main())
+    assert out["nothing waits"] and out["unchanged"]
+    assert not out["an image came, none was seen"] and not out["one more since the peek"]
+    images, frames = out["left in place"]
+    assert [i.data for i in images] == [b"a", b"b"] and [f.timestamp_s for f in frames] == [1]
+    assert out["taken"] == ([], [])
+
+
 def test_images_beyond_the_limit_are_refused_not_dropped_in_silence(store):
     async def main():
         s = await store()

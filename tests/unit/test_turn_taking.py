@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from vita.processing.vad import StreamingVAD, VADConfig
 from vita.training.speech import QUERY_HELD_OUT, espeak, hesitant
 
 SR = 16_000
+HESITANT = ("what is the weather like in Beijing", 3, 0.55)  # "what is the ... weather like in Beijing"
 
 
 def _pad(wave: np.ndarray, before: float = 0.5, after: float = 1.5) -> np.ndarray:
@@ -47,21 +50,49 @@ def test_too_little_voiced_speech_counts_as_finished():
 
 
 def test_a_hesitation_mid_sentence_is_one_segment_unless_the_judgement_is_off():
-    clip = _pad(hesitant("what is the weather like in Beijing", 3, 0.55))
+    clip = _pad(hesitant(*HESITANT))
     assert len(_ended(clip)) == 1
     assert len(_ended(clip, VADConfig(incomplete_silence_ms=0))) == 2  # silence alone: two turns
     # The hold is bounded: a pause longer than incomplete_silence_ms still ends the turn.
     assert len(_ended(_pad(hesitant("what is the weather like in Beijing", 3, 1.5)))) == 2
 
 
-def test_finished_speech_ends_after_end_silence_not_the_hold():
-    wave = espeak("what is the weather like in Beijing")
+def test_finished_speech_ends_after_the_short_silence_not_end_silence_or_the_hold():
+    clip = _pad(espeak("what is the weather like in Beijing"), 0.5, 1.0)
+    voiced_end = (np.flatnonzero(np.abs(clip) > 0.02)[-1] + 1) / SR
+    decided = {}
+    for complete_ms in (160, 0):  # 0: the shortening off, end_silence_ms for all speech
+        vad = StreamingVAD(VADConfig(complete_silence_ms=complete_ms))
+        events = []
+        for i in range(0, len(clip), 320):
+            events += vad.push(clip[i : i + 320])
+            if any(e.kind == "ended" for e in events):
+                break
+        assert [e.kind for e in events if e.kind != "partial"] == ["started", "ended"]
+        decided[complete_ms] = vad.position_s - voiced_end  # silence heard when the turn was ended
+    # Silero drops below end_threshold a window or two after the last loud sample.
+    assert 0.16 <= decided[160] < 0.3 and 0.4 <= decided[0] < 0.55
+    assert decided[0] - decided[160] == pytest.approx(0.24, abs=0.04)  # 400 - 160 ms
+
+
+def test_pauses_are_reported_on_request_and_the_ended_speech_is_the_last_paused_audio():
+    clip = _pad(hesitant(*HESITANT))
+    plain = StreamingVAD()
+    assert not any(e.kind in ("paused", "resumed") for e in plain.push(clip) + plain.flush())
     vad = StreamingVAD()
-    clip = _pad(wave, 0.5, 0.0)
-    events = vad.push(clip)
-    events += vad.push(np.zeros(int(0.6 * SR), np.float32))  # 600 ms: past end_silence_ms, short of the hold
-    assert [e.kind for e in events if e.kind != "partial"] == ["started", "ended"]
-    assert vad.end_silence_s == pytest.approx(0.4)
+    vad.report_pauses = True
+    events = []
+    for i in range(0, len(clip), 320):
+        events += vad.push(clip[i : i + 320])
+    kinds = [e.kind for e in events if e.kind != "partial"]
+    assert kinds[0] == "started" and kinds[-2:] == ["paused", "ended"]
+    assert kinds.count("resumed") >= 1  # the hesitation: paused, then the speech went on
+    assert all(b in ("resumed", "ended") for a, b in itertools.pairwise(kinds) if a == "paused")
+    paused = [e for e in events if e.kind == "paused"][-1]
+    ended = events[-1]
+    assert len({e.segment for e in events}) == 1 and paused.start_s == ended.start_s
+    assert np.array_equal(ended.audio[: len(paused.audio)], paused.audio)  # the same speech ...
+    assert 0 < ended.end_s - paused.end_s <= VADConfig().speech_pad_ms / 1000  # ... and the rest of the padding
 
 
 def test_unfinished_speech_waits_for_the_longer_silence():
@@ -85,5 +116,7 @@ def test_a_brisk_word_is_heard_only_while_an_answer_plays(word):
 def test_turn_taking_settings_are_checked():
     with pytest.raises(InvalidInputError, match="incomplete_silence_ms"):
         VADConfig(incomplete_silence_ms=-1)
+    with pytest.raises(InvalidInputError, match="complete_silence_ms"):
+        VADConfig(complete_silence_ms=-1)
     with pytest.raises(InvalidInputError, match="end_of_turn_ratio"):
         VADConfig(end_of_turn_ratio=0.0)

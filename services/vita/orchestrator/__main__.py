@@ -31,6 +31,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--incomplete-silence-ms", type=int, default=vad.incomplete_silence_ms,
                    help="Converse: silence that ends speech that sounds unfinished (a hesitation mid-sentence); "
                         "not above --end-silence-ms: no end-of-turn judgement")
+    p.add_argument("--complete-silence-ms", type=int, default=vad.complete_silence_ms,
+                   help="Converse: silence that ends speech judged finished (a final pitch fall); 0: "
+                        "--end-silence-ms for all speech")
+    p.add_argument("--preemptive-generation", action=argparse.BooleanOptionalAction, default=True,
+                   help="Converse: start the answer when the speech pauses, release it when the turn ends "
+                        "(sessions may set their own)")
     p.add_argument("--barge-in-max-ms", type=int, default=vad.barge_in_max_ms,
                    help="Converse: speech up to this long during an answer stops it even when not judged a query "
                         "(0: off)")
@@ -71,9 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ctx.redis, ctx.bus, read_model_config(ctx.model_dir), VitaTokenizer.from_file(ctx.model_dir),
             OrchestratorConfig(default_max_tokens=args.default_max_tokens, encode_timeout_s=args.encode_timeout,
                                token_timeout_s=args.token_timeout, judge_timeout_s=args.judge_timeout,
-                               limits=limits,
+                               limits=limits, preemptive_generation=args.preemptive_generation,
                                vad=VADConfig(end_silence_ms=args.end_silence_ms,
                                              incomplete_silence_ms=args.incomplete_silence_ms,
+                                             complete_silence_ms=args.complete_silence_ms,
                                              barge_in_max_ms=args.barge_in_max_ms)), ctx.metrics)
         return Service(grpc=[GrpcService("vita.v1.Assistant",
                                          lambda s: assistant_pb2_grpc.add_AssistantServicer_to_server(service, s))])

@@ -22,14 +22,17 @@ class OrchestratorConfig:
     judge_timeout_s: float = 30.0  # Converse: wait for the monitor's one-token judgement
     stop_wait_s: float = 5.0  # Converse: wait for an interrupted generator to confirm it stopped
     vad: VADConfig = field(default_factory=VADConfig)  # Converse: defaults for what a session does not set
+    # Converse: start answering when the speech pauses, release the answer when the turn ends (a session may set it).
+    preemptive_generation: bool = True
     limits: InputLimits = field(default_factory=InputLimits)  # what one request or client event may carry
 
 
 def session_vad(defaults: VADConfig, config: SessionConfig) -> VADConfig:
     """A session's VAD: what the client set in `config.vad`, the orchestrator's defaults for the rest.
 
-    `early_judge_ms`, `incomplete_silence_ms` and `barge_in_max_ms`: 0 means the default, a negative value
-    switches the feature off (early judging, the end-of-turn hold, the barge-in rule).
+    `early_judge_ms`, `incomplete_silence_ms`, `complete_silence_ms` and `barge_in_max_ms`: 0 means the default, a
+    negative value switches the feature off (early judging, the end-of-turn hold, its shortening of a finished
+    turn's silence, the barge-in rule).
     """
     v = config.vad
 
@@ -44,7 +47,13 @@ def session_vad(defaults: VADConfig, config: SessionConfig) -> VADConfig:
         speech_pad_ms=v.speech_pad_ms or defaults.speech_pad_ms, max_segment_s=defaults.max_segment_s,
         partial_every_ms=switch(v.early_judge_ms, defaults.partial_every_ms),
         incomplete_silence_ms=switch(v.incomplete_silence_ms, defaults.incomplete_silence_ms),
+        complete_silence_ms=switch(v.complete_silence_ms, defaults.complete_silence_ms),
         end_of_turn_ratio=defaults.end_of_turn_ratio,
         barge_in_min_speech_ms=v.barge_in_min_speech_ms or defaults.barge_in_min_speech_ms,
         barge_in_max_ms=switch(v.barge_in_max_ms, defaults.barge_in_max_ms),
     )
+
+
+def session_preemptive(default: bool, config: SessionConfig) -> bool:
+    """A session's preemptive generation: its own setting when it made one, else the orchestrator's."""
+    return config.preemptive_generation if config.HasField("preemptive_generation") else default

@@ -7,7 +7,8 @@ Tasks per call, joined by queues so each stays simple:
   end-silence time, counted on the wall clock from where the last chunk's audio ran out;
 - the turn worker handles what the VAD and the client produce, one at a time: it encodes a segment, has the
   monitor-role pool judge it from the model's own state token, and on a query interrupts the answer in flight
-  and starts the next one;
+  and starts the next one; with preemptive generation it does that when the speech pauses, and releases the
+  answer when the turn ends (`preemptive.py`);
 - a relay per answer streams the generator's tokens to the client and writes the finished turn to history.
 Everything a replica needs to continue the session (history, roles, the answer in flight) is in Redis.
 
@@ -39,9 +40,10 @@ from vita.bus.queue import Backpressure
 from vita.bus.replies import ReplyTimeout
 from vita.bus.streams import check_id
 from vita.errors import ContextLengthError, InvalidInputError, VitaError
-from vita.orchestrator.config import OrchestratorConfig, session_vad
+from vita.orchestrator.config import OrchestratorConfig, session_preemptive, session_vad
 from vita.orchestrator.pools import JobFailed, PoolClient, job_status
-from vita.orchestrator.prompts import answer_prompt, judge_prompt, user_turn
+from vita.orchestrator.preemptive import Preemption, discard_reason
+from vita.orchestrator.prompts import Prompt, answer_prompt, judge_prompt, user_turn
 from vita.orchestrator.sessions import ImageLimitExceeded, SessionNotFound, SessionStore, SessionTakenOver
 from vita.processing.audio import float_to_pcm16, pcm16_to_float, resample
 from vita.processing.image import load_image
@@ -69,7 +71,7 @@ from vita.v1.assistant_pb2 import (
     UtteranceJudged,
 )
 from vita.v1.bus_pb2 import EmbeddingRef, GenerationJob
-from vita.v1.media_pb2 import Audio, Video
+from vita.v1.media_pb2 import Audio, Image, TimestampedFrame, Video
 from vita.v1.session_pb2 import ActiveAnswer, SessionState, SessionTurn
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,13 @@ class _End:
 
 
 @dataclass
+class _Resumed:
+    """Speech came back after a pause: the turn worker discards the answer it started at the pause."""
+
+    segment: int
+
+
+@dataclass
 class Answer:
     """An answer being streamed by the relay task."""
 
@@ -163,8 +172,12 @@ class ConverseCall:
         self.rate = SAMPLE_RATE
         self._pcm_carry = b""
         self._out: asyncio.Queue[ServerEvent | None] = asyncio.Queue()
-        self._work: asyncio.Queue[Utterance | TextQuery | _Cancel | _Truncate | _End] = asyncio.Queue()
+        self._work: asyncio.Queue[Utterance | TextQuery | Preemption | _Resumed | _Cancel | _Truncate | _End] = (
+            asyncio.Queue())
         self.answer: Answer | None = None
+        self._preemptive = config.preemptive_generation  # this session's setting (SessionConfig may change it)
+        self._pause: Preemption | None = None  # the reader's last pause (it marks it resumed)
+        self._preemption: Preemption | None = None  # the turn worker's answer held back until the turn ends
         self._early_query_segment = -1  # a segment already judged a query while being spoken
         self._early_query_turn = 0  # ... and the turn id handed out for it
         self._early_tried: set[int] = set()
@@ -248,12 +261,14 @@ class ConverseCall:
         for task in self._tasks:
             task.cancel()
         try:
+            await self._cancel_preemption()
             for request_id in list(self._issued):
                 await self.pools.cancel(request_id)
             if self._tasks:  # each ends at its next await; the wait only bounds a task that ignores its cancel
                 await asyncio.wait(self._tasks, timeout=self.config.stop_wait_s)
             if self.answer is not None:
                 await self._stop_relay(self.answer)
+            await self._cancel_preemption()  # again: started while the first round went out; never recorded
             for issued in list(self._issued.values()):
                 await self.pools.cancel(issued.request_id)  # again: issued while the first round went out
                 if not self._taken_over and self.state is not None:
@@ -381,6 +396,7 @@ class ConverseCall:
             for event in self.vad.cut():
                 if request.cut.discard and event.kind == "ended":
                     self.emit(speech_ended=SpeechEnded(audio_start_s=event.start_s, audio_end_s=event.end_s))
+                    self._resumed(event.segment)  # dropped unheard: an answer started at its pause goes too
                 else:
                     self._on_speech(event)
         elif kind == "cancel":
@@ -411,6 +427,8 @@ class ConverseCall:
                                                          owner=self.call_id))
             resumed = False
         self.state, self.rate, self.vad = state, rate, StreamingVAD(vad)
+        self._preemptive = session_preemptive(self.config.preemptive_generation, config)
+        self.vad.report_pauses = self._preemptive
         self.emit(session_started=SessionStarted(resumed=resumed, history_turns=len(state.turns)))
         log.info("session started", extra={"session_id": state.session_id, "resumed": resumed})
 
@@ -427,6 +445,8 @@ class ConverseCall:
         if rate != self.rate:
             self.rate, self._pcm_carry = rate, b""
         self.vad.set_config(vad)
+        self._preemptive = session_preemptive(self.config.preemptive_generation, new)
+        self.vad.report_pauses = self._preemptive
 
     def _vad_push(self, pcm16: bytes) -> list[SpeechEvent]:
         """PCM16 at the session's rate into the VAD at 16 kHz; an odd trailing byte waits for the next chunk."""
@@ -477,12 +497,25 @@ class ConverseCall:
             if self._answering() and event.segment not in self._early_tried and self.config.vad.partial_every_ms:
                 self._early_tried.add(event.segment)
                 self._work.put_nowait(Utterance(event.audio, event.start_s, event.end_s, event.segment, now, True))
+        elif event.kind == "paused":
+            if self._preemptive:
+                self._pause = Preemption(event.segment, event.audio, event.start_s, event.end_s, cut_at=now)
+                self._work.put_nowait(self._pause)
+        elif event.kind == "resumed":
+            self._resumed(event.segment)
         elif event.kind == "ended":
             self.metrics.vad_segments.inc()
             judged = event.segment == self._early_query_segment  # a query already: its turn is known
             self.emit(self._early_query_turn if judged else None,
                       speech_ended=SpeechEnded(audio_start_s=event.start_s, audio_end_s=event.end_s))
             self._work.put_nowait(Utterance(event.audio, event.start_s, event.end_s, event.segment, now))
+
+    def _resumed(self, segment: int) -> None:
+        """The speech of `segment` went on after its pause (or was dropped): an answer started there is stale."""
+        if self._pause is not None and self._pause.segment == segment:
+            self._pause.resumed = True
+            self._pause = None
+            self._work.put_nowait(_Resumed(segment))
 
     def _answering(self) -> bool:
         """An answer streams, or the client still plays one: speech now may be a barge-in."""
@@ -502,6 +535,14 @@ class ConverseCall:
         """One utterance or text at a time; a failed turn is an error event, the next turn still runs."""
         while True:
             item = await self._work.get()
+            if self._preemption is not None and not self._ends_preempted_turn(item):
+                await self._discard_preemption("resumed" if isinstance(item, _Resumed) else "another event")
+            if isinstance(item, _Resumed):
+                continue
+            if isinstance(item, Preemption):
+                if not await self._preempt_safely(item):
+                    return
+                continue
             if isinstance(item, _End):
                 if self.answer is not None and self.answer.task is not None:
                     await asyncio.wait([self.answer.task])  # our own cancellation still raises here
@@ -550,20 +591,27 @@ class ConverseCall:
 
     async def _utterance(self, u: Utterance) -> None:
         """Judge speech: a query is answered (an early one first interrupts, the whole segment is answered at its
-        end); anything else is ignored, and an early cut that is not decisive waits for the whole segment."""
+        end); anything else is ignored, and an early cut that is not decisive waits for the whole segment. A
+        segment preempted at its pause takes the judgement and the answer made then, when they still stand."""
+        preempted = None if u.early else await self._take_preemption(u.segment)
         if not u.early and u.segment == self._early_query_segment:
             self._early_query_segment = -1  # judged a query while spoken: answer the whole of it, as its turn
             self._turn = self._early_query_turn
-            await self._answer(StateToken.QUERY_AUDIO, u.cut_at, audio=await self._encode_audio(u.audio),
-                               turn_id=self._early_query_turn)
+            if preempted is None or not await self._release(preempted, self._early_query_turn, u.cut_at):
+                await self._answer(StateToken.QUERY_AUDIO, u.cut_at, audio=await self._encode_audio(u.audio),
+                                   turn_id=self._early_query_turn)
             return
         if u.early and self.answer is None and not self._playing:
             return  # the answer it might interrupt finished meanwhile; the whole segment is judged at its end
-        audio = await self._encode_audio(u.audio)
-        token = await self._judge(audio)
+        if preempted is not None:
+            audio, token = preempted.speech, preempted.token
+            latency = preempted.judged_at - preempted.cut_at  # judged at the pause, before the turn ended
+        else:
+            audio = await self._encode_audio(u.audio)
+            token = await self._judge(audio)
+            latency = time.perf_counter() - u.cut_at
         query = token == StateToken.QUERY_AUDIO.value
         barge_in = not query and self._barge_in(u)
-        latency = time.perf_counter() - u.cut_at
         self.metrics.utterances_judged.labels("query" if query else "barge_in" if barge_in else "ignored",
                                               str(u.early).lower()).inc()
         if u.early and not query:
@@ -582,7 +630,8 @@ class ConverseCall:
             self._early_query_segment, self._early_query_turn = u.segment, turn_id
             await self._interrupt(u.cut_at)
             return
-        await self._answer(StateToken.QUERY_AUDIO, u.cut_at, audio=audio, turn_id=turn_id)
+        if preempted is None or not await self._release(preempted, turn_id, u.cut_at):
+            await self._answer(StateToken.QUERY_AUDIO, u.cut_at, audio=audio, turn_id=turn_id)
 
     async def _encode_audio(self, samples: np.ndarray) -> EmbeddingRef:
         audio = Audio(data=float_to_pcm16(samples), encoding=Audio.PCM16, sample_rate_hz=SAMPLE_RATE)
@@ -623,34 +672,51 @@ class ConverseCall:
             self._turn = turn_id = await self._reserve_turn()
         images, frames = await self.store.take_media(self.session_id)
         frames_dropped, self._frames_dropped = self._frames_dropped, 0
+        user, prompt = await self._draft(state, text, audio, images, frames, turn_id)
+        request_id = f"{self.session_id}.t{turn_id}.{uuid.uuid4().hex[:8]}"
+        if self._closing:  # the call is ending: issue nothing the cleanup could miss
+            raise asyncio.CancelledError
+        issued = self._issued[request_id] = _Issued(request_id, turn_id, user)
+        try:
+            job = await self.pools.generate(request_id, self.state.generator_role, prompt, self.state.config.sampling)
+        except Exception:
+            del self._issued[request_id]
+            await self.pools.cancel(request_id)  # it may have been queued: nobody would read it
+            raise
+        await self._start(issued, prompt, job, cut_at, interrupted=interrupted, frames_dropped=frames_dropped)
+
+    async def _draft(self, state: StateToken, text: str, audio: EmbeddingRef | None, images: list[Image],
+                     frames: list[TimestampedFrame], turn_id: int) -> tuple[SessionTurn, Prompt]:
+        """The user turn (its images and frames encoded now, the speech already) and the prompt of its answer."""
         video = Video(frames=Video.Frames(frames=frames)) if frames else None
         refs = await self.pools.encode(self._encode_id(), images=images, video=video)  # {} when there is none
         if audio is not None:
             refs["audio"] = audio
         user = user_turn(text, refs, turn_id=turn_id, state=state, unix_s=time.time())
-        prompt = answer_prompt(self.tokenizer, self.state.turns, user, state, **self._prompt_args())
-        request_id = f"{self.session_id}.t{turn_id}.{uuid.uuid4().hex[:8]}"
-        role = self.state.generator_role
-        if self._closing:  # the call is ending: issue nothing the cleanup could miss
-            raise asyncio.CancelledError
-        issued = self._issued[request_id] = _Issued(request_id, turn_id, user)
+        return user, answer_prompt(self.tokenizer, self.state.turns, user, state, **self._prompt_args())
+
+    async def _start(self, issued: _Issued, prompt: Prompt, job: GenerationJob, cut_at: float, *,
+                     interrupted: bool, frames_dropped: int) -> None:
+        """The generation `issued` becomes the turn's answer: the user turn and the answer in flight go to history,
+        then the relay streams its tokens to the client (those the generator made already, at once)."""
+        request_id, turn_id, user = issued.request_id, issued.turn_id, issued.user
 
         def record(s: SessionState) -> None:
             s.turns.append(user)
             s.next_turn_id = max(s.next_turn_id, turn_id + 1)
-            s.active.CopyFrom(ActiveAnswer(request_id=request_id, turn_id=turn_id, state_token=state.value, role=role))
+            s.active.CopyFrom(ActiveAnswer(request_id=request_id, turn_id=turn_id, state_token=user.state_token,
+                                           role=job.role))
 
         try:
-            job = await self.pools.generate(request_id, role, prompt, self.state.config.sampling)
             await self._update(record)
         except Exception:
             del self._issued[request_id]
-            await self.pools.cancel(request_id)  # it may have been queued: nobody would read it
+            await self.pools.cancel(request_id)  # nobody would read it
             raise
-        answer = Answer(request_id, turn_id, state.value, cut_at, prompt.usage(), interrupted, job)
+        answer = Answer(request_id, turn_id, user.state_token, cut_at, prompt.usage(), interrupted, job)
         self.answer = issued.answer = answer
         self.emit(turn_id, answer_started=AnswerStarted(
-            state_token=state.value, max_tokens=job.max_tokens, history_turns_dropped=prompt.turns_dropped,
+            state_token=user.state_token, max_tokens=job.max_tokens, history_turns_dropped=prompt.turns_dropped,
             frames_dropped=frames_dropped))
         answer.task = asyncio.create_task(self._relay(answer, job.reply_stream))
 
@@ -847,6 +913,102 @@ class ConverseCall:
         except SessionTakenOver:  # resumed again meanwhile: that call recovers it; this one hears at its first turn
             return state
 
+
+    # ------------------------------------------------------------------------------------------------------
+    # Preemptive generation (preemptive.py): the answer starts at the pause, the end of the turn releases it
+
+    async def _preempt_safely(self, p: Preemption) -> bool:
+        """`_preempt`; a failure only costs the head start (the turn is answered when it ends, and a real problem
+        is reported then). False when the session was taken over: the turn worker ends."""
+        try:
+            await self._check_owner()
+            await self._preempt(p)
+        except SessionTakenOver:
+            self._lose_session()
+            return False
+        except Exception:
+            log.warning("preemptive generation failed; the turn is answered when it ends", exc_info=True,
+                        extra={"session_id": self.session_id})
+            await self._discard_preemption("failed")
+        return True
+
+    async def _preempt(self, p: Preemption) -> None:
+        """The speech paused: judge it and queue its answer now, held back until the turn ends. Only when no answer
+        is in flight (one that streams is stopped by a judged query first: early judging does that mid-speech)."""
+        if p.resumed or self.answer is not None or self._closing:
+            return
+        self._preemption = p
+        p.snapshot(self.state)
+        p.speech = await self._encode_audio(p.audio)
+        if p.resumed:
+            return
+        early = p.segment == self._early_query_segment  # judged a query while spoken: no second judgement
+        p.token = StateToken.QUERY_AUDIO.value if early else await self._judge(p.speech)
+        p.judged_at = time.perf_counter()
+        if not p.query or p.resumed:
+            return
+        p.images, p.frames = await self.store.peek_media(self.session_id)
+        p.user, p.prompt = await self._draft(StateToken.QUERY_AUDIO, "", p.speech, p.images, p.frames, 0)
+        if p.resumed or self._closing:
+            return
+        p.request_id = f"{self.session_id}.pre.{uuid.uuid4().hex[:12]}"  # the cleanup cancels it from here on
+        p.job = await self.pools.generate(p.request_id, p.state.generator_role, p.prompt, p.state.config.sampling)
+        self.metrics.preemptive_answers.labels("started").inc()
+
+    def _ends_preempted_turn(self, item: object) -> bool:
+        """What a held-back answer waits for: the end of its own segment. Anything else discards it."""
+        return isinstance(item, Utterance) and not item.early and item.segment == self._preemption.segment
+
+    async def _take_preemption(self, segment: int) -> Preemption | None:
+        """The preemption of the turn that just ended in `segment`, if it still stands (else it is discarded).
+        One with an answer stays the call's (its cleanup cancels it) until `_release` makes it the turn's."""
+        p = self._preemption
+        if p is None:
+            return None
+        reason = discard_reason(p, segment=segment, state=self.state)
+        if reason is not None:
+            await self._discard_preemption(reason)
+            return None
+        if not p.query:
+            self._preemption = None  # a judgement only: nothing runs
+        return p
+
+    async def _release(self, p: Preemption, turn_id: int, cut_at: float) -> bool:
+        """The turn ended as `p` assumed: its answer becomes the answer of `turn_id`. False (and it is discarded)
+        when the images or frames waiting changed since it started: the turn is then answered afresh."""
+        if self._closing:
+            raise asyncio.CancelledError
+        if not await self.store.take_media_if(self.session_id, p.images, p.frames):
+            await self._discard_preemption("media changed")
+            return False
+        frames_dropped, self._frames_dropped = self._frames_dropped, 0
+        p.user.turn_id = turn_id
+        issued = self._issued[p.request_id] = _Issued(p.request_id, turn_id, p.user)
+        self._preemption = None  # the call's as an issued answer now: recorded as interrupted if the call ends
+        self.metrics.preemptive_answers.labels("released").inc()
+        await self._start(issued, p.prompt, p.job, cut_at, interrupted=False, frames_dropped=frames_dropped)
+        return True
+
+    async def _discard_preemption(self, reason: str) -> None:
+        """Drop the answer started at a pause: cancelled on the generator; the client and the history never saw it."""
+        p = self._preemption
+        if p is None:
+            return
+        try:
+            if p.request_id:
+                self.metrics.preemptive_answers.labels("discarded").inc()
+                await self.pools.cancel(p.request_id)
+        except RedisError:  # past the client's retries; the generation stops at its max_tokens
+            log.warning("could not cancel a discarded preemptive answer", exc_info=True,
+                        extra={"session_id": self.session_id})
+        if self._preemption is p:
+            self._preemption = None
+        log.debug("preemptive answer discarded: %s", reason, extra={"session_id": self.session_id})
+
+    async def _cancel_preemption(self) -> None:
+        """The call ends: an answer held back is cancelled and, unlike an issued one, never recorded."""
+        if self._preemption is not None and self._preemption.request_id:
+            await self.pools.cancel(self._preemption.request_id)
 
 def _audio_rate(config: SessionConfig) -> int:
     rate = config.audio_sample_rate_hz or SAMPLE_RATE

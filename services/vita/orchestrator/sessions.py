@@ -157,6 +157,39 @@ class SessionStore:
         images, frames, _ = await pipe.execute()
         return [Image.FromString(x) for x in images], [TimestampedFrame.FromString(x) for x in frames]
 
+    async def peek_media(self, session_id: str) -> tuple[list[Image], list[TimestampedFrame]]:
+        """The images and frames waiting for the next turn, left in place (a preemptive answer may be discarded)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.lrange(self.bus.session_images(session_id), 0, -1)
+        pipe.lrange(self.bus.session_frames(session_id), 0, -1)
+        images, frames = await pipe.execute()
+        return [Image.FromString(x) for x in images], [TimestampedFrame.FromString(x) for x in frames]
+
+    async def take_media_if(self, session_id: str, images: list[Image], frames: list[TimestampedFrame]) -> bool:
+        """Take the waiting media only if they are exactly `images` and `frames` (what `peek_media` saw); False,
+        and nothing taken, when any was added or dropped since (compare-and-set on both lists)."""
+        keys = self.bus.session_images(session_id), self.bus.session_frames(session_id)
+        if not images and not frames:  # the usual case: one round trip (what comes after it is the next turn's)
+            pipe = self.redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.llen(key)
+            return not any(await pipe.execute())
+        for _ in range(self.retries):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(*keys)
+                    now = [await pipe.lrange(key, 0, -1) for key in keys]
+                    if ([Image.FromString(x) for x in now[0]] != images
+                            or [TimestampedFrame.FromString(x) for x in now[1]] != frames):
+                        return False
+                    pipe.multi()
+                    pipe.delete(*keys)
+                    await pipe.execute()
+                    return True
+                except WatchError:
+                    continue
+        return False
+
     async def _push(self, key: str, value: bytes, keep: int) -> int:
         """Append; with `keep`, trim to the newest `keep`. Returns the length right after the append."""
         pipe = self.redis.pipeline(transaction=True)

@@ -16,6 +16,11 @@ value, or a 50 ms tail, left no gap.) A pitch-halving error of the tracker makes
 no hold. Real voices are more varied (questions with a final rise, creaky voice that defeats the pitch
 tracker): the cost of a wrong "unfinished" is only the longer hold before the answer (`incomplete_silence_ms`),
 and an utterance too short or too unvoiced to measure counts as finished (no hold).
+
+A measured fall also shortens the wait: the VAD ends such speech after `complete_silence_ms` (160 ms) instead of
+`end_silence_ms` (400 ms), the pattern of turn detectors that end a turn sooner when confident (AssemblyAI's
+`min_end_of_turn_silence_when_confident`, 160 ms in its fast preset). Speech that cannot be measured keeps the
+plain end silence.
 """
 
 from __future__ import annotations
@@ -70,7 +75,13 @@ def voiced_seconds(samples: np.ndarray) -> float:
     return float(np.count_nonzero(~np.isnan(f0)) * _HOP / SAMPLE_RATE)
 
 
+def end_of_turn(samples: np.ndarray, ratio: float = END_OF_TURN_RATIO) -> bool | None:
+    """True: the utterance ends with a final fall (finished); False: level or rising (cut off mid-sentence); None:
+    too little voiced speech to tell."""
+    measured = final_pitch_ratio(samples)
+    return None if measured is None else measured <= ratio
+
+
 def sounds_finished(samples: np.ndarray, ratio: float = END_OF_TURN_RATIO) -> bool:
     """Whether the utterance ends with a final fall (or cannot be judged): commit the turn without a longer hold."""
-    measured = final_pitch_ratio(samples)
-    return measured is None or measured <= ratio
+    return end_of_turn(samples, ratio) is not False

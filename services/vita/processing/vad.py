@@ -2,7 +2,9 @@
 
 The orchestrator of the duplex assistant pushes user audio in chunks of any size and gets back events: "started"
 once an utterance is long enough to be real speech, "partial" snapshots while it goes on (to judge it before it
-ends), and "ended" with the whole segment, padded, ready for the audio encoder.
+ends), and "ended" with the whole segment, padded, ready for the audio encoder. On request (`report_pauses`) also
+"paused" when the speech goes silent (the segment as it will be if that silence ends it: preemptive generation
+starts on it) and "resumed" when speech comes back before the segment ended.
 
 How the model is shared. `silero_vad.load_silero_vad()` returns a TorchScript wrapper that keeps the LSTM state,
 the 64-sample context and the last sample rate as hidden attributes and mutates them on every call, so two streams
@@ -38,7 +40,7 @@ import numpy as np
 import torch
 
 from vita.errors import InvalidInputError
-from vita.processing.turn import sounds_finished
+from vita.processing.turn import end_of_turn
 
 SAMPLE_RATE = 16000
 WINDOW = 512  # Silero's 16 kHz model takes exactly 512 new samples (32 ms) per call
@@ -74,6 +76,11 @@ class VADConfig:
     # (a final pitch fall); if it sounds cut off mid-sentence, it stays open (a hesitation, not the end of the turn)
     # until this much silence. Not above end_silence_ms: no end-of-turn judgement, silence alone ends segments.
     incomplete_silence_ms: int = 800
+    # With the judgement on, speech that sounds finished (a measured final fall) ends after this much silence
+    # instead of end_silence_ms; speech too short or too unvoiced to judge keeps end_silence_ms. 0, or not below
+    # end_silence_ms: off. 160 ms is five Silero windows: the short pauses between words (one window on espeak-ng
+    # speech) are bridged, and a pause whose pitch fell and lasts this long ends the turn.
+    complete_silence_ms: int = 160
     end_of_turn_ratio: float = 0.835  # final F0 / median F0 at or below this sounds finished (turn.py)
     # While the assistant answers (`StreamingVAD.answering`), speech this long already opens a segment, so a brisk
     # "no" or "stop" (under min_speech_ms) is heard; segments up to barge_in_max_ms (with padding) are never held.
@@ -94,7 +101,7 @@ class VADConfig:
             raise InvalidInputError(f"VADConfig.end_of_turn_ratio must be a positive number; got "
                                     f"{self.end_of_turn_ratio!r}")
         for name in ("min_speech_ms", "end_silence_ms", "speech_pad_ms", "partial_every_ms",
-                     "incomplete_silence_ms", "barge_in_min_speech_ms", "barge_in_max_ms"):
+                     "incomplete_silence_ms", "complete_silence_ms", "barge_in_min_speech_ms", "barge_in_max_ms"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
                 raise InvalidInputError(f"VADConfig.{name} must be a non-negative integer; got {value!r}")
@@ -118,10 +125,10 @@ def _is_real(value: Any) -> bool:
 class SpeechEvent:
     """One step in the life of a speech segment; times are seconds since the first sample pushed."""
 
-    kind: Literal["started", "partial", "ended"]
+    kind: Literal["started", "partial", "paused", "resumed", "ended"]
     start_s: float  # segment start, speech_pad_ms before the detected speech where that audio exists
     end_s: float  # end of the audio included so far ("ended": speech end plus padding)
-    audio: np.ndarray | None  # float32 16 kHz samples [start_s, end_s); None for "started"
+    audio: np.ndarray | None  # float32 16 kHz samples [start_s, end_s); None for "started" and "resumed"
     segment: int  # 0, 1, 2... among the segments reported by this stream
 
 
@@ -204,6 +211,9 @@ class StreamingVAD:
     do not depend on how the audio was chunked. "started" is emitted only once the speech has lasted
     `min_speech_ms` (so a click never produces an event), with the segment's true start; every "started" is
     followed by exactly one "ended" (by silence, by `max_segment_s`, or by `flush`), unless `reset` drops it.
+    With `report_pauses`, a started segment's first silent window after speech gives "paused" (the audio up to
+    there, padding included as far as it exists), and the next voiced window of the same segment "resumed"; every
+    "paused" is followed by "resumed" or by the segment's "ended", whose speech is then the paused audio's.
     """
 
     SAMPLE_RATE = SAMPLE_RATE
@@ -213,6 +223,7 @@ class StreamingVAD:
         # Set by the caller while the assistant answers: shorter speech counts (barge-in words), and short segments
         # end without the end-of-turn hold. A plain attribute: read once per window.
         self.answering = False
+        self.report_pauses = False  # "paused" / "resumed" events (preemptive generation); off: the events as before
         self.set_config(config or VADConfig())
         self.reset()
 
@@ -225,6 +236,13 @@ class StreamingVAD:
         self._barge_in_max = cfg.barge_in_max_ms * ms
         self._end_silence = cfg.end_silence_ms * ms
         self._hold_silence = max(cfg.incomplete_silence_ms, cfg.end_silence_ms) * ms
+        judging = self._hold_silence > self._end_silence
+        self._complete_silence = (cfg.complete_silence_ms * ms if judging and 0 < cfg.complete_silence_ms
+                                  < cfg.end_silence_ms else self._end_silence)
+        # The judgement (a pitch track of up to 4 s: ~10 ms of CPU, ~50 ms on a busy 2-core machine) is made two
+        # windows before the shortest end, so its cost delays no end of turn: the windows after it are pushed
+        # while it runs, and taken in a burst after.
+        self._judge_silence = max(WINDOW, self._complete_silence - 2 * WINDOW) if judging else self._end_silence
         self._pad = cfg.speech_pad_ms * ms
         self._every = cfg.partial_every_ms * ms
         self._max_len = int(cfg.max_segment_s * SAMPLE_RATE)
@@ -243,7 +261,9 @@ class StreamingVAD:
         self._audio_start = 0  # _speech_start minus the padding, not before _floor
         self._voiced_end = 0  # end of the last window at or above end_threshold
         self._silence_start: int | None = None  # start of the current run of silent windows
-        self._finished: bool | None = None  # end-of-turn judgement of the speech before this silence run
+        self._judged = False  # the end-of-turn judgement of the speech before this silence run was made ...
+        self._finished: bool | None = None  # ... and said: finished, unfinished, or None (no hold, no shortening)
+        self._paused = False  # "paused" went out for this silence run
         self._next_partial = 0
 
     @property
@@ -258,9 +278,10 @@ class StreamingVAD:
 
     @property
     def end_silence_s(self) -> float:
-        """The silence that ends the open segment now: longer while the speech before it sounds unfinished."""
-        held = self._silence_start is not None and self._finished is False
-        return (self._hold_silence if held else self._end_silence) / SAMPLE_RATE
+        """The silence that ends the open segment now: longer while the speech before it sounds unfinished, shorter
+        once it was judged finished."""
+        judged = self._silence_start is not None and self._judged
+        return (self._silence_for(self._finished) if judged else self._end_silence) / SAMPLE_RATE
 
     @property
     def position_s(self) -> float:
@@ -329,12 +350,19 @@ class StreamingVAD:
             self._voiced_end, self._silence_start = end, None
             self._next_partial = self._every
         elif prob >= cfg.end_threshold:  # hysteresis: once open, only a drop below end_threshold is silence
-            self._voiced_end, self._silence_start, self._finished = end, None, None
+            self._voiced_end, self._silence_start, self._judged, self._finished = end, None, False, None
+            if self._paused:
+                self._paused = False
+                events.append(SpeechEvent("resumed", self._audio_start / SAMPLE_RATE, end / SAMPLE_RATE, None,
+                                          self._segment))
         else:
             if self._silence_start is None:
                 self._silence_start = start
+                if self.report_pauses and self._started:
+                    self._paused = True
+                    events.append(self._event("paused", min(start + self._pad, end)))
             silent = end - self._silence_start
-            if silent >= self._end_silence and (silent >= self._hold_silence or self._sounds_finished()):
+            if silent >= self._judge_silence and silent >= self._silence_for(self._end_of_turn()):
                 self._close(min(self._silence_start + self._pad, end), events)
                 return
 
@@ -361,15 +389,22 @@ class StreamingVAD:
             events.append(self._event("partial", end))
             self._next_partial = ((end - self._speech_start) // self._every + 1) * self._every
 
-    def _sounds_finished(self) -> bool:
-        """End-of-turn judgement of the speech before the current silence, made once per silence run."""
-        if self._finished is None:
-            # Up to now, not to the start of the silence: a soft final fall is often already below end_threshold.
+    def _end_of_turn(self) -> bool | None:
+        """End-of-turn judgement of the speech before the current silence, made once per silence run (when the
+        judgement is on): True finished, False unfinished, None neither (too little to judge, a barge-in word)."""
+        if not self._judged and self._hold_silence > self._end_silence:
+            # Up to now (at least two windows into the silence), not to the start of the silence: a soft final
+            # fall is often already below end_threshold.
             speech = self._history.view(self._audio_start, self._done)
             spoken = self._silence_start - self._audio_start + self._pad
             short = self.answering and spoken <= self._barge_in_max  # a barge-in word: no hold
-            self._finished = short or not self._started or sounds_finished(speech, self.config.end_of_turn_ratio)
+            self._finished = None if short or not self._started else end_of_turn(speech, self.config.end_of_turn_ratio)
+            self._judged = True
         return self._finished
+
+    def _silence_for(self, finished: bool | None) -> int:
+        """Samples of silence that end a segment judged `finished` (None: not judged, or no judgement)."""
+        return self._complete_silence if finished else self._hold_silence if finished is False else self._end_silence
 
     def _close(self, end: int, events: list[SpeechEvent]) -> None:
         """End the open segment at sample `end`: reported if it had started, silently dropped otherwise."""
@@ -377,10 +412,10 @@ class StreamingVAD:
             events.append(self._event("ended", end))
             self._segment += 1
             self._floor = end
-        self._open = self._started = False
+        self._open = self._started = self._judged = self._paused = False
         self._silence_start = self._finished = None
 
-    def _event(self, kind: Literal["partial", "ended"], end: int) -> SpeechEvent:
+    def _event(self, kind: Literal["partial", "paused", "ended"], end: int) -> SpeechEvent:
         audio = self._history.view(self._audio_start, end).copy()
         return SpeechEvent(kind, self._audio_start / SAMPLE_RATE, end / SAMPLE_RATE, audio, self._segment)
 

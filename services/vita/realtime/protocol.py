@@ -130,8 +130,9 @@ def data_url_bytes(url: Any, param: str) -> bytes:
 
 
 # semantic_vad's eagerness -> the silence that ends speech that sounds unfinished (VadParams.incomplete_silence_ms;
-# speech that sounds finished ends after silence_duration_ms whatever the eagerness). server_vad, as OpenAI's, has no
-# end-of-turn judgement: silence_duration_ms alone ends a turn.
+# speech that sounds finished ends after VadParams.complete_silence_ms, 160 ms, or silence_duration_ms when that is
+# shorter, whatever the eagerness). server_vad, as OpenAI's, has no end-of-turn judgement: silence_duration_ms alone
+# ends a turn.
 EAGERNESS = {"low": 2000, "medium": 800, "auto": 800, "high": 600}
 MAX_VAD_MS = 60_000  # silence_duration_ms and prefix_padding_ms
 

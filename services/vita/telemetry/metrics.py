@@ -92,6 +92,10 @@ class Metrics:
         self.speech_to_first_token = Histogram("vita:speech_to_first_token_seconds",
                                                "End of a spoken query to the first token of its answer",
                                                buckets=_LATENCY, registry=r)
+        self.preemptive_answers = Counter(
+            "vita:preemptive_answers", "Answers started when the speech paused (outcome=started), then released at "
+            "the end of the turn (released) or discarded (discarded: speech resumed, the history or the media "
+            "changed)", ["outcome"], registry=r)
 
 
 class CudaMemoryCollector(Collector):
