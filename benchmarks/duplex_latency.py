@@ -164,6 +164,29 @@ def fresh_trial(client, speech, results: Results, setting: tuple[int | None, boo
         s.cancel()
 
 
+def vad_end_of_turn(clip, complete_silence_ms: int | None) -> tuple[float, float]:
+    """Offline, the VAD alone: seconds from the clip's last loud sample to the pause it reports and to its end of
+    turn, pushed in 20 ms chunks as the trials stream it (no machine load in it: the floor of the live figures)."""
+    import numpy as np
+
+    from vita.processing.vad import StreamingVAD, VADConfig
+
+    defaults = VADConfig()
+    silence = defaults.complete_silence_ms if complete_silence_ms is None else max(0, complete_silence_ms)
+    vad = StreamingVAD(VADConfig(complete_silence_ms=silence))
+    vad.report_pauses = True
+    samples = np.concatenate([np.zeros(8000, np.float32), clip, np.zeros(24000, np.float32)])
+    paused = ended = None
+    for i in range(0, len(samples), 320):
+        for event in vad.push(samples[i : i + 320]):
+            if event.kind == "paused":
+                paused = vad.position_s
+            elif event.kind == "ended" and ended is None:
+                ended = vad.position_s
+    end = 0.5 + voiced_end_s(clip)
+    return paused - end, ended - end
+
+
 def rows(name: str, r: Results) -> list[str]:
     def row(what: str, values: list[float]) -> str:
         return f"| {name} | {what} | {ms(values, .5)} | {ms(values, .99)} | {len(values)} |"
@@ -209,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", action="store_true",
                         help="run every trial under each setting of SETTINGS in turn (before, the shortened "
                              "silence alone, with preemptive generation), side by side in one stack")
+    parser.add_argument("--vad-only", action="store_true",
+                        help="print, per setting, when the VAD alone reports the pause and ends the turn after the "
+                             "last loud sample of each held-out question (offline, no stack), and exit")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to --output")
     args = parser.parse_args(argv)
@@ -222,7 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     prefetch([(t, "query") for t in QUERY_HELD_OUT] + list(OTHER_HELD_OUT))
     queries = [espeak(t, "query") for t in QUERY_HELD_OUT]
     others = [espeak(t, v) for t, v in OTHER_HELD_OUT]
-    settings = SETTINGS if args.compare else {DEFAULTS: (None, None)}
+    settings = SETTINGS if args.compare or args.vad_only else {DEFAULTS: (None, None)}
+    if args.vad_only:
+        for name, (complete_silence_ms, _) in settings.items():
+            paused, ended = zip(*(vad_end_of_turn(q, complete_silence_ms) for q in queries))
+            print(f"{name}: pause reported {pct(paused, .5) * 1000:.0f} ms, end of turn {pct(ended, .5) * 1000:.0f} "
+                  f"ms after the last loud sample (median of {len(queries)}; each: "
+                  f"{', '.join(f'{e * 1000:.0f}' for e in ended)})")
+        return 0
     results = {name: Results() for name in settings}
     names = list(settings)
 
