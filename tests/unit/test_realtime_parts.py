@@ -183,6 +183,25 @@ def test_echo_guard_removes_its_own_voice_and_keeps_a_person_talking_over_it(voi
     assert _db(cleaned - person) < _db(person) - 20  # what is left is the person
 
 
+def test_echo_guard_follows_a_delay_that_moves_mid_answer(voice):
+    """A client (or the gateway) that falls behind on a busy machine: the second half of the answer plays 0.9 s
+    later than the guard's model of the client says. The guard finds the new delay and removes that half too."""
+    out = _floats(voice)
+    half = len(out) // 2 // 2400 * 2400
+    first, second = voice[:2 * half], voice[2 * half:]
+    d1, d2 = int(0.23 * 24000), int(1.13 * 24000)
+    mic = np.zeros(len(out) + d2 + 4800, np.float32)
+    mic[d1:d1 + half] += 0.5 * out[:half]
+    mic[half + d2:half + d2 + len(out) - half] += 0.5 * out[half:]
+    guard = EchoGuard(24000)
+    guard.played(first)
+    guard.played(second)  # back to back, as the guard models the client
+    cleaned = _through(guard, mic)
+    assert guard.delay == d2
+    late = slice(half + d2 + 2400, half + d2 + len(out) - half)  # after the chunk in which the delay moved
+    assert _db(mic[late]) - _db(cleaned[late]) > 30
+
+
 def test_echo_guard_leaves_input_alone_when_nothing_was_played(voice):
     mic = 0.3 * _floats(voice)
     assert np.array_equal(_through(EchoGuard(24000), mic), _floats(_pcm(mic)))

@@ -15,9 +15,9 @@ EXPECTED = {  # stage, trainable groups (MISSION.md "Training")
     "stage2_audio": (2, ["audio_encoder", "audio_connector"]),
     "stage3_multimodal": (3, ["llm", "vision_connector", "audio_connector"]),
 }
-# The tiny run's towers start random (no pretrained InternViT or audio encoder to keep): its stage 3 trains them too.
-EXPECTED_TINY = {**EXPECTED, "stage3_multimodal": (3, ["llm", "vision_encoder", "vision_connector", "audio_encoder",
-                                                       "audio_connector"])}
+# The tiny run's stage 3 trains what the full one does: its random towers stay frozen (docs/training.md "Why the
+# model ignored its inputs"), so the tiny configs differ from the full ones in size only.
+EXPECTED_TINY = EXPECTED
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -558,7 +558,7 @@ class ConverseCall:
                     self.error(grpc.StatusCode.INVALID_ARGUMENT, str(e), item.turn_id)
                 continue
             self._turn = None
-            with tracer.start_as_current_span("converse turn") as span:
+            with trace.use_span(self._turn_span(item), end_on_exit=True) as span:
                 span.set_attribute("vita.session_id", self.session_id)
                 try:
                     await self._check_owner()
@@ -588,6 +588,14 @@ class ConverseCall:
                     self.error(grpc.StatusCode.INTERNAL, "the orchestrator failed on this turn", self._turn)
                 if self._turn is not None:
                     span.set_attribute("vita.turn_id", self._turn)
+
+    def _turn_span(self, item: object) -> trace.Span:
+        """The turn's span: the one its head start opened at the pause (preemptive.py), else a new one."""
+        p = self._preemption
+        if p is not None and p.span is not None and self._ends_preempted_turn(item):
+            span, p.span = p.span, None
+            return span
+        return tracer.start_span("converse turn")
 
     async def _utterance(self, u: Utterance) -> None:
         """Judge speech: a query is answered (an early one first interrupts, the whole segment is answered at its
@@ -920,16 +928,21 @@ class ConverseCall:
     async def _preempt_safely(self, p: Preemption) -> bool:
         """`_preempt`; a failure only costs the head start (the turn is answered when it ends, and a real problem
         is reported then). False when the session was taken over: the turn worker ends."""
+        p.span = tracer.start_span("converse turn", attributes={"vita.session_id": self.session_id})
         try:
-            await self._check_owner()
-            await self._preempt(p)
+            with trace.use_span(p.span, end_on_exit=False):
+                await self._check_owner()
+                await self._preempt(p)
         except SessionTakenOver:
+            _end_preemption_span(p, "session taken over")
             self._lose_session()
             return False
         except Exception:
             log.warning("preemptive generation failed; the turn is answered when it ends", exc_info=True,
                         extra={"session_id": self.session_id})
             await self._discard_preemption("failed")
+        if self._preemption is not p:
+            _end_preemption_span(p, "not started")
         return True
 
     async def _preempt(self, p: Preemption) -> None:
@@ -1003,12 +1016,25 @@ class ConverseCall:
                         extra={"session_id": self.session_id})
         if self._preemption is p:
             self._preemption = None
+        _end_preemption_span(p, reason)
         log.debug("preemptive answer discarded: %s", reason, extra={"session_id": self.session_id})
 
     async def _cancel_preemption(self) -> None:
         """The call ends: an answer held back is cancelled and, unlike an issued one, never recorded."""
-        if self._preemption is not None and self._preemption.request_id:
-            await self.pools.cancel(self._preemption.request_id)
+        if self._preemption is not None:
+            _end_preemption_span(self._preemption, "call ended")
+            if self._preemption.request_id:
+                await self.pools.cancel(self._preemption.request_id)
+
+
+def _end_preemption_span(p: Preemption, reason: str) -> None:
+    """A head start that does not become its turn: its span ends under its own name, with the reason."""
+    if p.span is not None:
+        p.span.update_name("converse preemptive turn")
+        p.span.set_attribute("vita.preemption_discarded", reason)
+        p.span.end()
+        p.span = None
+
 
 def _audio_rate(config: SessionConfig) -> int:
     rate = config.audio_sample_rate_hz or SAMPLE_RATE

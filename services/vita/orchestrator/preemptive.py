@@ -17,6 +17,10 @@ the turn is answered as without preemption. Preemption only starts when no answe
 streams must first be stopped by a query, which needs its judgement (early judging does that while the user
 speaks; the interrupting question is then preempted at its pause like any other).
 
+Tracing: the "converse turn" span opens at the pause, so the encode, judge and generate spans of the head start are
+its children; the turn that ends as assumed continues that span, and a discarded head start's span is renamed
+"converse preemptive turn" with the reason (`vita.preemption_discarded`).
+
 This module holds the record and the decision; `converse.py` does the work.
 """
 
@@ -26,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from opentelemetry.trace import Span
 
 from vita.orchestrator.prompts import Prompt
 from vita.processing.prompt import StateToken
@@ -55,6 +60,7 @@ class Preemption:
     job: GenerationJob | None = None
     prompt: Prompt | None = None
     user: SessionTurn | None = None  # the user turn the history gets at the release
+    span: Span | None = None  # the turn's trace, opened at the pause; the turn that ends as assumed continues it
 
     def snapshot(self, state: SessionState) -> None:
         self.state = SessionState()

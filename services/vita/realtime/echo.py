@@ -5,8 +5,10 @@ The server knows exactly what it said (the TTS audio it sent) but not when the c
 client plays each piece of audio as it arrives, back to back, and streams its microphone in real time, so the input
 sample count is the clock: audio sent when `pos` input samples had arrived plays from `max(pos, end of the previous
 piece)` on. The echo is that reference delayed by the client's buffering and the room, and scaled: the delay is
-found by cross-correlating the last second of input with the reference (lags 0 to `max_delay_ms`), the scale per
-chunk by least squares, and the scaled, delayed reference is subtracted. A chunk that does not correlate with the
+found by cross-correlating the last second of input with the reference (lags 0 to `max_delay_ms`; a client or a
+gateway that falls behind on a busy machine moves it by hundreds of milliseconds), every quarter second and again
+whenever a chunk no longer matches at the current delay, the scale per chunk by least squares, and the scaled,
+delayed reference is subtracted. A chunk that does not correlate with the
 reference (nothing was played, or the client stopped playing at an interruption) is left as it is.
 
 This removes a delayed, scaled copy exactly (a loopback, a softphone mixing its output into its input); a room's
@@ -24,7 +26,7 @@ _SILENT = 1e-6  # mean square of float samples below which a signal counts as si
 
 
 class EchoGuard:
-    def __init__(self, rate: int, *, max_delay_ms: int = 600, window_ms: int = 1000) -> None:
+    def __init__(self, rate: int, *, max_delay_ms: int = 1500, window_ms: int = 1000) -> None:
         self.rate = rate
         self.max_delay = rate * max_delay_ms // 1000
         self.window = rate * window_ms // 1000
@@ -57,16 +59,29 @@ class EchoGuard:
         self._forget(start - self.window - self.max_delay)
         if not len(x) or self._ref_end <= start - self.max_delay:
             return data[:usable]  # nothing played lately: nothing to remove
-        if self.delay is None or self.pos >= self._estimate_at:
+        estimated = self.delay is None or self.pos >= self._estimate_at
+        if estimated:
             self._estimate_delay()
-        if self.delay is None:
+        y = self._cancel(x, start)
+        if y is None and not estimated:  # the delay moved (a client or a server that fell behind): look again
+            self._estimate_delay()
+            y = self._cancel(x, start)
+        if y is None:
             return data[:usable]
+        return np.clip((y * 32768.0).round(), -32768, 32767).astype("<i2").tobytes()
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _cancel(self, x: np.ndarray, start: int) -> np.ndarray | None:
+        """`x` (input from position `start`) less the reference at the current delay, scaled by least squares;
+        None when there is no delay yet or `x` does not correlate with the reference there."""
+        if self.delay is None:
+            return None
         r = self._reference(start - self.delay, len(x))
         rr, xr = float(r @ r), float(x @ r)
         if rr / len(x) < _SILENT or xr <= 0 or xr / np.sqrt(rr * float(x @ x) + 1e-20) < _MIN_CORRELATION:
-            return data[:usable]
-        y = x - min(xr / rr, 2.0) * r
-        return np.clip((y * 32768.0).round(), -32768, 32767).astype("<i2").tobytes()
+            return None
+        return x - min(xr / rr, 2.0) * r
 
     # ------------------------------------------------------------------------------------------------------------
 
