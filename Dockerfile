@@ -60,7 +60,8 @@ RUN apt-get update \
 ENV PATH=/opt/vita/bin:$PATH \
     VITA_HOME=/var/lib/vita \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    GOMP_SPINCOUNT=1000
 COPY model_repository /opt/vita-model-repository
 COPY training /opt/vita-training
 WORKDIR /var/lib/vita

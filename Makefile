@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
+export GOMP_SPINCOUNT ?= 1000  # OpenMP threads sleep soon on a busy machine (services/vita/__init__.py says why)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup system-deps proto duplex-model test test-fast test-deploy lint bench demo images train-tiny clean

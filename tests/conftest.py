@@ -9,6 +9,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+# isort: off
+import vita  # noqa: F401  before torch: its import sets the OpenMP spin policy (services/vita/__init__.py)
+# isort: on
 import numpy as np
 import pytest
 import torch
