@@ -444,6 +444,14 @@ def _speech_during_answer(seen) -> bool:
     return any(e.type == "input_audio_buffer.speech_started" for e in seen[created:done])
 
 
+def _vad_events(seen) -> list[str]:
+    """What the VAD and the responses did, in order, with the audio positions: the message of a failed check."""
+    kinds = ("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
+             "response.created", "response.done", "vita.utterance.ignored")
+    return [f"{e.type} {getattr(e, 'audio_start_ms', '')}{getattr(e, 'audio_end_ms', '')}".strip()
+            for e in seen if e.type in kinds]
+
+
 def _audio_since_first_delta(seconds: float):
     """`when` for a schedule: `seconds` of microphone time after the first answer audio arrived."""
     mark: list[float] = []
@@ -481,7 +489,7 @@ def test_echo_guard_no_self_interruption_while_a_real_question_still_interrupts(
     done = _done(seen)[0]
     assert done.response.status == "completed", done.response.status_details
     assert len([e for e in seen if e.type == "input_audio_buffer.committed"]) == 1  # only the question
-    assert not _speech_during_answer(seen)  # the echo never reached the VAD
+    assert not _speech_during_answer(seen), _vad_events(seen)  # the echo never reached the VAD
     audio = [e for e in seen if e.type == "response.output_audio.delta"]
     assert len(audio) * 0.2 > 3  # more than 3 s of the answer went through the loudspeaker
 

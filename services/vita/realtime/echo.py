@@ -5,11 +5,13 @@ The server knows exactly what it said (the TTS audio it sent) but not when the c
 client plays each piece of audio as it arrives, back to back, and streams its microphone in real time, so the input
 sample count is the clock: audio sent when `pos` input samples had arrived plays from `max(pos, end of the previous
 piece)` on. The echo is that reference delayed by the client's buffering and the room, and scaled: the delay is
-found by cross-correlating the last second of input with the reference (lags 0 to `max_delay_ms`; a client or a
-gateway that falls behind on a busy machine moves it by hundreds of milliseconds), every quarter second and again
-whenever a chunk no longer matches at the current delay, the scale per chunk by least squares, and the scaled,
-delayed reference is subtracted. A chunk that does not correlate with the
-reference (nothing was played, or the client stopped playing at an interruption) is left as it is.
+found by cross-correlating the last second of input with the reference (lags 0 to `max_delay_ms`), every quarter
+second; the scale per chunk by least squares, and the scaled, delayed reference is subtracted. A client or a
+gateway that falls behind on a busy machine moves the delay by hundreds of milliseconds mid-answer (a piece reaches
+a client whose playback already ran dry): a chunk that matches weakly at the current delay is matched on its own
+against every lag, and a lag at which the echo dominates it becomes the delay, so a move leaks one chunk, not the
+second a whole-window estimate needs to notice it. A chunk that does not correlate with the reference (nothing was
+played, or the client stopped playing at an interruption) is left as it is, and so is one a person talks over.
 
 This removes a delayed, scaled copy exactly (a loopback, a softphone mixing its output into its input); a room's
 reverberation needs an adaptive filter (browsers' getUserMedia echoCancellation does that on the client side).
@@ -23,10 +25,11 @@ from vita.realtime.tts import SAMPLE_RATE, resample_pcm16
 
 _MIN_CORRELATION = 0.2  # below this, the chunk holds no echo worth removing
 _SILENT = 1e-6  # mean square of float samples below which a signal counts as silence
+_FOLLOW_CORRELATION = 0.6  # a new delay is taken only from a chunk the echo dominates (not one a person talks over)
 
 
 class EchoGuard:
-    def __init__(self, rate: int, *, max_delay_ms: int = 1500, window_ms: int = 1000) -> None:
+    def __init__(self, rate: int, *, max_delay_ms: int = 2000, window_ms: int = 1000) -> None:
         self.rate = rate
         self.max_delay = rate * max_delay_ms // 1000
         self.window = rate * window_ms // 1000
@@ -59,50 +62,61 @@ class EchoGuard:
         self._forget(start - self.window - self.max_delay)
         if not len(x) or self._ref_end <= start - self.max_delay:
             return data[:usable]  # nothing played lately: nothing to remove
-        estimated = self.delay is None or self.pos >= self._estimate_at
-        if estimated:
-            self._estimate_delay()
-        y = self._cancel(x, start)
-        if y is None and not estimated:  # the delay moved (a client or a server that fell behind): look again
-            self._estimate_delay()
-            y = self._cancel(x, start)
+        if self.delay is None or self.pos >= self._estimate_at:
+            lag = self._lag()
+            if lag is not None:
+                self.delay, self._estimate_at = lag, self.pos + self.window // 4
+        y = None if self.delay is None else self._cancel(x, start, self.delay)
+        if y is None or float(y @ y) > (1 - _FOLLOW_CORRELATION ** 2) * float(x @ x):  # a weak match at best
+            moved = self._follow(x, start, y)
+            y = y if moved is None else moved
         if y is None:
             return data[:usable]
         return np.clip((y * 32768.0).round(), -32768, 32767).astype("<i2").tobytes()
 
     # ------------------------------------------------------------------------------------------------------------
 
-    def _cancel(self, x: np.ndarray, start: int) -> np.ndarray | None:
-        """`x` (input from position `start`) less the reference at the current delay, scaled by least squares;
-        None when there is no delay yet or `x` does not correlate with the reference there."""
-        if self.delay is None:
+    def _follow(self, x: np.ndarray, start: int, current: np.ndarray | None) -> np.ndarray | None:
+        """A chunk that matches weakly or not at all at the current delay: has the delay moved (a client or a
+        gateway that fell behind)? The lag at which the reference best matches this chunk alone (the rest of the
+        window still matches the old delay, and so would a whole-window estimate until the window has filled with
+        the new one, so the next one waits that long) is taken if the echo dominates the chunk there (not a person
+        talking over it) and it removes more than the current delay did (`current`: what that left). None: the
+        delay stays."""
+        lag = self._lag(len(x))
+        y = None if lag is None or lag == self.delay else self._cancel(x, start, lag, _FOLLOW_CORRELATION)
+        if y is None or (current is not None and float(y @ y) >= float(current @ current)):
             return None
-        r = self._reference(start - self.delay, len(x))
+        self.delay, self._estimate_at = lag, self.pos + self.window
+        return y
+
+    def _cancel(self, x: np.ndarray, start: int, delay: int, least: float = _MIN_CORRELATION) -> np.ndarray | None:
+        """`x` (input from position `start`) less the reference at `delay`, scaled by least squares; None when `x`
+        correlates with the reference there less than `least`."""
+        r = self._reference(start - delay, len(x))
         rr, xr = float(r @ r), float(x @ r)
-        if rr / len(x) < _SILENT or xr <= 0 or xr / np.sqrt(rr * float(x @ x) + 1e-20) < _MIN_CORRELATION:
+        if rr / len(x) < _SILENT or xr <= 0 or xr / np.sqrt(rr * float(x @ x) + 1e-20) < least:
             return None
         return x - min(xr / rr, 2.0) * r
 
-    # ------------------------------------------------------------------------------------------------------------
-
-    def _estimate_delay(self) -> None:
-        """The lag (0..max_delay) at which the last second of input best matches the reference, if it is echoing."""
-        n = len(self._input)
-        end = self.pos
-        ref = self._reference(end - n - self.max_delay, n + self.max_delay)
-        power = float(self._input @ self._input)
-        if n < self.window // 4 or float(ref @ ref) / len(ref) < _SILENT or power / n < _SILENT:
-            return
+    def _lag(self, recent: int | None = None) -> int | None:
+        """The delay (samples, 0..max_delay) at which the last second of input (or its last `recent` samples)
+        best matches the reference; None when the normalised cross-correlation stays under `_MIN_CORRELATION`
+        (nothing echoes) or there is too little input."""
+        x = self._input[-recent:] if recent else self._input
+        n = len(x)
+        ref = self._reference(self.pos - n - self.max_delay, n + self.max_delay)
+        power = float(x @ x)
+        if n < (recent or self.window // 4) or float(ref @ ref) / len(ref) < _SILENT or power / n < _SILENT:
+            return None
         size = 1 << int(np.ceil(np.log2(len(ref) + n)))
-        spectrum = np.fft.rfft(ref, size) * np.conj(np.fft.rfft(self._input, size))
+        spectrum = np.fft.rfft(ref, size) * np.conj(np.fft.rfft(x, size))
         corr = np.fft.irfft(spectrum, size)[:self.max_delay + 1]
         energy = np.concatenate([[0.0], np.cumsum(ref.astype(np.float64) ** 2)])
         local = energy[n:n + self.max_delay + 1] - energy[:self.max_delay + 1]  # reference energy under each lag
         score = corr / np.sqrt(np.maximum(local, 1e-12) * power)
         k = int(np.argmax(score))
-        if score[k] >= _MIN_CORRELATION:
-            self.delay = self.max_delay - k
-            self._estimate_at = self.pos + self.window // 4
+        return self.max_delay - k if score[k] >= _MIN_CORRELATION else None
 
     def _reference(self, start: int, length: int) -> np.ndarray:
         """The reference at input positions [start, start + length), zeros where nothing was playing."""
