@@ -12,7 +12,6 @@ worker batches its jobs. A request with bad input gets an INVALID_ARG error nami
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from vita.encoders.audio import AudioTowerEncoder
 from vita.encoders.base import DTYPES, Encoder, load_encoder
 from vita.encoders.vision import VisionTowerEncoder
 from vita.errors import InvalidInputError
-from vita.runtime.triton_python import string_parameters, tensor_from_triton, triton_error
+from vita.runtime.triton_python import tensor_from_triton, triton_error, vita_model_config
 
 ENCODERS: dict[str, type[Encoder]] = {"audio-encoder": AudioTowerEncoder, "vision-encoder": VisionTowerEncoder}
 
@@ -32,14 +31,7 @@ class EncoderPythonModel:
     """The `TritonPythonModel` of an encoder (see the module docstring); `pool` is its model name."""
 
     def __init__(self, args: dict[str, str], pool: str) -> None:
-        config = json.loads(args["model_config"])
-        params = string_parameters(config)
-        checkpoint = params.get("checkpoint_dir", "")
-        if not checkpoint or checkpoint.startswith("${"):
-            raise ValueError("the checkpoint_dir parameter of config.pbtxt is not filled in: set it to a model "
-                             "directory (vita.llm.backends.triton.server.write_cpu_repository does)")
-        if int(params.get("torch_threads") or 0):
-            torch.set_num_threads(int(params["torch_threads"]))
+        config, params, checkpoint = vita_model_config(args)
         dtype = params.get("dtype") or "float32"
         if dtype not in DTYPES:
             raise ValueError(f"the dtype parameter must be one of {sorted(DTYPES)}, not {dtype!r}")

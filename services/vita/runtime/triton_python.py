@@ -13,6 +13,8 @@ docs/serving.md ("Encoders on Triton") has the details.
 
 from __future__ import annotations
 
+import json
+
 import torch
 import triton_python_backend_utils as pb_utils
 
@@ -40,3 +42,20 @@ def triton_error(e: Exception):
 def string_parameters(model_config: dict) -> dict[str, str]:
     """The `parameters` of a model's config.pbtxt (as Triton hands it to `initialize`), key -> string value."""
     return {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
+
+
+def vita_model_config(args: dict[str, str]) -> tuple[dict, dict[str, str], str]:
+    """What every vita `TritonPythonModel.initialize` reads first: the model config (parsed `args["model_config"]`),
+    its string parameters, and the `checkpoint_dir` one, checked; `torch_threads`, if set, is applied.
+
+    Raises ValueError when `checkpoint_dir` is empty or still a `${...}` placeholder (Triton then fails the load
+    with that message)."""
+    config = json.loads(args["model_config"])
+    params = string_parameters(config)
+    checkpoint = params.get("checkpoint_dir", "")
+    if not checkpoint or checkpoint.startswith("${"):
+        raise ValueError("the checkpoint_dir parameter of config.pbtxt is not filled in: set it to a model "
+                         "directory (vita.llm.backends.triton.server.write_cpu_repository does)")
+    if int(params.get("torch_threads") or 0):
+        torch.set_num_threads(int(params["torch_threads"]))
+    return config, params, checkpoint

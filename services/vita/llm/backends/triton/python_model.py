@@ -27,7 +27,6 @@ counts `execute()` calls, and `execute()` succeeds when it hands a request back 
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
@@ -40,7 +39,7 @@ from vita.errors import InvalidInputError, VitaError
 from vita.llm.backends.base import TokenOutput
 from vita.llm.backends.torch.engine import EngineLoop, EngineRequest, LLMEngine
 from vita.model.generation import SamplingParams
-from vita.runtime.triton_python import string_parameters, tensor_from_triton, triton_error
+from vita.runtime.triton_python import tensor_from_triton, triton_error, vita_model_config
 
 _INPUTS = ("input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "stop_words_list",
            "temperature", "runtime_top_k", "runtime_top_p", "random_seed", "stop", "streaming",
@@ -68,14 +67,7 @@ class TorchEngineModel:
     def __init__(self, args: dict[str, str]) -> None:
         from vita.model.vita import VitaForCausalLM
 
-        config = json.loads(args["model_config"])
-        params = string_parameters(config)
-        checkpoint = params.get("checkpoint_dir", "")
-        if not checkpoint or checkpoint.startswith("${"):
-            raise ValueError("the checkpoint_dir parameter of config.pbtxt is not filled in: set it to a model "
-                             "directory (vita.llm.backends.triton.server.write_cpu_repository does)")
-        if int(params.get("torch_threads") or 0):
-            torch.set_num_threads(int(params["torch_threads"]))
+        config, params, checkpoint = vita_model_config(args)
         model = VitaForCausalLM.from_pretrained(checkpoint, towers=False)  # embeddings come in the prompt table
         self.engine = LLMEngine(model, max_batch_size=config["max_batch_size"],
                                 max_seq_len=int(params.get("max_seq_len") or 0) or None)
