@@ -276,9 +276,11 @@ class _Metrics:
         if not force and now < self._next:
             return
         self._next = now + 0.1
-        values = {"running": engine.num_running, "waiting": engine.num_waiting,
-                  "generation_tokens": self.generated, "prompt_tokens": engine.stats.prefill_tokens,
-                  "cancelled": engine.stats.cancelled, "decode_tokens": engine.stats.decode_tokens}
+        # Each update is its own message, and a scrape can fall between two: the counters go first and the gauges
+        # last, so a reader that sees the engine idle (and the tokens generated) also sees every other counter.
+        values = {"prompt_tokens": engine.stats.prefill_tokens, "cancelled": engine.stats.cancelled,
+                  "decode_tokens": engine.stats.decode_tokens, "generation_tokens": self.generated,
+                  "waiting": engine.num_waiting, "running": engine.num_running}
         for key, value in values.items():
             if value == self._sent[key]:
                 continue
