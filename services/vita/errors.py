@@ -15,3 +15,9 @@ class ContextLengthError(InvalidInputError):
 
 class CheckpointError(VitaError):
     """A model directory is incomplete or inconsistent: missing/unexpected tensors, bad shapes, truncated files."""
+
+
+class PortInUse(VitaError):
+    """A server could not listen on its address: another process listens there (or the host is not this machine's)."""
+
+    MARK = "the port is in use"  # in every message: what LocalStack looks for to retry on other ports

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -21,9 +22,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from vita.errors import VitaError
+from vita.errors import PortInUse, VitaError
 from vita.paths import vita_home
 from vita.runtime.ports import free_port
+
+log = logging.getLogger(__name__)
 
 
 class StackError(VitaError):
@@ -163,19 +166,28 @@ class LocalStack:
                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         service.pid = proc.pid
 
-    def start(self, timeout_s: float = 120.0) -> LocalStack:
+    def start(self, timeout_s: float = 120.0, attempts: int = 3) -> LocalStack:
+        """Start every service and wait until each is healthy. Ports are picked free (`free_port`) seconds before
+        the processes bind them, so another program may take one meanwhile: a service that then exits with
+        PortInUse restarts the whole stack on fresh ports, up to `attempts` times. Raises StackError."""
         ensure_redis(self.redis_url)
-        self.services = self.plan()
-        for service in self.services:
-            Path(service.log_path).unlink(missing_ok=True)
-            self._spawn(service)
-        try:
+        attempt = 0
+        while True:
+            attempt += 1
+            self.services = self.plan()
             for service in self.services:
-                wait_healthy(service, timeout_s)
-        except StackError:
-            self.stop()
-            raise
-        return self
+                Path(service.log_path).unlink(missing_ok=True)
+                self._spawn(service)
+            try:
+                for service in self.services:
+                    wait_healthy(service, timeout_s)
+                return self
+            except StackError as e:
+                self.stop()
+                if attempt == attempts or PortInUse.MARK not in str(e):
+                    raise
+                log.warning("a port was taken meanwhile; starting again on other ports",
+                            extra={"attempt": attempt, "error": " ".join(str(e).split())[-300:]})
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM (drain), then SIGKILL whatever is left: no process stays behind."""

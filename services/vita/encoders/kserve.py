@@ -36,7 +36,7 @@ from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from vita.encoders.base import Encoder, timed_forward
 from vita.errors import InvalidInputError
 from vita.runtime.guard import StatusGuard
-from vita.runtime.server import MAX_MESSAGE_BYTES
+from vita.runtime.server import EXCLUSIVE_PORT, MAX_MESSAGE_BYTES, listen
 from vita.telemetry.metrics import Metrics
 
 
@@ -123,10 +123,10 @@ class KServeEndpoint:
         self.server = grpc.aio.server(
             interceptors=(StatusGuard(), ExceptionToStatusInterceptor()),
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *EXCLUSIVE_PORT],
         )
         add_GRPCInferenceServiceServicer_to_server(_OneModelServicer(registry, self.model), self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.port = listen(self.server, host, port)
 
     async def start(self) -> None:
         await self.server.start()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from vita.errors import VitaError
+from vita.errors import PortInUse, VitaError
 from vita.realtime.console import console_response
 from vita.realtime.protocol import SessionSettings
 from vita.realtime.session import RealtimeSession
@@ -117,9 +118,16 @@ class RealtimeServer:
         return "realtime" if "realtime" in offered else None
 
     async def serve(self, stop: asyncio.Event) -> None:
-        async with serve(self._handle, self.host, self.port, process_request=self._process_request,
-                         select_subprotocol=self._select_subprotocol, max_size=MAX_MESSAGE_BYTES,
-                         compression=None) as server:
+        """Serve until `stop` is set. Raises PortInUse when another process listens on the port."""
+        try:
+            listening = await serve(self._handle, self.host, self.port, process_request=self._process_request,
+                                    select_subprotocol=self._select_subprotocol, max_size=MAX_MESSAGE_BYTES,
+                                    compression=None)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise PortInUse(f"cannot listen on {self.host}:{self.port}: {PortInUse.MARK}") from None
+            raise
+        async with listening as server:
             self.port = next(iter(server.sockets)).getsockname()[1]
             log.info("serving", extra={"url": f"ws://{self.host}:{self.port}{PATH}",
                                        "console": f"http://{self.host}:{self.port}/console/",

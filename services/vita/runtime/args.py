@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 
 from redis.asyncio import Redis
 
 from vita.bus.streams import BusConfig
-from vita.errors import VitaError
+from vita.errors import PortInUse, VitaError
 from vita.runtime.access import AccessPolicy, load_tokens
 from vita.runtime.redis_client import RedisSettings, RetryPolicy, connect
 from vita.runtime.server import MAX_MESSAGE_BYTES
@@ -106,7 +107,12 @@ def setup(service: str, args: argparse.Namespace) -> tuple[Redis, BusConfig, Met
                     dead_consumer_ms=args.dead_consumer_ms or 2 * args.reclaim_idle_ms, lease_ttl_s=args.lease_ttl_s,
                     backlog_limits=dict.fromkeys(BusConfig().backlog_limits, args.backlog_limit))
     metrics = Metrics()
-    serve_metrics(metrics, args.metrics_port, host=args.host)
+    try:
+        serve_metrics(metrics, args.metrics_port, host=args.host)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise PortInUse(f"cannot serve metrics on {args.host}:{args.metrics_port}: {PortInUse.MARK}") from None
+        raise VitaError(f"cannot serve metrics on {args.host}:{args.metrics_port}: {e.strerror}") from None
     # Blocking reads (XREAD BLOCK up to --token-timeout / --encode-timeout) must outlast the socket's read timeout:
     # redis-py 8's 5 s default cut them with a TimeoutError whenever a pool was slow to answer. (None, "no
     # timeout", stopped encoder workers from reclaiming a dead worker's jobs in tests/integration/test_encoders.py.)

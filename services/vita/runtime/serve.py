@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,13 @@ async def _check_redis(redis: Redis, url: str) -> None:
 
 
 def run_service(name: str, args: argparse.Namespace, build: Build, *, threads: int | None = None) -> int:
-    """`serve` in a fresh event loop: what every `vita serve ...` entry point returns from `main`."""
-    asyncio.run(serve(name, args, build, threads=threads))
+    """`serve` in a fresh event loop: what every `vita serve ...` entry point returns from `main`. A service that
+    cannot start (Redis unreachable, its port in use, a bad model directory) says why in one line on stderr and
+    returns 2, the CLI's status for bad input (`vita --help`), from `vita serve` and `python -m vita.<service>`
+    alike."""
+    try:
+        asyncio.run(serve(name, args, build, threads=threads))
+    except VitaError as e:
+        print(f"vita serve: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     return 0

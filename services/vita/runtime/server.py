@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from vita.errors import PortInUse
 from vita.runtime.access import AccessInterceptor, AccessPolicy
 from vita.runtime.guard import StatusGuard
 from vita.runtime.tls import ServerTLS
@@ -36,6 +37,25 @@ class GrpcService:
     register: Callable[[grpc.aio.Server], None]
 
 
+# gRPC sets SO_REUSEPORT on its listening sockets by default: a second server on a port already in use then binds it
+# too, and the kernel splits the connections between the two: two local stacks whose port choices raced (LocalStack
+# picks free ports seconds before its processes bind them) would answer each other's clients, with another model
+# and another bus prefix. Off, the second bind fails with PortInUse.
+EXCLUSIVE_PORT = [("grpc.so_reuseport", 0)]
+
+
+def listen(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
+    """`server` listens on host:port (0: a free port); returns the port. Raises PortInUse."""
+    address = f"{host}:{port}"
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError:
+        raise PortInUse(f"cannot listen on {address}: {PortInUse.MARK} by another process (or {host} is not an "
+                        "address of this machine)") from None
+
+
 class ServiceServer:
     """`access`: token check, rate and session limits (runtime/access.py); `tls`: serve TLS or mutual TLS, and
     then, with `health_port`, also grpc.health.v1 alone in plaintext there (Kubernetes' gRPC probes speak no TLS).
@@ -53,6 +73,7 @@ class ServiceServer:
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            *EXCLUSIVE_PORT,
         ], interceptors=interceptors)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -60,16 +81,13 @@ class ServiceServer:
             service.register(self.server)
         reflection.enable_server_reflection(
             [s.name for s in services] + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        if tls is None:
-            self.port = self.server.add_insecure_port(f"{host}:{port}")
-        else:
-            self.port = self.server.add_secure_port(f"{host}:{port}", tls.credentials())
+        self.port = listen(self.server, host, port, tls.credentials() if tls is not None else None)
         self.health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
         if health_port is not None and tls is not None:
-            self.health_server = grpc.aio.server()
+            self.health_server = grpc.aio.server(options=EXCLUSIVE_PORT)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-            self.health_port = self.health_server.add_insecure_port(f"{host}:{health_port}")
+            self.health_port = listen(self.health_server, host, health_port)
         self._stopped = asyncio.Event()
         self._drain_task: asyncio.Task | None = None
 
