@@ -15,7 +15,7 @@ from typing import NoReturn
 
 import grpc
 
-from vita.errors import VitaError
+from vita.errors import VitaError, one_line
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_STATUSES = f"""exit status:
@@ -418,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "vita"
 
     def fail(status: int, message: object) -> int:
-        print(f"{command}: error: {_one_line(message)}", file=sys.stderr)
+        print(f"{command}: error: {one_line(message)}", file=sys.stderr)
         return status
 
     try:
@@ -444,10 +444,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(EXIT_INTERNAL, f"internal error: {type(e).__name__}: {e} (set VITA_TRACEBACK=1 for the "
                                    "traceback)")
     return EXIT_OK
-
-
-def _one_line(message: object) -> str:
-    return " ".join(str(message).split()) or "(no message)"
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Errors a caller can act on. Services map them to gRPC status codes; the CLI prints them without a traceback."""
 
+import errno
+
 
 class VitaError(Exception):
     """Base class for errors whose message is meant for the person who sent the request."""
@@ -21,3 +23,15 @@ class PortInUse(VitaError):
     """A server could not listen on its address: another process listens there (or the host is not this machine's)."""
 
     MARK = "the port is in use"  # in every message: what LocalStack looks for to retry on other ports
+
+    @classmethod
+    def from_bind(cls, error: OSError, action: str) -> VitaError:
+        """The one-line error for an OSError from binding a socket; `action` is e.g. "listen on HOST:PORT"."""
+        if error.errno == errno.EADDRINUSE:
+            return cls(f"cannot {action}: {cls.MARK}")
+        return VitaError(f"cannot {action}: {error.strerror or error}")
+
+
+def one_line(message: object) -> str:
+    """An error message as the one line a CLI or a service prints on stderr."""
+    return " ".join(str(message).split()) or "(no message)"

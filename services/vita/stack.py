@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from vita.errors import PortInUse, VitaError
+from vita.errors import PortInUse, VitaError, one_line
 from vita.paths import vita_home
 from vita.runtime.ports import free_port
 
@@ -187,7 +187,7 @@ class LocalStack:
                 if attempt == attempts or PortInUse.MARK not in str(e):
                     raise
                 log.warning("a port was taken meanwhile; starting again on other ports",
-                            extra={"attempt": attempt, "error": " ".join(str(e).split())[-300:]})
+                            extra={"attempt": attempt, "error": one_line(e)[-300:]})
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM (drain), then SIGKILL whatever is left: no process stays behind."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from vita.errors import PortInUse, VitaError
+from vita.errors import PortInUse, VitaError, one_line
 from vita.realtime.console import console_response
 from vita.realtime.protocol import SessionSettings
 from vita.realtime.session import RealtimeSession
@@ -124,9 +123,7 @@ class RealtimeServer:
                                     select_subprotocol=self._select_subprotocol, max_size=MAX_MESSAGE_BYTES,
                                     compression=None)
         except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                raise PortInUse(f"cannot listen on {self.host}:{self.port}: {PortInUse.MARK}") from None
-            raise
+            raise PortInUse.from_bind(e, f"listen on {self.host}:{self.port}") from None
         async with listening as server:
             self.port = next(iter(server.sockets)).getsockname()[1]
             log.info("serving", extra={"url": f"ws://{self.host}:{self.port}{PATH}",
@@ -187,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         asyncio.run(_serve(args))
     except VitaError as e:
-        print(f"vita serve realtime: error: {e}", file=sys.stderr)
+        print(f"vita serve realtime: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

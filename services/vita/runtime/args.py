@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 
 from redis.asyncio import Redis
@@ -110,9 +109,7 @@ def setup(service: str, args: argparse.Namespace) -> tuple[Redis, BusConfig, Met
     try:
         serve_metrics(metrics, args.metrics_port, host=args.host)
     except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            raise PortInUse(f"cannot serve metrics on {args.host}:{args.metrics_port}: {PortInUse.MARK}") from None
-        raise VitaError(f"cannot serve metrics on {args.host}:{args.metrics_port}: {e.strerror}") from None
+        raise PortInUse.from_bind(e, f"serve metrics on {args.host}:{args.metrics_port}") from None
     # Blocking reads (XREAD BLOCK up to --token-timeout / --encode-timeout) must outlast the socket's read timeout:
     # redis-py 8's 5 s default cut them with a TimeoutError whenever a pool was slow to answer. (None, "no
     # timeout", stopped encoder workers from reclaiming a dead worker's jobs in tests/integration/test_encoders.py.)

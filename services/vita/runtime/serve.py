@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from vita.bus.streams import BusConfig
-from vita.errors import VitaError
+from vita.errors import VitaError, one_line
 from vita.runtime.args import access_policy, grpc_tls, setup
 from vita.runtime.redis_client import redacted
 from vita.runtime.server import GrpcService, ServiceServer
@@ -117,6 +117,6 @@ def run_service(name: str, args: argparse.Namespace, build: Build, *, threads: i
     try:
         asyncio.run(serve(name, args, build, threads=threads))
     except VitaError as e:
-        print(f"vita serve: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"vita serve: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
