@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -53,12 +54,46 @@ def test_states_follow_the_categories(curriculum: dict[str, Path]) -> None:
         assert s.meta["voice"] in QUERY_VOICES and s.answer
 
 
+def _asked(sample) -> list[tuple[str, str]]:
+    """(task, answer) for every question of a conversation, the task found from the question's wording."""
+    turns = sample.conversation
+    out = []
+    for question, answer in zip(turns[0::2], turns[1::2]):
+        text = question["content"].lower()
+        task = next(t for t in ("colour", "how many", "count", "word", "text say", "direction", "way", "shape")
+                    if t in text)
+        task = {"how many": "count", "text say": "word", "way": "direction"}.get(task, task)
+        out.append((task, answer["content"]))
+    return out
+
+
 def test_pictures_show_what_the_answers_say(curriculum: dict[str, Path]) -> None:
-    for s in read_manifest(curriculum["train/image"]):
+    for s in read_manifest(curriculum["train/image"]) + read_manifest(curriculum["heldout/image"]):
         image = np.asarray(Image.open(s.images[0]).convert("RGB")).reshape(-1, 3).astype(int)
         assert Image.open(s.images[0]).size == (448, 448)
-        if s.meta["task"] == "colour":  # the shape's pixels are exactly the named colour
-            assert (np.abs(image - COLOURS[s.answer]).sum(axis=1) == 0).sum() > 500, s.answer
+        for task, answer in _asked(s):
+            if task == "colour":  # the shape's (or word's) pixels are exactly the named colour
+                assert (np.abs(image - COLOURS[answer]).sum(axis=1) == 0).sum() > 200, answer
+
+
+def test_training_pictures_are_asked_every_question_they_answer(curriculum: dict[str, Path]) -> None:
+    """One conversation per training picture or clip, the drawn task first; held-out samples ask one question."""
+    for s in read_manifest(curriculum["train/image"]):
+        asked = _asked(s)
+        assert asked[0][0] == s.meta["task"]
+        expected = {"colour", "word"} if s.meta["task"] == "word" or "word" in dict(asked) else {
+            "colour", "shape", "count"}
+        assert sorted(t for t, _ in asked) == sorted(expected), asked
+    for s in read_manifest(curriculum["train/video"]):
+        assert sorted(t for t, _ in _asked(s)) == ["colour", "direction", "shape"]
+    for s in read_manifest(curriculum["train/spoken"]):
+        if s.meta["medium"] in ("image", "video"):  # every question spoken, one recording each
+            assert len(s.audio) == len(s.conversation) // 2 >= 2
+    for name in ("heldout/image", "heldout/video", "heldout/spoken"):
+        assert all(len(s.conversation) == 2 for s in read_manifest(curriculum[name])), name
+    single = build_curriculum(curriculum["train/image"].parent.parent.parent / "single", seed=0,
+                              sizes={**dataclasses.asdict(SMALL), "follow_up_questions": False})
+    assert all(len(s.conversation) == 2 for s in read_manifest(single["train/image"]))
 
 
 def test_clips_move_the_way_the_answer_says(curriculum: dict[str, Path]) -> None:
@@ -66,7 +101,8 @@ def test_clips_move_the_way_the_answer_says(curriculum: dict[str, Path]) -> None
     for s in samples:
         clip = decode_video(s.video)
         assert len(clip.frames) == 4  # 1 s clips: sampled at 4 frames per second
-        if s.meta["task"] != "direction":
+        direction = dict(_asked(s)).get("direction")
+        if direction is None:
             continue
         centres = []
         for frame in clip.frames:
@@ -76,7 +112,7 @@ def test_clips_move_the_way_the_answer_says(curriculum: dict[str, Path]) -> None
             centres.append((xs.mean(), ys.mean()))
         dx, dy = centres[-1][0] - centres[0][0], centres[-1][1] - centres[0][1]
         moved = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
-        assert moved == s.answer
+        assert moved == direction
 
 
 def test_speech_is_16k_and_chatter_uses_other_voices(curriculum: dict[str, Path]) -> None:

@@ -14,6 +14,10 @@ numpy noise. Answers are one or two words, so a model is scored by exact match.
 | caption | caption | a synthetic sound (noise colours, hum, beeps, sweeps) and its caption | none |
 | text    | text    | bilingual (en/zh) instructions: translation, arithmetic, counting | `<3>` |
 
+In the training split a picture or clip is asked every question it answers, one after another in one
+conversation (the drawn task first): the system prompt and the encoded picture, most of a sample's tokens, then
+teach three or four answers instead of one. Held-out samples ask one question each.
+
 The held-out split never repeats a training picture, clip, sentence or chatter phrase (the question templates and
 voices are shared: the test is generalisation to new content, not to new phrasings). Query speech is spoken by the
 `QUERY_VOICES`, chatter by `CHATTER_VOICES`, so the voice is one cue the model may use, as the reference demo's
@@ -52,7 +56,7 @@ VIDEO_SIZE = 224
 VIDEO_FPS = 8
 CATEGORIES = ("image", "video", "spoken", "chatter", "asr", "caption", "text")
 SPLITS = ("train", "heldout")
-VERSION = 1  # bump when the content changes, so a cached curriculum is rebuilt
+VERSION = 2  # bump when the content changes, so a cached curriculum is rebuilt
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 160, 50), "yellow": (235, 200, 20),
            "black": (20, 20, 20), "purple": (130, 40, 170), "orange": (245, 130, 20), "pink": (240, 110, 180),
@@ -138,6 +142,7 @@ class CurriculumSizes:
     text: int = 600
     heldout: float = 0.15
     video_seconds: float = 1.0  # < 4 s is sampled at 4 frames per second: 1 s gives 4 frames
+    follow_up_questions: bool = True  # training pictures and clips are asked every question they answer
 
     @classmethod
     def tiny(cls) -> CurriculumSizes:
@@ -297,19 +302,30 @@ class _Maker:
 
     # -- categories -----------------------------------------------------------------------------------------------
 
+    def _tasks(self, spec: dict[str, Any], answers: dict[str, str]) -> list[tuple[str, str]]:
+        """(task, answer) pairs to ask about one picture or clip: the drawn task alone in the held-out split; in
+        training, the drawn task first and then every other question the picture answers, in random order (one
+        conversation: the system prompt and the encoded picture are paid for once, not once per question)."""
+        first = (spec["task"], spec["answer"])
+        if self.split != "train" or not self.sizes.follow_up_questions:
+            return [first]
+        rest = [(t, a) for t, a in answers.items() if t != spec["task"] and a is not None]
+        self.rng.shuffle(rest)
+        return [first, *rest]
+
     def image(self, k: int) -> _Job:
         spec = self._image_spec()
         path = self._path("images", f"image-{k:05d}", "png")
-        question = self.rng.choice(IMAGE_QUESTIONS[spec["task"]])
-        sample = Sample("image", _turns(f"{IMAGE}\n{question}", spec["answer"]), images=[path], state="<3>",
+        asked = [(self.rng.choice(IMAGE_QUESTIONS[t]), a) for t, a in self._tasks(spec, _image_answers(spec))]
+        sample = Sample("image", _conversation(f"{IMAGE}\n", asked), images=[path], state="<3>",
                         meta={"task": spec["task"], "category": "image"})
         return _Job(sample, [(_render_image, (path, spec))])
 
     def video(self, k: int) -> _Job:
         spec = self._video_spec()
         path = self._path("videos", f"video-{k:05d}", "mp4")
-        question = self.rng.choice(VIDEO_QUESTIONS[spec["task"]])
-        sample = Sample("video", _turns(f"{VIDEO}\n{question}", spec["answer"]), video=path, state="<3>",
+        asked = [(self.rng.choice(VIDEO_QUESTIONS[t]), spec[t]) for t, _ in self._tasks(spec, _video_answers(spec))]
+        sample = Sample("video", _conversation(f"{VIDEO}\n", asked), video=path, state="<3>",
                         meta={"task": spec["task"], "category": "video"})
         return _Job(sample, [(_render_video, (path, spec, self.sizes.video_seconds))])
 
@@ -317,24 +333,32 @@ class _Maker:
         voice = self.rng.choice(QUERY_VOICES)
         roll = self.rng.random()
         stem = f"spoken-{k:05d}"
-        if roll < 0.45:
-            spec = self._image_spec()
-            text = self.rng.choice(SPOKEN_IMAGE[spec["task"]])
-            image = self._path("images", stem, "png")
-            audio, speak = self._speech(stem, text, voice, noise_p=0.3)
-            sample = Sample("image", _turns(f"{IMAGE}\n{AUDIO}", spec["answer"]), images=[image], audio=[audio],
-                            state="<1>", meta={"task": spec["task"], "category": "spoken", "medium": "image",
-                                               "voice": voice, "question": text})
-            return _Job(sample, [(_render_image, (image, spec)), speak])
         if roll < 0.65:
-            spec = self._video_spec()
-            text = self.rng.choice(SPOKEN_VIDEO[spec["task"]])
-            video = self._path("videos", stem, "mp4")
-            audio, speak = self._speech(stem, text, voice, noise_p=0.3)
-            sample = Sample("video", _turns(f"{VIDEO}\n{AUDIO}", spec["answer"]), video=video, audio=[audio],
-                            state="<1>", meta={"task": spec["task"], "category": "spoken", "medium": "video",
-                                               "voice": voice, "question": text})
-            return _Job(sample, [(_render_video, (video, spec, self.sizes.video_seconds)), speak])
+            medium = "image" if roll < 0.45 else "video"
+            spec = self._image_spec() if medium == "image" else self._video_spec()
+            answers = _image_answers(spec) if medium == "image" else _video_answers(spec)
+            phrases = SPOKEN_IMAGE if medium == "image" else SPOKEN_VIDEO
+            asked, audio, renders = [], [], []
+            for n, (task, answer) in enumerate(self._tasks(spec, answers)):
+                text = self.rng.choice(phrases[task])
+                path, speak = self._speech(stem if n == 0 else f"{stem}-{n}", text, voice, noise_p=0.3)
+                asked.append((AUDIO, answer))
+                audio.append(path)
+                renders.append(speak)
+                if n == 0:
+                    question = text
+            if medium == "image":
+                picture = self._path("images", stem, "png")
+                renders.append((_render_image, (picture, spec)))
+                sample = Sample("image", _conversation(f"{IMAGE}\n", asked), images=[picture], audio=audio)
+            else:
+                picture = self._path("videos", stem, "mp4")
+                renders.append((_render_video, (picture, spec, self.sizes.video_seconds)))
+                sample = Sample("video", _conversation(f"{VIDEO}\n", asked), video=picture, audio=audio)
+            sample.state = "<1>"
+            sample.meta = {"task": spec["task"], "category": "spoken", "medium": medium, "voice": voice,
+                           "question": question}
+            return _Job(sample, renders)
         text, answer, task = self._fresh(self._spoken_text_question)
         audio, speak = self._speech(stem, text, voice, noise_p=0.3)
         sample = Sample("duplex", _turns(AUDIO, answer), audio=[audio], state="<1>",
@@ -443,6 +467,25 @@ class _Maker:
 
 def _turns(user: str, bot: str) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "bot", "content": bot}]
+
+
+def _conversation(media: str, asked: list[tuple[str, str]]) -> list[dict]:
+    """User/bot turns for (question, answer) pairs; the first question carries the picture or clip (`media`)."""
+    turns: list[dict] = []
+    for n, (question, answer) in enumerate(asked):
+        turns += _turns((media if n == 0 else "") + question, answer)
+    return turns
+
+
+def _image_answers(spec: dict[str, Any]) -> dict[str, str | None]:
+    """Every question the picture answers: a word picture has no shape and no count of shapes."""
+    word = spec["word"]
+    return {"colour": spec["colour"], "shape": None if word else spec["shape"],
+            "count": None if word else NUMBER_WORDS[spec["count"]], "word": word}
+
+
+def _video_answers(spec: dict[str, Any]) -> dict[str, str]:
+    return {task: spec[task] for task in VIDEO_QUESTIONS}
 
 
 # ----------------------------------------------------------------------------------------------------------------
