@@ -21,7 +21,9 @@ system-deps:  ## install espeak-ng, sox, ffmpeg, prometheus (+promtool), chromiu
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	  for try in 1 2 3 4 5 6 7 8 9 10; do $$SUDO apt-get update -qq && break; \
+	    echo "apt-get update failed (another apt-get running?): again in 10 s"; sleep 10; done; \
+	  $$SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends $$missing; \
 	fi
 
 $(STAMP): requirements.lock requirements-nodeps.lock services/pyproject.toml
