@@ -302,7 +302,7 @@ class _Maker:
 
     # -- categories -----------------------------------------------------------------------------------------------
 
-    def _tasks(self, spec: dict[str, Any], answers: dict[str, str]) -> list[tuple[str, str]]:
+    def _tasks(self, spec: dict[str, Any], answers: dict[str, str | None]) -> list[tuple[str, str]]:
         """(task, answer) pairs to ask about one picture or clip: the drawn task alone in the held-out split; in
         training, the drawn task first and then every other question the picture answers, in random order (one
         conversation: the system prompt and the encoded picture are paid for once, not once per question)."""
@@ -324,7 +324,7 @@ class _Maker:
     def video(self, k: int) -> _Job:
         spec = self._video_spec()
         path = self._path("videos", f"video-{k:05d}", "mp4")
-        asked = [(self.rng.choice(VIDEO_QUESTIONS[t]), spec[t]) for t, _ in self._tasks(spec, _video_answers(spec))]
+        asked = [(self.rng.choice(VIDEO_QUESTIONS[t]), a) for t, a in self._tasks(spec, _video_answers(spec))]
         sample = Sample("video", _conversation(f"{VIDEO}\n", asked), video=path, state="<3>",
                         meta={"task": spec["task"], "category": "video"})
         return _Job(sample, [(_render_video, (path, spec, self.sizes.video_seconds))])
@@ -338,26 +338,24 @@ class _Maker:
             spec = self._image_spec() if medium == "image" else self._video_spec()
             answers = _image_answers(spec) if medium == "image" else _video_answers(spec)
             phrases = SPOKEN_IMAGE if medium == "image" else SPOKEN_VIDEO
-            asked, audio, renders = [], [], []
+            asked, audio, texts, renders = [], [], [], []
             for n, (task, answer) in enumerate(self._tasks(spec, answers)):
-                text = self.rng.choice(phrases[task])
-                path, speak = self._speech(stem if n == 0 else f"{stem}-{n}", text, voice, noise_p=0.3)
+                texts.append(self.rng.choice(phrases[task]))
+                path, speak = self._speech(stem if n == 0 else f"{stem}-{n}", texts[-1], voice, noise_p=0.3)
                 asked.append((AUDIO, answer))
                 audio.append(path)
                 renders.append(speak)
-                if n == 0:
-                    question = text
+            meta = {"task": spec["task"], "category": "spoken", "medium": medium, "voice": voice, "question": texts[0]}
             if medium == "image":
                 picture = self._path("images", stem, "png")
                 renders.append((_render_image, (picture, spec)))
-                sample = Sample("image", _conversation(f"{IMAGE}\n", asked), images=[picture], audio=audio)
+                sample = Sample("image", _conversation(f"{IMAGE}\n", asked), images=[picture], audio=audio,
+                                state="<1>", meta=meta)
             else:
                 picture = self._path("videos", stem, "mp4")
                 renders.append((_render_video, (picture, spec, self.sizes.video_seconds)))
-                sample = Sample("video", _conversation(f"{VIDEO}\n", asked), video=picture, audio=audio)
-            sample.state = "<1>"
-            sample.meta = {"task": spec["task"], "category": "spoken", "medium": medium, "voice": voice,
-                           "question": question}
+                sample = Sample("video", _conversation(f"{VIDEO}\n", asked), video=picture, audio=audio,
+                                state="<1>", meta=meta)
             return _Job(sample, renders)
         text, answer, task = self._fresh(self._spoken_text_question)
         audio, speak = self._speech(stem, text, voice, noise_p=0.3)
@@ -484,7 +482,7 @@ def _image_answers(spec: dict[str, Any]) -> dict[str, str | None]:
             "count": None if word else NUMBER_WORDS[spec["count"]], "word": word}
 
 
-def _video_answers(spec: dict[str, Any]) -> dict[str, str]:
+def _video_answers(spec: dict[str, Any]) -> dict[str, str | None]:
     return {task: spec[task] for task in VIDEO_QUESTIONS}
 
 
