@@ -1,0 +1,34 @@
+"""benchmarks/encoder_probe.py: its question parsing matches the curriculum, and its linear probe reads what is there."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from vita.training.curriculum import IMAGE_QUESTIONS
+
+_spec = importlib.util.spec_from_file_location(
+    "encoder_probe", Path(__file__).resolve().parents[2] / "benchmarks" / "encoder_probe.py")
+encoder_probe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(encoder_probe)
+
+
+def test_every_curriculum_question_maps_to_its_task() -> None:
+    for task, questions in IMAGE_QUESTIONS.items():
+        for question in questions:
+            assert encoder_probe.task_of(question) == task, question
+
+
+def test_the_probe_reads_a_label_the_features_hold_and_not_one_they_lack() -> None:
+    g = torch.Generator().manual_seed(0)
+    labels = [str(k % 4) for k in range(400)]
+    features = torch.randn(400, 32, generator=g)
+    features[:, 5] += 6.0 * torch.tensor([float(a) for a in labels])  # the class, in one direction
+    train, test = features[:300], features[300:]
+    fit, heldout = encoder_probe.linear_probe(train, labels[:300], test, labels[300:])
+    assert fit >= 0.95 and heldout >= 0.95
+    noise = torch.randn(400, 32, generator=g)  # features that know nothing of the labels
+    fit, heldout = encoder_probe.linear_probe(noise[:300], labels[:300], noise[300:], labels[300:])
+    assert heldout <= 0.45  # chance is 0.25, whatever the fit
