@@ -21,7 +21,7 @@ from vita.orchestrator.prompts import answer_prompt, user_turn
 from vita.processing.prompt import StateToken
 from vita.processing.tokenizer import VitaTokenizer
 from vita.stack import LocalStack
-from vita.v1.assistant_pb2 import ClientEvent, Completed, UtteranceJudged
+from vita.v1.assistant_pb2 import ClientEvent, Completed, PlaybackState, UtteranceJudged
 from vita.v1.bus_pb2 import GenerationEvent, GenerationJob
 from vita.v1.media_pb2 import Image, TimestampedFrame
 from vita.v1.session_pb2 import SessionTurn
@@ -205,8 +205,13 @@ def test_two_connections_resuming_one_session_get_one_owner(client, redis, stack
 
 
 def test_a_query_judged_early_is_answered_under_its_judged_turn_id_while_the_client_types(client, query_clip):
-    """The user speaks while an answer streams (judged early, a query), and types before the speech ends: the
-    typed question is answered first, and the speech's answer carries the turn id its judgement named."""
+    """The user speaks while the last answer still plays (judged early, a query), and types before the speech
+    ends: the typed question is answered first, and the speech's answer carries the turn id its judgement named.
+
+    The answer has finished streaming and the client says it still plays it (PlaybackState), so the monitor judges
+    the speech against a history that does not change with how far generation got: an answer still streaming
+    would put as many of its tokens in the judge prompt as the generator had made by then, a different prompt on
+    a busy machine than on an idle one, and the tiny model's early judgement with it."""
     stop_speaking = threading.Event()
     clip = voiced(query_clip)
 
@@ -218,10 +223,11 @@ def test_a_query_judged_early_is_answered_under_its_judged_turn_id_while_the_cli
                 yield event
         yield from speech_events(np.zeros(0, np.float32), realtime=True, chunk_ms=20, trailing_silence_s=1.0)
 
-    with ConverseSession(client, session_config(max_tokens=2000, ignore_eos=True)) as s:
+    with ConverseSession(client, session_config(max_tokens=24, ignore_eos=True)) as s:
         s.send(text_event("Tell me a long story."))
         story = s.wait("answer_started", timeout_s=HANG_S).turn_id
-        s.wait("delta", turn_id=story, timeout_s=HANG_S)
+        s.wait("completed", turn_id=story, timeout_s=HANG_S)
+        s.send(ClientEvent(playback=PlaybackState(playing=True)))
         s.stream(speak())
         judged = s.wait("judged", timeout_s=HANG_S)
         assert judged.judged.early and judged.judged.outcome == UtteranceJudged.QUERY
