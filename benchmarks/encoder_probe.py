@@ -28,6 +28,7 @@ from torch import Tensor
 
 from vita.model.vita import VitaForCausalLM
 from vita.processing.image import preprocess_image
+from vita.training.curriculum import QUESTION_TASKS
 from vita.training.data import read_manifest
 from vita.training.sample import Sample
 
@@ -35,15 +36,8 @@ TASKS = ("colour", "shape", "count", "word")
 
 
 def task_of(question: str) -> str:
-    """The curriculum's image task a question asks (its templates: vita.training.curriculum.IMAGE_QUESTIONS)."""
-    q = question.lower()
-    if "colour" in q:
-        return "colour"
-    if "how many" in q or "count" in q:
-        return "count"
-    if "word" in q or "text say" in q:
-        return "word"
-    return "shape"
+    """The curriculum's task a typed question asks; `question` may start with the picture's `<image>` line."""
+    return QUESTION_TASKS[question.rsplit("\n", 1)[-1]]
 
 
 def answers(sample: Sample) -> dict[str, str]:

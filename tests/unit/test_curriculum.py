@@ -17,6 +17,7 @@ from vita.training.curriculum import (
     CHATTER_VOICES,
     COLOURS,
     QUERY_VOICES,
+    QUESTION_TASKS,
     CurriculumSizes,
     build_curriculum,
     tree_digest,
@@ -57,14 +58,7 @@ def test_states_follow_the_categories(curriculum: dict[str, Path]) -> None:
 def _asked(sample) -> list[tuple[str, str]]:
     """(task, answer) for every question of a conversation, the task found from the question's wording."""
     turns = sample.conversation
-    out = []
-    for question, answer in zip(turns[0::2], turns[1::2]):
-        text = question["content"].lower()
-        task = next(t for t in ("colour", "how many", "count", "word", "text say", "direction", "way", "shape")
-                    if t in text)
-        task = {"how many": "count", "text say": "word", "way": "direction"}.get(task, task)
-        out.append((task, answer["content"]))
-    return out
+    return [(QUESTION_TASKS[q["content"].rsplit("\n", 1)[-1]], a["content"]) for q, a in zip(turns[0::2], turns[1::2])]
 
 
 def test_pictures_show_what_the_answers_say(curriculum: dict[str, Path]) -> None:

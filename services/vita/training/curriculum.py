@@ -78,6 +78,9 @@ VIDEO_QUESTIONS = {
     "colour": ("What colour is the moving shape?", "What colour is the shape in the video?"),
     "shape": ("What shape is moving?", "What shape is in the video?"),
 }
+# The task each typed question asks (one wording, one task), for tools that read a conversation back.
+QUESTION_TASKS = {q: task for questions in (IMAGE_QUESTIONS, VIDEO_QUESTIONS) for task, qs in questions.items()
+                  for q in qs}
 # Spoken versions: espeak reads these; lower case without punctuation is how a recogniser would hear them.
 SPOKEN_IMAGE = {task: tuple(q.rstrip("?.").lower() for q in qs) for task, qs in IMAGE_QUESTIONS.items()}
 SPOKEN_VIDEO = {task: tuple(q.rstrip("?.").lower() for q in qs) for task, qs in VIDEO_QUESTIONS.items()}
