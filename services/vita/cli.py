@@ -200,6 +200,19 @@ def _train(args: argparse.Namespace) -> None:
     main(args)
 
 
+def _pretrain_vision(args: argparse.Namespace) -> None:
+    import json
+
+    from vita.telemetry.logging import configure_logging
+    from vita.training.vision_pretrain import VisionPretrainConfig, pretrain_vision_encoder
+
+    configure_logging("training", level=os.environ.get("VITA_LOG_LEVEL", "info"))
+    config = VisionPretrainConfig(preset=args.preset, seed=args.seed, data_seed=args.data_seed, pictures=args.pictures,
+                                  steps=args.steps, batch_size=args.batch_size, lr=args.lr, threads=args.threads)
+    summary = pretrain_vision_encoder(config, args.output, progress=not args.no_progress, overwrite=args.overwrite)
+    print(json.dumps(summary))
+
+
 def _export(args: argparse.Namespace) -> None:
     from vita.training.export import export_model, verify_repository
 
@@ -397,6 +410,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("pretrain-vision", help="tiny runs: train the vision encoder on rendered pictures, the "
+                       "stand-in for a pretrained InternViT (stage 1 loads it with init.vision_encoder)",
+                       description="Renders pictures as the synthetic curriculum draws them (its own seed) and trains "
+                                   "the preset's vision encoder to tell each picture's colour, shape, count, word and "
+                                   "position from every token; writes the encoder in InternViT's names, with its "
+                                   "held-out accuracy per attribute (probe.json). An output directory that already "
+                                   "holds the same settings is reused.")
+    p.add_argument("--output", required=True, help="directory to write (model.safetensors, config.json, metrics.jsonl)")
+    p.add_argument("--preset", default="tiny-224", help="model preset whose vision encoder to train (default: %(default)s)")
+    p.add_argument("--steps", type=_int_in(1, _INT32), default=1500, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--pictures", type=_int_in(1, 10**7), default=8000,
+                   help="pictures rendered once and drawn from (default: %(default)s)")
+    p.add_argument("--batch-size", type=_int_in(1, 4096), default=32, help="pictures per step (default: %(default)s)")
+    p.add_argument("--lr", type=_float_in(0.0, 1.0, open_low=True), default=3e-3,
+                   help="peak AdamW learning rate, one-cycle schedule (default: %(default)s)")
+    p.add_argument("--seed", type=_int_in(0, _INT32), default=0, help="the encoder's initial weights (default: 0)")
+    p.add_argument("--data-seed", type=_int_in(0, _INT32), default=1_000_003,
+                   help="the pictures' seed, not the curriculum's (default: %(default)s)")
+    p.add_argument("--threads", type=_int_in(1, 1024), default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--overwrite", action="store_true", help="train again even if OUTPUT holds these settings")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_pretrain_vision)
 
     p = sub.add_parser("export", help="write the model repository the serving stack loads from a checkpoint")
     p.add_argument("--checkpoint", help="a stage's output_dir, its final/, or a checkpoint directory")

@@ -57,3 +57,24 @@ def test_fit_connectors_errors_name_the_problem(tmp_path):
         fit_connectors(model, [th.text("Hi", "Hello")], ["vision"])
     with pytest.raises(ConfigError, match="fit_connectors names connectors among vision, audio"):
         StageConfig(stage=2, init=InitConfig(preset="tiny"), fit_connectors=["video"])
+
+
+def test_a_stage_puts_the_pretrained_vision_encoder_named_by_init_into_the_tower(tmp_path):
+    from vita.model.checkpoint import save_sharded
+    from vita.model.vision import VisionEncoder
+
+    samples = th.mixed_samples(tmp_path)
+    init = th.write_model(tmp_path / "init")
+    model_vision = initial_model(StageConfig(stage=2, init=InitConfig(model=str(init)), trainable=["vision_connector"],
+                                             output_dir=str(tmp_path / "a")), samples, tmp_path / "wa").model
+    torch.manual_seed(123)
+    pretrained = VisionEncoder(model_vision.vita_config.vision)
+    save_sharded({f"vision_model.{k}": v.contiguous() for k, v in pretrained.state_dict().items()}, tmp_path / "vit")
+    config = StageConfig(stage=2, init=InitConfig(model=str(init), vision_encoder=str(tmp_path / "vit")),
+                         trainable=["vision_connector"], fit_connectors=["vision"], output_dir=str(tmp_path / "run"))
+    got = initial_model(config, samples, tmp_path / "work")
+    assert got.notes["vision_encoder"] == str(tmp_path / "vit")
+    for name, tensor in got.model.vision_tower.encoder.state_dict().items():
+        assert torch.equal(tensor, pretrained.state_dict()[name]), name
+    before = model_vision.vision_tower.encoder.state_dict()["encoder.layers.0.attn.qkv.weight"]
+    assert not torch.equal(got.model.vision_tower.encoder.state_dict()["encoder.layers.0.attn.qkv.weight"], before)

@@ -23,7 +23,7 @@ EXPECTED_TINY = EXPECTED
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 @pytest.mark.parametrize("variant", ["", "_tiny"])
 def test_shipped_configs_load(name, variant, monkeypatch):
-    for var in ("MIXTRAL_DIR", "VITA_DATA", "VITA_TRAIN_DIR"):
+    for var in ("MIXTRAL_DIR", "INTERNVIT_DIR", "VITA_DATA", "VITA_TRAIN_DIR"):
         monkeypatch.setenv(var, f"/data/{var.lower()}")
     config = load_stage_config(CONFIGS / f"{name}{variant}.yaml")
     stage, trainable = (EXPECTED_TINY if variant else EXPECTED)[name]
@@ -37,6 +37,9 @@ def test_shipped_configs_load(name, variant, monkeypatch):
     if name == "stage1_llm":
         assert config.vocab.enabled
         assert config.vocab.target_vocab_size == (None if variant else 51747)
+    if name == "stage2_vision":  # the pretrained encoder joins with its connector: InternViT, or the tiny stand-in
+        assert config.init.vision_encoder == ("/data/vita_train_dir/vision-encoder" if variant
+                                              else "/data/internvit_dir")
     if name == "stage3_multimodal":
         assert config.state_tokens and config.spoken.p_spoken == 0.5
         assert (config.spoken.p_negative == 0) == bool(variant)  # tiny: the curriculum brings its chatter

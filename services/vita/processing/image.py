@@ -124,14 +124,19 @@ def to_pixel_values(tiles: list[Image.Image], config: VisionConfig) -> torch.Ten
     """(N, 3, size, size) float32, ImageNet-normalised as the encoder was trained."""
     if not tiles:
         raise InvalidInputError("no image tiles to encode")
-    arrays = [np.asarray(_square_rgb(t, config.image_size)) for t in tiles]
-    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+    arrays = [np.asarray(square_rgb(t, config.image_size)) for t in tiles]
+    return normalise_pixels(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2), config)
+
+
+def normalise_pixels(pixels: torch.Tensor, config: VisionConfig) -> torch.Tensor:
+    """uint8 (N, 3, size, size) -> float32, ImageNet-normalised (`config.image_mean`/`image_std`)."""
     mean = torch.tensor(config.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(config.image_std).view(1, 3, 1, 1)
-    return (pixels - mean) / std
+    return (pixels.float().div_(255.0) - mean) / std
 
 
-def _square_rgb(tile: Image.Image, size: int) -> Image.Image:
+def square_rgb(tile: Image.Image, size: int) -> Image.Image:
+    """RGB at `size` x `size` (bicubic), as the encoder receives a tile."""
     tile = tile if tile.mode == "RGB" else tile.convert("RGB")
     return tile if tile.size == (size, size) else tile.resize((size, size), Image.Resampling.BICUBIC)
 

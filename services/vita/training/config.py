@@ -47,6 +47,9 @@ class InitConfig:
     # Tiny runs only: train an English-only base tokenizer of this size on the built-in corpus (the role Mixtral's
     # 32,000-piece vocabulary plays at full size), so that stage 1 has Chinese pieces to add.
     base_tokenizer_vocab: int | None = None
+    # A pretrained InternViT to put in the vision tower (InternViT-300M-448px's directory at full size;
+    # `vita pretrain-vision`'s output, the stand-in, for tiny runs); default: the tower's weights as they come.
+    vision_encoder: str | None = None
 
 
 @dataclass

@@ -250,6 +250,38 @@ def _split_sums(split: str, sizes: CurriculumSizes) -> list[tuple[int, int]]:
     return heldout if split == "heldout" else [p for p in pairs if p not in heldout]
 
 
+def english_lines() -> list[str]:
+    """The curriculum's English questions (typed and as spoken) and one-word answers, one per line: the words a real
+    English base vocabulary holds whole (`vocab.base_tokenizer_from_corpus`)."""
+    questions = [q for table in (IMAGE_QUESTIONS, VIDEO_QUESTIONS, SPOKEN_IMAGE, SPOKEN_VIDEO)
+                 for qs in table.values() for q in qs]
+    answers = [*COLOURS, *SHAPES, *WORDS, *NUMBER_WORDS, *DIRECTIONS]
+    return questions + [q for q, _ in _SPOKEN_FACTS] + answers
+
+
+def image_spec(rng: random.Random) -> dict[str, Any]:
+    """A picture to draw (`render_image`) and the question asked about it: a task of IMAGE_QUESTIONS, its answer."""
+    task = rng.choice(tuple(IMAGE_QUESTIONS))
+    spec: dict[str, Any] = {"task": task, "seed": rng.randrange(2**31), "colour": rng.choice(tuple(COLOURS)),
+                            "shape": rng.choice(SHAPES), "count": 1, "word": None}
+    if task == "count":
+        spec["count"] = rng.randint(1, 6)
+    if task == "word":
+        spec["word"] = rng.choice(WORDS)
+    spec["answer"] = {"colour": spec["colour"], "shape": spec["shape"], "word": spec["word"],
+                      "count": NUMBER_WORDS[spec["count"]]}[task]
+    return spec
+
+
+def video_spec(rng: random.Random) -> dict[str, Any]:
+    """A clip to draw (`video_frames`) and the question asked about it: a task of VIDEO_QUESTIONS, its answer."""
+    task = rng.choice(tuple(VIDEO_QUESTIONS))
+    spec = {"task": task, "seed": rng.randrange(2**31), "colour": rng.choice(tuple(COLOURS)),
+            "shape": rng.choice(SHAPES), "direction": rng.choice(DIRECTIONS)}
+    spec["answer"] = spec[task]
+    return spec
+
+
 class _Maker:
     """Draws the samples of one split; media paths are decided here, files are written by the render jobs."""
 
@@ -278,24 +310,10 @@ class _Maker:
         raise ValueError("the held-out split ran out of unseen content; lower the sizes")
 
     def _image_spec(self) -> dict[str, Any]:
-        task = self.rng.choice(tuple(IMAGE_QUESTIONS))
-        spec: dict[str, Any] = {"task": task, "seed": self.rng.randrange(2**31),
-                                "colour": self.rng.choice(tuple(COLOURS)), "shape": self.rng.choice(SHAPES),
-                                "count": 1, "word": None}
-        if task == "count":
-            spec["count"] = self.rng.randint(1, 6)
-        if task == "word":
-            spec["word"] = self.rng.choice(WORDS)
-        spec["answer"] = {"colour": spec["colour"], "shape": spec["shape"], "word": spec["word"],
-                          "count": NUMBER_WORDS[spec["count"]]}[task]
-        return spec
+        return image_spec(self.rng)
 
     def _video_spec(self) -> dict[str, Any]:
-        task = self.rng.choice(tuple(VIDEO_QUESTIONS))
-        spec = {"task": task, "seed": self.rng.randrange(2**31), "colour": self.rng.choice(tuple(COLOURS)),
-                "shape": self.rng.choice(SHAPES), "direction": self.rng.choice(DIRECTIONS)}
-        spec["answer"] = spec[task]
-        return spec
+        return video_spec(self.rng)
 
     def _speech(self, stem: str, text: str, voice: str, *, noise_p: float) -> tuple[str, tuple]:
         path = self._path("audio", stem, "wav")
@@ -494,6 +512,12 @@ def _video_answers(spec: dict[str, Any]) -> dict[str, str | None]:
 
 
 def _render_image(path: str, spec: dict[str, Any]) -> None:
+    render_image(spec).save(path, optimize=False)
+
+
+def render_image(spec: dict[str, Any]) -> Image.Image:
+    """The picture of an image spec (`task`, `seed`, `colour`, `shape`, `count`, `word`): IMAGE_SIZE square RGB,
+    a function of the spec alone."""
     rng = random.Random(spec["seed"])
     shade = rng.randint(215, 250)
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (shade, shade, rng.randint(215, 250)))
@@ -517,7 +541,7 @@ def _render_image(path: str, spec: dict[str, Any]) -> None:
         radius = rng.randint(60, 140)
         cx, cy = (rng.uniform(radius + 10, IMAGE_SIZE - radius - 10) for _ in range(2))
         draw_shape(draw, spec["shape"], cx, cy, radius, colour)
-    image.save(path, optimize=False)
+    return image
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
@@ -546,6 +570,22 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
 def _render_video(path: str, spec: dict[str, Any], seconds: float) -> None:
     import av
 
+    frames = video_frames(spec, seconds)
+    with av.open(path, "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=VIDEO_FPS)
+        stream.width = stream.height = VIDEO_SIZE
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"qscale": "2"}
+        stream.thread_count = 1
+        for image, _ in frames:
+            for packet in stream.encode(av.VideoFrame.from_image(image)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def video_frames(spec: dict[str, Any], seconds: float) -> list[tuple[Image.Image, tuple[float, float]]]:
+    """The frames of a clip spec at VIDEO_FPS (VIDEO_SIZE square RGB) with the shape's centre (x, y) in pixels."""
     rng = random.Random(spec["seed"])
     frames = max(2, round(seconds * VIDEO_FPS))
     radius = rng.randint(18, 30)
@@ -555,23 +595,15 @@ def _render_video(path: str, spec: dict[str, Any], seconds: float) -> None:
     fixed = rng.uniform(margin, VIDEO_SIZE - margin)
     start, end = {"right": across, "left": across[::-1], "down": across, "up": across[::-1]}[spec["direction"]]
     horizontal = spec["direction"] in ("left", "right")
-    with av.open(path, "w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=VIDEO_FPS)
-        stream.width = stream.height = VIDEO_SIZE
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"qscale": "2"}
-        stream.thread_count = 1
-        for k in range(frames):
-            t = k / (frames - 1)
-            moving = start + (end - start) * t
-            cx, cy = (moving, fixed) if horizontal else (fixed, moving)
-            image = Image.new("RGB", (VIDEO_SIZE, VIDEO_SIZE), (shade, shade, shade))
-            draw_shape(ImageDraw.Draw(image), spec["shape"], cx, cy, radius, COLOURS[spec["colour"]])
-            frame = av.VideoFrame.from_image(image)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    out = []
+    for k in range(frames):
+        t = k / (frames - 1)
+        moving = start + (end - start) * t
+        cx, cy = (moving, fixed) if horizontal else (fixed, moving)
+        image = Image.new("RGB", (VIDEO_SIZE, VIDEO_SIZE), (shade, shade, shade))
+        draw_shape(ImageDraw.Draw(image), spec["shape"], cx, cy, radius, COLOURS[spec["colour"]])
+        out.append((image, (cx, cy)))
+    return out
 
 
 def _render_speech(tts: TTS, path: str, text: str, voice: str, seed: int, noisy: bool) -> None:
@@ -657,4 +689,5 @@ def tree_digest(root: str | Path) -> str:
     return h.hexdigest()
 
 
-__all__ = ["CATEGORIES", "VOICES", "CurriculumSizes", "build_curriculum", "draw_shape", "noise", "tree_digest"]
+__all__ = ["CATEGORIES", "VOICES", "CurriculumSizes", "build_curriculum", "draw_shape", "image_spec", "noise",
+           "render_image", "tree_digest", "video_frames", "video_spec"]

@@ -4,6 +4,7 @@
   (text only; with `init.preset` the preset's towers are added with seeded random weights).
 - `init.preset`: seeded random weights of a preset, with `init.tokenizer`, or (tiny runs) an English-only base
   tokenizer trained on the built-in corpus (`init.base_tokenizer_vocab`).
+- `init.vision_encoder`: a pretrained InternViT put into the vision tower (`vision_pretrain.load_vision_encoder`).
 Then, if the stage says so, stage 1's vocabulary extension, the audio encoder's global CMVN and the
 connectors' data-dependent init (`fit_connectors`).
 """
@@ -30,6 +31,7 @@ from vita.processing.tokenizer import VitaTokenizer
 from vita.training.config import ConfigError, StageConfig
 from vita.training.examples import load_waveform
 from vita.training.sample import Sample
+from vita.training.vision_pretrain import load_vision_encoder
 from vita.training.vocab import base_tokenizer_from_corpus, chinese_lines, extend_vocabulary
 
 log = logging.getLogger("vita.training")
@@ -66,6 +68,11 @@ def initial_model(config: StageConfig, samples: Sequence[Sample], work_dir: Path
         torch.manual_seed(init.seed)
         model = VitaForCausalLM(vita_config)
         notes["weights"] = f"random ({init.preset} preset, seed {init.seed})"
+    if init.vision_encoder:
+        if model.vision_tower is None:
+            raise ConfigError("init.vision_encoder: the model has no vision tower")
+        load_vision_encoder(model.vision_tower.encoder, init.vision_encoder)
+        notes["vision_encoder"] = init.vision_encoder
     if tokenizer.vocab_size != model.config.vocab_size:
         raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model {model.config.vocab_size} "
                               "embedding rows")

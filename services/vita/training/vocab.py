@@ -157,16 +157,28 @@ def resize_embeddings(model: VitaForCausalLM, extension: Extension, base: VitaTo
     model.vita_config.llm.vocab_size = n_new
 
 
+BASE_WORD_REPEATS = 5  # how often each curriculum line joins the base tokenizer's text: enough to be merged whole
+
+
 def base_tokenizer_from_corpus(output_path, vocab_size: int) -> VitaTokenizer:
     """Tiny runs: an English-only base tokenizer trained on the built-in corpus, the system prompts and role names
-    (what Mixtral's vocabulary is at full size: the base that stage 1 extends with Chinese pieces)."""
+    (what Mixtral's vocabulary is at full size: the base that stage 1 extends with Chinese pieces), and the English
+    of the synthetic curriculum's questions and answers, `BASE_WORD_REPEATS` times each.
+
+    Mixtral's 32,000 pieces hold words such as "blue", "circle" or "seven" whole; the built-in corpus (1,000 English
+    lines) is too small for BPE to learn them, so an answer that starts a turn was spelt in two to four pieces
+    ("bl", "ue"), whose first piece is shared by several answers (blue, black). The curriculum's lines give the
+    stand-in base what the real one has.
+    """
     from dataclasses import astuple
 
     from vita.processing.corpus import bilingual_corpus
     from vita.processing.prompt import SYSTEM_PROMPTS
+    from vita.training.curriculum import english_lines
 
     lines = [line for line in bilingual_corpus() if not CJK.search(line)]
     lines += [*astuple(SYSTEM_PROMPTS), "system:", "user:", "bot:"]
+    lines += english_lines() * BASE_WORD_REPEATS
     return VitaTokenizer.from_file(train_tokenizer(lines, output_path, vocab_size))
 
 

@@ -1,0 +1,255 @@
+"""A stand-in for the pretrained vision encoder, for tiny runs: teach the tiny InternViT what the pictures hold.
+
+At full size VITA starts from InternViT-300M-448px, an encoder that arrives knowing colours, shapes, counts and
+text; stage 2 only aligns a connector to it. No such weights exist for the tiny preset and none can be downloaded
+here, and a random tiny ViT is close to a linear map of its patches: linear probes of it read a held-out picture's
+colour but not its shape, count or word (docs/training.md, "What a frozen random encoder holds"). This step gives
+the tiny tower what pretraining gives InternViT, on pictures of its own: it renders pictures the way the curriculum
+does (`curriculum.image_spec`/`render_image`, and frames of `curriculum.video_spec` clips) from a seed of its own,
+and trains the encoder with one linear head per attribute (colour, shape, count, word, and for single shapes the
+centre's column and row) on every output token: each of the tokens the connector receives is trained to tell
+the whole picture's attributes, so that the LLM can read any of them. The heads are dropped; the encoder is
+written in InternViT's parameter names, which is what a stage's `init.vision_encoder` loads (a real
+InternViT-300M-448px directory loads the same way at full size).
+
+    vita pretrain-vision --preset tiny-224 --output .artifacts/train-tiny/vision-encoder
+
+Writes `model.safetensors` (the encoder), `config.json` (its VisionConfig and these settings), `metrics.jsonl`
+(loss per logged step) and `probe.json` (per-attribute accuracy on pictures drawn from another seed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from vita.errors import CheckpointError
+from vita.model.checkpoint import load_sharded, save_sharded
+from vita.model.config import VisionConfig, VitaConfig
+from vita.model.vision import VisionEncoder, pixel_shuffle
+from vita.processing.image import normalise_pixels, square_rgb
+from vita.training import curriculum as cur
+from vita.training.metrics import MetricsLog
+
+log = logging.getLogger("vita.training")
+
+POSITION_BINS = 4  # a single shape's centre: which quarter of the width (column) and of the height (row)
+ATTRIBUTES = {
+    "colour": tuple(cur.COLOURS),
+    "shape": cur.SHAPES,
+    "count": cur.NUMBER_WORDS[1:7],
+    "word": cur.WORDS,
+    "column": tuple(range(POSITION_BINS)),
+    "row": tuple(range(POSITION_BINS)),
+}
+IGNORE = -100  # an attribute the picture does not have (a word picture's shape)
+VERSION = 1  # bump when the pictures or the objective change, so a saved encoder is not reused
+
+
+@dataclass
+class VisionPretrainConfig:
+    """What `pretrain_vision_encoder` does; the defaults are `make train-tiny`'s."""
+
+    preset: str = "tiny-224"
+    seed: int = 0  # the encoder's random init (torch.manual_seed), as stage 1's init.seed
+    data_seed: int = 1_000_003  # the pictures' seed: not the curriculum's (0), so they are pictures of their own
+    pictures: int = 4000  # rendered once and drawn from at random
+    frame_share: float = 0.3  # share of the pictures that are frames of moving-shape clips
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 3e-3  # peak of a one-cycle schedule (10% warmup, cosine down)
+    weight_decay: float = 0.01
+    probe_pictures: int = 400  # scored after training, from data_seed + 1
+    threads: int | None = None
+    log_every: int = 50
+
+    def key(self) -> dict[str, Any]:
+        """What decides the weights: an output directory holding the same key is reused as is."""
+        d = dataclasses.asdict(self)
+        d.pop("threads"), d.pop("log_every")
+        return {"version": VERSION, **d}
+
+
+def attribute_pictures(n: int, seed: int, vision: VisionConfig, frame_share: float = 0.3
+                       ) -> tuple[Tensor, dict[str, Tensor]]:
+    """`n` pictures as uint8 pixels (n, 3, S, S) at the encoder's tile size S, and their attribute labels
+    {attribute: (n,) class indices, IGNORE where the picture lacks it}. Deterministic in `seed`."""
+    rng = random.Random(seed)
+    size = vision.image_size
+    pixels = torch.empty(n, 3, size, size, dtype=torch.uint8)
+    labels = {name: torch.full((n,), IGNORE) for name in ATTRIBUTES}
+    for k in range(n):
+        if rng.random() < frame_share:
+            spec = cur.video_spec(rng)
+            frames = cur.video_frames(spec, 1.0)
+            image, (cx, cy) = frames[rng.randrange(len(frames))]
+            found = {"colour": spec["colour"], "shape": spec["shape"], "count": "one"}
+            centre = (cx / cur.VIDEO_SIZE, cy / cur.VIDEO_SIZE)
+        else:
+            spec = cur.image_spec(rng)
+            image = cur.render_image(spec)
+            found = {t: a for t, a in cur._image_answers(spec).items() if a is not None}
+            centre = None
+        for name, value in found.items():
+            labels[name][k] = ATTRIBUTES[name].index(value)
+        if centre is not None:
+            labels["column"][k], labels["row"][k] = (min(POSITION_BINS - 1, int(c * POSITION_BINS)) for c in centre)
+        pixels[k] = torch.from_numpy(np.array(square_rgb(image, size))).permute(2, 0, 1)
+    return pixels, labels
+
+
+class AttributeHeads(nn.Module):
+    """One linear classifier per attribute, applied to every token the connector would receive."""
+
+    def __init__(self, vision: VisionConfig) -> None:
+        super().__init__()
+        self.vision = vision
+        self.heads = nn.ModuleDict({name: nn.Linear(vision.connector_in_features, len(classes))
+                                    for name, classes in ATTRIBUTES.items()})
+
+    def tokens(self, encoder: VisionEncoder, pixels: Tensor) -> Tensor:
+        """(N, 3, S, S) -> (N, tokens_per_tile, connector_in_features): `VisionTower.forward` up to the connector."""
+        features = encoder(pixels) * self.vision.feature_scale
+        side = self.vision.patches_per_side
+        grid = features.reshape(features.shape[0], side, side, -1)
+        return pixel_shuffle(grid, self.vision.downsample_ratio).flatten(1, 2)
+
+    def loss(self, tokens: Tensor, labels: dict[str, Tensor]) -> Tensor:
+        """Mean over attributes of the token-wise cross-entropy against the picture's label."""
+        losses = []
+        for name, head in self.heads.items():
+            y = labels[name]
+            keep = y != IGNORE
+            if keep.any():
+                logits = head(tokens[keep])  # (n, T, C)
+                target = y[keep].repeat_interleave(logits.shape[1])
+                losses.append(F.cross_entropy(logits.flatten(0, 1), target))
+        return torch.stack(losses).mean()
+
+    @torch.no_grad()
+    def accuracy(self, tokens: Tensor, labels: dict[str, Tensor]) -> dict[str, float]:
+        """Per attribute: how often the tokens' mean logits pick the picture's label."""
+        out = {}
+        for name, head in self.heads.items():
+            keep = labels[name] != IGNORE
+            if keep.any():
+                guess = head(tokens[keep]).mean(1).argmax(-1)
+                out[name] = round(float((guess == labels[name][keep]).float().mean()), 3)
+        return out
+
+
+def pretrain_vision_encoder(config: VisionPretrainConfig, output: str | Path, *, progress: bool = True,
+                            overwrite: bool = False) -> dict[str, Any]:
+    """Trains the preset's vision encoder on attribute pictures, writes it under `output`, returns the summary
+    (what `config.json` holds under "pretraining"). A directory that already holds this config's key is reused.
+
+    Raises `ValueError` for a preset without a vision tower.
+    """
+    out = Path(output)
+    info_path = out / "config.json"
+    if not overwrite and info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("pretraining", {}).get("key") == config.key():
+            log.info("vision encoder in %s is this config's: reused", out)
+            return info["pretraining"]
+    vision = VitaConfig.preset(config.preset).vision
+    if vision is None:
+        raise ValueError(f"preset {config.preset!r} has no vision tower")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    start = time.perf_counter()
+    pixels, labels = attribute_pictures(config.pictures, config.data_seed, vision, config.frame_share)
+    render_s = time.perf_counter() - start
+    torch.manual_seed(config.seed)
+    encoder = VisionEncoder(vision)
+    heads = AttributeHeads(vision)
+    params = [*encoder.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    warmup = max(1, config.steps // 10)
+
+    def lr_at(step: int) -> float:  # step counts from 1
+        if step <= warmup:
+            return config.lr * step / warmup
+        return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    metrics = MetricsLog(out)
+    draw = torch.Generator().manual_seed(config.data_seed)
+    encoder.train()
+    bar = tqdm(range(1, config.steps + 1), desc="vision encoder", disable=not progress, dynamic_ncols=True)
+    running = 0.0
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        idx = torch.randint(0, config.pictures, (config.batch_size,), generator=draw)
+        loss = heads.loss(heads.tokens(encoder, normalise_pixels(pixels[idx], vision)), {k: v[idx] for k, v in labels.items()})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        running += loss.item()
+        if step % config.log_every == 0 or step == config.steps:
+            mean = running / (config.log_every if step % config.log_every == 0 else step % config.log_every)
+            metrics.write({"step": step, "loss": round(mean, 4), "lr": lr_at(step),
+                           "elapsed_s": round(time.perf_counter() - start, 1)})
+            bar.set_postfix(loss=f"{mean:.3f}")
+            running = 0.0
+    metrics.close()
+    encoder.eval()
+    probe = probe_encoder(encoder, heads, vision, config.probe_pictures, config.data_seed + 1)
+    summary = {"key": config.key(), "train_s": round(time.perf_counter() - start, 1), "render_s": round(render_s, 1),
+               "heldout_accuracy": probe}
+    save_sharded({k: v.detach().contiguous() for k, v in encoder.state_dict().items()}, out)
+    (out / "probe.json").write_text(json.dumps(probe, indent=2) + "\n")
+    info_path.write_text(json.dumps({"vision": dataclasses.asdict(vision), "pretraining": summary}, indent=2) + "\n")
+    log.info("vision encoder written to %s: held-out accuracy %s", out, probe)
+    return summary
+
+
+@torch.no_grad()
+def probe_encoder(encoder: VisionEncoder, heads: AttributeHeads, vision: VisionConfig, n: int, seed: int
+                  ) -> dict[str, float]:
+    """Per-attribute accuracy of the trained heads on `n` new pictures from `seed`."""
+    pixels, labels = attribute_pictures(n, seed, vision)
+    tokens = torch.cat([heads.tokens(encoder, normalise_pixels(pixels[b : b + 64], vision)) for b in range(0, n, 64)])
+    return heads.accuracy(tokens, labels)
+
+
+def load_vision_encoder(encoder: VisionEncoder, directory: str | Path) -> None:
+    """Loads InternViT weights (ours from `pretrain_vision_encoder`, or InternVL's with a `vision_model.` prefix)
+    into `encoder`. Raises `CheckpointError` when a tensor is missing, extra or of another shape."""
+    try:
+        tensors = load_sharded(directory)
+    except CheckpointError as e:
+        raise CheckpointError(f"init.vision_encoder: {e}") from None
+    prefix = "vision_model."
+    if any(k.startswith(prefix) for k in tensors):
+        tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    own = encoder.state_dict()
+    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(own[k].shape)})" for k in own
+             if k in tensors and tensors[k].shape != own[k].shape]
+    if missing or extra or wrong:
+        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
+                 f"shape {wrong[:2]}" if wrong else ""]
+        raise CheckpointError(f"init.vision_encoder {directory} does not fit this model's vision encoder: "
+                              + "; ".join(p for p in parts if p))
+    encoder.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
+
+
+__all__ = ["ATTRIBUTES", "AttributeHeads", "VisionPretrainConfig", "attribute_pictures", "load_vision_encoder",
+           "pretrain_vision_encoder"]

@@ -1,0 +1,94 @@
+"""The stand-in vision pretraining: labels true to the pictures, a loss that falls, weights that load by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vita.errors import CheckpointError
+from vita.model.config import VitaConfig
+from vita.model.vision import VisionEncoder
+from vita.model.vita import VitaForCausalLM
+from vita.training import curriculum as cur
+from vita.training.vision_pretrain import (
+    ATTRIBUTES,
+    IGNORE,
+    VisionPretrainConfig,
+    attribute_pictures,
+    load_vision_encoder,
+    pretrain_vision_encoder,
+)
+
+VISION = VitaConfig.preset("tiny-224").vision
+
+
+def _ink(pixels: torch.Tensor) -> torch.Tensor:
+    """(S, S) mask of a uint8 (3, S, S) picture's pixels far from its background (the corner pixel's colour)."""
+    return (pixels.float() - pixels[:, :1, :1].float()).norm(dim=0) > 60
+
+
+def _dominant_colour(pixels: torch.Tensor) -> str:
+    """The curriculum colour nearest the median of the picture's ink."""
+    centre = pixels.permute(1, 2, 0)[_ink(pixels)].float().median(0).values
+    return min(cur.COLOURS, key=lambda c: float((torch.tensor(cur.COLOURS[c]).float() - centre).norm()))
+
+
+def test_pictures_are_seeded_and_labelled_with_what_they_show() -> None:
+    pixels, labels = attribute_pictures(24, seed=7, vision=VISION, frame_share=0.5)
+    again, labels_again = attribute_pictures(24, seed=7, vision=VISION, frame_share=0.5)
+    assert pixels.shape == (24, 3, 224, 224) and pixels.dtype == torch.uint8
+    assert torch.equal(pixels, again) and all(torch.equal(labels[k], labels_again[k]) for k in labels)
+    assert not torch.equal(pixels, attribute_pictures(24, seed=8, vision=VISION, frame_share=0.5)[0])
+    for k in range(24):
+        assert ATTRIBUTES["colour"][labels["colour"][k]] == _dominant_colour(pixels[k])
+        word = labels["word"][k] != IGNORE
+        # a word picture has no shape or count; a frame (position known) has one shape
+        assert word == (labels["shape"][k] == IGNORE) == (labels["count"][k] == IGNORE)
+        if labels["column"][k] != IGNORE:
+            assert ATTRIBUTES["count"][labels["count"][k]] == "one"
+            column, row = int(labels["column"][k]), int(labels["row"][k])
+            ink = _ink(pixels[k]).nonzero().float().mean(0)  # (row, column) of the shape's pixels
+            size = VISION.image_size / 4
+            assert int(ink[0] // size) == row and int(ink[1] // size) == column
+    assert (labels["word"] != IGNORE).any() and (labels["column"] != IGNORE).any()
+
+
+def test_pretraining_lowers_the_loss_writes_internvit_names_and_is_reused(tmp_path) -> None:
+    config = VisionPretrainConfig(pictures=48, steps=30, batch_size=16, probe_pictures=16, log_every=10, threads=2)
+    summary = pretrain_vision_encoder(config, tmp_path / "enc", progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "enc" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and losses[-1] < 0.8 * losses[0]
+    assert set(summary["heldout_accuracy"]) == set(ATTRIBUTES)
+    info = json.loads((tmp_path / "enc" / "config.json").read_text())
+    assert info["vision"]["image_size"] == 224 and info["pretraining"]["key"] == config.key()
+
+    model = VitaForCausalLM(VitaConfig.preset("tiny-224"))
+    load_vision_encoder(model.vision_tower.encoder, tmp_path / "enc")
+    from vita.model.checkpoint import load_sharded
+
+    saved = load_sharded(tmp_path / "enc")
+    assert "encoder.layers.0.attn.qkv.weight" in saved and "embeddings.patch_embedding.weight" in saved
+    for name, tensor in model.vision_tower.encoder.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+
+    stamp = (tmp_path / "enc" / "model.safetensors").stat().st_mtime_ns
+    assert pretrain_vision_encoder(config, tmp_path / "enc", progress=False) == summary
+    assert (tmp_path / "enc" / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not retrained
+
+
+def test_an_internvl_checkpoint_loads_and_a_wrong_one_is_named(tmp_path) -> None:
+    source = VisionEncoder(VISION)
+    (tmp_path / "internvl").mkdir()
+    save_file({f"vision_model.{k}": v.contiguous() for k, v in source.state_dict().items()}
+              | {"mlp1.0.weight": torch.zeros(2)}, str(tmp_path / "internvl" / "model.safetensors"))
+    target = VisionEncoder(VISION)
+    load_vision_encoder(target, tmp_path / "internvl")
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+
+    with pytest.raises(CheckpointError, match=r"shape .*position_embedding"):
+        load_vision_encoder(VisionEncoder(VitaConfig.preset("tiny").vision), tmp_path / "internvl")
+    with pytest.raises(CheckpointError, match=r"init\.vision_encoder"):
+        load_vision_encoder(target, tmp_path / "nowhere")
