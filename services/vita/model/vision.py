@@ -140,8 +140,14 @@ class VisionTower(nn.Module):
         self.connector = VisionConnector(config.connector_in_features, llm_hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        features = self.encoder(pixel_values) * self.config.feature_scale
-        side = self.config.patches_per_side
-        grid = features.reshape(features.shape[0], side, side, -1)
-        tokens = pixel_shuffle(grid, self.config.downsample_ratio).flatten(1, 2)
-        return self.connector(tokens)
+        return self.connector(shuffled_features(self.encoder, pixel_values))
+
+
+def shuffled_features(encoder: VisionEncoder, pixel_values: torch.Tensor) -> torch.Tensor:
+    """What the connector receives: (N, 3, S, S) -> (N, tokens_per_tile, connector_in_features), the encoder's
+    patch features scaled by `feature_scale` and pixel-shuffled."""
+    config = encoder.config
+    features = encoder(pixel_values) * config.feature_scale
+    side = config.patches_per_side
+    grid = features.reshape(features.shape[0], side, side, -1)
+    return pixel_shuffle(grid, config.downsample_ratio).flatten(1, 2)

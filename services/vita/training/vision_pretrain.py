@@ -39,7 +39,7 @@ from tqdm import tqdm
 from vita.errors import CheckpointError
 from vita.model.checkpoint import load_sharded, save_sharded
 from vita.model.config import VisionConfig, VitaConfig
-from vita.model.vision import VisionEncoder, pixel_shuffle
+from vita.model.vision import VisionEncoder, shuffled_features
 from vita.processing.image import normalise_pixels, square_rgb
 from vita.training import curriculum as cur
 from vita.training.metrics import MetricsLog
@@ -112,20 +112,12 @@ def attribute_pictures(n: int, seed: int, vision: VisionConfig, frame_share: flo
 
 
 class AttributeHeads(nn.Module):
-    """One linear classifier per attribute, applied to every token the connector would receive."""
+    """One linear classifier per attribute, applied to every token the connector would receive (`shuffled_features`)."""
 
     def __init__(self, vision: VisionConfig) -> None:
         super().__init__()
-        self.vision = vision
         self.heads = nn.ModuleDict({name: nn.Linear(vision.connector_in_features, len(classes))
                                     for name, classes in ATTRIBUTES.items()})
-
-    def tokens(self, encoder: VisionEncoder, pixels: Tensor) -> Tensor:
-        """(N, 3, S, S) -> (N, tokens_per_tile, connector_in_features): `VisionTower.forward` up to the connector."""
-        features = encoder(pixels) * self.vision.feature_scale
-        side = self.vision.patches_per_side
-        grid = features.reshape(features.shape[0], side, side, -1)
-        return pixel_shuffle(grid, self.vision.downsample_ratio).flatten(1, 2)
 
     def loss(self, tokens: Tensor, labels: dict[str, Tensor]) -> Tensor:
         """Mean over attributes of the token-wise cross-entropy against the picture's label."""
@@ -196,7 +188,7 @@ def pretrain_vision_encoder(config: VisionPretrainConfig, output: str | Path, *,
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         idx = torch.randint(0, config.pictures, (config.batch_size,), generator=draw)
-        loss = heads.loss(heads.tokens(encoder, normalise_pixels(pixels[idx], vision)), {k: v[idx] for k, v in labels.items()})
+        loss = heads.loss(shuffled_features(encoder, normalise_pixels(pixels[idx], vision)), {k: v[idx] for k, v in labels.items()})
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -225,7 +217,7 @@ def probe_encoder(encoder: VisionEncoder, heads: AttributeHeads, vision: VisionC
                   ) -> dict[str, float]:
     """Per-attribute accuracy of the trained heads on `n` new pictures from `seed`."""
     pixels, labels = attribute_pictures(n, seed, vision)
-    tokens = torch.cat([heads.tokens(encoder, normalise_pixels(pixels[b : b + 64], vision)) for b in range(0, n, 64)])
+    tokens = torch.cat([shuffled_features(encoder, normalise_pixels(pixels[b : b + 64], vision)) for b in range(0, n, 64)])
     return heads.accuracy(tokens, labels)
 
 
