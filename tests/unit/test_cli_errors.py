@@ -51,6 +51,8 @@ def closed_port() -> int:
         (["ask", "--text", "caf\udce9"], "not valid UTF-8"),
         (["converse", "--text", "ok", "--text", "\udcff"], "not valid UTF-8"),
         (["generate", "--system", "x\ud800"], "argument --system: not valid UTF-8 (U+D800 at character 1)"),
+        (["pretrain-vision", "--output", "/tmp/never", "--steps", "0"], "argument --steps: 0 is outside"),
+        (["pretrain-vision", "--steps", "10"], "the following arguments are required: --output"),
     ],
 )
 def test_bad_flags_are_one_line_and_status_2(capsys, argv, message):
@@ -70,12 +72,13 @@ def test_bad_flags_are_one_line_and_status_2(capsys, argv, message):
         (["converse", "--wav", "__GARBAGE__"], "could not decode audio"),
         (["generate", "--model", "/nonexistent/model", "--text", "hi"], "config.json"),
         (["model-info", "--preset", "huge"], "unknown preset 'huge'"),
+        (["pretrain-vision", "--preset", "huge", "--output", "__OUT__"], "unknown preset 'huge'"),
     ],
 )
 def test_bad_files_are_one_line_and_status_2(capsys, tmp_path, argv, message):
     garbage = tmp_path / "garbage.wav"
     garbage.write_bytes(b"\x00\x01 not audio at all" * 20)
-    argv = [str(garbage) if a == "__GARBAGE__" else a for a in argv]
+    argv = [str(garbage) if a == "__GARBAGE__" else str(tmp_path / "out") if a == "__OUT__" else a for a in argv]
     argv += ["--target", f"127.0.0.1:{closed_port()}"] if argv[0] in ("ask", "converse") else []
     status, err = run(capsys, *argv)
     assert status == cli.EXIT_USAGE

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from vita.errors import CheckpointError
+from vita.errors import CheckpointError, InvalidInputError
 from vita.model.checkpoint import load_sharded, save_sharded
 from vita.model.config import VisionConfig, VitaConfig
 from vita.model.vision import VisionEncoder, shuffled_features
@@ -148,7 +148,7 @@ def pretrain_vision_encoder(config: VisionPretrainConfig, output: str | Path, *,
     """Trains the preset's vision encoder on attribute pictures, writes it under `output`, returns the summary
     (what `config.json` holds under "pretraining"). A directory that already holds this config's key is reused.
 
-    Raises `ValueError` for a preset without a vision tower.
+    Raises `InvalidInputError` for an unknown preset or one without a vision tower.
     """
     out = Path(output)
     info_path = out / "config.json"
@@ -159,7 +159,7 @@ def pretrain_vision_encoder(config: VisionPretrainConfig, output: str | Path, *,
             return info["pretraining"]
     vision = VitaConfig.preset(config.preset).vision
     if vision is None:
-        raise ValueError(f"preset {config.preset!r} has no vision tower")
+        raise InvalidInputError(f"preset {config.preset!r} has no vision tower")
     if config.threads:
         torch.set_num_threads(config.threads)
     start = time.perf_counter()
