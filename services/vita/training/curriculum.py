@@ -337,7 +337,7 @@ class _Maker:
     def image(self, k: int) -> _Job:
         spec = self._image_spec()
         path = self._path("images", f"image-{k:05d}", "png")
-        asked = [(self.rng.choice(IMAGE_QUESTIONS[t]), a) for t, a in self._tasks(spec, _image_answers(spec))]
+        asked = [(self.rng.choice(IMAGE_QUESTIONS[t]), a) for t, a in self._tasks(spec, image_answers(spec))]
         sample = Sample("image", _conversation(f"{IMAGE}\n", asked), images=[path], state="<3>",
                         meta={"task": spec["task"], "category": "image"})
         return _Job(sample, [(_render_image, (path, spec))])
@@ -345,7 +345,7 @@ class _Maker:
     def video(self, k: int) -> _Job:
         spec = self._video_spec()
         path = self._path("videos", f"video-{k:05d}", "mp4")
-        asked = [(self.rng.choice(VIDEO_QUESTIONS[t]), a) for t, a in self._tasks(spec, _video_answers(spec))]
+        asked = [(self.rng.choice(VIDEO_QUESTIONS[t]), a) for t, a in self._tasks(spec, video_answers(spec))]
         sample = Sample("video", _conversation(f"{VIDEO}\n", asked), video=path, state="<3>",
                         meta={"task": spec["task"], "category": "video"})
         return _Job(sample, [(_render_video, (path, spec, self.sizes.video_seconds))])
@@ -357,7 +357,7 @@ class _Maker:
         if roll < 0.65:
             medium = "image" if roll < 0.45 else "video"
             spec = self._image_spec() if medium == "image" else self._video_spec()
-            answers = _image_answers(spec) if medium == "image" else _video_answers(spec)
+            answers = image_answers(spec) if medium == "image" else video_answers(spec)
             phrases = SPOKEN_IMAGE if medium == "image" else SPOKEN_VIDEO
             asked, audio, texts, renders = [], [], [], []
             for n, (task, answer) in enumerate(self._tasks(spec, answers)):
@@ -496,14 +496,14 @@ def _conversation(media: str, asked: list[tuple[str, str]]) -> list[dict]:
     return turns
 
 
-def _image_answers(spec: dict[str, Any]) -> dict[str, str | None]:
+def image_answers(spec: dict[str, Any]) -> dict[str, str | None]:
     """Every question the picture answers: a word picture has no shape and no count of shapes."""
     word = spec["word"]
     return {"colour": spec["colour"], "shape": None if word else spec["shape"],
             "count": None if word else NUMBER_WORDS[spec["count"]], "word": word}
 
 
-def _video_answers(spec: dict[str, Any]) -> dict[str, str | None]:
+def video_answers(spec: dict[str, Any]) -> dict[str, str | None]:
     return {task: spec[task] for task in VIDEO_QUESTIONS}
 
 
@@ -689,5 +689,5 @@ def tree_digest(root: str | Path) -> str:
     return h.hexdigest()
 
 
-__all__ = ["CATEGORIES", "VOICES", "CurriculumSizes", "build_curriculum", "draw_shape", "image_spec", "noise",
+__all__ = ["CATEGORIES", "VOICES", "CurriculumSizes", "build_curriculum", "draw_shape", "image_answers", "image_spec", "noise",
            "render_image", "tree_digest", "video_frames", "video_spec"]

@@ -66,7 +66,7 @@ class VisionPretrainConfig:
     preset: str = "tiny-224"
     seed: int = 0  # the encoder's random init (torch.manual_seed), as stage 1's init.seed
     data_seed: int = 1_000_003  # the pictures' seed: not the curriculum's (0), so they are pictures of their own
-    pictures: int = 4000  # rendered once and drawn from at random
+    pictures: int = 8000  # rendered once and drawn from at random (3,000 over-fit: docs/training.md)
     frame_share: float = 0.3  # share of the pictures that are frames of moving-shape clips
     steps: int = 1500
     batch_size: int = 32
@@ -101,7 +101,7 @@ def attribute_pictures(n: int, seed: int, vision: VisionConfig, frame_share: flo
         else:
             spec = cur.image_spec(rng)
             image = cur.render_image(spec)
-            found = {t: a for t, a in cur._image_answers(spec).items() if a is not None}
+            found = {t: a for t, a in cur.image_answers(spec).items() if a is not None}
             centre = None
         for name, value in found.items():
             labels[name][k] = ATTRIBUTES[name].index(value)
