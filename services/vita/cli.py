@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("pretrain-vision", help="tiny runs: train the vision encoder on rendered pictures, the "
-                       "stand-in for a pretrained InternViT (stage 1 loads it with init.vision_encoder)",
+                       "stand-in for a pretrained InternViT (stage 2 vision loads it: init.vision_encoder)",
                        description="Renders pictures as the synthetic curriculum draws them (its own seed) and trains "
                                    "the preset's vision encoder to tell each picture's colour, shape, count, word and "
                                    "position from every token; writes the encoder in InternViT's names, with its "
