@@ -81,6 +81,16 @@ def test_answer_follows_the_query_token(pipeline, clips, earlier_question):
         assert len(ids) >= 100  # no early stop
 
 
+@pytest.mark.parametrize("with_history", [False, True], ids=["first-turn", "after-spoken-turn"])
+def test_a_typed_question_is_answered_after_the_text_token(pipeline, earlier_question, with_history):
+    """A typed message, as the orchestrator answers it (`user:...</s>\nbot:<3>`), on a question training never
+    typed: the answer, not silence."""
+    answer = pipeline.tokenizer.encode(duplex.ANSWER)
+    kwargs = {"history": SPOKEN_TURN, "history_audio": [earlier_question]} if with_history else {}
+    ids = duplex.generate_after_state(pipeline, None, None, StateToken.TEXT, text="Hello there", **kwargs)
+    assert ids[:20] == answer[:20], pipeline.tokenizer.decode(ids)
+
+
 def test_eos_follows_the_noisy_token(pipeline, clips):
     for clip in [c for c in clips if not c.query][::3]:
         ids = duplex.generate_after_state(pipeline, None, clip.samples, StateToken.NOISY_AUDIO, max_new_tokens=2)
@@ -120,19 +130,26 @@ def test_silero_vad_hears_the_other_speech_as_speech():
         assert len(speech_segments(samples)) >= 1
 
 
-def test_training_embeds_what_inference_embeds(tiny_model_dir):
-    """A training sample's prompt is the processor's, and its embeddings are `embed_multimodal`'s."""
+@pytest.mark.parametrize("typed", [False, True], ids=["spoken", "typed"])
+def test_training_embeds_what_inference_embeds(tiny_model_dir, typed):
+    """A training sample's prompt is the processor's (spoken: the monitor request; typed: the text query), and its
+    embeddings are `embed_multimodal`'s."""
     model = VitaForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = VitaTokenizer.from_file(tiny_model_dir)
-    config = duplex.DuplexTrainConfig(p_image=1.0, history_turns=(0.0, 0.0, 1.0))
+    config = duplex.DuplexTrainConfig(p_image=1.0, history_turns=(0.0, 0.0, 1.0), p_text=0.5)
     data = duplex.DuplexData(tokenizer, model, config)
-    sample = next(s for s in iter(data.sample, None) if len(s.audios) > 1 and "image" in s.messages[-1].media)
+    sample = next(s for s in iter(data.sample, None) if len(s.audios) > 1 and "image" in s.messages[-1].media
+                  and ("audio" not in s.messages[-1].media) == typed)
     n_prompt = sample.labels.index(next(label for label in sample.labels if label != -100))
 
     inputs, _ = VitaPipeline(model, tokenizer, tiny_model_dir).processor(**duplex.monitor_inputs(
-        sample.audios[-1], sample.messages[:-1], duplex.synthetic_image(sample.images[0]),
-        history_audio=sample.audios[:-1]))
-    assert inputs.input_ids.tolist() == sample.input_ids[:n_prompt]
+        None if typed else sample.audios[-1], sample.messages[:-1], duplex.synthetic_image(sample.images[0]),
+        history_audio=sample.audios if typed else sample.audios[:-1], text=sample.messages[-1].content))
+    # A typed message is answered after `bot:<3>`, which the orchestrator appends (`answer_prompt`): not a target
+    want = inputs.input_ids.tolist() + [tokenizer.state_ids["<3>"]] * typed
+    assert sample.input_ids[:n_prompt] == want
+    assert sample.labels[n_prompt] in ((tokenizer.encode(duplex.ANSWER)[0],) if typed else
+                                       (tokenizer.state_ids["<1>"], tokenizer.state_ids["<2>"]))
 
     images = duplex.image_bank(model, config.n_images, config.seed)
     pixels = preprocess_image(duplex.synthetic_image(config.seed * 1000 + sample.images[0]), model.vita_config.vision)

@@ -70,6 +70,24 @@ def test_history_placeholders_take_their_media_first(processor, speech_wav):
         processor("Hi", history=history)
 
 
+def test_the_system_prompt_follows_the_current_question_not_the_history(processor, speech_wav):
+    """Spoken-question system prompt only when the question being answered is spoken: a typed question after a
+    spoken turn gets the typed one, as the orchestrator's answer prompt gives it (MISSION.md, "Prompt format")."""
+    from vita.processing.prompt import SYSTEM_PROMPTS, DataType
+
+    def system(**kwargs) -> str:
+        inputs, _ = processor(**kwargs)
+        return processor.tokenizer.decode(inputs.input_ids.tolist(), skip_special=False)
+
+    spoken = SYSTEM_PROMPTS.select(DataType.TEXT, audio_question=True)
+    typed = SYSTEM_PROMPTS.select(DataType.TEXT, audio_question=False)
+    after_spoken_turn = system(text="And this?", audio=[speech_wav], history=[Message.user(audios=1),
+                                                                              Message("bot", "Yes.")])
+    assert typed in after_spoken_turn and spoken not in after_spoken_turn
+    assert spoken in system(audio=[speech_wav, speech_wav], history=[Message.user(audios=1), Message("bot", "Yes.")])
+    assert spoken in system(audio=[speech_wav])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -94,7 +94,7 @@ class VitaProcessor:
 
         user = _current_turn(text, history, images=len(images), videos=len(video_tokens), audios=len(audio))
         prompt = encode_prompt(
-            self.tokenizer, [*history, user], audio_question=bool(audio),
+            self.tokenizer, [*history, user], audio_question="audio" in user.media,
             image_tokens=image_tokens, video_tokens=video_tokens, audio_tokens=audio_tokens, system=system,
             max_length=max_length or self.config.llm.max_position_embeddings,
         )
