@@ -1,4 +1,5 @@
-"""What a training checkpoint has learnt, fast: teacher-forced answers on the curriculum's held-out split.
+"""What a training checkpoint has learnt, fast: teacher-forced answers on the curriculum's held-out split
+(or, `--split train`, on what it was fitted on: learnt at all, or learnt but not generalised).
 
 For each held-out question the model reads the whole reference conversation at once (one forward, no generation)
 and a question counts as right when every answer token after the state token is the argmax given the reference's
@@ -33,7 +34,8 @@ from vita.training.packing import Row, collate
 
 
 @torch.no_grad()
-def probe(model_dir: str | Path, data: str | Path, categories: list[str], limit: int) -> dict:
+def probe(model_dir: str | Path, data: str | Path, categories: list[str], limit: int, split: str = "heldout"
+          ) -> dict:
     model = VitaForCausalLM.from_pretrained(model_dir).eval()
     tok = VitaTokenizer.from_file(model_dir)
     encoder = ExampleEncoder(tok, model.vita_config, state_tokens=True)
@@ -41,7 +43,7 @@ def probe(model_dir: str | Path, data: str | Path, categories: list[str], limit:
     media_ids = torch.tensor([tok.image_id, tok.video_id, tok.audio_id])
     report: dict = {"token_embedding_norm": round(float(model.get_input_embeddings().weight.norm(dim=-1).mean()), 2)}
     for category in categories:
-        samples = read_manifest(Path(data) / "heldout" / f"{category}.jsonl")[:limit]
+        samples = read_manifest(Path(data) / split / f"{category}.jsonl")[:limit]
         right, state_right, by_task, norms = 0, 0, collections.defaultdict(lambda: [0, 0]), []
         for sample in samples:
             batch = collate([Row([encoder(sample)])], tok.eos_id)
@@ -73,13 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="a curriculum directory (with heldout/*.jsonl)")
     parser.add_argument("--categories", default="image,video,spoken,chatter,text",
                         help="held-out manifests to probe, comma-separated (default: %(default)s)")
+    parser.add_argument("--split", default="heldout", choices=("heldout", "train"),
+                        help="which split's manifests (train: what the model was fitted on; default: %(default)s)")
     parser.add_argument("--limit", type=int, default=60, help="first N questions of each manifest (default: 60)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
-        report = probe(args.model, args.data, args.categories.split(","), args.limit)
+        report = probe(args.model, args.data, args.categories.split(","), args.limit, args.split)
     except Exception as e:  # a one-line error for a wrong path or a broken checkpoint
         print(f"learning_probe: error: {e}", file=sys.stderr)
         return 2
