@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,12 @@ def _write(tmp_path: Path, text: str, suffix: str = ".yaml") -> Path:
     ("stage: 1\ninit: {preset: tiny}\noptim: {lr: fast}\n", r"optim\.lr must be float, got 'fast'"),
     ("stage: 1\ninit: {preset: tiny}\ntrainable: [llm, eyes]\n", r"trainable must name parameter groups"),
     ("stage: 4\ninit: {preset: tiny}\n", r"stage must be 1, 2 or 3"),
+    ("stage: 3\ninit: {preset: tiny}\ndata: {manifests: [a/x.jsonl], repeat: {y.jsonl: 2}}\n",
+     r"data\.repeat names 'y\.jsonl', which is not the file name of exactly one of data\.manifests \(x\.jsonl\)"),
+    ("stage: 3\ninit: {preset: tiny}\ndata: {manifests: [a/x.jsonl, b/x.jsonl], repeat: {x.jsonl: 2}}\n",
+     r"data\.repeat names 'x\.jsonl', which is not the file name of exactly one"),
+    ("stage: 3\ninit: {preset: tiny}\ndata: {manifests: [a/x.jsonl], repeat: {x.jsonl: 0}}\n",
+     r"data\.repeat\['x\.jsonl'\] must be an integer >= 1, got 0"),
     ("stage: 1\n", r"init needs a model directory"),
     ("stage: 1\ninit: {preset: tiny}\ndata: {manifests: x.jsonl}\n", r"data\.manifests must be a list"),
     ("stage: 1\ninit: {model: '${NO_SUCH_VAR_G1}'}\n", r"environment variable NO_SUCH_VAR_G1 is not set"),
@@ -104,3 +111,18 @@ def test_tensorboard_flag_writes_or_says_what_is_missing(tmp_path):
     log.close()
     assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 2.5}]
     assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_repeat_upsamples_a_manifest(tmp_path):
+    """`data.repeat` lists a manifest's samples that many times per epoch; the others once, in manifest order."""
+    from vita.training.train import load_samples
+
+    for name, n in (("a.jsonl", 2), ("b.jsonl", 3)):
+        lines = [json.dumps({"kind": "text", "conversation": [{"role": "user", "content": f"{name} {k}"},
+                                                              {"role": "bot", "content": "ok"}]}) for k in range(n)]
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    config = load_stage_config(_write(tmp_path, (
+        f"stage: 3\ninit: {{preset: tiny}}\n"
+        f"data: {{manifests: [{tmp_path}/a.jsonl, {tmp_path}/b.jsonl], repeat: {{a.jsonl: 3}}}}\n")))
+    asked = [s.conversation[0]["content"] for s in load_samples(config)]
+    assert asked == ["a.jsonl 0", "a.jsonl 1"] * 3 + ["b.jsonl 0", "b.jsonl 1", "b.jsonl 2"]

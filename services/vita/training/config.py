@@ -82,6 +82,8 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     manifests: list[str] = field(default_factory=list)  # JSONL manifests (`vita.training.data`)
+    # Upsampling: a manifest's file name -> how many times its samples are in each epoch (default 1)
+    repeat: dict[str, int] = field(default_factory=dict)
     packing_length: int = 6144  # text and image samples are packed into rows of at most this many tokens
     pack: bool = True
     max_length: int | None = None  # longer samples are skipped (counted); default: the model's context
@@ -146,6 +148,13 @@ class StageConfig:
         for name in ("packing_length", "micro_batch_size", "grad_accum"):
             if getattr(self.data, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self.data, name)}")
+        names = [Path(m).name for m in self.data.manifests]
+        for name, times in self.data.repeat.items():
+            if names.count(name) != 1:
+                raise ConfigError(f"data.repeat names {name!r}, which is not the file name of exactly one of "
+                                  f"data.manifests ({', '.join(names) or 'none'})")
+            if not isinstance(times, int) or times < 1:
+                raise ConfigError(f"data.repeat[{name!r}] must be an integer >= 1, got {times!r}")
         for name in ("p_spoken", "p_negative", "p_noise"):
             if not 0.0 <= getattr(self.spoken, name) <= 1.0:
                 raise ConfigError(f"spoken.{name} must be in [0, 1], got {getattr(self.spoken, name)}")

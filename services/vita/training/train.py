@@ -19,14 +19,14 @@ from vita.training.sample import Sample
 
 
 def load_samples(config: StageConfig) -> list[Sample]:
-    """Every sample of the stage's manifests, in manifest order."""
+    """Every sample of the stage's manifests, in manifest order, each manifest `data.repeat` times (default 1)."""
     from vita.training.data import read_manifest
 
     if not config.data.manifests:
         raise ConfigError("data.manifests is empty: the stage has nothing to train on")
     samples: list[Sample] = []
     for manifest in config.data.manifests:
-        samples += read_manifest(Path(manifest))
+        samples += read_manifest(Path(manifest)) * config.data.repeat.get(Path(manifest).name, 1)
     return samples
 
 
