@@ -6,7 +6,7 @@ is not for it (someone talking to someone else, background talk, noise), followe
 
 Each training sample is the prompt the serving side builds, made by the same functions (`Message.user`,
 `encode_prompt`, no custom system prompt): 0 to 2 earlier turns (a typed or spoken question and its answer, which
-may have been cut off mid-way), sometimes an image, then the user turn `<audio>` (or `<image>\n<audio>`). The target
+may have been cut off mid-way), sometimes an image, then the user turn `<audio>` (or `<image>\\n<audio>`). The target
 after `bot:` is `<1>` + ANSWER + `</s>` for query speech and `<2></s>` for anything else; the loss is on those tokens
 only: the state tokens' mean cross-entropy (weighted 0.3) plus the mean over the answer tokens, so neither the
 one-token decision nor the 106-token answer drowns the other. 15% of the samples end in a typed question instead,
