@@ -689,5 +689,5 @@ def tree_digest(root: str | Path) -> str:
     return h.hexdigest()
 
 
-__all__ = ["CATEGORIES", "VOICES", "CurriculumSizes", "build_curriculum", "draw_shape", "image_answers", "image_spec", "noise",
-           "render_image", "tree_digest", "video_frames", "video_spec"]
+__all__ = ["CATEGORIES", "VOICES", "CurriculumSizes", "build_curriculum", "draw_shape", "image_answers", "image_spec",
+           "noise", "render_image", "tree_digest", "video_answers", "video_frames", "video_spec"]
