@@ -213,6 +213,19 @@ def _pretrain_vision(args: argparse.Namespace) -> None:
     print(json.dumps(summary))
 
 
+def _pretrain_audio(args: argparse.Namespace) -> None:
+    import json
+
+    from vita.telemetry.logging import configure_logging
+    from vita.training.audio_pretrain import AudioPretrainConfig, pretrain_audio_encoder
+
+    configure_logging("training", level=os.environ.get("VITA_LOG_LEVEL", "info"))
+    config = AudioPretrainConfig(preset=args.preset, seed=args.seed, data_seed=args.data_seed, clips=args.clips,
+                                 steps=args.steps, batch_size=args.batch_size, lr=args.lr, threads=args.threads)
+    summary = pretrain_audio_encoder(config, args.output, progress=not args.no_progress, overwrite=args.overwrite)
+    print(json.dumps(summary))
+
+
 def _export(args: argparse.Namespace) -> None:
     from vita.training.export import export_model, verify_repository
 
@@ -225,6 +238,23 @@ def _export(args: argparse.Namespace) -> None:
     path = export_model(args.checkpoint, args.output, max_shard_bytes=args.shard_bytes, overwrite=args.overwrite,
                         templates=args.templates)
     print(f"model repository written to {path}")
+
+
+def _stand_in_arguments(p: argparse.ArgumentParser, tower: str, items: str, *, steps: int, batch_size: int, lr: float,
+                        data_seed: int) -> None:
+    """The flags `pretrain-vision` and `pretrain-audio` share; the defaults are their configs' (`make train-tiny`)."""
+    p.add_argument("--output", required=True, help="directory to write (model.safetensors, config.json, metrics.jsonl)")
+    p.add_argument("--preset", default="tiny-224", help=f"model preset whose {tower} encoder to train (default: %(default)s)")
+    p.add_argument("--steps", type=_int_in(1, _INT32), default=steps, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=_int_in(1, 4096), default=batch_size, help=f"{items} per step (default: %(default)s)")
+    p.add_argument("--lr", type=_float_in(0.0, 1.0, open_low=True), default=lr,
+                   help="peak AdamW learning rate, one-cycle schedule (default: %(default)s)")
+    p.add_argument("--seed", type=_int_in(0, _INT32), default=0, help="the encoder's initial weights (default: 0)")
+    p.add_argument("--data-seed", type=_int_in(0, _INT32), default=data_seed,
+                   help=f"the {items}' seed, not the curriculum's (default: %(default)s)")
+    p.add_argument("--threads", type=_int_in(1, 1024), default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--overwrite", action="store_true", help="train again even if OUTPUT holds these settings")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -418,21 +448,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "position from every token; writes the encoder in InternViT's names, with its "
                                    "held-out accuracy per attribute (probe.json). An output directory that already "
                                    "holds the same settings is reused.")
-    p.add_argument("--output", required=True, help="directory to write (model.safetensors, config.json, metrics.jsonl)")
-    p.add_argument("--preset", default="tiny-224", help="model preset whose vision encoder to train (default: %(default)s)")
-    p.add_argument("--steps", type=_int_in(1, _INT32), default=1500, help="optimizer steps (default: %(default)s)")
     p.add_argument("--pictures", type=_int_in(1, 10**7), default=8000,
                    help="pictures rendered once and drawn from (default: %(default)s)")
-    p.add_argument("--batch-size", type=_int_in(1, 4096), default=32, help="pictures per step (default: %(default)s)")
-    p.add_argument("--lr", type=_float_in(0.0, 1.0, open_low=True), default=3e-3,
-                   help="peak AdamW learning rate, one-cycle schedule (default: %(default)s)")
-    p.add_argument("--seed", type=_int_in(0, _INT32), default=0, help="the encoder's initial weights (default: 0)")
-    p.add_argument("--data-seed", type=_int_in(0, _INT32), default=1_000_003,
-                   help="the pictures' seed, not the curriculum's (default: %(default)s)")
-    p.add_argument("--threads", type=_int_in(1, 1024), default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--overwrite", action="store_true", help="train again even if OUTPUT holds these settings")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _stand_in_arguments(p, "vision", "pictures", steps=1500, batch_size=32, lr=3e-3, data_seed=1_000_003)
     p.set_defaults(func=_pretrain_vision)
+
+    p = sub.add_parser("pretrain-audio", help="tiny runs: train the audio encoder to spot the words it hears, the "
+                       "stand-in for an ASR-pretrained encoder (stage 2 audio loads it: init.audio_encoder)",
+                       description="Speaks sentences with the synthetic curriculum's voices (espeak-ng, its own seed; "
+                                   "never the curriculum's chatter) and trains the preset's audio encoder to tell, "
+                                   "from every frame, which words the utterance holds, what it asks and its "
+                                   "language; writes the encoder in WeNet's names with its global CMVN, and its "
+                                   "held-out scores (probe.json). An output directory that already holds the same "
+                                   "settings is reused.")
+    p.add_argument("--clips", type=_int_in(1, 10**7), default=2400,
+                   help="utterances recorded once and drawn from (default: %(default)s)")
+    _stand_in_arguments(p, "audio", "clips", steps=700, batch_size=16, lr=2e-3, data_seed=2_000_003)
+    p.set_defaults(func=_pretrain_audio)
 
     p = sub.add_parser("export", help="write the model repository the serving stack loads from a checkpoint")
     p.add_argument("--checkpoint", help="a stage's output_dir, its final/, or a checkpoint directory")

@@ -78,3 +78,28 @@ def test_a_stage_puts_the_pretrained_vision_encoder_named_by_init_into_the_tower
         assert torch.equal(tensor, pretrained.state_dict()[name]), name
     before = model_vision.vision_tower.encoder.state_dict()["encoder.layers.0.attn.qkv.weight"]
     assert not torch.equal(got.model.vision_tower.encoder.state_dict()["encoder.layers.0.attn.qkv.weight"], before)
+
+
+def test_a_stage_puts_the_pretrained_audio_encoder_named_by_init_into_the_tower_with_its_cmvn(tmp_path):
+    from vita.model.audio import AudioEncoder
+    from vita.model.checkpoint import save_sharded
+
+    samples = th.mixed_samples(tmp_path)
+    init = th.write_model(tmp_path / "init")
+    base = initial_model(StageConfig(stage=2, init=InitConfig(model=str(init)), trainable=["audio_connector"],
+                                     output_dir=str(tmp_path / "a")), samples, tmp_path / "wa").model
+    torch.manual_seed(321)
+    pretrained = AudioEncoder(base.vita_config.audio)
+    pretrained.global_cmvn.set_stats(torch.randn(pretrained.global_cmvn.mean.shape),
+                                     torch.rand(pretrained.global_cmvn.istd.shape) + 0.5)
+    # a WeNet checkpoint: the encoder under `encoder.`, beside its CTC and decoder tensors (ignored)
+    save_sharded({f"encoder.{k}": v.contiguous() for k, v in pretrained.state_dict().items()}
+                 | {"ctc.ctc_lo.weight": torch.zeros(3, 2)}, tmp_path / "wenet")
+    config = StageConfig(stage=2, init=InitConfig(model=str(init), audio_encoder=str(tmp_path / "wenet")),
+                         trainable=["audio_encoder", "audio_connector"], fit_connectors=["audio"],
+                         output_dir=str(tmp_path / "run"))
+    got = initial_model(config, samples, tmp_path / "work")
+    assert got.notes["audio_encoder"] == str(tmp_path / "wenet")
+    for name, tensor in got.model.audio_tower.encoder.state_dict().items():
+        assert torch.equal(tensor, pretrained.state_dict()[name]), name
+    assert not torch.equal(got.model.audio_tower.encoder.global_cmvn.mean, base.audio_tower.encoder.global_cmvn.mean)

@@ -53,6 +53,8 @@ def closed_port() -> int:
         (["generate", "--system", "x\ud800"], "argument --system: not valid UTF-8 (U+D800 at character 1)"),
         (["pretrain-vision", "--output", "/tmp/never", "--steps", "0"], "argument --steps: 0 is outside"),
         (["pretrain-vision", "--steps", "10"], "the following arguments are required: --output"),
+        (["pretrain-audio", "--output", "/tmp/never", "--clips", "0"], "argument --clips: 0 is outside"),
+        (["pretrain-audio", "--steps", "10"], "the following arguments are required: --output"),
     ],
 )
 def test_bad_flags_are_one_line_and_status_2(capsys, argv, message):
@@ -73,6 +75,7 @@ def test_bad_flags_are_one_line_and_status_2(capsys, argv, message):
         (["generate", "--model", "/nonexistent/model", "--text", "hi"], "config.json"),
         (["model-info", "--preset", "huge"], "unknown preset 'huge'"),
         (["pretrain-vision", "--preset", "huge", "--output", "__OUT__"], "unknown preset 'huge'"),
+        (["pretrain-audio", "--preset", "huge", "--output", "__OUT__"], "unknown preset 'huge'"),
     ],
 )
 def test_bad_files_are_one_line_and_status_2(capsys, tmp_path, argv, message):

@@ -41,6 +41,9 @@ def test_shipped_configs_load(name, variant, monkeypatch):
     if name == "stage2_vision":  # the pretrained encoder joins with its connector: InternViT, or the tiny stand-in
         assert config.init.vision_encoder == ("/data/vita_train_dir/vision-encoder" if variant
                                               else "/data/internvit_dir")
+    if name == "stage2_audio":  # tiny: the stand-in for what full-size ASR alignment teaches, with its own CMVN
+        assert config.init.audio_encoder == ("/data/vita_train_dir/audio-encoder" if variant else None)
+        assert config.fit_audio_cmvn == (not variant)
     if name == "stage3_multimodal":
         assert config.state_tokens and config.spoken.p_spoken == 0.5
         assert (config.spoken.p_negative == 0) == bool(variant)  # tiny: the curriculum brings its chatter

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from vita.errors import CheckpointError, InvalidInputError
 
@@ -146,6 +146,28 @@ def validate_state_dict(expected: Mapping[str, Tensor], loaded: Mapping[str, Ten
     ]
     if problems:
         raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems))
+
+
+def load_pretrained_encoder(encoder: nn.Module, directory: str | Path, *, prefix: str, what: str) -> None:
+    """Loads a pretrained encoder's weights into `encoder`, written bare (ours) or under `prefix` (the source
+    project's checkpoint: InternVL's `vision_model.`, WeNet's `encoder.`), whose other tensors are ignored.
+
+    Raises `CheckpointError`, starting with `what` (the config key that named `directory`), when the directory is
+    not a checkpoint or a tensor is missing, extra or of another shape.
+    """
+    try:
+        tensors = load_sharded(directory)
+    except CheckpointError as e:
+        raise CheckpointError(f"{what}: {e}") from None
+    if any(k.startswith(prefix) for k in tensors):
+        tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    own = encoder.state_dict()
+    try:
+        validate_state_dict(own, tensors)
+    except CheckpointError as e:
+        raise CheckpointError(f"{what} {directory} does not fit this model's encoder: "
+                              f"{str(e).removeprefix('checkpoint does not match the model: ')}") from None
+    encoder.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
 
 
 def _names(items: list[str]) -> str:

@@ -50,6 +50,9 @@ class InitConfig:
     # A pretrained InternViT to put in the vision tower (InternViT-300M-448px's directory at full size;
     # `vita pretrain-vision`'s output, the stand-in, for tiny runs); default: the tower's weights as they come.
     vision_encoder: str | None = None
+    # A pretrained audio encoder for the audio tower (WeNet names; `vita pretrain-audio`'s output, the stand-in,
+    # for tiny runs), its global CMVN included; default: the tower's weights as they come.
+    audio_encoder: str | None = None
 
 
 @dataclass

@@ -259,6 +259,19 @@ def english_lines() -> list[str]:
     return questions + [q for q, _ in _SPOKEN_FACTS] + answers
 
 
+def asr_sentence(rng: random.Random) -> str:
+    """One ASR sentence from the templates (`the red cup is next to the dog`), lower case."""
+    template = rng.randrange(4)
+    if template == 0:
+        colour, thing, place, other = rng.choice(tuple(COLOURS)), rng.choice(_THINGS), rng.choice(_PLACES), rng.choice(_THINGS)
+        return f"the {colour} {thing} is {place} the {other}"
+    if template == 1:
+        return f"there are {rng.choice(NUMBER_WORDS[2:])} {rng.choice(_THINGS)}s on the table"
+    if template == 2:
+        return f"it is {rng.choice(_WEATHER)} in {rng.choice(_CITIES)} {rng.choice(_TIMES)}"
+    return f"the {rng.choice(_THINGS[6:10])} is {rng.choice(_ACTIONS)} near the {rng.choice(_THINGS)}"
+
+
 def image_spec(rng: random.Random) -> dict[str, Any]:
     """A picture to draw (`render_image`) and the question asked about it: a task of IMAGE_QUESTIONS, its answer."""
     task = rng.choice(tuple(IMAGE_QUESTIONS))
@@ -427,16 +440,7 @@ class _Maker:
                            meta={"category": "asr", "voice": voice, "language": "en"}), [speak])
 
     def _sentence(self) -> tuple[str, str]:
-        r = self.rng
-        template = r.randrange(4)
-        if template == 0:
-            s = f"the {r.choice(tuple(COLOURS))} {r.choice(_THINGS)} is {r.choice(_PLACES)} the {r.choice(_THINGS)}"
-        elif template == 1:
-            s = f"there are {r.choice(NUMBER_WORDS[2:])} {r.choice(_THINGS)}s on the table"
-        elif template == 2:
-            s = f"it is {r.choice(_WEATHER)} in {r.choice(_CITIES)} {r.choice(_TIMES)}"
-        else:
-            s = f"the {r.choice(_THINGS[6:10])} is {r.choice(_ACTIONS)} near the {r.choice(_THINGS)}"
+        s = asr_sentence(self.rng)
         return s, s
 
     def caption(self, k: int) -> _Job:
@@ -609,15 +613,21 @@ def video_frames(spec: dict[str, Any], seconds: float) -> list[tuple[Image.Image
 def _render_speech(tts: TTS, path: str, text: str, voice: str, seed: int, noisy: bool) -> None:
     from vita.processing.audio import write_wav
 
+    write_wav(path, speech_clip(tts, text, voice, seed, noisy))
+
+
+def speech_clip(tts: TTS, text: str, voice: str, seed: int, noisy: bool) -> np.ndarray:
+    """`text` in `voice` as the curriculum records it: 50-300 ms of silence either side, a random gain and, when
+    `noisy`, background noise well under the speech. 16 kHz float32 in [-1, 1]; deterministic in `seed`."""
     rng = np.random.default_rng(seed)
     speech = np.asarray(tts.synthesize(text, voice), dtype=np.float32)
     pad = (rng.uniform(0.05, 0.3, size=2) * SAMPLE_RATE).astype(int)
     x = np.concatenate([np.zeros(pad[0], np.float32), speech, np.zeros(pad[1], np.float32)])
     x = x * rng.uniform(0.5, 1.1)
-    if noisy:  # background noise well under the speech
+    if noisy:
         x = x + noise(str(rng.choice(NOISE_KINDS)), len(x) / SAMPLE_RATE, seed=int(rng.integers(2**31)),
                       level=float(rng.uniform(0.01, 0.06)))[: len(x)]
-    write_wav(path, np.clip(x, -1, 1))
+    return np.clip(x, -1, 1).astype(np.float32)
 
 
 def _render_noise(path: str, kind: str, seconds: float, seed: int) -> None:
@@ -689,5 +699,6 @@ def tree_digest(root: str | Path) -> str:
     return h.hexdigest()
 
 
-__all__ = ["CATEGORIES", "VOICES", "CurriculumSizes", "build_curriculum", "draw_shape", "image_answers", "image_spec",
-           "noise", "render_image", "tree_digest", "video_answers", "video_frames", "video_spec"]
+__all__ = ["CATEGORIES", "VOICES", "CurriculumSizes", "asr_sentence", "build_curriculum", "draw_shape",
+           "image_answers", "image_spec", "noise", "render_image", "speech_clip", "tree_digest", "video_answers",
+           "video_frames", "video_spec"]

@@ -5,6 +5,7 @@
 - `init.preset`: seeded random weights of a preset, with `init.tokenizer`, or (tiny runs) an English-only base
   tokenizer trained on the built-in corpus (`init.base_tokenizer_vocab`).
 - `init.vision_encoder`: a pretrained InternViT put into the vision tower (`vision_pretrain.load_vision_encoder`).
+- `init.audio_encoder`: a pretrained audio encoder put into the audio tower (`audio_pretrain.load_audio_encoder`).
 Then, if the stage says so, stage 1's vocabulary extension, the audio encoder's global CMVN and the
 connectors' data-dependent init (`fit_connectors`).
 """
@@ -28,6 +29,7 @@ from vita.model.vita import VitaForCausalLM
 from vita.processing.audio import audio_features, fbank
 from vita.processing.image import preprocess_image
 from vita.processing.tokenizer import VitaTokenizer
+from vita.training.audio_pretrain import load_audio_encoder
 from vita.training.config import ConfigError, StageConfig
 from vita.training.examples import load_waveform
 from vita.training.sample import Sample
@@ -73,6 +75,11 @@ def initial_model(config: StageConfig, samples: Sequence[Sample], work_dir: Path
             raise ConfigError("init.vision_encoder: the model has no vision tower")
         load_vision_encoder(model.vision_tower.encoder, init.vision_encoder)
         notes["vision_encoder"] = init.vision_encoder
+    if init.audio_encoder:
+        if model.audio_tower is None:
+            raise ConfigError("init.audio_encoder: the model has no audio tower")
+        load_audio_encoder(model.audio_tower.encoder, init.audio_encoder)
+        notes["audio_encoder"] = init.audio_encoder
     if tokenizer.vocab_size != model.config.vocab_size:
         raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model {model.config.vocab_size} "
                               "embedding rows")

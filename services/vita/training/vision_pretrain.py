@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -34,15 +33,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
-from vita.errors import CheckpointError, InvalidInputError
-from vita.model.checkpoint import load_sharded, save_sharded
+from vita.errors import InvalidInputError
+from vita.model.checkpoint import load_pretrained_encoder, save_sharded
 from vita.model.config import VisionConfig, VitaConfig
 from vita.model.vision import VisionEncoder, shuffled_features
 from vita.processing.image import normalise_pixels, square_rgb
 from vita.training import curriculum as cur
-from vita.training.metrics import MetricsLog
+from vita.training.stand_in import reused_summary, train_loop
 
 log = logging.getLogger("vita.training")
 
@@ -151,12 +149,8 @@ def pretrain_vision_encoder(config: VisionPretrainConfig, output: str | Path, *,
     Raises `InvalidInputError` for an unknown preset or one without a vision tower.
     """
     out = Path(output)
-    info_path = out / "config.json"
-    if not overwrite and info_path.is_file():
-        info = json.loads(info_path.read_text())
-        if info.get("pretraining", {}).get("key") == config.key():
-            log.info("vision encoder in %s is this config's: reused", out)
-            return info["pretraining"]
+    if not overwrite and (reused := reused_summary(out, config.key(), "vision encoder")) is not None:
+        return reused
     vision = VitaConfig.preset(config.preset).vision
     if vision is None:
         raise InvalidInputError(f"preset {config.preset!r} has no vision tower")
@@ -169,45 +163,23 @@ def pretrain_vision_encoder(config: VisionPretrainConfig, output: str | Path, *,
     encoder = VisionEncoder(vision)
     heads = AttributeHeads(vision)
     params = [*encoder.parameters(), *heads.parameters()]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    warmup = max(1, config.steps // 10)
-
-    def lr_at(step: int) -> float:  # step counts from 1
-        if step <= warmup:
-            return config.lr * step / warmup
-        return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    metrics = MetricsLog(out)
     draw = torch.Generator().manual_seed(config.data_seed)
     encoder.train()
-    bar = tqdm(range(1, config.steps + 1), desc="vision encoder", disable=not progress, dynamic_ncols=True)
-    running = 0.0
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+
+    def batch_loss(step: int) -> Tensor:
         idx = torch.randint(0, config.pictures, (config.batch_size,), generator=draw)
-        loss = heads.loss(shuffled_features(encoder, normalise_pixels(pixels[idx], vision)), {k: v[idx] for k, v in labels.items()})
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        running += loss.item()
-        if step % config.log_every == 0 or step == config.steps:
-            mean = running / (config.log_every if step % config.log_every == 0 else step % config.log_every)
-            metrics.write({"step": step, "loss": round(mean, 4), "lr": lr_at(step),
-                           "elapsed_s": round(time.perf_counter() - start, 1)})
-            bar.set_postfix(loss=f"{mean:.3f}")
-            running = 0.0
-    metrics.close()
+        return heads.loss(shuffled_features(encoder, normalise_pixels(pixels[idx], vision)),
+                          {k: v[idx] for k, v in labels.items()})
+
+    train_loop(params, batch_loss, steps=config.steps, lr=config.lr, weight_decay=config.weight_decay, out=out,
+               log_every=config.log_every, desc="vision encoder", progress=progress, start=start)
     encoder.eval()
     probe = probe_encoder(encoder, heads, vision, config.probe_pictures, config.data_seed + 1)
     summary = {"key": config.key(), "train_s": round(time.perf_counter() - start, 1), "render_s": round(render_s, 1),
                "heldout_accuracy": probe}
     save_sharded({k: v.detach().contiguous() for k, v in encoder.state_dict().items()}, out)
     (out / "probe.json").write_text(json.dumps(probe, indent=2) + "\n")
-    info_path.write_text(json.dumps({"vision": dataclasses.asdict(vision), "pretraining": summary}, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps({"vision": dataclasses.asdict(vision), "pretraining": summary}, indent=2) + "\n")
     log.info("vision encoder written to %s: held-out accuracy %s", out, probe)
     return summary
 
@@ -224,23 +196,7 @@ def probe_encoder(encoder: VisionEncoder, heads: AttributeHeads, vision: VisionC
 def load_vision_encoder(encoder: VisionEncoder, directory: str | Path) -> None:
     """Loads InternViT weights (ours from `pretrain_vision_encoder`, or InternVL's with a `vision_model.` prefix)
     into `encoder`. Raises `CheckpointError` when a tensor is missing, extra or of another shape."""
-    try:
-        tensors = load_sharded(directory)
-    except CheckpointError as e:
-        raise CheckpointError(f"init.vision_encoder: {e}") from None
-    prefix = "vision_model."
-    if any(k.startswith(prefix) for k in tensors):
-        tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    own = encoder.state_dict()
-    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(own[k].shape)})" for k in own
-             if k in tensors and tensors[k].shape != own[k].shape]
-    if missing or extra or wrong:
-        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
-                 f"shape {wrong[:2]}" if wrong else ""]
-        raise CheckpointError(f"init.vision_encoder {directory} does not fit this model's vision encoder: "
-                              + "; ".join(p for p in parts if p))
-    encoder.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
+    load_pretrained_encoder(encoder, directory, prefix="vision_model.", what="init.vision_encoder")
 
 
 __all__ = ["ATTRIBUTES", "AttributeHeads", "VisionPretrainConfig", "attribute_pictures", "load_vision_encoder",
