@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "holds the same settings is reused.")
     p.add_argument("--pictures", type=_int_in(1, 10**7), default=8000,
                    help="pictures rendered once and drawn from (default: %(default)s)")
-    _stand_in_arguments(p, "vision", "pictures", steps=1500, batch_size=32, lr=3e-3, data_seed=1_000_003)
+    _stand_in_arguments(p, "vision", "pictures", steps=1100, batch_size=32, lr=3e-3, data_seed=1_000_003)
     p.set_defaults(func=_pretrain_vision)
 
     p = sub.add_parser("pretrain-audio", help="tiny runs: train the audio encoder to spot the words it hears, the "
