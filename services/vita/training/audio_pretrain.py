@@ -234,6 +234,11 @@ def _features(waveforms: list[Tensor], audio: AudioConfig, chunk: int = 64) -> l
     return [f for b in range(0, len(waveforms), chunk) for f in audio_features(waveforms[b : b + chunk], audio)]
 
 
+def _chunks(n: int, size: int = 64) -> list[list[int]]:
+    """Indices 0..n-1 in consecutive lists of at most `size`: the batches of a pass over every clip."""
+    return [list(range(b, min(b + size, n))) for b in range(0, n, size)]
+
+
 def _batches(features: list[Tensor], idx: list[int]) -> tuple[Tensor, Tensor]:
     feats = nn.utils.rnn.pad_sequence([features[i] for i in idx], batch_first=True)
     return feats, torch.tensor([features[i].shape[0] for i in idx])
@@ -264,8 +269,7 @@ def pretrain_audio_encoder(config: AudioPretrainConfig, output: str | Path, *, t
     record_s = time.perf_counter() - start
     torch.manual_seed(config.seed)
     encoder = AudioEncoder(audio)
-    cmvn = compute_cmvn_stats(_batches(features, list(range(b, min(b + 64, len(features)))))
-                              for b in range(0, len(features), 64))
+    cmvn = compute_cmvn_stats(_batches(features, idx) for idx in _chunks(len(features)))
     encoder.global_cmvn.set_stats(*cmvn)
     heads = UtteranceHeads(audio, len(vocab))
     params = [*encoder.parameters(), *heads.parameters()]
@@ -297,8 +301,7 @@ def probe_encoder(encoder: AudioEncoder, heads: UtteranceHeads, audio: AudioConf
     utterances = draw_utterances(config.probe_clips, config.data_seed + 1, config.noise_share)
     features = _features(record(utterances, config.data_seed + 1, tts), audio)
     labels = labels_for(utterances, vocab)
-    frames, lengths = zip(*(encoder(*_batches(features, list(range(b, min(b + 64, len(features))))))
-                            for b in range(0, len(features), 64)))
+    frames, lengths = zip(*(encoder(*_batches(features, idx)) for idx in _chunks(len(features))))
     width = max(f.shape[1] for f in frames)
     frames = torch.cat([F.pad(f, (0, 0, 0, width - f.shape[1])) for f in frames])
     return heads.scores(frames, torch.cat(lengths), labels)
