@@ -7,6 +7,7 @@ import torch
 
 from tests import training_helpers as th
 from vita.model.inputs import SlotIds
+from vita.model.llm import SHARED_SEGMENT
 from vita.processing.tokenizer import Special
 from vita.training.examples import IGNORE, ExampleEncoder
 from vita.training.forward import TrainingModel, batch_loss_sum
@@ -83,6 +84,63 @@ def test_packed_loss_and_gradients_equal_one_by_one(setup):
     assert any(n.startswith("vita.audio_tower.encoder") for n in packed_grads)
     for name, g in packed_grads.items():
         torch.testing.assert_close(g, alone_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_row_holds_the_system_prompt_its_samples_share_once(setup):
+    tok, _, examples = setup
+    # the shareable context stops before the first media slot and the first target
+    for e in examples:
+        assert 0 < e.shareable <= len(e)
+        assert all(t == IGNORE for t in e.targets[: e.shareable])
+        assert not {tok.image_id, tok.audio_id, tok.video_id} & set(e.input_ids[: e.shareable])
+    length = sum(len(e) for e in examples)
+    plain, = pack(examples, length)
+    shared, = pack(examples, length, share_prefix=True)
+    # text, image and spoken samples have different system prompts: VITA's opening sentences are what they share
+    assert plain.shared == 0 and 50 < shared.shared < min(e.shareable for e in examples)
+    assert len(shared) == len(plain) - shared.shared * (len(examples) - 1)
+    batch = collate([shared], tok.eos_id)
+    p = shared.shared
+    assert (batch.segment_ids[0, :p] == SHARED_SEGMENT).all() and batch.positions[0, :p].tolist() == list(range(p))
+    a = len(examples[0]) - p
+    assert batch.positions[0, p : p + a].tolist() == list(range(p, len(examples[0])))
+    assert batch.positions[0, p + a : p + a + 3].tolist() == [p, p + 1, p + 2]
+    # with a tighter length the prefix lets more samples into a row
+    tight = max(len(e) for e in examples) * 2
+    assert len(list(pack(examples, tight, share_prefix=True))) < len(list(pack(examples, tight)))
+
+
+def test_shared_prefix_rows_give_the_loss_and_gradients_of_one_by_one(setup):
+    tok, module, examples = setup
+    n_targets = sum(e.num_targets for e in examples)
+    rows = list(pack(examples, packing_length=sum(len(e) for e in examples) // 3, share_prefix=True))
+    assert len(rows) >= 2 and all(r.shared > 50 for r in rows if len(r.examples) > 1)
+
+    module.zero_grad(set_to_none=True)
+    packed = batch_loss_sum(module, collate(rows, tok.eos_id)) / n_targets
+    packed.backward()
+    packed_grads = _grads(module)
+
+    module.zero_grad(set_to_none=True)
+    alone = torch.zeros(())
+    for e in examples:
+        loss = batch_loss_sum(module, collate([Row([e])], tok.eos_id)) / n_targets
+        loss.backward()
+        alone = alone + loss.detach()
+    alone_grads = _grads(module)
+
+    assert packed.item() == pytest.approx(alone.item(), abs=1e-5)
+    assert packed_grads.keys() == alone_grads.keys()
+    for name, g in packed_grads.items():
+        torch.testing.assert_close(g, alone_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+    # and it can fail: were the prefix an ordinary segment, the samples after the first would not see it
+    batch = collate(rows, tok.eos_id)
+    cut = batch.segment_ids.masked_fill(batch.segment_ids == SHARED_SEGMENT, 10_000)
+    with torch.no_grad():
+        blind = module(batch.input_ids, batch.targets, batch.positions, cut, image_pixels=batch.image_pixels,
+                       audio=batch.audio) / n_targets
+    assert abs(blind.item() - packed.item()) > 1e-3
 
 
 def test_without_segments_packing_would_leak_across_samples(setup):

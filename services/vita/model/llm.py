@@ -24,6 +24,9 @@ from vita.model.checkpoint import load_sharded, save_sharded, validate_state_dic
 from vita.model.config import LLMConfig
 from vita.model.hf_names import input_major, llm_state_dict_from_hf, llm_state_dict_to_hf, read_hf_config
 
+# `segment_ids` of a packed row's shared prefix (`vita.training.packing`): every sample of the row sees it.
+SHARED_SEGMENT = -2
+
 
 @dataclass
 class CausalLMOutput:
@@ -262,14 +265,15 @@ class MoEFeedForward(nn.Module):
         out = torch.bmm(h, self.w2.mT)[pair_expert, slot].view(-1, self.top_k, x.shape[-1])
         return torch.bmm(weights.unsqueeze(1), out).squeeze(1)
 
-
     def sorted(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
         """The (token, expert) pairs sorted by expert, one matmul per expert on exactly its tokens, summed back.
 
-        No padding: on CPU training steps, where routing is uneven (the busiest expert of a layer took 3x the mean
-        on a 2,048-token batch of the tiny model), stage 3 tiny ran 1.31x faster than with `grouped` at the same
-        loss (40 steps: 33.2 s against 43.5 s, final loss equal to 1e-6). `bincount(...).tolist()` syncs with the
-        host, which costs nothing on CPU.
+        No padding: in CPU training steps routing is uneven (the busiest expert of a layer took 3x the mean on a
+        2,048-token batch of the tiny model), and `grouped` pads every expert to the busiest. Side by side on the
+        same 60 stage-3 rows (`benchmarks/moe_dispatch_ab.py`, two runs): 1.23x and 1.26x faster with the routing
+        stage 3 starts from, 1.10x and 0.98x with the routing it ends with, at the same loss; and no padding
+        blow-up when a router sends most tokens to one expert. `bincount(...).tolist()` syncs with the host,
+        which costs nothing on CPU.
         """
         pair_expert = experts.flatten()  # pair p is token p // k's choice p % k
         order = pair_expert.argsort(stable=True)
@@ -394,7 +398,8 @@ class MoECausalLM(nn.Module):
         `slots` (B,) the cache rows (default 0..B-1); keys are written there and each query sees keys at positions
         <= its own, so right-padded prefill and ragged decode batches work.
         `segment_ids` (B, T), training without a cache: packed samples, each with its own id and positions that
-        restart at 0; a query then sees only the keys of its own segment at positions <= its own.
+        restart at 0; a query then sees only the keys of its own segment at positions <= its own, and those of
+        the row's shared prefix (id `SHARED_SEGMENT`, positions 0..P-1, its samples continuing at P).
         """
         prepared = self._prepare(input_ids, inputs_embeds, cache, slots, positions, segment_ids)
         hidden = self.model(prepared.x, prepared.rope, prepared.mask, prepared.step)
@@ -432,7 +437,8 @@ class MoECausalLM(nn.Module):
         if segment_ids is not None:  # no cache here, so L == T: a packed sample sees only its own tokens
             if segment_ids.shape != (B, T):
                 raise InvalidInputError(f"segment_ids must have shape ({B}, {T}), got {tuple(segment_ids.shape)}")
-            visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])  # (B, T, T)
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]
+            visible = visible & (same | (segment_ids[:, None, :] == SHARED_SEGMENT))  # (B, T, T)
         # The mask must follow Attention's query fold (group-major rows): fold_query_mask owns that layout.
         groups = self.config.num_attention_heads // self.config.num_key_value_heads
         mask = fold_query_mask(visible, groups, x.dtype)

@@ -89,6 +89,9 @@ class DataConfig:
     repeat: dict[str, int] = field(default_factory=dict)
     packing_length: int = 6144  # text and image samples are packed into rows of at most this many tokens
     pack: bool = True
+    # A packed row holds the context its samples start with (the system prompt) once (`vita.training.packing`):
+    # the same loss and gradients, more samples per row.
+    share_prefix: bool = True
     max_length: int | None = None  # longer samples are skipped (counted); default: the model's context
     micro_batch_size: int = 1  # rows per forward on each rank
     grad_accum: int = 1  # forwards per optimizer step on each rank

@@ -41,6 +41,9 @@ class Example:
     video_pixels: Tensor | None = None  # (frames, 3, 448, 448)
     audio: list[Tensor] = field(default_factory=list)  # 16 kHz mono waveforms in prompt order
     index: int = -1  # position in the epoch's order, for the data cursor
+    # Leading tokens that are plain context (before the first media slot and the first target): packing may
+    # share them with the other samples of a row that start with the same ids (`packing.pack(share_prefix=)`).
+    shareable: int = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -134,10 +137,13 @@ class ExampleEncoder:
             full += labels[src : src + n_text] + [IGNORE] * span.length
             src += n_text + 1
         full += labels[src:]
+        targets = [*full[1:], IGNORE]
+        first_target = next((t for t, label in enumerate(targets) if label != IGNORE), len(targets))
+        first_media = expanded.spans[0].start if expanded.spans else len(targets)
         return Example(
-            input_ids=expanded.input_ids, targets=[*full[1:], IGNORE], kind=sample.kind,
+            input_ids=expanded.input_ids, targets=targets, kind=sample.kind,
             image_pixels=torch.cat(image_pixels) if image_pixels else None, video_pixels=video_pixels,
-            audio=audio, index=index,
+            audio=audio, index=index, shareable=min(first_target, first_media),
         )
 
     @staticmethod

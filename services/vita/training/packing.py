@@ -6,6 +6,12 @@ Unlike the reference implementation, packed samples do not see each other: every
 the same logits as training it alone, and the loss (summed over targets, divided by the batch's target count) is
 the same as one sample at a time: `tests/unit/test_packing.py` checks both loss and gradients.
 
+With `share_prefix`, the samples of a row that start with the same context (every stage-3 sample starts with
+the ~70 tokens of VITA's system prompt that all data types share) hold it once: the row starts with that prefix
+(segment `SHARED_SEGMENT`, positions 0..P-1, seen by every sample of the row) and each sample continues at
+position P with its own tokens. Every sample still sees exactly its own tokens at its own positions, so the loss
+and gradients stay those of one sample at a time (the same test), while a row holds more samples.
+
 Packing is greedy and sequential (a row takes samples in order until the next one does not fit), so a row is
 determined by where it starts in the epoch's order: that is the data cursor a checkpoint stores.
 """
@@ -18,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from vita.model.llm import SHARED_SEGMENT
 from vita.training.examples import IGNORE, Example
 
 PAD_SEGMENT = -1  # padding is a segment of its own, so no real token attends to it
@@ -25,38 +32,53 @@ PAD_SEGMENT = -1  # padding is a segment of its own, so no real token attends to
 
 @dataclass
 class Row:
-    """The samples of one packed row, in order."""
+    """The samples of one packed row, in order; the first `shared` tokens of each are the same ids, held once."""
 
     examples: list[Example]
+    shared: int = 0
 
     def __len__(self) -> int:
-        return sum(len(e) for e in self.examples)
+        return self.shared + sum(len(e) - self.shared for e in self.examples)
 
     @property
     def start(self) -> int:
         return self.examples[0].index
 
 
-def pack(examples: Iterable[Example], packing_length: int, *, enabled: bool = True) -> Iterator[Row]:
+def pack(examples: Iterable[Example], packing_length: int, *, enabled: bool = True,
+         share_prefix: bool = False) -> Iterator[Row]:
     """Rows of consecutive examples up to `packing_length` tokens; a video example (or any, when packing is off)
     is a row of its own. Examples longer than `packing_length` also train alone (they were checked against the
-    stage's max length when encoded)."""
-    row: list[Example] = []
-    size = 0
+    stage's max length when encoded). With `share_prefix`, a row holds the longest context prefix (`shareable`
+    ids) its samples have in common once (the module docstring)."""
+    row = Row([])
     for example in examples:
         if not enabled or not example.packable:
-            if row:
-                yield Row(row)
-                row, size = [], 0
+            if row.examples:
+                yield row
+                row = Row([])
             yield Row([example])
             continue
-        if row and size + len(example) > packing_length:
-            yield Row(row)
-            row, size = [], 0
-        row.append(example)
-        size += len(example)
-    if row:
-        yield Row(row)
+        grown = _grown(row, example, share_prefix)
+        if row.examples and len(grown) > packing_length:
+            yield row
+            grown = Row([example], example.shareable if share_prefix else 0)
+        row = grown
+    if row.examples:
+        yield row
+
+
+def _grown(row: Row, example: Example, share_prefix: bool) -> Row:
+    """`row` with `example` appended, its shared prefix cut to what the example has in common with it."""
+    if not row.examples:
+        return Row([example], example.shareable if share_prefix else 0)
+    shared = 0
+    if share_prefix:
+        first = row.examples[0].input_ids
+        limit = min(row.shared, example.shareable)
+        while shared < limit and first[shared] == example.input_ids[shared]:
+            shared += 1
+    return Row([*row.examples, example], shared)
 
 
 @dataclass
@@ -65,8 +87,9 @@ class Batch:
 
     input_ids: Tensor  # (B, T) long
     targets: Tensor  # (B, T) long, IGNORE where nothing is predicted
-    positions: Tensor  # (B, T) long, restarting at 0 for every sample
-    segment_ids: Tensor  # (B, T) long, one id per sample in a row, PAD_SEGMENT on padding
+    positions: Tensor  # (B, T) long, restarting at 0 for every sample (at P after a shared prefix of P tokens)
+    segment_ids: Tensor  # (B, T) long, one id per sample in a row, SHARED_SEGMENT on a shared prefix,
+    #                      PAD_SEGMENT on padding
     image_pixels: Tensor | None = None
     video_pixels: Tensor | None = None
     audio: list[Tensor] = field(default_factory=list)
@@ -97,12 +120,16 @@ def collate(rows: Sequence[Row], pad_id: int, *, multiple_of: int = 8) -> Batch:
     videos: list[Tensor] = []
     audio: list[Tensor] = []
     for b, row in enumerate(rows):
-        at = 0
+        at = p = row.shared
+        if p:  # the prefix is context in every sample (`Example.shareable`): its targets are IGNORE
+            ids[b, :p] = torch.tensor(row.examples[0].input_ids[:p])
+            positions[b, :p] = torch.arange(p)
+            segments[b, :p] = SHARED_SEGMENT
         for s, example in enumerate(row.examples):
-            n = len(example)
-            ids[b, at : at + n] = torch.tensor(example.input_ids)
-            targets[b, at : at + n] = torch.tensor(example.targets)
-            positions[b, at : at + n] = torch.arange(n)
+            n = len(example) - p
+            ids[b, at : at + n] = torch.tensor(example.input_ids[p:])
+            targets[b, at : at + n] = torch.tensor(example.targets[p:])
+            positions[b, at : at + n] = torch.arange(p, p + n)
             segments[b, at : at + n] = s
             at += n
             if example.image_pixels is not None:

@@ -41,13 +41,14 @@ class RowStream:
     """Endless packed rows over `samples`; `take(n)` returns the next n, `cursor` says where the next one starts."""
 
     def __init__(self, samples: Sequence[Sample], encode: Encode, *, packing_length: int, pack_rows: bool = True,
-                 shuffle: bool = True, seed: int = 0, cursor: Cursor | None = None) -> None:
+                 share_prefix: bool = False, shuffle: bool = True, seed: int = 0, cursor: Cursor | None = None) -> None:
         if not samples:
             raise InvalidInputError("the training data is empty")
         self.samples = samples
         self.encode = encode
         self.packing_length = packing_length
         self.pack_rows = pack_rows
+        self.share_prefix = share_prefix
         self.shuffle = shuffle
         self.seed = seed
         start = cursor or Cursor()
@@ -70,7 +71,8 @@ class RowStream:
     def _generate(self, epoch: int, start: int) -> Iterator[tuple[int, Row]]:
         while True:
             produced = False
-            for row in pack(self._examples(epoch, start), self.packing_length, enabled=self.pack_rows):
+            for row in pack(self._examples(epoch, start), self.packing_length, enabled=self.pack_rows,
+                            share_prefix=self.share_prefix):
                 produced = True
                 yield epoch, row
             if not produced and start == 0:

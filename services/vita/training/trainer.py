@@ -171,7 +171,8 @@ class Trainer:
 
         stream = RowStream(self.samples, self._encode_fn(tokenizer, model),
                            packing_length=config.data.packing_length, pack_rows=config.data.pack,
-                           shuffle=config.data.shuffle, seed=config.data.seed, cursor=cursor)
+                           share_prefix=config.data.share_prefix, shuffle=config.data.shuffle,
+                           seed=config.data.seed, cursor=cursor)
         metrics = MetricsLog(self.output_dir, tensorboard=config.tensorboard) if info.is_main else None
         trainable = list(named.values())
         per_rank = config.data.micro_batch_size * config.data.grad_accum
