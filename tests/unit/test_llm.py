@@ -14,7 +14,7 @@ from vita.errors import CheckpointError, ContextLengthError, InvalidInputError
 from vita.model.config import LLMConfig
 from vita.model.generation import SamplingParams, sample_next_token, stream_generate
 from vita.model.hf_names import llm_state_dict_from_hf, llm_state_dict_to_hf
-from vita.model.llm import CacheBatch, MoECausalLM, MoEFeedForward, select_experts
+from vita.model.llm import CacheBatch, MoECausalLM, select_experts
 
 HF_SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256)
@@ -268,7 +268,6 @@ def test_gather_and_grouped_dispatch_agree_with_a_naive_reference():
     assert torch.allclose(weights.sum(-1), torch.ones(7))
     assert (moe.grouped(x, weights, experts) - expected).abs().max() < 1e-5
     assert (moe.gathered(x, weights, experts) - expected).abs().max() < 1e-5
-    assert (moe.sorted(x, weights, experts) - expected).abs().max() < 1e-5
     assert (moe(x) - expected).abs().max() < 1e-5
 
 
@@ -301,34 +300,6 @@ def test_grouped_dispatch_is_differentiable():
     moe = tiny_model().model.layers[0].block_sparse_moe
     moe(torch.randn(5, 64, generator=torch.Generator().manual_seed(9))).square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (moe.gate.weight, moe.w1, moe.w2, moe.w3))
-
-
-def test_training_takes_the_sorted_dispatch_with_the_grouped_ones_values_and_gradients(monkeypatch):
-    moe = tiny_model().model.layers[0].block_sparse_moe
-    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(11))
-    params = (moe.gate.weight, moe.w1, moe.w2, moe.w3)
-
-    def grads(fn):
-        xg = x.clone().requires_grad_(True)
-        out = fn(xg)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        got = [xg.grad, *(p.grad.clone() for p in params)]
-        moe.zero_grad()
-        return out.detach(), got
-
-    taken: list[str] = []
-    for name in ("sorted", "grouped"):
-        original = getattr(MoEFeedForward, name)
-        monkeypatch.setattr(MoEFeedForward, name, lambda self, *a, _f=original, _n=name: taken.append(_n) or _f(self, *a))
-    out_train, g_train = grads(moe)  # x requires grad: the sorted path
-    out_grouped, g_grouped = grads(lambda xg: moe.grouped(xg, *moe.route(xg)))
-    assert taken == ["sorted", "grouped"]
-    torch.testing.assert_close(out_train, out_grouped, rtol=1e-5, atol=1e-5)
-    for a, b in zip(g_train, g_grouped):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    with torch.no_grad():  # inference keeps the grouped path
-        torch.testing.assert_close(moe(x), out_grouped, rtol=1e-5, atol=1e-5)
-    assert taken[-1] == "grouped"
 
 
 # --- sampling and generation -------------------------------------------------------------------------------

@@ -225,8 +225,6 @@ class MoEFeedForward(nn.Module):
             out = self.gathered(x, weights, experts)
         elif x.shape[0] == 1:
             out = self.single(x, weights, experts)
-        elif x.requires_grad:  # training: the padded batch's compute and its backward grow with the busiest expert
-            out = self.sorted(x, weights, experts)
         else:
             out = self.grouped(x, weights, experts)
         return out.view(shape)
@@ -264,29 +262,6 @@ class MoEFeedForward(nn.Module):
         h = F.silu(torch.bmm(batch, self.w1.mT)) * torch.bmm(batch, self.w3.mT)
         out = torch.bmm(h, self.w2.mT)[pair_expert, slot].view(-1, self.top_k, x.shape[-1])
         return torch.bmm(weights.unsqueeze(1), out).squeeze(1)
-
-    def sorted(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
-        """The (token, expert) pairs sorted by expert, one matmul per expert on exactly its tokens, summed back.
-
-        No padding: in CPU training steps routing is uneven (the busiest expert of a layer took 3x the mean on a
-        2,048-token batch of the tiny model), and `grouped` pads every expert to the busiest. Side by side on the
-        same 60 stage-3 rows (`benchmarks/moe_dispatch_ab.py`, two runs): 1.23x and 1.26x faster with the routing
-        stage 3 starts from, 1.10x and 0.98x with the routing it ends with, at the same loss; and no padding
-        blow-up when a router sends most tokens to one expert. `bincount(...).tolist()` syncs with the host,
-        which costs nothing on CPU.
-        """
-        pair_expert = experts.flatten()  # pair p is token p // k's choice p % k
-        order = pair_expert.argsort(stable=True)
-        token = order // self.top_k
-        xs = x[token]  # (N * k, H), grouped by expert
-        outs, at = [], 0
-        for e, n in enumerate(torch.bincount(pair_expert, minlength=self.num_experts).tolist()):
-            if n:
-                xe = xs[at : at + n]
-                outs.append((F.silu(xe @ self.w1[e].mT) * (xe @ self.w3[e].mT)) @ self.w2[e].mT)
-            at += n
-        out = torch.cat(outs) * weights.flatten()[order, None]
-        return torch.zeros_like(x).index_add(0, token, out)
 
 
 def select_experts(w: Tensor, ids: list[int]) -> Tensor:
@@ -434,7 +409,7 @@ class MoECausalLM(nn.Module):
             key_positions = torch.arange(step.kv_len, device=x.device)
         # Query t of a row sees the keys at positions <= its own: (B, T, L), keys (B, L) or (L,) against (B, T, 1).
         visible = key_positions[..., None, :] <= positions[..., :, None]
-        if segment_ids is not None:  # no cache here, so L == T: a packed sample sees only its own tokens
+        if segment_ids is not None:  # no cache here, so L == T: a packed sample sees its own tokens and the prefix
             if segment_ids.shape != (B, T):
                 raise InvalidInputError(f"segment_ids must have shape ({B}, {T}), got {tuple(segment_ids.shape)}")
             same = segment_ids[:, :, None] == segment_ids[:, None, :]
