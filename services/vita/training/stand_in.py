@@ -41,10 +41,15 @@ def one_cycle_lr(step: int, peak: float, steps: int) -> float:
 
 
 def train_loop(params: Sequence[nn.Parameter], batch_loss: Callable[[int], Tensor], *, steps: int, lr: float,
-               weight_decay: float, out: Path, log_every: int, desc: str, progress: bool, start: float) -> None:
+               weight_decay: float, out: Path, log_every: int, desc: str, progress: bool, start: float,
+               decay_overrides: Sequence[tuple[Sequence[nn.Parameter], float]] = ()) -> None:
     """`steps` AdamW steps on `batch_loss(step)` (which draws its own batch), gradients clipped to norm 1; the mean
-    loss every `log_every` steps goes to `out/metrics.jsonl` (replaced) with the seconds since `start`."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    loss every `log_every` steps goes to `out/metrics.jsonl` (replaced) with the seconds since `start`.
+    `decay_overrides` gives some of `params` a weight decay of their own: (parameters, decay) pairs."""
+    special = {id(p) for group, _ in decay_overrides for p in group}
+    groups = [{"params": [p for p in params if id(p) not in special], "weight_decay": weight_decay},
+              *({"params": list(group), "weight_decay": decay} for group, decay in decay_overrides)]
+    opt = torch.optim.AdamW(groups, lr=lr)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     metrics = MetricsLog(out)
