@@ -92,3 +92,19 @@ def test_an_internvl_checkpoint_loads_and_a_wrong_one_is_named(tmp_path) -> None
         load_vision_encoder(VisionEncoder(VitaConfig.preset("tiny").vision), tmp_path / "internvl")
     with pytest.raises(CheckpointError, match=r"init\.vision_encoder"):
         load_vision_encoder(target, tmp_path / "nowhere")
+
+
+def test_the_heads_have_a_weight_decay_of_their_own(tmp_path) -> None:
+    """AdamW's decoupled decay with a zero gradient: one step scales each parameter by 1 - lr x its group's decay."""
+    from vita.training.stand_in import one_cycle_lr, train_loop
+
+    encoder, head = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(3))
+    train_loop([encoder, head], lambda step: (encoder.sum() + head.sum()) * 0.0, steps=10, lr=0.5,
+               weight_decay=0.01, out=tmp_path, log_every=10, desc="", progress=False, start=0.0,
+               decay_overrides=[([head], 1.0)])
+    factor = 1.0
+    for step in range(1, 11):
+        factor *= 1 - one_cycle_lr(step, 0.5, 10) * 1.0
+    assert torch.allclose(head.detach(), torch.full((3,), factor))
+    assert encoder.detach()[0] > 0.97 > factor  # 0.01: barely moved
+    assert VisionPretrainConfig().head_weight_decay == 1.0 and "head_weight_decay" in VisionPretrainConfig().key()
