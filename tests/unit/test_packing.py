@@ -28,6 +28,29 @@ def _grads(module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
+def _packed_and_alone(tok, module, examples, rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and gradients of `rows` in one batch, checked against each example alone (1e-5); returns the packed ones."""
+    n_targets = sum(e.num_targets for e in examples)
+    module.zero_grad(set_to_none=True)
+    packed = batch_loss_sum(module, collate(rows, tok.eos_id)) / n_targets
+    packed.backward()
+    packed_grads = _grads(module)
+
+    module.zero_grad(set_to_none=True)
+    alone = torch.zeros(())
+    for e in examples:
+        loss = batch_loss_sum(module, collate([Row([e])], tok.eos_id)) / n_targets
+        loss.backward()
+        alone = alone + loss.detach()
+    alone_grads = _grads(module)
+
+    assert packed.item() == pytest.approx(alone.item(), abs=1e-5)
+    assert packed_grads.keys() == alone_grads.keys()
+    for name, g in packed_grads.items():
+        torch.testing.assert_close(g, alone_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    return packed.detach(), packed_grads
+
+
 def test_packed_rows_respect_the_length_and_keep_the_order(setup):
     _, _, examples = setup
     length = max(len(e) for e in examples) + 40
@@ -60,30 +83,12 @@ def test_positions_restart_and_padding_is_its_own_segment(setup):
 def test_packed_loss_and_gradients_equal_one_by_one(setup):
     """Text, image, audio and a two-turn conversation packed into two rows (with padding) vs each alone."""
     tok, module, examples = setup
-    n_targets = sum(e.num_targets for e in examples)
     rows = list(pack(examples, packing_length=sum(len(e) for e in examples) // 2 + 50))
     assert len(rows) >= 2 and any(len(r.examples) > 2 for r in rows)
-
-    module.zero_grad(set_to_none=True)
-    packed = batch_loss_sum(module, collate(rows, tok.eos_id)) / n_targets
-    packed.backward()
-    packed_grads = _grads(module)
-
-    module.zero_grad(set_to_none=True)
-    alone = torch.zeros(())
-    for e in examples:
-        loss = batch_loss_sum(module, collate([Row([e])], tok.eos_id)) / n_targets
-        loss.backward()
-        alone = alone + loss.detach()
-    alone_grads = _grads(module)
-
-    assert packed.item() == pytest.approx(alone.item(), abs=1e-5)
-    assert packed_grads.keys() == alone_grads.keys()
+    _, packed_grads = _packed_and_alone(tok, module, examples, rows)
     # every part of the model took part: towers, connectors, LLM
     assert any(n.startswith("vita.vision_tower.connector") for n in packed_grads)
     assert any(n.startswith("vita.audio_tower.encoder") for n in packed_grads)
-    for name, g in packed_grads.items():
-        torch.testing.assert_close(g, alone_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_a_row_holds_the_system_prompt_its_samples_share_once(setup):
@@ -112,34 +117,16 @@ def test_a_row_holds_the_system_prompt_its_samples_share_once(setup):
 
 def test_shared_prefix_rows_give_the_loss_and_gradients_of_one_by_one(setup):
     tok, module, examples = setup
-    n_targets = sum(e.num_targets for e in examples)
     rows = list(pack(examples, packing_length=sum(len(e) for e in examples) // 3, share_prefix=True))
     assert len(rows) >= 2 and all(r.shared > 50 for r in rows if len(r.examples) > 1)
-
-    module.zero_grad(set_to_none=True)
-    packed = batch_loss_sum(module, collate(rows, tok.eos_id)) / n_targets
-    packed.backward()
-    packed_grads = _grads(module)
-
-    module.zero_grad(set_to_none=True)
-    alone = torch.zeros(())
-    for e in examples:
-        loss = batch_loss_sum(module, collate([Row([e])], tok.eos_id)) / n_targets
-        loss.backward()
-        alone = alone + loss.detach()
-    alone_grads = _grads(module)
-
-    assert packed.item() == pytest.approx(alone.item(), abs=1e-5)
-    assert packed_grads.keys() == alone_grads.keys()
-    for name, g in packed_grads.items():
-        torch.testing.assert_close(g, alone_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    packed, _ = _packed_and_alone(tok, module, examples, rows)
 
     # and it can fail: were the prefix an ordinary segment, the samples after the first would not see it
     batch = collate(rows, tok.eos_id)
     cut = batch.segment_ids.masked_fill(batch.segment_ids == SHARED_SEGMENT, 10_000)
     with torch.no_grad():
         blind = module(batch.input_ids, batch.targets, batch.positions, cut, image_pixels=batch.image_pixels,
-                       audio=batch.audio) / n_targets
+                       audio=batch.audio) / sum(e.num_targets for e in examples)
     assert abs(blind.item() - packed.item()) > 1e-3
 
 
