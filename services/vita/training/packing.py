@@ -62,7 +62,7 @@ def pack(examples: Iterable[Example], packing_length: int, *, enabled: bool = Tr
         grown = _grown(row, example, share_prefix)
         if row.examples and len(grown) > packing_length:
             yield row
-            grown = Row([example], example.shareable if share_prefix else 0)
+            grown = _grown(Row([]), example, share_prefix)
         row = grown
     if row.examples:
         yield row
