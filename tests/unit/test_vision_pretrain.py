@@ -108,3 +108,32 @@ def test_the_heads_have_a_weight_decay_of_their_own(tmp_path) -> None:
     assert torch.allclose(head.detach(), torch.full((3,), factor))
     assert encoder.detach()[0] > 0.97 > factor  # 0.01: barely moved
     assert VisionPretrainConfig().head_weight_decay == 1.0 and "head_weight_decay" in VisionPretrainConfig().key()
+
+
+def test_the_patch_embedding_starts_as_the_pictures_whitening() -> None:
+    """After `whiten_patch_embedding` the patch features of the pictures it saw are centred and decorrelated with unit
+    variance (the top principal components); the default random init is neither."""
+    from vita.processing.image import normalise_pixels
+    from vita.training.vision_pretrain import whiten_patch_embedding
+
+    pixels, _ = attribute_pictures(64, seed=3, vision=VISION)
+    x = normalise_pixels(pixels, VISION)
+    conv = VisionEncoder(VISION).embeddings.patch_embedding
+
+    def covariance() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            features = conv(x).flatten(2).transpose(1, 2).flatten(0, 1).double()  # (N * P, K)
+        return features.mean(0), torch.cov(features.T)
+
+    mean, cov = covariance()
+    assert not torch.allclose(cov, torch.eye(len(cov), dtype=cov.dtype), atol=0.1)
+    whiten_patch_embedding(conv, x)
+    mean, cov = covariance()
+    assert mean.abs().max() < 1e-3
+    # decorrelated; variance lambda / (lambda + eps * lambda_max): 1 for the strongest component, falling with the
+    # eigenvalue (the eps damping of the weakest), never above 1
+    variance = cov.diagonal()
+    assert (cov - torch.diag(variance)).abs().max() < 1e-3
+    assert abs(float(variance[0]) - 1) < 0.01 and (variance <= 1 + 1e-9).all() and (variance > 0.05).all()
+    assert (variance[1:] <= variance[:-1] + 1e-9).all()  # largest components first
+    assert VisionPretrainConfig().whiten_patches and "whiten_patches" in VisionPretrainConfig().key()
