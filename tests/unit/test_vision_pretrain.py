@@ -54,6 +54,12 @@ def test_pictures_are_seeded_and_labelled_with_what_they_show() -> None:
             size = VISION.image_size / 4
             assert int(ink[0] // size) == row and int(ink[1] // size) == column
     assert (labels["word"] != IGNORE).any() and (labels["column"] != IGNORE).any()
+    # every single shape (a frame's or a picture's) has its centre, as (x, y) fractions of the side, where its ink is
+    single = labels["count"] == ATTRIBUTES["count"].index("one")
+    assert torch.equal(labels["centre"][:, 0] != IGNORE, single) and torch.equal(labels["column"] != IGNORE, single)
+    for k in single.nonzero().flatten().tolist():
+        row, column = _ink(pixels[k]).nonzero().float().mean(0) / VISION.image_size
+        assert abs(float(labels["centre"][k, 0] - column)) < 0.05 and abs(float(labels["centre"][k, 1] - row)) < 0.05
 
 
 def test_pretraining_lowers_the_loss_writes_internvit_names_and_is_reused(tmp_path) -> None:

@@ -6,8 +6,8 @@ here, and a random tiny ViT is close to a linear map of its patches: linear prob
 colour but not its shape, count or word (docs/training.md, "What a frozen random encoder holds"). This step gives
 the tiny tower what pretraining gives InternViT, on pictures of its own: it renders pictures the way the curriculum
 does (`curriculum.image_spec`/`render_image`, and frames of `curriculum.video_spec` clips) from a seed of its own,
-and trains the encoder with one linear head per attribute (colour, shape, count, word, and for single shapes the
-centre's column and row) on every output token: each of the tokens the connector receives is trained to tell
+and trains the encoder with one linear head per attribute (colour, shape, count, word, and for a single shape a
+regression of its centre) on every output token: each of the tokens the connector receives is trained to tell
 the whole picture's attributes, so that the LLM can read any of them. The heads are dropped; the encoder is
 written in InternViT's parameter names, which is what a stage's `init.vision_encoder` loads (a real
 InternViT-300M-448px directory loads the same way at full size).
@@ -54,7 +54,11 @@ ATTRIBUTES = {
     "row": tuple(range(POSITION_BINS)),
 }
 IGNORE = -100  # an attribute the picture does not have (a word picture's shape)
-VERSION = 1  # bump when the pictures or the objective change, so a saved encoder is not reused
+CLASSIFIED = ("colour", "shape", "count", "word")  # one classifier head each; column and row come from `centre`
+# The centre's regression loss, against the classifiers' cross-entropies (about 1.6 at the start, where the centre's
+# squared error is about 0.3): weighted so that position is learnt alongside them.
+CENTRE_WEIGHT = 4.0
+VERSION = 2  # bump when the pictures or the objective change, so a saved encoder is not reused
 
 
 @dataclass
@@ -89,11 +93,14 @@ class VisionPretrainConfig:
 def attribute_pictures(n: int, seed: int, vision: VisionConfig, frame_share: float = 0.3
                        ) -> tuple[Tensor, dict[str, Tensor]]:
     """`n` pictures as uint8 pixels (n, 3, S, S) at the encoder's tile size S, and their attribute labels
-    {attribute: (n,) class indices, IGNORE where the picture lacks it}. Deterministic in `seed`."""
+    {attribute: (n,) class indices, IGNORE where the picture lacks it}, with "centre": (n, 2) the single shape's
+    centre (x, y) as fractions of the side (IGNORE where the picture holds no single shape; the clip's own centre in
+    a frame, the ink's centroid in a picture). Deterministic in `seed`."""
     rng = random.Random(seed)
     size = vision.image_size
     pixels = torch.empty(n, 3, size, size, dtype=torch.uint8)
     labels = {name: torch.full((n,), IGNORE) for name in ATTRIBUTES}
+    labels["centre"] = torch.full((n, 2), float(IGNORE))
     for k in range(n):
         if rng.random() < frame_share:
             spec = cur.video_spec(rng)
@@ -106,12 +113,23 @@ def attribute_pictures(n: int, seed: int, vision: VisionConfig, frame_share: flo
             image = cur.render_image(spec)
             found = {t: a for t, a in cur.image_answers(spec).items() if a is not None}
             centre = None
+        pixels[k] = torch.from_numpy(np.array(square_rgb(image, size))).permute(2, 0, 1)
+        if centre is None and found.get("count") == "one":
+            centre = _ink_centre(pixels[k])
         for name, value in found.items():
             labels[name][k] = ATTRIBUTES[name].index(value)
         if centre is not None:
+            labels["centre"][k] = torch.tensor(centre)
             labels["column"][k], labels["row"][k] = (min(POSITION_BINS - 1, int(c * POSITION_BINS)) for c in centre)
-        pixels[k] = torch.from_numpy(np.array(square_rgb(image, size))).permute(2, 0, 1)
     return pixels, labels
+
+
+def _ink_centre(pixels: Tensor) -> tuple[float, float]:
+    """(x, y) centroid, as fractions of the side, of a uint8 (3, S, S) picture's pixels far from its background
+    (the corner pixel's colour: the curriculum's backgrounds are plain)."""
+    ink = (pixels.float() - pixels[:, :1, :1].float()).norm(dim=0) > 60  # (S, S)
+    y, x = ink.nonzero().float().mean(0).tolist()
+    return (x + 0.5) / pixels.shape[-1], (y + 0.5) / pixels.shape[-2]
 
 
 WHITEN_PICTURES = 256  # pictures whose patches estimate the whitening (65,536 patches at tiny-224)
@@ -139,15 +157,20 @@ def whiten_patch_embedding(conv: nn.Conv2d, pixels: Tensor, eps: float = 1e-3) -
 
 
 class AttributeHeads(nn.Module):
-    """One linear classifier per attribute, applied to every token the connector would receive (`shuffled_features`)."""
+    """Linear heads applied to every token the connector would receive (`shuffled_features`): one classifier per
+    attribute of CLASSIFIED, and a regression of a single shape's centre (x, y), so that position is one linear
+    direction per axis in the tokens (a clip's direction is then the difference of two frames' positions) rather
+    than four quarter classes."""
 
     def __init__(self, vision: VisionConfig) -> None:
         super().__init__()
-        self.heads = nn.ModuleDict({name: nn.Linear(vision.connector_in_features, len(classes))
-                                    for name, classes in ATTRIBUTES.items()})
+        self.heads = nn.ModuleDict({name: nn.Linear(vision.connector_in_features, len(ATTRIBUTES[name]))
+                                    for name in CLASSIFIED})
+        self.centre = nn.Linear(vision.connector_in_features, 2)
 
     def loss(self, tokens: Tensor, labels: dict[str, Tensor]) -> Tensor:
-        """Mean over attributes of the token-wise cross-entropy against the picture's label."""
+        """Mean over attributes of the token-wise cross-entropy against the picture's label, and CENTRE_WEIGHT x
+        the token-wise squared error of the centre (in [-1, 1] per axis)."""
         losses = []
         for name, head in self.heads.items():
             y = labels[name]
@@ -156,17 +179,29 @@ class AttributeHeads(nn.Module):
                 logits = head(tokens[keep])  # (n, T, C)
                 target = y[keep].repeat_interleave(logits.shape[1])
                 losses.append(F.cross_entropy(logits.flatten(0, 1), target))
+        keep = labels["centre"][:, 0] != IGNORE
+        if keep.any():
+            guess = self.centre(tokens[keep])  # (n, T, 2)
+            target = (labels["centre"][keep] * 2 - 1).unsqueeze(1).expand_as(guess)
+            losses.append(CENTRE_WEIGHT * F.mse_loss(guess, target))
         return torch.stack(losses).mean()
 
     @torch.no_grad()
     def accuracy(self, tokens: Tensor, labels: dict[str, Tensor]) -> dict[str, float]:
-        """Per attribute: how often the tokens' mean logits pick the picture's label."""
+        """Per attribute: how often the tokens' mean logits pick the picture's label; column and row: how often
+        the tokens' mean centre falls in the label's quarter."""
         out = {}
         for name, head in self.heads.items():
             keep = labels[name] != IGNORE
             if keep.any():
                 guess = head(tokens[keep]).mean(1).argmax(-1)
                 out[name] = round(float((guess == labels[name][keep]).float().mean()), 3)
+        keep = labels["column"] != IGNORE
+        if keep.any():
+            centre = (self.centre(tokens[keep]).mean(1) + 1) / 2  # (n, 2) in [0, 1]
+            bins = (centre * POSITION_BINS).floor().clamp(0, POSITION_BINS - 1).long()
+            for axis, name in enumerate(("column", "row")):
+                out[name] = round(float((bins[:, axis] == labels[name][keep]).float().mean()), 3)
         return out
 
 
