@@ -117,8 +117,9 @@ def test_the_heads_have_a_weight_decay_of_their_own(tmp_path) -> None:
 
 
 def test_the_patch_embedding_starts_as_the_pictures_whitening() -> None:
-    """After `whiten_patch_embedding` the patch features of the pictures it saw are centred and decorrelated with unit
-    variance (the top principal components); the default random init is neither."""
+    """After `whiten_patch_embedding` the patch features of the pictures it saw are centred and decorrelated, the
+    strongest at unit variance (the top principal components, the weakest damped by eps); the default random init
+    is not decorrelated."""
     from vita.processing.image import normalise_pixels
     from vita.training.vision_pretrain import whiten_patch_embedding
 
@@ -131,7 +132,7 @@ def test_the_patch_embedding_starts_as_the_pictures_whitening() -> None:
             features = conv(x).flatten(2).transpose(1, 2).flatten(0, 1).double()  # (N * P, K)
         return features.mean(0), torch.cov(features.T)
 
-    mean, cov = covariance()
+    _, cov = covariance()
     assert not torch.allclose(cov, torch.eye(len(cov), dtype=cov.dtype), atol=0.1)
     whiten_patch_embedding(conv, x)
     mean, cov = covariance()
