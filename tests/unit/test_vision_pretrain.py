@@ -16,6 +16,7 @@ from vita.training import curriculum as cur
 from vita.training.vision_pretrain import (
     ATTRIBUTES,
     IGNORE,
+    AttributeHeads,
     VisionPretrainConfig,
     attribute_pictures,
     load_vision_encoder,
@@ -67,7 +68,7 @@ def test_pretraining_lowers_the_loss_writes_internvit_names_and_is_reused(tmp_pa
     summary = pretrain_vision_encoder(config, tmp_path / "enc", progress=False)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "enc" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and losses[-1] < 0.8 * losses[0]
-    assert set(summary["heldout_accuracy"]) == set(ATTRIBUTES)
+    assert set(summary["heldout_accuracy"]) == {*ATTRIBUTES, "count_several"}
     info = json.loads((tmp_path / "enc" / "config.json").read_text())
     assert info["vision"]["image_size"] == 224 and info["pretraining"]["key"] == config.key()
 
@@ -144,3 +145,22 @@ def test_the_patch_embedding_starts_as_the_pictures_whitening() -> None:
     assert abs(float(variance[0]) - 1) < 0.01 and (variance <= 1 + 1e-9).all() and (variance > 0.05).all()
     assert (variance[1:] <= variance[:-1] + 1e-9).all()  # largest components first
     assert VisionPretrainConfig().whiten_patches and "whiten_patches" in VisionPretrainConfig().key()
+
+
+@torch.no_grad()
+def test_count_several_scores_the_pictures_of_two_or_more_shapes_alone() -> None:
+    """A head that always answers "one" reads half of these counts right, and none of the pictures of several shapes:
+    `count` alone would hide that the encoder cannot count past one."""
+    heads = AttributeHeads(VISION)
+    head = heads.heads["count"]
+    head.weight.zero_(), head.bias.zero_()
+    head.bias[ATTRIBUTES["count"].index("one")] = 1.0
+    counts = torch.tensor([ATTRIBUTES["count"].index(c) for c in ("one", "one", "three", "five")])
+    labels = {name: torch.full((4,), IGNORE) for name in ATTRIBUTES}
+    labels["count"] = counts
+    tokens = torch.randn(4, 64, VISION.connector_in_features)
+    scores = heads.accuracy(tokens, labels)
+    assert scores["count"] == 0.5 and scores["count_several"] == 0.0
+    head.bias.zero_()
+    head.bias[ATTRIBUTES["count"].index("three")] = 1.0
+    assert heads.accuracy(tokens, labels)["count_several"] == 0.5

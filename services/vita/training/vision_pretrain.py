@@ -15,7 +15,8 @@ InternViT-300M-448px directory loads the same way at full size).
     vita pretrain-vision --preset tiny-224 --output .artifacts/train-tiny/vision-encoder
 
 Writes `model.safetensors` (the encoder), `config.json` (its VisionConfig and these settings), `metrics.jsonl`
-(loss per logged step) and `probe.json` (per-attribute accuracy on pictures drawn from another seed).
+(loss per logged step) and `probe.json` (per-attribute accuracy on pictures drawn from another seed, and
+`count_several`: count on the pictures of two or more shapes alone).
 """
 
 from __future__ import annotations
@@ -189,13 +190,20 @@ class AttributeHeads(nn.Module):
     @torch.no_grad()
     def accuracy(self, tokens: Tensor, labels: dict[str, Tensor]) -> dict[str, float]:
         """Per attribute: how often the tokens' mean logits pick the picture's label; column and row: how often
-        the tokens' mean centre falls in the label's quarter."""
+        the tokens' mean centre falls in the label's quarter. `count_several`: count on the pictures of two or more
+        shapes alone (about one counted picture in seven: the others hold a single shape, so `count` mostly says
+        whether the encoder tells one shape from several)."""
         out = {}
         for name, head in self.heads.items():
             keep = labels[name] != IGNORE
             if keep.any():
                 guess = head(tokens[keep]).mean(1).argmax(-1)
                 out[name] = round(float((guess == labels[name][keep]).float().mean()), 3)
+                if name == "count":
+                    several = labels[name][keep] > ATTRIBUTES[name].index("one")
+                    if several.any():
+                        right = guess[several] == labels[name][keep][several]
+                        out["count_several"] = round(float(right.float().mean()), 3)
         keep = labels["column"] != IGNORE
         if keep.any():
             centre = (self.centre(tokens[keep]).mean(1) + 1) / 2  # (n, 2) in [0, 1]
