@@ -197,13 +197,11 @@ class AttributeHeads(nn.Module):
         for name, head in self.heads.items():
             keep = labels[name] != IGNORE
             if keep.any():
-                guess = head(tokens[keep]).mean(1).argmax(-1)
-                out[name] = round(float((guess == labels[name][keep]).float().mean()), 3)
-                if name == "count":
-                    several = labels[name][keep] > ATTRIBUTES[name].index("one")
-                    if several.any():
-                        right = guess[several] == labels[name][keep][several]
-                        out["count_several"] = round(float(right.float().mean()), 3)
+                truth = labels[name][keep]
+                right = head(tokens[keep]).mean(1).argmax(-1) == truth
+                out[name] = round(float(right.float().mean()), 3)
+                if name == "count" and (several := truth > ATTRIBUTES[name].index("one")).any():
+                    out["count_several"] = round(float(right[several].float().mean()), 3)
         keep = labels["column"] != IGNORE
         if keep.any():
             centre = (self.centre(tokens[keep]).mean(1) + 1) / 2  # (n, 2) in [0, 1]
