@@ -208,10 +208,32 @@ def test_keep_alive_protects_a_long_job_from_reclaim(config: BusConfig) -> None:
         busy, other = Consumer(redis, config, Pool.LLM_GENERATOR), Consumer(redis, config, Pool.LLM_GENERATOR)
         (delivery,) = await busy.read(block_ms=None)
         await asyncio.sleep(3 * IDLE_MS / 1000)
-        await busy.keep_alive(delivery.entry_id)
+        assert await busy.keep_alive(delivery.entry_id) == [delivery.entry_id]
         assert await other.read(block_ms=None) == []
         await busy.ack(delivery.entry_id)
         assert await lag(redis, config, Pool.LLM_GENERATOR) == PoolLag(lag=0, pending=0)
+        assert await busy.keep_alive(delivery.entry_id) == []  # done: nothing to refresh
+
+    run(body)
+
+
+def test_keep_alive_leaves_a_job_reclaimed_from_a_stalled_worker_to_its_new_owner(config: BusConfig) -> None:
+    """A worker that stalled past reclaim_idle_ms lost its job: its next keep-alive says so and takes nothing back
+    (an XCLAIM would have both workers answer it), while it still refreshes the jobs it kept."""
+    async def body(redis: Redis) -> None:
+        for k in range(2):
+            await submit(redis, config, Pool.VISION_ENCODER, image_job(f"job-{k}", config))
+        stalled, heir = Consumer(redis, config, Pool.VISION_ENCODER), Consumer(redis, config, Pool.VISION_ENCODER)
+        lost, kept = await stalled.read(count=2, block_ms=None)
+        await asyncio.sleep(3 * IDLE_MS / 1000)
+        (taken,) = await heir.read(count=1, block_ms=None)
+        assert taken.entry_id == lost.entry_id
+        assert await stalled.keep_alive(lost.entry_id, kept.entry_id) == [kept.entry_id]
+        pending = await redis.xpending_range(config.jobs(Pool.VISION_ENCODER), Pool.VISION_ENCODER.group,
+                                             min="-", max="+", count=10)
+        owners = {p["message_id"].decode(): p["consumer"].decode() for p in pending}
+        assert owners == {lost.entry_id: heir.name, kept.entry_id: stalled.name}
+        assert await heir.read(count=1, block_ms=None) == []  # the kept job was refreshed: not idle
 
     run(body)
 
@@ -678,9 +700,10 @@ def test_a_group_lost_with_the_data_is_created_again(config: BusConfig) -> None:
         await submit(redis, config, pool, job)
         (delivery,) = await consumer.read(block_ms=None)
         assert delivery.message == job
-        await consumer.keep_alive(delivery.entry_id)
+        assert await consumer.keep_alive(delivery.entry_id) == [delivery.entry_id]
         await redis.delete(config.jobs(pool))
-        await consumer.keep_alive(delivery.entry_id)  # the group is gone: the job runs on, no error
+        # The group is gone: no error, and the job counts as still owned (it runs on and is answered).
+        assert await consumer.keep_alive(delivery.entry_id) == [delivery.entry_id]
 
     run(body)
 

@@ -469,6 +469,41 @@ def test_killed_worker_job_is_reclaimed_and_answered_once(tiny_model_dir, tmp_pa
         delete_prefix(bus.prefix)
 
 
+def test_a_worker_that_stalled_past_reclaim_leaves_the_reclaimed_job_to_its_heir(tiny_model_dir):
+    """The stall itself, made deterministic: a worker reads two jobs, another takes one over after reclaim_idle_ms
+    (what happens when the first one's event loop stalls), then the first runs the batch. It answers and
+    acknowledges only the job it still owns; the reclaimed one stays pending under the heir, unanswered by it."""
+    from vita.bus.queue import Consumer
+    from vita.encoders.__main__ import ENCODERS
+    from vita.encoders.base import load_encoder
+    from vita.encoders.worker import EncoderWorker
+
+    bus = BusConfig(prefix=f"test:{uuid.uuid4().hex}", reclaim_idle_ms=200, dead_consumer_ms=60_000)
+    pool = Pool.VISION_ENCODER
+    lost, kept = image_job(bus, png(64, 64)), image_job(bus, png(64, 96))
+
+    async def body(redis: Redis) -> None:
+        worker = EncoderWorker(redis, bus, load_encoder(ENCODERS["vision-encoder"][0], tiny_model_dir, "cpu",
+                                                        torch.float32))
+        await submit_together(redis, bus, pool, [lost, kept])
+        deliveries = await worker.consumer.read(count=2, block_ms=None)
+        assert [d.message for d in deliveries] == [lost, kept]
+        await asyncio.sleep(3 * bus.reclaim_idle_ms / 1000)
+        heir = Consumer(redis, bus, pool)
+        (taken,) = await heir.read(count=1, block_ms=None)
+        assert taken.message == lost
+        await worker.process(deliveries)
+        await embedding_of(redis, kept)
+        assert await redis.xlen(lost.reply_stream) == 0  # left to the heir
+        (pending,) = await redis.xpending_range(bus.jobs(pool), pool.group, min="-", max="+", count=10)
+        assert (pending["message_id"].decode(), pending["consumer"].decode()) == (taken.entry_id, heir.name)
+
+    try:
+        run(body)
+    finally:
+        delete_prefix(bus.prefix)
+
+
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):
     """A minimal OTLP/gRPC endpoint: the spans the service exports, as (name, trace id, parent span id)."""
 

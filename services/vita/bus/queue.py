@@ -164,17 +164,25 @@ class Consumer:
         """Call after the job's final event is published: until then a crash must leave it reclaimable."""
         await self.redis.xack(self.stream, self.pool.group, *entry_ids)
 
-    async def keep_alive(self, *entry_ids: str) -> None:
-        """Reset the idle time of jobs still running (a long generation), so nobody reclaims them as abandoned.
+    async def keep_alive(self, *entry_ids: str) -> list[str]:
+        """Reset the idle time of jobs still running (a long generation), so nobody reclaims them as abandoned;
+        returns the entry ids this consumer still owns, in order.
 
-        Call more often than `reclaim_idle_ms`; JUSTID leaves the delivery counter alone. A group lost with Redis'
-        data is not an error here: the job runs on, with nobody left to reclaim it from.
+        Call more often than `reclaim_idle_ms`; JUSTID leaves the delivery counter alone. Only entries still pending
+        under this consumer are refreshed: one another consumer reclaimed while this worker stalled past
+        `reclaim_idle_ms` stays with it (taking it back would have both answer it), and one acknowledged meanwhile
+        stays done. The ownership check and the XCLAIM run in one script. A group lost with Redis' data is not an
+        error here: every entry counts as owned and the job runs on, with nobody left to reclaim it from.
         """
+        if not entry_ids:
+            return []
         try:
-            await self.redis.xclaim(self.stream, self.pool.group, self.name, 0, list(entry_ids), justid=True)
+            owned = await self.redis.eval(_REFRESH_IF_OWNED, 1, self.stream, self.pool.group, self.name, *entry_ids)
         except ResponseError as e:
-            if not str(e).startswith("NOGROUP"):
+            if "NOGROUP" not in str(e):
                 raise
+            return list(entry_ids)
+        return [x.decode() if isinstance(x, bytes) else x for x in owned]
 
     async def _ensure_group(self) -> None:
         if self._ready:
@@ -224,6 +232,20 @@ class Consumer:
 _DELETE_IF_IDLE = """
 if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
 return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) + 1
+"""
+
+
+# KEYS[1] stream, ARGV[1] group, ARGV[2] consumer, ARGV[3..] entry ids: refresh (XCLAIM min-idle 0 JUSTID) only the
+# entries still pending under this consumer, and return those.
+_REFRESH_IF_OWNED = """
+local owned = {}
+for i = 3, #ARGV do
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2]) > 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    owned[#owned + 1] = ARGV[i]
+  end
+end
+return owned
 """
 
 

@@ -78,30 +78,44 @@ class EncoderWorker:
             lag_task.cancel()
 
     async def process(self, deliveries: list[Delivery]) -> None:
-        """Encode the jobs read together, answer each on its reply stream, then acknowledge them all."""
+        """Encode the jobs read together, answer each on its reply stream, then acknowledge them all.
+
+        A job another worker reclaimed meanwhile (this one stalled past `reclaim_idle_ms`, so its keep-alive came
+        late) is neither answered nor acknowledged here: its new owner does both, so each job is answered once.
+        """
         picked_up = time.time()
-        jobs: list[EncodeJob] = []
+        accepted: list[Delivery] = []
         for d in deliveries:
             queued_s = picked_up - int(d.entry_id.split("-")[0]) / 1000
             self.metrics.queue_time.labels(self.pool.value).observe(max(0.0, queued_s))
             try:
                 self.bus.check_reply_stream(d.message.reply_stream)
-                jobs.append(d.message)
+                accepted.append(d)
             except InvalidInputError as e:  # nobody can be told: log it, and acknowledge it with the rest
                 log.error("job dropped: %s", e, extra={"job_id": d.message.job_id, "entry_id": d.entry_id})
+        jobs: list[EncodeJob] = [d.message for d in accepted]
         spans = [tracer.start_span(f"encode {kind_name(job.kind)}", context=trace_parent(job),
                                    attributes={"vita.request_id": job.request_id, "vita.job_id": job.job_id})
                  for job in jobs]
+        entry_ids = [d.entry_id for d in deliveries]
         try:
-            async with self._keeping_alive([d.entry_id for d in deliveries]):
+            async with self._keeping_alive(entry_ids):  # beating until the ack: answering a big batch takes a while
                 outcomes = await self._encode(jobs)
-            for job, span, outcome in zip(jobs, spans, outcomes):
-                with trace.use_span(span):
-                    await self._answer(job, span, outcome)
+                owned = set(await self.consumer.keep_alive(*entry_ids))
+                for d, job, span, outcome in zip(accepted, jobs, spans, outcomes):
+                    if d.entry_id in owned:
+                        with trace.use_span(span):
+                            await self._answer(job, span, outcome)
+                    else:
+                        span.set_status(Status(StatusCode.ERROR, "reclaimed by another worker"))
+                if lost := [e for e in entry_ids if e not in owned]:
+                    log.warning("jobs reclaimed by another worker while this one stalled are left to it",
+                                extra={"entries": lost})
+                if mine := [e for e in entry_ids if e in owned]:
+                    await self.consumer.ack(*mine)
         finally:
             for span in spans:
                 span.end()
-        await self.consumer.ack(*(d.entry_id for d in deliveries))
 
     async def _encode(self, jobs: list[EncodeJob]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [await self._refusal(job) for job in jobs]
@@ -175,10 +189,11 @@ class EncoderWorker:
         """
 
         async def beat() -> None:
-            while True:
+            running = list(entry_ids)
+            while running:
                 await asyncio.sleep(self.bus.reclaim_idle_ms / 3000)
                 try:
-                    await self.consumer.keep_alive(*entry_ids)
+                    running = await self.consumer.keep_alive(*running)  # a job another worker took stays with it
                 except RedisError as e:
                     log.warning("keep-alive failed: %s", e)
 

@@ -173,11 +173,15 @@ class LLMWorker:
 
     async def _keep_alive(self, entry_id: str) -> None:
         """Refresh the job's idle time on the clock, not per token: a long prefill emits nothing for a while, and
-        was reclaimed (and run twice) when keep-alives rode on the token loop."""
+        was reclaimed (and run twice) when keep-alives rode on the token loop. A job another worker reclaimed after
+        a stall here stays with it: both finish it, and the reader drops the events it has seen (bus/README.md)."""
         while True:
             await asyncio.sleep(self.keep_alive_s)
             try:
-                await self.consumer.keep_alive(entry_id)
+                if not await self.consumer.keep_alive(entry_id):
+                    log.warning("the job was reclaimed by another worker or acknowledged; no longer refreshed",
+                                extra={"entry_id": entry_id})
+                    return
             except RedisError as e:
                 log.warning("keep-alive failed: %s", e, extra={"entry_id": entry_id})
 
