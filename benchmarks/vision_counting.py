@@ -10,7 +10,9 @@ pictures, and can add:
 - `--count-map {density,centres} --map-weight W`: a token-level count map, either the Gaussian density of the
   shapes' centres regressed per token (Lempitsky & Zisserman, "Learning To Count Objects in Images", 2010) or a
   binary "a shape's centre lies in this token" per token; scored by the map's sum;
-- `--layers L`: a tower of L layers instead of the preset's.
+- `--layers L`: a tower of L layers instead of the preset's;
+- `--save DIR`: write the trained encoder as `vita pretrain-vision` does (sharded safetensors), so that stage 2's
+  `init.vision_encoder` can start from it and the learning proof be measured with it.
 
     python benchmarks/vision_counting.py --count-map centres --map-weight 1 --threads 2
 
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vita.model.checkpoint import save_sharded
 from vita.model.config import VitaConfig
 from vita.model.vision import VisionEncoder, shuffled_features
 from vita.processing.image import normalise_pixels, square_rgb
@@ -115,6 +118,7 @@ def main() -> None:
     ap.add_argument("--attributes", type=float, default=1.0, help="weight of the recipe's attribute heads")
     ap.add_argument("--layers", type=int, default=0, help="tower layers (0: the preset's)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save", type=Path, help="write the encoder here (stage 2's init.vision_encoder)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     vision = VitaConfig.preset("tiny-224").vision
@@ -179,8 +183,12 @@ def main() -> None:
         for key, value in result.items():
             if isinstance(value, Tensor):
                 result[key] = round(float(value[several].float().mean()), 3)
-    result["args"] = vars(args)
+    result["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     result["seconds"] = round(time.perf_counter() - start)
+    if args.save:
+        save_sharded({k: v.detach().contiguous() for k, v in encoder.state_dict().items()}, args.save)
+        (args.save / "config.json").write_text(json.dumps({"vision": dataclasses.asdict(vision),
+                                                           "pretraining": result}, indent=2) + "\n")
     print(json.dumps(result))
 
 

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from vita.model.config import VitaConfig
+from vita.model.vision import VisionEncoder
 from vita.training import curriculum as cur
+from vita.training.vision_pretrain import load_vision_encoder
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("vision_counting", ROOT / "benchmarks" / "vision_counting.py")
@@ -39,11 +42,14 @@ def test_count_maps_total_the_count() -> None:
     assert sorted(flags.nonzero().flatten().tolist()) == [0, 2 * 8 + 7, 4 * 8 + 4]  # row-major (y, x)
 
 
-def test_the_script_runs_and_reports_its_scores(tmp_path: Path) -> None:
+def test_the_script_runs_reports_its_scores_and_saves_an_encoder_stage_2_loads(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vision_counting.py"), "--steps", "2",
-                          "--pictures", "48", "--count-map", "centres", "--threads", "1"],
+                          "--pictures", "48", "--count-map", "centres", "--threads", "1",
+                          "--save", str(tmp_path / "encoder")],
                          capture_output=True, text=True, check=True, cwd=tmp_path, timeout=600)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     for key in ("count_2_6_per_token_head", "count_2_6_mean_head", "count_2_6_map_sum", "centre_tokens_found"):
         assert 0 <= result[key] <= 1, key
     assert len(result["map_sum_mean_by_count"]) == 6
+    encoder = VisionEncoder(VitaConfig.preset("tiny-224").vision)
+    load_vision_encoder(encoder, tmp_path / "encoder")  # raises if a tensor is missing, extra or misshapen
