@@ -34,6 +34,7 @@ from vita.processing.tokenizer import VitaTokenizer
 from vita.training import distributed as D
 from vita.training.checkpoints import Checkpoints, rng_state, save_model_dir, set_rng_state, truncate_metrics
 from vita.training.config import PARAMETER_GROUPS, ConfigError, OptimConfig, StageConfig
+from vita.training.cpu import configure_cpu
 from vita.training.examples import Example, ExampleEncoder
 from vita.training.forward import TrainingModel, batch_loss_sum
 from vita.training.metrics import MetricsLog
@@ -136,8 +137,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         config = self.config
         info = D.init_distributed()
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        configure_cpu(config.threads)
         model, tokenizer, state, checkpoint, notes = self._load(info)
         model.to(info.device)
         freeze(model, config.trainable)
