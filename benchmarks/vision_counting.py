@@ -41,7 +41,6 @@ from vita.model.vision import VisionEncoder, shuffled_features
 from vita.processing.image import normalise_pixels, square_rgb
 from vita.training import curriculum as cur
 from vita.training import vision_pretrain as vp
-from vita.training.cpu import configure_cpu
 from vita.training.stand_in import train_loop
 
 
@@ -121,7 +120,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save", type=Path, help="write the encoder here (stage 2's init.vision_encoder)")
     args = ap.parse_args()
-    configure_cpu(args.threads)  # as `vita pretrain-vision` does
+    torch.set_num_threads(args.threads)
     vision = VitaConfig.preset("tiny-224").vision
     if args.layers:
         vision = dataclasses.replace(vision, num_hidden_layers=args.layers)

@@ -204,12 +204,15 @@ def _pretrain_vision(args: argparse.Namespace) -> None:
     import json
 
     from vita.telemetry.logging import configure_logging
+    from vita.training.cpu import denormals_flushed
     from vita.training.vision_pretrain import VisionPretrainConfig, pretrain_vision_encoder
 
     configure_logging("training", level=os.environ.get("VITA_LOG_LEVEL", "info"))
     config = VisionPretrainConfig(preset=args.preset, seed=args.seed, data_seed=args.data_seed, pictures=args.pictures,
                                   steps=args.steps, batch_size=args.batch_size, lr=args.lr, threads=args.threads)
-    summary = pretrain_vision_encoder(config, args.output, progress=not args.no_progress, overwrite=args.overwrite)
+    with denormals_flushed():  # before torch's first parallel work: vita.training.cpu
+        summary = pretrain_vision_encoder(config, args.output, progress=not args.no_progress,
+                                          overwrite=args.overwrite)
     print(json.dumps(summary))
 
 
@@ -218,11 +221,14 @@ def _pretrain_audio(args: argparse.Namespace) -> None:
 
     from vita.telemetry.logging import configure_logging
     from vita.training.audio_pretrain import AudioPretrainConfig, pretrain_audio_encoder
+    from vita.training.cpu import denormals_flushed
 
     configure_logging("training", level=os.environ.get("VITA_LOG_LEVEL", "info"))
     config = AudioPretrainConfig(preset=args.preset, seed=args.seed, data_seed=args.data_seed, clips=args.clips,
                                  steps=args.steps, batch_size=args.batch_size, lr=args.lr, threads=args.threads)
-    summary = pretrain_audio_encoder(config, args.output, progress=not args.no_progress, overwrite=args.overwrite)
+    with denormals_flushed():  # before torch's first parallel work: vita.training.cpu
+        summary = pretrain_audio_encoder(config, args.output, progress=not args.no_progress,
+                                          overwrite=args.overwrite)
     print(json.dumps(summary))
 
 

@@ -1,38 +1,42 @@
-"""vita.training.cpu: training processes flush denormal floats to zero; benchmarks/denormals.py compares both."""
+"""vita.training.cpu: the stand-in pretraining commands flush denormal floats to zero and give the caller's
+setting back; benchmarks/denormals.py compares both."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
-from vita.training.cpu import configure_cpu
+from vita.training.cpu import denormals_flushed, flushing_denormals
 
 ROOT = Path(__file__).resolve().parents[2]
-DENORMAL = 1e-39  # below float32's smallest normal number (1.18e-38)
 
 
-def _flushing() -> bool:
-    return (torch.tensor([DENORMAL]) * 1.0).item() == 0.0
-
-
-def test_configure_cpu_sets_the_threads_and_flushes_denormals() -> None:
-    threads = torch.get_num_threads()
+@pytest.fixture(autouse=True)
+def _denormals_computed():
     assert torch.set_flush_denormal(False), "this CPU cannot flush denormals"
-    try:
-        assert not _flushing()
-        configure_cpu(1)
-        assert _flushing()
-        assert torch.get_num_threads() == 1
-        configure_cpu(None)  # keeps the thread count, still flushes
-        assert torch.get_num_threads() == 1 and _flushing()
-    finally:
-        torch.set_flush_denormal(False)
-        torch.set_num_threads(threads)
+    yield
+    torch.set_flush_denormal(False)
 
 
-def test_the_benchmark_runs_both_settings_and_says_which_was_in_effect(capsys) -> None:
+def test_flushed_inside_and_the_callers_setting_restored_after() -> None:
+    with denormals_flushed():
+        assert flushing_denormals()
+    assert not flushing_denormals()
+    with pytest.raises(ValueError), denormals_flushed():
+        raise ValueError("boom")
+    assert not flushing_denormals()
+    torch.set_flush_denormal(True)  # a caller that flushes already keeps flushing
+    with denormals_flushed():
+        pass
+    assert flushing_denormals()
+
+
+def test_the_command_trains_flushed_and_the_benchmark_says_which_setting_ran(capsys) -> None:
+    """The benchmark's "flushed" row runs `vita pretrain-vision` through `vita.cli.main` in a fresh interpreter and
+    records the setting at every training step; the "computed" row calls the function as the command did before."""
     spec = importlib.util.spec_from_file_location("denormals", ROOT / "benchmarks" / "denormals.py")
     denormals = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(denormals)

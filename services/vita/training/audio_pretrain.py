@@ -51,7 +51,6 @@ from vita.model.checkpoint import load_pretrained_encoder, save_sharded
 from vita.model.config import AudioConfig, VitaConfig
 from vita.processing.audio import audio_features
 from vita.training import curriculum as cur
-from vita.training.cpu import configure_cpu
 from vita.training.stand_in import reused_summary, train_loop
 from vita.training.tts import TTS, EspeakTTS
 
@@ -259,7 +258,8 @@ def pretrain_audio_encoder(config: AudioPretrainConfig, output: str | Path, *, t
     audio = VitaConfig.preset(config.preset).audio
     if audio is None:
         raise InvalidInputError(f"preset {config.preset!r} has no audio tower")
-    configure_cpu(config.threads)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     tts = tts or EspeakTTS()
     start = time.perf_counter()
     vocab = vocabulary()

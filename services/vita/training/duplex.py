@@ -62,7 +62,6 @@ from vita.processing.prompt import Message, StateToken, encode_prompt
 from vita.processing.tokenizer import VitaTokenizer
 from vita.tiny import build_tiny_checkpoint
 from vita.training import speech
-from vita.training.cpu import configure_cpu
 from vita.training.model_init import fit_connector_output
 
 log = logging.getLogger("vita.training.duplex")
@@ -314,7 +313,8 @@ def lr_scale(step: int, config: DuplexTrainConfig) -> float:
 def train_duplex(model: VitaForCausalLM, tokenizer: VitaTokenizer, config: DuplexTrainConfig, *,
                  progress: bool = True) -> dict:
     """Fine-tunes `model` in place; returns a summary (losses, seconds)."""
-    configure_cpu(config.threads)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     data = DuplexData(tokenizer, model, config)

@@ -34,7 +34,6 @@ from vita.processing.tokenizer import VitaTokenizer
 from vita.training import distributed as D
 from vita.training.checkpoints import Checkpoints, rng_state, save_model_dir, set_rng_state, truncate_metrics
 from vita.training.config import PARAMETER_GROUPS, ConfigError, OptimConfig, StageConfig
-from vita.training.cpu import configure_cpu
 from vita.training.examples import Example, ExampleEncoder
 from vita.training.forward import TrainingModel, batch_loss_sum
 from vita.training.metrics import MetricsLog
@@ -137,7 +136,8 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         config = self.config
         info = D.init_distributed()
-        configure_cpu(config.threads)
+        if config.threads:
+            torch.set_num_threads(config.threads)
         model, tokenizer, state, checkpoint, notes = self._load(info)
         model.to(info.device)
         freeze(model, config.trainable)

@@ -41,7 +41,6 @@ from vita.model.config import VisionConfig, VitaConfig
 from vita.model.vision import VisionEncoder, shuffled_features
 from vita.processing.image import normalise_pixels, square_rgb
 from vita.training import curriculum as cur
-from vita.training.cpu import configure_cpu
 from vita.training.stand_in import reused_summary, train_loop
 
 log = logging.getLogger("vita.training")
@@ -225,7 +224,8 @@ def pretrain_vision_encoder(config: VisionPretrainConfig, output: str | Path, *,
     vision = VitaConfig.preset(config.preset).vision
     if vision is None:
         raise InvalidInputError(f"preset {config.preset!r} has no vision tower")
-    configure_cpu(config.threads)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     start = time.perf_counter()
     pixels, labels = attribute_pictures(config.pictures, config.data_seed, vision, config.frame_share)
     render_s = time.perf_counter() - start
