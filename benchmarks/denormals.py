@@ -6,8 +6,9 @@ computed as the CPU does by default, and flushed to zero as the command now does
     python benchmarks/denormals.py --no-write --steps 20 --pictures 64
 
 Each variant runs in a fresh interpreter: "flushed" runs the command (`vita.cli.main`), "computed" calls
-`pretrain_vision_encoder` as the command did before; each row says whether every step ran with denormals flushed. Denormals appear as the stand-in converges, so steps/s is given for its second and its last 50
-steps, and the held-out probe of both (`probe.json`) shows whether flushing changed what was learnt.
+`pretrain_vision_encoder` as the command did before; each row says whether every step ran with denormals flushed.
+Denormals appear as the stand-in converges, so steps/s is given for its second and its last 50 steps, and the
+held-out probe of both (`probe.json`) shows whether flushing changed what was learnt.
 """
 
 from __future__ import annotations
