@@ -267,6 +267,7 @@ def test_gather_and_grouped_dispatch_agree_with_a_naive_reference():
             expected[t] += p * (F.silu(moe.w1[e] @ x[t]) * (moe.w3[e] @ x[t])) @ moe.w2[e].T
     assert torch.allclose(weights.sum(-1), torch.ones(7))
     assert (moe.grouped(x, weights, experts) - expected).abs().max() < 1e-5
+    assert (moe.grouped_mm(x, weights, experts) - expected).abs().max() < 1e-5
     assert (moe.gathered(x, weights, experts) - expected).abs().max() < 1e-5
     assert (moe(x) - expected).abs().max() < 1e-5
 
@@ -300,6 +301,32 @@ def test_grouped_dispatch_is_differentiable():
     moe = tiny_model().model.layers[0].block_sparse_moe
     moe(torch.randn(5, 64, generator=torch.Generator().manual_seed(9))).square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (moe.gate.weight, moe.w1, moe.w2, moe.w3))
+
+
+def test_training_on_cpu_takes_the_unpadded_dispatch_with_the_padded_ones_gradients(monkeypatch):
+    moe = tiny_model().model.layers[0].block_sparse_moe
+    gen = torch.Generator().manual_seed(11)
+    u = F.normalize(torch.randn(64, generator=gen), dim=0)
+    x = torch.randn(40, 64, generator=gen) + 4 * u  # every token shares a direction the router reads
+    with torch.no_grad():  # one expert routed far more than the rest, as trained routers are; one gets nothing
+        moe.gate.weight[0] += 2 * u
+        moe.gate.weight[1] -= 4 * u
+    loads = torch.bincount(moe.route(x)[1].flatten(), minlength=moe.num_experts)
+    assert loads.max() >= 1.5 * loads.float().mean() and loads.min() == 0
+    grads = {}
+    for path in ("grouped", "grouped_mm"):
+        moe.zero_grad()
+        xx = x.clone().requires_grad_()
+        weights, experts = moe.route(xx)
+        out = getattr(moe, path)(xx, weights, experts)
+        out.square().sum().backward()
+        grads[path] = [out.detach(), xx.grad] + [p.grad.clone() for p in (moe.gate.weight, moe.w1, moe.w2, moe.w3)]
+    for padded, unpadded in zip(grads["grouped"], grads["grouped_mm"]):
+        assert (padded - unpadded).abs().max() <= 1e-5 * padded.abs().max()
+    monkeypatch.setattr(moe, "grouped", lambda *a: pytest.fail("training on CPU padded the experts' batches"))
+    moe(x.clone().requires_grad_())  # the unpadded path, no failure
+    with torch.no_grad(), pytest.raises(pytest.fail.Exception):
+        moe(x)  # inference keeps the padded bmm
 
 
 # --- sampling and generation -------------------------------------------------------------------------------

@@ -225,6 +225,8 @@ class MoEFeedForward(nn.Module):
             out = self.gathered(x, weights, experts)
         elif x.shape[0] == 1:
             out = self.single(x, weights, experts)
+        elif x.device.type == "cpu" and x.requires_grad:
+            out = self.grouped_mm(x, weights, experts)
         else:
             out = self.grouped(x, weights, experts)
         return out.view(shape)
@@ -261,6 +263,27 @@ class MoEFeedForward(nn.Module):
         batch[pair_expert, slot] = x.repeat_interleave(self.top_k, dim=0)
         h = F.silu(torch.bmm(batch, self.w1.mT)) * torch.bmm(batch, self.w3.mT)
         out = torch.bmm(h, self.w2.mT)[pair_expert, slot].view(-1, self.top_k, x.shape[-1])
+        return torch.bmm(weights.unsqueeze(1), out).squeeze(1)
+
+    def grouped_mm(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
+        """The (token, expert) pairs sorted by expert, one `F.grouped_mm` per matrix: no padding (MegaBlocks'
+        "dropless" MoE, Gale et al. 2022). Training on CPU takes this path.
+
+        Training skews the routing: in the tiny stage 3 the busiest expert holds 2-2.4x the mean load, so the
+        padded `grouped` computes 2-2.4x the pairs, and its backward pays that twice more. Forward and backward of
+        one layer at 1,024 tokens, loads 2.6x the mean on one expert: 38 ms against 96 ms (2 threads). For the few
+        tokens of a decode step the padded bmm stays faster (8 tokens: 0.7 ms against 1.0 ms), so inference keeps
+        it. x (N, H), weights and experts (N, k) -> (N, H).
+        """
+        k, H = self.top_k, x.shape[-1]
+        pair_expert = experts.flatten()  # (N * k,): pair p is token p // k's choice p % k
+        order = pair_expert.argsort(stable=True)  # (N * k,) pairs grouped by expert
+        offsets = torch.bincount(pair_expert, minlength=self.num_experts).cumsum(0).to(torch.int32)  # (E,) ends
+        w1, w2, w3 = (w.mT.to(x.dtype) for w in (self.w1, self.w2, self.w3))  # (E, H, I), (E, I, H): in place
+        xs = x[order // k]  # (N * k, H)
+        h = F.silu(F.grouped_mm(xs, w1, offs=offsets)) * F.grouped_mm(xs, w3, offs=offsets)  # (N * k, I)
+        out = F.grouped_mm(h, w2, offs=offsets)  # (N * k, H) in expert order
+        out = torch.empty_like(out).index_copy(0, order, out).view(-1, k, H)  # (N, k, H) in pair order
         return torch.bmm(weights.unsqueeze(1), out).squeeze(1)
 
 
