@@ -61,20 +61,6 @@ print(json.dumps({"wall_s": summary["wall_s"], "final_loss": summary["final_loss
 """
 
 
-def side_by_side(variants: dict[str, Callable[[], list[torch.Tensor]]], repeats: int) -> dict:
-    """Median ms of each variant (alternated), and the largest difference between their returned tensors."""
-    results = {name: f() for name, f in variants.items()}  # warm-up, and the results compared
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, f in variants.items():
-            t = time.perf_counter()
-            f()
-            times[name].append((time.perf_counter() - t) * 1e3)
-    first, second = results.values()
-    diff = max((a - b).abs().max().item() for a, b in zip(first, second, strict=True))
-    return {"diff": diff, **{name: statistics.median(ts) for name, ts in times.items()}}
-
-
 def moe_row(tokens: int, heavy: float, repeats: int, seed: int = 0) -> dict:
     """Part 1: both dispatches of one MoE layer on the same routing; expert 0 drawn `heavy` times as often."""
     from vita.model.config import VitaConfig
@@ -98,8 +84,17 @@ def moe_row(tokens: int, heavy: float, repeats: int, seed: int = 0) -> dict:
         dispatch(xx, ll.softmax(-1), experts).backward(grad)
         return [xx.grad, ll.grad, moe.w1.grad.clone(), moe.w2.grad.clone(), moe.w3.grad.clone()]
 
-    r = side_by_side({"padded": lambda: step(moe.grouped), "grouped_mm": lambda: step(moe.grouped_mm)}, repeats)
-    return {"skew": (loads.max() / loads.mean()).item(), **r}
+    dispatches = {"padded": moe.grouped, "grouped_mm": moe.grouped_mm}
+    padded, unpadded = (step(d) for d in dispatches.values())  # warm-up, and the results compared
+    times: dict[str, list[float]] = {name: [] for name in dispatches}
+    for _ in range(repeats):  # alternated
+        for name, dispatch in dispatches.items():
+            t = time.perf_counter()
+            step(dispatch)
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return {"skew": (loads.max() / loads.mean()).item(),
+            "diff": max((a - b).abs().max().item() for a, b in zip(padded, unpadded, strict=True)),
+            **{name: statistics.median(ts) for name, ts in times.items()}}
 
 
 def stage3_rows(train_dir: Path, steps: int, threads: int) -> list[dict]:
