@@ -1,16 +1,25 @@
 """Latency through the local service stack vs the same engine in-process, side by side in one run.
 
 Stack: client -> orchestrator (gRPC) -> Redis stream -> llm worker (torch backend) -> Redis reply stream ->
-orchestrator -> client. In-process: the same TorchBackend (same continuous-batching engine, same batch size) called
-directly. Both run the same greedy text prompts at 1 and 8 concurrent clients; time to first token and
-inter-token latency are measured where the client sees them. The stack's overhead per token is the ratio of mean
-inter-token latencies at 8 clients. Figures are appended to BENCHMARKS.md with the command.
+orchestrator -> client. In-process: the same TorchBackend (same continuous-batching engine, same batch size, the
+generator service's engine settings) called directly. Both run the same greedy text prompts at 1 and 8 concurrent
+clients, in rounds that alternate the two paths; time to first token and inter-token latency are measured where the
+client sees them. The stack's overhead per token is the ratio of mean inter-token latencies at each level. Figures
+are appended to BENCHMARKS.md with the command.
+
+On a small machine the stack's other processes (orchestrator, Redis, the encoders, this benchmark's gRPC client)
+take CPU from the engine, which the in-process run does not pay. `--isolate-engine` separates that from what the
+stack adds on the token's path: the engine's process (the stack's llm generator; the benchmark itself for the
+in-process runs) runs on the first CPU with one torch thread, every other process, Redis included, on the remaining
+CPUs, as on a node where the generator has cores of its own. (Pinning only the engine's thread there and the
+generator's asyncio thread elsewhere was slower: the two share the GIL, which then passes between CPUs.)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import itertools
 import os
@@ -34,6 +43,10 @@ class Latencies:
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
 
+    def merge(self, other: Latencies) -> None:
+        self.ttft += other.ttft
+        self.itl += other.itl
+
     def add(self, arrivals: list[float], start: float) -> None:
         if arrivals:
             self.ttft.append(arrivals[0] - start)
@@ -44,6 +57,14 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a live process, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of process `pid` (0: this one) onto `cpus` (Linux); a thread started later inherits its
+    creator's CPUs."""
+    for tid in os.listdir(f"/proc/{pid or os.getpid()}/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), cpus)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -79,11 +100,15 @@ async def stack_run(target: str, clients: int, requests: int, max_tokens: int, b
 
 
 async def in_process_run(pipeline, clients: int, requests: int, max_tokens: int, bar: tqdm) -> Latencies:
+    from vita.llm.__main__ import engine_config, parse_args
     from vita.llm.backends.base import BackendRequest, PromptInput
     from vita.llm.backends.torch.backend import TorchBackend
     from vita.model.generation import SamplingParams
 
-    backend = TorchBackend(pipeline.model, max_batch_size=8)
+    # The llm generator's own settings (chunked prefill and prefix caching on by default), so both paths run the
+    # same engine.
+    service = parse_args(["--role", "generator"])
+    backend = TorchBackend(pipeline.model, max_batch_size=service.max_batch, engine_config=engine_config(service))
     await backend.start()
     lat = Latencies()
 
@@ -108,12 +133,26 @@ async def in_process_run(pipeline, clients: int, requests: int, max_tokens: int,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level and round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="stack and in-process runs alternated this many times per level (the ratio by round "
+                             "shows how much the machine's speed moved)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to --output")
+    parser.add_argument("--isolate-engine", action="store_true",
+                        help="the engine's process (the llm generator; this one in-process) on the first CPU with one "
+                             "torch thread, every other process (Redis included) on the other CPUs; needs 2+ CPUs")
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.requests < 2:
+        parser.error("--rounds must be 1 or more and --requests 2 or more")
+    all_cpus = os.sched_getaffinity(0)
+    engine_cpus, other_cpus = {min(all_cpus)}, all_cpus - {min(all_cpus)}
+    if args.isolate_engine:
+        if not other_cpus:
+            parser.error("--isolate-engine needs 2 or more CPUs")
+        torch.set_num_threads(1)
 
     from vita.inference import VitaPipeline
     from vita.stack import LocalStack
@@ -123,25 +162,48 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = VitaPipeline.load(model_dir)
     import redis
 
-    results: dict[tuple[str, int], Latencies] = {}
+    results: dict[tuple[str, int], Latencies] = {}  # (path, clients) -> every round's latencies
+    round_ratios: dict[int, list[float]] = {}  # clients -> stack / in-process mean ITL, one per round
     cpu: dict[int, dict[str, float]] = {}  # clients -> process -> CPU ms per streamed token, stack runs
-    total = 2 * len(args.concurrency) * (args.requests + 4)
+    total = 2 * len(args.concurrency) * args.rounds * (args.requests + 4)
+    extra = {"llm-generator": ["--threads", "1"]} if args.isolate_engine else {}
     with tempfile.TemporaryDirectory() as logs, \
-            LocalStack(model_dir=str(model_dir), prefix=f"bench{os.getpid()}", log_dir=logs) as stack, \
+            LocalStack(model_dir=str(model_dir), prefix=f"bench{os.getpid()}", log_dir=logs,
+                       extra_args=extra) as stack, \
             tqdm(total=total, desc="requests", unit="req") as bar:
-        for clients in args.concurrency:
-            asyncio.run(stack_run(stack.target, clients, 4, args.max_tokens, bar))  # warm-up
-            pids = {s.name: s.pid for s in stack.services}
-            pids["redis"] = redis.Redis.from_url(stack.redis_url).info("server")["process_id"]
-            pids["client (benchmark)"] = os.getpid()
-            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-            results["stack", clients] = lat = asyncio.run(stack_run(stack.target, clients, args.requests,
-                                                                    args.max_tokens, bar))
-            tokens = len(lat.itl) + len(lat.ttft)
-            cpu[clients] = {name: (cpu_seconds(pid) - before[name]) * 1e3 / tokens for name, pid in pids.items()}
-            asyncio.run(in_process_run(pipeline, clients, 4, args.max_tokens, bar))
-            results["in-process", clients] = asyncio.run(in_process_run(pipeline, clients, args.requests,
-                                                                        args.max_tokens, bar))
+        redis_pid = redis.Redis.from_url(stack.redis_url).info("server")["process_id"]
+        redis_cpus = os.sched_getaffinity(redis_pid)
+        if args.isolate_engine:
+            for service in stack.services:
+                pin(service.pid, engine_cpus if service.name == "llm-generator" else other_cpus)
+            pin(redis_pid, other_cpus)
+        try:
+            for clients in args.concurrency:
+                pids = {s.name: s.pid for s in stack.services}
+                pids["redis"] = redis_pid
+                pids["client (benchmark)"] = os.getpid()
+                spent, tokens = dict.fromkeys(pids, 0.0), 0
+                for _ in range(args.rounds):  # alternated, so a drift of the machine's speed hits both paths
+                    if args.isolate_engine:
+                        pin(0, other_cpus)
+                    asyncio.run(stack_run(stack.target, clients, 4, args.max_tokens, bar))  # warm-up
+                    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                    stack_lat = asyncio.run(stack_run(stack.target, clients, args.requests, args.max_tokens, bar))
+                    for name, pid in pids.items():
+                        spent[name] += cpu_seconds(pid) - before[name]
+                    tokens += len(stack_lat.itl) + len(stack_lat.ttft)
+                    if args.isolate_engine:
+                        pin(0, engine_cpus)
+                    asyncio.run(in_process_run(pipeline, clients, 4, args.max_tokens, bar))
+                    local_lat = asyncio.run(in_process_run(pipeline, clients, args.requests, args.max_tokens, bar))
+                    round_ratios.setdefault(clients, []).append(
+                        statistics.fmean(stack_lat.itl) / statistics.fmean(local_lat.itl))
+                    for path, lat in (("stack", stack_lat), ("in-process", local_lat)):
+                        results.setdefault((path, clients), Latencies()).merge(lat)
+                cpu[clients] = {name: seconds * 1e3 / tokens for name, seconds in spent.items()}
+        finally:  # the machine's Redis is shared: give it back its CPUs
+            pin(redis_pid, redis_cpus)
+            pin(0, all_cpus)
 
     rows = ["| path | clients | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | ITL mean ms |",
             "|---|---:|---:|---:|---:|---:|---:|"]
@@ -151,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{statistics.fmean(lat.itl) * 1e3:.2f} |")
     ratios = [f"- stack / in-process mean inter-token latency at {c} clients: "
               f"{statistics.fmean(results['stack', c].itl) / statistics.fmean(results['in-process', c].itl):.2f}x"
+              + (f" over all rounds; by round {', '.join(f'{r:.2f}x' for r in round_ratios[c])}, median "
+                 f"{statistics.median(round_ratios[c]):.2f}x" if args.rounds > 1 else "")
               for c in args.concurrency]
     names = list(next(iter(cpu.values())))
     cpu_rows = ["| clients | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
@@ -160,10 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     section = "\n".join([
         f"## Serving: local stack vs in-process ({datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC)", "",
         f"Command: `{command}`", "",
-        f"Tiny model, greedy, {args.max_tokens} new tokens, {args.requests} text requests per level; torch "
+        f"Tiny model, greedy, {args.max_tokens} new tokens, {args.requests} text requests per level and round, "
+        f"{args.rounds} round(s) alternating stack and in-process; torch "
         f"{torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores. Stack: "
         "orchestrator + llm worker (torch backend, batch 8) + encoders as processes on 127.0.0.1, Redis 7. "
-        "In-process: the same TorchBackend called directly.", "",
+        "In-process: the same TorchBackend with the generator's engine settings, called directly."
+        + (f" Engine isolated: the llm generator's process and the in-process run's on CPUs {sorted(engine_cpus)} "
+           f"with one torch thread, every other process (Redis included) on CPUs {sorted(other_cpus)}."
+           if args.isolate_engine else ""), "",
         *rows, "", *ratios, "",
         "CPU milliseconds per streamed token by process during the stack runs (/proc utime + stime):", "",
         *cpu_rows, "",

@@ -1,0 +1,48 @@
+"""benchmarks/serving.py at tiny size: the local stack against the same engine in-process, rounds alternated."""
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from vita.stack import LocalStack
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("serving_benchmark", ROOT / "benchmarks" / "serving.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--isolate-engine needs 2 CPUs")
+def test_isolated_engine_rounds_report_a_ratio_each_and_give_redis_back_its_cpus(capsys):
+    bench = load_benchmark()
+    server = redis.Redis.from_url(LocalStack.redis_url)  # the Redis the benchmark's stack uses
+    redis_pid = server.info("server")["process_id"]
+    redis_cpus, own_cpus = os.sched_getaffinity(redis_pid), os.sched_getaffinity(0)
+    argv = ["--no-write", "--requests", "2", "--rounds", "2", "--concurrency", "1", "--isolate-engine"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:3] for line in out.splitlines() if line.startswith(("| stack |", "| in-process |"))]
+    assert [(path.strip(), clients.strip()) for path, clients in rows] == [("stack", "1"), ("in-process", "1")]
+    ratio = next(line for line in out.splitlines() if line.startswith("- stack / in-process"))
+    assert ratio.count("x, ") + ratio.count("x over") == 3 and "median" in ratio  # two rounds and their median
+    assert "Engine isolated" in out
+    # The shared Redis and this process run where they ran before: the pinning is undone.
+    assert os.sched_getaffinity(redis_pid) == redis_cpus
+    assert os.sched_getaffinity(0) == own_cpus
+
+
+def test_bad_settings_are_one_line_errors(capsys):
+    bench = load_benchmark()
+    with pytest.raises(SystemExit) as stopped:
+        bench.main(["--rounds", "0"])
+    assert stopped.value.code == 2
+    assert "--rounds must be 1 or more" in capsys.readouterr().err
