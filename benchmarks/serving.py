@@ -67,6 +67,19 @@ def pin(pid: int, cpus: set[int]) -> None:
             os.sched_setaffinity(int(tid), cpus)
 
 
+def local_redis_pid(client) -> int | None:
+    """The Redis server's process id when it is a process of this machine we may pin (else None: Redis in a
+    container or on another host, or another user's), from INFO's process_id."""
+    pid = client.info("server")["process_id"]
+    try:
+        if not Path(f"/proc/{pid}/comm").read_text().startswith("redis"):
+            return None
+        os.sched_setaffinity(pid, os.sched_getaffinity(pid))  # raises PermissionError if it is not ours to pin
+    except (FileNotFoundError, PermissionError):
+        return None
+    return pid
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
@@ -171,16 +184,18 @@ def main(argv: list[str] | None = None) -> int:
             LocalStack(model_dir=str(model_dir), prefix=f"bench{os.getpid()}", log_dir=logs,
                        extra_args=extra) as stack, \
             tqdm(total=total, desc="requests", unit="req") as bar:
-        redis_pid = redis.Redis.from_url(stack.redis_url).info("server")["process_id"]
-        redis_cpus = os.sched_getaffinity(redis_pid)
+        redis_pid = local_redis_pid(redis.Redis.from_url(stack.redis_url))
+        redis_cpus = os.sched_getaffinity(redis_pid) if redis_pid else set()
         if args.isolate_engine:
             for service in stack.services:
                 pin(service.pid, engine_cpus if service.name == "llm-generator" else other_cpus)
-            pin(redis_pid, other_cpus)
+            if redis_pid:
+                pin(redis_pid, other_cpus)
         try:
             for clients in args.concurrency:
                 pids = {s.name: s.pid for s in stack.services}
-                pids["redis"] = redis_pid
+                if redis_pid:
+                    pids["redis"] = redis_pid
                 pids["client (benchmark)"] = os.getpid()
                 spent, tokens = dict.fromkeys(pids, 0.0), 0
                 for _ in range(args.rounds):  # alternated, so a drift of the machine's speed hits both paths
@@ -202,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                         results.setdefault((path, clients), Latencies()).merge(lat)
                 cpu[clients] = {name: seconds * 1e3 / tokens for name, seconds in spent.items()}
         finally:  # the machine's Redis is shared: give it back its CPUs
-            pin(redis_pid, redis_cpus)
+            if redis_pid:
+                pin(redis_pid, redis_cpus)
             pin(0, all_cpus)
 
     rows = ["| path | clients | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | ITL mean ms |",
@@ -230,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         "orchestrator + llm worker (torch backend, batch 8) + encoders as processes on 127.0.0.1, Redis 7. "
         "In-process: the same TorchBackend with the generator's engine settings, called directly."
         + (f" Engine isolated: the llm generator's process and the in-process run's on CPUs {sorted(engine_cpus)} "
-           f"with one torch thread, every other process (Redis included) on CPUs {sorted(other_cpus)}."
+           f"with one torch thread, every other process on CPUs {sorted(other_cpus)}"
+           + (", Redis included." if redis_pid else "; Redis not pinned (not a process of this machine's user).")
            if args.isolate_engine else ""), "",
         *rows, "", *ratios, "",
         "CPU milliseconds per streamed token by process during the stack runs (/proc utime + stime):", "",
