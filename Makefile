@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED := 1
 export GOMP_SPINCOUNT ?= 1000  # OpenMP threads sleep soon on a busy machine (services/vita/__init__.py says why)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps proto duplex-model test test-fast test-deploy lint bench demo images train-tiny clean
+.PHONY: help setup system-deps proto duplex-model test test-fast test-deploy lint bench bench-gpu demo images train-tiny clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -71,6 +71,9 @@ bench: setup  ## benchmarks; figures are appended to BENCHMARKS.md
 	$(PY) benchmarks/llm_decode.py
 	$(PY) benchmarks/serving.py
 	$(PY) benchmarks/duplex_latency.py
+
+bench-gpu: setup  ## on a machine with a CUDA GPU (and a CUDA build of torch): the decode table of issue 12
+	$(PY) benchmarks/llm_decode_gpu.py
 
 demo: setup  ## the local service stack on the tiny model and one-shot requests through its API
 	$(PY) -m vita.demo

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -497,12 +498,20 @@ class MoECausalLM(nn.Module):
     ) -> MoECausalLM:
         """Load a Hugging Face Mixtral directory; any inconsistency is a CheckpointError naming the problem."""
         directory = Path(directory)
-        with torch.device("meta"):  # no memory, no random init: every parameter comes from the checkpoint
-            model = cls(read_hf_config(directory))
-        loaded = llm_state_dict_from_hf(load_sharded(directory))
+        model = cls.from_hf_state_dict(read_hf_config(directory), load_sharded(directory))
+        return model.to(device=device, dtype=dtype).eval()
+
+    @classmethod
+    def from_hf_state_dict(cls, config: LLMConfig, state_dict: Mapping[str, Tensor]) -> MoECausalLM:
+        """The model holding `state_dict`'s tensors (hub or transformers-5 names, `llm_state_dict_from_hf`), on their
+        device and in their dtype, without a copy where the layout already matches; a missing, unexpected or
+        misshapen tensor is a CheckpointError."""
+        with torch.device("meta"):  # no memory, no random init: every parameter comes from the state dict
+            model = cls(config)
+        loaded = llm_state_dict_from_hf(state_dict)
         validate_state_dict(model.state_dict(), loaded)
         model.load_state_dict(loaded, assign=True)
-        return model.to(device=device, dtype=dtype).eval()
+        return model
 
 
 def _check_positions(positions: Tensor, B: int, T: int, limit: int, detail: str) -> int:
