@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 # isort: off
 import vita  # noqa: F401  before torch: its import sets the OpenMP spin policy (services/vita/__init__.py)
@@ -29,6 +32,16 @@ settings.register_profile("deep", max_examples=500, deadline=None, suppress_heal
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REDIS_URL = os.environ.get("VITA_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """A script of benchmarks/ as a module (`load_benchmark("serving")`), registered in sys.modules, where its
+    dataclasses look their module up."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def delete_prefix(prefix: str, url: str = REDIS_URL) -> None:

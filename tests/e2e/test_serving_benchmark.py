@@ -1,29 +1,17 @@
 """benchmarks/serving.py at tiny size: the local stack against the same engine in-process, rounds alternated."""
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import redis
+from conftest import load_benchmark
 
 from vita.stack import LocalStack
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("serving_benchmark", ROOT / "benchmarks" / "serving.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # its dataclasses look their module up there
-    spec.loader.exec_module(bench)
-    return bench
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--isolate-engine needs 2 CPUs")
 def test_isolated_engine_rounds_report_a_ratio_each_and_give_redis_back_its_cpus(capsys):
-    bench = load_benchmark()
+    bench = load_benchmark("serving")
     server = redis.Redis.from_url(LocalStack.redis_url)  # the Redis the benchmark's stack uses
     redis_pid = server.info("server")["process_id"]
     redis_cpus, own_cpus = os.sched_getaffinity(redis_pid), os.sched_getaffinity(0)
@@ -41,7 +29,7 @@ def test_isolated_engine_rounds_report_a_ratio_each_and_give_redis_back_its_cpus
 
 
 def test_bad_settings_are_one_line_errors(capsys):
-    bench = load_benchmark()
+    bench = load_benchmark("serving")
     with pytest.raises(SystemExit) as stopped:
         bench.main(["--rounds", "0"])
     assert stopped.value.code == 2

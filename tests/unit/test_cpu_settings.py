@@ -3,15 +3,11 @@ setting back; benchmarks/denormals.py compares both."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import load_benchmark
 
 from vita.training.cpu import denormals_flushed, flushing_denormals
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -37,9 +33,7 @@ def test_flushed_inside_and_the_callers_setting_restored_after() -> None:
 def test_the_command_trains_flushed_and_the_benchmark_says_which_setting_ran(capsys) -> None:
     """The benchmark's "flushed" row runs `vita pretrain-vision` through `vita.cli.main` in a fresh interpreter and
     records the setting at every training step; the "computed" row calls the function as the command did before."""
-    spec = importlib.util.spec_from_file_location("denormals", ROOT / "benchmarks" / "denormals.py")
-    denormals = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(denormals)
+    denormals = load_benchmark("denormals")
     assert denormals.main(["--no-write", "--steps", "10", "--pictures", "64", "--threads", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| computed", "| flushed"))]
     assert [row.split("|")[1:3] for row in rows] == [[" computed ", " False "], [" flushed ", " True "]]

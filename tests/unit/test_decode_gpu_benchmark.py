@@ -1,25 +1,17 @@
 """benchmarks/llm_decode_gpu.py on CPU at tiny size: the table a lent GPU would fill, and its bound's arithmetic."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 from vita.model.config import VitaConfig
 from vita.model.llm import MoECausalLM
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("llm_decode_gpu", ROOT / "benchmarks" / "llm_decode_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("llm_decode_gpu")
 
 
 def test_tiny_run_fills_every_row_and_both_decoders_give_the_same_greedy_tokens(bench, capsys):

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
+from conftest import load_benchmark
 
 from vita.training.curriculum import IMAGE_QUESTIONS
 
-_spec = importlib.util.spec_from_file_location(
-    "encoder_probe", Path(__file__).resolve().parents[2] / "benchmarks" / "encoder_probe.py")
-encoder_probe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(encoder_probe)
+encoder_probe = load_benchmark("encoder_probe")
 
 
 def test_every_curriculum_question_maps_to_its_task() -> None:

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import load_benchmark
 
-_spec = importlib.util.spec_from_file_location(
-    "feature_variance", Path(__file__).resolve().parents[2] / "benchmarks" / "feature_variance.py")
-feature_variance = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(feature_variance)
+feature_variance = load_benchmark("feature_variance")
 
 
 def test_a_label_that_moves_the_tokens_explains_its_share_and_an_unrelated_one_nothing():

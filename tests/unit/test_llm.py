@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_benchmark
 from safetensors.torch import load_file, save_file
 from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -18,7 +17,6 @@ from vita.model.generation import SamplingParams, sample_next_token, stream_gene
 from vita.model.hf_names import llm_state_dict_from_hf, llm_state_dict_to_hf
 from vita.model.llm import CacheBatch, MoECausalLM, select_experts
 
-ROOT = Path(__file__).resolve().parents[2]
 HF_SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256)
 
@@ -389,9 +387,7 @@ def test_generate_pads_finished_rows_with_eos_and_stops_when_all_finish():
 
 def test_the_moe_training_benchmark_compares_both_dispatches_on_the_same_skewed_routing(capsys):
     """benchmarks/moe_training.py at tiny size: a row per (skew, tokens), the two dispatches agreeing."""
-    spec = importlib.util.spec_from_file_location("moe_training", ROOT / "benchmarks" / "moe_training.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("moe_training")
     assert bench.main(["--no-write", "--tokens", "64", "--skews", "1", "6", "--repeats", "1", "--threads", "1"]) == 0
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| 64 ")]
     assert len(rows) == 2

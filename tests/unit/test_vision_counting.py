@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import subprocess
@@ -10,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from conftest import load_benchmark
 
 from vita.model.config import VitaConfig
 from vita.model.vision import VisionEncoder
@@ -17,9 +17,7 @@ from vita.training import curriculum as cur
 from vita.training.vision_pretrain import load_vision_encoder
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("vision_counting", ROOT / "benchmarks" / "vision_counting.py")
-vision_counting = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(vision_counting)
+vision_counting = load_benchmark("vision_counting")
 
 
 def test_the_centres_are_inside_the_drawn_shapes_and_as_many_as_the_count() -> None:
