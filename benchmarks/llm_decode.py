@@ -174,6 +174,16 @@ def cpu_name() -> str:
     return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cores"
 
 
+def write_report(report: str, output: Path, no_write: bool) -> None:
+    """Print a benchmark's markdown section and, unless `no_write`, append it to `output` (BENCHMARKS.md)."""
+    print(report)
+    if not no_write:
+        started = output.exists() and output.stat().st_size > 0
+        with output.open("a") as f:
+            f.write("\n" + report if started else "# Benchmarks\n\n" + report)
+        print(f"appended to {output}")
+
+
 def markdown(args: argparse.Namespace, config: LLMConfig, mine: Figures, theirs: Figures, hf_setup: str) -> str:
     big = args.batch
     ceiling = mine.read_ceiling_tokens_per_s
@@ -231,13 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         mine = ours(Path(tmp), prompts, args, progress)
         progress.set_description("transformers")
         theirs, hf_setup = transformers_mixtral(Path(tmp), prompts, args, progress)
-    report = markdown(args, config, mine, theirs, hf_setup)
-    print(report)
-    if not args.no_write:
-        started = args.output.exists() and args.output.stat().st_size > 0
-        with args.output.open("a") as f:
-            f.write("\n" + report if started else "# Benchmarks\n\n" + report)
-        print(f"appended to {args.output}")
+    write_report(markdown(args, config, mine, theirs, hf_setup), args.output, args.no_write)
     return 0
 
 

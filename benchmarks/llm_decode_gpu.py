@@ -19,14 +19,16 @@ import argparse
 import dataclasses
 import datetime
 import shlex
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llm_decode import cpu_name, median_seconds, write_report  # a sibling script
 
 from vita.model.config import LLMConfig, VitaConfig
 from vita.model.llm import MoECausalLM
@@ -73,30 +75,23 @@ def llm_config(args: argparse.Namespace) -> VitaConfig:
     return config
 
 
-class Clock:
-    """Wall time of device work: synchronises before reading the clock on CUDA."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def median(self, fn: Callable[[], object], repeats: int) -> float:
-        fn()  # warm-up: allocations, kernel selection, autotuning stay out of the figures
-        times = []
-        for _ in range(repeats):
-            self.sync()
-            start = time.perf_counter()
-            fn()
-            self.sync()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """What makes the clock see the device's work done: torch.cuda.synchronize on CUDA, nothing on a CPU."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def copy_bandwidth(device: torch.device, clock: Clock, repeats: int) -> float:
+def timed(fn: Callable[[], object], sync: Callable[[], None], repeats: int, progress: tqdm) -> float:
+    """`median_seconds` (warm-up, then the median) of `fn` followed by a device sync: each run ends with the
+    device idle, so the next one starts on an idle device too."""
+    return median_seconds(lambda: (fn(), sync()), repeats, progress)
+
+
+def copy_bandwidth(device: torch.device, sync: Callable[[], None], repeats: int, progress: tqdm) -> float:
     """Bytes per second of a device-to-device copy, counting what is read and what is written (2 x the buffer)."""
     n = (1 << 30) if device.type == "cuda" else (1 << 27)  # 1 GiB on a GPU, 128 MiB on a CPU
     src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
-    seconds = clock.median(lambda: dst.copy_(src), repeats + 2)
+    seconds = timed(lambda: dst.copy_(src), sync, repeats + 2, progress)
     return 2 * n / seconds
 
 
@@ -120,11 +115,11 @@ class Decode:
 
 
 def decode(generate: Callable[[torch.Tensor, int], torch.Tensor], prompts: dict[int, torch.Tensor],
-           args: argparse.Namespace, clock: Clock) -> Decode:
+           args: argparse.Namespace, sync: Callable[[], None], progress: tqdm) -> Decode:
     speeds = {}
     for batch, ids in prompts.items():
-        one = clock.median(lambda ids=ids: generate(ids, 1), args.repeats)
-        full = clock.median(lambda ids=ids: generate(ids, args.new_tokens), args.repeats)
+        one = timed(lambda ids=ids: generate(ids, 1), sync, args.repeats, progress)
+        full = timed(lambda ids=ids: generate(ids, args.new_tokens), sync, args.repeats, progress)
         # nan when noise outweighed the decode steps (too few new tokens for this machine's jitter)
         speeds[batch] = batch * (args.new_tokens - 1) / (full - one) if full > one else float("nan")
     tokens = generate(prompts[min(prompts)][:1], args.new_tokens)[0, args.prompt_len:].tolist()
@@ -153,7 +148,8 @@ def build_models(config: LLMConfig, args: argparse.Namespace, device: torch.devi
 
 
 @torch.inference_mode()
-def encoder_rows(config: VitaConfig, args: argparse.Namespace, device: torch.device, clock: Clock) -> list[str]:
+def encoder_rows(config: VitaConfig, args: argparse.Namespace, device: torch.device, sync: Callable[[], None],
+                 progress: tqdm) -> list[str]:
     """Vision tiles per second and audio seconds per second of the preset's encoders (random weights)."""
     from vita.model.audio import AudioEncoder
     from vita.model.vision import VisionEncoder
@@ -162,12 +158,12 @@ def encoder_rows(config: VitaConfig, args: argparse.Namespace, device: torch.dev
     vision = VisionEncoder(config.vision).to(device=device, dtype=dtype).eval()
     size = config.vision.image_size
     tiles = torch.randn(args.encoder_batch, 3, size, size, device=device, dtype=dtype)
-    vision_s = clock.median(lambda: vision(tiles), args.repeats)
+    vision_s = timed(lambda: vision(tiles), sync, args.repeats, progress)
     audio = AudioEncoder(config.audio).to(device=device, dtype=dtype).eval()
     frames = int(args.audio_seconds * 1000 / config.audio.frame_shift_ms)
     feats = torch.randn(args.audio_batch, frames, config.audio.num_mel_bins, device=device, dtype=dtype)
     lengths = torch.full((args.audio_batch,), frames, device=device)
-    audio_s = clock.median(lambda: audio(feats, lengths), args.repeats)
+    audio_s = timed(lambda: audio(feats, lengths), sync, args.repeats, progress)
     return [
         f"| vision encoder ({size} px tiles, batch {args.encoder_batch}) | tiles/s | "
         f"{args.encoder_batch / vision_s:,.0f} |",
@@ -179,25 +175,28 @@ def encoder_rows(config: VitaConfig, args: argparse.Namespace, device: torch.dev
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    clock = Clock(device)
+    sync = device_sync(device)
+    runs = args.repeats + 2 + 4 * args.repeats * len(set(args.batches)) + (0 if args.no_encoders else 2 * args.repeats)
+    progress = tqdm(total=runs, unit="run", desc="decode")
     vita_config = llm_config(args)
     config = vita_config.llm
     element = torch.finfo(DTYPES[args.dtype]).bits // 8
 
-    bandwidth = copy_bandwidth(device, clock, args.repeats)
+    bandwidth = copy_bandwidth(device, sync, args.repeats, progress)
     ours, theirs, hf_setup = build_models(config, args, device)
     gen = torch.Generator().manual_seed(args.seed)
     prompts = {b: torch.randint(3, config.vocab_size, (b, args.prompt_len), generator=gen).to(device)
                for b in sorted(set(args.batches))}
 
-    mine = decode(lambda ids, n: ours.generate(ids, max_new_tokens=n, ignore_eos=True), prompts, args, clock)
+    mine = decode(lambda ids, n: ours.generate(ids, max_new_tokens=n, ignore_eos=True), prompts, args, sync,
+                  progress)
     if theirs is not None:
         def hf_generate(ids: torch.Tensor, n: int) -> torch.Tensor:
             with torch.inference_mode():
                 return theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                                        pad_token_id=0)
 
-        other = decode(hf_generate, prompts, args, clock)
+        other = decode(hf_generate, prompts, args, sync, progress)
     else:
         other = None
     kv_len = args.prompt_len + args.new_tokens // 2
@@ -234,23 +233,17 @@ def main(argv: list[str] | None = None) -> int:
         + ("." if other is not None else " (transformers not run)."), "",
     ]
     if not args.no_encoders:
-        lines += ["| encoder | unit | ours |", "|---|---|---:|", *encoder_rows(vita_config, args, device, clock), ""]
-    report = "\n".join(lines)
-    print(report)
-    if not args.no_write:
-        with args.output.open("a") as f:
-            f.write("\n" + report)
-        print(f"appended to {args.output}")
+        lines += ["| encoder | unit | ours |", "|---|---|---:|",
+                  *encoder_rows(vita_config, args, device, sync, progress), ""]
+    progress.close()
+    write_report("\n".join(lines), args.output, args.no_write)
     return 0
 
 
 def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
-    import os
-    import platform
-
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llm_decode import write_report  # a sibling script
+
 from vita.llm.backends.base import BackendRequest, PromptInput
 from vita.llm.backends.torch.backend import TorchBackend
 from vita.llm.backends.torch.engine import EngineConfig, EngineLoop, EngineRequest, LLMEngine
@@ -314,12 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"judge-prefix: {name}", file=sys.stderr)
             judged[name] = judge_latencies(model, config, args)
         lines += [*judge_markdown(judged, args, lens), ""]
-    report = "\n".join(lines)
-    print(report)
-    if not args.no_write:
-        with args.output.open("a") as f:
-            f.write("\n" + report)
-        print(f"appended to {args.output}")
+    write_report("\n".join(lines), args.output, args.no_write)
     return 0
 
 
