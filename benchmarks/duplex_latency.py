@@ -69,6 +69,8 @@ class Results:
     others: int = 0
     missed_answer_ended: int = 0  # the answer finished before the speech could interrupt it (trial void)
     splits: int = 0  # the question was cut into two or more segments (trial void for the latencies)
+    fresh: int = 0
+    fresh_rejected: int = 0  # a fresh question judged not meant for the assistant (no answer, no latency)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -149,6 +151,12 @@ def fresh_trial(client, speech, results: Results, setting: tuple[int | None, boo
                          on_event=lambda e: arrivals.setdefault(id(e), time.perf_counter())) as s:
         spoke_at, spoke_wall = time.perf_counter(), time.time()
         s.stream(speech_events(speech, realtime=True))
+        results.fresh += 1
+        judged = s.wait("judged", timeout_s=30, where=lambda e: e.judged.outcome == 1 or not e.judged.early)
+        if judged.judged.outcome != 1:  # the monitor took the question for speech not meant for it: no answer
+            results.fresh_rejected += 1
+            s.cancel()
+            return
         first = s.wait("delta", timeout_s=30)
         ends = s.of("speech_ended")
         if len(ends) != 1:
@@ -210,8 +218,8 @@ def counts(name: str, r: Results) -> list[str]:
         f"- {name}: takeover rate on interrupting questions {r.takeovers}/{r.queries} "
         f"({r.takeovers / max(1, r.queries):.0%}), judged early (before the end of speech) {r.early}, answer "
         f"finished before the question could interrupt it {r.missed_answer_ended}; false takeovers on non-query "
-        f"speech {r.false_takeovers}/{r.others}; questions cut into two turns (left out of the latencies) "
-        f"{r.splits}",
+        f"speech {r.false_takeovers}/{r.others}; fresh questions judged not meant for the assistant (no answer) "
+        f"{r.fresh_rejected}/{r.fresh}; questions cut into two turns (left out of the latencies) {r.splits}",
     ]
 
 

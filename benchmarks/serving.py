@@ -1,16 +1,18 @@
 """Latency through the local service stack vs the same engine in-process, side by side in one run.
 
 Stack: client -> orchestrator (gRPC) -> Redis stream -> llm worker (torch backend) -> Redis reply stream ->
-orchestrator -> client. In-process: the same TorchBackend (same continuous-batching engine, same batch size, the
-generator service's engine settings) called directly. Both run the same greedy text prompts at 1 and 8 concurrent
+orchestrator -> client. In-process: the same torch backend (same continuous-batching engine, same batch size, the
+generator service's engine settings, its engine core in a process of its own or in a thread as `--engine-process`
+says for both) called directly. Both run the same greedy text prompts at 1 and 8 concurrent
 clients, in rounds that alternate the two paths; time to first token and inter-token latency are measured where the
 client sees them. The stack's overhead per token is the ratio of mean inter-token latencies at each level. Figures
 are appended to BENCHMARKS.md with the command.
 
 On a small machine the stack's other processes (orchestrator, Redis, the encoders, this benchmark's gRPC client)
 take CPU from the engine, which the in-process run does not pay. `--isolate-engine` separates that from what the
-stack adds on the token's path: the engine's process (the stack's llm generator; the benchmark itself for the
-in-process runs) runs on the first CPU with one torch thread, every other process, Redis included, on the remaining
+stack adds on the token's path: the process that steps the engine (the engine core with `--engine-process`; else
+the stack's llm generator and the benchmark itself for the in-process runs) runs on the first CPU with one torch
+thread, every other process, Redis included, on the remaining
 CPUs, as on a node where the generator has cores of its own. (Pinning only the engine's thread there and the
 generator's asyncio thread elsewhere was slower: the two share the GIL, which then passes between CPUs.)
 """
@@ -67,6 +69,12 @@ def pin(pid: int, cpus: set[int]) -> None:
             os.sched_setaffinity(int(tid), cpus)
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of `pid` (Linux 3.5+: /proc/PID/task/TID/children)."""
+    return [int(child) for tid in os.listdir(f"/proc/{pid}/task")
+            for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+
+
 def local_redis_pid(client) -> int | None:
     """The Redis server's process id when it is a process of this machine we may pin (else None: Redis in a
     container or on another host, or another user's), from INFO's process_id."""
@@ -112,17 +120,26 @@ async def stack_run(target: str, clients: int, requests: int, max_tokens: int, b
     return lat
 
 
-async def in_process_run(pipeline, clients: int, requests: int, max_tokens: int, bar: tqdm) -> Latencies:
+async def in_process_run(pipeline, model_dir: Path, engine_process: bool, engine_cpus: set[int] | None,
+                         clients: int, requests: int, max_tokens: int, bar: tqdm) -> Latencies:
+    """The same prompts on the generator's backend called directly: its engine in a thread of this process, or in
+    an engine-core process of its own (`engine_process`; pinned to `engine_cpus` when given)."""
     from vita.llm.__main__ import engine_config, parse_args
     from vita.llm.backends.base import BackendRequest, PromptInput
-    from vita.llm.backends.torch.backend import TorchBackend
+    from vita.llm.backends.torch.backend import TorchBackend, TorchProcessBackend
     from vita.model.generation import SamplingParams
 
     # The llm generator's own settings (chunked prefill and prefix caching on by default), so both paths run the
     # same engine.
     service = parse_args(["--role", "generator"])
-    backend = TorchBackend(pipeline.model, max_batch_size=service.max_batch, engine_config=engine_config(service))
+    if engine_process:
+        backend = TorchProcessBackend(model_dir, max_batch_size=service.max_batch, engine_config=engine_config(service),
+                                      threads=torch.get_num_threads())
+    else:
+        backend = TorchBackend(pipeline.model, max_batch_size=service.max_batch, engine_config=engine_config(service))
     await backend.start()
+    if engine_process and engine_cpus:
+        pin(backend.core.process.pid, engine_cpus)
     lat = Latencies()
 
     async def client(k: int) -> None:
@@ -157,7 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--isolate-engine", action="store_true",
                         help="the engine's process (the llm generator; this one in-process) on the first CPU with one "
                              "torch thread, every other process (Redis included) on the other CPUs; needs 2+ CPUs")
+    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                        help="the generator's engine core in a process of its own on both paths (the llm service's "
+                             "--engine-process; default: the service's default)")
+    parser.add_argument("--engine-threads", type=int, default=None,
+                        help="torch threads of the engine on both paths (the generator's --threads; default: "
+                             "torch's choice, or 1 with --isolate-engine)")
     args = parser.parse_args(argv)
+    if args.engine_process is None:
+        from vita.llm.__main__ import parse_args as llm_args
+
+        args.engine_process = llm_args([]).engine_process
     if args.rounds < 1 or args.requests < 2:
         parser.error("--rounds must be 1 or more and --requests 2 or more")
     all_cpus = os.sched_getaffinity(0)
@@ -165,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.isolate_engine:
         if not other_cpus:
             parser.error("--isolate-engine needs 2 or more CPUs")
-        torch.set_num_threads(1)
+        args.engine_threads = 1
+    if args.engine_threads is not None:
+        if args.engine_threads < 1:
+            parser.error("--engine-threads must be 1 or more")
+        torch.set_num_threads(args.engine_threads)
 
     from vita.inference import VitaPipeline
     from vita.stack import LocalStack
@@ -179,21 +210,27 @@ def main(argv: list[str] | None = None) -> int:
     round_ratios: dict[int, list[float]] = {}  # clients -> stack / in-process mean ITL, one per round
     cpu: dict[int, dict[str, float]] = {}  # clients -> process -> CPU ms per streamed token, stack runs
     total = 2 * len(args.concurrency) * args.rounds * (args.requests + 4)
-    extra = {"llm-generator": ["--threads", "1"]} if args.isolate_engine else {}
+    extra = {"llm-generator": ["--threads", str(args.engine_threads)] * (args.engine_threads is not None)
+             + ["--engine-process" if args.engine_process else "--no-engine-process"]}
     with tempfile.TemporaryDirectory() as logs, \
             LocalStack(model_dir=str(model_dir), prefix=f"bench{os.getpid()}", log_dir=logs,
                        extra_args=extra) as stack, \
             tqdm(total=total, desc="requests", unit="req") as bar:
         redis_pid = local_redis_pid(redis.Redis.from_url(stack.redis_url))
         redis_cpus = os.sched_getaffinity(redis_pid) if redis_pid else set()
+        generator = next(s.pid for s in stack.services if s.name == "llm-generator")
+        engine_pid = children(generator)[0] if args.engine_process else generator  # the process that steps
         if args.isolate_engine:
             for service in stack.services:
-                pin(service.pid, engine_cpus if service.name == "llm-generator" else other_cpus)
+                pin(service.pid, other_cpus)
+            pin(engine_pid, engine_cpus)
             if redis_pid:
                 pin(redis_pid, other_cpus)
         try:
             for clients in args.concurrency:
                 pids = {s.name: s.pid for s in stack.services}
+                if engine_pid != generator:
+                    pids["llm-generator engine core"] = engine_pid
                 if redis_pid:
                     pids["redis"] = redis_pid
                 pids["client (benchmark)"] = os.getpid()
@@ -207,10 +244,11 @@ def main(argv: list[str] | None = None) -> int:
                     for name, pid in pids.items():
                         spent[name] += cpu_seconds(pid) - before[name]
                     tokens += len(stack_lat.itl) + len(stack_lat.ttft)
-                    if args.isolate_engine:
+                    if args.isolate_engine and not args.engine_process:
                         pin(0, engine_cpus)
-                    asyncio.run(in_process_run(pipeline, clients, 4, args.max_tokens, bar))
-                    local_lat = asyncio.run(in_process_run(pipeline, clients, args.requests, args.max_tokens, bar))
+                    local = (pipeline, model_dir, args.engine_process, engine_cpus if args.isolate_engine else None)
+                    asyncio.run(in_process_run(*local, clients, 4, args.max_tokens, bar))
+                    local_lat = asyncio.run(in_process_run(*local, clients, args.requests, args.max_tokens, bar))
                     round_ratios.setdefault(clients, []).append(
                         statistics.fmean(stack_lat.itl) / statistics.fmean(local_lat.itl))
                     for path, lat in (("stack", stack_lat), ("in-process", local_lat)):
@@ -244,9 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.rounds} round(s) alternating stack and in-process; torch "
         f"{torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores. Stack: "
         "orchestrator + llm worker (torch backend, batch 8) + encoders as processes on 127.0.0.1, Redis 7. "
-        "In-process: the same TorchBackend with the generator's engine settings, called directly."
-        + (f" Engine isolated: the llm generator's process and the in-process run's on CPUs {sorted(engine_cpus)} "
-           f"with one torch thread, every other process on CPUs {sorted(other_cpus)}"
+        "In-process: the same torch backend with the generator's engine settings, called directly. "
+        + ("Both with the engine core in a process of its own (--engine-process)." if args.engine_process else
+           "Both with the engine in a thread of the calling process (--no-engine-process).")
+        + (f" The engine's torch threads: {args.engine_threads}." if args.engine_threads else "")
+        + (f" Engine isolated: the process that steps the engine (the engine core, or the llm generator's and the "
+           f"in-process run's process) on CPUs {sorted(engine_cpus)} "
+           f"every other process on CPUs {sorted(other_cpus)}"
            + (", Redis included." if redis_pid else "; Redis not pinned (not a process of this machine's user).")
            if args.isolate_engine else ""), "",
         *rows, "", *ratios, "",

@@ -21,7 +21,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 
 EXIT_STATUSES = f"""exit status:
   {EXIT_OK}    success
   {EXIT_FAILED}    the request failed where it ran: the server answered with an error status (printed as
-       CODE: message), a service could not be started or stopped, an operating-system error
+       CODE: message), a service could not be started or stopped, a service that failed while serving
+       (its engine process died), an operating-system error
   {EXIT_USAGE}    bad input: a wrong flag or value, a file that is missing or unreadable, media that cannot be
        decoded, text that is not valid UTF-8, a model directory that does not load
   {EXIT_INTERNAL}    an internal error (a bug): one line; set VITA_TRACEBACK=1 to print the traceback

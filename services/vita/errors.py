@@ -15,6 +15,11 @@ class ContextLengthError(InvalidInputError):
     """The prompt (after placeholder expansion) does not fit the model's context."""
 
 
+class FatalError(VitaError):
+    """The service cannot go on (a part it needs died): it stops and exits with status 1, so that its supervisor
+    (Kubernetes, `vita up`) restarts it."""
+
+
 class CheckpointError(VitaError):
     """A model directory is incomplete or inconsistent: missing/unexpected tensors, bad shapes, truncated files."""
 

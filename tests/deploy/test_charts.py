@@ -537,3 +537,15 @@ def test_an_external_redis_cluster_reaches_the_services_and_keda():
     with helm.Chart.load(str(k8s.VITA_CHART)) as chart, pytest.raises(helm.HelmValuesError, match="/redis/external/db"):
         chart.render({"redis": {"mode": "external", "external": {"host": "h", "password": "p", "cluster": True,
                                                                   "db": 2}}}, name=k8s.RELEASE, namespace=k8s.NAMESPACE)
+
+
+def test_the_engine_core_process_is_on_by_default_and_switched_per_pool():
+    def engine_process(docs, part):
+        (container,) = k8s.one(docs, "Deployment", f"{k8s.RELEASE}-{part}")["spec"]["template"]["spec"]["containers"]
+        with mock.patch.dict(os.environ, {}):
+            return k8s.parse_service_argv(container["args"])[1].engine_process
+
+    docs = k8s.render(k8s.VITA_CHART, {})
+    assert engine_process(docs, "llm-generator") and engine_process(docs, "llm-monitor")
+    docs = k8s.render(k8s.VITA_CHART, {"llmMonitor": {"engineProcess": False}})
+    assert engine_process(docs, "llm-generator") and not engine_process(docs, "llm-monitor")

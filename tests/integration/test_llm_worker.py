@@ -42,7 +42,8 @@ def model_and_tokenizer(tiny_model_dir):
 @pytest.fixture(scope="module")
 def worker_model(tiny_model_dir):
     """The model `vita serve llm` runs: what its entry point loads for the torch backend."""
-    return load_backend(parse_args(["--model", str(tiny_model_dir)]), tiny_model_dir, Metrics()).model
+    return load_backend(parse_args(["--model", str(tiny_model_dir), "--no-engine-process"]), tiny_model_dir,
+                        Metrics()).model
 
 
 @pytest.fixture(scope="module", params=["whole model", "worker model"])

@@ -203,6 +203,7 @@ llm-monitor: {key: llmMonitor, service: llm, role: monitor, pool: "llm:monitor"}
 - --max-num-batched-tokens
 - {{ int64 $v.maxNumBatchedTokens | quote }}
 - {{ ternary "--enable-prefix-caching" "--no-enable-prefix-caching" (ne $v.enablePrefixCaching false) }}
+- {{ ternary "--engine-process" "--no-engine-process" (ne $v.engineProcess false) }}
 {{- end }}
 {{- if eq $root.Values.llm.backend "triton" }}
 - --triton-url

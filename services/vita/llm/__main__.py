@@ -41,6 +41,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="torch backend: reuse the KV blocks of prompt prefixes seen before (a session's history, "
                    "the system prompt, the judge prompt)")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch backend: run the engine core (model, KV cache, scheduler) in a child process of its "
+                   "own, fed and drained over pipes (vLLM V1's split), so this process's job intake and token "
+                   "publishing never hold the GIL the forward needs; --threads then sets the child's threads")
     add_common_args(p)
     args = p.parse_args(argv)
     if args.backend == "torch" and args.enable_chunked_prefill and args.max_num_batched_tokens <= args.max_batch:
@@ -58,6 +62,12 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 def load_backend(args: argparse.Namespace, model_dir: Path, metrics: Metrics) -> GenerationBackend:
     """The backend `--backend` names, not started. The torch backend loads the language model alone: the vision
     and audio towers of the checkpoint are never read (the encoder pools run them)."""
+    if args.backend == "torch" and args.engine_process:
+        from vita.llm.backends.torch.backend import TorchProcessBackend
+
+        return TorchProcessBackend(model_dir, max_batch_size=args.max_batch, max_seq_len=args.max_seq_len,
+                                   metrics=metrics, engine_config=engine_config(args),
+                                   pool=ROLE_POOLS[ROLES[args.role]].value, threads=args.threads)
     if args.backend == "torch":
         from vita.llm.backends.torch.backend import TorchBackend
         from vita.model.vita import VitaForCausalLM
@@ -87,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            WorkerConfig(role=ROLES[args.role], max_concurrency=args.max_batch), ctx.metrics)
         return Service(worker=worker, log={"role": args.role, "backend": args.backend})
 
-    threads = args.threads if args.backend == "torch" else None
+    threads = args.threads if args.backend == "torch" and not args.engine_process else None
     return run_service(f"llm-{args.role}", args, build, threads=threads)
 
 

@@ -25,7 +25,7 @@ from vita.bus.replies import ReplyPublisher
 from vita.bus.streams import ROLE_POOLS, BusConfig, Pool
 from vita.bus.trace import trace_parent
 from vita.errors import InvalidInputError, VitaError
-from vita.llm.backends.base import BackendRequest, GenerationBackend, PromptInput
+from vita.llm.backends.base import BackendRequest, EngineDeadError, GenerationBackend, PromptInput
 from vita.model.generation import SamplingParams
 from vita.processing.tokenizer import IncrementalDecoder, VitaTokenizer
 from vita.telemetry.metrics import Metrics
@@ -114,6 +114,7 @@ class LLMWorker:
         self._tasks: set[asyncio.Task] = set()
         self._running: set[str] = set()  # entry ids of the jobs this worker runs now
         self._stopping = asyncio.Event()
+        self._dead: EngineDeadError | None = None
 
     def stop(self) -> None:
         """Stop taking jobs; running ones finish (or, if the process dies, are reclaimed by another worker)."""
@@ -123,6 +124,7 @@ class LLMWorker:
         # A cancel reaches the backend the moment it arrives, not when this worker's loop gets to the request.
         async with CancelWatcher(self.redis, self.bus, on_cancel=self.backend.cancel) as watcher:
             lag_task = asyncio.create_task(self._report_lag())
+            death = asyncio.create_task(self._stop_on_death())
             try:
                 while not self._stopping.is_set():
                     room = self.config.max_concurrency - len(self._tasks)
@@ -149,6 +151,16 @@ class LLMWorker:
                     await asyncio.wait(self._tasks)
             finally:
                 lag_task.cancel()
+                death.cancel()
+        if self._dead is not None:
+            raise self._dead  # the service exits with status 1 and is restarted; its jobs went back to the pool
+
+    async def _stop_on_death(self) -> None:
+        """A dead backend stops the worker at once, idle or not: no job is taken that it cannot run."""
+        error = await self.backend.wait_dead()
+        log.error("the backend's engine died; the worker stops", extra={"pool": self.pool.value})
+        self._dead = error
+        self.stop()
 
     async def _report_lag(self) -> None:
         while True:
@@ -192,6 +204,13 @@ class LLMWorker:
             try:
                 try:
                     await self._generate(job, delivery, watcher, replies)
+                except EngineDeadError as e:
+                    # Not this request's fault: left unacknowledged, another worker reclaims and reruns it (the
+                    # reader drops the events it has seen), and this worker stops taking jobs.
+                    log.error("the engine died; job left for redelivery", extra={"request_id": job.request_id})
+                    self._dead = e
+                    self.stop()
+                    return
                 except VitaError as e:
                     await replies.fail(JobError.INVALID_ARGUMENT if isinstance(e, InvalidInputError)
                                        else JobError.UNAVAILABLE if isinstance(e, EmbeddingMissing)

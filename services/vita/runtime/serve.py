@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from vita.bus.streams import BusConfig
-from vita.errors import VitaError, one_line
+from vita.errors import FatalError, VitaError, one_line
 from vita.runtime.args import access_policy, grpc_tls, setup
 from vita.runtime.redis_client import redacted
 from vita.runtime.server import GrpcService, ServiceServer
@@ -113,10 +113,11 @@ def run_service(name: str, args: argparse.Namespace, build: Build, *, threads: i
     """`serve` in a fresh event loop: what every `vita serve ...` entry point returns from `main`. A service that
     cannot start (Redis unreachable, its port in use, a bad model directory) says why in one line on stderr and
     returns 2, the CLI's status for bad input (`vita --help`), from `vita serve` and `python -m vita.<service>`
-    alike."""
+    alike. A service that fails while serving (`FatalError`: a part it needs died) says why the same way and
+    returns 1."""
     try:
         asyncio.run(serve(name, args, build, threads=threads))
     except VitaError as e:
         print(f"vita serve: error: {one_line(e)}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, FatalError) else 2
     return 0

@@ -9,7 +9,12 @@ from typing import Protocol
 
 from torch import Tensor
 
+from vita.errors import FatalError
 from vita.model.generation import SamplingParams
+
+
+class EngineDeadError(FatalError):
+    """The backend's engine is gone (its process exited): this worker can generate no more (vLLM's name)."""
 
 
 @dataclass(frozen=True)
@@ -58,3 +63,8 @@ class GenerationBackend(Protocol):
     def generate(self, request: BackendRequest) -> AsyncIterator[TokenOutput]: ...
 
     async def cancel(self, request_id: str) -> None: ...
+
+    async def wait_dead(self) -> EngineDeadError:
+        """Returns once the backend can generate no more (its engine process exited); never, for a backend whose
+        engine cannot die without this process (the serving process then restarts on its own failure)."""
+        ...

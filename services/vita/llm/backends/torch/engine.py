@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from vita.errors import ContextLengthError, InvalidInputError
-from vita.llm.backends.base import TokenOutput
+from vita.llm.backends.base import PromptInput, TokenOutput
 from vita.llm.backends.torch.prefix_cache import PrefixCache, PrefixCacheStats, block_hashes
 from vita.model.generation import SamplingParams, make_generator, sample_next_token, stop_ids
 from vita.model.llm import CacheBatch, MoECausalLM
@@ -62,6 +62,18 @@ class EngineRequest:
         prompt = self.input_ids if self.input_ids is not None else self.inputs_embeds
         return 0 if prompt is None else prompt.shape[0]
 
+    @classmethod
+    def from_prompt(cls, model: MoECausalLM, request_id: str, prompt: PromptInput,
+                    params: SamplingParams) -> EngineRequest:
+        """A backend's prompt as the engine takes it: ids alone, or (L, H) embeddings with the slot rows replaced
+        by the encoder outputs."""
+        if prompt.slot_positions is None or prompt.slot_positions.numel() == 0:
+            return cls(request_id, params, input_ids=prompt.input_ids)
+        with torch.inference_mode():
+            embeds = model.get_input_embeddings()(prompt.input_ids).clone()
+            embeds[prompt.slot_positions] = prompt.slot_embeddings.to(embeds.dtype)
+        return cls(request_id, params, inputs_embeds=embeds)
+
 
 @dataclass
 class EngineStats:
@@ -74,6 +86,23 @@ class EngineStats:
     max_step_tokens: int = 0  # the most tokens (prefill + decode) one step computed
     cancelled: int = 0
     tokens_by_request: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """What the metrics read after a step: gauges now, and counters since the engine started."""
+
+    num_running: int
+    num_waiting: int
+    decode_tokens: int
+    prefix_queries: int | None = None  # None: prefix caching off
+    prefix_hits: int | None = None
+
+    @classmethod
+    def of(cls, engine: LLMEngine) -> EngineSnapshot:
+        prefix = engine.prefix_cache_stats
+        return cls(engine.num_running, engine.num_waiting, engine.stats.decode_tokens,
+                   None if prefix is None else prefix.queries, None if prefix is None else prefix.hits)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from tritonclient.grpc.aio import InferenceServerClient, InferInput, InferReques
 from tritonclient.utils import np_to_triton_dtype
 
 from vita.errors import InvalidInputError, VitaError
-from vita.llm.backends.base import BackendRequest, PromptInput, TokenOutput
+from vita.llm.backends.base import BackendRequest, EngineDeadError, PromptInput, TokenOutput
 from vita.model.generation import SamplingParams, stop_ids
 
 _OUTPUTS = ("output_ids", "sequence_length")  # TensorRT-LLM refuses a request that does not ask for both
@@ -92,6 +92,11 @@ class TritonBackend:
             self._cancelled.discard(rid)
             if finish is None:  # the caller stopped listening, or it failed: Triton cancels what still runs
                 responses.cancel()
+
+    async def wait_dead(self) -> EngineDeadError:
+        """Never: an unreachable Triton fails each request (UNAVAILABLE), and serves again once it is back."""
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
 
     async def cancel(self, request_id: str) -> None:
         """TensorRT-LLM's `stop` request, sent on the request's own stream so that it cannot overtake it."""
