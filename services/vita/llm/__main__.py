@@ -43,7 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "the system prompt, the judge prompt)")
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                    help="torch backend: run the engine core (model, KV cache, scheduler) in a child process of its "
-                   "own, fed and drained over pipes (vLLM V1's split), so this process's job intake and token "
+                   "own (the default), fed and drained over pipes (vLLM V1's split), so this process's job intake and token "
                    "publishing never hold the GIL the forward needs; --threads then sets the child's threads")
     add_common_args(p)
     args = p.parse_args(argv)
