@@ -124,19 +124,16 @@ async def in_process_run(pipeline, model_dir: Path, engine_process: bool, engine
                          clients: int, requests: int, max_tokens: int, bar: tqdm) -> Latencies:
     """The same prompts on the generator's backend called directly: its engine in a thread of this process, or in
     an engine-core process of its own (`engine_process`; pinned to `engine_cpus` when given)."""
-    from vita.llm.__main__ import engine_config, parse_args
+    from vita.llm.__main__ import load_backend, parse_args
     from vita.llm.backends.base import BackendRequest, PromptInput
-    from vita.llm.backends.torch.backend import TorchBackend, TorchProcessBackend
     from vita.model.generation import SamplingParams
+    from vita.telemetry.metrics import Metrics
 
-    # The llm generator's own settings (chunked prefill and prefix caching on by default), so both paths run the
-    # same engine.
-    service = parse_args(["--role", "generator"])
-    if engine_process:
-        backend = TorchProcessBackend(model_dir, max_batch_size=service.max_batch, engine_config=engine_config(service),
-                                      threads=torch.get_num_threads())
-    else:
-        backend = TorchBackend(pipeline.model, max_batch_size=service.max_batch, engine_config=engine_config(service))
+    # The backend the llm generator builds from its own flags (chunked prefill and prefix caching on by default), so
+    # both paths run the same engine.
+    service = parse_args(["--role", "generator", "--threads", str(torch.get_num_threads()),
+                          "--engine-process" if engine_process else "--no-engine-process"])
+    backend = load_backend(service, model_dir, Metrics())
     await backend.start()
     if engine_process and engine_cpus:
         pin(backend.core.process.pid, engine_cpus)

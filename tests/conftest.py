@@ -44,6 +44,15 @@ def load_benchmark(name: str) -> ModuleType:
     return module
 
 
+async def abandon_at(stream, index: int) -> None:
+    """Read a backend's token stream up to the output of `index`, then close it, as a caller who walks away does
+    (`from conftest import abandon_at`)."""
+    async for out in stream:
+        if out.index == index:
+            break
+    await stream.aclose()
+
+
 def delete_prefix(prefix: str, url: str = REDIS_URL) -> None:
     """Delete every Redis key under `prefix:`, the bus prefix a test worked under (the Redis is shared).
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import delete_prefix
+from conftest import abandon_at, delete_prefix
 from redis.asyncio import Redis
 from test_llm_worker import collect, job, tokens_of
 
@@ -85,12 +85,8 @@ def test_abandoned_stream_is_cancelled_in_the_child(tiny_model_dir):
         backend = backend_for(tiny_model_dir, max_batch_size=2)
         await backend.start()
         try:
-            stream = backend.generate(BackendRequest("long", PromptInput(ids(2, 9)), SamplingParams(
-                max_new_tokens=240, ignore_eos=True)))
-            async for out in stream:
-                if out.index == 3:
-                    break
-            await stream.aclose()
+            await abandon_at(backend.generate(BackendRequest("long", PromptInput(ids(2, 9)), SamplingParams(
+                max_new_tokens=240, ignore_eos=True))), 3)
             async with asyncio.timeout(30):  # the child drops it at its next step and reports an empty batch
                 while backend.snapshot.num_running:
                     await asyncio.sleep(0.01)

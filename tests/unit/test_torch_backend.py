@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 import torch
+from conftest import abandon_at
 
 from vita.llm.backends.base import BackendRequest, PromptInput
 from vita.llm.backends.torch.backend import TorchBackend
@@ -58,12 +59,8 @@ def test_abandoning_the_stream_cancels_the_sequence(model):
         await backend.start()
         try:
             # This prompt runs to the full context on this model: it cannot end by itself before the cancel.
-            stream = backend.generate(BackendRequest("long", PromptInput(ids(2, 9)), SamplingParams(
-                max_new_tokens=200)))
-            async for out in stream:
-                if out.index == 3:
-                    break
-            await stream.aclose()
+            await abandon_at(backend.generate(BackendRequest("long", PromptInput(ids(2, 9)), SamplingParams(
+                max_new_tokens=200))), 3)
             for _ in range(100):  # the engine thread applies the cancel at its next step
                 if "long" not in backend.engine.running:
                     break

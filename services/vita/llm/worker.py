@@ -204,12 +204,10 @@ class LLMWorker:
             try:
                 try:
                     await self._generate(job, delivery, watcher, replies)
-                except EngineDeadError as e:
+                except EngineDeadError:
                     # Not this request's fault: left unacknowledged, another worker reclaims and reruns it (the
-                    # reader drops the events it has seen), and this worker stops taking jobs.
+                    # reader drops the events it has seen); `_stop_on_death` stops this worker.
                     log.error("the engine died; job left for redelivery", extra={"request_id": job.request_id})
-                    self._dead = e
-                    self.stop()
                     return
                 except VitaError as e:
                     await replies.fail(JobError.INVALID_ARGUMENT if isinstance(e, InvalidInputError)
