@@ -4,6 +4,7 @@ import asyncio
 import gc
 import time
 import uuid
+from collections import Counter
 
 import grpc
 import pytest
@@ -226,13 +227,19 @@ def test_converse_calls_leave_nothing_behind(pipeline):
     def calls_alive() -> int:
         return sum(type(o) is converse.ConverseCall for o in gc.get_objects())  # no collection: gc is off
 
-    async def settled() -> int:
-        """Tasks once every call's cleanup has run and its objects are gone (polled: gRPC ends its own tasks)."""
+    def jobs_running() -> int:
+        """The llm worker's job tasks: each ends after the client saw its completion (then it acknowledges)."""
+        return sum(t.get_coro().__qualname__ == "LLMWorker._handle" for t in asyncio.all_tasks())
+
+    async def settled() -> Counter:
+        """Tasks by coroutine once every call's cleanup has run, its objects are gone and the worker's jobs have
+        ended (polled: gRPC ends its own tasks)."""
         start = time.monotonic()
-        while converse._CLEANUPS or calls_alive():
-            assert time.monotonic() - start < 60, f"{len(converse._CLEANUPS)} cleanups, {calls_alive()} calls left"
+        while converse._CLEANUPS or calls_alive() or jobs_running():
+            assert time.monotonic() - start < 60, (f"{len(converse._CLEANUPS)} cleanups, {calls_alive()} calls, "
+                                                   f"{jobs_running()} worker jobs left")
             await asyncio.sleep(0.01)
-        return len(asyncio.all_tasks())
+        return Counter(t.get_coro().__qualname__ for t in asyncio.all_tasks())
 
     async def body(stub, backend):
         counts = []
