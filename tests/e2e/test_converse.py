@@ -10,36 +10,14 @@ import uuid
 import numpy as np
 import pytest
 from converse_helpers import fast, scrape, stored
-from redis import Redis
 
 from vita.client import ConverseSession, VitaClient, image_event, session_config, speech_events, text_event
-from vita.stack import LocalStack
 from vita.v1.assistant_pb2 import AudioChunk, ClientEvent, UtteranceJudged
 from vita.v1.media_pb2 import Image, TimestampedFrame
 from vita.v1.session_pb2 import SessionTurn
 
 pytestmark = pytest.mark.slow
 INVALID_ARGUMENT, NOT_FOUND = 3, 5
-
-
-@pytest.fixture(scope="module")
-def stack(duplex_model_dir, tmp_path_factory):
-    with LocalStack(model_dir=str(duplex_model_dir), prefix=f"conv{uuid.uuid4().hex[:8]}", metrics=True,
-                    log_dir=str(tmp_path_factory.mktemp("logs"))) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(stack):
-    with VitaClient(stack.target, timeout_s=None) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def redis():
-    r = Redis.from_url("redis://127.0.0.1:6379/0")
-    yield r
-    r.close()
 
 
 def test_text_turn_is_answered_and_recorded(client, redis, stack):

@@ -6,21 +6,18 @@ the process stack on the duplex fine-tuned tiny model, waiting on events, not on
 import io
 import threading
 import time
-import uuid
 
 import numpy as np
 import pytest
 from converse_helpers import fast, scrape, stored, wait_until
 from PIL import Image as PILImage
-from redis import Redis
 
 from vita.bus.codec import decode_entry
 from vita.bus.streams import BusConfig, Pool
-from vita.client import ConverseSession, VitaClient, image_event, session_config, speech_events, text_event
+from vita.client import ConverseSession, image_event, session_config, speech_events, text_event
 from vita.orchestrator.prompts import answer_prompt, user_turn
 from vita.processing.prompt import StateToken
 from vita.processing.tokenizer import VitaTokenizer
-from vita.stack import LocalStack
 from vita.v1.assistant_pb2 import ClientEvent, Completed, PlaybackState, UtteranceJudged
 from vita.v1.bus_pb2 import GenerationEvent, GenerationJob
 from vita.v1.media_pb2 import Image, TimestampedFrame
@@ -31,26 +28,6 @@ RESOURCE_EXHAUSTED, ABORTED = 8, 10
 CONTEXT = 4096  # the tiny model's max_position_embeddings
 HANG_S = 600  # every wait is for an event that must come; this only stops a hang (a 4k-token prefill on 2 busy
 #              cores takes a minute)
-
-
-@pytest.fixture(scope="module")
-def stack(duplex_model_dir, tmp_path_factory):
-    with LocalStack(model_dir=str(duplex_model_dir), prefix=f"faults{uuid.uuid4().hex[:8]}", metrics=True,
-                    log_dir=str(tmp_path_factory.mktemp("logs"))) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(stack):
-    with VitaClient(stack.target, timeout_s=None) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def redis():
-    r = Redis.from_url("redis://127.0.0.1:6379/0")
-    yield r
-    r.close()
 
 
 def voiced(wave: np.ndarray) -> np.ndarray:

@@ -8,43 +8,20 @@ Speech is espeak-ng (`vita.training.speech`); every wait is on an event (see `co
 import json
 import subprocess
 import sys
-import uuid
 
 import numpy as np
 import pytest
 from converse_helpers import barrier, fast, scrape, stored, wait_until
-from redis import Redis
 
 from vita.bus.codec import decode_entry
 from vita.bus.streams import REPLY_TYPES, BusConfig
-from vita.client import ConverseSession, VitaClient, session_config, speech_events, text_event
-from vita.stack import LocalStack
+from vita.client import ConverseSession, session_config, speech_events, text_event
 from vita.training.speech import espeak, hesitant
 from vita.v1.assistant_pb2 import CancelAnswer, ClientEvent, Completed, UtteranceJudged
 from vita.v1.session_pb2 import SessionTurn
 
 pytestmark = pytest.mark.slow
 HESITANT = ("what is the weather like in Beijing", 3, 0.55)  # "what is the ... weather like in Beijing"
-
-
-@pytest.fixture(scope="module")
-def stack(duplex_model_dir, tmp_path_factory):
-    with LocalStack(model_dir=str(duplex_model_dir), prefix=f"turns{uuid.uuid4().hex[:8]}", metrics=True,
-                    log_dir=str(tmp_path_factory.mktemp("logs"))) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(stack):
-    with VitaClient(stack.target, timeout_s=None) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def redis():
-    r = Redis.from_url("redis://127.0.0.1:6379/0")
-    yield r
-    r.close()
 
 
 def _config(**vad) -> ClientEvent:

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import websockets
 from openai import AsyncOpenAI
-from redis import Redis
 
 from vita.bus.streams import BusConfig
 from vita.realtime.tts import resample_pcm16
@@ -36,13 +35,6 @@ def stack(duplex_model_dir, tmp_path_factory):
                     extra_args={"realtime": ["--api-tokens", str(tokens)]},
                     log_dir=str(tmp_path_factory.mktemp("logs"))) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def redis():
-    r = Redis.from_url("redis://127.0.0.1:6379/0")
-    yield r
-    r.close()
 
 
 def port(stack: LocalStack) -> int:
