@@ -54,17 +54,12 @@ async def abandon_at(stream, index: int) -> None:
 
 
 def delete_prefix(prefix: str, url: str = REDIS_URL) -> None:
-    """Delete every Redis key under `prefix:`, the bus prefix a test worked under (the Redis is shared).
+    """`vita.stack.delete_prefix` on the tests' Redis: every key under `prefix:`, the bus prefix a test worked under
+    (the Redis is shared). Call it after the test's workers stop. Test modules import it (`from conftest import
+    delete_prefix`); tests that need no particular order take the `redis_prefix` fixture."""
+    from vita.stack import delete_prefix as delete
 
-    Call it after the test's workers stop: a deleted stream fails their blocked reads. Test modules import it
-    (`from conftest import delete_prefix`); tests that need no particular order take the `redis_prefix` fixture.
-    """
-    from redis import Redis
-
-    with Redis.from_url(url) as redis:
-        keys = list(redis.scan_iter(match=f"{prefix}:*"))
-        if keys:
-            redis.delete(*keys)
+    delete(prefix, url)
 
 
 @pytest.fixture

@@ -11,20 +11,23 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from pathlib import Path
 
 import grpc
 
 from vita.errors import VitaError, one_line
+from vita.usage import EXIT_USAGE, ArgumentParser
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 3, 130
 EXIT_STATUSES = f"""exit status:
   {EXIT_OK}    success
   {EXIT_FAILED}    the request failed where it ran: the server answered with an error status (printed as
-       CODE: message), a service could not be started or stopped, a service that failed while serving
-       (its engine process died), an operating-system error
+       CODE: message) or reported error events in a Converse session, `vita up` could not start the stack
+       or `vita down` stop it, a service failed while serving (its engine process died), an operating-system
+       error
   {EXIT_USAGE}    bad input: a wrong flag or value, a file that is missing or unreadable, media that cannot be
-       decoded, text that is not valid UTF-8, a model directory that does not load
+       decoded, text that is not valid UTF-8, a prompt longer than the context, a model directory that does
+       not load; `vita serve`: a service that cannot start (Redis unreachable, its port in use)
   {EXIT_INTERNAL}    an internal error (a bug): one line; set VITA_TRACEBACK=1 to print the traceback
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
 
@@ -36,10 +39,12 @@ def _model_info(args: argparse.Namespace) -> None:
 
 
 def _init_tiny(args: argparse.Namespace) -> None:
-    from vita.tiny import build_tiny_checkpoint
+    from vita.tiny import build_tiny_checkpoint, default_tiny_dir
 
+    existing = Path(args.output or default_tiny_dir()).joinpath("config.json").is_file() and not args.overwrite
     path = build_tiny_checkpoint(args.output, seed=args.seed, overwrite=args.overwrite)
-    print(f"tiny model written to {path}")
+    print(f"tiny model already in {path}: kept as it is (--overwrite writes it again, with --seed)" if existing
+          else f"tiny model written to {path}")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -159,7 +164,9 @@ def _ask(args: argparse.Namespace) -> None:
                       file=sys.stderr)
 
 
-def _converse(args: argparse.Namespace) -> None:
+def _converse(args: argparse.Namespace) -> int:
+    """Prints every server event; exit status 1 when the server reported an error event (a refused resume, an
+    image it could not decode) although the session itself went on."""
     from vita.client import END, image_event, session_config, speech_events, text_event
     from vita.processing.audio import load_audio
     from vita.timeline import Timeline
@@ -177,10 +184,15 @@ def _converse(args: argparse.Namespace) -> None:
             yield text_event(text)
         yield END
 
-    timeline = Timeline()
+    timeline, errors = Timeline(), 0
     with _connect(args, timeout_s=None) as client:
         for event in client.converse(events()):
             timeline.print(event)
+            errors += event.HasField("error")
+    if errors:
+        print(f"vita converse: error: the server reported {errors} error event(s) (printed above)", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -264,13 +276,6 @@ def _stand_in_arguments(p: argparse.ArgumentParser, tower: str, items: str, *, s
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (naming the command and where to read its flags), exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
 def _text(value: str) -> str:
     """Text flags: Python hands bytes that are not UTF-8 over as lone surrogates; refuse them by name."""
     try:
@@ -316,7 +321,7 @@ _TEMPERATURE = _float_in(0.0, 100.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="vita",
         description="VITA-style omni-modal LLM: inspect models, generate locally, run the services.",
         epilog=EXIT_STATUSES,
@@ -499,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         command = f"vita {args.command}"
-        args.func(args)
+        status = args.func(args)  # None, or a status of its own (vita converse: errors reported in-band)
     except VitaError as e:
         return fail(EXIT_USAGE, e)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
@@ -518,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         return fail(EXIT_INTERNAL, f"internal error: {type(e).__name__}: {e} (set VITA_TRACEBACK=1 for the "
                                    "traceback)")
-    return EXIT_OK
+    return EXIT_OK if status is None else status
 
 
 if __name__ == "__main__":

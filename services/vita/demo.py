@@ -19,6 +19,7 @@ in this process instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -85,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-process", action="store_true", help="no services: one request in this process")
     args = parser.parse_args(argv)
     try:
-        return in_process(args) if args.in_process else through_stack(args)
+        if args.in_process:
+            return in_process(args)
+        try:
+            return through_stack(args)
+        finally:
+            _forget(f"demo{os.getpid()}")
     except (VitaError, TimeoutError, EOFError) as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, VitaError) else 1
@@ -100,6 +106,16 @@ def duplex_model() -> str:
 
     print("duplex fine-tune of the tiny model (cached after the first run) ...")
     return str(duplex_model_dir())
+
+
+def _forget(prefix: str, url: str = "redis://127.0.0.1:6379/0") -> None:
+    """The stopped stack's keys: a demo leaves nothing in Redis (a Redis gone with the demo: nothing to delete)."""
+    import redis
+
+    from vita.stack import delete_prefix
+
+    with contextlib.suppress(redis.RedisError):
+        delete_prefix(prefix, url)
 
 
 def through_stack(args: argparse.Namespace) -> int:

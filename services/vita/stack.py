@@ -50,6 +50,17 @@ def redis_answers(url: str) -> bool:
         return False
 
 
+def delete_prefix(prefix: str, url: str = "redis://127.0.0.1:6379/0") -> None:
+    """Delete every key under `prefix:`: a stack's job streams (which keep no TTL), sessions and leases, once the
+    stack is stopped (a deleted stream fails a running worker's blocked read). Raises redis.RedisError."""
+    import redis
+
+    with redis.Redis.from_url(url, socket_connect_timeout=2) as r:
+        keys = list(r.scan_iter(match=f"{prefix}:*", count=500))
+        if keys:
+            r.delete(*keys)
+
+
 def ensure_redis(url: str = "redis://127.0.0.1:6379/0") -> None:
     """Starts a throw-away local redis-server (no persistence) when nothing answers at `url`."""
     if redis_answers(url):

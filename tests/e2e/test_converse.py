@@ -252,6 +252,20 @@ def test_vita_converse_cli_streams_a_wav_and_prints_the_timeline(stack, query_cl
     assert "judged query ('<1>')" in out.stdout and "answer completed (length): 8 tokens" in out.stdout
 
 
+def test_vita_converse_cli_exits_1_when_the_server_reports_an_error_event(stack, tmp_path):
+    """Converse reports a refused resume in-band (the stream goes on); the CLI still ends with status 1 and says
+    so in one line on stderr, not 0 as if the session had worked (found by a new user's try, 2026-12-03)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "vita.cli", "converse", "--target", stack.target, "--session",
+                          f"nope-{uuid.uuid4().hex}", "--text", "hi"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert f"error {NOT_FOUND}:" in out.stdout and "does not exist" in out.stdout
+    assert out.stderr.strip().startswith("vita converse: error: the server reported")
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
 def test_client_controls_update_cancel_truncate_and_cut(client, redis, stack, query_clip):
     """What the Realtime gateway drives: a later SessionConfig, CancelAnswer, TruncateAnswer, CutSpeech."""
     from vita.v1.assistant_pb2 import CancelAnswer, CutSpeech, TruncateAnswer

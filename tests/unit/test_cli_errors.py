@@ -55,6 +55,11 @@ def closed_port() -> int:
         (["pretrain-vision", "--steps", "10"], "the following arguments are required: --output"),
         (["pretrain-audio", "--output", "/tmp/never", "--clips", "0"], "argument --clips: 0 is outside"),
         (["pretrain-audio", "--steps", "10"], "the following arguments are required: --output"),
+        # every service's own parser too, not argparse's usage block (found by a new user's try, 2026-12-03)
+        (["serve", "llm", "--role", "bogus"], "vita serve llm: error: argument --role: invalid choice: 'bogus'"),
+        (["serve", "orchestrator", "--port", "abc"], "vita serve orchestrator: error: unrecognized arguments"),
+        (["serve", "vision-encoder", "--max-batch", "x"], "vita serve vision-encoder: error: argument --max-batch"),
+        (["serve", "realtime", "--bogus"], "vita serve realtime: error: unrecognized arguments: --bogus"),
     ],
 )
 def test_bad_flags_are_one_line_and_status_2(capsys, argv, message):
@@ -134,3 +139,15 @@ def test_latin1_text_from_the_real_command_line():
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert one_line(r.stderr) == ("vita generate: error: argument --text: not valid UTF-8 (byte 0xe9 at character "
                                   "3); pass UTF-8 text (see `vita generate --help`)")
+
+
+def test_init_tiny_says_when_it_kept_an_existing_model(capsys, tmp_path):
+    """A second `vita init-tiny` (another --seed) keeps the model it finds and says so, rather than claim to write."""
+    out = tmp_path / "tiny"
+    assert cli.main(["init-tiny", "--output", str(out)]) == cli.EXIT_OK
+    assert capsys.readouterr().out.startswith("tiny model written to")
+    before = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    assert cli.main(["init-tiny", "--output", str(out), "--seed", "5"]) == cli.EXIT_OK
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"tiny model already in {out}: kept") and "--overwrite" in printed
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before

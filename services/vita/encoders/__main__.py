@@ -14,6 +14,7 @@ from vita.encoders.worker import EncoderWorker, WorkerConfig
 from vita.runtime.args import add_common_args
 from vita.runtime.serve import Context, Service, run_service
 from vita.runtime.server import GRACE_S
+from vita.usage import ArgumentParser
 
 ENCODERS: dict[str, tuple[type[Encoder], str]] = {
     "audio-encoder": (AudioTowerEncoder,
@@ -27,7 +28,7 @@ ENCODERS: dict[str, tuple[type[Encoder], str]] = {
 
 
 def parse_args(encoder_cls: type[Encoder], description: str, argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=f"vita serve {encoder_cls.pool}", description=description)
+    p = ArgumentParser(prog=f"vita serve {encoder_cls.pool}", description=description)
     p.add_argument("--model", default=None,
                    help="model directory whose tower is served (default: the tiny model, built on first use)")
     p.add_argument("--max-batch", type=int, default=8,

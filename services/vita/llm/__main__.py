@@ -14,13 +14,14 @@ from vita.llm.worker import LLMWorker, WorkerConfig
 from vita.runtime.args import add_common_args
 from vita.runtime.serve import Context, Service, run_service
 from vita.telemetry.metrics import Metrics
+from vita.usage import ArgumentParser
 from vita.v1.bus_pb2 import GenerationJob
 
 ROLES = {"generator": GenerationJob.GENERATOR, "monitor": GenerationJob.MONITOR}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="vita serve llm", description="An LLM worker: takes generation jobs from its "
+    p = ArgumentParser(prog="vita serve llm", description="An LLM worker: takes generation jobs from its "
                                 "pool's Redis stream and streams tokens back. Scale each role independently.")
     p.add_argument("--role", choices=sorted(ROLES), default="generator", help="which pool this worker serves")
     p.add_argument("--backend", choices=["torch", "triton"], default="torch",

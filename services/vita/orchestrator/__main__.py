@@ -12,11 +12,12 @@ from vita.processing.vad import VADConfig
 from vita.runtime.args import add_common_args
 from vita.runtime.serve import Context, Service, run_service
 from vita.runtime.server import GrpcService
+from vita.usage import ArgumentParser
 from vita.v1 import assistant_pb2_grpc
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="vita serve orchestrator",
+    p = ArgumentParser(prog="vita serve orchestrator",
                                 description="The public gRPC API: fans requests out to the encoder and LLM pools "
                                             "over Redis streams and streams answers back.")
     p.add_argument("--model", default=None, help="model directory: only config.json and the tokenizer are read "

@@ -36,6 +36,7 @@ from vita.realtime.session import RealtimeSession
 from vita.realtime.tts import make_tts
 from vita.runtime.access import TokenSet, bearer_token, load_tokens
 from vita.runtime.tls import channel_credentials
+from vita.usage import ArgumentParser
 from vita.v1.assistant_pb2_grpc import AssistantStub
 
 log = logging.getLogger("vita.realtime")
@@ -136,7 +137,7 @@ class RealtimeServer:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="vita serve realtime",
+    p = ArgumentParser(prog="vita serve realtime",
                                 description="The OpenAI-Realtime-compatible WebSocket endpoint (/v1/realtime), "
                                             "a gateway to the orchestrator's Converse API; see docs/realtime.md.")
     p.add_argument("--orchestrator", default=os.environ.get("VITA_ORCHESTRATOR", "127.0.0.1:50051"),

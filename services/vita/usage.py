@@ -1,0 +1,17 @@
+"""argparse with the CLI's usage errors: one line that names the command and where to read its flags, exit status 2
+(`vita --help`), for `vita` itself and every `vita serve SERVICE` parser, instead of argparse's usage block."""
+
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
+EXIT_USAGE = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """`argparse.ArgumentParser` whose `error` prints `PROG: error: MESSAGE (see `PROG --help`)` and exits 2.
+    Subparsers made with `add_subparsers` are of this class too (argparse makes them with the parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
