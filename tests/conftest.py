@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 # isort: off
 import vita  # noqa: F401  before torch: its import sets the OpenMP spin policy (services/vita/__init__.py)
@@ -20,6 +21,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+    from vita.client import VitaClient
+    from vita.stack import LocalStack
 
 torch.set_num_threads(2)
 
@@ -148,3 +155,34 @@ def other_clip() -> np.ndarray:
     from vita.training.speech import espeak as speak
 
     return speak("honey did you feed the cat", "en-high")
+
+
+# The end-to-end Converse modules' stack (module scope, a key prefix named after the module): the trained duplex
+# model, metrics on. A module that needs another stack (the random tiny model, the realtime gateway) defines its own
+# `stack`, which `client` then serves. (Here, not in a tests/e2e/conftest.py: a second conftest module would shadow
+# this one for `from conftest import ...`.)
+@pytest.fixture(scope="module")
+def stack(request, duplex_model_dir, tmp_path_factory) -> Iterator[LocalStack]:
+    from vita.stack import LocalStack
+
+    name = request.module.__name__.rpartition(".")[2].removeprefix("test_")
+    with LocalStack(model_dir=str(duplex_model_dir), prefix=f"{name}{uuid.uuid4().hex[:8]}", metrics=True,
+                    log_dir=str(tmp_path_factory.mktemp("logs"))) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(stack) -> Iterator[VitaClient]:
+    from vita.client import VitaClient
+
+    with VitaClient(stack.target, timeout_s=None) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[Redis]:
+    from redis import Redis
+
+    r = Redis.from_url(REDIS_URL)
+    yield r
+    r.close()
