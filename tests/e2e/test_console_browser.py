@@ -183,7 +183,9 @@ def test_spoken_question_about_the_camera_is_judged_a_query_and_answered(stack, 
     deltas = browser.find_elements(By.CSS_SELECTOR, '#timeline li[data-type="response.output_audio.delta"]')
     assert sum(int(li.get_attribute("data-count")) for li in deltas) * 0.2 > 3  # more than 3 s of spoken answer
     said = browser.find_element(By.CSS_SELECTOR, "#conversation li.assistant").text
-    assert said == transcript.strip()
+    # as rendered: HTML collapses runs of spaces, and the tiny model's words after its fine-tuned answer (noise,
+    # not the same in every run) may hold two in a row: one full run failed on "Sure.  I will" otherwise
+    assert said == " ".join(transcript.split())
     assert screenshot.stat().st_size > 10_000
 
 
