@@ -11,7 +11,6 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import grpc
 
@@ -39,9 +38,9 @@ def _model_info(args: argparse.Namespace) -> None:
 
 
 def _init_tiny(args: argparse.Namespace) -> None:
-    from vita.tiny import build_tiny_checkpoint, default_tiny_dir
+    from vita.tiny import build_tiny_checkpoint, existing_tiny_checkpoint
 
-    existing = Path(args.output or default_tiny_dir()).joinpath("config.json").is_file() and not args.overwrite
+    existing = not args.overwrite and existing_tiny_checkpoint(args.output) is not None
     path = build_tiny_checkpoint(args.output, seed=args.seed, overwrite=args.overwrite)
     print(f"tiny model already in {path}: kept as it is (--overwrite writes it again, with --seed)" if existing
           else f"tiny model written to {path}")

@@ -86,12 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-process", action="store_true", help="no services: one request in this process")
     args = parser.parse_args(argv)
     try:
-        if args.in_process:
-            return in_process(args)
-        try:
-            return through_stack(args)
-        finally:
-            _forget(f"demo{os.getpid()}")
+        return in_process(args) if args.in_process else through_stack(args)
     except (VitaError, TimeoutError, EOFError) as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, VitaError) else 1
@@ -108,7 +103,7 @@ def duplex_model() -> str:
     return str(duplex_model_dir())
 
 
-def _forget(prefix: str, url: str = "redis://127.0.0.1:6379/0") -> None:
+def _forget(prefix: str, url: str) -> None:
     """The stopped stack's keys: a demo leaves nothing in Redis (a Redis gone with the demo: nothing to delete)."""
     import redis
 
@@ -124,8 +119,9 @@ def through_stack(args: argparse.Namespace) -> int:
 
     model = args.model or duplex_model()
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="vita-demo-") as tmp, \
+    with tempfile.TemporaryDirectory(prefix="vita-demo-") as tmp, contextlib.ExitStack() as after_stop, \
             LocalStack(model_dir=model, prefix=f"demo{os.getpid()}", log_dir=tmp) as stack:
+        after_stop.callback(_forget, stack.prefix, stack.redis_url)  # once the services are gone
         print(f"stack up in {time.perf_counter() - t0:.1f} s:")
         for s in stack.services:
             print(f"  {s.name:<15} pid {s.pid:<7} grpc 127.0.0.1:{s.grpc_port}")

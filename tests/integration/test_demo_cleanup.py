@@ -16,7 +16,7 @@ def test_the_demo_forgets_its_prefix_and_only_its_prefix():
         r.set(f"{prefix}:session:abc", b"state")
         r.set(f"{prefix}x:kept", b"another prefix")  # shares the letters, not the prefix
         try:
-            demo._forget(prefix)
+            demo._forget(prefix, URL)
             assert list(r.scan_iter(match=f"{prefix}:*")) == []
             assert r.get(f"{prefix}x:kept") == b"another prefix"
         finally:
