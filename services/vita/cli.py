@@ -502,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
-        command = f"vita {args.command}"
+        command = args.command_name  # `vita eval mme`, not `vita eval`
         status = args.func(args)  # None, or a status of its own (vita converse: errors reported in-band)
     except VitaError as e:
         return fail(EXIT_USAGE, e)

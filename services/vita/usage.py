@@ -11,7 +11,15 @@ EXIT_USAGE = 2
 
 class ArgumentParser(argparse.ArgumentParser):
     """`argparse.ArgumentParser` whose `error` prints `PROG: error: MESSAGE (see `PROG --help`)` and exits 2.
-    Subparsers made with `add_subparsers` are of this class too (argparse makes them with the parent's class)."""
+    Subparsers made with `add_subparsers` are of this class too (argparse makes them with the parent's class).
+
+    Every parser sets the default `command_name` to its `prog`; a subcommand's default overrides its parent's, so
+    the parsed namespace names the command that ran (`vita eval mme`), for the one-line errors that come later.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.set_defaults(command_name=self.prog)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")

@@ -223,4 +223,4 @@ def test_the_service_exits_1_when_its_idle_engine_core_dies(tiny_model_dir):
         service.kill()
         delete_prefix(prefix, REDIS_URL)
     assert status == 1
-    assert rest[-1].startswith("vita serve: error: the engine core process exited (status -9)")
+    assert rest[-1].startswith("vita serve llm: error: the engine core process exited (status -9)")

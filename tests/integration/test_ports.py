@@ -52,7 +52,7 @@ def test_a_service_whose_port_is_taken_says_so_in_one_line(held_port, tiny_model
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1] == (
-        f"vita serve: error: cannot {'listen on' if flag == '--grpc-port' else 'serve metrics on'} "
+        f"vita serve orchestrator: error: cannot {'listen on' if flag == '--grpc-port' else 'serve metrics on'} "
         f"127.0.0.1:{held_port}: the port is in use" + (" by another process (or 127.0.0.1 is not an address of "
                                                         "this machine)" if flag == "--grpc-port" else ""))
 

@@ -103,7 +103,7 @@ def test_a_user_without_the_rule_is_refused_clearly(pipeline, tiny_model_dir, ac
         capture_output=True, text=True, timeout=120)
     assert started.returncode == 2, started
     lines = started.stderr.strip().splitlines()
-    assert lines[-1].startswith("vita serve: error: cannot use Redis at redis://vita:***@"), started.stderr
+    assert lines[-1].startswith("vita serve orchestrator: error: cannot use Redis at redis://vita:***@"), started.stderr
     assert "AuthenticationError" in lines[-1] and "wrong" not in lines[-1]
 
 

@@ -78,6 +78,10 @@ def test_bad_flags_are_one_line_and_status_2(capsys, argv, message):
         (["converse", "--wav", "/nonexistent/q.wav"], "cannot read audio file /nonexistent/q.wav"),
         (["converse", "--wav", "__GARBAGE__"], "could not decode audio"),
         (["generate", "--model", "/nonexistent/model", "--text", "hi"], "config.json"),
+        # the error names the command that ran, the benchmark's or the service's too (a new user's try, 2026-12-03)
+        (["eval", "mme", "--data", "/nonexistent/mme"], "vita eval mme: error: /nonexistent/mme: no such file"),
+        (["serve", "llm", "--model", "/nonexistent/model"],
+         "vita serve llm: error: --model /nonexistent/model: no such directory"),
         (["model-info", "--preset", "huge"], "unknown preset 'huge'"),
         (["pretrain-vision", "--preset", "huge", "--output", "__OUT__"], "unknown preset 'huge'"),
         (["pretrain-audio", "--preset", "huge", "--output", "__OUT__"], "unknown preset 'huge'"),

@@ -85,6 +85,9 @@ async def serve(name: str, args: argparse.Namespace, build: Build, *, threads: i
         await _check_redis(redis, args.redis)
         async with contextlib.AsyncExitStack() as resources:
             model_dir = Path(args.model) if args.model else build_tiny_checkpoint()
+            if not model_dir.is_dir():
+                raise VitaError(f"--model {args.model}: no such directory (a model repository, as `vita export` "
+                                "or `vita init-tiny` writes)")
             service = await build(Context(args, model_dir, redis, bus, metrics, resources))
             server = ServiceServer(service.grpc, host=args.host, port=args.grpc_port, access=access, tls=tls,
                                    health_port=args.health_port, max_message_bytes=args.max_message_bytes)
@@ -118,6 +121,6 @@ def run_service(name: str, args: argparse.Namespace, build: Build, *, threads: i
     try:
         asyncio.run(serve(name, args, build, threads=threads))
     except VitaError as e:
-        print(f"vita serve: error: {one_line(e)}", file=sys.stderr)
+        print(f"{getattr(args, 'command_name', 'vita serve')}: error: {one_line(e)}", file=sys.stderr)
         return 1 if isinstance(e, FatalError) else 2
     return 0
