@@ -135,7 +135,7 @@ def dialogues(per_category: int, categories: Sequence[str] = CATEGORIES) -> list
                 text, voice = speech.OTHER_HELD_OUT[(k + 3) % len(speech.OTHER_HELD_OUT)]
                 clip = 0.3 * speech.espeak(text, voice)  # about -10 dB: across the room
                 seconds = _LEAD_S + len(clip) / SAMPLE_RATE + _TRAIL_S + 0.1
-                hiss = speech.noise("pink", seconds, seed=k, level=0.02)
+                hiss = speech.noise("pink", int(seconds * SAMPLE_RATE), seed=k, level=0.02)
                 d = _dialogue(category, k, text, clip, during_answer=True, background=hiss)
             else:
                 raise ValueError(f"unknown category {category!r}; choose from {', '.join(CATEGORIES)}")

@@ -147,7 +147,7 @@ def record(utterances: list[tuple[str, str, str]], seed: int, tts: TTS, workers:
     def one(plan: tuple) -> Tensor:
         text, voice, clip_seed, noisy, kind, seconds, level = plan
         if not text:
-            return torch.from_numpy(cur.noise(kind, seconds, seed=clip_seed, level=level))
+            return torch.from_numpy(cur.noise(kind, round(seconds * cur.SAMPLE_RATE), seed=clip_seed, level=level))
         return torch.from_numpy(cur.speech_clip(tts, text, voice, clip_seed, noisy))
 
     with ThreadPoolExecutor(max(1, workers)) as pool:  # espeak-ng runs as a subprocess: threads suffice

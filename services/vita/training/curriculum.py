@@ -48,6 +48,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vita.training.data import AUDIO, IMAGE, VIDEO, write_manifest
 from vita.training.sample import Sample
+from vita.training.speech import NOISE_KINDS, noise
 from vita.training.tts import TTS, VOICES, EspeakTTS
 
 SAMPLE_RATE = 16000
@@ -103,7 +104,6 @@ CHATTER = {
     "zh": ("你今天晚上回家吃饭吗", "我们明天去公园吧", "把门关上好吗", "你看见我的钥匙了吗", "今天的会议改到下午了",
            "孩子们去哪儿了", "我去超市买点东西", "这个菜有点咸"),
 }
-NOISE_KINDS = ("white", "pink", "brown", "hum")
 SOUNDS = ("white noise", "pink noise", "brown noise", "a low hum", "a high beep", "a low beep", "two beeps",
           "three beeps", "a rising tone", "a falling tone")
 
@@ -625,8 +625,8 @@ def speech_clip(tts: TTS, text: str, voice: str, seed: int, noisy: bool) -> np.n
     x = np.concatenate([np.zeros(pad[0], np.float32), speech, np.zeros(pad[1], np.float32)])
     x = x * rng.uniform(0.5, 1.1)
     if noisy:
-        x = x + noise(str(rng.choice(NOISE_KINDS)), len(x) / SAMPLE_RATE, seed=int(rng.integers(2**31)),
-                      level=float(rng.uniform(0.01, 0.06)))[: len(x)]
+        x = x + noise(str(rng.choice(NOISE_KINDS)), len(x), seed=int(rng.integers(2**31)),
+                      level=float(rng.uniform(0.01, 0.06)))
     return np.clip(x, -1, 1).astype(np.float32)
 
 
@@ -634,7 +634,7 @@ def _render_noise(path: str, kind: str, seconds: float, seed: int) -> None:
     from vita.processing.audio import write_wav
 
     level = np.random.default_rng(seed).uniform(0.1, 0.5)
-    write_wav(path, noise(kind, seconds, seed=seed, level=float(level)))
+    write_wav(path, noise(kind, round(seconds * SAMPLE_RATE), seed=seed, level=float(level)))
 
 
 def _render_sound(path: str, sound: str, seconds: float, seed: int) -> None:
@@ -645,9 +645,9 @@ def _render_sound(path: str, sound: str, seconds: float, seed: int) -> None:
     t = np.arange(n) / SAMPLE_RATE
     level = rng.uniform(0.2, 0.5)
     if sound.endswith("noise"):
-        x = noise(sound.split()[0], seconds, seed=seed, level=level)
+        x = noise(sound.split()[0], round(seconds * SAMPLE_RATE), seed=seed, level=level)
     elif sound == "a low hum":
-        x = noise("hum", seconds, seed=seed, level=level)
+        x = noise("hum", round(seconds * SAMPLE_RATE), seed=seed, level=level)
     elif "beep" in sound:
         beeps = {"two beeps": 2, "three beeps": 3}.get(sound, 1)
         freq = rng.uniform(300, 500) if "low" in sound else rng.uniform(1200, 2500)
@@ -664,27 +664,6 @@ def _render_sound(path: str, sound: str, seconds: float, seed: int) -> None:
         phase = 2 * np.pi * np.cumsum(f0 + (f1 - f0) * t / seconds) / SAMPLE_RATE
         x = level * np.sin(phase)
     write_wav(path, np.asarray(x, dtype=np.float32))
-
-
-def noise(kind: str, seconds: float, *, seed: int = 0, level: float = 0.3) -> np.ndarray:
-    """White, pink (1/f), brown (1/f^2) noise or mains hum (50/60 Hz and harmonics), 16 kHz float32, peak `level`."""
-    rng = np.random.default_rng(seed)
-    n = max(1, round(seconds * SAMPLE_RATE))
-    if kind == "hum":
-        t = np.arange(n) / SAMPLE_RATE
-        base = rng.choice([50.0, 60.0])
-        x = sum(rng.uniform(0.2, 1.0) / k * np.sin(2 * np.pi * base * k * t + rng.uniform(0, 2 * np.pi))
-                for k in range(1, 6))
-    elif kind in ("white", "pink", "brown"):
-        spectrum = np.fft.rfft(rng.standard_normal(n))
-        freqs = np.fft.rfftfreq(n, 1 / SAMPLE_RATE)
-        spectrum[1:] /= freqs[1:] ** {"white": 0.0, "pink": 0.5, "brown": 1.0}[kind]
-        spectrum[0] = 0
-        x = np.fft.irfft(spectrum, n)
-    else:
-        raise ValueError(f"unknown noise kind {kind!r}; choose one of {NOISE_KINDS}")
-    x = np.asarray(x, dtype=np.float64)
-    return (level * x / (np.abs(x).max() + 1e-9)).astype(np.float32)
 
 
 def tree_digest(root: str | Path) -> str:

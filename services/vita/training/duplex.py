@@ -175,7 +175,8 @@ class DuplexData:
             kind = self._pick(speech.NOISE_KINDS)
             seconds = self.rng.uniform(0.8, 2.5)
             level = self.rng.uniform(0.05, 0.5)
-            return speech.noise(kind, seconds, seed=int(self.rng.integers(1 << 30)), level=level)
+            return speech.noise(kind, int(seconds * speech.SAMPLE_RATE), seed=int(self.rng.integers(1 << 30)),
+                                level=level)
         return speech.augment(speech.espeak(*self._pick(speech.OTHER_TRAIN)), self.rng)
 
     def history(self, n_images: int) -> tuple[list[Message], list[np.ndarray], list[int]]:
@@ -325,7 +326,7 @@ def train_duplex(model: VitaForCausalLM, tokenizer: VitaTokenizer, config: Duple
     start = time.perf_counter()
     data = DuplexData(tokenizer, model, config)
     clips = ([speech.espeak(t) for t in speech.QUERY_TRAIN] + [speech.espeak(t, v) for t, v in speech.OTHER_TRAIN]
-             + [speech.noise(k, 1.5, seed=s) for s, k in enumerate(speech.NOISE_KINDS)])
+             + [speech.noise(k, 24_000, seed=s) for s, k in enumerate(speech.NOISE_KINDS)])
     fit_cmvn(model, clips)
     if config.fit_connector:
         fit_connector(model, clips)

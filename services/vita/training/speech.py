@@ -123,10 +123,14 @@ def prefetch(items: Iterable[tuple[str, str]], workers: int = 4) -> None:
         list(pool.map(lambda item: _espeak(*item), todo))
 
 
-def noise(kind: str, seconds: float, *, seed: int = 0, level: float = 0.3) -> np.ndarray:
-    """A noise burst: white, pink (1/f), brown (1/f^2) or mains hum (50/60 Hz and harmonics), peak ~`level`."""
+def noise(kind: str, samples: int, *, seed: int = 0, level: float = 0.3) -> np.ndarray:
+    """`samples` (at least 1) of white, pink (1/f), brown (1/f^2) noise or mains hum (50/60 Hz and harmonics):
+    16 kHz float32, peak `level`, a function of its arguments. Raises ValueError for another `kind`.
+
+    The length is in samples, not seconds, so a caller that adds noise to a clip asks for exactly `len(clip)`.
+    """
     rng = np.random.default_rng(seed)
-    n = max(1, int(seconds * SAMPLE_RATE))
+    n = max(1, int(samples))
     if kind == "hum":
         t = np.arange(n) / SAMPLE_RATE
         base = rng.choice([50.0, 60.0])
@@ -154,7 +158,7 @@ def other_clip(text: str, voice: str) -> Clip:
 
 
 def noise_clip(kind: str, *, seconds: float = 2.0, seed: int = 0) -> Clip:
-    return Clip(noise(kind, seconds, seed=seed), False, "noise", kind)
+    return Clip(noise(kind, int(seconds * SAMPLE_RATE), seed=seed), False, "noise", kind)
 
 
 def held_out_clips(n_noise: int = 5) -> list[Clip]:

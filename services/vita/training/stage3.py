@@ -88,7 +88,7 @@ class SpokenTransform:
             level = round(float(rng.uniform(0.05, 0.5)), 3)
             seed = int(rng.integers(1 << 30))
             wav = self._cached(f"noise|{kind}|{seconds}|{level}|{seed}",
-                               lambda: speech.noise(kind, seconds, seed=seed, level=level))
+                               lambda: speech.noise(kind, int(seconds * speech.SAMPLE_RATE), seed=seed, level=level))
         else:
             text, language = speech.OTHER_TRAIN[int(rng.integers(len(speech.OTHER_TRAIN)))]
             voices = CHATTER_VOICES.get(language, tuple(self.config.negative_voices))
