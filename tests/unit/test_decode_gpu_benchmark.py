@@ -21,12 +21,15 @@ def test_tiny_run_fills_every_row_and_both_decoders_give_the_same_greedy_tokens(
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
-    assert {"decode, batch 1", "decode, batch 2"} <= set(rows)
+    graphed = "graph path, eager off CUDA"
+    assert {"decode, batch 1", "decode, batch 2", f"decode, batch 1, {graphed}", f"decode, batch 2, {graphed}"} <= set(rows)
     for batch in (1, 2):
         bound = float(rows[f"decode, batch {batch}"][4].replace(",", ""))
         assert bound > 0
+        assert float(rows[f"decode, batch {batch}, {graphed}"][1].replace(",", "")) > 0
     # fp32, the same weights converted from transformers' layout into ours: the same greedy tokens
     assert "the first 6 of 6 are the same in both" in out
+    assert "gives the same greedy tokens of batch 1 as our eager decode" in out
     assert float(rows["vision encoder (448 px tiles, batch 1)"][1].replace(",", "")) > 0
     assert float(rows["audio encoder (1 s clips, batch 1)"][1].replace(",", "")) > 0
     assert "GB/s** (read + written)" in out

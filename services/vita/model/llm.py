@@ -220,9 +220,14 @@ class MoEFeedForward(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, experts = self.route(x)
-        # Gathering each token's experts copies their weights: it pays off only on an accelerator, where it avoids
-        # the host sync of the other paths for small decode batches (gpt-fast).
-        if x.device.type != "cpu" and x.shape[0] * self.top_k <= self.num_experts:
+        # On an accelerator, bf16 reads the experts in place with grouped GEMMs and no host sync (CUDA-graph
+        # capture forbids syncs, and each one leaves the GPU idle); F.grouped_mm's kernels take bf16 only. Other
+        # dtypes gather a few tokens' experts (a copy of their weights, gpt-fast's way, also sync-free). A traced
+        # forward (torch.compile, e.g. the sync-free check of `decode_step`) takes the in-place path on CPU too.
+        on_device = x.device.type != "cpu"
+        if (on_device and x.dtype == torch.bfloat16) or (not on_device and torch.compiler.is_compiling()):
+            out = self.grouped_mm(x, weights, experts)
+        elif on_device and x.shape[0] * self.top_k <= self.num_experts:
             out = self.gathered(x, weights, experts)
         elif x.shape[0] == 1:
             out = self.single(x, weights, experts)
@@ -268,7 +273,9 @@ class MoEFeedForward(nn.Module):
 
     def grouped_mm(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
         """The (token, expert) pairs sorted by expert, one `F.grouped_mm` per matrix: no padding (MegaBlocks'
-        "dropless" MoE, Gale et al. 2022). Training on CPU takes this path.
+        "dropless" MoE, Gale et al. 2022), the weights read in place, and no host sync (the group ends come from an
+        `index_add_`, where `bincount` would sync to size its output). Training on CPU and bf16 on an accelerator
+        take this path.
 
         Training skews the routing: in the tiny stage 3 the busiest expert holds 2-2.4x the mean load, so the
         padded `grouped` computes 2-2.4x the pairs, and its backward pays that twice more. Forward and backward of
@@ -279,7 +286,9 @@ class MoEFeedForward(nn.Module):
         k, H = self.top_k, x.shape[-1]
         pair_expert = experts.flatten()  # (N * k,): pair p is token p // k's choice p % k
         order = pair_expert.argsort(stable=True)  # (N * k,) pairs grouped by expert
-        offsets = torch.bincount(pair_expert, minlength=self.num_experts).cumsum(0).to(torch.int32)  # (E,) ends
+        load = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+        load.index_add_(0, pair_expert, torch.ones_like(pair_expert, dtype=torch.int32))  # (E,) pairs per expert
+        offsets = load.cumsum(0, dtype=torch.int32)  # (E,) each group's end
         w1, w2, w3 = (w.mT.to(x.dtype) for w in (self.w1, self.w2, self.w3))  # (E, H, I), (E, I, H): in place
         xs = x[order // k]  # (N * k, H)
         h = F.silu(F.grouped_mm(xs, w1, offs=offsets)) * F.grouped_mm(xs, w3, offs=offsets)  # (N * k, I)
@@ -415,6 +424,31 @@ class MoECausalLM(nn.Module):
         prepared = [self._prepare(b.input_ids, b.inputs_embeds, cache, b.slots, b.positions, None) for b in batches]
         hidden = self.model.forward_fused(prepared)
         return [self.lm_head(h[:, -logits_to_keep:]) for h in hidden]
+
+    def decode_step(self, input_ids: Tensor, positions: Tensor, cache: KVCache, kv_len: int,
+                    slots: Tensor | None = None) -> Tensor:
+        """One token per row with no host sync and shapes fixed by (B, kv_len): what a CUDA graph captures
+        (`vita.model.cuda_graph.CUDAGraphDecoder`). input_ids, positions (B,) -> logits (B, vocab).
+
+        Row b feeds `input_ids[b]` at `positions[b]` into cache row `slots[b]` (default: row b, the rows then read as
+        a view, not a copy) and attends over that row's keys [0, kv_len), masked beyond its own position. Nothing is
+        checked, since every check of a device tensor is a host sync: the caller guarantees what `forward` would
+        verify (ids in the vocabulary, distinct slots in the cache, positions < kv_len <= cache.max_seq_len), as
+        vLLM's model runner relies on its scheduler. The same values as
+        `forward(input_ids[:, None], cache=cache, slots=slots, positions=positions[:, None])`.
+        """
+        B = input_ids.shape[0]
+        x = self.model.embed_tokens(input_ids[:, None])  # (B, 1, hidden)
+        positions = positions[:, None]  # (B, 1)
+        rows = slice(0, B) if slots is None else slots
+        if slots is None:
+            slots = torch.arange(B, device=x.device)
+        step = CacheStep(cache=cache, index=(slots[:, None], positions), rows=rows, kv_len=kv_len)
+        visible = torch.arange(kv_len, device=x.device) <= positions[:, :, None]  # (B, 1, kv_len)
+        groups = self.config.num_attention_heads // self.config.num_key_value_heads
+        mask = fold_query_mask(visible, groups, x.dtype)  # (B, 1, 1, kv_len)
+        rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        return self.lm_head(self.model(x, rope, mask, step)[:, -1])  # (B, vocab)
 
     def _prepare(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, cache: KVCache | None,
                  slots: Tensor | None, positions: Tensor | None, segment_ids: Tensor | None) -> _Prepared:
