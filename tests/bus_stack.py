@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import torch
 from conftest import REDIS_URL
 from redis.asyncio import Redis
 
@@ -65,7 +64,7 @@ async def running_stack(pipeline: VitaPipeline, model_dir: Path, redis: Any, bus
     workers: list[Any] = [LLMWorker(redis, bus, backend, pipeline.tokenizer, WorkerConfig(role=role, max_concurrency=4))
                           for role in roles]
     for pool in ("vision-encoder",) * (vision or all_pools) + ("audio-encoder",) * all_pools:
-        encoder = load_encoder(ENCODERS[pool][0], model_dir, "cpu", torch.float32)
+        encoder = load_encoder(ENCODERS[pool][0], model_dir, "cpu", "float32")
         workers.append(EncoderWorker(redis, bus, encoder, EncoderConfig(max_batch=2)))
     tasks = [asyncio.create_task(w.run()) for w in workers]
     try:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 from conftest import delete_prefix
 from PIL import Image
 from redis.asyncio import Redis
@@ -65,7 +64,7 @@ async def with_stack(pipeline, body):
         backends.append(backend)
         workers.append(LLMWorker(redis, bus, backend, pipeline.tokenizer, WorkerConfig(role=role)))
     workers.append(EncoderWorker(redis, bus, load_encoder(VisionTowerEncoder, pipeline.model_dir, "cpu",
-                                                          torch.float32)))
+                                                          "float32")))
     tasks = [asyncio.create_task(w.run()) for w in workers]
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:

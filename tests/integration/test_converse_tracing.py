@@ -60,9 +60,8 @@ async def _scenario(model_dir: str, clip_path: str, prefix: str) -> None:
         await backend.start()
         backends.append(backend)
         workers.append(LLMWorker(redis, bus, backend, pipeline.tokenizer, WorkerConfig(role=role)))
-    import torch
 
-    workers.append(EncoderWorker(redis, bus, load_encoder(AudioTowerEncoder, model_dir, "cpu", torch.float32)))
+    workers.append(EncoderWorker(redis, bus, load_encoder(AudioTowerEncoder, model_dir, "cpu", "float32")))
     tasks = [asyncio.create_task(w.run()) for w in workers]
     samples = np.load(clip_path)
 

@@ -484,7 +484,7 @@ def test_a_worker_that_stalled_past_reclaim_leaves_the_reclaimed_job_to_its_heir
 
     async def body(redis: Redis) -> None:
         worker = EncoderWorker(redis, bus, load_encoder(ENCODERS["vision-encoder"][0], tiny_model_dir, "cpu",
-                                                        torch.float32))
+                                                        "float32"))
         await submit_together(redis, bus, pool, [lost, kept])
         deliveries = await worker.consumer.read(count=2, block_ms=None)
         assert [d.message for d in deliveries] == [lost, kept]

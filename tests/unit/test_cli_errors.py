@@ -155,3 +155,20 @@ def test_init_tiny_says_when_it_kept_an_existing_model(capsys, tmp_path):
     printed = capsys.readouterr().out
     assert printed.startswith(f"tiny model already in {out}: kept") and "--overwrite" in printed
     assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--device", "cuda"], "device 'cuda': torch sees no CUDA device"),
+    (["--device", "tpu9", "--no-engine-process"], "device 'tpu9': Invalid device string"),
+])
+def test_a_device_torch_cannot_use_is_one_line_and_status_2(capsys, tiny_model_dir, flags, message):
+    status, err = run(capsys, "serve", "llm", "--model", str(tiny_model_dir), "--prefix", "devicetest", *flags)
+    line = one_line(err)
+    assert status == cli.EXIT_USAGE and line.startswith("vita serve llm: error:") and message in line
+
+
+def test_an_encoder_on_a_device_torch_cannot_use_is_one_line_and_status_2(capsys, tiny_model_dir):
+    status, err = run(capsys, "serve", "vision-encoder", "--model", str(tiny_model_dir), "--prefix", "devicetest",
+                      "--device", "cuda")
+    line = one_line(err)
+    assert status == cli.EXIT_USAGE and line.startswith("vita serve vision-encoder: error: device 'cuda': torch sees no")

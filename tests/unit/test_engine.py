@@ -252,3 +252,35 @@ def test_prefix_cache_never_shares_blocks_of_different_images(model):
     # blocks of its 48-token prompt (the last one is recomputed for its logits: 47 // 8 = 5 blocks).
     assert stats.hits == (2 + 5) * 8
     assert got["cat"] == got["cat-again"]
+
+
+# --- CUDA graphs (run eagerly here: the padded, bucketed static step the graphs capture) --------------------------
+
+
+@pytest.mark.parametrize("config", [
+    EngineConfig(cuda_graphs=True, min_graph_kv_len=16, cudagraph_capture_sizes=(3,)),  # every batch padded to 3
+    EngineConfig(cuda_graphs=True, min_graph_kv_len=16, enable_chunked_prefill=True, max_num_batched_tokens=12),
+    EngineConfig(cuda_graphs=True, min_graph_kv_len=16, enable_prefix_caching=True, block_size=4,
+                 cudagraph_capture_sizes=(2, 3)),
+], ids=["whole-prefill", "chunked", "prefix-capture-sizes"])
+def test_graph_decode_gives_the_eager_engines_tokens(model, config):
+    """Staggered arrivals through 3 slots: batches of 1-3 rows padded to the capture sizes, contexts crossing the
+    16 -> 32 -> 64 buckets; the same tokens as the eager engine, and the scratch row is never a sequence's."""
+    params = SamplingParams(max_new_tokens=14, stop_token_ids=())
+    reqs = lambda: {f"r{i}": EngineRequest(f"r{i}", params, input_ids=prompt(70 + i, 3 + 9 * i))  # noqa: E731
+                    for i in range(5)}
+    arrivals = lambda r: {0: [r["r0"], r["r1"]], 4: [r["r2"]], 6: [r["r3"], r["r4"]]}  # noqa: E731
+    eager = LLMEngine(model, max_batch_size=3, max_seq_len=96)
+    graphed = LLMEngine(model, max_batch_size=3, max_seq_len=96, config=config)
+    assert not eager.cuda_graphs and graphed.cuda_graphs  # CPU: off unless asked for
+    assert graphed.cache.max_batch_size == 4 and graphed.max_batch_size == 3  # one scratch row
+    assert run(graphed, arrivals(reqs())) == run(eager, arrivals(reqs()))
+    sizes = {size for size, _ in graphed._graphs}
+    assert {kv for _, kv in graphed._graphs} >= {16, 32, 64}
+    assert sizes == set(config.cudagraph_capture_sizes or (1, 2, 3))
+    assert sorted(graphed.free_slots) == [0, 1, 2]
+
+
+def test_graph_capture_sizes_default_to_vllms_list(model):
+    engine = LLMEngine(model, max_batch_size=20, max_seq_len=32, config=EngineConfig(cuda_graphs=True))
+    assert engine._graph_sizes == (1, 2, 4, 8, 16, 20)

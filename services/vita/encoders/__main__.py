@@ -8,9 +8,10 @@ import sys
 from collections.abc import Sequence
 
 from vita.encoders.audio import AudioTowerEncoder
-from vita.encoders.base import DTYPES, Encoder, load_encoder
+from vita.encoders.base import Encoder, load_encoder
 from vita.encoders.vision import VisionTowerEncoder
 from vita.encoders.worker import EncoderWorker, WorkerConfig
+from vita.model.placement import TORCH_DTYPES
 from vita.runtime.args import add_common_args
 from vita.runtime.serve import Context, Service, run_service
 from vita.runtime.server import GRACE_S
@@ -37,7 +38,7 @@ def parse_args(encoder_cls: type[Encoder], description: str, argv: Sequence[str]
                    help="serve the KServe Open Inference Protocol v2 over gRPC on this port of --host "
                         f"(model name {encoder_cls.pool.value!r}; no REST); 0 disables it")
     p.add_argument("--device", default="cpu", help="torch device of the tower, e.g. cuda")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="tower weights and embeddings")
+    p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="float32", help="tower weights and embeddings")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add_common_args(p)
     args = p.parse_args(argv)
@@ -52,7 +53,7 @@ def serve_pool(pool: str, argv: Sequence[str] | None) -> int:
     args = parse_args(encoder_cls, description, argv)
 
     async def build(ctx: Context) -> Service:
-        encoder = load_encoder(encoder_cls, ctx.model_dir, args.device, DTYPES[args.dtype])
+        encoder = load_encoder(encoder_cls, ctx.model_dir, args.device, args.dtype)
         worker = EncoderWorker(ctx.redis, ctx.bus, encoder, WorkerConfig(max_batch=args.max_batch), ctx.metrics)
         kserve_port = 0
         if args.kserve_port:  # imported only here: kserve must stay out of processes that use tritonclient

@@ -18,12 +18,12 @@ import torch
 from vita.bus.codec import MalformedEntry, blob_to_tensor
 from vita.bus.streams import Pool
 from vita.errors import CheckpointError, InvalidInputError
+from vita.model.placement import resolve_device, resolve_dtype
 from vita.model.vita import load_tower
 from vita.telemetry.metrics import Metrics
 from vita.v1.bus_pb2 import EncodeJob, MediaItem, TensorBlob
 
 T = TypeVar("T")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Encoder(ABC):
@@ -58,13 +58,16 @@ class Encoder(ABC):
         return param.device, param.dtype
 
 
-def load_encoder(encoder_cls: type[Encoder], model_dir: Path, device: str, dtype: torch.dtype) -> Encoder:
-    """Read only this pool's tower from the checkpoint: the LLM next to it is never loaded.
+def load_encoder(encoder_cls: type[Encoder], model_dir: Path, device: str, dtype: str) -> Encoder:
+    """Read only this pool's tower from the checkpoint, on `device` in `dtype` (`vita.model.placement` names): the
+    LLM next to it is never loaded.
 
-    CheckpointError when the model has no such tower (it cannot serve this pool).
+    CheckpointError when the model has no such tower (it cannot serve this pool); InvalidInputError for a device or
+    dtype torch cannot use.
     """
+    target = resolve_device(device)
     try:
-        tower = load_tower(model_dir, encoder_cls.modality, dtype=dtype, device=device)
+        tower = load_tower(model_dir, encoder_cls.modality, dtype=resolve_dtype(dtype, target), device=target)
     except CheckpointError as e:
         raise CheckpointError(f"{e}: it cannot serve the {encoder_cls.pool} pool") from None
     return encoder_cls(tower)

@@ -19,9 +19,10 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from vita.encoders.audio import AudioTowerEncoder
-from vita.encoders.base import DTYPES, Encoder, load_encoder
+from vita.encoders.base import Encoder, load_encoder
 from vita.encoders.vision import VisionTowerEncoder
 from vita.errors import InvalidInputError
+from vita.model.placement import TORCH_DTYPES
 from vita.runtime.triton_python import tensor_from_triton, triton_error, vita_model_config
 
 ENCODERS: dict[str, type[Encoder]] = {"audio-encoder": AudioTowerEncoder, "vision-encoder": VisionTowerEncoder}
@@ -33,10 +34,10 @@ class EncoderPythonModel:
     def __init__(self, args: dict[str, str], pool: str) -> None:
         config, params, checkpoint = vita_model_config(args)
         dtype = params.get("dtype") or "float32"
-        if dtype not in DTYPES:
-            raise ValueError(f"the dtype parameter must be one of {sorted(DTYPES)}, not {dtype!r}")
+        if dtype not in TORCH_DTYPES:
+            raise ValueError(f"the dtype parameter must be one of {sorted(TORCH_DTYPES)}, not {dtype!r}")
         # Only this pool's tower is read from the checkpoint.
-        self.encoder = load_encoder(ENCODERS[pool], Path(checkpoint), "cpu", DTYPES[dtype])
+        self.encoder = load_encoder(ENCODERS[pool], Path(checkpoint), "cpu", dtype)
         self.input_names = tuple(tensor["name"] for tensor in config["input"])
 
     def execute(self, requests: list) -> list:

@@ -10,7 +10,9 @@ from pathlib import Path
 from vita.bus.streams import ROLE_POOLS
 from vita.llm.backends.base import GenerationBackend
 from vita.llm.backends.torch.engine import EngineConfig
+from vita.llm.backends.torch.engine_core import load_language_model
 from vita.llm.worker import LLMWorker, WorkerConfig
+from vita.model.placement import TORCH_DTYPES
 from vita.runtime.args import add_common_args
 from vita.runtime.serve import Context, Service, run_service
 from vita.telemetry.metrics import Metrics
@@ -42,6 +44,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="torch backend: reuse the KV blocks of prompt prefixes seen before (a session's history, "
                    "the system prompt, the judge prompt)")
+    p.add_argument("--device", default="auto",
+                   help="torch backend: where the model runs, a torch device (cuda, cuda:1, cpu); auto: the first "
+                   "CUDA device when torch sees one, else the CPU")
+    p.add_argument("--dtype", choices=("auto", *TORCH_DTYPES), default="auto",
+                   help="torch backend: the weights' dtype; auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="torch backend on CUDA: run every decode step eagerly instead of replaying CUDA graphs "
+                   "captured per batch-size bucket (vLLM's flag; graphs are never used on CPU)")
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                    help="torch backend: run the engine core (model, KV cache, scheduler) in a child process of its "
                    "own (the default), fed and drained over pipes (vLLM V1's split), so this process's job intake and token "
@@ -57,7 +67,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(enable_chunked_prefill=args.enable_chunked_prefill,
                         max_num_batched_tokens=args.max_num_batched_tokens,
-                        enable_prefix_caching=args.enable_prefix_caching)
+                        enable_prefix_caching=args.enable_prefix_caching,
+                        cuda_graphs=False if args.enforce_eager else None)
 
 
 def load_backend(args: argparse.Namespace, model_dir: Path, metrics: Metrics) -> GenerationBackend:
@@ -68,12 +79,12 @@ def load_backend(args: argparse.Namespace, model_dir: Path, metrics: Metrics) ->
 
         return TorchProcessBackend(model_dir, max_batch_size=args.max_batch, max_seq_len=args.max_seq_len,
                                    metrics=metrics, engine_config=engine_config(args),
-                                   pool=ROLE_POOLS[ROLES[args.role]].value, threads=args.threads)
+                                   pool=ROLE_POOLS[ROLES[args.role]].value, threads=args.threads,
+                                   device=args.device, dtype=args.dtype)
     if args.backend == "torch":
         from vita.llm.backends.torch.backend import TorchBackend
-        from vita.model.vita import VitaForCausalLM
 
-        return TorchBackend(VitaForCausalLM.from_pretrained(model_dir, towers=False), max_batch_size=args.max_batch,
+        return TorchBackend(load_language_model(model_dir, args.device, args.dtype), max_batch_size=args.max_batch,
                             max_seq_len=args.max_seq_len, metrics=metrics, engine_config=engine_config(args),
                             pool=ROLE_POOLS[ROLES[args.role]].value)  # the label the worker uses
     from vita.llm.backends.triton.backend import TritonBackend

@@ -8,9 +8,10 @@ whose expert dispatch reads the weights in place (`MoEFeedForward.grouped_mm`, b
 
 A graph is fixed to its tensors' addresses: it reads its inputs from buffers of its own (copied into before each
 replay), writes the KV cache it was captured with, and returns the same logits buffer every time, overwritten by
-the next replay. One decoder serves one (batch size, cache) pair; a scheduler would hold one per batch-size bucket.
+the next replay. One decoder serves one (rows, kv_len) shape of one cache; a scheduler holds one per batch-size
+bucket and context bucket (`LLMEngine` with `EngineConfig.cuda_graphs`).
 
-    decoder = CUDAGraphDecoder(model, cache, batch_size=8)  # rows 0..7 of `cache`
+    decoder = CUDAGraphDecoder(model, cache, batch_size=8)  # rows 0..7 of `cache`, over their whole length
     logits = decoder(tokens, positions)                      # (8, vocab), valid until the next call
 
 Off CUDA there is nothing to capture: the decoder calls `decode_step` directly (the same values), which is what the
@@ -27,30 +28,41 @@ from vita.model.llm import KVCache, MoECausalLM
 
 
 class CUDAGraphDecoder:
-    """Greedy/sampled decode of rows 0..B-1 of `cache`, each step one graph replay on CUDA (eager elsewhere).
+    """One decode step of `batch_size` rows of `cache`, over keys [0, kv_len), one graph replay on CUDA (eager
+    elsewhere).
 
-    Every step attends over the whole cache row (kv_len = cache.max_seq_len: a graph needs one shape), masked by
-    position, so size the cache to the sequences it serves, as gpt-fast does. `warmup` eager steps run before the
-    capture (on a side stream, as `torch.cuda.graphs` asks) so that lazy initialisation (cuBLAS workspaces,
-    autotuning) is not captured; they write the last cache position of each row, which no query reads until its
-    own step has written it again.
+    `scratch_slot` None: the rows are 0..B-1, read as a view (generate, the benchmark). An int: the rows are an
+    input of every call (`slots`), read by index, and `scratch_slot` is a row the caller never gives a sequence:
+    the warm-up writes there, and a scheduler pads a batch to the captured size with it.
+    `kv_len` (default: the whole row) is part of the graph's shape: every step attends over all of it, masked by
+    position, so size it to the sequences served (gpt-fast sizes the cache; a scheduler buckets it).
+    `warmup` eager steps run before the capture, on a side stream as `torch.cuda.graphs` asks, so that lazy
+    initialisation (cuBLAS workspaces) is not captured; without a scratch row they write position kv_len - 1 of
+    each row, which no query reads before its own step has written it again.
     """
 
-    def __init__(self, model: MoECausalLM, cache: KVCache, batch_size: int, *, warmup: int = 2) -> None:
-        if not 1 <= batch_size <= cache.max_batch_size:
-            raise InvalidInputError(f"batch_size must be in [1, {cache.max_batch_size}] (the cache's rows), "
-                                    f"got {batch_size}")
+    def __init__(self, model: MoECausalLM, cache: KVCache, batch_size: int, *, kv_len: int | None = None,
+                 scratch_slot: int | None = None, warmup: int = 2) -> None:
+        rows = cache.max_batch_size
+        if not 1 <= batch_size <= rows:
+            raise InvalidInputError(f"batch_size must be in [1, {rows}] (the cache's rows), got {batch_size}")
+        limit = min(cache.max_seq_len, model.config.max_position_embeddings)
+        kv_len = limit if kv_len is None else kv_len
+        if not 1 <= kv_len <= limit:
+            raise InvalidInputError(f"kv_len must be in [1, {limit}] (the cache's and the model's context), got {kv_len}")
+        if scratch_slot is not None and not 0 <= scratch_slot < rows:
+            raise InvalidInputError(f"scratch_slot must be a row of the cache, [0, {rows}), got {scratch_slot}")
         config = model.config
         if (cache.k.device.type == "cuda" and cache.k.dtype != torch.bfloat16
                 and batch_size * config.num_experts_per_tok > config.num_local_experts):
             raise InvalidInputError(f"a CUDA graph of {batch_size} rows needs bf16 weights: in {cache.k.dtype} the "
                                     "experts of that many tokens are dispatched with a host sync (MoEFeedForward)")
-        self.model, self.cache, self.batch_size = model, cache, batch_size
-        self.kv_len = min(cache.max_seq_len, model.config.max_position_embeddings)
+        self.model, self.cache, self.batch_size, self.kv_len = model, cache, batch_size, kv_len
         device = cache.k.device
         # The step's inputs: graph replays read these buffers, so calls copy into them.
         self.input_ids = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.positions = torch.full((batch_size,), self.kv_len - 1, dtype=torch.long, device=device)
+        self.positions = torch.full((batch_size,), kv_len - 1, dtype=torch.long, device=device)
+        self.slots = None if scratch_slot is None else torch.full((batch_size,), scratch_slot, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
         if device.type == "cuda":
@@ -69,15 +81,20 @@ class CUDAGraphDecoder:
             self.logits = self._step()
 
     def _step(self) -> Tensor:
-        return self.model.decode_step(self.input_ids, self.positions, self.cache, self.kv_len)
+        return self.model.decode_step(self.input_ids, self.positions, self.cache, self.kv_len, slots=self.slots)
 
     @torch.inference_mode()
-    def __call__(self, input_ids: Tensor, positions: Tensor) -> Tensor:
-        """input_ids, positions (B,) on the cache's device -> logits (B, vocab). Positions must be < `kv_len`
-        (not checked: a check would be a host sync). On CUDA the result is the graph's own buffer: read it (sample
-        the next token) before the next call."""
+    def __call__(self, input_ids: Tensor, positions: Tensor, slots: Tensor | None = None) -> Tensor:
+        """input_ids, positions (and slots, with a scratch row) (B,) on the cache's device -> logits (B, vocab).
+        Positions must be < `kv_len` and slots distinct but for the scratch row (not checked: a check would be a
+        host sync). On CUDA the result is the graph's own buffer: read it (sample the next token) before the next
+        call."""
+        if (slots is None) != (self.slots is None):
+            raise InvalidInputError("pass slots exactly when the decoder was made with a scratch_slot")
         self.input_ids.copy_(input_ids)
         self.positions.copy_(positions)
+        if slots is not None:
+            self.slots.copy_(slots)
         if self.graph is None:
             return self._step()
         self.graph.replay()

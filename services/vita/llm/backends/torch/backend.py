@@ -123,9 +123,10 @@ class TorchProcessBackend(_StreamingBackend):
 
     def __init__(self, model_dir: str | Path, *, max_batch_size: int = 8, max_seq_len: int | None = None,
                  metrics: Metrics | None = None, pool: str = "llm:generator",
-                 engine_config: EngineConfig | None = None, threads: int | None = None) -> None:
+                 engine_config: EngineConfig | None = None, threads: int | None = None, device: str = "auto",
+                 dtype: str = "auto") -> None:
         super().__init__(metrics, pool)
-        spec = EngineCoreSpec(str(model_dir), max_batch_size, max_seq_len, engine_config, threads)
+        spec = EngineCoreSpec(str(model_dir), max_batch_size, max_seq_len, engine_config, threads, device, dtype)
         self.core = EngineCoreProcess(spec, self._on_step, self._deliver_error, self._on_dead)
         self.dead = asyncio.Event()
         self.snapshot: EngineSnapshot | None = None  # the engine after its latest step

@@ -10,6 +10,9 @@ With chunked prefill (`EngineConfig.enable_chunked_prefill`) a step is one forwa
 served, so a 4,000-token prompt is spread over many steps and never stalls the running streams for its whole
 prefill; the chunks and the decode rows share the step's read of the expert weights (`forward_batches`). With prefix caching
 (`enable_prefix_caching`) a prompt starts from the KV blocks of the longest prefix seen before (`prefix_cache`).
+With CUDA graphs (`cuda_graphs`, on by default when the model is on a CUDA device) a step that only decodes replays
+a graph captured for its batch-size bucket and context bucket (`vita.model.cuda_graph`), its rows padded to the
+bucket with a scratch row of the cache that no sequence is given.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import Tensor
 from vita.errors import ContextLengthError, InvalidInputError
 from vita.llm.backends.base import PromptInput, TokenOutput
 from vita.llm.backends.torch.prefix_cache import PrefixCache, PrefixCacheStats, block_hashes
+from vita.model.cuda_graph import CUDAGraphDecoder
 from vita.model.generation import SamplingParams, make_generator, sample_next_token, stop_ids
 from vita.model.llm import CacheBatch, MoECausalLM
 
@@ -39,6 +43,12 @@ class EngineConfig:
       Off: each prompt is prefilled whole in a forward of its own, then the step decodes.
     block_size: tokens per prefix-cache block. num_prefix_blocks: blocks in the prefix-cache pool (None: as many as
       the slot cache holds, max_batch_size * max_seq_len / block_size, which doubles the KV memory).
+    cuda_graphs: decode-only steps replay CUDA graphs (None: when the model is on a CUDA device; vLLM's
+      `enforce_eager` is `cuda_graphs=False`). True off CUDA runs the same padded, bucketed step eagerly (tests).
+    cudagraph_capture_sizes: the batch sizes captured (None: 1, 2, 4, 8, then multiples of 8 up to max_batch_size,
+      as vLLM's default list); a batch runs in the smallest that holds it.
+    min_graph_kv_len: the smallest context bucket; buckets double from it up to max_seq_len (a step attends over
+      its whole bucket, so the buckets bound that waste to 2x; each bucket and size is one graph, captured lazily).
     """
 
     enable_chunked_prefill: bool = False
@@ -46,6 +56,9 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     block_size: int = 16
     num_prefix_blocks: int | None = None
+    cuda_graphs: bool | None = None
+    cudagraph_capture_sizes: tuple[int, ...] | None = None
+    min_graph_kv_len: int = 256
 
 
 @dataclass
@@ -69,9 +82,10 @@ class EngineRequest:
         by the encoder outputs."""
         if prompt.slot_positions is None or prompt.slot_positions.numel() == 0:
             return cls(request_id, params, input_ids=prompt.input_ids)
-        with torch.inference_mode():
-            embeds = model.get_input_embeddings()(prompt.input_ids).clone()
-            embeds[prompt.slot_positions] = prompt.slot_embeddings.to(embeds.dtype)
+        table = model.get_input_embeddings()
+        with torch.inference_mode():  # on the model's device: the encoders' rows arrive on the CPU
+            embeds = table(prompt.input_ids.to(table.weight.device)).clone()
+            embeds[prompt.slot_positions.to(embeds.device)] = prompt.slot_embeddings.to(embeds.device, embeds.dtype)
         return cls(request_id, params, inputs_embeds=embeds)
 
 
@@ -135,7 +149,16 @@ class LLMEngine:
                                     "running sequences' decode tokens")
         self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings,
                                model.config.max_position_embeddings)
-        self.cache = model.new_cache(max_batch_size, self.max_seq_len)
+        self._device = model.lm_head.weight.device
+        graphs = config.cuda_graphs if config.cuda_graphs is not None else self._device.type == "cuda"
+        self._max_batch_size = max_batch_size
+        # With graphs the cache has one more row, never given to a sequence: the padding rows' writes go there.
+        self.cache = model.new_cache(max_batch_size + (1 if graphs else 0), self.max_seq_len)
+        self._graph_sizes: tuple[int, ...] = ()
+        if graphs:
+            sizes = config.cudagraph_capture_sizes or (1, 2, 4, *range(8, max_batch_size + 8, 8))
+            self._graph_sizes = tuple(sorted({min(s, max_batch_size) for s in sizes if s >= 1} | {max_batch_size}))
+        self._graphs: dict[tuple[int, int], CUDAGraphDecoder] = {}
         self.prefix_cache: PrefixCache | None = None
         if config.enable_prefix_caching:
             blocks = config.num_prefix_blocks or max_batch_size * self.max_seq_len // config.block_size
@@ -146,11 +169,15 @@ class LLMEngine:
         self.stats = EngineStats()
         self._cancel: set[str] = set()
         self._lock = threading.Lock()
-        self._device = model.lm_head.weight.device
 
     @property
     def max_batch_size(self) -> int:
-        return self.cache.max_batch_size
+        return self._max_batch_size
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode-only steps run captured graphs (the padded, bucketed static step)."""
+        return bool(self._graph_sizes)
 
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats | None:
@@ -264,6 +291,9 @@ class LLMEngine:
                 break
             chunks.append((seq, take))
             budget -= take
+        if not chunks and decoding and self.cuda_graphs:
+            self.stats.max_step_tokens = max(self.stats.max_step_tokens, len(decoding))
+            return self._decode(decoding)
         batches = [CacheBatch(self._positions(seq, n), self._slots([seq]), *self._chunk_inputs(seq, n))
                    for seq, n in chunks]
         if decoding:
@@ -307,10 +337,28 @@ class LLMEngine:
         return self._emit(seq, token)
 
     def _decode(self, seqs: list[_Sequence]) -> list[TokenOutput]:
+        if self.cuda_graphs:
+            return self._decoded(seqs, self._graph_decode(seqs))
         ids = torch.tensor([[s.last_token] for s in seqs], device=self._device)
         positions = torch.tensor([[s.position] for s in seqs], device=self._device)
         logits = self.model(ids, cache=self.cache, slots=self._slots(seqs), positions=positions).logits[:, -1]
         return self._decoded(seqs, logits)
+
+    def _graph_decode(self, seqs: list[_Sequence]) -> Tensor:
+        """The rows' logits (B, vocab) from the graph of the smallest captured size >= B and the smallest context
+        bucket holding the longest row; the padding rows feed token 0 at position 0 of the scratch row."""
+        size = next(s for s in self._graph_sizes if s >= len(seqs))
+        need = max(s.position for s in seqs) + 1
+        kv_len = min(self.max_seq_len, max(self.config.min_graph_kv_len, 1 << (need - 1).bit_length()))
+        decoder = self._graphs.get((size, kv_len))
+        if decoder is None:
+            decoder = CUDAGraphDecoder(self.model, self.cache, size, kv_len=kv_len, scratch_slot=self._max_batch_size)
+            self._graphs[(size, kv_len)] = decoder
+        pad = size - len(seqs)
+        ids = torch.tensor([s.last_token for s in seqs] + [0] * pad, device=self._device)
+        positions = torch.tensor([s.position for s in seqs] + [0] * pad, device=self._device)
+        slots = torch.tensor([s.slot for s in seqs] + [self._max_batch_size] * pad, device=self._device)
+        return decoder(ids, positions, slots)[: len(seqs)]
 
     def _decoded(self, seqs: list[_Sequence], logits: Tensor) -> list[TokenOutput]:
         """Each sequence's next token from its row of `logits` (B, vocab)."""

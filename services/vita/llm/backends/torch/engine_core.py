@@ -57,6 +57,20 @@ class EngineCoreSpec:
     max_seq_len: int | None = None
     config: EngineConfig | None = None
     threads: int | None = None  # torch CPU threads of the child (None: torch's choice)
+    device: str = "auto"  # `load_language_model`'s rules
+    dtype: str = "auto"
+
+
+def load_language_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
+    """The checkpoint's language model (no towers) for an engine, on `device` in `dtype` (names and "auto" rules of
+    `vita.model.placement`). Raises InvalidInputError for a device or dtype torch cannot use, CheckpointError for
+    a bad model."""
+    from vita.model.placement import resolve_device, resolve_dtype
+    from vita.model.vita import VitaForCausalLM
+
+    target = resolve_device(device)
+    return VitaForCausalLM.from_pretrained(Path(model_dir), towers=False, device=target,
+                                           dtype=resolve_dtype(dtype, target))
 
 
 def run_engine_core(inbox: Connection, outbox: Connection) -> None:
@@ -65,7 +79,6 @@ def run_engine_core(inbox: Connection, outbox: Connection) -> None:
     import torch
 
     from vita.llm.backends.torch.engine import EngineRequest, LLMEngine
-    from vita.model.vita import VitaForCausalLM
 
     try:
         spec: EngineCoreSpec = _recv(inbox)
@@ -75,7 +88,7 @@ def run_engine_core(inbox: Connection, outbox: Connection) -> None:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     try:
-        model = VitaForCausalLM.from_pretrained(Path(spec.model_dir), towers=False)
+        model = load_language_model(spec.model_dir, spec.device, spec.dtype)
         engine = LLMEngine(model, max_batch_size=spec.max_batch_size, max_seq_len=spec.max_seq_len,
                            config=spec.config)
     except Exception as e:  # a bad model directory: said in one line by the parent, which raises it
