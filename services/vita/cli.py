@@ -480,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the model repository the serving stack loads from a checkpoint")
     p.add_argument("--checkpoint", help="a stage's output_dir, its final/, or a checkpoint directory")
     p.add_argument("--output", help="the model repository directory to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory that `vita export` "
+                   "wrote (never one holding the checkpoint, nor another directory)")
     p.add_argument("--shard-bytes", type=_int_in(1, 2**62), default=5 * 10**9, help="largest safetensors shard (bytes)")
     p.add_argument("--templates", default=None, help="Triton model configs to copy (default: model_repository/)")
     p.add_argument("--verify", metavar="REPO", help="only check REPO's files against its manifest")

@@ -126,3 +126,44 @@ def test_cli_export_verify_and_errors(trained, tmp_path, capsys):
     assert err.count("\n") == 1 and "config.json: 2 bytes, the manifest says" in err
     assert main(["export", "--verify", str(tmp_path)]) == 2
     assert "not an exported model repository" in capsys.readouterr().err
+
+
+def test_overwrite_never_destroys_the_checkpoint_or_a_directory_it_did_not_write(trained, tmp_path, capsys):
+    """A new user's try (2026-12-04): `--checkpoint OUT/checkpoints/stage3 --output OUT --overwrite` used to replace
+    OUT, the checkpoint and every other file in it included."""
+    from vita.cli import main
+
+    claim = tmp_path / "claim"
+    (claim / "checkpoints").mkdir(parents=True)
+    stage = claim / "checkpoints" / "stage3"
+    model = VitaForCausalLM.from_pretrained(trained / "final")
+    save_model_dir(stage / "final", model.state_dict(), model.vita_config, VitaTokenizer.from_file(trained / "final"))
+    (claim / "precious.txt").write_text("keep me")
+    for output in (claim, stage, stage / "final"):
+        capsys.readouterr()
+        assert main(["export", "--checkpoint", str(stage), "--output", str(output), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "holds the checkpoint being exported" in err, err
+    assert (claim / "precious.txt").read_text() == "keep me" and (stage / "final" / "config.json").is_file()
+    # a directory that is not a repository this command wrote is not replaced; an exported one is
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(["export", "--checkpoint", str(stage), "--output", str(other), "--overwrite"]) == 2
+    assert "is not a model repository `vita export` wrote" in capsys.readouterr().err
+    assert (other / "notes.txt").read_text() == "mine"
+    assert main(["export", "--checkpoint", str(stage), "--output", str(claim / "model")]) == 0
+    assert main(["export", "--checkpoint", str(stage), "--output", str(claim / "model"), "--overwrite"]) == 0
+    verify_repository(claim / "model")
+    # an output under a file: one line, not an OS error number
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(stage), "--output", str(claim / "precious.txt" / "x")]) == 2
+    assert "precious.txt is a file, not a directory" in capsys.readouterr().err
+
+
+def test_exported_weights_are_readable_by_other_users(repo):
+    """safetensors writes 0600; the repository is read by other containers' uids (Triton, the engine Job)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for shard in repo.glob("*.safetensors"):
+        assert shard.stat().st_mode & 0o777 == 0o666 & ~mask, shard

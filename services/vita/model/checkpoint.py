@@ -66,9 +66,18 @@ def _nbytes(tensor: Tensor) -> int:
 
 
 def _atomic_write(path: Path, write) -> None:
+    """`write(tmp)` then rename onto `path`, with the mode a plain open() would give (0666 less the umask):
+    safetensors writes 0600, which the uid of another container (Triton, the engine Job) could not read."""
     tmp = path.with_name(f".{path.name}.tmp")
     write(str(tmp))
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # read by setting; set back at once
+    os.umask(mask)
+    return mask
 
 
 def load_sharded(directory: str | Path, *, keep: Callable[[str], bool] | None = None) -> dict[str, Tensor]:

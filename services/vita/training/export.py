@@ -82,8 +82,7 @@ def export_model(checkpoint: str | Path, output: str | Path, *, max_shard_bytes:
     """Writes the repository to a staging directory next to `output`, then renames it into place."""
     source = resolve_checkpoint(checkpoint)
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise InvalidInputError(f"{output} exists: pass --overwrite to replace it")
+    _check_output(output, Path(checkpoint), source, overwrite)
     templates = Path(templates) if templates is not None else TEMPLATES
     if not templates.is_dir():
         raise InvalidInputError(f"Triton templates not found at {templates} (pass --templates DIR)")
@@ -108,6 +107,34 @@ def export_model(checkpoint: str | Path, output: str | Path, *, max_shard_bytes:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output
+
+
+def _check_output(output: Path, checkpoint: Path, source: Path, overwrite: bool) -> None:
+    """Refuse an output that would destroy what it should not: the checkpoint being exported (or a directory
+    holding it), or, with overwrite, an existing directory that is not a repository this command wrote (no
+    manifest of FORMAT) and not empty. InvalidInputError naming the problem."""
+    resolved = output.resolve()
+    for held in (checkpoint.resolve(), source.resolve()):
+        if resolved == held or resolved in held.parents:
+            raise InvalidInputError(f"--output {output} holds the checkpoint being exported ({held}); write the "
+                                    f"repository elsewhere, e.g. {output / 'model'}")
+    for parent in resolved.parents:
+        if parent.exists() and not parent.is_dir():
+            raise InvalidInputError(f"--output {output}: {parent} is a file, not a directory")
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise InvalidInputError(f"--output {output} is a file, not a directory")
+    if not overwrite:
+        raise InvalidInputError(f"{output} exists: pass --overwrite to replace it")
+    try:
+        format_ = json.loads((output / MANIFEST).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        format_ = None
+    if format_ != FORMAT and any(output.iterdir()):
+        raise InvalidInputError(f"{output} is not a model repository `vita export` wrote (no {MANIFEST} of "
+                                f"format {FORMAT}): --overwrite replaces only those; empty it or choose another "
+                                "directory")
 
 
 def _manifest(directory: Path, model: VitaForCausalLM, source: Path) -> dict[str, Any]:
