@@ -122,6 +122,13 @@ def test_stopped_and_resumed_run_draws_the_same_loss_curve(work, tmp_path):
     assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
     a, b = load_sharded(tmp_path / "a" / "final"), load_sharded(tmp_path / "b" / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Resuming the finished stage (a job's retry) trains nothing and keeps its record (it used to be rewritten
+    # with final_loss null and wall_s 0).
+    record = (tmp_path / "b" / "final" / "training.json").read_text()
+    again = run_stage(_config(work, tmp_path / "b"), samples, resume=True)
+    assert again["final_loss"] == summary["final_loss"] is not None
+    assert (tmp_path / "b" / "final" / "training.json").read_text() == record
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
 
 
 def test_killed_run_resumes_to_the_uninterrupted_curve(work, tmp_path):

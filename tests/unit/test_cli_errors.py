@@ -82,6 +82,7 @@ def test_bad_flags_are_one_line_and_status_2(capsys, argv, message):
         (["eval", "mme", "--data", "/nonexistent/mme"], "vita eval mme: error: /nonexistent/mme: no such file"),
         (["serve", "llm", "--model", "/nonexistent/model"],
          "vita serve llm: error: --model /nonexistent/model: no such directory"),
+        (["serve", "vision-encoder", "--model", "/"], "vita serve vision-encoder: error: --model /: not a model directory"),
         (["model-info", "--preset", "huge"], "unknown preset 'huge'"),
         (["pretrain-vision", "--preset", "huge", "--output", "__OUT__"], "unknown preset 'huge'"),
         (["pretrain-audio", "--preset", "huge", "--output", "__OUT__"], "unknown preset 'huge'"),

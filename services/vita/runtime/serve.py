@@ -85,9 +85,10 @@ async def serve(name: str, args: argparse.Namespace, build: Build, *, threads: i
         await _check_redis(redis, args.redis)
         async with contextlib.AsyncExitStack() as resources:
             model_dir = Path(args.model) if args.model else build_tiny_checkpoint()
-            if not model_dir.is_dir():
-                raise VitaError(f"--model {args.model}: no such directory (a model repository, as `vita export` "
-                                "or `vita init-tiny` writes)")
+            if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
+                problem = "no such directory" if not model_dir.is_dir() else "not a model directory (no config.json)"
+                raise VitaError(f"--model {args.model}: {problem}; a model repository, as `vita export` or `vita "
+                                "init-tiny` writes, is expected")
             service = await build(Context(args, model_dir, redis, bus, metrics, resources))
             server = ServiceServer(service.grpc, host=args.host, port=args.grpc_port, access=access, tls=tls,
                                    health_port=args.health_port, max_message_bytes=args.max_message_bytes)

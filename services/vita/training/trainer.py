@@ -166,6 +166,14 @@ class Trainer:
             torch.manual_seed(config.data.seed + info.rank)
             if info.is_main and metrics_path.exists():
                 metrics_path.unlink()
+        record = self.output_dir / "final" / "training.json"
+        if state is not None and step >= config.max_steps and record.is_file():
+            # Resumed after the stage finished (a job's retry, a second `--resume`): nothing to train, and the
+            # record of the run that did the training stays as it is.
+            if info.is_main:
+                log.info("stage already finished", extra={"path": str(record.parent), "steps": step})
+            D.barrier(info)
+            return {k: v for k, v in json.loads(record.read_text()).items() if k != "config"}
         if config.precision == "bf16" and info.device.type == "cpu" and info.is_main:
             log.warning("bf16 autocast on CPU is slow; it is meant for GPUs")
 
