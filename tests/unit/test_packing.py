@@ -196,3 +196,22 @@ def test_the_training_prompt_is_the_serving_prompt(setup, tmp_path):
     assert example.input_ids[n:] == answer
     assert [t for t in example.targets if t != IGNORE] == answer  # position t predicts token t + 1
     assert example.targets[n - 1] == answer[0] and example.targets[: n - 1] == [IGNORE] * (n - 1)
+
+
+def test_a_bad_sample_from_a_manifest_is_named_by_its_file_and_line(setup, tmp_path):
+    """A new user's try (2026-12-04): a manifest line whose "audio" is a picture failed naming neither the manifest
+    nor the line; docs/training.md says data errors name the file and line."""
+    from vita.errors import InvalidInputError
+    from vita.training.data import read_manifest, write_manifest
+    from vita.training.stream import RowStream
+
+    tok, module, _ = setup
+    encoder = ExampleEncoder(tok, module.vita.vita_config)
+    (tmp_path / "not-audio.wav").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    bad = th.Sample("asr", [{"role": "user", "content": "<audio>Transcribe."}, {"role": "bot", "content": "x"}],
+                    audio=[str(tmp_path / "not-audio.wav")])
+    manifest = write_manifest(tmp_path / "train.jsonl", [th.text("a", "b"), bad])
+    samples = read_manifest(manifest)
+    assert samples[1].origin == f"{manifest}:2" and "origin" not in manifest.read_text()
+    with pytest.raises(InvalidInputError, match=rf"^{manifest}:2: "):
+        RowStream(samples, lambda s, e, i: encoder(s, i), packing_length=4000, shuffle=False)

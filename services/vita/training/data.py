@@ -93,6 +93,7 @@ def write_manifest(path: str | Path, samples: Iterable[Sample]) -> Path:
 
 def sample_to_record(sample: Sample, base: Path) -> dict[str, Any]:
     record = asdict(sample)
+    del record["origin"]
     record["images"] = [_relative(p, base) for p in sample.images]
     record["video"] = _relative(sample.video, base) if sample.video else None
     record["audio"] = [_relative(p, base) for p in sample.audio]
@@ -134,7 +135,7 @@ def sample_from_record(record: Any, base: Path, where: str, *, check_files: bool
                             f"but {n} {what}")
     sample = Sample(kind=kind, conversation=conversation, images=[_resolve(p, base) for p in images],
                     video=_resolve(video, base) if video else None, audio=[_resolve(p, base) for p in audio],
-                    state=state, meta={str(k): str(v) for k, v in meta.items()})
+                    state=state, meta={str(k): str(v) for k, v in meta.items()}, origin=where)
     if check_files:
         for media in [*sample.images, *([sample.video] if sample.video else []), *sample.audio]:
             file = split_audio_ref(media)[0]

@@ -31,6 +31,8 @@ class Sample:
     audio: list[str] = field(default_factory=list)
     state: str | None = None  # "<1>" query audio, "<2>" noisy audio, "<3>" text; None: no state token
     meta: dict[str, str] = field(default_factory=dict)  # free-form: id, source, task, language, split
+    # Where it was read ("manifest.jsonl:12"), for errors found later (undecodable media); not written back.
+    origin: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def answer(self) -> str:

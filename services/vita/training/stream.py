@@ -89,6 +89,8 @@ class RowStream:
                 self.skipped += 1
                 continue
             except InvalidInputError as e:
-                raise InvalidInputError(f"training sample {int(order[index]) + 1} of {len(self.samples)} (in "
-                                        f"manifest order): {e}") from None
+                sample = self.samples[int(order[index])]
+                where = sample.origin or (f"training sample {int(order[index]) + 1} of {len(self.samples)} (in "
+                                          "manifest order)")
+                raise InvalidInputError(f"{where}: {e}") from None
             yield example
