@@ -550,3 +550,21 @@ def test_the_engine_core_process_is_on_by_default_and_switched_per_pool():
     assert engine_process(docs, "llm-generator") and engine_process(docs, "llm-monitor")
     docs = k8s.render(k8s.VITA_CHART, {"llmMonitor": {"engineProcess": False}})
     assert engine_process(docs, "llm-generator") and not engine_process(docs, "llm-monitor")
+
+
+def test_the_llm_pools_device_dtype_and_cuda_graphs_reach_the_worker():
+    def parsed(docs, part):
+        (container,) = k8s.one(docs, "Deployment", f"{k8s.RELEASE}-{part}")["spec"]["template"]["spec"]["containers"]
+        with mock.patch.dict(os.environ, {}):
+            return k8s.parse_service_argv(container["args"])[1]
+
+    docs = k8s.render(k8s.VITA_CHART, {})
+    for part in ("llm-generator", "llm-monitor"):
+        args = parsed(docs, part)
+        assert (args.device, args.dtype, args.enforce_eager) == ("cpu", "auto", False)
+    docs = k8s.render(k8s.VITA_CHART, {"llmGenerator": {"device": "cuda:1", "dtype": "bfloat16", "enforceEager": True}})
+    args = parsed(docs, "llm-generator")
+    assert (args.device, args.dtype, args.enforce_eager) == ("cuda:1", "bfloat16", True)
+    assert parsed(docs, "llm-monitor").device == "cpu"
+    with helm.Chart.load(str(k8s.VITA_CHART)) as chart, pytest.raises(helm.HelmValuesError, match="/llmMonitor/device"):
+        chart.render({"llmMonitor": {"device": "gpu0"}}, name=k8s.RELEASE, namespace=k8s.NAMESPACE)

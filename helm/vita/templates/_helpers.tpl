@@ -204,6 +204,13 @@ llm-monitor: {key: llmMonitor, service: llm, role: monitor, pool: "llm:monitor"}
 - {{ int64 $v.maxNumBatchedTokens | quote }}
 - {{ ternary "--enable-prefix-caching" "--no-enable-prefix-caching" (ne $v.enablePrefixCaching false) }}
 - {{ ternary "--engine-process" "--no-engine-process" (ne $v.engineProcess false) }}
+- --device
+- {{ $v.device | default "cpu" | quote }}
+- --dtype
+- {{ $v.dtype | default "auto" | quote }}
+{{- if $v.enforceEager }}
+- --enforce-eager
+{{- end }}
 {{- end }}
 {{- if eq $root.Values.llm.backend "triton" }}
 - --triton-url
