@@ -144,7 +144,8 @@ def test_a_realtime_session_runs_through_the_rendered_gateway(release):
 
     created, done = asyncio.run(main())
     assert created["session"]["type"] == "realtime" and created["session"]["id"].startswith("sess_")
-    assert done["response"]["status"] == "completed" and done["response"]["usage"]["output_tokens"] > 0
+    # max_output_tokens 8 cuts the tiny model's answer: OpenAI's status for that is incomplete
+    assert done["response"]["status"] in ("completed", "incomplete") and done["response"]["usage"]["output_tokens"] > 0
     assert done["response"]["output"][0]["content"][0]["text"]
 
 

@@ -176,7 +176,9 @@ def test_spoken_question_about_the_camera_is_judged_a_query_and_answered(stack, 
              and e["item"]["role"] == "user"]
     assert [[p["type"] for p in item["content"]] for item in users] == [["input_image"], ["input_audio"]]
     done = next(e for d, t, e in rows if t == "response.done")["response"]
-    assert done["status"] == "completed", done["status_details"]
+    # completed, or cut at the token limit (the tiny model's noisy tail can run to it): never failed or cancelled
+    assert (done["status"], (done["status_details"] or {}).get("reason")) in (
+        ("completed", None), ("incomplete", "max_output_tokens")), done["status_details"]
     transcript = done["output"][0]["content"][0]["transcript"]
     assert transcript.startswith(trained_answer.split()[0])  # the fine-tuned answer, from the model
     assert done["usage"]["input_token_details"]["image_tokens"] > 0  # the answer saw the camera frame

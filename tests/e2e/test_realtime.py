@@ -154,11 +154,14 @@ def test_sdk_spoken_query_at_24khz_is_answered_with_audio_and_transcript_then_a_
     assert len(audio) > 24000  # more than half a second of speech at 24 kHz PCM16
     samples = np.frombuffer(audio, "<i2")
     assert np.abs(samples).max() > 1000  # sound, not silence
-    assert done.response.status == "completed" and done.response.usage.output_tokens > 0
+    # max_output_tokens 12 cuts the trained answer: `incomplete`, as OpenAI's
+    assert done.response.status == "incomplete" and done.response.usage.output_tokens == 12
+    assert done.response.status_details.reason == "max_output_tokens"
     assert done.response.output[0].content[0].transcript == transcript
 
     assert user.item.role == "user" and user.item.content[0].text == "And of Italy?"
-    assert done_text.response.status == "completed" and done_text.response.output_modalities == ["text"]
+    assert done_text.response.output_modalities == ["text"]
+    assert done_text.response.status == ("incomplete" if done_text.response.usage.output_tokens == 12 else "completed")
     text = "".join(e.delta for e in ev.of("response.output_text.delta"))
     assert text and not [e for e in ev.seen if e.type == "response.output_audio.delta"
                          and e.response_id == done_text.response.id]
@@ -294,6 +297,84 @@ def test_session_update_reaches_converse_and_bad_settings_are_refused(stack, red
     assert bad.error.type == "invalid_request_error" and "threshold" in bad.error.message
     assert bad.error.param == "session.audio.input.turn_detection"
     assert unsupported.error.code == "unsupported_parameter"
+
+
+def test_a_voice_espeak_ng_does_not_have_is_refused_and_the_answer_is_spoken_in_the_previous_one(stack, query_clip):
+    """It was taken (session.updated), then every sentence of the answer was an error `tts_failed`, without audio,
+    and the response still ended `completed`."""
+    async def main():
+        async with sdk(stack).realtime.connect(model="vita-tiny") as conn:
+            ev = Events(conn)
+            await ev.until("session.created")
+            await conn.session.update(session={"type": "realtime", "audio": {"output": {"voice": "en-gb"}}})
+            updated = await ev.until("session.updated")
+            await conn.session.update(session={"type": "realtime", "audio": {"output": {
+                "voice": "nosuchvoice_xyz"}}})
+            refused = await ev.until("error")
+            for chunk in chunks(pcm16(query_clip, to_rate=24000), 24000):
+                await conn.input_audio_buffer.append(audio=chunk)
+            await ev.until("response.output_audio.delta")
+            await conn.response.cancel()  # the answer is spoken: the rest of it is not needed
+            done = await ev.until("response.done")
+            return updated, refused, done, ev
+
+    updated, refused, done, ev = run(main())
+    assert updated.session.audio.output.voice == "en-gb"
+    assert (refused.error.type, refused.error.param) == ("invalid_request_error", "session.audio.output.voice")
+    assert "nosuchvoice_xyz" in refused.error.message
+    assert done.response.audio.output.voice == "en-gb"
+    assert len(ev.of("error")) == 1 and not ev.of("session.updated")[1:]  # no tts_failed, no second update
+    audio = b"".join(base64.b64decode(e.delta) for e in ev.of("response.output_audio.delta"))
+    assert np.abs(np.frombuffer(audio, "<i2")).max() > 1000
+
+
+def test_an_answer_cut_by_max_output_tokens_ends_incomplete(stack, query_clip, trained_answer):
+    """As OpenAI's: status `incomplete`, reason `max_output_tokens` (it was `completed`)."""
+    async def main():
+        async with sdk(stack).realtime.connect(model="vita-tiny") as conn:
+            ev = Events(conn)
+            await ev.until("session.created")
+            await conn.session.update(session={"type": "realtime", "max_output_tokens": 3})
+            await ev.until("session.updated")
+            for chunk in chunks(pcm16(query_clip, to_rate=24000), 24000):
+                await conn.input_audio_buffer.append(audio=chunk)
+            return await ev.until("response.done"), ev
+
+    done, ev = run(main())
+    assert done.response.status == "incomplete"
+    assert (done.response.status_details.type, done.response.status_details.reason) == (
+        "incomplete", "max_output_tokens")
+    assert done.response.usage.output_tokens == 3 and done.response.output[0].status == "incomplete"
+    transcript = done.response.output[0].content[0].transcript
+    assert transcript and len(transcript) < len(trained_answer) and trained_answer.startswith(transcript.strip())
+    assert not ev.of("error")
+
+
+def test_session_update_refuses_unknown_fields_and_another_model(stack):
+    """OpenAI refuses them (`unknown_parameter`); they were silently accepted."""
+    async def main():
+        ws = await _raw(stack)
+        try:
+            created = await _next(ws, "session.created")
+            errors = []
+            for n, session in enumerate([{"bogus_key": 1}, {"audio": {"output": {"voice": "alloy", "volume": 3}}},
+                                         {"voice": "alloy"}, {"model": "gpt-realtime"}]):
+                await ws.send(json.dumps({"type": "session.update", "event_id": f"e{n}", "session": session}))
+                errors.append(await _next(ws, "error"))
+            # What OpenAI takes is still taken: the session's own model, and the session object sent back.
+            await ws.send(json.dumps({"type": "session.update", "session": {
+                **created["session"], "model": "vita-tiny", "instructions": "Be brief."}}))
+            updated = await _next(ws, "session.updated")
+            return errors, updated
+        finally:
+            await ws.close()
+
+    errors, updated = run(main())
+    assert [(e["error"]["code"], e["error"]["param"], e["error"]["event_id"]) for e in errors] == [
+        ("unknown_parameter", "session.bogus_key", "e0"), ("unknown_parameter", "session.audio.output.volume", "e1"),
+        ("unknown_parameter", "session.voice", "e2"), ("invalid_value", "session.model", "e3")]
+    assert errors[0]["error"]["message"] == "Unknown parameter: 'session.bogus_key'."
+    assert updated["session"]["instructions"] == "Be brief." and updated["session"]["model"] == "vita-tiny"
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -478,8 +559,9 @@ def test_echo_guard_no_self_interruption_while_a_real_question_still_interrupts(
     url = f"http://127.0.0.1:{port(stack)}/v1"
     # The answer plays to its end with its own voice in the microphone at -6 dB.
     seen = _echo_session(url, query24, [], lambda seen: bool(_done(seen)))
-    done = _done(seen)[0]
-    assert done.response.status == "completed", done.response.status_details
+    done = _done(seen)[0]  # to its end, or to max_output_tokens (40): not cancelled
+    assert (done.response.status, done.response.status_details.reason) in (
+        ("completed", None), ("incomplete", "max_output_tokens")), done.response.status_details
     assert len([e for e in seen if e.type == "input_audio_buffer.committed"]) == 1  # only the question
     assert not _speech_during_answer(seen), _vad_events(seen)  # the echo never reached the VAD
     audio = [e for e in seen if e.type == "response.output_audio.delta"]
@@ -526,7 +608,7 @@ def test_without_the_echo_guard_the_answer_interrupts_itself(stack, query24):
     # the control asserts the cause the guard removes, and the interruption when the judgement came in time.
     assert _speech_during_answer(seen), [e.type for e in seen if not e.type.endswith("delta")]
     done = _done(seen)[0]
-    assert done.response.status in ("completed", "cancelled")
+    assert done.response.status in ("completed", "incomplete", "cancelled")  # (incomplete: max_output_tokens)
     if done.response.status == "cancelled":
         assert done.response.status_details.reason == "turn_detected"
 
@@ -539,26 +621,35 @@ def test_resume_a_session_by_id_and_an_unknown_id_is_refused(stack, redis):
         await ws.send(json.dumps({"type": "response.create", "response": {"output_modalities": ["text"]}}))
         await _next(ws, "response.done")
         await ws.close()
-        session_id = first["session"]["id"].removeprefix("sess_")
+        reported = first["session"]["id"]  # resumed with the id exactly as session.created reported it
         again = await websockets.connect(
-            f"ws://127.0.0.1:{port(stack)}/v1/realtime?model=m&session_id={session_id}",
+            f"ws://127.0.0.1:{port(stack)}/v1/realtime?model=m&session_id={reported}",
             additional_headers={"Authorization": f"Bearer {TOKEN}"})
         resumed = await _next(again, "session.created")
         await again.send(json.dumps({"type": "conversation.item.create", "item": _text_item("and again")}))
         await again.send(json.dumps({"type": "response.create", "response": {"output_modalities": ["text"]}}))
         await _next(again, "response.done")
         await again.close()
+        session_id = reported.removeprefix("sess_")  # the bare Converse session id resumes too
+        bare = await websockets.connect(
+            f"ws://127.0.0.1:{port(stack)}/v1/realtime?model=m&session_id={session_id}",
+            additional_headers={"Authorization": f"Bearer {TOKEN}"})
+        resumed_bare = await _next(bare, "session.created")
+        await bare.send(json.dumps({"type": "conversation.item.create", "item": _text_item("once more")}))
+        await bare.send(json.dumps({"type": "response.create", "response": {"output_modalities": ["text"]}}))
+        await _next(bare, "response.done")
+        await bare.close()
         unknown = await websockets.connect(
             f"ws://127.0.0.1:{port(stack)}/v1/realtime?model=m&session_id=nope{uuid.uuid4().hex}",
             additional_headers={"Authorization": f"Bearer {TOKEN}"})
         refused = await _next(unknown, "error")
         with pytest.raises(websockets.ConnectionClosed) as closed:
             await asyncio.wait_for(unknown.recv(), TIMEOUT_S)
-        return session_id, resumed, refused, closed.value
+        return session_id, resumed, resumed_bare, refused, closed.value
 
-    session_id, resumed, refused, closed = run(main())
-    assert resumed["session"]["id"] == f"sess_{session_id}"
+    session_id, resumed, resumed_bare, refused, closed = run(main())
+    assert resumed["session"]["id"] == resumed_bare["session"]["id"] == f"sess_{session_id}"
     turns = stored(redis, stack, session_id).turns
-    assert [t.content for t in turns if t.role == SessionTurn.USER] == ["remember me", "and again"]
+    assert [t.content for t in turns if t.role == SessionTurn.USER] == ["remember me", "and again", "once more"]
     assert refused["error"]["code"] == "session_refused" and "does not exist" in refused["error"]["message"]
     assert closed.rcvd.code == 1008

@@ -29,6 +29,7 @@ CLIENT_EVENTS = (
 # Client events of the API that this server does not implement: refused with a clear error (docs/realtime.md).
 UNSUPPORTED_EVENTS = ("conversation.item.delete", "conversation.item.retrieve", "output_audio_buffer.clear")
 IGNORED_EVENT = "vita.utterance.ignored"  # our extension: speech judged not meant for the assistant
+SESSION_ID_PREFIX = "sess_"  # session.id is this + the Converse session id; `?session_id=` takes either
 
 
 class RealtimeError(Exception):
@@ -136,6 +137,36 @@ def data_url_bytes(url: Any, param: str) -> bytes:
 EAGERNESS = {"low": 2000, "medium": 800, "auto": 800, "high": 600}
 MAX_VAD_MS = 60_000  # silence_duration_ms and prefix_padding_ms
 
+# The fields a session.update may have, per object: the GA API's (those we do not implement are refused by name
+# further on, unless off), our session object's own (a client may send back what session.created gave it: its `id`
+# and `object` are ignored) and the beta name `modalities`. Anything else is refused as OpenAI does:
+# `unknown_parameter`, naming it.
+SESSION_KEYS = frozenset({
+    "type", "object", "id", "model", "instructions", "output_modalities", "modalities", "max_output_tokens", "audio",
+    "tools", "tool_choice", "prompt", "tracing", "truncation", "include", "reasoning"})
+AUDIO_KEYS = frozenset({"input", "output"})
+INPUT_KEYS = frozenset({"format", "transcription", "noise_reduction", "turn_detection"})
+OUTPUT_KEYS = frozenset({"format", "voice", "speed"})
+FORMAT_KEYS = frozenset({"type", "rate"})
+TURN_DETECTION_KEYS = frozenset({"type", "threshold", "prefix_padding_ms", "silence_duration_ms", "eagerness",
+                                 "create_response", "interrupt_response", "idle_timeout_ms"})
+# Beta Realtime API session fields and their GA places, for a helpful refusal.
+_BETA_NAMES = {"voice": "audio.output.voice", "speed": "audio.output.speed", "input_audio_format": "audio.input.format",
+               "output_audio_format": "audio.output.format", "turn_detection": "audio.input.turn_detection",
+               "input_audio_transcription": "audio.input.transcription",
+               "input_audio_noise_reduction": "audio.input.noise_reduction",
+               "max_response_output_tokens": "max_output_tokens"}
+
+
+def _known_keys(value: dict, keys: frozenset[str], param: str) -> None:
+    """RealtimeError `unknown_parameter` (OpenAI's code and message) for the first field of `value` not in `keys`."""
+    for key in value:
+        if key not in keys:
+            hint = f" (the GA API's name is 'session.{_BETA_NAMES[key]}')" if param == "session" and key in _BETA_NAMES \
+                else ""
+            raise RealtimeError(f"Unknown parameter: '{param}.{key}'.{hint}", code="unknown_parameter",
+                                param=f"{param}.{key}")
+
 
 @dataclass
 class SessionSettings:
@@ -180,7 +211,7 @@ class SessionSettings:
         """The `session` object of session.created / session.updated."""
         vad = self.vad()
         return {
-            "type": "realtime", "object": "realtime.session", "id": f"sess_{self.session_id}", "model": self.model,
+            "type": "realtime", "object": "realtime.session", "id": SESSION_ID_PREFIX + self.session_id, "model": self.model,
             "instructions": self.instructions, "output_modalities": list(self.output_modalities),
             "max_output_tokens": self.max_output_tokens, "tools": [], "tool_choice": "auto",
             "audio": {
@@ -205,10 +236,14 @@ class SessionSettings:
         """A copy with a `session.update`'s fields applied; RealtimeError (naming the field) if one is refused."""
         if not isinstance(session, dict):
             raise RealtimeError("'session' must be an object", param="session")
+        _known_keys(session, SESSION_KEYS, "session")
         new = copy.deepcopy(self)
         if session.get("type", "realtime") != "realtime":
             raise RealtimeError("only realtime sessions are supported (no transcription sessions)",
                                 param="session.type")
+        if session.get("model") is not None and session["model"] != self.model:
+            raise RealtimeError(f"the model is chosen when connecting (?model=) and cannot change: this session's is "
+                                f"{self.model!r}", param="session.model")
         if "instructions" in session:
             new.instructions = _typed(session["instructions"] or "", str, "session.instructions")
         modalities = session.get("output_modalities", session.get("modalities"))
@@ -224,6 +259,7 @@ class SessionSettings:
         audio = session.get("audio") or {}
         if not isinstance(audio, dict):
             raise RealtimeError("'audio' must be an object", param="session.audio")
+        _known_keys(audio, AUDIO_KEYS, "session.audio")
         _apply_input(new, audio.get("input") or {})
         _apply_output(new, audio.get("output") or {})
         try:
@@ -242,10 +278,12 @@ def check_modalities(value: Any, param: str) -> list[str]:
 def _apply_input(new: SessionSettings, config: Any) -> None:
     if not isinstance(config, dict):
         raise RealtimeError("'input' must be an object", param="session.audio.input")
+    _known_keys(config, INPUT_KEYS, "session.audio.input")
     if "format" in config:
         fmt = config["format"] or {}
         if not isinstance(fmt, dict) or fmt.get("type", "audio/pcm") != "audio/pcm":
             raise RealtimeError("only audio/pcm (PCM16 mono) input is supported", param="session.audio.input.format")
+        _known_keys(fmt, FORMAT_KEYS, "session.audio.input.format")
         rate = fmt.get("rate", SAMPLE_RATE)
         if not isinstance(rate, int) or isinstance(rate, bool) or not 8_000 <= rate <= 48_000:
             raise RealtimeError(f"input rate must be 8000..48000 Hz (24000, or 16000); got {rate!r}",
@@ -262,6 +300,7 @@ def _apply_input(new: SessionSettings, config: Any) -> None:
     if not isinstance(td, dict) or td.get("type", "server_vad") not in ("server_vad", "semantic_vad"):
         raise RealtimeError("only server_vad and semantic_vad turn detection are supported: VITA cuts and judges "
                             "all speech itself (no null/manual turns)", code="unsupported_parameter", param=param)
+    _known_keys(td, TURN_DETECTION_KEYS, param)
     eagerness = td.get("eagerness", "auto")
     if not isinstance(eagerness, str) or eagerness not in EAGERNESS:  # (a list is not hashable: no `in` a dict)
         raise RealtimeError(f"eagerness must be one of {', '.join(EAGERNESS)}; got {eagerness!r}",
@@ -292,10 +331,13 @@ def _apply_input(new: SessionSettings, config: Any) -> None:
 def _apply_output(new: SessionSettings, config: Any) -> None:
     if not isinstance(config, dict):
         raise RealtimeError("'output' must be an object", param="session.audio.output")
+    _known_keys(config, OUTPUT_KEYS, "session.audio.output")
     fmt = config.get("format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type", "audio/pcm") != "audio/pcm"
                             or fmt.get("rate", SAMPLE_RATE) != SAMPLE_RATE):
         raise RealtimeError("only audio/pcm at 24000 Hz output is supported", param="session.audio.output.format")
+    if fmt is not None:
+        _known_keys(fmt, FORMAT_KEYS, "session.audio.output.format")
     if config.get("voice") is not None:
         voice = config["voice"]
         new.voice = _typed(voice.get("id") if isinstance(voice, dict) else voice, str, "session.audio.output.voice")

@@ -31,7 +31,7 @@ from websockets.http11 import Request, Response
 
 from vita.errors import PortInUse, VitaError, one_line
 from vita.realtime.console import console_response
-from vita.realtime.protocol import SessionSettings
+from vita.realtime.protocol import SESSION_ID_PREFIX, SessionSettings
 from vita.realtime.session import RealtimeSession
 from vita.realtime.tts import make_tts
 from vita.runtime.access import TokenSet, bearer_token, load_tokens
@@ -56,6 +56,12 @@ def request_token(headers: Headers) -> str | None:
             if protocol.strip().startswith(_KEY_PROTOCOL):
                 return protocol.strip()[len(_KEY_PROTOCOL):] or None
     return None
+
+
+def resume_id(value: str) -> str:
+    """The Converse session a `?session_id=` resumes: the id as session.created reported it (`sess_<id>`), or the
+    bare Converse session id."""
+    return value.removeprefix(SESSION_ID_PREFIX)
 
 
 def _json_response(status: HTTPStatus, message: str, code: str) -> Response:
@@ -99,7 +105,7 @@ class RealtimeServer:
         query = parse_qs(urlsplit(ws.request.path).query)
         token = request_token(ws.request.headers)
         settings = SessionSettings(model=query.get("model", ["vita"])[0])
-        resume = query.get("session_id", [""])[0]
+        resume = resume_id(query.get("session_id", [""])[0])
         if resume:
             settings.session_id = resume
         metadata = (("authorization", f"Bearer {token}"),) if token else ()

@@ -52,6 +52,7 @@ from vita.v1.assistant_pb2 import (
     AudioChunk,
     CancelAnswer,
     ClientEvent,
+    Completed,
     CutSpeech,
     PlaybackState,
     ServerEvent,
@@ -69,6 +70,9 @@ _KEEP_ITEMS = 64  # assistant items remembered for conversation.item.truncate
 _SPEAKABLE = re.compile(r"\w")
 _ERROR_TYPES = {3: "invalid_request_error", 5: "invalid_request_error", 8: "rate_limit_error"}
 _STATUS_NAMES = {status.value[0]: status.name.lower() for status in grpc.StatusCode}
+# An answer the token limit cut: OpenAI's response.done status `incomplete`, reason `max_output_tokens` (the
+# context window filling first cuts it the same way: the room left for the answer was the limit).
+_CUT_BY_TOKENS = (Completed.LENGTH, Completed.CONTEXT_LENGTH)
 
 
 # Orchestrator refusals that are about the caller, with the OpenAI error codes a client already handles.
@@ -100,7 +104,9 @@ class Response:
     playback_start: float | None = None  # loop time at which the client started (nominally) playing it
     usage: dict | None = None
     converse_done: bool = False  # Converse completed or stopped the answer
+    cut_by_tokens: bool = False  # Converse completed it at the token limit (LENGTH or CONTEXT_LENGTH)
     cancel_reason: str | None = None
+    error: dict | None = None  # what failed it on our side (text to speech): it ends `failed` with this
     finished: bool = False  # nothing more of it goes out (response.done is sent, or once the history is cut)
     splitter: SentenceSplitter = field(default_factory=SentenceSplitter)
     sentences: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -233,10 +239,11 @@ class RealtimeSession:
 
     def _on_session_update(self, event: dict) -> None:
         new = self.settings.updated(event.get("session"))
-        try:  # an unknown voice failed only when the first answer was spoken, and that answer never ended
-            make_tts(self.tts_name, new.voice, new.speed)
-        except VitaError as e:
-            raise RealtimeError(str(e), param="session.audio.output.voice") from None
+        if (new.voice, new.speed) != (self.settings.voice, self.settings.speed):
+            try:  # an unknown voice failed only when the first answer was spoken, each sentence an error
+                make_tts(self.tts_name, new.voice, new.speed)
+            except VitaError as e:
+                raise RealtimeError(str(e), param="session.audio.output.voice") from None
         if new.to_converse() != self.settings.to_converse():
             self._converse(ClientEvent(config=new.to_converse()))
         if self.echo is not None and new.input_rate != self.settings.input_rate:
@@ -450,11 +457,12 @@ class RealtimeSession:
             return
         r.converse_done = True
         r.usage = usage(event.completed.usage, event.completed.usage.completion_tokens)
-        if r.cancel_reason:
-            self._stop(r, r.cancel_reason)
+        r.cut_by_tokens = event.completed.finish_reason in _CUT_BY_TOKENS
+        if r.cancel_reason or r.error:
+            self._stop(r, r.cancel_reason, error=r.error)
         elif r.modality == "text":
             r.finished = True
-            self._done(r, "completed")
+            self._done(r, *self._ended(r))
         else:
             r.sentences.put_nowait(r.splitter.flush())
             r.sentences.put_nowait(None)  # the speaker finishes the response after the last sentence
@@ -466,7 +474,10 @@ class RealtimeSession:
         r.converse_done = True
         interrupted = event.interrupted
         r.usage = usage(interrupted.usage if interrupted.HasField("usage") else None, interrupted.tokens_generated)
-        self._stop(r, r.cancel_reason or "turn_detected")
+        if r.error is not None:  # our CancelAnswer after the speech failed
+            self._stop(r, None, error=r.error)
+        else:
+            self._stop(r, r.cancel_reason or "turn_detected")
 
     def _converse_truncated(self, event: ServerEvent) -> None:
         pending = self.truncations.get(event.turn_id)
@@ -516,17 +527,22 @@ class RealtimeSession:
         plays it, so an interruption stops it where the listener is (not after all of it was sent), the stored
         answer is what was heard (to within the lead), and the echo guard knows when each piece sounds.
         """
-        tts = make_tts(self.tts_name, self.settings.voice, self.settings.speed)
         loop = asyncio.get_running_loop()
+        tts = None
         while (sentence := await r.sentences.get()) is not None:
             if not sentence:
                 continue
             pcm = b""
             if _SPEAKABLE.search(sentence):
                 try:
+                    tts = tts or make_tts(self.tts_name, self.settings.voice, self.settings.speed)
                     pcm = await asyncio.to_thread(tts.synthesize, sentence.strip())
-                except VitaError as e:
-                    self.send(error_event(f"text to speech failed: {e}", code="tts_failed", kind="server_error"))
+                except Exception as e:  # whatever the engine raised, the answer cannot be spoken
+                    if not isinstance(e, VitaError):
+                        log.exception("text to speech failed", extra={"session_id": self.settings.session_id})
+                    if not r.finished:
+                        self._speech_failed(r, f"text to speech failed: {e}")
+                    return
             if r.finished:
                 return
             start = r.audio_ms
@@ -547,7 +563,24 @@ class RealtimeSession:
                     self.echo.played(chunk)
         r.finished = True
         self._converse(ClientEvent(playback=PlaybackState(playing=False)))
-        self._done(r, "completed")
+        self._done(r, *self._ended(r))
+
+    def _speech_failed(self, r: Response, message: str) -> None:
+        """A sentence could not be synthesized: the response ends `failed` (status_details.error: `tts_failed`) after
+        an `error` event, and the stored answer is cut to the text whose audio went out. An answer still being
+        generated is stopped first (its Interrupted event then ends the response)."""
+        r.error = {"type": "server_error", "code": "tts_failed", "message": message}
+        self.send(error_event(message, code="tts_failed", kind="server_error"))
+        if r.converse_done:
+            self._stop(r, None, error=r.error)
+        else:
+            self._converse(ClientEvent(cancel=CancelAnswer(turn_id=r.turn_id)))
+
+    @staticmethod
+    def _ended(r: Response) -> tuple[str, str | None]:
+        """The status and reason of a response that ran to its end: `incomplete` (`max_output_tokens`) when the token
+        limit cut it, as OpenAI's."""
+        return ("incomplete", "max_output_tokens") if r.cut_by_tokens else ("completed", None)
 
     def _stop(self, r: Response, reason: str | None, *, error: dict | None = None) -> None:
         """End `r` now: no more audio; the stored answer is cut to the text whose audio went out, and then
@@ -582,7 +615,7 @@ class RealtimeSession:
                 return
             self._on_converse(event)
 
-    def _done(self, r: Response, status: str, *, reason: str | None = None, error: dict | None = None) -> None:
+    def _done(self, r: Response, status: str, reason: str | None = None, *, error: dict | None = None) -> None:
         """The closing events of a response: the parts, the item and response.done."""
         text = r.spoken_text() if r.modality == "audio" else "".join(r.text)
         if r.modality == "audio":

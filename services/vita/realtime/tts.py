@@ -11,6 +11,7 @@ The default voice is the local `espeak-ng` (no download); a neural TTS plugs in 
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import shutil
@@ -43,23 +44,98 @@ class TTS(Protocol):
 
 
 class EspeakTTS:
-    """espeak-ng through its command line, resampled from its 22.05 kHz to `sample_rate` with libswresample."""
+    """espeak-ng through its command line, resampled from its 22.05 kHz to `sample_rate` with libswresample.
+
+    The voice is checked when the engine is made (a session.update is refused then), not when the first answer is
+    spoken: it must be one espeak-ng has (`espeak_voice_exists`).
+    """
 
     def __init__(self, voice: str = DEFAULT_VOICE, speed: float = 1.0, sample_rate: int = SAMPLE_RATE) -> None:
         if shutil.which("espeak-ng") is None:
             raise VitaError("espeak-ng is missing: install it (`make setup`) for spoken answers")
-        if not re.fullmatch(r"[A-Za-z0-9_+-]{1,40}", VOICES.get(voice, voice)):
-            raise VitaError(f"unknown voice {voice!r}")
-        self.voice, self.speed, self.sample_rate = VOICES.get(voice, voice), speed, sample_rate
+        name = VOICES.get(voice, voice)
+        if not espeak_voice_exists(name):
+            raise VitaError(f"unknown voice {voice!r}: not one of the OpenAI voice names ({', '.join(VOICES)}) nor "
+                            "an espeak-ng voice (`espeak-ng --voices`, optionally +variant from "
+                            "`espeak-ng --voices=variant`)")
+        self.voice, self.speed, self.sample_rate = name, speed, sample_rate
 
     def synthesize(self, text: str) -> bytes:
         words_per_minute = str(max(80, min(450, round(_WORDS_PER_MINUTE * self.speed))))
         command = ["espeak-ng", "-v", self.voice, "-s", words_per_minute, "--stdout", text]
-        result = subprocess.run(command, capture_output=True, check=False, timeout=60)
+        try:
+            result = subprocess.run(command, capture_output=True, check=False, timeout=60)
+        except (OSError, subprocess.SubprocessError) as e:  # gone since start-up, or hung
+            raise VitaError(f"espeak-ng failed (voice {self.voice!r}): {e}") from None
         if result.returncode != 0 or not result.stdout:
             raise VitaError(f"espeak-ng failed (voice {self.voice!r}): "
                             f"{result.stderr.decode(errors='replace').strip() or 'no audio'}")
-        return resample_wav(result.stdout, self.sample_rate)
+        try:
+            return resample_wav(result.stdout, self.sample_rate)
+        except Exception as e:  # a WAV av cannot read: the engine failed, whatever av raises
+            raise VitaError(f"espeak-ng failed (voice {self.voice!r}): its audio could not be read: {e}") from None
+
+
+_VOICE_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}(/[A-Za-z0-9_-]{1,40})?")
+
+
+def espeak_voice_exists(name: str) -> bool:
+    """Whether espeak-ng speaks with `name`: a voice of `espeak-ng --voices` (its language, as `en-us`, or its file,
+    as `gmw/en` or `en`; espeak-ng also takes a tag of a language it has, as `de-de`), optionally `+variant` of
+    `espeak-ng --voices=variant` (as `en-us+f2`).
+
+    espeak-ng silently ignores a variant it does not have, and a voice it lists may still fail (an MBROLA voice
+    without its data): the lists are read once, and a voice whose language is on them is tried (a short synthesis,
+    remembered).
+    """
+    base, plus, variant = name.partition("+")
+    if not _VOICE_NAME.fullmatch(base) or (plus and variant not in _espeak_variants()):
+        return False
+    base = base.lower()
+    if base not in _espeak_voices() and base.split("-", 1)[0] not in _espeak_voices():
+        return False
+    return _espeak_speaks(base)
+
+
+def _espeak_list(kind: str | None = None) -> list[tuple[str, str, list[str]]]:
+    """(language, file, other languages) of each voice `espeak-ng --voices[=kind]` lists."""
+    command = ["espeak-ng", f"--voices={kind}" if kind else "--voices"]
+    try:
+        out = subprocess.run(command, capture_output=True, check=False, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    rows = []
+    for line in out.decode(errors="replace").splitlines()[1:]:  # Pty Language Age/Gender VoiceName File Other
+        fields = line.split()
+        if len(fields) >= 5:
+            rows.append((fields[1], fields[4], re.findall(r"\(([^ ()]+) \d+\)", " ".join(fields[5:]))))
+    return rows
+
+
+@functools.cache
+def _espeak_voices() -> frozenset[str]:
+    """What `-v` takes, lower-cased (espeak-ng matches voices case-insensitively): languages (the other languages a
+    voice speaks too, as `zh`), files and the files' last component."""
+    names = set()
+    for language, path, others in _espeak_list():
+        names.update((language.lower(), path.lower(), path.rsplit("/", 1)[-1].lower(), *map(str.lower, others)))
+    return frozenset(names)
+
+
+@functools.cache
+def _espeak_variants() -> frozenset[str]:
+    """Variant names (`m3`, `f2`, `Alex`, ...), as espeak-ng matches them: the file names, case and all."""
+    return frozenset(path.rsplit("/", 1)[-1] for _, path, _ in _espeak_list("variant"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _espeak_speaks(voice: str) -> bool:
+    try:
+        result = subprocess.run(["espeak-ng", "-v", voice, "--stdout", "a"], capture_output=True, check=False,
+                                timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return result.returncode == 0 and len(result.stdout) > 44 and b"does not exist" not in result.stderr
 
 
 def resample_wav(wav: bytes, rate: int) -> bytes:
