@@ -80,4 +80,4 @@ def test_bad_benchmark_data_is_one_line_before_the_model_loads(tmp_path: Path) -
     bad.write_text("q,a,b,c,d,A\nq,a,b\n")
     r = vita("eval", "mmlu", "--model", str(tmp_path / "no-model-here"), "--data", str(tmp_path))
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == f"vita eval: error: {bad}:2: 3 columns; MMLU rows have 6 (question, A, B, C, D, answer)"
+    assert r.stderr.strip() == f"vita eval mmlu: error: {bad}:2: 3 columns; MMLU rows have 6 (question, A, B, C, D, answer)"

@@ -39,10 +39,12 @@ class CUDAGraphDecoder:
     `warmup` eager steps run before the capture, on a side stream as `torch.cuda.graphs` asks, so that lazy
     initialisation (cuBLAS workspaces) is not captured; without a scratch row they write position kv_len - 1 of
     each row, which no query reads before its own step has written it again.
+    `pool` (`torch.cuda.graph_pool_handle()`): a memory pool shared with the other decoders of one scheduler, as vLLM
+    shares one across its captures; safe because one step's logits are read before another graph replays.
     """
 
     def __init__(self, model: MoECausalLM, cache: KVCache, batch_size: int, *, kv_len: int | None = None,
-                 scratch_slot: int | None = None, warmup: int = 2) -> None:
+                 scratch_slot: int | None = None, warmup: int = 2, pool: tuple | None = None) -> None:
         rows = cache.max_batch_size
         if not 1 <= batch_size <= rows:
             raise InvalidInputError(f"batch_size must be in [1, {rows}] (the cache's rows), got {batch_size}")
@@ -66,10 +68,10 @@ class CUDAGraphDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
         if device.type == "cuda":
-            self._capture(warmup)
+            self._capture(warmup, pool)
 
     @torch.inference_mode()
-    def _capture(self, warmup: int) -> None:
+    def _capture(self, warmup: int, pool: tuple | None) -> None:
         stream = torch.cuda.Stream(device=self.cache.k.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -77,7 +79,7 @@ class CUDAGraphDecoder:
                 self._step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.logits = self._step()
 
     def _step(self) -> Tensor:

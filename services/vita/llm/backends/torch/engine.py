@@ -159,6 +159,7 @@ class LLMEngine:
             sizes = config.cudagraph_capture_sizes or (1, 2, 4, *range(8, max_batch_size + 8, 8))
             self._graph_sizes = tuple(sorted({min(s, max_batch_size) for s in sizes if s >= 1} | {max_batch_size}))
         self._graphs: dict[tuple[int, int], CUDAGraphDecoder] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if graphs and self._device.type == "cuda" else None
         self.prefix_cache: PrefixCache | None = None
         if config.enable_prefix_caching:
             blocks = config.num_prefix_blocks or max_batch_size * self.max_seq_len // config.block_size
@@ -352,7 +353,8 @@ class LLMEngine:
         kv_len = min(self.max_seq_len, max(self.config.min_graph_kv_len, 1 << (need - 1).bit_length()))
         decoder = self._graphs.get((size, kv_len))
         if decoder is None:
-            decoder = CUDAGraphDecoder(self.model, self.cache, size, kv_len=kv_len, scratch_slot=self._max_batch_size)
+            decoder = CUDAGraphDecoder(self.model, self.cache, size, kv_len=kv_len, scratch_slot=self._max_batch_size,
+                                       pool=self._graph_pool)
             self._graphs[(size, kv_len)] = decoder
         pad = size - len(seqs)
         ids = torch.tensor([s.last_token for s in seqs] + [0] * pad, device=self._device)
