@@ -653,3 +653,126 @@ def test_resume_a_session_by_id_and_an_unknown_id_is_refused(stack, redis):
     assert [t.content for t in turns if t.role == SessionTurn.USER] == ["remember me", "and again", "once more"]
     assert refused["error"]["code"] == "session_refused" and "does not exist" in refused["error"]["message"]
     assert closed.rcvd.code == 1008
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Refusals before an item is created, truncation bounds, readiness
+
+
+async def _until_any(ws, kinds: set[str]) -> list[dict]:
+    """Events up to and including the first whose type is in `kinds`."""
+    seen = []
+    while True:
+        seen.append(json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT_S)))
+        if seen[-1]["type"] in kinds:
+            return seen
+
+
+def test_a_bad_image_or_an_over_long_text_is_refused_with_the_event_id_and_stays_out_of_the_chain(stack):
+    async def main():
+        ws = await _raw(stack)
+        try:
+            await _next(ws, "session.created")
+            first = {"type": "conversation.item.create", "event_id": "e0", "item": _text_item("Hello.")}
+            await ws.send(json.dumps(first))
+            created = await _next(ws, "conversation.item.created")
+            image = {"type": "conversation.item.create", "event_id": "I1", "item": {
+                "type": "message", "role": "user",
+                "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}}
+            await ws.send(json.dumps(image))
+            bad_image = await _until_any(ws, {"error", "conversation.item.created"})
+            await ws.send(json.dumps({"type": "conversation.item.create", "event_id": "L1",
+                                      "item": _text_item("x" * 240_000)}))
+            long_text = await _until_any(ws, {"error", "conversation.item.created"})
+            await ws.send(json.dumps({"type": "conversation.item.create", "event_id": "e2",
+                                      "item": _text_item("What is the capital of France?")}))
+            after = await _next(ws, "conversation.item.created")
+            await ws.send(json.dumps({"type": "response.create", "event_id": "L2",
+                                      "response": {"output_modalities": ["text"]}}))
+            done = await _until_any(ws, {"response.done"})
+            return created, bad_image, long_text, after, done
+        finally:
+            await ws.close()
+
+    created, bad_image, long_text, after, done = run(main())
+    assert [e["type"] for e in bad_image] == ["error"]
+    assert (bad_image[0]["error"]["event_id"], bad_image[0]["error"]["param"]) == (
+        "I1", "item.content[0].image_url")
+    assert "not in a supported image format" in bad_image[0]["error"]["message"]
+    assert [e["type"] for e in long_text] == ["error"]
+    assert (long_text[0]["error"]["event_id"], long_text[0]["error"]["param"]) == ("L1", "item.content")
+    assert "240000" in long_text[0]["error"]["message"]
+    assert after["previous_item_id"] == created["item"]["id"]  # neither refused item entered the chain
+    assert not [e for e in done if e["type"] == "error"]
+    assert done[-1]["response"]["status"] == "completed"
+
+
+def test_truncate_past_the_audio_or_past_an_earlier_truncation_is_refused(stack, query_clip):
+    async def main():
+        ws = await _raw(stack)
+        try:
+            await _next(ws, "session.created")
+            await ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": {
+                "input": {"format": {"type": "audio/pcm", "rate": 16000}}}, "max_output_tokens": 12}}))
+            await _next(ws, "session.updated")
+            for chunk in chunks(pcm16(query_clip), 16000):
+                await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
+            seen = await _until_any(ws, {"response.done"})
+            item_id = seen[-1]["response"]["output"][0]["id"]
+            sent_ms = sum(len(base64.b64decode(e["delta"])) for e in seen
+                          if e["type"] == "response.output_audio.delta") // 48
+            replies = []
+            for event_id, end_ms in (("t1", 1_000_000_000), ("t2", sent_ms // 2), ("t3", sent_ms),
+                                     ("t4", sent_ms // 4)):
+                await ws.send(json.dumps({"type": "conversation.item.truncate", "event_id": event_id,
+                                          "item_id": item_id, "content_index": 0, "audio_end_ms": end_ms}))
+                replies.append((await _until_any(ws, {"error", "conversation.item.truncated"}))[-1])
+            return sent_ms, replies
+        finally:
+            await ws.close()
+
+    sent_ms, replies = run(main())
+    assert sent_ms > 0
+    kinds = [(r["type"], r["error"]["event_id"] if r["type"] == "error" else r["audio_end_ms"]) for r in replies]
+    assert kinds == [("error", "t1"), ("conversation.item.truncated", sent_ms // 2), ("error", "t3"),
+                     ("conversation.item.truncated", sent_ms // 4)]
+    assert replies[0]["error"]["param"] == replies[2]["error"]["param"] == "audio_end_ms"
+
+
+def _http_status(url: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_readyz_follows_the_orchestrator_and_healthz_does_not(stack):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    assert _http_status(f"http://127.0.0.1:{port(stack)}/readyz") == 200
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    gateway = subprocess.Popen([sys.executable, "-m", "vita.realtime", "--orchestrator", "127.0.0.1:1",
+                                "--port", str(free)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                healthz = _http_status(f"http://127.0.0.1:{free}/healthz")
+                break
+            except OSError:
+                assert time.monotonic() < deadline and gateway.poll() is None
+                time.sleep(0.1)
+        assert healthz == 200
+        assert _http_status(f"http://127.0.0.1:{free}/readyz") == 503
+    finally:
+        gateway.terminate()
+        gateway.wait(30)

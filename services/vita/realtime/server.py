@@ -1,7 +1,9 @@
 """`vita serve realtime`: the OpenAI-Realtime-compatible WebSocket endpoint, a gateway in front of the orchestrator.
 
     ws://HOST:PORT/v1/realtime?model=...   one Realtime session per connection (one Converse call)
-    GET /healthz                           200 while serving (readiness and liveness probes)
+    GET /healthz                           200 while serving (liveness: the gateway itself)
+    GET /readyz                            200 while the orchestrator answers grpc.health.v1 SERVING, else 503
+                                           (readiness; the answer is cached for READY_CACHE_S)
     GET / (-> /console/)                   the browser console (realtime/console/, a static page)
 
 It holds no model and no session state (sessions live in Redis behind the orchestrator), so it scales as its own
@@ -25,6 +27,7 @@ from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
@@ -44,6 +47,8 @@ log = logging.getLogger("vita.realtime")
 PATH = "/v1/realtime"
 MAX_MESSAGE_BYTES = 16 << 20  # the API allows 15 MiB of base64 audio per append
 _KEY_PROTOCOL = "openai-insecure-api-key."
+READY_CACHE_S = 2.0  # /readyz asks the orchestrator at most this often; probes in between get the last answer
+READY_TIMEOUT_S = 1.0
 
 
 def request_token(headers: Headers) -> str | None:
@@ -85,11 +90,43 @@ class RealtimeServer:
         self.channel = (grpc.aio.insecure_channel(orchestrator, options=options) if orchestrator_tls is None
                         else grpc.aio.secure_channel(orchestrator, orchestrator_tls, options=options))
         self.stub = AssistantStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
         self.sessions = 0
+        self._ready: tuple[float, str | None] | None = None  # (loop time, None if ready else why not)
+        self._ready_check: asyncio.Task | None = None
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def not_ready(self) -> str | None:
+        """Why the gateway cannot serve sessions now (None: it can): the orchestrator's grpc.health.v1 status,
+        asked at most every READY_CACHE_S (concurrent probes share one check)."""
+        now = asyncio.get_running_loop().time()
+        if self._ready is not None and now - self._ready[0] < READY_CACHE_S:
+            return self._ready[1]
+        if self._ready_check is None or self._ready_check.done():
+            self._ready_check = asyncio.create_task(self._check_orchestrator())
+        reason = await asyncio.shield(self._ready_check)
+        self._ready = (asyncio.get_running_loop().time(), reason)
+        return reason
+
+    async def _check_orchestrator(self) -> str | None:
+        try:
+            reply = await self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=READY_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # an orchestrator without the health service: it answered
+                return None
+            return f"the orchestrator at {self.orchestrator} is unreachable: {e.code().name}: {e.details()}"
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            return (f"the orchestrator at {self.orchestrator} is "
+                    f"{health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
+        return None
+
+    async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
-        if path in ("/healthz", "/readyz"):
+        if path == "/healthz":
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            reason = await self.not_ready()
+            if reason is not None:
+                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {reason}\n")
             return connection.respond(HTTPStatus.OK, "ok\n")
         if (page := console_response(path)) is not None:
             return page

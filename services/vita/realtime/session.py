@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
+import math
 import re
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -29,7 +31,9 @@ import grpc
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from vita.errors import VitaError
+from vita.errors import InvalidInputError, VitaError
+from vita.orchestrator.limits import InputLimits
+from vita.processing.image import load_image
 from vita.realtime.echo import EchoGuard
 from vita.realtime.protocol import (
     IGNORED_EVENT,
@@ -73,11 +77,28 @@ _STATUS_NAMES = {status.value[0]: status.name.lower() for status in grpc.StatusC
 # An answer the token limit cut: OpenAI's response.done status `incomplete`, reason `max_output_tokens` (the
 # context window filling first cuts it the same way: the room left for the answer was the limit).
 _CUT_BY_TOKENS = (Completed.LENGTH, Completed.CONTEXT_LENGTH)
+# What the orchestrator accepts by default (its InputLimits; an orchestrator started with other --max-* flags may
+# still refuse an event: that refusal is matched back to the client event, see `_Sent`).
+_LIMITS = InputLimits()
+_KEEP_SENT = 64  # client events sent on whose outcome no answer has told yet (see `_Sent`)
 
 
 # Orchestrator refusals that are about the caller, with the OpenAI error codes a client already handles.
 _REFUSALS = {grpc.StatusCode.UNAUTHENTICATED: ("invalid_api_key", "invalid_request_error"),
              grpc.StatusCode.RESOURCE_EXHAUSTED: ("rate_limit_exceeded", "rate_limit_error")}
+
+
+@dataclass
+class _Sent:
+    """A client event the orchestrator may still refuse (an image, or the text of a response.create): the refusal
+    comes back as a Converse error without an id, in the order the events were sent, so it is matched to the
+    oldest of its kind still here and answered with the client's event_id."""
+
+    kind: str  # "image" or "text"
+    event_id: str | None
+    item_ids: list[str]
+    param: str | None = None
+    modality: str = "audio"  # (text) the response.create's output modality
 
 
 @dataclass
@@ -101,6 +122,8 @@ class Response:
     text: list[str] = field(default_factory=list)  # everything Converse relayed
     spoken: list[Spoken] = field(default_factory=list)  # audio sent, with its transcript
     audio_ms: float = 0.0
+    sent_ms: float = 0.0  # audio sent in response.output_audio.delta events (the most a truncation may keep)
+    truncated_ms: int | None = None  # the audio_end_ms of the last conversation.item.truncate accepted
     playback_start: float | None = None  # loop time at which the client started (nominally) playing it
     usage: dict | None = None
     converse_done: bool = False  # Converse completed or stopped the answer
@@ -130,12 +153,15 @@ class RealtimeSession:
         self.open_segment: Segment | None = None
         self.queries: deque[Segment] = deque()  # judged queries whose answer has not started
         self.pending_text: list[str] = []  # user text items waiting for response.create
+        self.pending_items: list[str] = []  # their item ids
+        self.sent: deque[_Sent] = deque()  # images and typed queries sent, their outcome not known yet
+        self.previous: OrderedDict[str, str | None] = OrderedDict()  # item id -> the item before it in the chain
         self.pending_modality: str | None = None  # response.create sent, its answer not started yet
         self.response: Response | None = None
         self.items: OrderedDict[str, Response] = OrderedDict()
         # Per turn, the TruncateAnswers sent and not confirmed: the client's (item, audio_end_ms), or ours (what to
         # do once the history holds what was sent: response.done).
-        self.truncations: dict[int, deque[tuple[str, int] | Callable[[], None]]] = {}
+        self.truncations: dict[int, deque[tuple[str, int, str | None] | Callable[[], None]]] = {}
         self.last_item_id: str | None = None
         # Converse events held back while a stopped response waits for its stored text to be cut: the next
         # response's events follow its response.done.
@@ -229,7 +255,9 @@ class RealtimeSession:
         try:
             event = parse_client_event(raw)
             handler = getattr(self, "_on_" + event["type"].replace(".", "_"))
-            handler(event)
+            result = handler(event)
+            if inspect.isawaitable(result):
+                await result
         except RealtimeError as e:
             self.send(error_event(e, client_event_id=client_event_id(raw)))
         except Exception:  # a client event we did not foresee must not end the session: say so, and go on
@@ -269,7 +297,7 @@ class RealtimeSession:
             self._converse(ClientEvent(cut=CutSpeech(discard=True)))
         self.send({"type": "input_audio_buffer.cleared"})
 
-    def _on_conversation_item_create(self, event: dict) -> None:
+    async def _on_conversation_item_create(self, event: dict) -> None:
         item = event.get("item")
         if not isinstance(item, dict) or item.get("type", "message") != "message":
             raise RealtimeError("'item' must be a message object", param="item")
@@ -279,13 +307,14 @@ class RealtimeSession:
         content = item.get("content")
         if not isinstance(content, list) or not content:
             raise RealtimeError("'item.content' must be a non-empty list", param="item.content")
-        texts, images = [], []
+        texts, images = [], []  # images: (bytes, param)
         for k, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "input_text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
             elif kind == "input_image":
-                images.append(data_url_bytes(part.get("image_url"), f"item.content[{k}].image_url"))
+                param = f"item.content[{k}].image_url"
+                images.append((data_url_bytes(part.get("image_url"), param), param))
             elif kind == "input_audio":
                 raise RealtimeError("input_audio items are not supported: stream speech with "
                                     "input_audio_buffer.append", code="unsupported_parameter",
@@ -295,14 +324,65 @@ class RealtimeSession:
                                     param=f"item.content[{k}]")
         if texts and not "".join(texts).strip():
             raise RealtimeError("the message text is empty", param="item.content")
+        text = "\n".join(texts)
+        if texts:  # the orchestrator's limit, on the query response.create will send (the pending texts joined)
+            query = len("\n".join([*self.pending_text, text]))
+            if query > _LIMITS.max_text_chars:
+                what = (f"the message text is {len(text)} characters" if len(text) > _LIMITS.max_text_chars else
+                        f"with the {len(self.pending_text)} text item(s) before it, the query would be {query} "
+                        "characters")
+                raise RealtimeError(f"{what}; the limit is {_LIMITS.max_text_chars}", code="string_above_max_length",
+                                    param="item.content")
+        for data, param in images:  # decoded as the orchestrator will (its limits): refused here, with the param
+            try:
+                await asyncio.to_thread(load_image, data, max_pixels=_LIMITS.max_image_pixels)
+            except InvalidInputError as e:
+                raise RealtimeError(f"image: {e}", code="invalid_image", param=param) from None
         item_id = item.get("id") if isinstance(item.get("id"), str) and item.get("id") else new_id("item")
-        for image in images:
-            self._converse(ClientEvent(image=Image(data=image)))
+        for _, param in images:
+            self._expect(_Sent("image", event.get("event_id"), [item_id], param))
+        for data, _ in images:
+            self._converse(ClientEvent(image=Image(data=data)))
         if texts:
-            self.pending_text.append("\n".join(texts))
+            self.pending_text.append(text)
+            self.pending_items.append(item_id)
         self.send({"type": "conversation.item.created", "previous_item_id": self.last_item_id,
                    "item": user_item(item_id, content)})
+        self._chain(item_id)
+
+    def _chain(self, item_id: str) -> None:
+        """`item_id` is the conversation's last item now."""
+        self.previous[item_id] = self.last_item_id
+        while len(self.previous) > 4 * _KEEP_ITEMS:
+            self.previous.popitem(last=False)
         self.last_item_id = item_id
+
+    def _unchain(self, item_ids: list[str]) -> None:
+        """The orchestrator refused these items after conversation.item.created: conversation.item.deleted for each,
+        and an item created next follows the one before them."""
+        for item_id in reversed(item_ids):
+            if item_id not in self.previous:
+                continue
+            before = self.previous.pop(item_id)
+            for later, prev in self.previous.items():  # (an item added since then now follows the one before)
+                if prev == item_id:
+                    self.previous[later] = before
+            if self.last_item_id == item_id:
+                self.last_item_id = before
+            self.send({"type": "conversation.item.deleted", "item_id": item_id})
+
+    def _expect(self, sent: _Sent) -> None:
+        self.sent.append(sent)
+        while len(self.sent) > _KEEP_SENT:
+            self.sent.popleft()
+
+    def _refused(self, kind: str) -> _Sent | None:
+        """The oldest client event of `kind` still waiting for its outcome (taken out)."""
+        for sent in self.sent:
+            if sent.kind == kind:
+                self.sent.remove(sent)
+                return sent
+        return None
 
     def _on_response_create(self, event: dict) -> None:
         if self._active() is not None or self.pending_modality is not None:
@@ -321,7 +401,9 @@ class RealtimeSession:
             raise RealtimeError("no new user input to answer: add a conversation.item.create with input_text first "
                                 "(spoken queries are answered without response.create)", code="no_user_input")
         text, self.pending_text = "\n".join(self.pending_text), []
+        items, self.pending_items = self.pending_items, []
         self.pending_modality = modalities[0]
+        self._expect(_Sent("text", event.get("event_id"), items, modality=modalities[0]))
         self._converse(ClientEvent(text=TextMessage(text=text)))
 
     def _on_response_cancel(self, event: dict) -> None:
@@ -348,10 +430,18 @@ class RealtimeSession:
             raise RealtimeError("'audio_end_ms' must be a non-negative integer", param="audio_end_ms")
         if response.modality != "audio":
             raise RealtimeError("only an answer spoken as audio can be truncated", param="item_id")
+        sent_ms = math.ceil(response.sent_ms)
+        if end_ms > sent_ms:  # as OpenAI: no longer than the audio (here: the audio sent so far)
+            raise RealtimeError(f"audio_end_ms {end_ms} is longer than the audio of item {item_id} sent so far "
+                                f"({sent_ms} ms)", param="audio_end_ms")
+        if response.truncated_ms is not None and end_ms > response.truncated_ms:
+            raise RealtimeError(f"item {item_id} was already truncated at {response.truncated_ms} ms; it cannot be "
+                                f"truncated to a later point ({end_ms} ms)", param="audio_end_ms")
+        response.truncated_ms = end_ms
         if not response.finished:  # the client stopped playing it: stop sending it
             response.cancel_reason = response.cancel_reason or "client_cancelled"
             self._stop(response, response.cancel_reason)
-        self.truncations.setdefault(response.turn_id, deque()).append((item_id, end_ms))
+        self.truncations.setdefault(response.turn_id, deque()).append((item_id, end_ms, event.get("event_id")))
         self._converse(ClientEvent(truncate=TruncateAnswer(turn_id=response.turn_id,
                                                            content=played_text(response.spoken, end_ms))))
 
@@ -416,13 +506,16 @@ class RealtimeSession:
         if event.answer_started.state_token == "<3>":
             modality = self.pending_modality or self.settings.output_modalities[0]
             self.pending_modality = None
+            while self.sent:  # the typed query was taken, and the images sent before it
+                if self.sent.popleft().kind == "text":
+                    break
         else:
             segment = self.queries.popleft() if self.queries else Segment(new_id("item"), 0.0)
             self.send({"type": "input_audio_buffer.committed", "item_id": segment.item_id,
                        "previous_item_id": self.last_item_id})
             self.send({"type": "conversation.item.created", "previous_item_id": self.last_item_id,
                        "item": user_item(segment.item_id, [{"type": "input_audio", "transcript": None}])})
-            self.last_item_id = segment.item_id
+            self._chain(segment.item_id)
             modality = self.settings.output_modalities[0]
         r = Response(new_id("resp"), new_id("item"), event.turn_id, modality)
         self.response = r
@@ -433,7 +526,7 @@ class RealtimeSession:
         self.send({"type": "response.created", "response": self._response_api(r, "in_progress")})
         self.send({"type": "response.output_item.added", "response_id": r.id, "output_index": 0, "item": item})
         self.send({"type": "conversation.item.created", "previous_item_id": self.last_item_id, "item": item})
-        self.last_item_id = r.item_id
+        self._chain(r.item_id)
         part = {"type": "audio", "transcript": ""} if modality == "audio" else {"type": "text", "text": ""}
         self.send({"type": "response.content_part.added", **self._where(r), "part": part})
         if modality == "audio":
@@ -485,7 +578,7 @@ class RealtimeSession:
         if callable(request):
             request()
         elif request is not None:
-            item_id, end_ms = request
+            item_id, end_ms, _ = request
             self.send({"type": "conversation.item.truncated", "item_id": item_id, "content_index": 0,
                        "audio_end_ms": end_ms})
 
@@ -493,18 +586,43 @@ class RealtimeSession:
         code = event.error.code
         name = _STATUS_NAMES.get(code, str(code))
         kind = _ERROR_TYPES.get(code, "server_error")
+        message = event.error.message
+        error = {"type": kind, "code": name, "message": message}
         r = self._for_turn(event.turn_id)
-        if r is not None and not r.converse_done:  # the answer failed mid-way
-            r.converse_done = True
-            self._stop(r, None, error={"type": kind, "code": name, "message": event.error.message})
-        elif self.pending_modality is not None and self._active() is None:
-            self.pending_modality = None  # the typed query never became an answer
-        self.send(error_event(event.error.message, code=name, kind=kind))
         pending = self.truncations.get(event.turn_id)
-        if pending and event.error.message.startswith("truncate"):
+        if pending and message.startswith("truncate"):  # our TruncateAnswer, or the client's (answered by its id)
             request = pending.popleft()
             if callable(request):
+                self.send(error_event(message, code=name, kind=kind))
                 request()
+                return
+            else:
+                self.send(error_event(message, code=name, kind=kind, client_event_id=request[2],
+                                      param="audio_end_ms"))
+                return
+        elif r is not None and not r.converse_done:  # the answer failed mid-way
+            r.converse_done = True
+            self._stop(r, None, error=error)
+        elif message.startswith("image") or "images already wait" in message:
+            sent = self._refused("image")  # an image the orchestrator refused: it leaves the conversation
+            if sent is not None:
+                self.send(error_event(message, code=name, kind=kind, client_event_id=sent.event_id,
+                                      param=sent.param))
+                self._unchain(sent.item_ids)
+                return
+        elif self.pending_modality is not None and self._active() is None:
+            self.pending_modality = None  # the typed query never became an answer: its response fails
+            sent = self._refused("text")
+            if sent is not None:
+                self.send(error_event(message, code=name, kind=kind, client_event_id=sent.event_id,
+                                      param="item.content" if message.startswith("text message") else None))
+                self._unchain(sent.item_ids)
+                failed = Response(new_id("resp"), "", event.turn_id, sent.modality, finished=True)
+                self.send({"type": "response.created", "response": self._response_api(failed, "in_progress")})
+                self.send({"type": "response.done",
+                           "response": self._response_api(failed, "failed", error=error)})
+                return
+        self.send(error_event(message, code=name, kind=kind))
 
     # ------------------------------------------------------------------------------------------------------------
     # Responses
@@ -559,6 +677,7 @@ class RealtimeSession:
                     return
                 chunk = pcm[offset:offset + step]
                 self.send({"type": "response.output_audio.delta", **self._where(r), "delta": b64(chunk)})
+                r.sent_ms = at_ms + len(chunk) / 2 / SAMPLE_RATE * 1000
                 if self.echo is not None:
                     self.echo.played(chunk)
         r.finished = True

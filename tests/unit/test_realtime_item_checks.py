@@ -1,0 +1,198 @@
+"""Refusals a new user met after the item was already `created` (with `event_id: null`), and truncations past the
+audio: driven without a stack, the session's outbox and Converse queue read directly.
+
+- an `input_image` that is no image, and an `input_text` over the orchestrator's text limit, are refused at
+  `conversation.item.create` with the client's event_id and a `param`, never enter the chain, reach no Converse;
+- what only the orchestrator can refuse (an orchestrator with smaller limits) comes back with the client's
+  event_id, the refused items leave the chain (`conversation.item.deleted`) and the response ends `failed`;
+- `conversation.item.truncate` beyond the audio sent, or later than an earlier truncation, is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+
+import grpc
+from PIL import Image
+
+from vita.orchestrator.limits import InputLimits
+from vita.realtime.protocol import SessionSettings
+from vita.realtime.session import RealtimeSession, Response
+from vita.realtime.tts import Spoken
+from vita.v1.assistant_pb2 import AnswerStarted, ErrorEvent, ServerEvent
+
+LIMIT = InputLimits().max_text_chars
+
+
+def _session() -> RealtimeSession:
+    return RealtimeSession(None, None, SessionSettings(output_modalities=["text"]))
+
+
+def _send(session: RealtimeSession, event: dict) -> list[dict]:
+    asyncio.run(session._on_message(json.dumps(event)))
+    out = []
+    while not session._out.empty():
+        out.append(session._out.get_nowait())
+    return out
+
+
+def _converse_sent(session: RealtimeSession) -> list:
+    sent = []
+    while not session._to_converse.empty():
+        sent.append(session._to_converse.get_nowait())
+    return sent
+
+
+def _text(text: str, event_id: str, item_id: str | None = None) -> dict:
+    item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+    if item_id:
+        item["id"] = item_id
+    return {"type": "conversation.item.create", "event_id": event_id, "item": item}
+
+
+def _image(url: str, event_id: str, item_id: str | None = None) -> dict:
+    item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "what is this?"},
+                                                           {"type": "input_image", "image_url": url}]}
+    if item_id:
+        item["id"] = item_id
+    return {"type": "conversation.item.create", "event_id": event_id, "item": item}
+
+
+def _png() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _error(events: list[dict]) -> dict:
+    [error] = [e for e in events if e["type"] == "error"]
+    return error["error"]
+
+
+def test_an_image_that_does_not_decode_is_refused_with_the_event_id_and_never_enters_the_chain():
+    session = _session()
+    first = _send(session, _text("hello", "e0", "item_first"))
+    assert [e["type"] for e in first] == ["conversation.item.created"]
+    _converse_sent(session)
+    events = _send(session, _image("data:image/png;base64,AAAA", "e1", "item_bad"))
+    assert [e["type"] for e in events] == ["error"]
+    error = _error(events)
+    assert (error["event_id"], error["param"]) == ("e1", "item.content[1].image_url")
+    assert "not in a supported image format" in error["message"]
+    assert _converse_sent(session) == []  # nothing reached the orchestrator
+    [created] = _send(session, _image(_png(), "e2", "item_good"))
+    assert created["type"] == "conversation.item.created" and created["previous_item_id"] == "item_first"
+    assert [e.WhichOneof("event") for e in _converse_sent(session)] == ["image"]
+
+
+def test_text_over_the_orchestrators_limit_is_refused_at_item_create():
+    session = _session()
+    events = _send(session, _text("x" * 240_000, "L1"))
+    assert [e["type"] for e in events] == ["error"]
+    error = _error(events)
+    assert (error["event_id"], error["param"]) == ("L1", "item.content")
+    assert f"the limit is {LIMIT}" in error["message"] and "240000" in error["message"]
+    assert session.last_item_id is None and session.pending_text == []
+    # response.create then has nothing to answer: refused with its own event_id, no response starts
+    events = _send(session, {"type": "response.create", "event_id": "L2"})
+    assert _error(events)["event_id"] == "L2" and _error(events)["code"] == "no_user_input"
+    assert _converse_sent(session) == []
+
+
+def test_texts_that_together_exceed_the_limit_are_refused_at_the_item_that_crosses_it():
+    session = _session()
+    assert _send(session, _text("a" * (LIMIT - 10), "t1"))[0]["type"] == "conversation.item.created"
+    error = _error(_send(session, _text("b" * 20, "t2")))
+    assert error["event_id"] == "t2" and f"the limit is {LIMIT}" in error["message"]
+    assert len(session.pending_text) == 1
+
+
+def _converse_error(session: RealtimeSession, code: grpc.StatusCode, message: str) -> list[dict]:
+    session._on_converse(ServerEvent(turn_id=1, error=ErrorEvent(code=code.value[0], message=message)))
+    out = []
+    while not session._out.empty():
+        out.append(session._out.get_nowait())
+    return out
+
+
+def test_a_text_the_orchestrator_refuses_fails_its_response_with_the_event_id_and_leaves_the_chain():
+    session = _session()
+    _send(session, _text("first", "e0", "item_a"))
+    session.pending_text, session.pending_items = [], []  # (answered earlier)
+    _send(session, _text("y" * 100, "L1", "item_b"))
+    assert _send(session, {"type": "response.create", "event_id": "L2"}) == []
+    events = _converse_error(session, grpc.StatusCode.INVALID_ARGUMENT,
+                             "text message is 100 characters; the limit is 50")
+    assert [e["type"] for e in events] == ["error", "conversation.item.deleted", "response.created",
+                                           "response.done"]
+    assert events[0]["error"]["event_id"] == "L2" and events[0]["error"]["code"] == "invalid_argument"
+    assert events[1]["item_id"] == "item_b"
+    done = events[3]["response"]
+    assert done["status"] == "failed" and done["status_details"]["error"]["code"] == "invalid_argument"
+    assert events[2]["response"]["id"] == done["id"]
+    assert session.pending_modality is None
+    [created] = _send(session, _text("again", "e3", "item_c"))
+    assert created["previous_item_id"] == "item_a"
+
+
+def test_an_image_the_orchestrator_refuses_comes_back_with_its_event_id():
+    session = _session()
+    _send(session, _image(_png(), "i1", "item_1"))
+    _send(session, _image(_png(), "i2", "item_2"))
+    events = _converse_error(session, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             "8 images already wait for the next turn; this one was not kept")
+    assert [e["type"] for e in events] == ["error", "conversation.item.deleted"]
+    assert (events[0]["error"]["event_id"], events[0]["error"]["param"]) == ("i1", "item.content[1].image_url")
+    # a typed query answered: the images before it were taken, a later error is not theirs
+    session.pending_modality = "text"
+    session._on_converse(ServerEvent(turn_id=2, answer_started=AnswerStarted(state_token="<3>")))
+    assert not session.sent
+
+
+def _spoken_answer(session: RealtimeSession, sent_ms: float = 1000.0) -> Response:
+    r = Response("resp_1", "item_answer", 1, "audio", text=["Hello there. "], finished=True, converse_done=True)
+    r.spoken = [Spoken("Hello there. ", 0.0, sent_ms)]
+    r.audio_ms = r.sent_ms = sent_ms
+    session.items[r.item_id] = r
+    return r
+
+
+def _truncate(session: RealtimeSession, end_ms: int, event_id: str) -> list[dict]:
+    return _send(session, {"type": "conversation.item.truncate", "event_id": event_id, "item_id": "item_answer",
+                           "content_index": 0, "audio_end_ms": end_ms})
+
+
+def test_truncate_beyond_the_audio_sent_is_refused():
+    session = RealtimeSession(None, None, SessionSettings())
+    _spoken_answer(session)
+    error = _error(_truncate(session, 1_000_000_000, "t1"))
+    assert (error["event_id"], error["param"], error["code"]) == ("t1", "audio_end_ms", "invalid_value")
+    assert "1000 ms" in error["message"]
+    assert _converse_sent(session) == [] and not session.truncations
+    assert _truncate(session, 1000, "t2") == []  # all of it: taken
+    assert [e.WhichOneof("event") for e in _converse_sent(session)] == ["truncate"]
+
+
+def test_a_second_truncation_to_a_later_point_is_refused():
+    session = RealtimeSession(None, None, SessionSettings())
+    _spoken_answer(session)
+    assert _truncate(session, 900, "t1") == []
+    for end_ms, event_id in ((1_000_000_000, "t2"), (950, "t3")):
+        error = _error(_truncate(session, end_ms, event_id))
+        assert (error["event_id"], error["param"]) == (event_id, "audio_end_ms")
+    assert "already truncated at 900 ms" in _error(_truncate(session, 950, "t4"))["message"]
+    assert _truncate(session, 900, "t5") == [] and _truncate(session, 400, "t6") == []  # the same or earlier: taken
+    assert len(_converse_sent(session)) == 3
+
+
+def test_an_orchestrator_truncate_refusal_carries_the_client_event_id():
+    session = RealtimeSession(None, None, SessionSettings())
+    _spoken_answer(session)
+    _truncate(session, 500, "t1")
+    events = _converse_error(session, grpc.StatusCode.INVALID_ARGUMENT,
+                             "truncate: the content is not a prefix of turn 1's answer")
+    [error] = events
+    assert (error["error"]["event_id"], error["error"]["param"]) == ("t1", "audio_end_ms")
