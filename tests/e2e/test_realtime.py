@@ -621,24 +621,21 @@ def test_resume_a_session_by_id_and_an_unknown_id_is_refused(stack, redis):
         await ws.send(json.dumps({"type": "response.create", "response": {"output_modalities": ["text"]}}))
         await _next(ws, "response.done")
         await ws.close()
+        async def resume_and_ask(session_id: str, text: str) -> dict:
+            ws = await websockets.connect(
+                f"ws://127.0.0.1:{port(stack)}/v1/realtime?model=m&session_id={session_id}",
+                additional_headers={"Authorization": f"Bearer {TOKEN}"})
+            created = await _next(ws, "session.created")
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": _text_item(text)}))
+            await ws.send(json.dumps({"type": "response.create", "response": {"output_modalities": ["text"]}}))
+            await _next(ws, "response.done")
+            await ws.close()
+            return created
+
         reported = first["session"]["id"]  # resumed with the id exactly as session.created reported it
-        again = await websockets.connect(
-            f"ws://127.0.0.1:{port(stack)}/v1/realtime?model=m&session_id={reported}",
-            additional_headers={"Authorization": f"Bearer {TOKEN}"})
-        resumed = await _next(again, "session.created")
-        await again.send(json.dumps({"type": "conversation.item.create", "item": _text_item("and again")}))
-        await again.send(json.dumps({"type": "response.create", "response": {"output_modalities": ["text"]}}))
-        await _next(again, "response.done")
-        await again.close()
+        resumed = await resume_and_ask(reported, "and again")
         session_id = reported.removeprefix("sess_")  # the bare Converse session id resumes too
-        bare = await websockets.connect(
-            f"ws://127.0.0.1:{port(stack)}/v1/realtime?model=m&session_id={session_id}",
-            additional_headers={"Authorization": f"Bearer {TOKEN}"})
-        resumed_bare = await _next(bare, "session.created")
-        await bare.send(json.dumps({"type": "conversation.item.create", "item": _text_item("once more")}))
-        await bare.send(json.dumps({"type": "response.create", "response": {"output_modalities": ["text"]}}))
-        await _next(bare, "response.done")
-        await bare.close()
+        resumed_bare = await resume_and_ask(session_id, "once more")
         unknown = await websockets.connect(
             f"ws://127.0.0.1:{port(stack)}/v1/realtime?model=m&session_id=nope{uuid.uuid4().hex}",
             additional_headers={"Authorization": f"Bearer {TOKEN}"})
