@@ -445,9 +445,7 @@ class MoECausalLM(nn.Module):
             slots = torch.arange(B, device=x.device)
         step = CacheStep(cache=cache, index=(slots[:, None], positions), rows=rows, kv_len=kv_len)
         visible = torch.arange(kv_len, device=x.device) <= positions[:, :, None]  # (B, 1, kv_len)
-        groups = self.config.num_attention_heads // self.config.num_key_value_heads
-        mask = fold_query_mask(visible, groups, x.dtype)  # (B, 1, 1, kv_len)
-        rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask, rope = self._mask_and_rope(visible, positions, x.dtype)
         return self.lm_head(self.model(x, rope, mask, step)[:, -1])  # (B, vocab)
 
     def _prepare(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, cache: KVCache | None,
@@ -472,11 +470,15 @@ class MoECausalLM(nn.Module):
                 raise InvalidInputError(f"segment_ids must have shape ({B}, {T}), got {tuple(segment_ids.shape)}")
             same = segment_ids[:, :, None] == segment_ids[:, None, :]
             visible = visible & (same | (segment_ids[:, None, :] == SHARED_SEGMENT))  # (B, T, T)
+        mask, rope = self._mask_and_rope(visible, positions, x.dtype)
+        return _Prepared(x, rope, mask, step)
+
+    def _mask_and_rope(self, visible: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, tuple]:
+        """What every layer shares: the additive mask of `visible` (B, T, L) and RoPE of `positions` (B, T)."""
         # The mask must follow Attention's query fold (group-major rows): fold_query_mask owns that layout.
         groups = self.config.num_attention_heads // self.config.num_key_value_heads
-        mask = fold_query_mask(visible, groups, x.dtype)
-        rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        return _Prepared(x, rope, mask, step)
+        mask = fold_query_mask(visible, groups, dtype)
+        return mask, rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype)
 
     def _embed(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
         if (input_ids is None) == (inputs_embeds is None):
