@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import uuid
 
 import numpy as np
@@ -18,7 +19,7 @@ import websockets
 from openai import AsyncOpenAI
 
 from vita.bus.streams import BusConfig
-from vita.realtime.tts import resample_pcm16
+from vita.realtime.tts import DEFAULT_VOICE, EspeakTTS, resample_pcm16
 from vita.stack import LocalStack
 from vita.v1.session_pb2 import SessionState, SessionTurn
 
@@ -375,6 +376,86 @@ def test_session_update_refuses_unknown_fields_and_another_model(stack):
         ("unknown_parameter", "session.voice", "e2"), ("invalid_value", "session.model", "e3")]
     assert errors[0]["error"]["message"] == "Unknown parameter: 'session.bogus_key'."
     assert updated["session"]["instructions"] == "Be brief." and updated["session"]["model"] == "vita-tiny"
+
+
+def test_response_create_refuses_fields_by_name_and_a_corrected_one_answers_with_its_metadata(stack, redis):
+    """Every field of `response` but `input`, `conversation` and `output_modalities` was silently ignored: a field
+    the API does not have is refused as in session.update (`unknown_parameter`), one this server cannot do for one
+    response by name (`unsupported_parameter`); nothing reaches the orchestrator, and the text still waits for the
+    corrected response.create, whose metadata comes back in its response."""
+    question = "What is the capital of France?"
+    refused = [({"frobnicate": 1}, "unknown_parameter", "response.frobnicate"),
+               ({"audio": {"output": {"voice": "alloy", "volume": 3}}}, "unknown_parameter",
+                "response.audio.output.volume"),
+               ({"instructions": "answer in French"}, "unsupported_parameter", "response.instructions"),
+               ({"max_output_tokens": 5}, "unsupported_parameter", "response.max_output_tokens"),
+               ({"tools": [{"type": "function", "name": "lookup"}]}, "unsupported_parameter", "response.tools"),
+               ({"metadata": {"attempt": 1}}, "invalid_value", "response.metadata.attempt")]
+
+    async def main():
+        ws = await _raw(stack)
+        try:
+            created = await _next(ws, "session.created")
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": _text_item(question)}))
+            await _next(ws, "conversation.item.created")
+            answers = []
+            for n, (response, _, _) in enumerate(refused):
+                await ws.send(json.dumps({"type": "response.create", "event_id": f"e{n}",
+                                          "response": {"output_modalities": ["text"], **response}}))
+                answers.append(await _until_any(ws, {"error", "response.created"}))
+            metadata = {"topic": "geography", "attempt": "2"}
+            await ws.send(json.dumps({"type": "response.create", "event_id": "ok", "response": {
+                "output_modalities": ["text"], "metadata": metadata, "tools": [], "tool_choice": "auto",
+                "max_output_tokens": created["session"]["max_output_tokens"]}}))
+            answered = await _until_any(ws, {"response.done"})
+            return created, answers, answered, metadata
+        finally:
+            await ws.close()
+
+    created, answers, answered, metadata = run(main())
+    for n, ((_, code, param), events) in enumerate(zip(refused, answers, strict=True)):
+        assert [e["type"] for e in events] == ["error"], events
+        assert (events[0]["error"]["code"], events[0]["error"]["param"], events[0]["error"]["event_id"]) == (
+            code, param, f"e{n}")
+    assert answers[0][0]["error"]["message"] == "Unknown parameter: 'response.frobnicate'."
+    assert "session.update" in answers[2][0]["error"]["message"]
+    assert not [e for e in answered if e["type"] == "error"]
+    response_created = next(e for e in answered if e["type"] == "response.created")["response"]
+    done = answered[-1]["response"]
+    assert response_created["metadata"] == done["metadata"] == metadata
+    assert done["status"] in ("completed", "incomplete") and done["output"][0]["content"][0]["text"]
+    turns = stored(redis, stack, created["session"]["id"].removeprefix("sess_")).turns
+    assert [(t.role, t.content) for t in turns][:1] == [(SessionTurn.USER, question)] and len(turns) == 2
+
+
+def test_response_create_voice_speaks_that_response_only(stack):
+    """`response.audio.output.voice` was ignored: the session's voice spoke, and the response object said so."""
+    async def main():
+        ws = await _raw(stack)
+        try:
+            await _next(ws, "session.created")
+            await ws.send(json.dumps({"type": "session.update", "session": {"max_output_tokens": 8}}))
+            await _next(ws, "session.updated")
+            responses = []
+            for n, response in enumerate([{"audio": {"output": {"voice": "en-us"}}}, {}]):
+                await ws.send(json.dumps({"type": "conversation.item.create", "item": _text_item("Hello there!")}))
+                await ws.send(json.dumps({"type": "response.create", "event_id": f"e{n}", "response": response}))
+                responses.append(await _until_any(ws, {"response.done"}))
+            return responses
+        finally:
+            await ws.close()
+
+    for events, voice in zip(run(main()), ("en-us", DEFAULT_VOICE), strict=True):
+        assert not [e for e in events if e["type"] == "error"]
+        created = next(e for e in events if e["type"] == "response.created")["response"]
+        done = events[-1]["response"]
+        assert created["audio"]["output"]["voice"] == done["audio"]["output"]["voice"] == voice
+        # the audio is that voice's speech of each sentence of the transcript
+        tts = EspeakTTS(voice)
+        expected = b"".join(tts.synthesize(e["delta"].strip()) for e in events
+                            if e["type"] == "response.output_audio_transcript.delta" and re.search(r"\w", e["delta"]))
+        audio = b"".join(base64.b64decode(e["delta"]) for e in events if e["type"] == "response.output_audio.delta")
+        assert audio == expected  # (the unit test checks this on a known sentence)
 
 
 # ------------------------------------------------------------------------------------------------------------------

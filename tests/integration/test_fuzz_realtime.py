@@ -183,7 +183,10 @@ _PATHS = {
         ("item", "content", 1)],
     "conversation.item.truncate": [("item_id",), ("content_index",), ("audio_end_ms",)],
     "response.create": [("response",), ("response", "output_modalities"), ("response", "conversation"),
-                        ("response", "input")],
+                        ("response", "input"), ("response", "instructions"), ("response", "max_output_tokens"),
+                        ("response", "metadata"), ("response", "metadata", "k"), ("response", "tools"),
+                        ("response", "tool_choice"), ("response", "audio"), ("response", "audio", "output"),
+                        ("response", "audio", "output", "voice"), ("response", "audio", "output", "format")],
     "response.cancel": [("response_id",)],
 }
 

@@ -5,7 +5,10 @@ audio: driven without a stack, the session's outbox and Converse queue read dire
   `conversation.item.create` with the client's event_id and a `param`, never enter the chain, reach no Converse;
 - what only the orchestrator can refuse (an orchestrator with smaller limits) comes back with the client's
   event_id, the refused items leave the chain (`conversation.item.deleted`) and the response ends `failed`;
-- `conversation.item.truncate` beyond the audio sent, or later than an earlier truncation, is refused.
+- `conversation.item.truncate` beyond the audio sent, or later than an earlier truncation, is refused;
+- a `response.create` whose `response` has a field refused is answered by an `error` naming it, sends nothing to
+  Converse and leaves the user text waiting; the fields it can have apply to that response (its voice speaks it,
+  its metadata is echoed).
 """
 
 from __future__ import annotations
@@ -21,8 +24,15 @@ from PIL import Image
 from vita.orchestrator.limits import InputLimits
 from vita.realtime.protocol import SessionSettings
 from vita.realtime.session import RealtimeSession, Response
-from vita.realtime.tts import Spoken
-from vita.v1.assistant_pb2 import AnswerStarted, ErrorEvent, ServerEvent
+from vita.realtime.tts import DEFAULT_VOICE, EspeakTTS, Spoken
+from vita.v1.assistant_pb2 import (
+    AnswerCompleted,
+    AnswerStarted,
+    Completed,
+    ErrorEvent,
+    ServerEvent,
+    TextDelta,
+)
 
 LIMIT = InputLimits().max_text_chars
 
@@ -196,3 +206,69 @@ def test_an_orchestrator_truncate_refusal_carries_the_client_event_id():
                              "truncate: the content is not a prefix of turn 1's answer")
     [error] = events
     assert (error["error"]["event_id"], error["error"]["param"]) == ("t1", "audio_end_ms")
+
+
+def test_a_refused_response_create_sends_nothing_and_leaves_the_text_for_a_corrected_one():
+    """Every field of `response` but three was silently ignored (and the text sent): each is refused by name now,
+    before anything goes to Converse, and the text still waits for the corrected response.create."""
+    session = _session()
+    _send(session, _text("What is the capital of France?", "e0", "item_q"))
+    _converse_sent(session)
+    refused = [({"frobnicate": 1}, "unknown_parameter", "response.frobnicate"),
+               ({"audio": {"output": {"volume": 3}}}, "unknown_parameter", "response.audio.output.volume"),
+               ({"instructions": "answer in French"}, "unsupported_parameter", "response.instructions"),
+               ({"max_output_tokens": 5}, "unsupported_parameter", "response.max_output_tokens"),
+               ({"tools": [{"type": "function", "name": "f"}]}, "unsupported_parameter", "response.tools"),
+               ({"audio": {"output": {"voice": "nosuchvoice_xyz"}}}, "invalid_value", "response.audio.output.voice"),
+               ({"metadata": {"k": 1}}, "invalid_value", "response.metadata.k")]
+    for n, (response, code, param) in enumerate(refused):
+        events = _send(session, {"type": "response.create", "event_id": f"r{n}", "response": response})
+        assert [e["type"] for e in events] == ["error"]
+        assert (events[0]["error"]["code"], events[0]["error"]["param"], events[0]["error"]["event_id"]) == (
+            code, param, f"r{n}")
+    assert _converse_sent(session) == [] and session.pending_modality is None
+    assert session.pending_text == ["What is the capital of France?"] and session.pending_items == ["item_q"]
+    assert _send(session, {"type": "response.create", "event_id": "ok", "response": {
+        "metadata": {"topic": "geography"}, "instructions": "", "max_output_tokens": "inf", "tools": []}}) == []
+    [sent] = _converse_sent(session)
+    assert sent.text.text == "What is the capital of France?" and session.pending_text == []
+    # a response the orchestrator then fails still carries its metadata
+    events = _converse_error(session, grpc.StatusCode.INVALID_ARGUMENT, "text message is too long")
+    done = next(e for e in events if e["type"] == "response.done")["response"]
+    assert done["status"] == "failed" and done["metadata"] == {"topic": "geography"}
+
+
+def test_a_response_create_voice_speaks_that_response_only_and_its_metadata_is_echoed():
+    """`response.audio.output.voice` was ignored (the session's voice spoke) and `metadata` came back null."""
+    session = RealtimeSession(None, None, SessionSettings(), audio_lead_ms=600_000)  # (audio sent unpaced)
+
+    async def answer(turn: int, response: dict) -> list[dict]:
+        await session._on_message(json.dumps(_text("Say something.", f"e{turn}")))
+        await session._on_message(json.dumps({"type": "response.create", "event_id": f"r{turn}",
+                                              "response": response}))
+        session._on_converse(ServerEvent(turn_id=turn, answer_started=AnswerStarted(state_token="<3>")))
+        session._on_converse(ServerEvent(turn_id=turn, delta=TextDelta(text="Hello there, my friend.")))
+        session._on_converse(ServerEvent(turn_id=turn, completed=AnswerCompleted(finish_reason=Completed.STOP)))
+        await session.response.speaker
+        out = []
+        while not session._out.empty():
+            out.append(session._out.get_nowait())
+        return out
+
+    async def main() -> tuple[list[dict], list[dict]]:
+        return (await answer(1, {"audio": {"output": {"voice": "en-us"}}, "metadata": {"order": "1"}}),
+                await answer(2, {}))
+
+    asked, plain = asyncio.run(main())
+    sentence = "Hello there, my friend."
+    for events, voice, metadata in ((asked, "en-us", {"order": "1"}), (plain, DEFAULT_VOICE, None)):
+        assert not [e for e in events if e["type"] == "error"]
+        created, done = (next(e for e in events if e["type"] == kind)["response"]
+                         for kind in ("response.created", "response.done"))
+        for response in (created, done):
+            assert response["audio"]["output"]["voice"] == voice and response["metadata"] == metadata
+        assert done["status"] == "completed"
+        audio = b"".join(base64.b64decode(e["delta"]) for e in events if e["type"] == "response.output_audio.delta")
+        assert audio == EspeakTTS(voice).synthesize(sentence)  # spoken in that voice
+    assert EspeakTTS("en-us").synthesize(sentence) != EspeakTTS(DEFAULT_VOICE).synthesize(sentence)
+    assert session.settings.voice == DEFAULT_VOICE  # the session's is unchanged

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from vita.realtime.echo import EchoGuard
-from vita.realtime.protocol import RealtimeError, SessionSettings, b64decode, parse_client_event
+from vita.realtime.protocol import (
+    RealtimeError,
+    SessionSettings,
+    b64decode,
+    parse_client_event,
+    response_params,
+)
 from vita.realtime.session import RealtimeSession
 from vita.realtime.tts import DEFAULT_VOICE, EspeakTTS, SentenceSplitter, Spoken, played_text
 
@@ -118,6 +124,61 @@ def test_a_session_refuses_a_voice_it_cannot_speak_and_survives_an_event_that_fa
     assert (refused["error"]["param"], refused["error"]["event_id"]) == ("session.audio.output.voice", "e1")
     assert (failed["error"]["type"], failed["error"]["event_id"]) == ("server_error", "e2")
     assert session.settings.voice == DEFAULT_VOICE and session._out.empty()
+
+
+@pytest.mark.parametrize("response, code, param", [
+    # Not in the API: refused as session.update refuses them (they were silently ignored), nested fields too.
+    ({"frobnicate": 1}, "unknown_parameter", "response.frobnicate"),
+    ({"voice": "alloy"}, "unknown_parameter", "response.voice"),  # (beta: its GA place is named in the message)
+    ({"audio": {"input": {}}}, "unknown_parameter", "response.audio.input"),
+    ({"audio": {"output": {"voice": "alloy", "speed": 1.2}}}, "unknown_parameter", "response.audio.output.speed"),
+    ({"audio": {"output": {"format": {"type": "audio/pcm", "bits": 16}}}}, "unknown_parameter",
+     "response.audio.output.format.bits"),
+    # In the API, not done per response here: refused by name (they were silently ignored).
+    ({"instructions": "answer in French"}, "unsupported_parameter", "response.instructions"),
+    ({"max_output_tokens": 5}, "unsupported_parameter", "response.max_output_tokens"),
+    ({"tools": [{"type": "function", "name": "f"}]}, "unsupported_parameter", "response.tools"),
+    ({"tool_choice": "required"}, "unsupported_parameter", "response.tool_choice"),
+    ({"prompt": {"id": "pmpt_1"}}, "unsupported_parameter", "response.prompt"),
+    ({"parallel_tool_calls": True}, "unsupported_parameter", "response.parallel_tool_calls"),
+    ({"conversation": "none"}, "unsupported_parameter", "response.conversation"),
+    ({"input": []}, "unsupported_parameter", "response.input"),
+    # Wrong values.
+    ([1], "invalid_value", "response"),
+    ({"instructions": 3}, "invalid_value", "response.instructions"),
+    ({"max_output_tokens": 0}, "invalid_value", "response.max_output_tokens"),
+    ({"output_modalities": ["video"]}, "invalid_value", "response.output_modalities"),
+    ({"audio": {"output": {"format": {"type": "audio/pcmu"}}}}, "invalid_value", "response.audio.output.format"),
+    ({"audio": {"output": {"voice": 7}}}, "invalid_value", "response.audio.output.voice"),
+    ({"audio": []}, "invalid_value", "response.audio"),
+    ({"metadata": "x"}, "invalid_value", "response.metadata"),
+    ({"metadata": {"k": 1}}, "invalid_value", "response.metadata.k"),
+    ({"metadata": {f"k{n}": "v" for n in range(17)}}, "object_above_max_properties", "response.metadata"),
+    ({"metadata": {"k" * 65: "v"}}, "string_above_max_length", "response.metadata"),
+    ({"metadata": {"k": "v" * 513}}, "string_above_max_length", "response.metadata.k"),
+])
+def test_refused_response_fields_are_named(response, code, param):
+    with pytest.raises(RealtimeError) as e:
+        response_params(response, SessionSettings())
+    assert (e.value.code, e.value.param) == (code, param) and str(e.value)
+    if code == "unknown_parameter":
+        assert str(e.value).startswith(f"Unknown parameter: '{param}'.")
+    if code == "unsupported_parameter" and param in ("response.instructions", "response.max_output_tokens"):
+        assert "session.update" in str(e.value)
+
+
+def test_response_fields_this_server_does_for_one_response_are_taken():
+    session = SessionSettings(instructions="Be brief.", max_output_tokens=64)
+    asked = response_params({
+        "conversation": "auto", "output_modalities": ["text"], "metadata": {"k" * 64: "v" * 512, "b": ""},
+        "audio": {"output": {"voice": {"id": "en-gb"}, "format": {"type": "audio/pcm", "rate": 24000}}},
+        # the session's own values, and the API's fields we do not implement left off, are taken
+        "instructions": "Be brief.", "max_output_tokens": 64, "tools": [], "tool_choice": "auto", "prompt": None,
+        "parallel_tool_calls": False}, session)
+    assert (asked.modality, asked.voice, asked.metadata) == ("text", "en-gb", {"k" * 64: "v" * 512, "b": ""})
+    plain = response_params(None, session)
+    assert (plain.modality, plain.voice, plain.metadata) == ("audio", None, None)
+    assert response_params({"metadata": {f"k{n}": "v" for n in range(16)}}, session).metadata["k15"] == "v"
 
 
 def test_sentences_join_back_to_the_text_and_cut_early():

@@ -158,13 +158,26 @@ _BETA_NAMES = {"voice": "audio.output.voice", "speed": "audio.output.speed", "in
                "max_response_output_tokens": "max_output_tokens"}
 
 
-def _known_keys(value: dict, keys: frozenset[str], param: str) -> None:
-    """RealtimeError `unknown_parameter` (OpenAI's code and message) for the first field of `value` not in `keys`."""
+# What "not used" is for the API fields we do not implement (tools, prompts, tracing, ...): taken, anything else is
+# refused (`unsupported_parameter`, naming the field).
+_OFF = (None, [], "auto", "none", "disabled")
+
+
+def _known_keys(value: dict, keys: frozenset[str], param: str, beta: dict[str, str] | None = None) -> None:
+    """RealtimeError `unknown_parameter` (OpenAI's code and message) for the first field of `value` not in `keys`;
+    `beta`: beta API names of `value`'s fields -> their GA places under `param`, for a hint."""
     for key in value:
         if key not in keys:
-            hint = f" (the GA API's name is 'session.{_BETA_NAMES[key]}')" if param == "session" and key in _BETA_NAMES \
-                else ""
+            hint = f" (the GA API's name is '{param}.{beta[key]}')" if beta and key in beta else ""
             raise RealtimeError(f"Unknown parameter: '{param}.{key}'.{hint}", code="unknown_parameter",
+                                param=f"{param}.{key}")
+
+
+def _refuse_unless_off(value: dict, keys: tuple[str, ...], param: str) -> None:
+    """RealtimeError `unsupported_parameter` for the first of `keys` that `value` sets to anything but off."""
+    for key in keys:
+        if value.get(key) not in _OFF:
+            raise RealtimeError(f"'{key}' is not supported by this server", code="unsupported_parameter",
                                 param=f"{param}.{key}")
 
 
@@ -236,7 +249,7 @@ class SessionSettings:
         """A copy with a `session.update`'s fields applied; RealtimeError (naming the field) if one is refused."""
         if not isinstance(session, dict):
             raise RealtimeError("'session' must be an object", param="session")
-        _known_keys(session, SESSION_KEYS, "session")
+        _known_keys(session, SESSION_KEYS, "session", _BETA_NAMES)
         new = copy.deepcopy(self)
         if session.get("type", "realtime") != "realtime":
             raise RealtimeError("only realtime sessions are supported (no transcription sessions)",
@@ -251,11 +264,8 @@ class SessionSettings:
             new.output_modalities = check_modalities(modalities, "session.output_modalities")
         if "max_output_tokens" in session:
             new.max_output_tokens = _max_tokens(session["max_output_tokens"], "session.max_output_tokens")
-        for key in ("tools", "tool_choice", "prompt", "tracing", "truncation", "include", "reasoning"):
-            value = session.get(key)
-            if value not in (None, [], "auto", "none", "disabled"):
-                raise RealtimeError(f"'{key}' is not supported by this server", code="unsupported_parameter",
-                                    param=f"session.{key}")
+        _refuse_unless_off(session, ("tools", "tool_choice", "prompt", "tracing", "truncation", "include",
+                                     "reasoning"), "session")
         audio = session.get("audio") or {}
         if not isinstance(audio, dict):
             raise RealtimeError("'audio' must be an object", param="session.audio")
@@ -332,20 +342,29 @@ def _apply_output(new: SessionSettings, config: Any) -> None:
     if not isinstance(config, dict):
         raise RealtimeError("'output' must be an object", param="session.audio.output")
     _known_keys(config, OUTPUT_KEYS, "session.audio.output")
-    fmt = config.get("format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type", "audio/pcm") != "audio/pcm"
-                            or fmt.get("rate", SAMPLE_RATE) != SAMPLE_RATE):
-        raise RealtimeError("only audio/pcm at 24000 Hz output is supported", param="session.audio.output.format")
-    if fmt is not None:
-        _known_keys(fmt, FORMAT_KEYS, "session.audio.output.format")
+    _check_output_format(config.get("format"), "session.audio.output.format")
     if config.get("voice") is not None:
-        voice = config["voice"]
-        new.voice = _typed(voice.get("id") if isinstance(voice, dict) else voice, str, "session.audio.output.voice")
+        new.voice = _voice(config["voice"], "session.audio.output.voice")
     if config.get("speed") is not None:
         speed = _typed(config["speed"], float, "session.audio.output.speed")
         if not 0.25 <= speed <= 1.5:
             raise RealtimeError("speed must be 0.25..1.5", param="session.audio.output.speed")
         new.speed = speed
+
+
+def _check_output_format(fmt: Any, param: str) -> None:
+    """The output format: audio/pcm at 24 kHz (what the gateway's TTS makes) or not given."""
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict) or fmt.get("type", "audio/pcm") != "audio/pcm" \
+            or fmt.get("rate", SAMPLE_RATE) != SAMPLE_RATE:
+        raise RealtimeError("only audio/pcm at 24000 Hz output is supported", param=param)
+    _known_keys(fmt, FORMAT_KEYS, param)
+
+
+def _voice(value: Any, param: str) -> str:
+    """A voice name, or the API's custom voice object `{"id": ...}` (its id is taken as the name)."""
+    return _typed(value.get("id") if isinstance(value, dict) else value, str, param)
 
 
 def _max_tokens(value: Any, param: str) -> int | str:
@@ -362,6 +381,107 @@ def _typed(value: Any, kind: type, param: str) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool):
         raise RealtimeError(f"'{param}' must be a {kind.__name__}", param=param)
     return value
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# response.create
+
+# The fields of a response.create's `response`: the GA API's (RealtimeResponseCreateParams; those this server cannot
+# do for one response are refused by name in `response_params`, unless off) and the beta name `modalities`, as
+# session.update takes it. Anything else is refused as OpenAI does: `unknown_parameter`, naming it.
+RESPONSE_KEYS = frozenset({
+    "conversation", "input", "instructions", "max_output_tokens", "metadata", "output_modalities", "modalities",
+    "audio", "prompt", "tool_choice", "tools", "parallel_tool_calls", "reasoning"})
+RESPONSE_AUDIO_KEYS = frozenset({"output"})
+RESPONSE_OUTPUT_KEYS = frozenset({"format", "voice"})  # (no speed per response: the session's)
+_RESPONSE_BETA_NAMES = {key: _BETA_NAMES[key] for key in ("voice", "output_audio_format",
+                                                          "max_response_output_tokens")}
+# OpenAI's metadata limits: 16 pairs, keys up to 64 characters, string values up to 512.
+METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
+
+
+@dataclass
+class ResponseParams:
+    """What a response.create asks of its one response, checked."""
+
+    modality: str  # "audio" or "text"
+    voice: str | None = None  # None: the session's (spoken by the gateway's TTS, so it can change per response)
+    metadata: dict[str, str] | None = None  # echoed in the response object
+
+
+def response_params(params: Any, settings: SessionSettings) -> ResponseParams:
+    """A response.create's `response` object against what this server does for one response: RealtimeError naming
+    the first field refused (`unknown_parameter` for one the API does not have, `unsupported_parameter` for one we
+    cannot honour). Pure: nothing has changed when it raises."""
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise RealtimeError("'response' must be an object", param="response")
+    _known_keys(params, RESPONSE_KEYS, "response", _RESPONSE_BETA_NAMES)
+    if params.get("input") is not None:
+        raise RealtimeError("out-of-band responses are not supported: every answer is a turn of the conversation "
+                            "(no 'input')", code="unsupported_parameter", param="response.input")
+    if params.get("conversation") not in (None, "auto"):
+        raise RealtimeError("out-of-band responses are not supported: every answer is a turn of the conversation "
+                            "(conversation must be \"auto\")", code="unsupported_parameter",
+                            param="response.conversation")
+    modalities = params.get("output_modalities", params.get("modalities"))
+    modality = settings.output_modalities[0] if modalities is None else \
+        check_modalities(modalities, "response.output_modalities")[0]
+    # Converse takes the system prompt and the token limit per session (SessionConfig), not per turn (TextMessage is
+    # the text alone): the session's values are taken, others refused.
+    if params.get("instructions") is not None:
+        instructions = _typed(params["instructions"], str, "response.instructions")
+        if instructions != settings.instructions:
+            raise RealtimeError("instructions for one response are not supported (the orchestrator takes them per "
+                                "session): set them with session.update", code="unsupported_parameter",
+                                param="response.instructions")
+    if params.get("max_output_tokens") is not None:
+        limit = _max_tokens(params["max_output_tokens"], "response.max_output_tokens")
+        if limit != settings.max_output_tokens:
+            raise RealtimeError(f"max_output_tokens for one response is not supported (the orchestrator takes it per "
+                                f"session; this session's is {settings.max_output_tokens!r}): set it with "
+                                "session.update", code="unsupported_parameter", param="response.max_output_tokens")
+    _refuse_unless_off(params, ("tools", "tool_choice", "prompt", "reasoning"), "response")
+    if params.get("parallel_tool_calls") is not None and params["parallel_tool_calls"] is not False:
+        raise RealtimeError("'parallel_tool_calls' is not supported by this server (no tools)",
+                            code="unsupported_parameter", param="response.parallel_tool_calls")
+    voice = None
+    audio = params.get("audio")
+    if audio is not None:
+        if not isinstance(audio, dict):
+            raise RealtimeError("'audio' must be an object", param="response.audio")
+        _known_keys(audio, RESPONSE_AUDIO_KEYS, "response.audio")
+        output = audio.get("output")
+        if output is not None:
+            if not isinstance(output, dict):
+                raise RealtimeError("'output' must be an object", param="response.audio.output")
+            _known_keys(output, RESPONSE_OUTPUT_KEYS, "response.audio.output")
+            _check_output_format(output.get("format"), "response.audio.output.format")
+            if output.get("voice") is not None:
+                voice = _voice(output["voice"], "response.audio.output.voice")
+    return ResponseParams(modality, voice, _metadata(params.get("metadata"), "response.metadata"))
+
+
+def _metadata(value: Any, param: str) -> dict[str, str] | None:
+    """OpenAI's metadata: at most 16 string pairs, keys up to 64 characters, values up to 512."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise RealtimeError(f"'{param}' must be an object of string values", param=param)
+    if len(value) > METADATA_PAIRS:
+        raise RealtimeError(f"'{param}' has {len(value)} pairs; at most {METADATA_PAIRS} are allowed",
+                            code="object_above_max_properties", param=param)
+    for key, text in value.items():
+        if len(key) > METADATA_KEY_CHARS:
+            raise RealtimeError(f"a key of '{param}' is {len(key)} characters; at most {METADATA_KEY_CHARS} are "
+                                "allowed", code="string_above_max_length", param=param)
+        if not isinstance(text, str):
+            raise RealtimeError(f"'{param}.{key}' must be a string", param=f"{param}.{key}")
+        if len(text) > METADATA_VALUE_CHARS:
+            raise RealtimeError(f"'{param}.{key}' is {len(text)} characters; at most {METADATA_VALUE_CHARS} are "
+                                "allowed", code="string_above_max_length", param=f"{param}.{key}")
+    return dict(value)
 
 
 # --------------------------------------------------------------------------------------------------------------------

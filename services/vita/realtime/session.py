@@ -42,12 +42,12 @@ from vita.realtime.protocol import (
     assistant_item,
     b64,
     b64decode,
-    check_modalities,
     client_event_id,
     data_url_bytes,
     error_event,
     new_id,
     parse_client_event,
+    response_params,
     usage,
     user_item,
 )
@@ -99,6 +99,8 @@ class _Sent:
     item_ids: list[str]
     param: str | None = None
     modality: str = "audio"  # (text) the response.create's output modality
+    voice: str | None = None  # (text) its audio.output.voice (None: the session's)
+    metadata: dict | None = None  # (text) its metadata, echoed in the response object
 
 
 @dataclass
@@ -119,6 +121,8 @@ class Response:
     item_id: str
     turn_id: int
     modality: str  # "audio" or "text"
+    voice: str = ""  # what speaks it: the response.create's audio.output.voice, else the session's when it started
+    metadata: dict | None = None  # the response.create's, echoed in the response object
     text: list[str] = field(default_factory=list)  # everything Converse relayed
     spoken: list[Spoken] = field(default_factory=list)  # audio sent, with its transcript
     audio_ms: float = 0.0
@@ -385,25 +389,25 @@ class RealtimeSession:
         return None
 
     def _on_response_create(self, event: dict) -> None:
+        """Every field of `response` is checked (and a voice tried) before anything changes: a refused
+        response.create leaves the user text waiting for the next one."""
         if self._active() is not None or self.pending_modality is not None:
             raise RealtimeError("Conversation already has an active response in progress",
                                 code="conversation_already_has_active_response")
-        params = event.get("response") or {}
-        if not isinstance(params, dict):
-            raise RealtimeError("'response' must be an object", param="response")
-        if params.get("input") is not None or params.get("conversation") not in (None, "auto"):
-            raise RealtimeError("out-of-band responses are not supported: every answer is a turn of the "
-                                "conversation", code="unsupported_parameter", param="response.conversation")
-        modalities = self.settings.output_modalities
-        if params.get("output_modalities") is not None:
-            modalities = check_modalities(params["output_modalities"], "response.output_modalities")
+        asked = response_params(event.get("response"), self.settings)
+        if asked.voice is not None and asked.voice != self.settings.voice:
+            try:  # as session.update: a voice the TTS does not have is refused now, not at each sentence
+                make_tts(self.tts_name, asked.voice, self.settings.speed)
+            except VitaError as e:
+                raise RealtimeError(str(e), param="response.audio.output.voice") from None
         if not self.pending_text:
             raise RealtimeError("no new user input to answer: add a conversation.item.create with input_text first "
                                 "(spoken queries are answered without response.create)", code="no_user_input")
         text, self.pending_text = "\n".join(self.pending_text), []
         items, self.pending_items = self.pending_items, []
-        self.pending_modality = modalities[0]
-        self._expect(_Sent("text", event.get("event_id"), items, modality=modalities[0]))
+        self.pending_modality = asked.modality
+        self._expect(_Sent("text", event.get("event_id"), items, modality=asked.modality, voice=asked.voice,
+                           metadata=asked.metadata))
         self._converse(ClientEvent(text=TextMessage(text=text)))
 
     def _on_response_cancel(self, event: dict) -> None:
@@ -503,11 +507,14 @@ class RealtimeSession:
         active = self._active()
         if active is not None:
             self._stop(active, "turn_detected")
+        voice, metadata = self.settings.voice, None
         if event.answer_started.state_token == "<3>":
             modality = self.pending_modality or self.settings.output_modalities[0]
             self.pending_modality = None
             while self.sent:  # the typed query was taken, and the images sent before it
-                if self.sent.popleft().kind == "text":
+                sent = self.sent.popleft()
+                if sent.kind == "text":  # its response.create's
+                    voice, metadata = sent.voice or voice, sent.metadata
                     break
         else:
             segment = self.queries.popleft() if self.queries else Segment(new_id("item"), 0.0)
@@ -517,7 +524,7 @@ class RealtimeSession:
                        "item": user_item(segment.item_id, [{"type": "input_audio", "transcript": None}])})
             self._chain(segment.item_id)
             modality = self.settings.output_modalities[0]
-        r = Response(new_id("resp"), new_id("item"), event.turn_id, modality)
+        r = Response(new_id("resp"), new_id("item"), event.turn_id, modality, voice, metadata)
         self.response = r
         self.items[r.item_id] = r
         while len(self.items) > _KEEP_ITEMS:
@@ -617,7 +624,8 @@ class RealtimeSession:
                 self.send(error_event(message, code=name, kind=kind, client_event_id=sent.event_id,
                                       param="item.content" if message.startswith("text message") else None))
                 self._unchain(sent.item_ids)
-                failed = Response(new_id("resp"), "", event.turn_id, sent.modality, finished=True)
+                failed = Response(new_id("resp"), "", event.turn_id, sent.modality,
+                                  sent.voice or self.settings.voice, sent.metadata, finished=True)
                 self.send({"type": "response.created", "response": self._response_api(failed, "in_progress")})
                 self.send({"type": "response.done",
                            "response": self._response_api(failed, "failed", error=error)})
@@ -653,7 +661,7 @@ class RealtimeSession:
             pcm = b""
             if _SPEAKABLE.search(sentence):
                 try:
-                    tts = tts or make_tts(self.tts_name, self.settings.voice, self.settings.speed)
+                    tts = tts or make_tts(self.tts_name, r.voice or self.settings.voice, self.settings.speed)
                     pcm = await asyncio.to_thread(tts.synthesize, sentence.strip())
                 except Exception as e:  # whatever the engine raised, the answer cannot be spoken
                     if not isinstance(e, VitaError):
@@ -759,8 +767,8 @@ class RealtimeSession:
                 "output": output or [], "conversation_id": f"conv_{self.settings.session_id}",
                 "output_modalities": [r.modality], "max_output_tokens": self.settings.max_output_tokens,
                 "audio": {"output": {"format": {"type": "audio/pcm", "rate": SAMPLE_RATE},
-                                     "voice": self.settings.voice}},
-                "usage": r.usage, "metadata": None}
+                                     "voice": r.voice or self.settings.voice}},
+                "usage": r.usage, "metadata": r.metadata}
 
 
 def _ms(seconds: float) -> int:
