@@ -3,6 +3,9 @@ audio: driven without a stack, the session's outbox and Converse queue read dire
 
 - an `input_image` that is no image, and an `input_text` over the orchestrator's text limit, are refused at
   `conversation.item.create` with the client's event_id and a `param`, never enter the chain, reach no Converse;
+- the limit is the one the orchestrator states in SessionStarted (its `--max-*` flags), not the gateway's default:
+  larger or smaller, for text, image size, images per item and instructions (a limit it does not state keeps the
+  default);
 - what only the orchestrator can refuse (an orchestrator with smaller limits) comes back with the client's
   event_id, the refused items leave the chain (`conversation.item.deleted`) and the response ends `failed`;
 - `conversation.item.truncate` beyond the audio sent, or later than an earlier truncation, is refused;
@@ -29,8 +32,10 @@ from vita.v1.assistant_pb2 import (
     AnswerCompleted,
     AnswerStarted,
     Completed,
+    ConverseLimits,
     ErrorEvent,
     ServerEvent,
+    SessionStarted,
     TextDelta,
 )
 
@@ -118,6 +123,83 @@ def test_texts_that_together_exceed_the_limit_are_refused_at_the_item_that_cross
     error = _error(_send(session, _text("b" * 20, "t2")))
     assert error["event_id"] == "t2" and f"the limit is {LIMIT}" in error["message"]
     assert len(session.pending_text) == 1
+
+
+def _started(session: RealtimeSession, limits: InputLimits | None) -> None:
+    """SessionStarted from an orchestrator with `limits` (None: one that states none), as `run` hands it over."""
+    stated = SessionStarted(limits=limits.converse()) if limits is not None else SessionStarted()
+    session._started(ServerEvent(session_id="s1", session_started=stated))
+    [created] = _events(session)
+    assert created["type"] == "session.created" and created["session"]["id"] == "sess_s1"
+
+
+def _events(session: RealtimeSession) -> list[dict]:
+    out = []
+    while not session._out.empty():
+        out.append(session._out.get_nowait())
+    return out
+
+
+def _png_of(width: int, height: int) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 200, 10)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_an_orchestrator_with_a_larger_text_limit_raises_the_gateways():
+    """The gateway refused any text over its default (32768), whatever the orchestrator ran with."""
+    session = _session()
+    _started(session, InputLimits(max_text_chars=LIMIT * 2))
+    [created] = _send(session, _text("x" * (LIMIT + 1000), "big", "item_big"))
+    assert created["type"] == "conversation.item.created" and session.pending_items == ["item_big"]
+    assert _send(session, {"type": "response.create", "event_id": "r"}) == []
+    [sent] = [e for e in _converse_sent(session) if e.HasField("text")]
+    assert len(sent.text.text) == LIMIT + 1000
+
+
+def test_an_orchestrator_with_smaller_limits_has_the_gateway_refuse_at_its_limits():
+    session = _session()
+    _started(session, InputLimits(max_text_chars=100, max_image_pixels=32 * 32))
+    error = _error(_send(session, _text("y" * 101, "t1")))
+    assert (error["event_id"], error["param"], error["code"]) == ("t1", "item.content", "string_above_max_length")
+    assert "101 characters; the limit is 100" in error["message"]
+    big = {"type": "conversation.item.create", "event_id": "i1", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_image", "image_url": _png_of(40, 40)}]}}
+    error = _error(_send(session, big))
+    assert (error["event_id"], error["param"], error["code"]) == ("i1", "item.content[0].image_url", "invalid_image")
+    assert "1600 pixels, more than the limit of 1024" in error["message"]
+    refused = _send(session, {"type": "session.update", "event_id": "u1", "session": {"instructions": "z" * 101}})
+    error = _error(refused)
+    assert (error["event_id"], error["param"]) == ("u1", "session.instructions")
+    assert "the limit is 100" in error["message"] and session.settings.instructions == ""
+    assert _converse_sent(session) == [] and session.last_item_id is None  # nothing went out, nothing was created
+    [created] = _send(session, _image(_png_of(32, 32), "ok", "item_ok"))  # at the limits: taken
+    assert created["type"] == "conversation.item.created" and created["previous_item_id"] is None
+
+
+def test_a_limit_the_orchestrator_does_not_state_keeps_the_default():
+    older = _session()
+    _started(older, None)  # an orchestrator from before SessionStarted.limits
+    partly = _session()  # one that states only the image size (0, "not stated", for the rest)
+    partly._started(ServerEvent(session_id="s2", session_started=SessionStarted(
+        limits=ConverseLimits(max_image_pixels=64))))
+    _events(partly)
+    for session, pixels in ((older, InputLimits().max_image_pixels), (partly, 64)):
+        limits = session.limits
+        assert (limits.max_text_chars, limits.max_image_pixels, limits.max_images) == (LIMIT, pixels, 8)
+        error = _error(_send(session, _text("x" * (LIMIT + 1), "t")))
+        assert f"the limit is {LIMIT}" in error["message"]
+
+
+def test_an_item_with_more_images_than_a_turn_takes_is_refused():
+    session = _session()
+    _started(session, InputLimits())
+    many = {"type": "conversation.item.create", "event_id": "m1", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_image", "image_url": _png()}] * 9}}
+    error = _error(_send(session, many))
+    assert (error["event_id"], error["param"], error["code"]) == ("m1", "item.content", "array_above_max_length")
+    assert "9 images; the limit is 8" in error["message"]
+    assert _converse_sent(session) == [] and session.last_item_id is None
 
 
 def _converse_error(session: RealtimeSession, code: grpc.StatusCode, message: str) -> list[dict]:

@@ -429,7 +429,8 @@ class ConverseCall:
         self.state, self.rate, self.vad = state, rate, StreamingVAD(vad)
         self._preemptive = session_preemptive(self.config.preemptive_generation, config)
         self.vad.report_pauses = self._preemptive
-        self.emit(session_started=SessionStarted(resumed=resumed, history_turns=len(state.turns)))
+        self.emit(session_started=SessionStarted(resumed=resumed, history_turns=len(state.turns),
+                                                 limits=self.config.limits.converse()))
         log.info("session started", extra={"session_id": state.session_id, "resumed": resumed})
 
     async def _reconfigure(self, config: SessionConfig) -> None:

@@ -13,8 +13,9 @@ import struct
 from dataclasses import dataclass
 
 from vita.errors import InvalidInputError
+from vita.orchestrator.sessions import MAX_PENDING_IMAGES
 from vita.processing.image import MAX_PIXELS
-from vita.v1.assistant_pb2 import GenerateRequest
+from vita.v1.assistant_pb2 import ConverseLimits, GenerateRequest
 from vita.v1.media_pb2 import Audio, Video
 
 
@@ -78,6 +79,12 @@ class InputLimits:
             self.check_audio(audio, f"audio {k}")
         if request.HasField("video"):
             self.check_video(request.video)
+
+    def converse(self) -> ConverseLimits:
+        """What a Converse client may check before sending (SessionStarted.limits): the limits these apply to its
+        events, and the images a turn takes (a fixed MAX_PENDING_IMAGES, not `max_images`: that is Generate's)."""
+        return ConverseLimits(max_text_chars=self.max_text_chars, max_image_pixels=self.max_image_pixels,
+                              max_images=MAX_PENDING_IMAGES)
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:

@@ -3,7 +3,8 @@
 Converse does the conversation: VAD, judging every utterance with the model (non-awakening), interruption, history
 in Redis. This layer translates in both directions and adds what only a speaking client needs:
 - client events become Converse events (audio chunks, config updates, text, images, cancel, truncate), checked
-  first so a bad event gets an `error` naming it and changes nothing;
+  first so a bad event gets an `error` naming it and changes nothing (against the input limits the orchestrator
+  states in SessionStarted: client events are read only once it arrived);
 - Converse events become the API's events: speech started/stopped, a query's `committed` + user item, an ignored
   utterance's `vita.utterance.ignored`, and for each answer the response lifecycle
   (`response.created` ... `response.done`);
@@ -57,6 +58,7 @@ from vita.v1.assistant_pb2 import (
     CancelAnswer,
     ClientEvent,
     Completed,
+    ConverseLimits,
     CutSpeech,
     PlaybackState,
     ServerEvent,
@@ -77,9 +79,12 @@ _STATUS_NAMES = {status.value[0]: status.name.lower() for status in grpc.StatusC
 # An answer the token limit cut: OpenAI's response.done status `incomplete`, reason `max_output_tokens` (the
 # context window filling first cuts it the same way: the room left for the answer was the limit).
 _CUT_BY_TOKENS = (Completed.LENGTH, Completed.CONTEXT_LENGTH)
-# What the orchestrator accepts by default (its InputLimits; an orchestrator started with other --max-* flags may
-# still refuse an event: that refusal is matched back to the client event, see `_Sent`).
-_LIMITS = InputLimits()
+# The limits a session checks client events against until SessionStarted states the orchestrator's (its --max-*
+# flags): the orchestrator's defaults, kept for a limit it does not state (0, or an orchestrator from before
+# SessionStarted.limits). Client events are read only after SessionStarted (`run`), so no event is checked against
+# these when the orchestrator stated its own. What it may still refuse (8 images already waiting, a limit it did not
+# state) is matched back to the client event, see `_Sent`.
+_DEFAULT_LIMITS = InputLimits().converse()
 _KEEP_SENT = 64  # client events sent on whose outcome no answer has told yet (see `_Sent`)
 
 
@@ -150,6 +155,8 @@ class RealtimeSession:
         self.ws, self.stub, self.settings, self.tts_name = ws, stub, settings, tts
         self.audio_lead_ms = audio_lead_ms
         self.metadata, self.resume = metadata, resume
+        self.limits = ConverseLimits()  # what client events are checked against: see `_started`
+        self.limits.CopyFrom(_DEFAULT_LIMITS)
         self.echo = EchoGuard(settings.input_rate) if echo_guard else None
         self._out: asyncio.Queue[dict | None] = asyncio.Queue()
         self._to_converse: asyncio.Queue[ClientEvent | None] = asyncio.Queue()
@@ -183,7 +190,7 @@ class RealtimeSession:
             if not await self._start(call):
                 return
             converse = asyncio.create_task(self._converse_events(call))
-            try:
+            try:  # (only now: every client event is checked against the limits SessionStarted stated)
                 async for message in self.ws:
                     await self._on_message(message)
             except ConnectionClosed:
@@ -215,9 +222,17 @@ class RealtimeSession:
             message = first.error.message if first is not grpc.aio.EOF else "the orchestrator ended the call"
             await self._fail(message, code="session_refused", kind="invalid_request_error", close=1008)
             return False
-        self.settings.session_id = first.session_id
-        self.send({"type": "session.created", "session": self.settings.to_api()})
+        self._started(first)
         return True
+
+    def _started(self, event: ServerEvent) -> None:
+        """Converse has the session: its id, and the input limits the orchestrator enforces (each one it states
+        replaces the default), then session.created."""
+        self.settings.session_id = event.session_id
+        for limit, value in event.session_started.limits.ListFields():  # the fields set: 0 is "not stated"
+            if value > 0:
+                setattr(self.limits, limit.name, value)
+        self.send({"type": "session.created", "session": self.settings.to_api()})
 
     async def _fail(self, message: str, *, code: str = "orchestrator_unavailable", kind: str = "server_error",
                     close: int = 1011) -> None:
@@ -271,6 +286,10 @@ class RealtimeSession:
 
     def _on_session_update(self, event: dict) -> None:
         new = self.settings.updated(event.get("session"))
+        if len(new.instructions) > self.limits.max_text_chars:  # the orchestrator's limit on a system prompt
+            raise RealtimeError(f"the instructions are {len(new.instructions)} characters; the limit is "
+                                f"{self.limits.max_text_chars}", code="string_above_max_length",
+                                param="session.instructions")
         if (new.voice, new.speed) != (self.settings.voice, self.settings.speed):
             try:  # an unknown voice failed only when the first answer was spoken, each sentence an error
                 make_tts(self.tts_name, new.voice, new.speed)
@@ -329,17 +348,21 @@ class RealtimeSession:
         if texts and not "".join(texts).strip():
             raise RealtimeError("the message text is empty", param="item.content")
         text = "\n".join(texts)
+        limits = self.limits  # the orchestrator's (SessionStarted), see `_started`
         if texts:  # the orchestrator's limit, on the query response.create will send (the pending texts joined)
             query = len("\n".join([*self.pending_text, text]))
-            if query > _LIMITS.max_text_chars:
-                what = (f"the message text is {len(text)} characters" if len(text) > _LIMITS.max_text_chars else
+            if query > limits.max_text_chars:
+                what = (f"the message text is {len(text)} characters" if len(text) > limits.max_text_chars else
                         f"with the {len(self.pending_text)} text item(s) before it, the query would be {query} "
                         "characters")
-                raise RealtimeError(f"{what}; the limit is {_LIMITS.max_text_chars}", code="string_above_max_length",
+                raise RealtimeError(f"{what}; the limit is {limits.max_text_chars}", code="string_above_max_length",
                                     param="item.content")
+        if len(images) > limits.max_images:  # more than one turn takes: the orchestrator would refuse the rest
+            raise RealtimeError(f"the message has {len(images)} images; the limit is {limits.max_images} (images "
+                                "waiting for one turn)", code="array_above_max_length", param="item.content")
         for data, param in images:  # decoded as the orchestrator will (its limits): refused here, with the param
             try:
-                await asyncio.to_thread(load_image, data, max_pixels=_LIMITS.max_image_pixels)
+                await asyncio.to_thread(load_image, data, max_pixels=limits.max_image_pixels)
             except InvalidInputError as e:
                 raise RealtimeError(f"image: {e}", code="invalid_image", param=param) from None
         item_id = item.get("id") if isinstance(item.get("id"), str) and item.get("id") else new_id("item")
