@@ -8,10 +8,10 @@ export PYTHONUNBUFFERED := 1
 export GOMP_SPINCOUNT ?= 1000  # OpenMP threads sleep soon on a busy machine (services/vita/__init__.py says why)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps proto duplex-model test test-fast test-deploy lint bench bench-gpu demo images train-tiny clean
+.PHONY: help setup system-deps proto duplex-model test test-fast test-deploy helm-template lint bench bench-gpu demo images train-tiny clean
 
 help:  ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 # Each entry is COMMAND:PACKAGE (the package name when it differs from the command's).
 SYSTEM_DEPS := espeak-ng sox ffmpeg prometheus chromium chromedriver:chromium-driver
@@ -62,6 +62,13 @@ test-fast: setup  ## unit tests only
 
 test-deploy: setup  ## the Helm charts, dashboard and alerts: render, validate, run their args locally, real Prometheus
 	$(PY) -m pytest tests/deploy
+
+# Offline, with the Helm SDK the tests use (helm/render_charts.py): no cluster, no helm binary. VALUES (files, as
+# `helm -f`, later ones win) needs CHART; NAMESPACE (vita) and RELEASE (vita, vita-train) default to the README's install.
+OUT ?= .artifacts/helm-template
+helm-template: $(STAMP)  ## render the charts to OUT/<chart>.yaml, like `helm template` [CHART=vita VALUES=f.yaml OUT=dir]
+	$(PY) helm/render_charts.py --out $(OUT) $(foreach c,$(CHART),--chart $(c)) $(foreach v,$(VALUES),--values $(v)) \
+	  $(if $(NAMESPACE),--namespace $(NAMESPACE)) $(if $(RELEASE),--release $(RELEASE))
 
 lint: setup  ## ruff, and the import contracts in .importlinter (layers, model/ stays torch-only, no cycles)
 	$(VENV)/bin/ruff check --config ruff.toml .

@@ -200,8 +200,14 @@ class LocalStack:
                 log.warning("a port was taken meanwhile; starting again on other ports",
                             extra={"attempt": attempt, "error": one_line(e)[-300:]})
 
-    def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM (drain), then SIGKILL whatever is left: no process stays behind."""
+    def running(self) -> list[ServiceProcess]:
+        """The services whose process is still alive (a zombie is not)."""
+        return [service for service in self.services if _alive(service.pid)]
+
+    def stop(self, grace_s: float = 15.0, kill_wait_s: float = 5.0) -> list[ServiceProcess]:
+        """SIGTERM (drain), then SIGKILL whatever is left. Returns the services still alive `kill_wait_s` after the
+        SIGKILL: none, unless a process cannot be signalled (another user's, or a reused pid) or is stuck in the
+        kernel."""
         for service in reversed(self.services):
             _signal(service.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
@@ -210,6 +216,10 @@ class LocalStack:
                 time.sleep(0.05)
             _signal(service.pid, signal.SIGKILL)
             _reap(service.pid)
+        deadline = time.monotonic() + kill_wait_s  # a process not ours dies once its new parent reaps it
+        while (left := self.running()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return left
 
     def __enter__(self) -> LocalStack:
         return self.start()
@@ -291,7 +301,18 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    except PermissionError:
+        return True  # it exists, as another user's process
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Exited, but not yet reaped by its parent (Linux's /proc; elsewhere never said)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:

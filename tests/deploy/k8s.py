@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import argparse
 import base64
-import copy
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import helm_python as helm
-import yaml
+# The renderer `make helm-template` runs (helm/render_charts.py): one way to render, for users and tests.
+from helm import render_charts
+from helm.render_charts import deep_merge as deep_merge
+from helm.render_charts import values_file as values_file
 
 ROOT = Path(__file__).resolve().parents[2]
 VITA_CHART = ROOT / "helm" / "vita"
@@ -27,31 +28,9 @@ CRD_KINDS = {"ScaledObject", "ServiceMonitor", "PrometheusRule", "InferenceServi
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Job", "InferenceService", "TrainJob"}
 
 
-def deep_merge(base: dict, overlay: dict) -> dict:
-    """Helm's coalescing of values files: maps merge key by key, anything else is replaced."""
-    out = copy.deepcopy(base)
-    for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def values_file(path: Path) -> dict:
-    return yaml.safe_load(path.read_text()) or {}
-
-
 def render(chart: Path, values: dict | None = None) -> list[dict]:
     """Every manifest `helm install` would apply (NOTES.txt left out), parsed; offline, no cluster."""
-    with helm.Chart.load(chart) as c:
-        out = c.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
-    docs = []
-    for source, text in sorted(out.items()):
-        if source.endswith("NOTES.txt"):
-            continue
-        docs.extend(doc for doc in yaml.safe_load_all(text) if doc)
-    return docs
+    return render_charts.manifests(render_charts.sources(chart, values, release=RELEASE, namespace=NAMESPACE))
 
 
 def named(docs: list[dict], kind: str, name: str | None = None) -> list[dict]:

@@ -448,6 +448,58 @@ def test_make_images_says_in_one_line_that_it_cannot_build_here():
     assert len(lines) == 1 and "no container builder" in lines[0], lines
 
 
+def _kinds_and_names(docs: list[dict]) -> list[tuple[str, str]]:
+    return sorted((d["kind"], d["metadata"]["name"]) for d in docs)
+
+
+def test_make_helm_template_writes_every_charts_manifests(tmp_path):
+    """`make helm-template OUT=dir` (a user inspecting the charts, offline) writes dir/<chart>.yaml for every chart
+    under helm/: the manifests the tests render, each under a `# Source:` line as `helm template` prints them."""
+    make = subprocess.run(["make", "-s", "-o", ".venv/.installed", "helm-template", f"OUT={tmp_path}"],  # no pip
+                          cwd=k8s.ROOT, capture_output=True, text=True, timeout=120)
+    assert make.returncode == 0, make.stderr
+    charts = sorted(path.parent.name for path in (k8s.ROOT / "helm").glob("*/Chart.yaml"))
+    assert {"vita", "vita-training"} <= set(charts)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(f"{chart}.yaml" for chart in charts)
+    for chart in charts:
+        text = (tmp_path / f"{chart}.yaml").read_text()
+        written = [doc for doc in yaml.safe_load_all(text) if doc]
+        expected = k8s.render_charts.manifests(k8s.render_charts.sources(
+            k8s.ROOT / "helm" / chart, release=k8s.render_charts.RELEASES[chart], namespace="vita"))
+        assert written and _kinds_and_names(written) == _kinds_and_names(expected), chart
+        assert text.startswith("---\n# Source: ") and text.count("\n# Source: ") == len(written)
+        assert f"{tmp_path / chart}.yaml: {len(written)} manifests" in make.stdout
+    docs = list(yaml.safe_load_all((tmp_path / "vita.yaml").read_text()))
+    realtime = k8s.one(docs, "Deployment", "vita-realtime")["spec"]["template"]["spec"]["containers"][0]
+    assert k8s.flag(realtime["args"], "--orchestrator").startswith("vita-orchestrator.vita.svc:")  # the README's
+
+
+def test_helm_template_renders_one_chart_with_merged_values_files(tmp_path, capsys):
+    overlay = tmp_path / "tag.yaml"
+    overlay.write_text("image:\n  tag: 9.9.9-test\n")
+    out = tmp_path / "out"
+    production = str(k8s.VITA_CHART / "examples" / "production.yaml")
+    assert k8s.render_charts.main(["--chart", "vita", "--values", production, "--values", str(overlay),
+                                   "--out", str(out), "--namespace", "prod"]) == 0
+    assert [path.name for path in out.iterdir()] == ["vita.yaml"]
+    docs = [doc for doc in yaml.safe_load_all((out / "vita.yaml").read_text()) if doc]
+    assert _kinds_and_names(docs) == _kinds_and_names(k8s.render(k8s.VITA_CHART, PRODUCTION))
+    # both files apply, the later one winning key by key: production's repository, the overlay's tag
+    assert {c["image"] for _, c in k8s.vita_containers(docs)} == {"registry.example.com/vita/vita:9.9.9-test"}
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as e:  # one chart's values, for every chart: refused, nothing rendered
+        k8s.render_charts.main(["--values", production, "--out", str(tmp_path / "none")])
+    assert e.value.code == 2 and "name that chart with --chart" in capsys.readouterr().err
+    # values the schema refuses: status 1, one line naming the chart and the key, no file written
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("redis:\n  mode: nowhere\n")
+    assert k8s.render_charts.main(["--chart", "vita", "--values", str(bad), "--out", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("render_charts: error: helm/vita does not render:")
+    assert "/redis/mode" in err and not (tmp_path / "none").exists()
+
+
 def test_readme_install_section_uses_the_charts_values():
     readme = (k8s.ROOT / "README.md").read_text()
     assert "helm install" in readme and "examples/production.yaml" in readme

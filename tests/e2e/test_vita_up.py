@@ -49,4 +49,8 @@ def test_vita_up_serves_the_duplex_model_with_every_metrics_endpoint(duplex_mode
     finally:
         down = vita("down")
     assert down.returncode == 0, down.stderr
+    assert "stack stopped" in down.stdout and not stack.running()  # vita down's services are not its children
     assert not (home / "stack.json").exists()
+    again = vita("down")  # stopping what is stopped succeeds, as `docker compose down` does
+    assert (again.returncode, again.stderr) == (0, ""), again.stderr
+    assert again.stdout.startswith("no stack is up: nothing to stop")

@@ -104,10 +104,93 @@ def test_server_unreachable_is_one_line_and_status_1(capsys):
     assert one_line(err).startswith("vita ask: error: UNAVAILABLE:")
 
 
-def test_down_without_a_stack(capsys, tmp_path, monkeypatch):
+def down(capsys) -> tuple[int, str, str]:
+    """`vita down`: its status, stdout and stderr."""
+    status = cli.main(["down"])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return status, out, err
+
+
+def saved_stack(home: Path, *code: str):
+    """The state `vita up` leaves in `home`, its services (one per `code`) Python processes started as
+    LocalStack starts its own (a process group each)."""
+    from vita.stack import LocalStack, ServiceProcess
+
+    stack = LocalStack(model_dir=str(home / "model"), services=[
+        ServiceProcess(f"service-{i}", [sys.executable, "-c", c], 0, str(home / f"service-{i}.log"))
+        for i, c in enumerate(code)])
+    for service in stack.services:
+        stack._spawn(service)
+    stack.save(home / "stack.json")
+    return stack
+
+
+def test_down_with_nothing_up_succeeds_and_says_where_it_looked(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("VITA_HOME", str(tmp_path))
-    status, err = run(capsys, "down")
-    assert status == cli.EXIT_USAGE and "no stack is up" in one_line(err)
+    status, out, err = down(capsys)
+    assert (status, err) == (cli.EXIT_OK, "")
+    assert one_line(out) == f"no stack is up: nothing to stop (no state file {tmp_path / 'stack.json'})"
+
+
+def test_down_stops_the_stack_and_a_second_down_succeeds(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("VITA_HOME", str(tmp_path))
+    stack = saved_stack(tmp_path, "import time; time.sleep(60)", "import time; time.sleep(60)")
+    try:
+        status, out, err = down(capsys)
+        assert (status, err) == (cli.EXIT_OK, "") and one_line(out).startswith("stack stopped (2 processes")
+        assert not stack.running() and not (tmp_path / "stack.json").exists()
+        status, out, err = down(capsys)  # stopping what is stopped: still a success
+        assert (status, err) == (cli.EXIT_OK, "") and one_line(out).startswith("no stack is up: nothing to stop")
+    finally:
+        stack.stop(grace_s=0)
+
+
+def test_down_with_only_exited_processes_removes_the_stale_state(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("VITA_HOME", str(tmp_path))
+    stack = saved_stack(tmp_path, "pass")
+    stack.stop(grace_s=5)  # exited by itself; the state still names it (a reboot, a kill -9 of the group)
+    status, out, err = down(capsys)
+    assert (status, err) == (cli.EXIT_OK, "") and "no stack process was running" in one_line(out)
+    assert not (tmp_path / "stack.json").exists()
+
+
+def test_down_fails_in_one_line_when_a_process_will_not_stop(capsys, tmp_path, monkeypatch):
+    import functools
+
+    from vita import stack as stack_module
+
+    monkeypatch.setenv("VITA_HOME", str(tmp_path))
+    stack = saved_stack(tmp_path, "import time; time.sleep(60)")
+    try:
+        # signals that do nothing: what a process of another user (EPERM) or one stuck in the kernel looks like
+        # to `vita down`, whose services are not its children (nothing to reap)
+        monkeypatch.setattr(stack_module, "_signal", lambda pid, sig: None)
+        monkeypatch.setattr(stack_module, "_reap", lambda pid: None)
+        monkeypatch.setattr(stack_module.LocalStack, "stop", functools.partialmethod(
+            stack_module.LocalStack.stop, grace_s=0.1, kill_wait_s=0.1))
+        status, out, err = down(capsys)
+        assert status == cli.EXIT_FAILED and out == ""
+        pid = stack.services[0].pid
+        assert one_line(err) == (f"vita down: error: still running after SIGKILL: service-0 (pid {pid}); "
+                                 f"state kept in {tmp_path / 'stack.json'}")
+        assert (tmp_path / "stack.json").exists()
+    finally:
+        monkeypatch.undo()
+        stack.stop(grace_s=0)
+
+
+@pytest.mark.parametrize("state", ["{not json", "[]", '{"services": []}'])
+def test_down_with_an_unreadable_state_is_one_line_and_status_2(capsys, tmp_path, monkeypatch, state):
+    monkeypatch.setenv("VITA_HOME", str(tmp_path))
+    (tmp_path / "stack.json").write_text(state)
+    status, out, err = down(capsys)
+    assert status == cli.EXIT_USAGE and out == ""
+    assert one_line(err).startswith(f"vita down: error: cannot read the stack state in {tmp_path / 'stack.json'}")
+    (tmp_path / "stack.json").unlink()
+    (tmp_path / "stack.json").mkdir()  # a state path that is not a file
+    status, _, err = down(capsys)
+    assert status == cli.EXIT_USAGE and one_line(err) == f"vita down: error: Is a directory: {tmp_path / 'stack.json'}"
 
 
 def test_a_bug_is_still_one_line_with_status_3(capsys, monkeypatch):
