@@ -10,6 +10,9 @@ pictures, and can add:
 - `--count-map {density,centres} --map-weight W`: a token-level count map, either the Gaussian density of the
   shapes' centres regressed per token (Lempitsky & Zisserman, "Learning To Count Objects in Images", 2010) or a
   binary "a shape's centre lies in this token" per token; scored by the map's sum;
+- `--map-layer K`: the count map reads layer K's output (deep supervision of an earlier layer) instead of the last;
+- `--positions sincos`: the position embedding starts as 2-D sin-cos codes (`vita pretrain-vision`'s default since
+  2026-12-04; `random`: as before), and `--lr` another peak learning rate;
 - `--layers L`: a tower of L layers instead of the preset's;
 - `--save DIR`: write the trained encoder as `vita pretrain-vision` does (sharded safetensors), so that stage 2's
   `init.vision_encoder` can start from it and the learning proof be measured with it.
@@ -37,7 +40,7 @@ from torch import Tensor, nn
 
 from vita.model.checkpoint import save_sharded
 from vita.model.config import VitaConfig
-from vita.model.vision import VisionEncoder, shuffled_features
+from vita.model.vision import VisionEncoder, pixel_shuffle, shuffled_features
 from vita.processing.image import normalise_pixels, square_rgb
 from vita.training import curriculum as cur
 from vita.training import vision_pretrain as vp
@@ -106,6 +109,28 @@ def pictures(n: int, seed: int, vision, side: int, kind: str, count_share: float
     return pixels, maps, labels
 
 
+def tokens_and_map_input(encoder: VisionEncoder, pixel_values: Tensor, map_layer: int) -> tuple[Tensor, Tensor]:
+    """The connector's tokens (N, T, C), and what the count map reads: the same tokens, or (map_layer > 0) the
+    output of layer `map_layer` shuffled the same way (deep supervision of an earlier layer)."""
+    if not map_layer:
+        tokens = shuffled_features(encoder, pixel_values)
+        return tokens, tokens
+    config = encoder.config
+    x = encoder.embeddings(pixel_values)
+    early = None
+    for i, layer in enumerate(encoder.encoder.layers, 1):
+        x = layer(x)
+        if i == map_layer:
+            early = x
+
+    def shuffle(h: Tensor) -> Tensor:
+        side = config.patches_per_side
+        grid = (h[:, 1:] * config.feature_scale).reshape(h.shape[0], side, side, -1)
+        return pixel_shuffle(grid, config.downsample_ratio).flatten(1, 2)
+
+    return shuffle(x), shuffle(early)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -116,7 +141,12 @@ def main() -> None:
     ap.add_argument("--count-map", choices=("none", "density", "centres"), default="none")
     ap.add_argument("--map-weight", type=float, default=1.0, help="weight of the count map's loss")
     ap.add_argument("--attributes", type=float, default=1.0, help="weight of the recipe's attribute heads")
+    ap.add_argument("--map-layer", type=int, default=0,
+                    help="the count map reads this layer's output (0: the last, as the other heads)")
     ap.add_argument("--layers", type=int, default=0, help="tower layers (0: the preset's)")
+    ap.add_argument("--positions", choices=("sincos", "random"), default="sincos",
+                    help="position embedding init: 2-D sin-cos (MAE; the recipe) or random normal")
+    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (the recipe's 3e-3)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save", type=Path, help="write the encoder here (stage 2's init.vision_encoder)")
     args = ap.parse_args()
@@ -134,6 +164,8 @@ def main() -> None:
     torch.manual_seed(0)
     encoder = VisionEncoder(vision)
     vp.whiten_patch_embedding(encoder.embeddings.patch_embedding, normalise_pixels(pixels[:256], vision))
+    if args.positions == "sincos":
+        vp.sincos_position_embedding(encoder.embeddings.position_embedding, vision.patches_per_side)
     heads = vp.AttributeHeads(vision)
     map_head = nn.Linear(vision.connector_in_features, 1)
     mean_head = nn.Linear(vision.connector_in_features, len(vp.ATTRIBUTES["count"]))
@@ -143,27 +175,27 @@ def main() -> None:
 
     def batch_loss(step: int) -> Tensor:
         idx = torch.randint(0, args.pictures, (32,), generator=draw)
-        tokens = shuffled_features(encoder, normalise_pixels(pixels[idx], vision))  # (32, side * side, C)
+        tokens, map_in = tokens_and_map_input(encoder, normalise_pixels(pixels[idx], vision), args.map_layer)
         batch = {k: v[idx] for k, v in labels.items()}
         loss = args.attributes * heads.loss(tokens, batch)
         if args.count_map == "density":
-            loss = loss + args.map_weight * F.mse_loss(map_head(tokens).squeeze(-1), maps[idx] * 10)
+            loss = loss + args.map_weight * F.mse_loss(map_head(map_in).squeeze(-1), maps[idx] * 10)
         elif args.count_map == "centres":
             loss = loss + args.map_weight * F.binary_cross_entropy_with_logits(
-                map_head(tokens).squeeze(-1), maps[idx], pos_weight=torch.tensor(8.0))
+                map_head(map_in).squeeze(-1), maps[idx], pos_weight=torch.tensor(8.0))
         keep = batch["count"] != vp.IGNORE
         if args.pooled and keep.any():
             loss = loss + args.pooled * F.cross_entropy(mean_head(tokens[keep].mean(1)), batch["count"][keep])
         return loss
 
     with tempfile.TemporaryDirectory() as out:
-        train_loop(params, batch_loss, steps=args.steps, lr=3e-3, weight_decay=0.01, out=Path(out), log_every=50,
+        train_loop(params, batch_loss, steps=args.steps, lr=args.lr, weight_decay=0.01, out=Path(out), log_every=50,
                    desc="vision stand-in", progress=True, start=start,
                    decay_overrides=[(list(heads.parameters()), 1.0)])
     encoder.eval()
     with torch.no_grad():
-        def tokens_of(p: Tensor) -> Tensor:
-            return torch.cat([shuffled_features(encoder, normalise_pixels(p[b:b + 64], vision))
+        def tokens_of(p: Tensor, which: int = 0) -> Tensor:
+            return torch.cat([tokens_and_map_input(encoder, normalise_pixels(p[b:b + 64], vision), args.map_layer)[which]
                               for b in range(0, len(p), 64)])
 
         tokens, truth = tokens_of(count_px), count_labels["count"]
@@ -172,7 +204,7 @@ def main() -> None:
                   "count_2_6_per_token_head": heads.heads["count"](tokens).mean(1).argmax(-1) == truth,
                   "count_2_6_mean_head": mean_head(tokens.mean(1)).argmax(-1) == truth}
         if args.count_map != "none":
-            raw = map_head(tokens).squeeze(-1)  # (600, side * side)
+            raw = map_head(tokens_of(count_px, 1)).squeeze(-1)  # (600, side * side)
             total = (raw > 0).float().sum(1) if args.count_map == "centres" else (raw / 10).sum(1)
             result["count_2_6_map_sum"] = total.round().clamp(1, 6).long() - 1 == truth
             result["map_sum_mean_by_count"] = [round(float(total[truth == c].mean()), 2) for c in range(6)]

@@ -19,14 +19,15 @@ from vita.usage import EXIT_USAGE, ArgumentParser
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 3, 130
 EXIT_STATUSES = f"""exit status:
-  {EXIT_OK}    success
+  {EXIT_OK}    success; `vita down` with no stack up (nothing to stop) too
   {EXIT_FAILED}    the request failed where it ran: the server answered with an error status (printed as
        CODE: message) or reported error events in a Converse session, `vita up` could not start the stack
-       or `vita down` stop it, a service failed while serving (its engine process died), an operating-system
-       error
-  {EXIT_USAGE}    bad input: a wrong flag or value, a file that is missing or unreadable, media that cannot be
-       decoded, text that is not valid UTF-8, a prompt longer than the context, a model directory that does
-       not load; `vita serve`: a service that cannot start (Redis unreachable, its port in use)
+       or `vita down` stop it (a process still alive after SIGKILL), a service failed while serving (its
+       engine process died), an operating-system error
+  {EXIT_USAGE}    bad input: a wrong flag or value, a file that is missing or unreadable (`vita down`: the
+       stack's state file), media that cannot be decoded, text that is not valid UTF-8, a prompt longer than
+       the context, a model directory that does not load; `vita serve`: a service that cannot start (Redis
+       unreachable, its port in use)
   {EXIT_INTERNAL}    an internal error (a bug): one line; set VITA_TRACEBACK=1 to print the traceback
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
 
@@ -118,15 +119,34 @@ def _up(args: argparse.Namespace) -> None:
           f"`vita ask --text ...`, `vita converse` or the browser console at {console} to try it, `vita down` to stop")
 
 
-def _down(args: argparse.Namespace) -> None:
+def _down(args: argparse.Namespace) -> int:
+    """Stopping what is already stopped succeeds (as `docker compose down` does): no state file, or one whose
+    processes have all exited, is status 0. A state file that cannot be read is status 2; a process still alive
+    after SIGKILL is status 1, and the state file is kept so that `vita down` can be run again."""
     from vita.stack import LocalStack
 
     path = _stack_file()
-    if not path.exists():
-        raise VitaError("no stack is up (nothing to stop)")
-    LocalStack.load(path).stop()
-    path.unlink()
-    print("stack stopped")
+    try:
+        stack = LocalStack.load(path)  # other OSErrors (unreadable, a directory): one line, status 2, from main
+    except FileNotFoundError:
+        print(f"no stack is up: nothing to stop (no state file {path})")
+        return EXIT_OK
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # not JSON, or not a stack's fields
+        raise VitaError(f"cannot read the stack state in {path} ({type(e).__name__}: {e}): stop any of its "
+                        "processes still running yourself, then remove it") from None
+    if not stack.running():
+        path.unlink(missing_ok=True)
+        print(f"no stack process was running (pids from {path}, now removed): nothing to stop")
+        return EXIT_OK
+    left = stack.stop()
+    if left:
+        names = ", ".join(f"{s.name} (pid {s.pid})" for s in left)
+        print(f"{args.command_name}: error: still running after SIGKILL: {names}; state kept in {path}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    path.unlink(missing_ok=True)
+    print(f"stack stopped ({len(stack.services)} processes; state {path} removed)")
+    return EXIT_OK
 
 
 def _connect(args: argparse.Namespace, **kwargs):
@@ -221,7 +241,8 @@ def _pretrain_vision(args: argparse.Namespace) -> None:
 
     configure_logging("training", level=os.environ.get("VITA_LOG_LEVEL", "info"))
     config = VisionPretrainConfig(preset=args.preset, seed=args.seed, data_seed=args.data_seed, pictures=args.pictures,
-                                  steps=args.steps, batch_size=args.batch_size, lr=args.lr, threads=args.threads)
+                                  steps=args.steps, batch_size=args.batch_size, lr=args.lr, threads=args.threads,
+                                  sincos_positions=args.position_init == "sincos")
     with denormals_flushed():  # before torch's first parallel work: vita.training.cpu
         summary = pretrain_vision_encoder(config, args.output, progress=not args.no_progress,
                                           overwrite=args.overwrite)
@@ -375,7 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the OpenAI-Realtime WebSocket endpoint's port")
     p.set_defaults(func=_up)
 
-    p = sub.add_parser("down", help="stop the stack `vita up` started")
+    p = sub.add_parser("down", help="stop the stack `vita up` started (nothing up: says so, status 0)",
+                       description="Stop the stack `vita up` started: SIGTERM to every service (they drain), "
+                                   "SIGKILL after 15 s, then remove its state file ($VITA_HOME/stack.json). With "
+                                   "nothing up (no state file, or none of its processes alive) it says so and "
+                                   "exits 0, so it can be run any number of times. Exit status 1: a process still "
+                                   "alive after SIGKILL (the state file is kept); 2: a state file that cannot be "
+                                   "read.")
     p.set_defaults(func=_down)
 
     p = sub.add_parser("ask", help="send one request to a running stack and stream the answer")
@@ -461,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "holds the same settings is reused.")
     p.add_argument("--pictures", type=_int_in(1, 10**7), default=8000,
                    help="pictures rendered once and drawn from (default: %(default)s)")
+    p.add_argument("--position-init", choices=("sincos", "random"), default="sincos",
+                   help="the position embedding's start: 2-D sin-cos codes (MAE's) or random normal (InternViT's "
+                        "own init) (default: %(default)s)")
     _stand_in_arguments(p, "vision", "pictures", steps=1100, batch_size=32, lr=3e-3, data_seed=1_000_003)
     p.set_defaults(func=_pretrain_vision)
 

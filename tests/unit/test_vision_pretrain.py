@@ -147,6 +147,32 @@ def test_the_patch_embedding_starts_as_the_pictures_whitening() -> None:
     assert VisionPretrainConfig().whiten_patches and "whiten_patches" in VisionPretrainConfig().key()
 
 
+def test_sincos_positions_code_the_offset_between_patches() -> None:
+    """The 2-D sin-cos init (MAE's): the class token's row is zero, each patch's code is unique, and the dot product
+    of two patches' codes depends on their offset alone (what makes attention to neighbours expressible at the
+    first step), unlike the default random init."""
+    from vita.training.vision_pretrain import sincos_position_embedding
+
+    side = VISION.patches_per_side
+    position = VisionEncoder(VISION).embeddings.position_embedding
+    assert position.shape == (1, 1 + side * side, VISION.hidden_size)
+
+    def dot(a: tuple[int, int], b: tuple[int, int]) -> float:
+        return float(position[0, 1 + a[0] * side + a[1]] @ position[0, 1 + b[0] * side + b[1]])
+
+    assert abs(dot((0, 0), (1, 2)) - dot((5, 7), (6, 9))) > 1e-3  # random: not a function of the offset
+    sincos_position_embedding(position, side)
+    assert float(position[0, 0].abs().max()) == 0
+    codes = position[0, 1:].detach()
+    assert torch.cdist(codes, codes).add(torch.eye(side * side)).min() > 1e-3  # no two patches share a code
+    for a, b, c, d in (((0, 0), (1, 2), (5, 7), (6, 9)), ((3, 3), (3, 4), (10, 0), (10, 1))):
+        assert abs(dot(a, b) - dot(c, d)) < 1e-4
+    assert dot((4, 4), (4, 4)) > dot((4, 4), (4, 5)) > dot((4, 4), (4, 9))  # nearer patches are more alike
+    assert VisionPretrainConfig().sincos_positions and "sincos_positions" in VisionPretrainConfig().key()
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_position_embedding(torch.nn.Parameter(torch.zeros(1, 5, 6)), 2)
+
+
 @torch.no_grad()
 def test_count_several_scores_the_pictures_of_two_or_more_shapes_alone() -> None:
     """A head that always answers "one" reads half of these counts right, and none of the pictures of several shapes:
