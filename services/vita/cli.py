@@ -98,17 +98,24 @@ def _stack_file():
     return vita_home() / "stack.json"
 
 
-def _up(args: argparse.Namespace) -> None:
-    from vita.stack import LocalStack, duplex_model_dir
+def _up(args: argparse.Namespace) -> int | None:
+    """Bad input (a stack already up, a --model that is not a model directory) is status 2 before anything starts;
+    a stack that does not come up (a service exiting or unhealthy at start-up, no Redis) is status 1."""
+    from vita.runtime.serve import check_model_dir
+    from vita.stack import LocalStack, StackError, duplex_model_dir
 
     path = _stack_file()
     if path.exists():
         raise VitaError(f"a stack is already up (state in {path}); run `vita down` first")
     if args.model is None:
         print("model: the duplex fine-tune of the tiny model (trained on first use, then cached) ...")
-    model = args.model or str(duplex_model_dir())
-    stack = LocalStack(model_dir=model, redis_url=args.redis, prefix=args.prefix, orchestrator_port=args.port,
-                       metrics=True, realtime=True, realtime_port=args.realtime_port).start()
+    model = str(check_model_dir(args.model)) if args.model else str(duplex_model_dir())
+    try:
+        stack = LocalStack(model_dir=model, redis_url=args.redis, prefix=args.prefix, orchestrator_port=args.port,
+                           metrics=True, realtime=True, realtime_port=args.realtime_port).start()
+    except StackError as e:
+        print(f"{args.command_name}: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_FAILED
     stack.save(path)
     for s in stack.services:
         kind = "http" if s.health == "http" else "grpc"

@@ -62,13 +62,20 @@ def delete_prefix(prefix: str, url: str = "redis://127.0.0.1:6379/0") -> None:
 
 
 def ensure_redis(url: str = "redis://127.0.0.1:6379/0") -> None:
-    """Starts a throw-away local redis-server (no persistence) when nothing answers at `url`."""
+    """Starts a throw-away redis-server (no persistence) on `url`'s loopback port when nothing answers at `url`.
+    Raises StackError when none answers and none can be started there (not a loopback address, no redis-server)."""
+    from urllib.parse import urlsplit
+
     if redis_answers(url):
         return
+    parts = urlsplit(url)
+    if parts.scheme != "redis" or parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise StackError(f"no Redis answers at {url} (only a plain redis:// URL on this machine's loopback is "
+                         "started here: start that Redis, or give --redis a reachable one)")
     if shutil.which("redis-server") is None:
         raise StackError(f"no Redis answers at {url} and redis-server is not installed")
-    subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379",
-                    "--save", "", "--appendonly", "no"], check=True, capture_output=True)
+    subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port",
+                    str(parts.port or 6379), "--save", "", "--appendonly", "no"], check=True, capture_output=True)
     for _ in range(50):
         if redis_answers(url):
             return

@@ -256,3 +256,47 @@ def test_an_encoder_on_a_device_torch_cannot_use_is_one_line_and_status_2(capsys
                       "--device", "cuda")
     line = one_line(err)
     assert status == cli.EXIT_USAGE and line.startswith("vita serve vision-encoder: error: device 'cuda': torch sees no")
+
+
+def test_up_refuses_a_model_that_is_not_one_before_starting_anything(capsys, tmp_path, monkeypatch):
+    """Bad input is status 2 and nothing starts: no state file is left."""
+    monkeypatch.setenv("VITA_HOME", str(tmp_path / "home"))
+    (tmp_path / "empty").mkdir()
+    for model, problem in ((tmp_path / "nope", "no such directory"),
+                           (tmp_path / "empty", "not a model directory (no config.json)")):
+        status, err = run(capsys, "up", "--model", str(model))
+        assert status == cli.EXIT_USAGE
+        assert one_line(err) == f"vita up: error: --model {model}: {problem}; a model repository, as `vita export` " \
+                                "or `vita init-tiny` writes, is expected"
+    assert not (tmp_path / "home" / "stack.json").exists()
+
+
+def test_up_that_cannot_start_the_stack_is_status_1(capsys, tmp_path, monkeypatch):
+    """The input was fine but the stack did not come up where it ran (here: no Redis answers at --redis, and one
+    off this machine's loopback is not started here): status 1 as README's exit-status table says, one line, no
+    state file."""
+    monkeypatch.setenv("VITA_HOME", str(tmp_path / "home"))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    url = f"redis://127.0.0.2:{closed_port()}/0"  # loopback, but not an address `vita up` starts a Redis on
+    status, err = run(capsys, "up", "--model", str(tmp_path / "model"), "--redis", url)
+    assert status == cli.EXIT_FAILED
+    assert one_line(err).startswith(f"vita up: error: no Redis answers at {url} (only a plain redis:// URL")
+    assert not (tmp_path / "home" / "stack.json").exists()
+
+
+def test_a_missing_local_redis_is_started_on_the_urls_own_port():
+    """`vita up --redis redis://127.0.0.1:PORT` with nothing there starts a throw-away redis-server on PORT (it
+    used to start one on 6379 whatever the URL said, then fail to reach PORT)."""
+    import redis
+
+    from vita.stack import ensure_redis
+
+    port = closed_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    ensure_redis(url)
+    client = redis.Redis.from_url(url)
+    try:
+        assert client.ping()
+    finally:
+        client.shutdown(nosave=True)

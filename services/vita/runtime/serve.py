@@ -84,11 +84,7 @@ async def serve(name: str, args: argparse.Namespace, build: Build, *, threads: i
     try:
         await _check_redis(redis, args.redis)
         async with contextlib.AsyncExitStack() as resources:
-            model_dir = Path(args.model) if args.model else build_tiny_checkpoint()
-            if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
-                problem = "no such directory" if not model_dir.is_dir() else "not a model directory (no config.json)"
-                raise VitaError(f"--model {args.model}: {problem}; a model repository, as `vita export` or `vita "
-                                "init-tiny` writes, is expected")
+            model_dir = check_model_dir(args.model) if args.model else build_tiny_checkpoint()
             service = await build(Context(args, model_dir, redis, bus, metrics, resources))
             server = ServiceServer(service.grpc, host=args.host, port=args.grpc_port, access=access, tls=tls,
                                    health_port=args.health_port, max_message_bytes=args.max_message_bytes)
@@ -112,6 +108,16 @@ async def _check_redis(redis: Redis, url: str) -> None:
     except (RedisError, OSError) as e:
         raise VitaError(f"cannot use Redis at {redacted(url)}: {type(e).__name__}: {e}") from None
 
+
+def check_model_dir(model: str | Path) -> Path:
+    """`--model`'s directory, checked before anything starts: VitaError (one line, exit status 2) when it is not
+    a directory or holds no config.json (what `vita export` and `vita init-tiny` write)."""
+    model_dir = Path(model)
+    if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
+        problem = "no such directory" if not model_dir.is_dir() else "not a model directory (no config.json)"
+        raise VitaError(f"--model {model}: {problem}; a model repository, as `vita export` or `vita init-tiny` "
+                        "writes, is expected")
+    return model_dir
 
 def run_service(name: str, args: argparse.Namespace, build: Build, *, threads: int | None = None) -> int:
     """`serve` in a fresh event loop: what every `vita serve ...` entry point returns from `main`. A service that
