@@ -18,6 +18,7 @@ from vita.errors import VitaError, one_line
 from vita.usage import EXIT_USAGE, ArgumentParser
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 3, 130
+DEFAULT_PRESET = "mixtral-8x7b"  # `vita model-info` without --preset or --target
 EXIT_STATUSES = f"""exit status:
   {EXIT_OK}    success; `vita down` with no stack up (nothing to stop) too
   {EXIT_FAILED}    the request failed where it ran: the server answered with an error status (printed as
@@ -33,9 +34,57 @@ EXIT_STATUSES = f"""exit status:
 
 
 def _model_info(args: argparse.Namespace) -> None:
-    from vita.model.info import parameter_report
+    """A preset's parameter counts, or (--target) what a running orchestrator serves: Assistant/ModelMetadata."""
+    if args.target is None:
+        from vita.model.info import parameter_report
 
-    print(parameter_report(args.preset))
+        if args.json:
+            raise VitaError("--json prints a server's answer: give --target too")
+        print(parameter_report(args.preset or DEFAULT_PRESET))
+        return
+    if args.preset is not None:
+        raise VitaError("give --preset (a preset's parameter counts) or --target (what a running server serves), "
+                        "not both")
+    with _connect(args) as client:
+        metadata = client.model_metadata()
+    if args.json:
+        from google.protobuf import json_format
+
+        print(json_format.MessageToJson(metadata, preserving_proto_field_name=True, indent=2))
+    else:
+        print(_describe_model(metadata))
+
+
+def _describe_model(m) -> str:
+    """ModelMetadataResponse as a few lines of text (`vita model-info --target`)."""
+    g, c = m.generate_limits, m.converse_limits
+    rows = [
+        ("context", f"{m.context_length} tokens, prompt at most {m.max_prompt_tokens}"),
+        ("max_tokens", f"default {m.default_max_tokens}, at most {m.max_tokens_limit} (cut to the room the prompt "
+                       "leaves)"),
+        ("vocabulary", f"{m.vocab_size} tokens"),
+        ("modalities", ", ".join(m.modalities)),
+    ]
+    if m.HasField("image"):
+        i = m.image
+        rows.append(("image", f"{i.tile_size}-pixel tiles of {i.tokens_per_tile} tokens, at most {i.max_tiles}"
+                              f"{' + a thumbnail' if i.thumbnail else ''} ({i.max_tokens} tokens)"))
+    if m.HasField("video"):
+        rows.append(("video", f"{m.video.max_frames} frames at most, {m.video.tokens_per_frame} tokens each"))
+    if m.HasField("audio"):
+        rows.append(("audio", f"{m.audio.sample_rate_hz} Hz, {m.audio.tokens_per_second:g} tokens/s, the encoder "
+                              f"takes at most {m.audio.max_seconds:g} s"))
+    rows += [
+        ("Generate limits", f"text {g.max_text_chars} chars; {g.max_images} images of at most {g.max_image_pixels} "
+                            f"pixels; {g.max_audio_clips} audio clips of at most {g.max_audio_seconds:g} s; video "
+                            f"{g.max_video_seconds:g} s or {g.max_video_frames} frames"),
+        ("Converse limits", f"text {c.max_text_chars} chars; images of at most {c.max_image_pixels} pixels, "
+                            f"{c.max_images} per turn"),
+    ]
+    preset = f", preset {m.preset}" if m.preset else ""
+    lines = [f"model {m.name or '(unnamed)'}: {m.architecture}{preset}"]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(lines + [f"  {name:<{width}}  {value}" for name, value in rows])
 
 
 def _init_tiny(args: argparse.Namespace) -> None:
@@ -163,8 +212,9 @@ def _connect(args: argparse.Namespace, **kwargs):
                       tls_key=args.tls_key, **kwargs)
 
 
-def _add_connection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="127.0.0.1:50051", help="orchestrator address")
+def _add_connection_args(p: argparse.ArgumentParser, target: str | None = "127.0.0.1:50051",
+                         target_help: str = "orchestrator address (default: %(default)s)") -> None:
+    p.add_argument("--target", default=target, help=target_help)
     p.add_argument("--token", default=os.environ.get("VITA_API_TOKEN"),
                    help="bearer token for a server started with --api-tokens (env VITA_API_TOKEN)")
     p.add_argument("--tls", action="store_true", help="connect over TLS (implied by --tls-ca / --tls-cert)")
@@ -356,8 +406,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("model-info", help="parameter counts of a preset, built on the meta device (no memory)")
-    p.add_argument("--preset", default="mixtral-8x7b", help="preset name: mixtral-8x7b or tiny")
+    from vita.model.config import PRESETS
+
+    p = sub.add_parser("model-info", help="parameter counts of a preset, built on the meta device (no memory); "
+                                          "with --target, what a running server serves",
+                       description="Without --target: a preset's parameter counts, built on the meta device (no "
+                                   "memory). With --target: ask a running orchestrator (Assistant/ModelMetadata) "
+                                   "for the model it serves, its context length and max_tokens, the modalities it "
+                                   "takes and the input limits it enforces.")
+    p.add_argument("--preset", default=None,
+                   help=f"preset name: {', '.join(PRESETS)} (default: {DEFAULT_PRESET}); not with --target")
+    _add_connection_args(p, target=None, target_help="orchestrator address to ask (e.g. 127.0.0.1:50051)")
+    p.add_argument("--json", action="store_true", help="with --target: print the answer as JSON (proto field names)")
     p.set_defaults(func=_model_info)
 
     p = sub.add_parser("init-tiny", help="write a tiny random-weight model + tokenizer directory for local runs")

@@ -27,6 +27,8 @@ from vita.v1.assistant_pb2 import (
     EndOfInput,
     GenerateRequest,
     GenerateResponse,
+    ModelMetadataRequest,
+    ModelMetadataResponse,
     ServerEvent,
     SessionConfig,
     TextMessage,
@@ -167,6 +169,12 @@ class VitaClient:
             yield from call
         finally:
             call.cancel()
+
+    def model_metadata(self, name: str = "") -> ModelMetadataResponse:
+        """What the server serves: the model, its context length and max_tokens, the modalities it takes and the
+        input limits it enforces (`Assistant/ModelMetadata`; `name`: empty, or the served model's)."""
+        return self.stub.ModelMetadata(ModelMetadataRequest(name=name), timeout=self.timeout_s,
+                                       metadata=self.metadata())
 
     def stream_text(self, text: str = "", **kwargs) -> Iterator[str]:
         """Text deltas only; see `build_request` for the arguments."""

@@ -245,9 +245,10 @@ class Drills:
             threading.Thread(target=one_shot, daemon=True).start()
             if not streaming.wait(self.hang_s):
                 return self._record("orphaned generations", start, False, "Generate never streamed")
+            generation = self._generation_of(generate_id)
             killed_at = time.time()
             self.stack.kill("orchestrator")
-        orphans = {generate_id: Pool.LLM_GENERATOR, active.request_id: ROLE_POOLS[active.role]}
+        orphans = {generation: Pool.LLM_GENERATOR, active.request_id: ROLE_POOLS[active.role]}
         bound = stop_bound_s(self.bus) + LEASE_MARGIN_S
         details, ok = [], active.role == GenerationJob.MONITOR
         for request_id, pool in orphans.items():
@@ -264,6 +265,14 @@ class Drills:
             _, done = client.ask("Still there?", max_tokens=4)
         ok = ok and done.usage.completion_tokens > 0
         return self._record("orphaned generations", start, ok, "; ".join(details) + "; next request answered")
+
+    def _generation_of(self, request_id: str) -> str:
+        """The bus's id of the Generate call whose caller's id is `request_id` (the orchestrator's own, unique per
+        call: `vita.bus.streams.unique_id`), found by its reply stream."""
+        pattern = self.bus.reply(f"{request_id}.gen.x").replace(".gen.x}", ".gen.*}")
+        with Redis.from_url(self.server.url) as redis:
+            [key] = [k.decode() for k in redis.scan_iter(match=pattern)]
+        return key[key.index("{") + 1 : -1]
 
     def _session(self, session_id: str) -> SessionState:
         with Redis.from_url(self.server.url) as redis:

@@ -11,7 +11,7 @@ EXIT_USAGE = 2
 
 class ArgumentParser(argparse.ArgumentParser):
     """`argparse.ArgumentParser` whose `error` prints `PROG: error: MESSAGE (see `PROG --help`)` and exits 2.
-    Subparsers made with `add_subparsers` are of this class too (argparse makes them with the parent's class).
+    Subparsers made with `add_subparsers` are `Subcommand`s: this class, refusing what they do not know themselves.
 
     Every parser sets the default `command_name` to its `prog`; a subcommand's default overrides its parent's, so
     the parsed namespace names the command that ran (`vita eval mme`), for the one-line errors that come later.
@@ -23,3 +23,19 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+    def add_subparsers(self, **kwargs):
+        kwargs.setdefault("parser_class", Subcommand)
+        return super().add_subparsers(**kwargs)
+
+
+class Subcommand(ArgumentParser):
+    """A subcommand's parser (`vita ask`, `vita eval mme`). argparse hands the arguments a subcommand does not know
+    back to the top parser, whose error would then name `vita`; this one refuses them itself, so the error names
+    the subcommand: `vita ask: error: unrecognized arguments: --bogus`."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras

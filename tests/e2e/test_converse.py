@@ -207,7 +207,8 @@ def test_bad_frame_bytes_and_odd_audio_do_not_break_the_session(client):
         assert "camera frame" in s.wait("error").error.message
         s.send(ClientEvent(image=Image(data=b"\x89PNG\r\n\x1a\n garbage")))
         assert s.wait("error").error.code == INVALID_ARGUMENT
-        s.send(ClientEvent(audio=AudioChunk(pcm16=b"\x01")))  # half a sample: kept until its other byte comes
+        s.send(ClientEvent(audio=AudioChunk(pcm16=b"\x01")))  # half a sample: refused whole, as Generate's PCM16
+        assert "even number of bytes" in s.wait("error").error.message
         s.send(text_event("are you fine?"))
         s.wait("completed")
         s.close()

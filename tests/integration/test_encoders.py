@@ -277,7 +277,9 @@ def test_undecodable_audio_and_bad_sample_rate_fail_alone(services, speech_wav):
         await submit_together(redis, bus, Pool.AUDIO_ENCODER, [garbage, no_rate, good])
         failed = await result_of(redis, garbage)
         assert failed.error.code == JobError.INVALID_ARGUMENT
-        assert failed.error.message.startswith("audio 0: could not decode audio")
+        # one clean line, without FFmpeg's errno and '<none>' file name
+        assert failed.error.message == ("audio 0: not a decodable audio file (WAV, FLAC, MP3, Ogg, AAC/M4A, ...); "
+                                        "FFmpeg: invalid data found when processing input")
         failed = await result_of(redis, no_rate)
         assert failed.error.code == JobError.INVALID_ARGUMENT
         assert failed.error.message.startswith("audio 0: sample rate 0 is not supported")
@@ -286,6 +288,36 @@ def test_undecodable_audio_and_bad_sample_rate_fail_alone(services, speech_wav):
 
     run(body)
     assert audio.batches(Pool.AUDIO_ENCODER) == (forwards + 1, items + 1)
+
+
+def test_an_unknown_audio_encoding_and_an_image_sent_as_a_video_file_are_refused(services, speech_wav):
+    """Proto3 enums are open: `Audio.encoding` 7 parses, and was read as a WAV file. FFmpeg reads a PNG as a
+    one-frame video, which passed for a clip. Both are INVALID_ARGUMENT now, on the bus and on the KServe port;
+    the good job beside them is encoded."""
+    bus = services.bus
+    unknown = audio_job(bus, Audio(data=speech_wav.read_bytes(), encoding=7))
+    still = encode_job(bus, EncodeJob.VIDEO, [MediaItem(video=Video(file=png(64, 48)))])
+    good = audio_job(bus, Audio(data=speech_wav.read_bytes(), encoding=Audio.WAV))
+
+    async def body(redis: Redis) -> None:
+        await submit_together(redis, bus, Pool.AUDIO_ENCODER, [unknown, good])
+        await submit(redis, bus, Pool.VISION_ENCODER, still)
+        failed = await result_of(redis, unknown)
+        assert failed.error.code == JobError.INVALID_ARGUMENT
+        assert failed.error.message.startswith("audio 0: audio encoding 7 is not an Audio.Encoding")
+        failed = await result_of(redis, still)
+        assert failed.error.code == JobError.INVALID_ARGUMENT
+        assert "the video file is a PNG image, not a video: send an image as an Image" in failed.error.message
+        _, tokens = await embedding_of(redis, good)
+        assert tokens[0] > 0
+
+    run(body)
+    with triton.InferenceServerClient(f"127.0.0.1:{services.vision.kserve_port}") as client:
+        video = triton.InferInput("video", [1], "BYTES")
+        video.set_data_from_numpy(np.array([png(64, 48)], dtype=np.object_))
+        with pytest.raises(InferenceServerException, match="the video file is a PNG image") as error:
+            client.infer("vision-encoder", [video])
+        assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
 
 
 def test_expired_and_cancelled_jobs_are_answered_without_compute(services, speech_wav):

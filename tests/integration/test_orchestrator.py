@@ -31,8 +31,9 @@ def pipeline(tiny_model_dir):
     return VitaPipeline.load(tiny_model_dir)
 
 
-async def run_stack(pipeline, body, *, worker=True, backlog_limit=1000, config=None):
-    """Orchestrator + llm worker in this event loop; everything talks over loopback gRPC and Redis."""
+async def run_stack(pipeline, body, *, worker=True, backlog_limit=1000, config=None, max_batch=8):
+    """Orchestrator + llm worker in this event loop; everything talks over loopback gRPC and Redis. The worker
+    takes 8 jobs at once; the engine decodes `max_batch` of them together (the others wait there for a slot)."""
     redis = Redis.from_url("redis://127.0.0.1:6379/0")
     bus = BusConfig(prefix=f"test:{uuid.uuid4().hex[:12]}", backlog_limits=dict.fromkeys(
         BusConfig().backlog_limits, backlog_limit))
@@ -40,7 +41,7 @@ async def run_stack(pipeline, body, *, worker=True, backlog_limit=1000, config=N
     server = ServiceServer([GrpcService("vita.v1.Assistant",
                                         lambda s: assistant_pb2_grpc.add_AssistantServicer_to_server(service, s))])
     await server.start()
-    backend = TorchBackend(pipeline.model, max_batch_size=8)
+    backend = TorchBackend(pipeline.model, max_batch_size=max_batch)
     await backend.start()
     llm = LLMWorker(redis, bus, backend, pipeline.tokenizer, WorkerConfig(max_concurrency=8))
     task = asyncio.create_task(llm.run()) if worker else None
@@ -88,6 +89,54 @@ def test_eight_concurrent_requests_each_get_their_own_answer(pipeline):
         assert done.timings.time_to_first_token_s > 0
 
 
+def test_queue_s_is_the_wait_for_a_slot_in_the_engine(pipeline):
+    """Six calls at once on an engine of two slots: four wait in the engine, and their Timings.queue_s says so
+    (it was always 0); what follows admission (the prefill) is short for all of them."""
+    async def body(stub, backend):
+        async def one(i):
+            request = GenerateRequest(text=f"Count to ten, take {i}.",
+                                      sampling=SamplingProto(max_tokens=16, ignore_eos=True))
+            return [r async for r in stub.Generate(request)][-1].completed.timings
+        return await asyncio.gather(*(one(i) for i in range(6)))
+
+    timings = sorted(asyncio.run(run_stack(pipeline, body, max_batch=2)), key=lambda t: t.time_to_first_token_s)
+    for t in timings:
+        assert t.encode_s <= t.queue_s <= t.time_to_first_token_s <= t.total_s, t
+    prefill = [t.time_to_first_token_s - t.queue_s for t in timings]
+    waited = timings[2:]  # the four that found both slots taken
+    assert min(t.queue_s for t in waited) > max(prefill), (timings, prefill)
+    assert min(t.queue_s for t in waited) > max(t.queue_s for t in timings[:2]), timings
+
+
+def test_converse_keys_its_jobs_by_ids_of_its_own_that_fit_any_session_id(pipeline):
+    """A session id may be as long as any id (128 characters); the ids of its jobs were that plus a suffix, past
+    the limit, so no turn of such a session could be answered. Each answer's id is new, however the session id
+    is reused."""
+    session_id = "s" * 128
+
+    async def body(stub, backend):
+        answered = asyncio.Queue()
+
+        async def requests():
+            yield session_config(session_id=session_id, max_tokens=3)
+            for turn in range(2):
+                yield text_event(f"Question {turn}.")
+                await answered.get()
+            yield ClientEvent(end=EndOfInput())
+
+        events = []
+        async for event in stub.Converse(requests(), timeout=60):
+            events.append(event)
+            if event.HasField("completed") or event.HasField("error"):  # the turn is over either way
+                answered.put_nowait(None)
+        return events, set(backend.engine.stats.tokens_by_request)
+
+    events, engine_ids = asyncio.run(run_stack(pipeline, body))
+    assert [e.WhichOneof("event") for e in events if e.HasField("error")] == [], [e.error for e in events]
+    assert sum(e.HasField("completed") for e in events) == 2
+    assert len(engine_ids) == 2 and all(len(i) <= 128 and i.startswith("s" * 64) for i in engine_ids)
+
+
 @pytest.mark.parametrize(("request_", "message"), [
     (GenerateRequest(), "the request is empty"),
     (GenerateRequest(text="word " * 5000), "the model's context is"),
@@ -131,16 +180,18 @@ def test_client_cancellation_stops_generation(pipeline):
             if seen == 3:
                 call.cancel()
                 break
+        # The engine knows the call by the orchestrator's own id for it, which starts with the caller's.
+        [rid] = [r for r in backend.engine.stats.tokens_by_request if r.startswith("cancel-me.")]
         for _ in range(200):
-            if "cancel-me" not in backend.engine.running:
+            if rid not in backend.engine.running:
                 break
             await asyncio.sleep(0.01)
-        stopped = backend.engine.stats.tokens_by_request.get("cancel-me", 0)
+        stopped = backend.engine.stats.tokens_by_request.get(rid, 0)
         await asyncio.sleep(0.3)
-        return stopped, backend.engine.stats.tokens_by_request.get("cancel-me", 0), backend.engine
+        return rid, stopped, backend.engine.stats.tokens_by_request.get(rid, 0), backend.engine
 
-    stopped, later, engine = asyncio.run(run_stack(pipeline, body))
-    assert "cancel-me" not in engine.running
+    rid, stopped, later, engine = asyncio.run(run_stack(pipeline, body))
+    assert rid not in engine.running
     assert later == stopped < 3000
 
 

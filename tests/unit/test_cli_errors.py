@@ -46,7 +46,12 @@ def closed_port() -> int:
         (["generate", "--temperature", "-1"], "argument --temperature"),
         (["generate", "--temperature", "nan"], "argument --temperature"),
         (["up", "--port", "70000"], "argument --port"),
-        (["converse", "--bogus"], "unrecognized arguments: --bogus"),
+        (["converse", "--bogus"], "vita converse: error: unrecognized arguments: --bogus"),
+        # a subcommand's unknown arguments are its own error, named (a new user's try: `vita: error: ...`)
+        (["ask", "--bogus"], "vita ask: error: unrecognized arguments: --bogus (see `vita ask --help`)"),
+        (["model-info", "--model", "x"], "vita model-info: error: unrecognized arguments: --model x"),
+        (["eval", "mme", "--data", "x", "--bogus"], "vita eval mme: error: unrecognized arguments: --bogus"),
+        (["init-tiny", "extra"], "vita init-tiny: error: unrecognized arguments: extra"),
         (["generate", "--text", "caf\udce9 au lait?"], "argument --text: not valid UTF-8 (byte 0xe9 at character 3)"),
         (["ask", "--text", "caf\udce9"], "not valid UTF-8"),
         (["converse", "--text", "ok", "--text", "\udcff"], "not valid UTF-8"),
@@ -76,7 +81,8 @@ def test_bad_flags_are_one_line_and_status_2(capsys, argv, message):
         (["ask", "--text", "hi", "--audio", "/"], "Is a directory: /"),
         (["converse", "--image", "/nonexistent/x.png"], "No such file or directory"),
         (["converse", "--wav", "/nonexistent/q.wav"], "cannot read audio file /nonexistent/q.wav"),
-        (["converse", "--wav", "__GARBAGE__"], "could not decode audio"),
+        (["converse", "--wav", "__GARBAGE__"], "not a decodable audio file (WAV, FLAC, MP3, Ogg, AAC/M4A, ...); "
+                                               "FFmpeg: invalid data found when processing input"),
         (["generate", "--model", "/nonexistent/model", "--text", "hi"], "config.json"),
         # the error names the command that ran, the benchmark's or the service's too (a new user's try, 2026-12-03)
         (["eval", "mme", "--data", "/nonexistent/mme"], "vita eval mme: error: /nonexistent/mme: no such file"),
@@ -84,6 +90,7 @@ def test_bad_flags_are_one_line_and_status_2(capsys, argv, message):
          "vita serve llm: error: --model /nonexistent/model: no such directory"),
         (["serve", "vision-encoder", "--model", "/"], "vita serve vision-encoder: error: --model /: not a model directory"),
         (["model-info", "--preset", "huge"], "unknown preset 'huge'"),
+        (["model-info", "--preset", "tiny", "--target", "127.0.0.1:1"], "vita model-info: error: give --preset"),
         (["pretrain-vision", "--preset", "huge", "--output", "__OUT__"], "unknown preset 'huge'"),
         (["pretrain-audio", "--preset", "huge", "--output", "__OUT__"], "unknown preset 'huge'"),
     ],
@@ -300,3 +307,17 @@ def test_a_missing_local_redis_is_started_on_the_urls_own_port():
         assert client.ping()
     finally:
         client.shutdown(nosave=True)
+
+
+def test_help_derives_the_presets_and_states_the_barge_in_switch(capsys):
+    """`vita model-info --help` lists every preset of the registry (it said "mixtral-8x7b or tiny"); the
+    orchestrator's `--barge-in-max-ms` help says -1 switches the rule off, as serving.md and VadParams do."""
+    from vita.model.config import PRESETS
+
+    for argv in (["model-info", "--help"], ["serve", "orchestrator", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"preset name: {', '.join(PRESETS)}" in out and "tiny-224" in out
+    assert "--barge-in-max-ms BARGE_IN_MAX_MS Converse: speech up to this long" in out
+    assert "(-1 or 0: the rule off;" in out

@@ -1,5 +1,7 @@
 """Continuous batching: every sequence gets exactly what it would get alone, whenever it joins the batch."""
 
+import time
+
 import pytest
 import torch
 
@@ -92,6 +94,27 @@ def test_cancellation_stops_compute_and_frees_the_slot(model):
     # The freed slot is reused by the next request straight away.
     engine.add(EngineRequest("next", SamplingParams(max_new_tokens=2), input_ids=prompt(3, 4)))
     assert any(o.request_id == "next" for o in engine.step())
+
+
+def test_the_first_output_says_how_long_a_sequence_waited_for_its_slot(model):
+    """TokenOutput.queued_s: from `add` to admission, on a sequence's first output only (Timings.queue_s)."""
+    engine = LLMEngine(model, max_batch_size=1)
+    params = SamplingParams(max_new_tokens=6, stop_token_ids=())
+    for rid in ("first", "second", "dropped"):
+        engine.add(EngineRequest(rid, params, input_ids=prompt(len(rid), 8)))
+    added = time.perf_counter()
+    outputs, first_done = [], None
+    while engine.has_work():
+        for out in engine.step():
+            outputs.append(out)
+            if out.request_id == "first" and out.finish_reason:
+                first_done = time.perf_counter()
+                engine.cancel("dropped")  # still waiting: it ends without a slot
+    waited = {o.request_id: o.queued_s for o in outputs if o.queued_s is not None}
+    assert sorted(o.request_id for o in outputs if o.queued_s is not None) == ["dropped", "first", "second"]
+    assert all(o.queued_s is None for o in outputs if o.index > 0)  # the first output of each only
+    # "first" took the one slot at once; the others were admitted (or dropped) only after it had finished.
+    assert 0 <= waited["first"] < first_done - added < min(waited["second"], waited["dropped"])
 
 
 def test_short_request_does_not_wait_behind_long_generation(model):

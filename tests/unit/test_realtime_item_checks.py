@@ -354,3 +354,22 @@ def test_a_response_create_voice_speaks_that_response_only_and_its_metadata_is_e
         assert audio == EspeakTTS(voice).synthesize(sentence)  # spoken in that voice
     assert EspeakTTS("en-us").synthesize(sentence) != EspeakTTS(DEFAULT_VOICE).synthesize(sentence)
     assert session.settings.voice == DEFAULT_VOICE  # the session's is unchanged
+
+
+def test_audio_appends_split_inside_a_sample_reach_converse_whole():
+    """Converse refuses odd-length PCM16 chunks; a client may split its stream anywhere. Without the echo guard
+    (which keeps the odd byte itself) the gateway joins a trailing half sample to the next append: Converse gets the
+    same bytes, in whole samples, and no error goes back."""
+    import base64
+
+    for echo_guard in (False, True):
+        session = RealtimeSession(None, None, SessionSettings(output_modalities=["text"]), echo_guard=echo_guard)
+        pcm = bytes(range(1, 200))  # 199 bytes: a stream split at odd offsets
+        out = []
+        for part in (pcm[:3], pcm[3:4], pcm[4:101], pcm[101:]):
+            out += _send(session, {"type": "input_audio_buffer.append", "audio": base64.b64encode(part).decode()})
+        chunks = [event.audio.pcm16 for event in _converse_sent(session)]
+        assert out == [] and all(len(c) % 2 == 0 for c in chunks)
+        if not echo_guard:
+            assert b"".join(chunks) == pcm[:198]  # the last byte waits for its other half
+

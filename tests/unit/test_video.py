@@ -113,6 +113,24 @@ def wav_bytes() -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "TIFF"])
+def test_a_still_image_is_no_video_file(tmp_path, fmt):
+    """FFmpeg reads a still image as a one-frame video stream; it passed for a one-frame clip. An animated GIF is
+    a video (FFmpeg's gif demuxer, not an image pipe)."""
+    out = io.BytesIO()
+    Image.fromarray(striped(3)).save(out, format=fmt)
+    path = tmp_path / f"still.{fmt.lower()}"
+    path.write_bytes(out.getvalue())
+    for source in (out.getvalue(), path):
+        with pytest.raises(InvalidInputError, match=f"the video file is a {fmt} image, not a video: send an image "
+                                                    "as an Image"):
+            decode_video(source)
+    gif = io.BytesIO()
+    frames = [Image.fromarray(striped(k)) for k in range(4)]
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=250)
+    assert len(decode_video(gif.getvalue()).frames) == 4  # 4 frames of 250 ms: 1 s at 4 fps
+
+
 def test_bad_video_input_raises_invalid_input(tmp_path):
     empty = tmp_path / "empty.avi"
     with av.open(str(empty), "w") as container:  # a video stream, but not a single frame
@@ -175,6 +193,15 @@ def test_camera_frames_with_irregular_spacing_pick_the_nearest():
     assert clip.timestamps == [k / 4 for k in range(12)]
     # 0.5 s is equally far from 0.125 and 0.875: the earlier frame wins; past the last frame, the last one.
     assert [index_of(frame) for frame in clip.frames] == [0, 1, 1, 2, 3, 3, 3, 4, 4, 4, 4, 4]
+
+
+def test_camera_frames_last_one_period_each_like_a_files():
+    """docs/model.md's d for a frame sequence: the span plus one average frame period, (t_last - t_first) * n /
+    (n - 1). Frames at 0, 0.5, 1.0 and 1.5 s are 2 s of video, as the same 4 frames at 2 fps in a file: 8 frames at
+    4 fps, each camera frame twice (0.25 s from two of them: the earlier wins)."""
+    clip = sample_frames([(0.5 * i, frame_image(i)) for i in range(4)])
+    assert clip.timestamps == [k / 4 for k in range(8)]
+    assert [index_of(frame) for frame in clip.frames] == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
 def test_single_camera_frame():

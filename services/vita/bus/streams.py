@@ -6,6 +6,7 @@ This is the single source of truth that README.md documents: services never form
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -43,10 +44,26 @@ ROLE_POOLS = {GenerationJob.GENERATOR: Pool.LLM_GENERATOR, GenerationJob.MONITOR
 
 
 def check_id(what: str, value: str) -> str:
-    """Ids become key suffixes, so they must not collide with Redis patterns or cluster hash tags."""
+    """Ids become key suffixes, so they must not collide with Redis patterns or cluster hash tags. The error quotes
+    at most the first 40 characters of a bad id (it is the client's: it goes to logs and statuses)."""
     if not _ID.fullmatch(value):
-        raise InvalidInputError(f"{what} {value!r} must be 1-128 characters of A-Z a-z 0-9 _ . : @ + = / -")
+        shown = repr(value) if len(value) <= 40 else f"{value[:40]!r}... ({len(value)} characters)"
+        raise InvalidInputError(f"{what} {shown} must be 1-128 characters of A-Z a-z 0-9 _ . : @ + = / -")
     return value
+
+
+# The longest suffix a request's jobs add to its id (`.image`, `.video`, `.audio`: PoolClient.encode).
+_JOB_SUFFIX = 8
+
+
+def unique_id(caller_id: str, kind: str) -> str:
+    """The id one call's state is keyed by on the bus (jobs, reply stream, cancel key, lease, the engine's
+    sequence): `{caller_id}.{kind}.{16 hex digits}`, new for every call. A caller's id is only echoed (two calls
+    may share one, or reuse it); this one is the server's, so no call ever reads another's replies. The caller's
+    id leads it for correlation in logs and Redis, cut so that the id and its job suffixes fit 128 characters.
+    `caller_id` and `kind` must pass `check_id`."""
+    suffix = f".{kind}.{uuid.uuid4().hex[:16]}"
+    return check_id("request id", caller_id[: 128 - _JOB_SUFFIX - len(suffix)] + suffix)
 
 
 # Below this a lease's renewals (every quarter of it) would be too close to the round trip that renews it.

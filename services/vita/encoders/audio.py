@@ -53,11 +53,9 @@ class AudioTowerEncoder(Encoder):
     def _fits(self, feats: torch.Tensor) -> torch.Tensor:
         """The tower's relative positions bound the clip length; checked here so only this job fails."""
         positions = ((feats.shape[0] + 1) // 2 + 1) // 2  # after the two stride-2 convolutions
-        limit = self.config.max_relative_positions
-        if positions > limit:
-            seconds = limit * 4 * self.config.frame_shift_samples / self.config.sample_rate
+        if positions > self.config.max_relative_positions:  # more than config.max_frames frames
             raise InvalidInputError(f"audio is too long: {feats.shape[0]} filterbank frames; this encoder takes "
-                                    f"at most {4 * limit} (about {seconds:.0f} s)")
+                                    f"at most {self.config.max_frames} ({self.config.max_seconds:g} s)")
         return feats
 
     def from_v2(self, name: str, array: np.ndarray, parameters: Mapping[str, object]) -> list[torch.Tensor]:
@@ -88,7 +86,11 @@ class AudioTowerEncoder(Encoder):
 
 
 def _waveform(audio: Audio) -> torch.Tensor:
-    """PCM16 takes its rate from the message; anything else is a file whose header gives it."""
+    """PCM16 takes its rate from the message; WAV (or unspecified) is a file whose header gives it. An encoding the
+    proto does not define is refused, not read as a file (proto3 enums are open: any number parses)."""
+    if audio.encoding not in Audio.Encoding.values():
+        raise InvalidInputError(f"audio encoding {audio.encoding} is not an Audio.Encoding (0 or WAV = 1: a WAV "
+                                f"file, PCM16 = 2: raw samples)")
     if audio.encoding == Audio.PCM16:
         return load_audio(pcm16_to_float(audio.data), audio.sample_rate_hz)
     return load_audio(audio.data)

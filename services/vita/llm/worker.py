@@ -243,6 +243,8 @@ class LLMWorker:
         generated, first_token_s, finish = 0, 0.0, None
         stopping = False  # cancelled or past the deadline: the backend was told, we read on to its last output
         last_token = time.perf_counter()
+        handed_s = last_token - start  # the job goes to the backend now; then it may wait there for a free slot
+        engine_wait_s: float | None = None
         stream = self.backend.generate(request)
         try:
             while finish is None:
@@ -255,6 +257,8 @@ class LLMWorker:
                     log.warning("the backend did not end a cancelled request", extra={"request_id": job.request_id})
                     break
                 now = time.perf_counter()
+                if engine_wait_s is None and output.queued_s is not None:
+                    engine_wait_s = output.queued_s
                 if output.token_id is not None:
                     generated += 1  # counted whether or not it is sent: usage is what the backend computed
                     if not stopping:
@@ -290,7 +294,11 @@ class LLMWorker:
         await replies.send(finished=Completed(
             finish_reason=_FINISH[finish],
             usage=Usage(prompt_tokens=len(job.prompt_token_ids), completion_tokens=generated),
-            timings=Timings(time_to_first_token_s=first_token_s, total_s=total_s),
+            # From the moment this worker took the job: queue_s until the engine admitted it (a backend that does
+            # not say counts only the time until it was handed over); the orchestrator's Timings.queue_s is made
+            # from these (`vita.orchestrator.pools.queue_seconds`).
+            timings=Timings(queue_s=handed_s + (engine_wait_s or 0.0), time_to_first_token_s=first_token_s,
+                            total_s=total_s),
         ))
 
     def _report_orphan(self, job: GenerationJob, watcher: CancelWatcher, generated: int) -> None:

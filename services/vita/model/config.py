@@ -124,6 +124,18 @@ class AudioConfig:
     def frame_shift_samples(self) -> int:
         return int(self.sample_rate * self.frame_shift_ms / 1000)
 
+    @property
+    def max_frames(self) -> int:
+        """Filterbank frames the encoder takes: its relative positions (`max_relative_positions`) bound a clip's
+        length after the 4x subsampling (5000 positions: 20000 frames)."""
+        return 4 * self.max_relative_positions
+
+    @property
+    def max_seconds(self) -> float:
+        """The longest clip the encoder takes, in seconds: `max_frames` frame shifts (20000 x 10 ms = 200 s). A clip
+        of exactly this length gives `max_frames` frames (Kaldi's snip_edges=False rounds to the nearest frame)."""
+        return self.max_frames * self.frame_shift_samples / self.sample_rate
+
 
 @dataclass
 class VitaConfig:

@@ -6,7 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from vita.orchestrator.limits import InputLimits
+from vita.model.config import VitaConfig
+from vita.orchestrator.limits import InputLimits, served_audio_limit
 from vita.orchestrator.service import AssistantService, OrchestratorConfig
 from vita.processing.vad import VADConfig
 from vita.runtime.args import add_common_args
@@ -40,7 +41,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "(sessions may set their own)")
     p.add_argument("--barge-in-max-ms", type=int, default=vad.barge_in_max_ms,
                    help="Converse: speech up to this long during an answer stops it even when not judged a query "
-                        "(0: off)")
+                        "(-1 or 0: the rule off; a session's VadParams.barge_in_max_ms overrides it, -1 off there "
+                        "too) (default: %(default)s)")
     p.add_argument("--judge-timeout", type=float, default=30.0,
                    help="Converse: seconds to wait for the monitor pool's judgement of an utterance")
     d = InputLimits()
@@ -51,7 +53,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
                    help="width x height of any image or video frame")
     g.add_argument("--max-audio-clips", type=int, default=d.max_audio_clips, help="audio inputs in one request")
-    g.add_argument("--max-audio-seconds", type=float, default=d.max_audio_s, help="length of each audio input")
+    g.add_argument("--max-audio-seconds", type=float, default=None,
+                   help="length of each audio input (default: the longest clip the model's audio encoder takes, "
+                        f"{d.max_audio_s:g} s for the presets; only a lower value may be given)")
     g.add_argument("--max-video-seconds", type=float, default=d.max_video_s,
                    help="a video file's duration, or the span of a frame sequence")
     g.add_argument("--max-video-frames", type=int, default=d.max_video_frames, help="frames in a frame sequence")
@@ -59,30 +63,40 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def input_limits(args: argparse.Namespace) -> InputLimits:
+def input_limits(args: argparse.Namespace, model: VitaConfig | None = None) -> InputLimits:
+    """The `--max-*` flags; with the served model's config, `--max-audio-seconds` defaults to (and may not exceed)
+    the longest clip its audio encoder takes (`served_audio_limit`)."""
+    if model is not None:
+        max_audio_s = served_audio_limit(args.max_audio_seconds, model.audio)
+    else:
+        max_audio_s = InputLimits.max_audio_s if args.max_audio_seconds is None else args.max_audio_seconds
     return InputLimits(max_text_chars=args.max_text_chars, max_images=args.max_images,
                        max_image_pixels=args.max_image_pixels, max_audio_clips=args.max_audio_clips,
-                       max_audio_s=args.max_audio_seconds, max_video_s=args.max_video_seconds,
+                       max_audio_s=max_audio_s, max_video_s=args.max_video_seconds,
                        max_video_frames=args.max_video_frames)
+
+
+def vad_defaults(args: argparse.Namespace) -> VADConfig:
+    """The Converse VAD defaults of the flags; `--barge-in-max-ms` -1 (as a session's VadParams) or 0: the rule off."""
+    return VADConfig(end_silence_ms=args.end_silence_ms, incomplete_silence_ms=args.incomplete_silence_ms,
+                     complete_silence_ms=args.complete_silence_ms, barge_in_max_ms=max(0, args.barge_in_max_ms))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    limits = input_limits(args)  # a bad value fails here, before anything starts
+    input_limits(args)  # a bad value fails here, before anything starts
 
     async def build(ctx: Context) -> Service:
         from vita.model.vita import read_model_config
         from vita.processing.tokenizer import VitaTokenizer
 
+        model = read_model_config(ctx.model_dir)
         service = AssistantService(
-            ctx.redis, ctx.bus, read_model_config(ctx.model_dir), VitaTokenizer.from_file(ctx.model_dir),
+            ctx.redis, ctx.bus, model, VitaTokenizer.from_file(ctx.model_dir),
             OrchestratorConfig(default_max_tokens=args.default_max_tokens, encode_timeout_s=args.encode_timeout,
                                token_timeout_s=args.token_timeout, judge_timeout_s=args.judge_timeout,
-                               limits=limits, preemptive_generation=args.preemptive_generation,
-                               vad=VADConfig(end_silence_ms=args.end_silence_ms,
-                                             incomplete_silence_ms=args.incomplete_silence_ms,
-                                             complete_silence_ms=args.complete_silence_ms,
-                                             barge_in_max_ms=args.barge_in_max_ms)), ctx.metrics)
+                               limits=input_limits(args, model), preemptive_generation=args.preemptive_generation,
+                               vad=vad_defaults(args), model_dir=str(ctx.model_dir)), ctx.metrics)
         return Service(grpc=[GrpcService("vita.v1.Assistant",
                                          lambda s: assistant_pb2_grpc.add_AssistantServicer_to_server(service, s))])
 

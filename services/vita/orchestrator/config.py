@@ -6,11 +6,16 @@ on a pool.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
+from vita.errors import InvalidInputError
 from vita.orchestrator.limits import InputLimits
 from vita.processing.vad import VADConfig
-from vita.v1.assistant_pb2 import SessionConfig
+from vita.v1.assistant_pb2 import SessionConfig, VadParams
+
+# VADConfig fields whose VadParams field has another name.
+_VAD_PARAMS_NAMES = {"partial_every_ms": "early_judge_ms"}
 
 
 @dataclass
@@ -25,6 +30,9 @@ class OrchestratorConfig:
     # Converse: start answering when the speech pauses, release the answer when the turn ends (a session may set it).
     preemptive_generation: bool = True
     limits: InputLimits = field(default_factory=InputLimits)  # what one request or client event may carry
+    # The model directory the model config and tokenizer were read from (`--model`), as ModelMetadata reports it;
+    # empty: not known (an in-process service).
+    model_dir: str = ""
 
 
 def session_vad(defaults: VADConfig, config: SessionConfig) -> VADConfig:
@@ -34,8 +42,13 @@ def session_vad(defaults: VADConfig, config: SessionConfig) -> VADConfig:
     negative value switches the feature off (early judging, the end-of-turn hold, its shortening of a finished
     turn's silence, the barge-in rule).
     """
-    v = config.vad
+    try:
+        return _vad(config.vad, defaults)
+    except InvalidInputError as e:  # named as the client set it: SessionConfig.vad.<VadParams field>
+        raise InvalidInputError(_vad_params_message(str(e), config.vad, defaults)) from None
 
+
+def _vad(v: VadParams, defaults: VADConfig) -> VADConfig:
     def switch(value: int, default: int) -> int:
         return default if value == 0 else max(0, value)
 
@@ -52,6 +65,21 @@ def session_vad(defaults: VADConfig, config: SessionConfig) -> VADConfig:
         barge_in_min_speech_ms=v.barge_in_min_speech_ms or defaults.barge_in_min_speech_ms,
         barge_in_max_ms=switch(v.barge_in_max_ms, defaults.barge_in_max_ms),
     )
+
+
+def _vad_params_message(message: str, v: VadParams, defaults: VADConfig) -> str:
+    """A VADConfig error about a session's VAD in the proto's names (`SessionConfig.vad.start_threshold`), not the
+    server's dataclass's."""
+    if "max_segment_s" in message:  # the server's segment cap is no client field; the floor and padding are
+        return (f"SessionConfig.vad.min_speech_ms + speech_pad_ms ({v.min_speech_ms or defaults.min_speech_ms} + "
+                f"{v.speech_pad_ms or defaults.speech_pad_ms} ms) must be at most "
+                f"{defaults.max_segment_s * 1000 - 64:g} ms: the server cuts speech at {defaults.max_segment_s:g} s, "
+                "and two 32 ms VAD windows must fit too")
+    message = re.sub(r"VADConfig\.(\w+)", lambda m: f"SessionConfig.vad.{_VAD_PARAMS_NAMES.get(m[1], m[1])}",
+                     message)
+    if "must not exceed" in message:  # the pair may hold a server default the client did not set
+        message += " (a VadParams field left 0 takes the server default)"
+    return message
 
 
 def session_preemptive(default: bool, config: SessionConfig) -> bool:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import re
 import time
 import uuid
 import weakref
@@ -38,10 +40,11 @@ from redis.exceptions import RedisError
 
 from vita.bus.queue import Backpressure
 from vita.bus.replies import ReplyTimeout
-from vita.bus.streams import check_id
+from vita.bus.streams import check_id, unique_id
 from vita.errors import ContextLengthError, InvalidInputError, VitaError
 from vita.orchestrator.config import OrchestratorConfig, session_preemptive, session_vad
-from vita.orchestrator.pools import JobFailed, PoolClient, job_status
+from vita.orchestrator.limits import check_sampling
+from vita.orchestrator.pools import JobFailed, PoolClient, job_status, queue_seconds
 from vita.orchestrator.preemptive import Preemption, discard_reason
 from vita.orchestrator.prompts import Prompt, answer_prompt, judge_prompt, user_turn
 from vita.orchestrator.sessions import ImageLimitExceeded, SessionNotFound, SessionStore, SessionTakenOver
@@ -50,7 +53,7 @@ from vita.processing.image import load_image
 from vita.processing.prompt import StateToken
 from vita.processing.tokenizer import VitaTokenizer
 from vita.processing.turn import BARGE_IN_VOICED_S, voiced_seconds
-from vita.processing.vad import SpeechEvent, StreamingVAD
+from vita.processing.vad import SpeechEvent, StreamingVAD, VADConfig
 from vita.telemetry.metrics import Metrics
 from vita.v1.assistant_pb2 import (
     AnswerCompleted,
@@ -149,6 +152,7 @@ class Answer:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     stopped: bool = False
     done: bool = False
+    ended: bool = False  # its AnswerInterrupted went out (`_interrupted`: once)
 
 
 @dataclass
@@ -170,7 +174,6 @@ class ConverseCall:
         self.state: SessionState | None = None
         self.vad: StreamingVAD | None = None
         self.rate = SAMPLE_RATE
-        self._pcm_carry = b""
         self._out: asyncio.Queue[ServerEvent | None] = asyncio.Queue()
         self._work: asyncio.Queue[Utterance | TextQuery | Preemption | _Resumed | _Cancel | _Truncate | _End] = (
             asyncio.Queue())
@@ -193,6 +196,7 @@ class ConverseCall:
         self._closing = False
         self._taken_over = False
         self._frames_dropped = 0  # camera frames dropped since the last answered turn
+        self._last_frame_s: float | None = None  # the timestamp of the last camera frame this call kept
         # The audio watchdog's view of the reader (loop time, seconds).
         self._vad_lock = asyncio.Lock()  # the VAD is pushed in a thread; the watchdog must not touch it meanwhile
         self._poke = asyncio.Event()  # the reader went idle: the watchdog recomputes its deadline
@@ -364,10 +368,14 @@ class ConverseCall:
             await self._configure(request.config)
             return
         if kind is None:
-            raise InvalidInputError("empty client event: set one of config, audio, frame, image, text, end")
+            events = ", ".join(f.name for f in ClientEvent.DESCRIPTOR.oneofs_by_name["event"].fields)  # the proto's
+            raise InvalidInputError(f"empty client event: set one of {events}")
         if self.state is None:
             raise InvalidInputError(f"{kind} before the session config: the first event must be a SessionConfig")
         if kind == "audio":
+            if len(request.audio.pcm16) % 2:  # as Generate's PCM16: a chunk of whole samples, or none of it
+                raise InvalidInputError(f"audio chunk: PCM16 audio must have an even number of bytes (whole 16-bit "
+                                        f"samples); got {len(request.audio.pcm16)}: the chunk was dropped")
             async with self._vad_lock:
                 self.vad.answering = self._answering()  # barge-in words count while the assistant speaks
                 events = await asyncio.to_thread(self._vad_push, request.audio.pcm16)
@@ -380,9 +388,11 @@ class ConverseCall:
             frame = request.frame
             if not frame.image.data:
                 raise InvalidInputError("camera frame has no image bytes")
+            self._check_frame_time(frame.timestamp_s)
             await asyncio.to_thread(_check_image_bytes, frame.image.data, "camera frame",
                                     self.config.limits.max_image_pixels)
             self._frames_dropped += await self.store.add_frame(self.session_id, frame)
+            self._last_frame_s = frame.timestamp_s
         elif kind == "image":
             await asyncio.to_thread(_check_image_bytes, request.image.data, "image",
                                     self.config.limits.max_image_pixels)
@@ -408,13 +418,10 @@ class ConverseCall:
 
     async def _configure(self, config: SessionConfig) -> None:
         """Start a new session, or resume a stored one (rebuilding an answer a dead replica left in flight)."""
-        if config.HasField("system_prompt"):
-            self.config.limits.check_text(config.system_prompt, "system_prompt")
+        rate, vad = self._checked(config)
         if self.state is not None:
-            await self._reconfigure(config)
+            await self._reconfigure(config, rate, vad)
             return
-        rate = _audio_rate(config)
-        vad = session_vad(self.config.vad, config)
         if config.resume:
             if not config.session_id:
                 raise InvalidInputError("resume needs the session_id to continue")
@@ -433,30 +440,46 @@ class ConverseCall:
                                                  limits=self.config.limits.converse()))
         log.info("session started", extra={"session_id": state.session_id, "resumed": resumed})
 
-    async def _reconfigure(self, config: SessionConfig) -> None:
+    def _check_frame_time(self, t: float) -> None:
+        """What the video rule needs of a frame sequence (vita.processing.video.sample_frames), checked per frame on
+        arrival: a frame that breaks it would have the vision encoder refuse the whole clip at the next answered
+        turn. Timestamps increase over the whole call (a camera's clock), so any frames a turn takes are in order."""
+        if not math.isfinite(t) or t < 0:
+            raise InvalidInputError(f"camera frame timestamp_s must be a finite number of seconds >= 0; got {t}: the "
+                                    "frame was dropped")
+        if self._last_frame_s is not None and t <= self._last_frame_s:
+            raise InvalidInputError(f"camera frame timestamps must increase: got {t:g} s after {self._last_frame_s:g} "
+                                    "s; the frame was dropped")
+
+    def _checked(self, config: SessionConfig) -> tuple[int, VADConfig]:
+        """Every field of a SessionConfig checked before anything changes, by the rules Generate applies to the
+        fields they share (system prompt, sampling): a bad one creates no session, or leaves the session's config as
+        it was. The session's audio rate and VAD."""
+        if config.HasField("system_prompt"):
+            self.config.limits.check_text(config.system_prompt, "system_prompt")
+        check_sampling(config.sampling, "SessionConfig.sampling")
+        _check_language(config.language)
+        return _audio_rate(config), session_vad(self.config.vad, config)
+
+    async def _reconfigure(self, config: SessionConfig, rate: int, vad: VADConfig) -> None:
         """A later SessionConfig replaces the session's settings; the VAD's stream goes on with the new ones."""
         if config.resume or config.session_id not in ("", self.session_id):
             raise InvalidInputError("the session is already started: a later SessionConfig may only update it "
                                     "(no resume, no other session_id)")
-        rate, vad = _audio_rate(config), session_vad(self.config.vad, config)
         new = SessionConfig()
         new.CopyFrom(config)
         new.session_id = self.session_id
         await self._update(lambda s: s.config.CopyFrom(new))
-        if rate != self.rate:
-            self.rate, self._pcm_carry = rate, b""
+        self.rate = rate
         self.vad.set_config(vad)
         self._preemptive = session_preemptive(self.config.preemptive_generation, new)
         self.vad.report_pauses = self._preemptive
 
     def _vad_push(self, pcm16: bytes) -> list[SpeechEvent]:
-        """PCM16 at the session's rate into the VAD at 16 kHz; an odd trailing byte waits for the next chunk."""
-        data = self._pcm_carry + pcm16
-        usable = len(data) - len(data) % 2
-        self._pcm_carry = data[usable:]
-        if not usable:
+        """PCM16 at the session's rate (whole samples: checked on arrival) into the VAD at 16 kHz."""
+        if not pcm16:
             return []
-        samples = pcm16_to_float(data[:usable])
+        samples = pcm16_to_float(pcm16)
         if self.rate != SAMPLE_RATE:
             samples = resample(samples, self.rate, SAMPLE_RATE)
         return self.vad.push(samples.numpy())
@@ -647,13 +670,13 @@ class ConverseCall:
         return (await self.pools.encode(self._encode_id(), audio=[audio]))["audio"]
 
     def _encode_id(self) -> str:
-        return f"{self.session_id}.enc.{uuid.uuid4().hex[:12]}"
+        return unique_id(self.session_id, "enc")
 
     async def _judge(self, audio: EmbeddingRef) -> str:
         """The monitor-role pool reads history + the new speech and answers one token: its state token."""
         answering = "".join(self.answer.text) if self.answer is not None else None
         prompt = judge_prompt(self.tokenizer, self.state.turns, audio, answering=answering, **self._prompt_args())
-        request_id = f"{self.session_id}.judge.{uuid.uuid4().hex[:12]}"
+        request_id = unique_id(self.session_id, "judge")
         token_id = await self.pools.judge(request_id, _OTHER_ROLE[self.state.generator_role], prompt)
         if token_id is None:
             return ""
@@ -682,7 +705,7 @@ class ConverseCall:
         images, frames = await self.store.take_media(self.session_id)
         frames_dropped, self._frames_dropped = self._frames_dropped, 0
         user, prompt = await self._draft(state, text, audio, images, frames, turn_id)
-        request_id = f"{self.session_id}.t{turn_id}.{uuid.uuid4().hex[:8]}"
+        request_id = unique_id(self.session_id, f"t{turn_id}")  # new per answer: a retried turn is a new job
         if self._closing:  # the call is ending: issue nothing the cleanup could miss
             raise asyncio.CancelledError
         issued = self._issued[request_id] = _Issued(request_id, turn_id, user)
@@ -751,16 +774,9 @@ class ConverseCall:
             try:
                 async with answer.lock:
                     if not answer.stopped and not answer.done:
-                        self.error(code, message, answer.turn_id)
-                        await self.pools.cancel(answer.request_id)
-                        await self._finish(answer, answer.tokens_sent, interrupted=True)
+                        await self._fail(answer, code, message, cancel=True)
             except SessionTakenOver:
                 self._lose_session()
-            except (SessionNotFound, RedisError):  # nowhere to record the answer; the client was told
-                answer.done = True
-                self._issued.pop(answer.request_id, None)
-                if self.answer is answer:
-                    self.answer = None
 
     async def _relay_event(self, answer: Answer, event) -> bool:
         """Forward one generator event; True when it was the last."""
@@ -781,24 +797,49 @@ class ConverseCall:
             finished = event.finished
             if finished.finish_reason == Completed.CANCELLED:  # stopped by someone else (deadline, a resume)
                 await self._finish(answer, answer.tokens_sent, interrupted=True)
-                usage = Usage()
-                usage.CopyFrom(answer.usage)
-                usage.completion_tokens = finished.usage.completion_tokens
-                self.emit(answer.turn_id, interrupted=AnswerInterrupted(
-                    tokens_sent=answer.tokens_sent, tokens_generated=finished.usage.completion_tokens, usage=usage))
+                self._interrupted(answer, finished.usage.completion_tokens)
                 return True
             await self._finish(answer, finished.usage.completion_tokens, interrupted=False)
             answer.usage.completion_tokens = finished.usage.completion_tokens
             first = answer.first_token_at - answer.started_at if answer.first_token_at else 0.0
+            total = time.perf_counter() - answer.started_at
             self.emit(answer.turn_id, completed=AnswerCompleted(
                 usage=answer.usage, finish_reason=self.pools.finish_reason(answer.job, finished),
-                timings=Timings(time_to_first_token_s=first, total_s=time.perf_counter() - answer.started_at)))
+                timings=Timings(queue_s=queue_seconds(first, total, finished.timings), time_to_first_token_s=first,
+                                total_s=total)))
             return True
         if kind == "error":
-            await self._finish(answer, answer.tokens_sent, interrupted=True)
-            self.error(job_status(event.error.code), event.error.message, answer.turn_id)
+            await self._fail(answer, job_status(event.error.code), event.error.message, cancel=False)
             return True
         return False
+
+    async def _fail(self, answer: Answer, code: grpc.StatusCode, message: str, *, cancel: bool) -> None:
+        """An answer that failed after its AnswerStarted: the error (with its turn id), then its end, an
+        AnswerInterrupted (the history keeps what the client received, marked interrupted), so that every
+        AnswerStarted ends with AnswerCompleted or AnswerInterrupted and no client waits for an end that never
+        comes. `cancel`: the generation may still run (the relay gave up on it)."""
+        self.error(code, message, answer.turn_id)
+        try:
+            if cancel:
+                await self.pools.cancel(answer.request_id)
+            await self._finish(answer, answer.tokens_sent, interrupted=True)
+        except (SessionNotFound, RedisError):  # nowhere to record the answer; the client is told all the same
+            answer.done = True
+            self._issued.pop(answer.request_id, None)
+            if self.answer is answer:
+                self.answer = None
+        self._interrupted(answer, answer.tokens_sent)
+
+    def _interrupted(self, answer: Answer, generated: int, stop_latency_s: float = 0.0) -> None:
+        """The answer's AnswerInterrupted, sent once whatever stopped it (a failure, then a retry, sends one)."""
+        if answer.ended:
+            return
+        answer.ended = True
+        usage = Usage()
+        usage.CopyFrom(answer.usage)
+        usage.completion_tokens = generated
+        self.emit(answer.turn_id, interrupted=AnswerInterrupted(
+            tokens_sent=answer.tokens_sent, tokens_generated=generated, stop_latency_s=stop_latency_s, usage=usage))
 
     async def _finish(self, answer: Answer, tokens: int, *, interrupted: bool, swap: bool = False) -> None:
         """The bot turn goes to history with exactly the text the client received."""
@@ -824,17 +865,17 @@ class ConverseCall:
         answer = self.answer
         if answer is None or not await self._stop_relay(answer):
             return  # it finished meanwhile: nothing to interrupt
-        await self.pools.cancel(answer.request_id)
-        await self._finish(answer, answer.tokens_sent, interrupted=True, swap=swap)
-        generated = await self.pools.stopped(answer.request_id)
+        try:
+            await self.pools.cancel(answer.request_id)
+            await self._finish(answer, answer.tokens_sent, interrupted=True, swap=swap)
+            generated = await self.pools.stopped(answer.request_id)
+        except Exception:  # the answer is stopped all the same: the client hears of its end (the error follows)
+            self._interrupted(answer, answer.tokens_sent)
+            raise
         stop_latency = time.perf_counter() - cut_at
         if swap or barge_in:
             self.metrics.interruption_latency.labels("generator_stopped").observe(stop_latency)
-        usage = Usage()
-        usage.CopyFrom(answer.usage)
-        usage.completion_tokens = generated
-        self.emit(answer.turn_id, interrupted=AnswerInterrupted(
-            tokens_sent=answer.tokens_sent, tokens_generated=generated, stop_latency_s=stop_latency, usage=usage))
+        self._interrupted(answer, generated, stop_latency)
 
     async def _client_stop(self, item: _Cancel | _Truncate) -> None:
         """CancelAnswer / TruncateAnswer: stop the answer (if it is the one meant), then cut its stored text."""
@@ -965,7 +1006,7 @@ class ConverseCall:
         p.user, p.prompt = await self._draft(StateToken.QUERY_AUDIO, "", p.speech, p.images, p.frames, 0)
         if p.resumed or self._closing:
             return
-        p.request_id = f"{self.session_id}.pre.{uuid.uuid4().hex[:12]}"  # the cleanup cancels it from here on
+        p.request_id = unique_id(self.session_id, "pre")  # the cleanup cancels it from here on
         p.job = await self.pools.generate(p.request_id, p.state.generator_role, p.prompt, p.state.config.sampling)
         self.metrics.preemptive_answers.labels("started").inc()
 
@@ -1042,6 +1083,17 @@ def _audio_rate(config: SessionConfig) -> int:
     if not 8_000 <= rate <= 48_000:
         raise InvalidInputError(f"audio_sample_rate_hz must be 8000..48000 (or 0 for 16000); got {rate}")
     return rate
+
+
+_LANGUAGE_TAG = re.compile(r"[A-Za-z]{1,8}(-[A-Za-z0-9]{1,8})*")
+
+
+def _check_language(tag: str) -> None:
+    """SessionConfig.language: empty, or shaped like a BCP-47 tag (subtags of 1-8 letters or digits joined by
+    hyphens, the first letters only; at most 64 characters). Informational, so not looked up in any registry."""
+    if tag and (len(tag) > 64 or not _LANGUAGE_TAG.fullmatch(tag)):
+        raise InvalidInputError(f"SessionConfig.language must be a BCP-47 language tag such as 'en' or 'zh-CN', or "
+                                f"empty; got {tag[:64]!r}")
 
 
 def _check_image_bytes(data: bytes, what: str, max_pixels: int) -> None:

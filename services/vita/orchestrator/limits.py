@@ -1,9 +1,10 @@
 """Limits on what one request may carry, checked before any work is queued (INVALID_ARGUMENT with the limit).
 
-Media sizes are read from headers only (image dimensions, a WAV's data size, a container's stated duration),
-so a check costs microseconds and the orchestrator never decodes media. What a header does not state (a stream
-without a duration) passes here and meets the encoders' own limits when decoded. The message size is bounded
-before any of this by gRPC (`--max-message-bytes`: RESOURCE_EXHAUSTED). docs/serving.md lists every limit.
+Media sizes are read from headers only (image dimensions, a WAV's byte rate and the data bytes it actually holds, a
+container's stated duration), so a check costs microseconds and the orchestrator never decodes media. What a header
+does not state (a stream without a duration) passes here and meets the encoders' own limits when decoded. The message
+size is bounded before any of this by gRPC (`--max-message-bytes`: RESOURCE_EXHAUSTED). docs/serving.md lists every
+limit.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import io
 import struct
 from dataclasses import dataclass
 
-from vita.errors import InvalidInputError
+from vita.errors import InvalidInputError, VitaError
+from vita.model.config import AudioConfig
 from vita.orchestrator.sessions import MAX_PENDING_IMAGES
 from vita.processing.image import MAX_PIXELS
 from vita.v1.assistant_pb2 import ConverseLimits, GenerateRequest
-from vita.v1.media_pb2 import Audio, Video
+from vita.v1.media_pb2 import Audio, SamplingParams, Video
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,9 @@ class InputLimits:
     max_images: int = 8  # images in one Generate request
     max_image_pixels: int = MAX_PIXELS  # width * height of any image or video frame
     max_audio_clips: int = 8  # audio inputs in one Generate request
-    max_audio_s: float = 600.0  # each audio input (the audio encoder refuses longer clips too)
+    # Each audio input: by default the longest clip the presets' audio encoder takes (AudioConfig.max_seconds, 200 s);
+    # `vita serve orchestrator` sets the served model's (`served_audio_limit`).
+    max_audio_s: float = AudioConfig().max_seconds
     max_video_s: float = 600.0  # a video file's stated duration, or the span of a frame sequence
     max_video_frames: int = 3_600  # frames in a frame sequence (a file is sampled to at most 16)
 
@@ -45,6 +49,7 @@ class InputLimits:
                                     f"{self.max_image_pixels}")
 
     def check_audio(self, audio: Audio, what: str = "audio") -> None:
+        check_audio_format(audio, what)
         seconds = audio_seconds(audio)
         if seconds is not None and seconds > self.max_audio_s:
             raise InvalidInputError(f"{what} is {seconds:.1f} s long; the limit is {self.max_audio_s:g} s")
@@ -69,6 +74,7 @@ class InputLimits:
         self.check_text(request.text)
         if request.HasField("system_prompt"):
             self.check_text(request.system_prompt, "system_prompt")
+        check_sampling(request.sampling)
         if len(request.images) > self.max_images:
             raise InvalidInputError(f"{len(request.images)} images; the limit is {self.max_images} per request")
         if len(request.audio) > self.max_audio_clips:
@@ -87,6 +93,22 @@ class InputLimits:
                               max_images=MAX_PENDING_IMAGES)
 
 
+def served_audio_limit(requested: float | None, audio: AudioConfig | None) -> float:
+    """`--max-audio-seconds` for the served model. By default (None) the longest clip its audio encoder takes
+    (`AudioConfig.max_seconds`), so a longer one is refused on arrival from its header, not by the encoder after
+    decoding it; a smaller value lowers the limit, a larger one is refused (VitaError: the encoder would refuse
+    those clips anyway). A model without an audio tower keeps the value given, or the default."""
+    if audio is None:
+        return InputLimits.max_audio_s if requested is None else requested
+    if requested is None:
+        return audio.max_seconds
+    if requested > audio.max_seconds:
+        raise VitaError(f"--max-audio-seconds {requested:g} is above what the model's audio encoder takes "
+                        f"({audio.max_seconds:g} s, {audio.max_frames} filterbank frames): give at most that, or "
+                        "leave the flag out to use it")
+    return requested
+
+
 def image_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from the header (Pillow opens lazily: no pixel is decoded); None if unreadable."""
     from PIL import Image
@@ -101,7 +123,9 @@ def image_size(data: bytes) -> tuple[int, int] | None:
 
 
 def audio_seconds(audio: Audio) -> float | None:
-    """Duration from the PCM16 size, the WAV header, or the container header; None if none states it."""
+    """Duration from the PCM16 size, a WAV's data (the bytes its data chunk holds at the format chunk's byte rate:
+    a size field claiming more, as a streamed file's may, is not believed), or the container header; None if none
+    states it."""
     data = audio.data
     if audio.encoding == Audio.PCM16:
         return len(data) / 2 / audio.sample_rate_hz if audio.sample_rate_hz > 0 else None
@@ -142,3 +166,29 @@ def _container_seconds(data: bytes, *, audio: bool) -> float | None:
     except Exception:  # undecodable: the encoder reports it with its own message
         return None
     return None
+
+
+def check_sampling(sampling: SamplingParams, what: str = "sampling") -> None:
+    """The decoding controls of a Generate request or a Converse session, refused on arrival (InvalidInputError
+    naming the field) by the rules the llm worker applies (`vita.model.generation.SamplingParams`), so a bad value
+    never reaches a worker: temperature finite and >= 0, top_p in (0, 1] (0: 1), top_k >= 0, max_tokens >= 0 (0:
+    the server default; the proto defines no negative value)."""
+    from vita.model.generation import SamplingParams as Decoding
+
+    if sampling.max_tokens < 0:
+        raise InvalidInputError(f"{what}.max_tokens must be >= 0 (0: the server default), got {sampling.max_tokens}")
+    try:  # the worker's own mapping (llm/worker.py sampling_from_job), with any valid token budget
+        Decoding(max_new_tokens=1, temperature=sampling.temperature, top_k=sampling.top_k,
+                 top_p=sampling.top_p or 1.0, seed=sampling.seed if sampling.HasField("seed") else None)
+    except InvalidInputError as e:
+        raise InvalidInputError(f"{what}.{e}") from None
+
+
+def check_audio_format(audio: Audio, what: str = "audio") -> None:
+    """What the encoders would refuse after queuing, refused on arrival: an encoding the proto does not define
+    (proto3 enums are open: any number parses), PCM16 that is not whole samples."""
+    if audio.encoding not in Audio.Encoding.values():
+        raise InvalidInputError(f"{what}: encoding {audio.encoding} is not an Audio.Encoding (0 or WAV = 1: a WAV "
+                                f"file, PCM16 = 2: raw samples)")
+    if audio.encoding == Audio.PCM16 and len(audio.data) % 2:
+        raise InvalidInputError(f"{what}: PCM16 audio must have an even number of bytes; got {len(audio.data)}")

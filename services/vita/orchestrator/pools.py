@@ -26,7 +26,7 @@ from vita.errors import VitaError
 from vita.model.generation import token_budget
 from vita.orchestrator.config import OrchestratorConfig
 from vita.orchestrator.prompts import Prompt
-from vita.v1.assistant_pb2 import Completed
+from vita.v1.assistant_pb2 import Completed, Timings
 from vita.v1.bus_pb2 import EmbeddingRef, EncodeJob, GenerationEvent, GenerationJob, JobError, MediaItem
 from vita.v1.media_pb2 import Audio, Image, SamplingParams, Video
 
@@ -42,6 +42,20 @@ _STATUS = {
 def job_status(code: int) -> grpc.StatusCode:
     """The gRPC status a `JobError.Code` is reported with; INTERNAL for any other code."""
     return _STATUS.get(code, grpc.StatusCode.INTERNAL)
+
+
+def queue_seconds(first_token_s: float, total_s: float, worker: Timings) -> float:
+    """`Timings.queue_s` of a generation whose first token reached the orchestrator `first_token_s` after the
+    request arrived (0: none did) and whose end `total_s` after: the moment the generator's engine admitted it.
+
+    The worker's Timings (its finished event) count from when it took the job, on its own clock: `queue_s` until
+    the engine admitted the sequence, `time_to_first_token_s` until its first token. Admission to first token
+    (the prefill), taken from the orchestrator's first token, leaves encoding, the job's wait in its stream and its
+    wait in the engine for a free slot; no two machines' clocks are compared.
+    """
+    if first_token_s > 0 and worker.time_to_first_token_s > 0:
+        return max(0.0, first_token_s - max(0.0, worker.time_to_first_token_s - worker.queue_s))
+    return max(0.0, total_s - max(0.0, worker.total_s - worker.queue_s))
 
 
 class JobFailed(VitaError):

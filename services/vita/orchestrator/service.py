@@ -20,16 +20,18 @@ from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 
 from vita.bus.queue import Backpressure
 from vita.bus.replies import ReplyTimeout
-from vita.bus.streams import BusConfig, check_id
+from vita.bus.streams import BusConfig, check_id, unique_id
 from vita.errors import ContextLengthError, InvalidInputError
 from vita.model.config import VitaConfig
 from vita.orchestrator.config import OrchestratorConfig
 from vita.orchestrator.converse import ConverseCall
-from vita.orchestrator.pools import JobFailed, PoolClient
+from vita.orchestrator.metadata import model_metadata
+from vita.orchestrator.pools import JobFailed, PoolClient, queue_seconds
 from vita.orchestrator.prompts import media_prompt
 from vita.orchestrator.sessions import SessionStore
 from vita.processing.prompt import Message
 from vita.processing.tokenizer import VitaTokenizer
+from vita.runtime.guard import excerpt, status_level
 from vita.telemetry.metrics import Metrics
 from vita.telemetry.tracing import extract_context
 from vita.v1 import assistant_pb2_grpc
@@ -38,6 +40,8 @@ from vita.v1.assistant_pb2 import (
     Completed,
     GenerateRequest,
     GenerateResponse,
+    ModelMetadataRequest,
+    ModelMetadataResponse,
     ServerEvent,
     Timings,
 )
@@ -73,52 +77,76 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
             async for event in events:
                 yield event
 
+    async def ModelMetadata(self, request: ModelMetadataRequest, context: grpc.aio.ServicerContext
+                            ) -> ModelMetadataResponse:
+        """What this orchestrator serves (orchestrator/metadata.py), from its own config: no worker is asked."""
+        self.metrics.requests.labels("orchestrator", "ModelMetadata").inc()
+        response = model_metadata(self.model_config, self.config)
+        if request.name and request.name != response.name:
+            await self._abort(context, grpc.StatusCode.NOT_FOUND, f"model {request.name!r} is not served here: this "
+                              f"orchestrator serves {response.name!r} (an empty name asks for it)")
+        return response
+
     async def Generate(self, request: GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[GenerateResponse]:
         start = time.perf_counter()
         self.metrics.requests.labels("orchestrator", "Generate").inc()
+        # The caller's id is only echoed: two calls may share it, or reuse a finished one's. What the bus keys by (the
+        # jobs, the reply stream, the cancel key, the lease, the engine's sequence) is this call's own `internal_id`.
         request_id = request.request_id or uuid.uuid4().hex
+        internal_id = ""
         finished = False
         parent = extract_context(context.invocation_metadata() or ())
         with tracer.start_as_current_span("Generate", context=parent) as span:
-            span.set_attribute("vita.request_id", request_id)
+            span.set_attribute("vita.request_id", excerpt(request_id, 128))  # a valid id whole; a bad one cut
             try:
                 check_id("request_id", request_id)
-                async for response in self._generate(request_id, request, context, start):
-                    finished = response.HasField("completed")
-                    yield response
+                internal_id = unique_id(request_id, "gen")
+                span.set_attribute("vita.internal_request_id", internal_id)
+                async with contextlib.aclosing(self._generate(request_id, internal_id, request, context,
+                                                              start)) as responses:
+                    async for response in responses:
+                        finished = response.HasField("completed")
+                        yield response
             except (InvalidInputError, ContextLengthError) as e:
-                await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), request_id=request_id)
             except Backpressure as e:
-                await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+                await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), request_id=request_id)
             except ReplyTimeout as e:
-                await self._abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
+                await self._abort(context, grpc.StatusCode.UNAVAILABLE, str(e), request_id=request_id)
             except JobFailed as e:
-                await self._abort(context, e.code, str(e))
+                await self._abort(context, e.code, str(e), request_id=request_id)
             except (NoPermissionError, AuthenticationError) as e:  # a deployment error, not the caller's
                 await self._abort(context, grpc.StatusCode.INTERNAL, f"the bus refused the orchestrator's Redis "
-                                  f"user: {e} (the ACL it needs is in docs/deployment.md)")
+                                  f"user: {e} (the ACL it needs is in docs/deployment.md)", request_id=request_id)
             except RedisError as e:
                 await self._abort(context, grpc.StatusCode.UNAVAILABLE, f"the bus (Redis) failed: "
-                                  f"{type(e).__name__}: {e}")
+                                  f"{type(e).__name__}: {e}", request_id=request_id)
             finally:
-                if not finished:  # client gone, deadline, or failure: stop the workers' compute too
+                if not finished and internal_id:  # client gone, deadline, or failure: stop the workers' compute too
                     with contextlib.suppress(RedisError):  # the bus failed: the status above already says so
-                        await self.pools.cancel(request_id)
+                        await self.pools.cancel(internal_id)
         self.metrics.e2e_latency.labels("orchestrator").observe(time.perf_counter() - start)
 
-    async def _abort(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    async def _abort(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, *,
+                     request_id: str = "") -> None:
+        """End the call with `code`, logged here once without a traceback: a client's mistake (a bad request, its
+        deadline, its cancel, a full backlog) at info, UNAVAILABLE at warning, the server's failures at error
+        (`vita.runtime.guard.status_level`). Client-supplied values are logged cut and escaped (`excerpt`)."""
         self.metrics.request_failure.labels("orchestrator", code.name).inc()
+        log.log(status_level(code), "request ended %s: %s", code.name, excerpt(message, 400),
+                extra={"code": code.name, "request_id": excerpt(request_id)} if request_id else {"code": code.name})
         await context.abort(code, message)
 
-    async def _generate(self, request_id: str, request: GenerateRequest, context: grpc.aio.ServicerContext,
-                        start: float) -> AsyncIterator[GenerateResponse]:
+    async def _generate(self, request_id: str, internal_id: str, request: GenerateRequest,
+                        context: grpc.aio.ServicerContext, start: float) -> AsyncIterator[GenerateResponse]:
+        """The responses of one call: `request_id` is the caller's (echoed), `internal_id` the bus's."""
         video = 1 if request.HasField("video") else 0
         if not request.text.strip() and not request.images and not video and not request.audio:
             raise InvalidInputError("the request is empty: give text, an image, a video or audio")
         self.config.limits.check_generate(request)
         deadline_ms = _deadline_ms(context)
-        refs = await self.pools.encode(request_id, images=request.images, deadline_ms=deadline_ms,
+        refs = await self.pools.encode(internal_id, images=request.images, deadline_ms=deadline_ms,
                                        video=request.video if video else None, audio=request.audio)
         encode_s = time.perf_counter() - start
 
@@ -131,7 +159,7 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         sampling.CopyFrom(request.sampling)
         if sampling.temperature > 0 and not sampling.HasField("seed"):
             sampling.seed = uuid.uuid4().int % (1 << 63)  # a redelivered job must resume the same sample
-        job = await self.pools.generate(request_id, GenerationJob.GENERATOR, prompt, sampling,
+        job = await self.pools.generate(internal_id, GenerationJob.GENERATOR, prompt, sampling,
                                         deadline_ms=deadline_ms)
         usage = prompt.usage()
         first_token_s = 0.0
@@ -152,10 +180,11 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
                 finish_reason = self.pools.finish_reason(job, event.finished)
                 reason = Completed.FinishReason.Name(finish_reason).lower()
                 self.metrics.request_success.labels("orchestrator", reason).inc()
+                total_s = time.perf_counter() - start
                 yield GenerateResponse(request_id=request_id, completed=Completed(
                     finish_reason=finish_reason, usage=usage,
-                    timings=Timings(encode_s=encode_s, time_to_first_token_s=first_token_s,
-                                    total_s=time.perf_counter() - start)))
+                    timings=Timings(queue_s=queue_seconds(first_token_s, total_s, event.finished.timings),
+                                    encode_s=encode_s, time_to_first_token_s=first_token_s, total_s=total_s)))
                 return
             elif kind == "error":
                 raise JobFailed.of(event.error)

@@ -61,7 +61,8 @@ class SessionStore:
         state.version, state.created_unix_s, state.updated_unix_s = 1, now, now
         if not await self.redis.set(self.bus.session(state.session_id), state.SerializeToString(),
                                     px=self.ttl_ms, nx=True):
-            raise VitaError(f"session {state.session_id!r} already exists")
+            raise VitaError(f"session {state.session_id!r} already exists: resume=true continues it, an empty "
+                            "session_id starts a new session")
         return state
 
     async def load(self, session_id: str) -> SessionState:

@@ -205,8 +205,10 @@ def _decode_with_av(data: bytes) -> tuple[torch.Tensor, int]:
                 raise InvalidInputError("the file holds no audio stream")
             stream = container.streams.audio[0]
             chunks, rate = _float_chunks(_decoded_frames(container, stream))
-    except av.FFmpegError as e:
-        raise InvalidInputError(f"could not decode audio: not WAV, and FFmpeg says: {e}") from None
+    except av.FFmpegError as e:  # FFmpeg's reason, without its errno and '<none>' file name
+        reason = (e.strerror or type(e).__name__).strip().rstrip(".")
+        raise InvalidInputError(f"not a decodable audio file (WAV, FLAC, MP3, Ogg, AAC/M4A, ...); FFmpeg: "
+                                f"{reason[:1].lower()}{reason[1:]}") from None
     if not chunks:
         raise InvalidInputError("audio is empty")
     if len({c.shape[0] for c in chunks}) > 1:

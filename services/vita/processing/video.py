@@ -116,11 +116,23 @@ def _open(source: bytes | str | Path) -> InputContainer:
 
 
 def _video_stream(container: InputContainer) -> VideoStream:
+    _check_not_an_image(container)
     if not container.streams.video:
         raise InvalidInputError("file has no video stream")
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     return stream
+
+
+def _check_not_an_image(container: InputContainer) -> None:
+    """A still image is no video: FFmpeg reads one (PNG, JPEG, WebP, BMP, TIFF, ...: its `*_pipe` and `image2`
+    demuxers) as a one-frame video stream, which would pass for a clip of one frame. Animated formats (GIF, APNG)
+    are videos."""
+    name = container.format.name
+    if name == "image2" or name.endswith("_pipe"):
+        kind = "an image" if name == "image2" else f"a {name.removesuffix('_pipe').upper()} image"
+        raise InvalidInputError(f"the video file is {kind}, not a video: send an image as an Image "
+                                f"(GenerateRequest.images), camera frames as Video.frames")
 
 
 def _stream_duration(stream: VideoStream) -> float | None:

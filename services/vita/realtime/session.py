@@ -158,6 +158,7 @@ class RealtimeSession:
         self.limits = ConverseLimits()  # what client events are checked against: see `_started`
         self.limits.CopyFrom(_DEFAULT_LIMITS)
         self.echo = EchoGuard(settings.input_rate) if echo_guard else None
+        self._odd_byte = b""  # (without the echo guard) an append's trailing half sample, sent with the next one
         self._out: asyncio.Queue[dict | None] = asyncio.Queue()
         self._to_converse: asyncio.Queue[ClientEvent | None] = asyncio.Queue()
         self.segments: deque[Segment] = deque()  # cut by the VAD, not judged yet
@@ -305,8 +306,12 @@ class RealtimeSession:
     def _on_input_audio_buffer_append(self, event: dict) -> None:
         audio = b64decode(event.get("audio"), "audio")
         if self.echo is not None:
-            audio = self.echo.process(audio)
-        self._converse(ClientEvent(audio=AudioChunk(pcm16=audio)))
+            audio = self.echo.process(audio)  # (it keeps an odd trailing byte itself)
+        else:  # Converse refuses odd-length PCM16: a sample split across appends is joined here
+            audio = self._odd_byte + audio
+            audio, self._odd_byte = audio[:len(audio) // 2 * 2], audio[len(audio) // 2 * 2:]
+        if audio:
+            self._converse(ClientEvent(audio=AudioChunk(pcm16=audio)))
 
     def _on_input_audio_buffer_commit(self, event: dict) -> None:
         if self.open_segment is None:

@@ -56,6 +56,18 @@ def bearer_token(value: str | None) -> str | None:
     return None
 
 
+def _no_bearer(authorization: str | None) -> str:
+    """Why an `authorization` value gave no bearer token (never echoing it: it may be a credential)."""
+    if not authorization or not authorization.strip():
+        return "missing bearer token"
+    scheme, _, rest = authorization.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return "empty bearer token"
+    if rest:  # `Basic ...`, `Token ...`: another scheme, named (a scheme is not secret)
+        return f"the authorization metadata uses the {scheme[:20]!r} scheme, not Bearer"
+    return "the authorization metadata has no scheme (a bare token?): the Bearer scheme is expected"
+
+
 def token_id(token: str) -> str:
     """A short, stable, non-secret name for a token (logs, limits): the first 12 hex digits of its SHA-256."""
     return hashlib.sha256(token.encode()).hexdigest()[:12]
@@ -158,10 +170,11 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
     def _admit(self, details: grpc.HandlerCallDetails) -> str:
         """The caller's id, or Refusal (UNAUTHENTICATED, or RESOURCE_EXHAUSTED from the rate limit)."""
         metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
-        token = bearer_token(metadata.get("authorization"))
+        authorization = metadata.get("authorization")
+        token = bearer_token(authorization)
         if self._tokens is not None:
             if token is None:
-                raise Refusal(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token: send metadata "
+                raise Refusal(grpc.StatusCode.UNAUTHENTICATED, f"{_no_bearer(authorization)}: send metadata "
                               "'authorization: Bearer <token>' (vita --token, VitaClient(token=...))")
             if token not in self._tokens:
                 raise Refusal(grpc.StatusCode.UNAUTHENTICATED, "unknown bearer token")

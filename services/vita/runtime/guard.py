@@ -6,13 +6,27 @@ with UNKNOWN. `StatusGuard`, a server interceptor, wraps each method's handler:
 
 - the request deserializer never raises: an undecodable message becomes INVALID_ARGUMENT naming the method;
 - a Redis error that outlived the client's retries becomes UNAVAILABLE (retry later);
-- anything else unexpected is logged with its traceback and becomes INTERNAL with a message saying so.
+- an `InvalidInputError` a handler let through becomes INVALID_ARGUMENT, logged at info: the client's mistake;
+- anything else unexpected is logged with its traceback and becomes INTERNAL with a message saying so;
+- a call whose status went out already (the handler aborted it) is never aborted again: a failure after that (the
+  abort itself failing because the client's deadline passed or the client left) ends the call quietly, or, if it
+  is the handler's own bug, is logged at error once;
+- a streaming handler (an async generator) is driven by the guard, which writes its responses and closes it in the
+  call's own task however the call ends: left to grpc, a generator abandoned mid-call (the client left, its
+  deadline passed) was finalized later in another context, where OpenTelemetry could not detach its span's
+  context ("Failed to detach context").
+
+What services log about a call's status follows `status_level`: the client's mistakes at info, UNAVAILABLE at
+warning, the server's failures at error; client-supplied values go into logs only through `excerpt`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -20,7 +34,37 @@ import grpc
 from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
+from vita.errors import InvalidInputError
+
 log = logging.getLogger(__name__)
+
+# Statuses that say the client's request or its call ended it (its input, its deadline, its cancel, its quota, the
+# state it asked about): a service working as it should, logged at info. UNAVAILABLE (retry later) is a warning;
+# anything else (INTERNAL, UNKNOWN, DATA_LOSS...) is the server's failure, an error.
+CLIENT_STATUSES = frozenset({
+    grpc.StatusCode.CANCELLED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED,
+    grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNAUTHENTICATED,
+})
+
+
+def status_level(code: grpc.StatusCode) -> int:
+    """The logging level of a call that ends with `code` (see CLIENT_STATUSES)."""
+    if code in CLIENT_STATUSES:
+        return logging.INFO
+    return logging.WARNING if code == grpc.StatusCode.UNAVAILABLE else logging.ERROR
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def excerpt(value: object, limit: int = 128) -> str:
+    """`value` as text fit for one log line: control characters escaped (a client's "id\\n" cannot forge a
+    line), at most `limit` characters of it, and how long it was when it was cut."""
+    text = str(value)
+    shown = _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text[:limit])
+    return shown if len(text) <= limit else f"{shown}... ({len(text)} characters)"
 
 
 class _Undecodable:
@@ -40,15 +84,39 @@ def _safe(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 
 async def _refuse(context: grpc.aio.ServicerContext, method: str, request: _Undecodable) -> None:
+    if context.done():  # the handler ended the call first; it has its status
+        return
+    log.info("%s: undecodable request: %s", method, excerpt(request.error, 400))
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                         f"{method}: the request is not a valid protobuf message "
                         f"(a string field must be UTF-8): {request.error}")
 
 
 async def _fail(context: grpc.aio.ServicerContext, method: str, error: Exception) -> None:
+    """End the call for `error`, which the handler raised: with a status, logged once, unless it has one already.
+    Returns only when the call has its status (grpc then ends it quietly); raises otherwise."""
+    if context.done():  # the handler aborted: a second abort would raise UsageError("Abort already called!")
+        if isinstance(error, grpc.aio.BaseError):
+            # Sending the handler's status failed: the call had ended under it (its deadline passed, the client
+            # left), which is no failure of this service, and the handler logged the status it meant to send.
+            log.debug("%s: the call ended before its status went out (%s)", method, type(error).__name__)
+        else:
+            log.error("%s failed after its status was sent", method, exc_info=error)
+        return
+    if isinstance(error, grpc.aio.InternalError):
+        # ExecuteBatchError: grpc's core refused to send on the call, which had ended under the handler (the client
+        # cancelled it or went away, or its deadline passed). Nothing can be sent on it any more, and that is the
+        # client's doing: grpc ends a cancelled call without a word.
+        log.debug("%s: the call ended before the handler did (%s)", method, type(error).__name__)
+        raise asyncio.CancelledError
+    if isinstance(error, grpc.aio.BaseError):  # grpc's own, e.g. UsageError: a misuse of the call by the handler
+        raise error
     if isinstance(error, RedisError):
-        log.warning("%s: the bus is unreachable: %s", method, error)
+        log.warning("%s: the bus is unreachable: %s", method, excerpt(error, 400))
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"the message bus (Redis) is unreachable: {error}; retry")
+    if isinstance(error, InvalidInputError):  # the client's request, which the handler did not check itself
+        log.info("%s: invalid request: %s", method, excerpt(error, 400))
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
     log.error("%s failed", method, exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, f"{method}: the service failed on this request ({type(error).__name__})")
 
@@ -106,12 +174,14 @@ def _guard(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler
     if handler.unary_stream is not None:
         inner_us = handler.unary_stream
 
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> None:
+            """The generator's responses written here, and the generator closed here, in the call's task."""
             if isinstance(request, _Undecodable):
                 await _refuse(context, method, request)
             try:
-                async for response in inner_us(request, context):
-                    yield response
+                async with contextlib.aclosing(inner_us(request, context)) as responses:
+                    async for response in responses:
+                        await context.write(response)
             except (grpc.aio.AbortError, grpc.RpcError):
                 raise
             except Exception as e:
@@ -123,6 +193,7 @@ def _guard(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler
 
         async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
             checked = _Checked(requests)
+            response = None
             try:
                 response = await inner_su(checked.__aiter__(), context)
             except (grpc.aio.AbortError, grpc.RpcError):
@@ -151,11 +222,13 @@ def _guard(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler
                 await _refuse(context, method, checked.refused)
         return handler._replace(stream_stream=stream_write, request_deserializer=parse)
 
-    async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        """As `unary_stream`: the generator's responses written, and the generator closed, in the call's task."""
         checked = _Checked(requests)
         try:
-            async for response in inner_ss(checked.__aiter__(), context):
-                yield response
+            async with contextlib.aclosing(inner_ss(checked.__aiter__(), context)) as responses:
+                async for response in responses:
+                    await context.write(response)
         except (grpc.aio.AbortError, grpc.RpcError):
             raise
         except Exception as e:

@@ -25,6 +25,9 @@ class TokenOutput:
     token_id: int | None
     index: int  # 0 for the first generated token
     finish_reason: str | None = None
+    # On a sequence's first output only: seconds it waited in the engine for a free slot (from `add` to admission),
+    # on the engine's clock. None where the engine does not say (Triton).
+    queued_s: float | None = None
 
 
 @dataclass

@@ -69,6 +69,7 @@ class EngineRequest:
     params: SamplingParams
     input_ids: Tensor | None = None
     inputs_embeds: Tensor | None = None
+    queued_at: float = 0.0  # time.perf_counter() when `add` queued it
 
     @property
     def prompt_len(self) -> int:
@@ -125,6 +126,7 @@ class _Sequence:
     slot: int
     stops: frozenset[int]
     generator: torch.Generator | None
+    queued_s: float = 0.0  # how long it waited for its slot (TokenOutput.queued_s of its first output)
     position: int = 0  # positions [0, position) have keys/values in the cache; the next token goes here
     last_token: int = 0
     generated: int = 0
@@ -196,6 +198,7 @@ class LLMEngine:
         with self._lock:
             if request.request_id in self.running or any(r.request_id == request.request_id for r in self.waiting):
                 raise InvalidInputError(f"request id {request.request_id!r} is already in the engine")
+            request.queued_at = time.perf_counter()
             self.waiting.append(request)
 
     def cancel(self, request_id: str) -> None:
@@ -238,12 +241,14 @@ class LLMEngine:
             dropped = [r for r in self.waiting if r.request_id in cancel]
             for r in dropped:
                 self.waiting.remove(r)
-        outputs = [TokenOutput(r.request_id, None, 0, "cancelled") for r in dropped]
+        now = time.perf_counter()
+        outputs = [TokenOutput(r.request_id, None, 0, "cancelled", queued_s=now - r.queued_at) for r in dropped]
         for request_id in cancel:
             seq = self.running.get(request_id)
             if seq is not None:
                 self._release(seq)
-                outputs.append(TokenOutput(request_id, None, seq.generated, "cancelled"))
+                outputs.append(TokenOutput(request_id, None, seq.generated, "cancelled",
+                                           queued_s=None if seq.generated else seq.queued_s))
         self.stats.cancelled += len(outputs)
         return outputs
 
@@ -255,7 +260,8 @@ class LLMEngine:
                     break
                 request = self.waiting.popleft()
             seq = _Sequence(request, self.free_slots.pop(), stop_ids(request.params, self.model.config.eos_token_id),
-                            make_generator(request.params, self._device))
+                            make_generator(request.params, self._device),
+                            queued_s=time.perf_counter() - request.queued_at)
             if self.prefix_cache is not None:
                 seq.hashes = block_hashes(self._identity(request), self.prefix_cache.block_size)
                 # The last prompt token is always computed: its logits pick the first generated token.
@@ -395,7 +401,7 @@ class LLMEngine:
             finish = "length"
         if finish is not None:
             self._release(seq)
-        return TokenOutput(seq.request.request_id, token, index, finish)
+        return TokenOutput(seq.request.request_id, token, index, finish, queued_s=seq.queued_s if index == 0 else None)
 
     def _release(self, seq: _Sequence) -> None:
         if self.prefix_cache is not None and not seq.prefilling:
