@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -25,7 +24,8 @@ import pytest
 import redis
 from conftest import REDIS_URL, delete_prefix
 
-from vita.stack import LocalStack, RedisServer, ServiceProcess, free_port, wait_healthy
+from tests.service_process import running
+from vita.stack import LocalStack, RedisServer, ServiceProcess, free_port
 from vita.v1 import assistant_pb2_grpc
 from vita.v1.assistant_pb2 import Completed, GenerateRequest, GenerateResponse
 from vita.v1.media_pb2 import SamplingParams
@@ -229,19 +229,10 @@ def refused_orchestrator(tiny_model_dir, tmp_path_factory):
         sys.executable, "-m", "vita.orchestrator", "--model", str(tiny_model_dir), "--redis",
         f"redis://vita:bus-secret@127.0.0.1:{server.port}/0", "--prefix", "refused", "--grpc-port", str(port)],
         port, str(directory / "orchestrator.log"))
-    with open(service.log_path, "wb") as out:
-        proc = subprocess.Popen(service.argv, stdout=out, stderr=subprocess.STDOUT)
-    service.pid = proc.pid
     try:
-        wait_healthy(service, 180)
-        yield service
+        with running(service):
+            yield service
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
         server.stop()
 
 

@@ -17,7 +17,6 @@ import asyncio
 import base64
 import io
 import json
-import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from conftest import REDIS_URL, delete_prefix
 from PIL import Image
 from redis.asyncio import Redis
 
+from tests.service_process import running
 from vita.bus.streams import BusConfig
 from vita.client import END, session_config
 from vita.orchestrator.config import OrchestratorConfig
@@ -37,7 +37,7 @@ from vita.orchestrator.limits import InputLimits
 from vita.orchestrator.sessions import MAX_PENDING_IMAGES, SessionStore
 from vita.processing.tokenizer import VitaTokenizer
 from vita.runtime.ports import free_port
-from vita.stack import ServiceProcess, wait_healthy
+from vita.stack import ServiceProcess
 from vita.telemetry.metrics import Metrics
 from vita.v1 import assistant_pb2_grpc
 from vita.v1.assistant_pb2 import ConverseLimits
@@ -93,7 +93,7 @@ def served(tiny_model_dir, tmp_path_factory) -> Iterator[dict[str, tuple[str, st
     logs = tmp_path_factory.mktemp("logs")
     flags = {"larger": ["--max-text-chars", str(LARGER)],
              "smaller": ["--max-text-chars", str(SMALLER), "--max-image-pixels", str(SMALLER_PIXELS)]}
-    planned, procs = [], []
+    planned = []
     for name, extra in flags.items():
         port, ws_port = free_port(), free_port()
         planned.append(ServiceProcess(f"orchestrator-{name}", [
@@ -103,23 +103,10 @@ def served(tiny_model_dir, tmp_path_factory) -> Iterator[dict[str, tuple[str, st
             sys.executable, "-m", "vita.realtime", "--orchestrator", f"127.0.0.1:{port}", "--port", str(ws_port),
             "--plain-logs"], ws_port, str(logs / f"realtime-{name}.log"), health="http"))
     try:
-        for service in planned:
-            with open(service.log_path, "wb") as out:
-                procs.append(subprocess.Popen(service.argv, stdout=out, stderr=subprocess.STDOUT))
-            service.pid = procs[-1].pid
-        for service in planned:
-            wait_healthy(service, 180)
-        yield {name: (f"127.0.0.1:{planned[2 * k].grpc_port}",
-                      f"ws://127.0.0.1:{planned[2 * k + 1].grpc_port}/v1/realtime") for k, name in enumerate(flags)}
+        with running(*planned):
+            yield {name: (f"127.0.0.1:{planned[2 * k].grpc_port}",
+                          f"ws://127.0.0.1:{planned[2 * k + 1].grpc_port}/v1/realtime") for k, name in enumerate(flags)}
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
         delete_prefix(prefix)
 
 

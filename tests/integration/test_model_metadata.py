@@ -20,12 +20,13 @@ import pytest
 from conftest import REDIS_URL, delete_prefix
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.service_process import running
 from vita import cli
 from vita.client import VitaClient, session_config
 from vita.model.config import PRESETS
 from vita.orchestrator.limits import InputLimits
 from vita.runtime.ports import free_port
-from vita.stack import ServiceProcess, wait_healthy
+from vita.stack import ServiceProcess
 from vita.v1 import assistant_pb2_grpc
 from vita.v1.assistant_pb2 import (
     ClientEvent,
@@ -54,19 +55,10 @@ def served(tiny_model_dir, tmp_path_factory) -> Iterator[str]:
         sys.executable, "-m", "vita.orchestrator", "--model", str(tiny_model_dir), "--redis", REDIS_URL,
         "--prefix", prefix, "--grpc-port", str(port), "--plain-logs", "--api-tokens", str(tokens),
         "--encode-timeout", "5", "--default-max-tokens", str(DEFAULT_MAX_TOKENS)], port, str(home / "log"))
-    with open(service.log_path, "wb") as out:
-        proc = subprocess.Popen(service.argv, stdout=out, stderr=subprocess.STDOUT)
-    service.pid = proc.pid
     try:
-        wait_healthy(service, 180)
-        yield f"127.0.0.1:{port}"
+        with running(service):
+            yield f"127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
         delete_prefix(prefix)
 
 
