@@ -18,7 +18,7 @@ from vita.encoders.base import Encoder, blob_input, checked_input, kind_name, pr
 from vita.errors import InvalidInputError
 from vita.model.audio import AudioTower
 from vita.model.config import AudioConfig
-from vita.processing.audio import fbank, load_audio, pcm16_to_float
+from vita.processing.audio import check_audio_encoding, fbank, load_audio, pcm16_to_float
 from vita.v1.bus_pb2 import EncodeJob, MediaItem
 from vita.v1.media_pb2 import Audio
 
@@ -88,9 +88,7 @@ class AudioTowerEncoder(Encoder):
 def _waveform(audio: Audio) -> torch.Tensor:
     """PCM16 takes its rate from the message; WAV (or unspecified) is a file whose header gives it. An encoding the
     proto does not define is refused, not read as a file (proto3 enums are open: any number parses)."""
-    if audio.encoding not in Audio.Encoding.values():
-        raise InvalidInputError(f"audio encoding {audio.encoding} is not an Audio.Encoding (0 or WAV = 1: a WAV "
-                                f"file, PCM16 = 2: raw samples)")
+    check_audio_encoding(audio, "audio ")
     if audio.encoding == Audio.PCM16:
         return load_audio(pcm16_to_float(audio.data), audio.sample_rate_hz)
     return load_audio(audio.data)

@@ -74,11 +74,7 @@ def prompt_from_job(job: GenerationJob, embeddings: list[torch.Tensor]) -> Promp
 
 
 def sampling_from_job(job: GenerationJob) -> SamplingParams:
-    s = job.sampling
-    return SamplingParams(
-        max_new_tokens=job.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p or 1.0,
-        seed=s.seed if s.HasField("seed") else None, ignore_eos=s.ignore_eos,
-    )
+    return SamplingParams.from_message(job.sampling, job.max_tokens)
 
 
 class _Replies:

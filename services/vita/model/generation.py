@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -44,6 +44,15 @@ class SamplingParams:
         ):
             raise InvalidInputError(f"stop_token_ids must be token ids (integers >= 0), got {self.stop_token_ids!r}")
         self.stop_token_ids = tuple(self.stop_token_ids)
+
+    @classmethod
+    def from_message(cls, sampling: Any, max_new_tokens: int) -> SamplingParams:
+        """The decoding of a `vita.v1.SamplingParams` message (read by its fields, so this module needs no proto):
+        top_p 0 means 1 (proto3's unset), a seed only when the message has one. Raises InvalidInputError for a
+        value out of range, naming the field as `__post_init__` does."""
+        return cls(max_new_tokens=max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+                   top_p=sampling.top_p or 1.0, seed=sampling.seed if sampling.HasField("seed") else None,
+                   ignore_eos=sampling.ignore_eos)
 
 
 def _is_int(value: object) -> bool:

@@ -66,10 +66,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def input_limits(args: argparse.Namespace, model: VitaConfig | None = None) -> InputLimits:
     """The `--max-*` flags; with the served model's config, `--max-audio-seconds` defaults to (and may not exceed)
     the longest clip its audio encoder takes (`served_audio_limit`)."""
-    if model is not None:
-        max_audio_s = served_audio_limit(args.max_audio_seconds, model.audio)
-    else:
-        max_audio_s = InputLimits.max_audio_s if args.max_audio_seconds is None else args.max_audio_seconds
+    max_audio_s = served_audio_limit(args.max_audio_seconds, model.audio if model is not None else None)
     return InputLimits(max_text_chars=args.max_text_chars, max_images=args.max_images,
                        max_image_pixels=args.max_image_pixels, max_audio_clips=args.max_audio_clips,
                        max_audio_s=max_audio_s, max_video_s=args.max_video_seconds,

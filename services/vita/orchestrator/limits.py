@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from vita.errors import InvalidInputError, VitaError
 from vita.model.config import AudioConfig
 from vita.orchestrator.sessions import MAX_PENDING_IMAGES
+from vita.processing.audio import check_audio_encoding
 from vita.processing.image import MAX_PIXELS
 from vita.v1.assistant_pb2 import ConverseLimits, GenerateRequest
 from vita.v1.media_pb2 import Audio, SamplingParams, Video
@@ -178,8 +179,7 @@ def check_sampling(sampling: SamplingParams, what: str = "sampling") -> None:
     if sampling.max_tokens < 0:
         raise InvalidInputError(f"{what}.max_tokens must be >= 0 (0: the server default), got {sampling.max_tokens}")
     try:  # the worker's own mapping (llm/worker.py sampling_from_job), with any valid token budget
-        Decoding(max_new_tokens=1, temperature=sampling.temperature, top_k=sampling.top_k,
-                 top_p=sampling.top_p or 1.0, seed=sampling.seed if sampling.HasField("seed") else None)
+        Decoding.from_message(sampling, max_new_tokens=1)
     except InvalidInputError as e:
         raise InvalidInputError(f"{what}.{e}") from None
 
@@ -187,8 +187,6 @@ def check_sampling(sampling: SamplingParams, what: str = "sampling") -> None:
 def check_audio_format(audio: Audio, what: str = "audio") -> None:
     """What the encoders would refuse after queuing, refused on arrival: an encoding the proto does not define
     (proto3 enums are open: any number parses), PCM16 that is not whole samples."""
-    if audio.encoding not in Audio.Encoding.values():
-        raise InvalidInputError(f"{what}: encoding {audio.encoding} is not an Audio.Encoding (0 or WAV = 1: a WAV "
-                                f"file, PCM16 = 2: raw samples)")
+    check_audio_encoding(audio, f"{what}: ")
     if audio.encoding == Audio.PCM16 and len(audio.data) % 2:
         raise InvalidInputError(f"{what}: PCM16 audio must have an even number of bytes; got {len(audio.data)}")

@@ -21,6 +21,7 @@ from av.container import InputContainer
 
 from vita.errors import InvalidInputError
 from vita.model.config import AudioConfig
+from vita.v1.media_pb2 import Audio
 
 MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 192000
@@ -93,6 +94,14 @@ def float_to_pcm16(samples: np.ndarray | torch.Tensor) -> bytes:
     """
     array = samples.numpy() if isinstance(samples, torch.Tensor) else samples
     return (np.clip(np.asarray(array, dtype=np.float32), -1.0, 1.0) * 32767).astype("<i2").tobytes()
+
+
+def check_audio_encoding(audio: Audio, prefix: str = "") -> None:
+    """InvalidInputError (`prefix` + "encoding N is not an Audio.Encoding ...") for an `Audio.encoding` the proto
+    does not define: proto3 enums are open, any number parses, and one must not be read as a WAV file."""
+    if audio.encoding not in Audio.Encoding.values():
+        raise InvalidInputError(f"{prefix}encoding {audio.encoding} is not an Audio.Encoding (0 or WAV = 1: a WAV "
+                                f"file, PCM16 = 2: raw samples)")
 
 
 def pcm16_to_float(data: bytes) -> torch.Tensor:

@@ -119,6 +119,7 @@ def check_model_dir(model: str | Path) -> Path:
                         "writes, is expected")
     return model_dir
 
+
 def run_service(name: str, args: argparse.Namespace, build: Build, *, threads: int | None = None) -> int:
     """`serve` in a fresh event loop: what every `vita serve ...` entry point returns from `main`. A service that
     cannot start (Redis unreachable, its port in use, a bad model directory) says why in one line on stderr and
