@@ -52,8 +52,7 @@ class AudioTowerEncoder(Encoder):
 
     def _fits(self, feats: torch.Tensor) -> torch.Tensor:
         """The tower's relative positions bound the clip length; checked here so only this job fails."""
-        positions = ((feats.shape[0] + 1) // 2 + 1) // 2  # after the two stride-2 convolutions
-        if positions > self.config.max_relative_positions:  # more than config.max_frames frames
+        if self.config.encoder_length(feats.shape[0]) > self.config.max_relative_positions:  # more than config.max_frames frames
             raise InvalidInputError(f"audio is too long: {feats.shape[0]} filterbank frames; this encoder takes "
                                     f"at most {self.config.max_frames} ({self.config.max_seconds:g} s)")
         return feats

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from vita.errors import InvalidInputError
 
@@ -120,15 +120,30 @@ class AudioConfig:
     layer_norm_eps: float = 1e-5
     max_relative_positions: int = 5000
 
+    # The encoder's front end (`Conv2dSubsampling4`): two convolutions of stride 2 over time.
+    subsampling: ClassVar[int] = 4
+
     @property
     def frame_shift_samples(self) -> int:
         return int(self.sample_rate * self.frame_shift_ms / 1000)
+
+    def encoder_length(self, frames: int) -> int:
+        """Encoder positions for `frames` filterbank frames: each stride-2 convolution keeps ceil(L / 2)."""
+        for _ in range(self.subsampling.bit_length() - 1):
+            frames = (frames + 1) // 2
+        return frames
 
     @property
     def max_frames(self) -> int:
         """Filterbank frames the encoder takes: its relative positions (`max_relative_positions`) bound a clip's
         length after the 4x subsampling (5000 positions: 20000 frames)."""
-        return 4 * self.max_relative_positions
+        return self.subsampling * self.max_relative_positions
+
+    @property
+    def samples_per_token(self) -> int:
+        """Samples behind one LLM token: frame shifts, subsampled by the encoder, then `connector_downsample`
+        frames stacked into one token (160 x 4 x 2 = 1280 at 16 kHz: 12.5 tokens per second)."""
+        return self.frame_shift_samples * self.subsampling * self.connector_downsample
 
     @property
     def max_seconds(self) -> float:

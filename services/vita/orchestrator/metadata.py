@@ -40,11 +40,9 @@ def model_metadata(model: VitaConfig, config: OrchestratorConfig) -> ModelMetada
         response.video.CopyFrom(VideoMetadata(max_frames=LONG_FRAMES, tokens_per_frame=vision.tokens_per_tile))
     if model.audio is not None:
         audio = model.audio
-        # frames of one shift each, 4x subsampled by the encoder, then `connector_downsample` frames to a token
-        per_token = audio.frame_shift_samples * 4 * audio.connector_downsample
         response.modalities.append("audio")
         response.audio.CopyFrom(AudioMetadata(sample_rate_hz=audio.sample_rate, max_seconds=audio.max_seconds,
-                                              tokens_per_second=audio.sample_rate / per_token))
+                                              tokens_per_second=audio.sample_rate / audio.samples_per_token))
     return response
 
 

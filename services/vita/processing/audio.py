@@ -328,9 +328,7 @@ def num_audio_tokens(num_samples: int, config: AudioConfig) -> int:
     frames = floor((samples + 80) / 160); each stride-2 stage (two convolutions, then the connector pairing frames)
     keeps ceil(L / 2), so with the default 2x connector tokens = ceil(frames / 8): 2.00 s -> 200 frames -> 25.
     """
-    length = num_audio_frames(num_samples, config)
-    for _ in range(2):  # Conv2d(kernel 3, stride 2, padding 1): ceil(L / 2)
-        length = (length + 1) // 2
+    length = config.encoder_length(num_audio_frames(num_samples, config))
     return -(-length // config.connector_downsample)
 
 
