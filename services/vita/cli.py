@@ -436,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", type=_text, help="the question or instruction (UTF-8)")
     p.add_argument("--image", action="append", help="image file (repeatable); tiled dynamically")
     p.add_argument("--video", help="video file; sampled by the video rule, one tile per frame")
-    p.add_argument("--audio", action="append", help="audio file (wav; repeatable): a spoken question")
+    p.add_argument("--audio", action="append", help="audio file (WAV, FLAC, MP3, Ogg, AAC/M4A, ...; repeatable): "
+                   "a spoken question")
     p.add_argument("--system", type=_text, help="system prompt override")
     p.add_argument("--max-tokens", type=_TOKENS, default=64)
     p.add_argument("--temperature", type=_TEMPERATURE, default=0.0, help="0 means greedy")
@@ -477,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", type=_text, help="the question or instruction (UTF-8)")
     p.add_argument("--image", action="append", help="image file (repeatable)")
     p.add_argument("--video", help="video file")
-    p.add_argument("--audio", action="append", help="WAV file (repeatable)")
+    p.add_argument("--audio", action="append", help="audio file (WAV, FLAC, MP3, Ogg, AAC/M4A, ...; repeatable)")
     p.add_argument("--max-tokens", type=_TOKENS, default=64)
     p.add_argument("--temperature", type=_TEMPERATURE, default=0.0)
     p.set_defaults(func=_ask)

@@ -131,6 +131,20 @@ def test_stopped_and_resumed_run_draws_the_same_loss_curve(work, tmp_path):
     assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
 
 
+def test_a_resume_that_lengthens_the_run_follows_the_new_schedule(work, tmp_path):
+    """A user's try (2026-12-04): 3 steps, then `--resume --set max_steps=5` trained its first resumed step at the
+    old schedule's floor (1e-4 of 1e-3, between 5.5e-4 and 2.3e-4). After the resume the rates are those of a run
+    started with max_steps=5."""
+    samples = th.mixed_samples(work / "media")
+    run_stage(_config(work, tmp_path / "fresh", max_steps=5), samples)
+    run_stage(_config(work, tmp_path / "longer", max_steps=3), samples)
+    run_stage(_config(work, tmp_path / "longer", max_steps=5), samples, resume=True)
+    fresh = [r["lr"] for r in read_metrics(tmp_path / "fresh" / "metrics.jsonl")]
+    longer = [r["lr"] for r in read_metrics(tmp_path / "longer" / "metrics.jsonl")]
+    assert len(longer) == 5
+    assert longer[3:] == pytest.approx(fresh[3:], rel=1e-12)
+
+
 def test_killed_run_resumes_to_the_uninterrupted_curve(work, tmp_path):
     """kill -9 while training (constant learning rate, so the run can be open-ended), then --resume."""
     constant = {"optim": {"warmup_steps": 0, "min_lr_ratio": 1.0}}

@@ -215,3 +215,34 @@ def test_a_bad_sample_from_a_manifest_is_named_by_its_file_and_line(setup, tmp_p
     assert samples[1].origin == f"{manifest}:2" and "origin" not in manifest.read_text()
     with pytest.raises(InvalidInputError, match=rf"^{manifest}:2: "):
         RowStream(samples, lambda s, e, i: encoder(s, i), packing_length=4000, shuffle=False)
+
+
+def test_a_time_range_past_the_recording_is_named_by_its_file_and_line(setup, tmp_path):
+    """A user's try (2026-12-04): `long.opus#t=100,120` on a 5 s clip failed naming only the audio file; the range
+    is known bad only when decoded, and the error names the manifest line too."""
+    from vita.training.data import DataError, read_manifest, write_manifest
+    from vita.training.stream import RowStream
+
+    tok, module, _ = setup
+    encoder = ExampleEncoder(tok, module.vita.vita_config)
+    tone = th.write_tone(tmp_path / "t.wav", 1.0)
+    bad = th.Sample("asr", [{"role": "user", "content": "<audio>Transcribe."}, {"role": "bot", "content": "x"}],
+                    audio=[f"{tone}#t=100,120"])
+    manifest = write_manifest(tmp_path / "train.jsonl", [th.text("a", "b"), bad])
+    with pytest.raises(DataError, match=rf"^{manifest}:2: .*t\.wav: the range 100.0-120.0 s holds no audio$"):
+        RowStream(read_manifest(manifest), lambda s, e, i: encoder(s, i), packing_length=4000, shuffle=False)
+
+
+def test_a_sample_too_long_is_skipped_counted_once_and_logged_with_its_origin(setup, tmp_path, caplog):
+    from vita.training.data import read_manifest, write_manifest
+    from vita.training.stream import RowStream
+
+    tok, module, _ = setup
+    encoder = ExampleEncoder(tok, module.vita.vita_config, max_length=300)
+    manifest = write_manifest(tmp_path / "train.jsonl", [th.text("a", "b"), th.text("long " * 400, "x")])
+    stream = RowStream(read_manifest(manifest), lambda s, e, i: encoder(s, i), packing_length=400, shuffle=False)
+    with caplog.at_level("WARNING", logger="vita.training"):
+        stream.take(5)  # five epochs of one trainable sample: the long one came round five times
+    assert stream.skipped == 1
+    skipped = [r for r in caplog.records if r.getMessage() == "sample skipped: too long"]
+    assert [r.sample for r in skipped] == [f"{manifest}:2"]

@@ -79,6 +79,11 @@ def test_manifest_round_trip_keeps_paths_relative_to_the_manifest(tmp_path: Path
     (_record(conversation=[{"role": "narrator", "content": "x"}]), r"role 'narrator'"),
     (_record(colour="red"), r"unknown field\(s\) colour"),
     ([1, 2], r"must be a JSON object"),
+    ('{"kind": "image", ', r"bad JSON: .*\(column 19\)$"),  # where the line ends, not past its newline
+    (_record(conversation=[{"role": "user", "content": "<image><audio>"}, {"role": "bot", "content": "x"}],
+             audio=["long.opus#t=4,2"]), r"empty audio time range '#t=4,2'"),
+    (_record(conversation=[{"role": "user", "content": "<image><audio>"}, {"role": "bot", "content": "x"}],
+             audio=["long.opus#t=x"]), r"bad audio time range '#t=x'"),
 ])
 def test_a_bad_manifest_line_is_one_error_naming_file_and_line(tmp_path: Path, line, message: str) -> None:
     write_image(tmp_path / "img" / "a.png")
@@ -88,6 +93,15 @@ def test_a_bad_manifest_line_is_one_error_naming_file_and_line(tmp_path: Path, l
     text = str(error.value)
     assert text.startswith(f"{manifest}:3: ") and "\n" not in text
     assert re.search(message, text), text
+
+
+def test_media_paths_are_absolute_whatever_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    write_image(tmp_path / "img" / "a.png")
+    _write_lines(tmp_path / "m.jsonl", [_record()])
+    monkeypatch.chdir(tmp_path)
+    samples = read_manifest("m.jsonl")
+    monkeypatch.chdir("/")  # a later chdir (a data loader worker, a launcher) must not break the paths
+    assert samples[0].images == [str(tmp_path / "img" / "a.png")] and Path(samples[0].images[0]).is_file()
 
 
 def test_check_files_false_reads_a_manifest_whose_media_are_elsewhere(tmp_path: Path) -> None:
@@ -292,6 +306,17 @@ def test_llava_conversations_become_image_and_text_samples(tmp_path: Path) -> No
     assert noplace.conversation[0]["content"] == "<image>\nDescribe it."
     # Every sample is a valid manifest line.
     assert len(read_manifest(write_manifest(tmp_path / "llava.jsonl", samples))) == 3
+
+
+def test_llava_with_a_relative_image_dir(tmp_path: Path, monkeypatch) -> None:
+    """The image directory is applied once: `images/000.png`, never `images/images/000.png`."""
+    write_image(tmp_path / "images" / "000.png")
+    (tmp_path / "llava.json").write_text(json.dumps([{"id": "0", "image": "000.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A circle."}]}]))
+    monkeypatch.chdir(tmp_path)
+    sample, = load_llava("llava.json", "images")
+    assert sample.images == [str(tmp_path / "images" / "000.png")]
+    assert read_manifest(write_manifest("m.jsonl", [sample]))[0].images == sample.images
 
 
 def test_llava_errors_name_the_entry_line(tmp_path: Path) -> None:

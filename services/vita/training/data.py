@@ -60,6 +60,7 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> list[Sample]
 def iter_manifest(path: str | Path, *, check_files: bool = True) -> Iterator[Sample]:
     """Streams a manifest line by line (blank lines are skipped), for corpora too big to hold as Samples."""
     path = Path(path)
+    base = path.absolute().parent  # media paths come out absolute, whatever the working directory is later
     try:
         handle = path.open("rb")
     except OSError as e:
@@ -74,10 +75,10 @@ def iter_manifest(path: str | Path, *, check_files: bool = True) -> Iterator[Sam
                 continue
             where = f"{path}:{number}"
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip("\r\n"))  # a truncated line's error then points into the line
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: bad JSON: {e.msg} (column {e.colno})") from None
-            yield sample_from_record(record, path.parent, where, check_files=check_files)
+            yield sample_from_record(record, base, where, check_files=check_files)
 
 
 def write_manifest(path: str | Path, samples: Iterable[Sample]) -> Path:
@@ -133,12 +134,17 @@ def sample_from_record(record: Any, base: Path, where: str, *, check_files: bool
         if text.count(placeholder) != n:
             raise DataError(f"{where}: the user turns have {text.count(placeholder)} {placeholder} placeholder(s) "
                             f"but {n} {what}")
+    for ref in audio:
+        try:
+            split_audio_ref(ref)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
     sample = Sample(kind=kind, conversation=conversation, images=[_resolve(p, base) for p in images],
                     video=_resolve(video, base) if video else None, audio=[_resolve(p, base) for p in audio],
                     state=state, meta={str(k): str(v) for k, v in meta.items()}, origin=where)
     if check_files:
         for media in [*sample.images, *([sample.video] if sample.video else []), *sample.audio]:
-            file = split_audio_ref(media)[0]
+            file = _split_fragment(media)[0]
             if not os.path.isfile(file):
                 raise DataError(f"{where}: media file not found: {file}")
     return sample
@@ -498,7 +504,7 @@ def load_llava(path: str | Path, image_dir: str | Path | None = None, *, check_f
     the start of the first user turn, as LLaVA's own loader does. Questions are typed, so `state` is `<3>`.
     """
     doc = JsonItems(path)
-    root = Path(image_dir) if image_dir is not None else doc.path.parent
+    root = (Path(image_dir) if image_dir is not None else doc.path.parent).absolute()
     samples = []
     for keys, item in doc.items():
         turns = doc.field(item, keys, "conversations", list)

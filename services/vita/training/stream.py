@@ -8,15 +8,19 @@ rebuilt at that cursor yields exactly the rows the interrupted one would have, w
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from vita.errors import InvalidInputError
+from vita.training.data import DataError
 from vita.training.examples import Example, TooLong
 from vita.training.packing import Row, pack
 from vita.training.sample import Sample
+
+log = logging.getLogger("vita.training")
 
 Encode = Callable[[Sample, int, int], Example]  # (sample, epoch, index in the epoch's order) -> Example
 
@@ -52,9 +56,14 @@ class RowStream:
         self.shuffle = shuffle
         self.seed = seed
         start = cursor or Cursor()
-        self.skipped = 0  # samples this process skipped as too long (a diagnostic; not part of the cursor)
+        self._too_long: set[int] = set()  # samples skipped as too long (a diagnostic; not part of the cursor)
         self._rows = self._generate(start.epoch, start.index)
         self._next: tuple[int, Row] = next(self._rows)
+
+    @property
+    def skipped(self) -> int:
+        """Distinct samples this process skipped as too long (each is logged once, with where it came from)."""
+        return len(self._too_long)
 
     @property
     def cursor(self) -> Cursor:
@@ -83,14 +92,18 @@ class RowStream:
     def _examples(self, epoch: int, start: int) -> Iterator[Example]:
         order = epoch_order(len(self.samples), self.seed, epoch, self.shuffle)
         for index in range(start, len(order)):
+            k = int(order[index])
             try:
-                example = self.encode(self.samples[int(order[index])], epoch, index)
-            except TooLong:
-                self.skipped += 1
+                example = self.encode(self.samples[k], epoch, index)
+            except TooLong as e:
+                if k not in self._too_long:
+                    self._too_long.add(k)
+                    log.warning("sample skipped: too long", extra={"sample": self._where(k), "reason": str(e)})
                 continue
-            except InvalidInputError as e:
-                sample = self.samples[int(order[index])]
-                where = sample.origin or (f"training sample {int(order[index]) + 1} of {len(self.samples)} (in "
-                                          "manifest order)")
-                raise InvalidInputError(f"{where}: {e}") from None
+            except (InvalidInputError, DataError) as e:  # media found bad only when read: name the sample
+                raise type(e)(f"{self._where(k)}: {e}") from None
             yield example
+
+    def _where(self, k: int) -> str:
+        """Where sample k came from: its manifest's `file:line`, else its place in the list."""
+        return self.samples[k].origin or f"training sample {k + 1} of {len(self.samples)} (in manifest order)"

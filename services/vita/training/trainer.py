@@ -152,9 +152,11 @@ class Trainer:
         step, cursor = 0, Cursor()
         metrics_path = self.output_dir / "metrics.jsonl"
         if state is not None:
+            configured = list(scheduler.base_lrs)  # this config's peak rates; loading brings back the stored ones
             D.load_optimizer_state(optimizer, named, state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step, cursor = state["step"], Cursor(**state["data"])
+            _follow_schedule(optimizer, scheduler, configured, step)
             rng = Checkpoints.load_rng(checkpoint, info.rank)
             if rng is not None:
                 set_rng_state(rng)
@@ -287,6 +289,18 @@ class Trainer:
             shutil.rmtree(final)
         staging.rename(final)
         log.info("stage finished", extra={"path": str(final), "final_loss": summary["final_loss"]})
+
+
+def _follow_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                     peaks: list[float], step: int) -> None:
+    """Each group's learning rate at `step` on this config's schedule (`peaks`: its groups' peak rates): a resume
+    that changed `max_steps` or a rate (`--set max_steps=...`) goes on from where the new schedule is at that step,
+    not from the rate the stored scheduler last set; unchanged settings give the stored rates exactly."""
+    scheduler.base_lrs = list(peaks)
+    for group, peak, fn in zip(optimizer.param_groups, peaks, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = peak
+        group["lr"] = peak * fn(step)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _unprefixed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
