@@ -40,3 +40,9 @@ class PortInUse(VitaError):
 def one_line(message: object) -> str:
     """An error message as the one line a CLI or a service prints on stderr."""
     return " ".join(str(message).split()) or "(no message)"
+
+
+def ffmpeg_reason(error: OSError) -> str:
+    """FFmpeg's reason for a PyAV error (`av.FFmpegError`), without the errno and file name its str() adds:
+    "Invalid data found when processing input", not "[Errno 1094995529] Invalid data ...: '/path'"."""
+    return (error.strerror or type(error).__name__).strip().rstrip(".")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -41,7 +42,8 @@ def test_every_cli_name_has_a_benchmark() -> None:
 
 def _librispeech(root: Path) -> Path:
     chapters = {("test-clean", "1089", "134686"): ["HE HOPED THERE WOULD BE STEW FOR DINNER", "STUFF IT INTO YOU"],
-                ("test-other", "1688", "142285"): ["THERE'S IRON THEY SAY IN ALL OUR BLOOD"]}
+                ("test-other", "1688", "142285"): ["THERE'S IRON THEY SAY IN ALL OUR BLOOD"],
+                ("train-clean-100", "103", "1240"): ["CHAPTER ONE MISSUS RACHEL LYNDE IS SURPRISED"]}
     for (split, speaker, chapter), texts in chapters.items():
         folder = root / "LibriSpeech" / split / speaker / chapter
         lines = []
@@ -62,9 +64,20 @@ def test_librispeech_wer_per_split(tmp_path: Path) -> None:
     assert result.metrics["wer"] == pytest.approx(1 / 20)
     assert result.metrics["test-clean/wer"] == pytest.approx(1 / 12)
     assert result.metrics["test-other/wer"] == 0.0
-    assert [i["split"] for i in result.items] == ["test-clean", "test-clean", "test-other"]
+    assert [i["split"] for i in result.items] == ["test-clean", "test-clean", "test-other"]  # no training split
     # One split only, and --limit.
     assert len(run(get("librispeech"), root / "test-clean", answer_by({}), limit=1).items) == 1
+
+
+def test_librispeech_reads_a_training_split_only_when_given(tmp_path: Path) -> None:
+    root = _librispeech(tmp_path)
+    assert [i["split"] for i in run(get("librispeech"), root / "train-clean-100", answer_by({})).items] == \
+        ["train-clean-100"]
+    for split in ("test-clean", "test-other"):
+        shutil.rmtree(root / split)
+    assert one_line_error("librispeech", root) == (
+        f"{root}: no dev-clean, dev-other, test-clean, test-other split here (a training split is read only when "
+        "its directory is given)")
 
 
 def test_librispeech_bad_data(tmp_path: Path) -> None:
@@ -120,10 +133,10 @@ def _mme(root: Path) -> Path:
                                       ("Is there a scissors in this image? Please answer yes or no.", "No")]}.items():
         write_image(release / "existence" / f"{stem}.jpg")
         (release / "existence" / f"{stem}.txt").write_text("".join(f"{q}\t{a}\n" for q, a in qa))
-    # ... and one with images/ and questions_answer_YN/.
+    # ... and one with images/ and questions_answers_YN/.
     write_image(release / "artwork" / "images" / "10002.jpg")
-    (release / "artwork" / "questions_answer_YN").mkdir(parents=True)
-    (release / "artwork" / "questions_answer_YN" / "10002.txt").write_text(
+    (release / "artwork" / "questions_answers_YN").mkdir(parents=True)
+    (release / "artwork" / "questions_answers_YN" / "10002.txt").write_text(
         "Does this artwork exist in the form of painting? Please answer yes or no.\tYes\n"
         "Does this artwork exist in the form of glassware? Please answer yes or no.\tNo\n")
     write_image(release / "code_reasoning" / "0001.png")
@@ -148,6 +161,25 @@ def test_mme_scores_acc_and_acc_plus_per_category(tmp_path: Path) -> None:
     assert m["code_reasoning/score"] == 200.0
     assert m["perception_score"] == 175.0 and m["cognition_score"] == 200.0
     assert result.items[0]["id"] == "artwork/10002/1"
+
+
+def test_mme_one_category_directory(tmp_path: Path) -> None:
+    release = _mme(tmp_path)
+    artwork = run(get("mme"), release / "artwork", answer_by({}))
+    assert [i["id"] for i in artwork.items] == ["artwork/10002/1", "artwork/10002/2"]
+    assert "artwork/acc" in artwork.metrics
+    assert len(run(get("mme"), release / "existence", answer_by({})).items) == 4  # a flat one
+    qa = release / "artwork" / "questions_answers_YN"
+    assert one_line_error("mme", qa).startswith(f"{qa}: expected MME_Benchmark_release_version/")
+
+
+def test_mme_category_without_questions_is_an_error(tmp_path: Path) -> None:
+    release = _mme(tmp_path)
+    write_image(release / "landmark" / "images" / "0001.jpg")
+    (release / "landmark" / "questions_answer_YN").mkdir()  # misnamed: not the release's questions_answers_YN
+    (release / "landmark" / "questions_answer_YN" / "0001.txt").write_text("Is this in Paris?\tYes\n")
+    assert one_line_error("mme", release).startswith(f"{release / 'landmark'}: no MME questions (expected "
+                                                     "questions_answers_YN/*.txt")
 
 
 def test_mme_bad_data(tmp_path: Path) -> None:
@@ -185,6 +217,17 @@ def test_ocrbench_containment_rule(tmp_path: Path) -> None:
     assert result.metrics["score"] == 2 and result.metrics["total"] == 3
     assert result.metrics["Text Recognition/score"] == 1 and result.metrics["Doc-oriented VQA/score"] == 0
     assert [i["correct"] for i in result.items] == [True, True, False]
+
+
+def test_ocrbench_images_in_the_data_folder(tmp_path: Path) -> None:
+    root = _ocrbench(tmp_path)  # the repository's layout: OCRBench/OCRBench.json, OCRBench_Images/ at the root
+    (root / "OCRBench").mkdir()
+    (root / "OCRBench.json").rename(root / "OCRBench" / "OCRBench.json")
+    result = run(get("ocrbench"), root, answer_by({}))
+    assert result.metrics["total"] == 3
+    (root / "OCRBench_Images" / "docVQA" / "doc.png").unlink()
+    assert f"image not found: docVQA/doc.png (looked in OCRBench_Images/ and directly in {root / 'OCRBench'} and " \
+           f"{root})" in one_line_error("ocrbench", root)
 
 
 def test_ocrbench_bad_data(tmp_path: Path) -> None:
@@ -324,6 +367,21 @@ def _ceval_id(query: Query) -> str:
     return f"{subject}/{0 if '位填充' in query.text or '天鹅' in query.text else 1}"
 
 
+def test_ceval_dev_split_and_chinese_subject_names(tmp_path: Path) -> None:
+    header = ["id", "question", "A", "B", "C", "D", "answer", "explanation"]
+    _csv(tmp_path / "ceval-exam" / "dev" / "computer_network_dev.csv",
+         [header, ["0", "下列关于IP地址的说法正确的是____", "甲", "乙", "丙", "丁", "A", "解析"]])
+    asked = []
+    run(get("ceval"), tmp_path / "ceval-exam" / "dev", lambda q: asked.append(q.text) or "A")
+    assert asked[0].startswith("以下是中国关于computer_network考试的单项选择题")  # the split suffix is gone
+    (tmp_path / "ceval-exam" / "subject_mapping.json").write_text(json.dumps(
+        {"computer_network": ["Computer Network", "计算机网络", "STEM"], "logic": ["Logic", "逻辑学", "Humanities"]},
+        ensure_ascii=False))
+    result = run(get("ceval"), tmp_path / "ceval-exam" / "dev", lambda q: asked.append(q.text) or "A")
+    assert asked[1].startswith("以下是中国关于计算机网络考试的单项选择题，请选出其中的正确答案。\n\n下列关于IP地址")
+    assert result.items[0]["subject"] == "computer_network" and result.metrics["subject/computer_network"] == 1.0
+
+
 def test_ceval_bad_data(tmp_path: Path) -> None:
     test_csv = _csv(tmp_path / "test" / "logic_test.csv",
                     [["id", "question", "A", "B", "C", "D"], ["0", "q", "a", "b", "c", "d"]])
@@ -333,6 +391,8 @@ def test_ceval_bad_data(tmp_path: Path) -> None:
                [["id", "question", "A", "B", "C", "D", "answer"], ["0", "q", "a", "b", "c", "d", "A"],
                 ["1", "multi\nline question", "a", "b", "c", "d", "A"], ["2", "q", "a", "b", "c", "d", "Z"]])
     assert one_line_error("ceval", tmp_path) == f"{bad}:5: answer must be A, B, C or D, not 'Z'"
+    misnamed = _csv(bad, [["id", "question", "A", "B", "C", "D", "Answer"], ["0", "q", "a", "b", "c", "d", "A"]])
+    assert one_line_error("ceval", tmp_path) == f"{misnamed}:1: missing column(s) answer"  # no test-split hint
 
 
 def test_mmlu_headerless_csvs(tmp_path: Path) -> None:
@@ -362,6 +422,15 @@ def test_mmlu_headerless_csvs(tmp_path: Path) -> None:
                         "Answer:")
 
 
+def test_mmlu_val_split_subject(tmp_path: Path) -> None:
+    _csv(tmp_path / "data" / "val" / "abstract_algebra_val.csv",
+         [["Find all c in Z_3 such that Z_3[x]/(x^2 + c) is a field.", "0", "1", "2", "3", "B"]])
+    asked = []
+    result = run(get("mmlu"), tmp_path / "data" / "val", lambda q: asked.append(q.text) or "B")
+    assert result.metrics["subject/abstract_algebra"] == 1.0 and result.items[0]["id"] == "abstract_algebra/1"
+    assert asked[0].startswith("The following is a multiple choice question about abstract algebra.\n\n")
+
+
 def test_mmlu_bad_data(tmp_path: Path) -> None:
     bad = _csv(tmp_path / "test" / "anatomy_test.csv", [["q", "a", "b", "c", "d", "A"], ["q", "a", "b", "A"]])
     assert one_line_error("mmlu", tmp_path) == \
@@ -389,6 +458,25 @@ def test_agieval_choice_multi_answer_and_cloze(tmp_path: Path) -> None:
     result = run(get("agieval"), tmp_path / "data" / "v1", lambda q: answers[q.text.split("\n")[0]])
     assert [i["correct"] for i in result.items] == [True, True, False]  # sorted by file: gaokao, lsat, math
     assert result.metrics["accuracy"] == pytest.approx(2 / 3) and result.metrics["task/math"] == 0.0
+
+
+def test_agieval_repository_data_folder_holds_two_versions(tmp_path: Path) -> None:
+    row = {"passage": None, "question": "q", "options": ["(A)1", "(B)2"], "label": "A", "answer": None}
+    for version in ("v1", "v1_1"):
+        _jsonl(tmp_path / "data" / version / "sat-math.jsonl", [row])
+    data = tmp_path / "data"
+    assert one_line_error("agieval", data) == (f"{data}: .jsonl files in 2 folders (v1, v1_1), each a version of "
+                                               f"the questions: pass one, e.g. --data {data / 'v1_1'}")
+    assert len(run(get("agieval"), data / "v1_1", answer_by({})).items) == 1
+
+
+def test_agieval_multi_answer_letters_written_together(tmp_path: Path) -> None:
+    _jsonl(tmp_path / "gaokao-physics.jsonl", [
+        {"passage": None, "question": f"下列说法正确的是{k}", "options": ["(A)甲", "(B)乙", "(C)丙", "(D)丁"],
+         "label": ["A", "C"], "answer": None} for k in range(4)])
+    answers = ["AC", "答案是AC", "(A)(C)", "A"]
+    result = run(get("agieval"), tmp_path, lambda q: answers[int(q.text.split("\n")[0][-1])])
+    assert [i["correct"] for i in result.items] == [True, True, True, False]
 
 
 def test_agieval_bad_data(tmp_path: Path) -> None:

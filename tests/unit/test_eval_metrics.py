@@ -13,7 +13,7 @@ from vita.eval.metrics import (
     normalize,
     word_error_rate,
 )
-from vita.eval.text import gsm8k_prediction
+from vita.eval.text import _letters, gsm8k_prediction
 
 
 def test_exact_match_ignores_case_spacing_and_surrounding_punctuation() -> None:
@@ -39,9 +39,19 @@ def test_char_error_rate_for_chinese() -> None:
 @pytest.mark.parametrize(("text", "letter"), [
     ("B", "B"), ("(C)", "C"), ("D. Paris", "D"), ("The answer is A.", "A"), ("答案是C", "C"), ("答案：B", "B"),
     ("answer: (d)", "D"), ("I think B is right", "B"), ("", None), ("none of them", None),
+    ("b", "B"), ("(b)", "B"), ("c.", "C"), ("Answer: b", "B"), ("a dog", None), ("AC", None),
 ])
 def test_extract_choice(text: str, letter: str | None) -> None:
     assert extract_choice(text) == letter
+
+
+@pytest.mark.parametrize(("text", "letters"), [
+    ("AC", "AC"), ("答案是AC", "AC"), ("答案：A、C", "AC"), ("Answer: CA", "AC"), ("(A)(C)", "AC"), ("A, C", "AC"),
+    ("A和C", "AC"), ("The answers are A and C.", "AC"), ("B", "B"), ("b", "B"), ("(b)", "B"), ("Answer: b", "B"),
+    ("The answer is A. C is wrong", "A"), ("a dog", ""), ("AE", ""),
+])
+def test_agieval_letters(text: str, letters: str) -> None:
+    assert _letters(text, 4) == letters
 
 
 @pytest.mark.parametrize(("text", "answer"), [

@@ -13,9 +13,11 @@ from vita.eval.core import ask, load_items
 
 def run_eval(args: argparse.Namespace) -> None:
     benchmark = registry.get(args.benchmark)
-    items = load_items(benchmark, args.data, args.limit)  # bad data fails here, before the model loads
+    progress = sys.stderr.isatty()
+    # Bad data, undecodable media included, fails here, before the model loads.
+    items = load_items(benchmark, args.data, args.limit, progress=progress)
     answerer = PipelineAnswerer.load(args.model, threads=args.threads, max_new_tokens=args.max_tokens)
-    result = ask(benchmark, items, str(args.data), answerer, progress=sys.stderr.isatty())
+    result = ask(benchmark, items, str(args.data), answerer, progress=progress)
     print(f"{benchmark.name}: {len(result.items)} questions in {result.seconds:.1f} s")
     for name, value in result.metrics.items():
         if not isinstance(value, dict):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vita.errors import InvalidInputError
 from vita.eval.answer import Answer, Answerer, Query, as_answer
-from vita.training.data import DataError
+from vita.training.data import DataError, JsonItems
 
 
 @dataclass
@@ -22,6 +23,17 @@ class Item:
     query: Query
     reference: Any
     info: dict[str, Any] = field(default_factory=dict)
+    # Where it was read ("file:line", "file: row 3"), or a function that says so (computed on error only).
+    origin: str | Callable[[], str] = ""
+
+    def where(self) -> str:
+        origin = self.origin() if callable(self.origin) else self.origin
+        return origin or f"question {self.id}"
+
+
+def json_origin(doc: JsonItems, keys: Sequence[str | int]) -> Callable[[], str]:
+    """The origin of an item of a JSON file: `file:line: [3]`, the line found only when asked."""
+    return lambda: str(doc.error(keys, "")).removesuffix(": ")
 
 
 # load(path, limit) -> items; score(items, answers) -> (metrics, per-item correctness or None)
@@ -59,11 +71,14 @@ class EvalResult:
 def run(benchmark: Benchmark, data: str | Path, answerer: Answerer, *, limit: int | None = None,
         progress: bool = False) -> EvalResult:
     """Loads the benchmark from `data`, asks `answerer` every question in order, and scores the answers."""
-    return ask(benchmark, load_items(benchmark, data, limit), str(data), answerer, progress=progress)
+    items = load_items(benchmark, data, limit, progress=progress)
+    return ask(benchmark, items, str(data), answerer, progress=progress)
 
 
-def load_items(benchmark: Benchmark, data: str | Path, limit: int | None = None) -> list[Item]:
-    """The benchmark's questions (the first `limit`); `DataError` for a missing path or a bad file."""
+def load_items(benchmark: Benchmark, data: str | Path, limit: int | None = None, *,
+               progress: bool = False) -> list[Item]:
+    """The benchmark's questions (the first `limit`), their media decoded once to check them; `DataError` for a
+    missing path, a bad file or undecodable media."""
     if limit is not None and limit < 1:
         raise DataError(f"--limit must be at least 1, got {limit}")
     path = Path(data)
@@ -72,7 +87,53 @@ def load_items(benchmark: Benchmark, data: str | Path, limit: int | None = None)
     items = benchmark.load(path, limit)
     if not items:
         raise DataError(f"{path}: no {benchmark.name} questions found (expected {benchmark.layout})")
+    check_media(items, benchmark.name, progress=progress)
     return items
+
+
+def check_media(items: Sequence[Item], name: str = "", *, progress: bool = False) -> None:
+    """Checks every medium the items refer to, each once: an image or audio file (or `#t=` range of one) is decoded
+    as the model reads it, a video opened and its first frame decoded. A bad one is a `DataError` naming the item's
+    origin and the file. A progress bar shows when `progress` and the check takes more than a second."""
+    checks: dict[tuple[str, str], Item] = {}
+    for item in items:
+        q = item.query
+        for kind, ref in [*(("image", p) for p in q.images), *([("video", q.video)] if q.video else []),
+                          *(("audio", a) for a in q.audio if isinstance(a, str))]:
+            checks.setdefault((kind, str(ref)), item)
+    todo: Iterable[tuple[tuple[str, str], Item]] = checks.items()
+    if progress:
+        from tqdm import tqdm
+
+        todo = tqdm(todo, desc=f"{name} media".strip(), unit="file", leave=False, delay=1.0)
+    for (kind, ref), item in todo:
+        try:
+            _MEDIA_CHECKS[kind](ref)
+        except (InvalidInputError, DataError) as e:
+            file = ref.rsplit("#t=", 1)[0]
+            raise DataError(f"{item.where()}: {ref}: {str(e).removeprefix(f'{file}: ')}") from None
+
+
+def _check_image(path: str) -> None:
+    from vita.processing.image import load_image
+
+    load_image(path)
+
+
+def _check_audio(ref: str) -> None:
+    from vita.training.data import load_audio_ref
+
+    load_audio_ref(ref)
+
+
+def _check_video(path: str) -> None:
+    from vita.processing.video import check_video
+
+    check_video(path)
+
+
+_MEDIA_CHECKS: dict[str, Callable[[str], None]] = {"image": _check_image, "audio": _check_audio,
+                                                   "video": _check_video}
 
 
 def ask(benchmark: Benchmark, items: list[Item], data: str, answerer: Answerer, *,

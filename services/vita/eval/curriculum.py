@@ -73,7 +73,7 @@ def sample_item(sample: Sample, item_id: str) -> Item:
                   max_new_tokens=ASR_TOKENS if sample.kind == "asr" else ANSWER_TOKENS)
     return Item(item_id, query, sample.answer,
                 {"kind": sample.kind, "reference_state": sample.state, "task": sample.meta.get("task", ""),
-                 "metric": metric_of(sample)})
+                 "metric": metric_of(sample)}, sample.origin or "")
 
 
 def metric_of(sample: Sample) -> str:

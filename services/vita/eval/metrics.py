@@ -67,16 +67,18 @@ CHOICE_LETTERS = "ABCDEFGHIJ"
 
 
 def extract_choice(prediction: str, letters: str = "ABCD") -> str | None:
-    """The option letter a free-form answer picks: `B`, `(B)`, `B.`, `Answer: B`, `答案是B`; else None."""
+    """The option letter a free-form answer picks: `B`, `(B)`, `B.`, `Answer: B`, `答案是B`; else None. Lower case
+    counts where it cannot be a word: the whole answer (`b`, `(b)`, `b.`) or after `Answer:`."""
     text = unicodedata.normalize("NFKC", prediction).strip()
     allowed = re.escape(letters)
-    patterns = (
-        rf"^\(?([{allowed}])\)?(?:[.:：、)\s]|$)",
-        rf"(?:answer|答案)\s*(?:is|是|为|:|：)?\s*\(?([{allowed}])\)?(?![A-Za-z])",
-        rf"(?<![A-Za-z])\(?([{allowed}])\)?(?![A-Za-z])",
+    patterns = (  # (pattern, case-insensitive)
+        (rf"^\(?([{allowed}])\)?[.。)]?$", True),
+        (rf"^\(?([{allowed}])\)?(?:[.:：、)\s]|$)", False),
+        (rf"(?:answer|答案)\s*(?:is|是|为|:|：)?\s*\(?([{allowed}])\)?(?![A-Za-z])", True),
+        (rf"(?<![A-Za-z])\(?([{allowed}])\)?(?![A-Za-z])", False),
     )
-    for pattern in patterns:
-        m = re.search(pattern, text, flags=re.IGNORECASE if pattern is patterns[1] else 0)
+    for pattern, any_case in patterns:
+        m = re.search(pattern, text, flags=re.IGNORECASE if any_case else 0)
         if m:
             return m.group(1).upper()
     return None

@@ -12,14 +12,21 @@ from vita.eval.metrics import char_error_rate, word_error_rate
 from vita.training import data
 
 ASR_TOKENS = 192  # LibriSpeech utterances run to ~35 s, ~90 words
+LIBRISPEECH_EVAL_SPLITS = ("dev-clean", "dev-other", "test-clean", "test-other")  # read from a root; never train-*
 
 
 def load_librispeech(path: Path, limit: int | None) -> list[Item]:
     """`LibriSpeech/<split>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt` lines `ID TRANSCRIPT`, with
-    `ID.flac` beside them. `path` is one split (`test-clean`) or the `LibriSpeech` root (every split in it)."""
+    `ID.flac` beside them. `path` is one split directory (read whatever its name), or the `LibriSpeech` root, of
+    which only the dev and test splits are read (never the training ones)."""
     transcripts = sorted(path.rglob("*.trans.txt")) if path.is_dir() else [path]
     if not transcripts:
         raise data.DataError(f"{path}: no *.trans.txt files (expected a LibriSpeech split directory)")
+    transcripts = [t for t in transcripts
+                   if not _under_root(path, t) or _split_name(path, t) in LIBRISPEECH_EVAL_SPLITS]
+    if not transcripts:
+        raise data.DataError(f"{path}: no {', '.join(LIBRISPEECH_EVAL_SPLITS)} split here (a training split is "
+                             "read only when its directory is given)")
     items: list[Item] = []
     for trans in transcripts:
         split = _split_name(path, trans)
@@ -33,10 +40,15 @@ def load_librispeech(path: Path, limit: int | None) -> list[Item]:
             if not audio.is_file():
                 raise data.DataError(f"{trans}:{number}: audio file not found: {audio}")
             query = Query(data.AUDIO + data.ASR_INSTRUCTION["en"], audio=[str(audio)], max_new_tokens=ASR_TOKENS)
-            items.append(Item(utterance, query, text, {"split": split}))
+            items.append(Item(utterance, query, text, {"split": split}, f"{trans}:{number}"))
             if limit is not None and len(items) >= limit:
                 return items
     return items
+
+
+def _under_root(path: Path, trans: Path) -> bool:
+    """Whether `path` lies above the transcript's split directory (a root holding several splits)."""
+    return path in trans.parents[3:]
 
 
 def _split_name(root: Path, trans: Path) -> str:
@@ -59,7 +71,8 @@ def load_wenetspeech(path: Path, limit: int | None) -> list[Item]:
     for sample in samples:
         subset = next(s for s in sample.meta["subsets"].split() if s in ("TEST_NET", "TEST_MEETING")).lower()
         query = Query(sample.conversation[0]["content"], audio=sample.audio, max_new_tokens=ASR_TOKENS)
-        items.append(Item(sample.meta["id"], query, sample.answer, {"subset": subset}))
+        items.append(Item(sample.meta["id"], query, sample.answer, {"subset": subset},
+                          sample.origin or f"{json_path}: segment {sample.meta['id']}"))
     return take(items, limit)
 
 
@@ -82,6 +95,7 @@ def _score(items, answers, key, rate, name) -> tuple[dict[str, Any], list[bool |
 
 
 LIBRISPEECH = Benchmark("librispeech", load_librispeech, score_wer,
-                        "a LibriSpeech split directory (e.g. LibriSpeech/test-clean) or the LibriSpeech root")
+                        "a LibriSpeech split directory (e.g. LibriSpeech/test-clean) or the LibriSpeech root "
+                        "(its dev and test splits)")
 WENETSPEECH = Benchmark("wenetspeech", load_wenetspeech, score_cer,
                         "WenetSpeech.json (with its audio/ tree) or the directory holding it")

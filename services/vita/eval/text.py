@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import re
+import unicodedata
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 from vita.eval.answer import Answer, Query
 from vita.eval.core import Benchmark, Item, find_file, grouped_accuracy
 from vita.eval.metrics import CHOICE_LETTERS, accuracy, extract_choice, last_number, normalize
-from vita.training.data import DataError, read_text
+from vita.training.data import DataError, load_json, read_text
 
 CHOICE_TOKENS = 8
 
@@ -29,8 +30,9 @@ def _csv_files(path: Path, split: str) -> list[Path]:
     raise DataError(f"{path}: no CSV files (looked in {split}/, data/{split}/ and the directory itself)")
 
 
-def _subject(file: Path, split: str) -> str:
-    return file.stem.removesuffix(f"_{split}")
+def _subject(file: Path) -> str:
+    """`abstract_algebra` for `abstract_algebra_test.csv`, `_dev.csv` or `_val.csv`, whatever split was asked."""
+    return re.sub(r"_(?:dev|val|test)$", "", file.stem)
 
 
 def _choices_prompt(question: str, options: Sequence[str]) -> str:
@@ -71,13 +73,16 @@ def load_ceval(path: Path, limit: int | None) -> list[Item]:
     """`ceval-exam/val/<subject>_val.csv` with the header `id,question,A,B,C,D,answer[,explanation]` (the test
     split has no `answer` column: it cannot be scored locally)."""
     items: list[Item] = []
-    for file in _csv_files(path, "val"):
-        subject = _subject(file, "val")
+    files = _csv_files(path, "val")
+    names = _ceval_names(path, files[0])
+    for file in files:
+        subject = _subject(file)
         rows = _open_csv(file)
         header = next(rows, (1, []))[1]
         missing = [c for c in CEVAL_COLUMNS if c not in header]
         if missing:
-            hint = " (the test split has no answers: use val/)" if missing == ["answer"] else ""
+            test = missing == ["answer"] and (file.stem.endswith("_test") or file.parent.name == "test")
+            hint = " (the test split has no answers: use val/)" if test else ""
             raise DataError(f"{file}:1: missing column(s) {', '.join(missing)}{hint}")
         at = {name: header.index(name) for name in CEVAL_COLUMNS}
         for number, row in rows:
@@ -88,13 +93,33 @@ def load_ceval(path: Path, limit: int | None) -> list[Item]:
             answer = row[at["answer"]].strip().upper()
             if answer not in ("A", "B", "C", "D"):
                 raise DataError(f"{file}:{number}: answer must be A, B, C or D, not {row[at['answer']]!r}")
-            text = (f"以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n"
+            text = (f"以下是中国关于{names.get(subject, subject)}考试的单项选择题，请选出其中的正确答案。\n\n"
                     + _choices_prompt(row[at["question"]], [row[at[c]] for c in "ABCD"]) + "\n答案：")
             items.append(Item(f"{subject}/{row[at['id']]}", Query(text, max_new_tokens=CHOICE_TOKENS), answer,
                               {"subject": subject}))
             if limit is not None and len(items) >= limit:
                 return items
     return items
+
+
+def _ceval_names(path: Path, csv_file: Path) -> dict[str, str]:
+    """Subject -> its Chinese name, from the release's `subject_mapping.json` (`{"computer_network": ["Computer
+    Network", "计算机网络", "STEM"], ...}`) in `path` or above the CSVs, which the official prompt names the
+    subject by; {} without one."""
+    folders = [*([path] if path.is_dir() else []), csv_file.parent, csv_file.parent.parent]
+    mapping = next((f / "subject_mapping.json" for f in folders if (f / "subject_mapping.json").is_file()), None)
+    if mapping is None:
+        return {}
+    doc = load_json(mapping)
+    if not isinstance(doc, dict):
+        raise DataError(f"{mapping}:1: expected an object: subject -> [English name, Chinese name, category]")
+    names = {}
+    for subject, entry in doc.items():
+        if not (isinstance(entry, list) and len(entry) >= 2 and isinstance(entry[1], str)):
+            raise DataError(f"{mapping}: {subject}: expected [English name, Chinese name, category], "
+                            f"not {json.dumps(entry, ensure_ascii=False)}")
+        names[subject] = entry[1]
+    return names
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -105,7 +130,7 @@ def load_mmlu(path: Path, limit: int | None) -> list[Item]:
     """`data/test/<subject>_test.csv`, no header, six columns: question, A, B, C, D, answer."""
     items: list[Item] = []
     for file in _csv_files(path, "test"):
-        subject = _subject(file, "test")
+        subject = _subject(file)
         for number, row in _open_csv(file):
             if not any(row):
                 continue
@@ -139,11 +164,18 @@ def score_choice(items: Sequence[Item], answers: Sequence[Answer]) -> tuple[dict
 
 
 def load_agieval(path: Path, limit: int | None) -> list[Item]:
-    """`data/v1/<task>.jsonl`, one object a line: `passage` (or null), `question`, `options` (["(A)...", ...],
-    null for the cloze tasks), `label` (a letter, or a list of them) and `answer` (the cloze answer)."""
+    """`data/v1_1/<task>.jsonl` (or `data/v1/`), one object a line: `passage` (or null), `question`, `options`
+    (["(A)...", ...], null for the cloze tasks), `label` (a letter, or a list of them) and `answer` (the cloze
+    answer). The repository's `data/` holds both versions of the same questions: one must be chosen."""
     files = [path] if path.is_file() else sorted(path.glob("*.jsonl")) or sorted(path.rglob("*.jsonl"))
     if not files:
-        raise DataError(f"{path}: no .jsonl files (expected AGIEval's data/v1 directory)")
+        raise DataError(f"{path}: no .jsonl files (expected AGIEval's data/v1_1 directory)")
+    folders = sorted({file.parent for file in files})
+    if len(folders) > 1:
+        pick = next((f for f in folders if f.name == "v1_1"), folders[0])
+        raise DataError(f"{path}: .jsonl files in {len(folders)} folders "
+                        f"({', '.join(str(f.relative_to(path)) for f in folders)}), each a version of the "
+                        f"questions: pass one, e.g. --data {pick}")
     items: list[Item] = []
     for file in files:
         task = file.stem
@@ -178,11 +210,12 @@ def _agieval_item(entry: Any, where: str, task: str, number: int) -> Item:
 
 
 def _letters(prediction: str, n_options: int) -> str:
-    """Every option letter a multi-answer prediction names (`AC`, `A, C`, `(A)(C)`), else the single choice."""
+    """Every option letter a multi-answer prediction's first line names, after an optional `Answer:`/`答案是`
+    (`AC`, `A, C`, `(A)(C)`, `答案是AC`), else the single choice `extract_choice` reads (`b` and `(b)` too)."""
     allowed = CHOICE_LETTERS[:n_options]
-    head = prediction.strip().split("\n")[0]
-    m = re.fullmatch(rf"[\s(]*([{allowed}])(?:(?:[\s,、)(]|和|and)+([{allowed}]))*[\s).。]*", head)
-    if m:
+    head = unicodedata.normalize("NFKC", prediction).strip().split("\n")[0]
+    head = re.sub(r"^(?:the\s+)?(?:answers?|答案)\s*(?:is|are|是|为|:|：)?\s*", "", head, flags=re.IGNORECASE)
+    if re.fullmatch(rf"[\s(]*[{allowed}](?:(?:[\s,、)(]|和|and)*[{allowed}])*[\s).。]*", head):
         return "".join(sorted(set(re.findall(rf"[{allowed}]", head))))
     return extract_choice(prediction, allowed) or ""
 
@@ -238,5 +271,6 @@ def score_gsm8k(items: Sequence[Item], answers: Sequence[Answer]) -> tuple[dict[
 
 CEVAL = Benchmark("ceval", load_ceval, score_choice, "ceval-exam/ (val/<subject>_val.csv) or one such CSV")
 MMLU = Benchmark("mmlu", load_mmlu, score_choice, "MMLU data/ (test/<subject>_test.csv) or one such CSV")
-AGIEVAL = Benchmark("agieval", load_agieval, score_agieval, "AGIEval data/v1/ (<task>.jsonl) or one such file")
+AGIEVAL = Benchmark("agieval", load_agieval, score_agieval,
+                    "AGIEval data/v1_1/ or data/v1/ (<task>.jsonl), or one such file")
 GSM8K = Benchmark("gsm8k", load_gsm8k, score_gsm8k, "GSM8K test.jsonl or the directory holding it")

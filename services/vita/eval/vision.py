@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from vita.eval.answer import Answer, Query
-from vita.eval.core import Benchmark, Item, find_file, grouped_accuracy, take
+from vita.eval.core import Benchmark, Item, find_file, grouped_accuracy, json_origin, take
 from vita.eval.metrics import accuracy, extract_choice, extract_yes_no
 from vita.training.data import DataError, JsonItems, read_text
 
@@ -19,22 +19,22 @@ IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
                   "OCR")
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+MME_QA_DIR = "questions_answers_YN"  # the question files of artwork, celebrity, landmark, posters and scene
 
 
 def load_mme(path: Path, limit: int | None) -> list[Item]:
-    """`MME_Benchmark_release_version/<category>/`: either `images/` + `questions_answer_YN/` (artwork, celebrity,
-    landmark, posters, scene) or images and `.txt` files side by side; each `.txt` holds lines
-    `QUESTION<TAB>Yes|No` about the image with the same stem."""
-    categories = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")
-                        and d.name != "eval_tool")
+    """`MME_Benchmark_release_version/<category>/` (or one category directory): either `images/` +
+    `questions_answers_YN/` (artwork, celebrity, landmark, posters, scene) or images and `.txt` files side by side;
+    each `.txt` holds lines `QUESTION<TAB>Yes|No` about the image with the same stem. A category without
+    questions is an error, not skipped."""
     items: list[Item] = []
-    for category in categories:
-        qa_dir = category / "questions_answer_YN"
+    for category in _mme_categories(path):
+        found = len(items)
+        qa_dir = category / MME_QA_DIR
         image_dir = category / "images" if qa_dir.is_dir() else category
         text_dir = qa_dir if qa_dir.is_dir() else category
         for txt in sorted(text_dir.glob("*.txt")):
-            image = next((image_dir / f"{txt.stem}{ext}" for ext in IMAGE_EXTENSIONS
-                          if (image_dir / f"{txt.stem}{ext}").is_file()), None)
+            image = _first_file([image_dir / f"{txt.stem}{ext}" for ext in IMAGE_EXTENSIONS])
             for number, line in enumerate(read_text(txt).splitlines(), 1):
                 if not line.strip():
                     continue
@@ -46,10 +46,23 @@ def load_mme(path: Path, limit: int | None) -> list[Item]:
                     raise DataError(f"{txt}:{number}: no image {txt.stem}.jpg/.png in {image_dir}")
                 items.append(Item(f"{category.name}/{txt.stem}/{number}",
                                   Query(question.strip(), images=[str(image)], max_new_tokens=8),
-                                  answer.lower(), {"category": category.name, "image": txt.stem}))
-    if not items:
-        raise DataError(f"{path}: no MME category directories with question files")
+                                  answer.lower(), {"category": category.name, "image": txt.stem},
+                                  f"{txt}:{number}"))
+        if len(items) == found:
+            raise DataError(f"{category}: no MME questions (expected {MME_QA_DIR}/*.txt beside images/, or .txt "
+                            "files beside the images, with lines QUESTION<TAB>Yes|No)")
     return take(items, limit)
+
+
+def _mme_categories(path: Path) -> list[Path]:
+    """`path` itself when it is one category (it holds `questions_answers_YN/` or no subdirectory), else every
+    subdirectory but `eval_tool/`, hidden ones and `__MACOSX/` (left by macOS archives)."""
+    if path.is_file() or path.name in (MME_QA_DIR, "images"):
+        raise DataError(f"{path}: expected {MME.layout} or one category directory")
+    subdirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith((".", "__")))
+    if (path / MME_QA_DIR).is_dir() or not subdirs:
+        return [path]
+    return [d for d in subdirs if d.name != "eval_tool"]
 
 
 def score_mme(items: Sequence[Item], answers: Sequence[Answer]) -> tuple[dict[str, Any], list[bool | None]]:
@@ -91,8 +104,10 @@ OCRBENCH_GROUPS = {
 
 def load_ocrbench(path: Path, limit: int | None) -> list[Item]:
     """`OCRBench.json`: `[{"dataset_name", "id", "image_path", "question", "answers", "type"}]`, images under
-    `OCRBench_Images/` beside it (or beside the JSON)."""
+    `OCRBench_Images/` (or directly) beside the JSON or in the `--data` folder (the repository's layout:
+    `OCRBench/OCRBench.json` and `OCRBench_Images/` side by side)."""
     json_path = find_file(path, ["OCRBench.json"], "OCRBench.json and OCRBench_Images/")
+    bases = list(dict.fromkeys([json_path.parent, *([path] if path.is_dir() else [])]))
     doc = JsonItems(json_path)
     items = []
     for keys, entry in doc.items():
@@ -101,12 +116,13 @@ def load_ocrbench(path: Path, limit: int | None) -> list[Item]:
         answers = doc.field(entry, keys, "answers", (str, list))
         kind = doc.field(entry, keys, "type")
         dataset = doc.field(entry, keys, "dataset_name")
-        image = _first_file([json_path.parent / "OCRBench_Images" / image_path, json_path.parent / image_path])
+        image = _first_file([p for base in bases for p in (base / "OCRBench_Images" / image_path, base / image_path)])
         if image is None:
-            raise doc.error(keys, f"image not found: {image_path} (looked in OCRBench_Images/ and beside the JSON)")
+            raise doc.error(keys, f"image not found: {image_path} (looked in OCRBench_Images/ and directly in "
+                            f"{' and '.join(str(b) for b in bases)})")
         references = [answers] if isinstance(answers, str) else [str(a) for a in answers]
         items.append(Item(str(entry.get("id", keys[-1])), Query(question, images=[str(image)], max_new_tokens=64),
-                          references, {"type": kind, "dataset": dataset}))
+                          references, {"type": kind, "dataset": dataset}, json_origin(doc, keys)))
         if limit is not None and len(items) >= limit:
             break
     return items
@@ -168,7 +184,7 @@ def load_hallusionbench(path: Path, limit: int | None) -> list[Item]:
             images = [str(image)]
         item_id = "_".join(fields[k] for k in ("category", "subcategory", "set_id", "figure_id", "question_id"))
         items.append(Item(item_id, Query(question + HALLUSION_SUFFIX, images=images, max_new_tokens=8),
-                          "yes" if truth == "1" else "no", fields))
+                          "yes" if truth == "1" else "no", fields, json_origin(doc, keys)))
         if limit is not None and len(items) >= limit:
             break
     return items
@@ -225,7 +241,7 @@ def load_videomme(path: Path, limit: int | None) -> list[Item]:
         text = f"<video>\n{row['question']}\n" + "\n".join(options) + "\n" + VIDEOMME_PROMPT
         info = {"duration": str(row.get("duration", "")), "task_type": str(row.get("task_type", ""))}
         items.append(Item(str(row.get("question_id", row["videoID"])),
-                          Query(text, video=str(video), max_new_tokens=8), answer, info))
+                          Query(text, video=str(video), max_new_tokens=8), answer, info, locate))
         if limit is not None and len(items) >= limit:
             break
     return items
@@ -249,7 +265,7 @@ def _videomme_rows(table: Path) -> list[tuple[Callable[[], str], dict]]:
     for keys, row in doc.items():
         if not isinstance(row, dict):
             raise doc.error(keys, "must be an object")
-        out.append((lambda keys=keys: str(doc.error(keys, "")).rstrip(": "), row))
+        out.append((json_origin(doc, keys), row))
     return out
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from av.audio.stream import AudioStream
 from av.container import InputContainer
 
-from vita.errors import InvalidInputError
+from vita.errors import InvalidInputError, ffmpeg_reason
 from vita.model.config import AudioConfig
 from vita.v1.media_pb2 import Audio
 
@@ -215,7 +215,7 @@ def _decode_with_av(data: bytes) -> tuple[torch.Tensor, int]:
             stream = container.streams.audio[0]
             chunks, rate = _float_chunks(_decoded_frames(container, stream))
     except av.FFmpegError as e:  # FFmpeg's reason, without its errno and '<none>' file name
-        reason = (e.strerror or type(e).__name__).strip().rstrip(".")
+        reason = ffmpeg_reason(e)
         raise InvalidInputError(f"not a decodable audio file (WAV, FLAC, MP3, Ogg, AAC/M4A, ...); FFmpeg: "
                                 f"{reason[:1].lower()}{reason[1:]}") from None
     if not chunks:

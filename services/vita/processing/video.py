@@ -19,7 +19,7 @@ from av.container import InputContainer
 from av.video.stream import VideoStream
 from PIL import Image
 
-from vita.errors import InvalidInputError
+from vita.errors import InvalidInputError, ffmpeg_reason
 from vita.model.config import VisionConfig
 from vita.processing.image import load_image, to_pixel_values
 
@@ -73,7 +73,19 @@ def decode_video(source: bytes | str | Path) -> VideoClip:
         with _open(source) as container:  # the packet scan consumed the demuxer; reopening beats seeking
             return _sample(container, _video_stream(container), duration)
     except av.FFmpegError as e:
-        raise InvalidInputError(f"video could not be decoded: {e}") from None
+        raise InvalidInputError(f"video could not be decoded: {ffmpeg_reason(e)}") from None
+
+
+def check_video(source: bytes | str | Path) -> None:
+    """Opens a video and decodes its first frame, without sampling the clip: a quick check that `decode_video`
+    can read it (what `vita eval` runs over a benchmark's files before loading the model). InvalidInputError
+    otherwise, with the reason `decode_video` would give (an image as a video file, no video stream, no frame)."""
+    try:
+        with _open(source) as container:
+            if next(container.decode(_video_stream(container)), None) is None:
+                raise InvalidInputError("video has no frames")
+    except av.FFmpegError as e:
+        raise InvalidInputError(f"video could not be decoded: {ffmpeg_reason(e)}") from None
 
 
 def sample_frames(frames: Sequence[tuple[float, Image.Image]]) -> VideoClip:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from vita.errors import VitaError
+from vita.errors import VitaError, ffmpeg_reason
 from vita.training.sample import KINDS, ROLES, STATES, Sample
 
 IMAGE, VIDEO, AUDIO = "<image>", "<video>", "<audio>"
@@ -260,7 +260,7 @@ def _decode_range(file: str, begin: float, end: float | None) -> tuple[np.ndarra
                 if end is not None and t is not None and t > end:
                     break
     except av.FFmpegError as e:
-        raise DataError(f"{file}: cannot decode audio: {e}") from None
+        raise DataError(f"{file}: cannot decode audio: {ffmpeg_reason(e)}") from None
     except OSError as e:
         raise DataError(f"{file}: cannot read audio: {e.strerror}") from None
     if not chunks:
