@@ -289,6 +289,12 @@ def _train(args: argparse.Namespace) -> None:
     main(args)
 
 
+def _data(args: argparse.Namespace) -> None:
+    from vita.training.data_cli import main
+
+    main(args)
+
+
 def _pretrain_vision(args: argparse.Namespace) -> None:
     import json
 
@@ -546,6 +552,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("data", help="turn a public corpus (LLaVA, WenetSpeech, GigaSpeech, WavCaps) into a JSONL "
+                       "manifest; check manifests before a run",
+                       description="`convert`: a corpus file in its published layout -> a JSONL manifest a stage "
+                                   "config lists under data.manifests (docs/training.md, 'Data'). `check`: every "
+                                   "line read and every medium decoded once, as a stage will; bad data is one line "
+                                   "naming the file and line (exit 2).")
+    from vita.training.data_cli import add_arguments as add_data_arguments
+
+    add_data_arguments(p)
+    p.set_defaults(func=_data)
 
     p = sub.add_parser("pretrain-vision", help="tiny runs: train the vision encoder on rendered pictures, the "
                        "stand-in for a pretrained InternViT (stage 2 vision loads it: init.vision_encoder)",

@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vita.errors import InvalidInputError
 from vita.eval.answer import Answer, Answerer, Query, as_answer
-from vita.training.data import DataError, JsonItems
+from vita.training.data import DataError, JsonItems, check_medium
 
 
 @dataclass
@@ -108,32 +107,9 @@ def check_media(items: Sequence[Item], name: str = "", *, progress: bool = False
         todo = tqdm(todo, desc=f"{name} media".strip(), unit="file", leave=False, delay=1.0)
     for (kind, ref), item in todo:
         try:
-            _MEDIA_CHECKS[kind](ref)
-        except (InvalidInputError, DataError) as e:
-            file = ref.rsplit("#t=", 1)[0]
-            raise DataError(f"{item.where()}: {ref}: {str(e).removeprefix(f'{file}: ')}") from None
-
-
-def _check_image(path: str) -> None:
-    from vita.processing.image import load_image
-
-    load_image(path)
-
-
-def _check_audio(ref: str) -> None:
-    from vita.training.data import load_audio_ref
-
-    load_audio_ref(ref)
-
-
-def _check_video(path: str) -> None:
-    from vita.processing.video import check_video
-
-    check_video(path)
-
-
-_MEDIA_CHECKS: dict[str, Callable[[str], None]] = {"image": _check_image, "audio": _check_audio,
-                                                   "video": _check_video}
+            check_medium(kind, ref)
+        except DataError as e:
+            raise DataError(f"{item.where()}: {e}") from None
 
 
 def ask(benchmark: Benchmark, items: list[Item], data: str, answerer: Answerer, *,

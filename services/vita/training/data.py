@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from vita.errors import VitaError, ffmpeg_reason
+from vita.errors import InvalidInputError, VitaError, ffmpeg_reason
 from vita.training.sample import KINDS, ROLES, STATES, Sample
 
 IMAGE, VIDEO, AUDIO = "<image>", "<video>", "<audio>"
@@ -235,6 +235,22 @@ def load_audio_ref(ref: str, *, target_rate: int = 16000) -> np.ndarray:
     import torch
 
     return resample(torch.from_numpy(samples), rate, target_rate).clamp_(-1, 1).numpy()
+
+
+def check_medium(kind: str, ref: str) -> None:
+    """Decodes one medium as the model will read it, to find bad data before a long run: an image, an audio file
+    or `#t=` range of one (`kind` "audio"), a video (opened, its first frame decoded). DataError `REF: reason`."""
+    from vita.processing.image import load_image
+    from vita.processing.video import check_video
+
+    checks = {"image": load_image, "audio": load_audio_ref, "video": check_video}
+    if kind not in checks:
+        raise ValueError(f"unknown medium {kind!r}; expected one of {', '.join(checks)}")
+    try:
+        checks[kind](ref)
+    except (InvalidInputError, DataError) as e:
+        file = _split_fragment(ref)[0]
+        raise DataError(f"{ref}: {str(e).removeprefix(f'{file}: ')}") from None
 
 
 def _decode_range(file: str, begin: float, end: float | None) -> tuple[np.ndarray, int]:

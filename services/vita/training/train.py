@@ -27,6 +27,9 @@ def load_samples(config: StageConfig) -> list[Sample]:
     samples: list[Sample] = []
     for manifest in config.data.manifests:
         samples += read_manifest(Path(manifest)) * config.data.repeat.get(Path(manifest).name, 1)
+    if not samples:
+        raise ConfigError(f"the stage's manifests hold no samples ({', '.join(map(str, config.data.manifests))}; "
+                          "data.repeat of 0 counts as none)")
     return samples
 
 
