@@ -453,11 +453,13 @@ def test_agieval_choice_multi_answer_and_cloze(tmp_path: Path) -> None:
         {"passage": None, "question": "下列说法正确的是", "options": ["(A)甲", "(B)乙", "(C)丙", "(D)丁"],
          "label": ["A", "C"], "answer": None}])
     _jsonl(tmp_path / "data" / "v1" / "math.jsonl", [
-        {"passage": None, "question": "What is $1+1$?", "options": None, "label": None, "answer": "2"}])
-    answers = {"Seven books are ...": "E", "下列说法正确的是": "A, C", "What is $1+1$?": "3"}
+        {"passage": None, "question": "What is $1+1$?", "options": None, "label": None, "answer": "2"},
+        {"passage": None, "question": "Half of one?", "options": None, "label": None, "answer": "\\frac{1}{2}"}])
+    answers = {"Seven books are ...": "E", "下列说法正确的是": "A, C", "What is $1+1$?": "3",
+               "Half of one?": "The answer is $\\boxed{0.5}$."}
     result = run(get("agieval"), tmp_path / "data" / "v1", lambda q: answers[q.text.split("\n")[0]])
-    assert [i["correct"] for i in result.items] == [True, True, False]  # sorted by file: gaokao, lsat, math
-    assert result.metrics["accuracy"] == pytest.approx(2 / 3) and result.metrics["task/math"] == 0.0
+    assert [i["correct"] for i in result.items] == [True, True, False, True]  # by file: gaokao, lsat, math
+    assert result.metrics["accuracy"] == pytest.approx(3 / 4) and result.metrics["task/math"] == 0.5
 
 
 def test_agieval_repository_data_folder_holds_two_versions(tmp_path: Path) -> None:

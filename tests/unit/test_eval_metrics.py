@@ -10,6 +10,7 @@ from vita.eval.metrics import (
     extract_choice,
     extract_yes_no,
     last_number,
+    math_match,
     normalize,
     word_error_rate,
 )
@@ -69,3 +70,18 @@ def test_numbers() -> None:
     assert gsm8k_prediction("so she has 18 dollars") == "18"
     assert gsm8k_prediction("#### 1,000 (from 3 boxes)") == "1000"  # the number right after the last ####
     assert gsm8k_prediction("#### about 5, maybe 6") == "6"  # no number right after it: the last one
+
+
+@pytest.mark.parametrize(("prediction", "reference", "match"), [
+    ("The answer is $\\boxed{0.5}$", "\\frac{1}{2}", True),  # AGIEval math: worked answers, LaTeX references
+    ("The answer is 2.", "2", True),
+    ("so $x = 3$", "3", True),
+    ("\\frac{3}{4}", "$\\frac{3}{4}$", True),
+    ("(1,2)", "(1, 2)", True),
+    ("红色", "红色", True),  # not mathematics: equal as text
+    ("so 11", "12", False),
+    ("北京", "上海", False),
+])
+def test_math_match_compares_answers_as_mathematics(prediction: str, reference: str, match: bool) -> None:
+    """A user's try (2026-12-04): AGIEval's cloze answers were compared as exact text, `The answer is 2.` wrong."""
+    assert math_match(prediction, reference) is match

@@ -24,6 +24,24 @@ def exact_match(prediction: str, reference: str) -> bool:
     return normalize(prediction) == normalize(reference)
 
 
+def math_match(prediction: str, reference: str) -> bool:
+    """A free-form mathematical answer against the reference: equal as text (`normalize`), or as mathematics by
+    Hugging Face's math-verify (what lighteval and open-r1 grade MATH with): the prediction's final answer
+    (`\\boxed{}`, "the answer is ...", else its last expression) parsed and compared symbolically, so `0.5`,
+    `\\frac{1}{2}` and `$\\boxed{1/2}$` all match `\\frac12`. math-verify bounds its work with SIGALRM, which only
+    the main thread may use: elsewhere it runs without its time limit."""
+    if exact_match(prediction, reference):
+        return True
+    import threading
+
+    from math_verify import parse, verify
+
+    limit = 5 if threading.current_thread() is threading.main_thread() else None
+    gold = parse(reference if "$" in reference or "\\boxed" in reference else f"${reference}$",
+                 parsing_timeout=limit)
+    return bool(gold) and verify(gold, parse(prediction, parsing_timeout=limit), timeout_seconds=limit)
+
+
 def asr_normalize(text: str) -> str:
     """For WER: lower case, punctuation dropped (apostrophes inside words kept), one space between words."""
     text = unicodedata.normalize("NFKC", text).lower()

@@ -13,7 +13,7 @@ from typing import Any
 
 from vita.eval.answer import Answer, Query
 from vita.eval.core import Benchmark, Item, find_file, grouped_accuracy
-from vita.eval.metrics import CHOICE_LETTERS, accuracy, extract_choice, last_number, normalize
+from vita.eval.metrics import CHOICE_LETTERS, accuracy, extract_choice, last_number, math_match
 from vita.training.data import DataError, load_json, read_text
 
 CHOICE_TOKENS = 8
@@ -226,7 +226,7 @@ def score_agieval(items: Sequence[Item], answers: Sequence[Answer]) -> tuple[dic
         if item.info["type"] == "choice":
             correct.append(_letters(answer.text, item.info["options"]) == item.reference)
         else:
-            correct.append(normalize(answer.text) == normalize(item.reference))
+            correct.append(math_match(answer.text, item.reference))
     metrics: dict[str, Any] = {"accuracy": accuracy(correct)}
     metrics.update({f"task/{k}": v for k, v in grouped_accuracy(items, correct, "task").items()})
     return metrics, correct
