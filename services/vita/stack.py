@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from vita.errors import PortInUse, VitaError, one_line
 from vita.paths import vita_home
 from vita.runtime.ports import free_port
+from vita.runtime.redis_client import redacted
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +44,19 @@ def duplex_model_dir() -> Path:
 
 
 def redis_answers(url: str) -> bool:
+    """Whether a Redis answers at `url`. StackError when one answers but refuses the URL's login (a wrong or
+    missing password, an unknown user): starting another redis-server there would not help."""
     import redis
 
     try:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError,
+            redis.exceptions.NoPermissionError) as e:
+        if urlsplit(url).password is None:
+            raise StackError(f"the Redis at {redacted(url)} needs a password: give --redis "
+                             "redis://:PASSWORD@HOST:PORT/DB (or redis://USER:PASSWORD@...)") from None
+        raise StackError(f"the Redis at {redacted(url)} refused the login ({one_line(e)[:120]}): give --redis "
+                         "the right user and password (redis://USER:PASSWORD@HOST:PORT/DB)") from None
     except redis.RedisError:
         return False
 
@@ -61,26 +72,38 @@ def delete_prefix(prefix: str, url: str = "redis://127.0.0.1:6379/0") -> None:
             r.delete(*keys)
 
 
+def port_free(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:`port` now. SO_REUSEADDR, as servers bind, so a port left in TIME_WAIT
+    by a stack just stopped counts as free; no SO_REUSEPORT, so a gRPC listener (which sets it) does not."""
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def ensure_redis(url: str = "redis://127.0.0.1:6379/0") -> None:
     """Starts a throw-away redis-server (no persistence) on `url`'s loopback port when nothing answers at `url`.
     Raises StackError when none answers and none can be started there (not a loopback address, no redis-server)."""
-    from urllib.parse import urlsplit
-
     if redis_answers(url):
         return
     parts = urlsplit(url)
     if parts.scheme != "redis" or parts.hostname not in ("127.0.0.1", "localhost", "::1"):
-        raise StackError(f"no Redis answers at {url} (only a plain redis:// URL on this machine's loopback is "
+        raise StackError(f"no Redis answers at {redacted(url)} (only a plain redis:// URL on this machine's loopback is "
                          "started here: start that Redis, or give --redis a reachable one)")
     if shutil.which("redis-server") is None:
-        raise StackError(f"no Redis answers at {url} and redis-server is not installed")
+        raise StackError(f"no Redis answers at {redacted(url)} and redis-server is not installed")
     subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port",
                     str(parts.port or 6379), "--save", "", "--appendonly", "no"], check=True, capture_output=True)
     for _ in range(50):
         if redis_answers(url):
             return
         time.sleep(0.1)
-    raise StackError(f"started redis-server but nothing answers at {url}")
+    raise StackError(f"started redis-server but nothing answers at {redacted(url)}")
 
 
 @dataclass
@@ -127,8 +150,9 @@ class LocalStack:
         """Encoders and both LLM pools first; the orchestrator last (its port is the stack's address)."""
         log_dir = Path(self.log_dir or vita_home() / "logs")
         log_dir.mkdir(parents=True, exist_ok=True)
-        common = ["--model", self.model_dir, "--redis", self.redis_url, "--prefix", self.prefix,
-                  "--reclaim-idle-ms", str(self.reclaim_idle_ms)]
+        # The Redis URL reaches the services in their environment (VITA_REDIS_URL, `_spawn`), never on their
+        # command lines, which every user of the machine can read (ps) and which may hold its password.
+        common = ["--model", self.model_dir, "--prefix", self.prefix, "--reclaim-idle-ms", str(self.reclaim_idle_ms)]
         specs = [
             ("audio-encoder", [sys.executable, "-m", "vita.encoders", "audio-encoder"]),
             ("vision-encoder", [sys.executable, "-m", "vita.encoders", "vision-encoder"]),
@@ -180,8 +204,8 @@ class LocalStack:
 
     def _spawn(self, service: ServiceProcess) -> None:
         with open(service.log_path, "ab") as log:
-            proc = subprocess.Popen(service.argv, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            proc = subprocess.Popen(service.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1", "VITA_REDIS_URL": self.redis_url})
         service.pid = proc.pid
 
     def start(self, timeout_s: float = 120.0, attempts: int = 3) -> LocalStack:
@@ -189,6 +213,11 @@ class LocalStack:
         the processes bind them, so another program may take one meanwhile: a service that then exits with
         PortInUse restarts the whole stack on fresh ports, up to `attempts` times. Raises StackError."""
         ensure_redis(self.redis_url)
+        for port, what in ((self.orchestrator_port, "the orchestrator's port (vita up --port)"),
+                           (self.realtime_port if self.realtime else 0, "the realtime port (vita up --realtime-port)")):
+            if port and not port_free(port):
+                raise StackError(f"cannot listen on 127.0.0.1:{port}, {what}: {PortInUse.MARK}; pick another, or "
+                                 "stop what listens there")
         attempt = 0
         while True:
             attempt += 1
@@ -235,8 +264,13 @@ class LocalStack:
         self.stop()
 
     def save(self, path: Path) -> None:
+        """The stack's state for `vita down`, readable by its owner alone (0600): it holds the Redis URL, which
+        may carry a password."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # an older state file written 0644 too
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, path: Path) -> LocalStack:

@@ -321,3 +321,64 @@ def test_help_derives_the_presets_and_states_the_barge_in_switch(capsys):
     assert f"preset name: {', '.join(PRESETS)}" in out and "tiny-224" in out
     assert "--barge-in-max-ms BARGE_IN_MAX_MS Converse: speech up to this long" in out
     assert "(-1 or 0: the rule off;" in out
+
+
+@pytest.mark.parametrize("password", ["wrong", ""])
+def test_up_against_a_redis_that_refuses_the_login_says_so_and_hides_the_password(capsys, tmp_path, monkeypatch,
+                                                                                  password):
+    """An operator's try (2026-12-04): `vita up --redis redis://:wrong@...` against a Redis with a password said
+    "started redis-server but nothing answers at redis://:wrong@..." (the password printed, the cause wrong)."""
+    import redis
+
+    from vita.stack import RedisServer
+
+    monkeypatch.setenv("VITA_HOME", str(tmp_path / "home"))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    server = RedisServer(str(tmp_path / "redis"), args=("--requirepass", "s3cret"))
+    server.probe = lambda: redis.Redis(port=server.port, password="s3cret").ping()
+    with server:
+        url = f"redis://:{password}@127.0.0.1:{server.port}/0" if password else server.url
+        status, err = run(capsys, "up", "--model", str(tmp_path / "model"), "--redis", url)
+    assert status == cli.EXIT_FAILED
+    line = one_line(err)
+    assert f"the Redis at redis://{':***@' if password else ''}127.0.0.1:{server.port}/0 " in line
+    assert ("refused the login" if password else "needs a password") in line
+    assert "wrong" not in line and "started redis-server" not in line
+
+
+def test_up_on_a_taken_port_fails_at_once_naming_the_flag(capsys, tmp_path, monkeypatch):
+    """An operator's try (2026-12-04): with --port taken, `vita up` loaded every model three times ("a port was
+    taken meanwhile; starting again on other ports", though the port is fixed) and then failed with a log line."""
+    import socket
+
+    monkeypatch.setenv("VITA_HOME", str(tmp_path / "home"))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        status, err = run(capsys, "up", "--model", str(tmp_path / "model"), "--port", str(port))
+    assert status == cli.EXIT_FAILED
+    assert one_line(err) == (f"vita up: error: cannot listen on 127.0.0.1:{port}, the orchestrator's port (vita up "
+                             "--port): the port is in use; pick another, or stop what listens there")
+    assert not (tmp_path / "home" / "stack.json").exists()
+
+
+def test_the_redis_password_is_on_no_command_line_and_the_state_file_is_private(tmp_path):
+    """An operator's try (2026-12-04): every service of `vita up` got `--redis redis://:secret@...` on its command
+    line (readable by every user with ps) and stack.json, which holds it, was written 0644."""
+    import stat
+
+    from vita.stack import LocalStack
+
+    stack = LocalStack(model_dir="m", redis_url="redis://:s3cret@127.0.0.1:6390/0", log_dir=str(tmp_path),
+                       realtime=True)
+    stack.services = stack.plan()
+    assert not [s.name for s in stack.services if "s3cret" in " ".join(s.argv) or "--redis" in s.argv]
+    state = tmp_path / "stack.json"
+    state.write_text("{}")
+    state.chmod(0o644)  # an older state file
+    stack.save(state)
+    assert stat.S_IMODE(state.stat().st_mode) == 0o600 and LocalStack.load(state).redis_url == stack.redis_url
