@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from vita.errors import VitaError, one_line
+from vita.errors import InvalidInputError, VitaError, one_line
 from vita.usage import EXIT_USAGE, ArgumentParser
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 3, 130
@@ -225,19 +225,25 @@ def _add_connection_args(p: argparse.ArgumentParser, target: str | None = "127.0
 
 def _ask(args: argparse.Namespace) -> None:
     from vita.client import build_request
+    from vita.v1.assistant_pb2 import Completed
 
+    if not args.timeout > 0:
+        raise InvalidInputError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
     request = build_request(args.text or "", images=args.image or [], video=args.video, audio=args.audio or [],
-                            max_tokens=args.max_tokens, temperature=args.temperature)
-    with _connect(args) as client:
+                            max_tokens=args.max_tokens or 0, temperature=args.temperature)
+    with _connect(args, timeout_s=args.timeout) as client:
         for response in client.generate(request):
             if response.HasField("delta"):
                 sys.stdout.write(response.delta.text)
                 sys.stdout.flush()
             else:
                 c = response.completed
-                print(f"\n[{c.usage.prompt_tokens} prompt tokens, {c.usage.completion_tokens} generated, first "
-                      f"token {c.timings.time_to_first_token_s * 1000:.0f} ms, total {c.timings.total_s:.2f} s]",
-                      file=sys.stderr)
+                reason = Completed.FinishReason.Name(c.finish_reason).lower()
+                cut = {"length": " (cut at max_tokens: raise --max-tokens)",
+                       "context_length": " (cut: the context is full)"}.get(reason, "")
+                print(f"\n[{reason}{cut}; {c.usage.prompt_tokens} prompt tokens, {c.usage.completion_tokens} "
+                      f"generated, first token {c.timings.time_to_first_token_s * 1000:.0f} ms, total "
+                      f"{c.timings.total_s:.2f} s]", file=sys.stderr)
 
 
 def _converse(args: argparse.Namespace) -> int:
@@ -485,8 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", help="image file (repeatable)")
     p.add_argument("--video", help="video file")
     p.add_argument("--audio", action="append", help="audio file (WAV, FLAC, MP3, Ogg, AAC/M4A, ...; repeatable)")
-    p.add_argument("--max-tokens", type=_TOKENS, default=64)
+    p.add_argument("--max-tokens", type=_TOKENS, default=None,
+                   help="cap on the answer's tokens (default: the server's default_max_tokens, which `vita "
+                        "model-info --target` shows)")
     p.add_argument("--temperature", type=_TEMPERATURE, default=0.0)
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds to wait for the whole answer before giving up (default: %(default)s)")
     p.set_defaults(func=_ask)
 
     p = sub.add_parser("converse", help="a duplex voice session with a running stack: stream WAV files as a "

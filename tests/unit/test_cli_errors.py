@@ -42,6 +42,7 @@ def closed_port() -> int:
         (["generate", "--max-tokens", "many"], "argument --max-tokens: 'many' is not an integer"),
         (["generate", "--max-tokens", "0"], "0 is outside [1, 2147483647]"),
         (["ask", "--max-tokens", "99999999999"], "99999999999 is outside"),
+        (["ask", "--text", "hi", "--timeout", "0"], "--timeout must be a number of seconds > 0, got 0.0"),
         (["generate", "--top-p", "0"], "argument --top-p: 0.0 is outside (0.0, 1.0]"),
         (["generate", "--temperature", "-1"], "argument --temperature"),
         (["generate", "--temperature", "nan"], "argument --temperature"),
@@ -382,3 +383,10 @@ def test_the_redis_password_is_on_no_command_line_and_the_state_file_is_private(
     state.chmod(0o644)  # an older state file
     stack.save(state)
     assert stat.S_IMODE(state.stat().st_mode) == 0o600 and LocalStack.load(state).redis_url == stack.redis_url
+
+
+def test_ask_leaves_the_answer_length_to_the_server_unless_told():
+    """An operator's try (2026-12-04): `vita ask` sent max_tokens 64 unasked while the server's default is 256, so
+    answers stopped mid-sentence; now 0 (the server's default_max_tokens) unless --max-tokens is given."""
+    assert cli.build_parser().parse_args(["ask"]).max_tokens is None
+    assert cli.build_parser().parse_args(["ask", "--max-tokens", "8"]).max_tokens == 8
