@@ -30,7 +30,7 @@ EXIT_STATUSES = f"""exit status:
        the context, a model directory that does not load; `vita serve`: a service that cannot start (Redis
        unreachable, its port in use)
   {EXIT_INTERNAL}    an internal error (a bug): one line; set VITA_TRACEBACK=1 to print the traceback
-  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); `vita serve` takes Ctrl-C as SIGTERM: it drains and exits 0"""
 
 
 def _model_info(args: argparse.Namespace) -> None:
