@@ -193,7 +193,8 @@ def _down(args: argparse.Namespace) -> int:
     if not stack.running():
         path.unlink(missing_ok=True)
         print(f"no stack process was running (pids from {path}, now removed): nothing to stop")
-        return EXIT_OK
+        return _purge(args, stack) if args.purge else EXIT_OK
+    running = len(stack.running())
     left = stack.stop()
     if left:
         names = ", ".join(f"{s.name} (pid {s.pid})" for s in left)
@@ -201,7 +202,24 @@ def _down(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_FAILED
     path.unlink(missing_ok=True)
-    print(f"stack stopped ({len(stack.services)} processes; state {path} removed)")
+    print(f"stack stopped ({running} processes; state {path} removed)")
+    return _purge(args, stack) if args.purge else EXIT_OK
+
+
+def _purge(args: argparse.Namespace, stack) -> int:
+    """Deletes the stopped stack's keys (`vita down --purge`); a Redis that cannot do it is status 1."""
+    import redis
+
+    from vita.runtime.redis_client import redacted
+    from vita.stack import delete_prefix
+
+    try:
+        delete_prefix(stack.prefix, stack.redis_url)
+    except redis.RedisError as e:
+        print(f"{args.command_name}: error: the stack's keys ({stack.prefix}:*) could not be deleted at "
+              f"{redacted(stack.redis_url)}: {one_line(e)}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"deleted its keys in Redis ({stack.prefix}:*)")
     return EXIT_OK
 
 
@@ -483,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "exits 0, so it can be run any number of times. Exit status 1: a process still "
                                    "alive after SIGKILL (the state file is kept); 2: a state file that cannot be "
                                    "read.")
+    p.add_argument("--purge", action="store_true",
+                   help="also delete the stack's keys in Redis (its --prefix: job streams, which keep no expiry, "
+                        "sessions, replies); without it they stay for the next `vita up` on the same prefix")
     p.set_defaults(func=_down)
 
     p = sub.add_parser("ask", help="send one request to a running stack and stream the answer")

@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,32 @@ def test_down_stops_the_stack_and_a_second_down_succeeds(capsys, tmp_path, monke
         assert (status, err) == (cli.EXIT_OK, "") and one_line(out).startswith("no stack is up: nothing to stop")
     finally:
         stack.stop(grace_s=0)
+
+
+def test_down_purge_deletes_the_stacks_keys_and_counts_only_what_ran(capsys, tmp_path, monkeypatch, redis_prefix):
+    """An operator's try (2026-12-04): `vita down` left the stack's job streams (no expiry) and its other keys
+    (149 after one try), and "stack stopped (6 processes" counted processes that had already exited."""
+    import redis
+
+    monkeypatch.setenv("VITA_HOME", str(tmp_path))
+    stack = saved_stack(tmp_path, "import time; time.sleep(60)", "pass")
+    stack.prefix = redis_prefix
+    stack.save(tmp_path / "stack.json")
+    r = redis.Redis.from_url(stack.redis_url)
+    r.xadd(f"{redis_prefix}:jobs:{{llm:generator}}", {"job": b"x"})
+    r.set(f"{redis_prefix}x:other", 1)  # another prefix that merely starts the same: kept
+    try:
+        while len(stack.running()) > 1:  # the "pass" service exits
+            time.sleep(0.02)
+        status = cli.main(["down", "--purge"])
+        out, err = capsys.readouterr()
+        assert (status, err) == (cli.EXIT_OK, "")
+        assert out.splitlines() == [f"stack stopped (1 processes; state {tmp_path / 'stack.json'} removed)",
+                                    f"deleted its keys in Redis ({redis_prefix}:*)"]
+        assert not list(r.scan_iter(match=f"{redis_prefix}:*")) and r.get(f"{redis_prefix}x:other") == b"1"
+    finally:
+        stack.stop(grace_s=0)
+        r.delete(f"{redis_prefix}x:other")
 
 
 def test_down_with_only_exited_processes_removes_the_stale_state(capsys, tmp_path, monkeypatch):
