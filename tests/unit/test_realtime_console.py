@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import urllib.error
 import urllib.request
@@ -91,3 +92,26 @@ def test_unknown_and_escaping_paths_are_404(fetched):
     got, raw = fetched
     assert got["/console/nope.js"][0] == 404
     assert raw == {path: 404 for path in raw}
+
+
+def test_probes_of_healthz_are_not_logged(caplog):
+    """An operator's try (2026-12-04): every /healthz or /readyz request logged two info lines (websockets' "HTTP
+    response sent", "connection closed" with a connection object's repr): steady noise under Kubernetes probes."""
+
+    async def main():
+        stop = asyncio.Event()
+        server = RealtimeServer("127.0.0.1:9", port=0)
+        task = asyncio.create_task(server.serve(stop))
+        while not server.port:
+            await asyncio.sleep(0.01)
+        try:
+            for _ in range(3):
+                assert (await asyncio.to_thread(_get, server.port, "/healthz"))[0] == 200
+        finally:
+            stop.set()
+            await task
+
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(main())
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and "websockets" in r.name] == []
+    assert any(r.getMessage() == "serving" for r in caplog.records)  # the gateway's own lines still come

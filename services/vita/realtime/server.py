@@ -165,7 +165,7 @@ class RealtimeServer:
         try:
             listening = await serve(self._handle, self.host, self.port, process_request=self._process_request,
                                     select_subprotocol=self._select_subprotocol, max_size=MAX_MESSAGE_BYTES,
-                                    compression=None)
+                                    compression=None, logger=_WEBSOCKETS_LOG)
         except OSError as e:
             raise PortInUse.from_bind(e, f"listen on {self.host}:{self.port}") from None
         async with listening as server:
@@ -177,6 +177,13 @@ class RealtimeServer:
             server.close(close_connections=True)
             await server.wait_closed()
         await self.channel.close()
+
+
+# websockets' own log: warnings and errors only. At info it writes two lines per HTTP request ("HTTP response sent",
+# "connection closed"), which Kubernetes' probes of /healthz and /readyz turn into steady noise; sessions are
+# logged by this module ("session opened", "session closed").
+_WEBSOCKETS_LOG = logging.getLogger("vita.realtime.websockets")
+_WEBSOCKETS_LOG.setLevel(logging.WARNING)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
