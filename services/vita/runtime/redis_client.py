@@ -11,8 +11,13 @@ which follows the cluster's slot map; every multi-key command the services send 
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis, RedisCluster
@@ -22,6 +27,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from vita.errors import InvalidInputError, VitaError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -67,19 +74,52 @@ class RetryPolicy:
         if not (self.outage_s >= 0 and 0 < self.base_s <= self.cap_s):
             raise InvalidInputError(f"retry policy needs outage_s >= 0 and 0 < base_s <= cap_s; got {self}")
 
-    @property
-    def retries(self) -> int:
-        """How many retries sleep `outage_s` in all (each attempt's own time comes on top)."""
-        slept, delay, n = 0.0, self.base_s, 0
-        while slept < self.outage_s:
-            slept += delay
-            delay = min(self.cap_s, delay * 2)
-            n += 1
-        return n
+    def retry(self) -> OutageRetry:
+        return OutageRetry(self.outage_s, ExponentialBackoff(cap=self.cap_s, base=self.base_s))
 
-    def retry(self) -> Retry:
-        return Retry(ExponentialBackoff(cap=self.cap_s, base=self.base_s), self.retries,
-                     supported_errors=(RedisConnectionError, RedisTimeoutError, OSError))
+
+# The deadline of the outermost retrying call in this task (None outside one): see OutageRetry.
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("vita_redis_retry_deadline", default=None)
+
+
+class OutageRetry(Retry):
+    """redis-py's Retry bounded by time, `outage_s` from the first failure's call, shared by nested calls.
+
+    redis-py 8 retries a command (`execute_command`) and, inside each attempt, the connection's own connect
+    (`connect_check_health`) with the same Retry object. A policy bounded by a count multiplies there: a command
+    whose pooled connection Redis had closed retried its connect 33 times inside each of its 33 attempts, so the
+    first request after Redis died hung for minutes, past its client's deadline (an operator's try, 2026-12-04),
+    while later ones, whose connections were new, failed after 15 s. Here the outermost call sets the deadline and
+    every call nested in it (same task: a context variable) stops at that same moment, with the last error.
+    """
+
+    def __init__(self, outage_s: float, backoff: ExponentialBackoff) -> None:
+        super().__init__(backoff, -1, supported_errors=(RedisConnectionError, RedisTimeoutError, OSError))
+        self.outage_s = outage_s
+
+    async def call_with_retry(self, do: Callable[[], Awaitable[T]], fail: Callable[..., Any],
+                              is_retryable: Callable[[Exception], bool] | None = None,
+                              with_failure_count: bool = False) -> T:
+        deadline = _DEADLINE.get()
+        token = _DEADLINE.set(time.monotonic() + self.outage_s) if deadline is None else None
+        deadline = _DEADLINE.get()
+        try:
+            failures = 0
+            while True:
+                try:
+                    return await do()
+                except self._supported_errors as error:
+                    if is_retryable and not is_retryable(error):
+                        raise
+                    failures += 1
+                    await (fail(error, failures) if with_failure_count else fail(error))
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise error
+                    await asyncio.sleep(min(self._backoff.compute(failures), remaining))
+        finally:
+            if token is not None:
+                _DEADLINE.reset(token)
 
 
 def connect(settings: RedisSettings, *, socket_timeout: float | None = None,
