@@ -252,3 +252,13 @@ def test_a_server_error_is_logged_once_at_error(refused_orchestrator):
     assert errors[0]["code"] == "INTERNAL" and errors[0]["request_id"] == "mine"
     assert "the bus refused the orchestrator's Redis user" in errors[0]["msg"]
 
+
+
+def test_the_serving_line_names_the_bus_without_its_password(refused_orchestrator):
+    """An operator's try (2026-12-04): a hand-started worker's log did not say which bus (Redis, prefix) it had
+    joined. The "serving" line does, the password masked."""
+    text = Path(refused_orchestrator.log_path).read_text()
+    serving = [e for e in map(json.loads, text.splitlines()) if e.get("msg") == "serving"]
+    assert len(serving) == 1
+    assert serving[0]["redis"].startswith("redis://vita:***@127.0.0.1:") and serving[0]["prefix"] == "refused"
+    assert "bus-secret" not in text

@@ -92,7 +92,8 @@ async def serve(name: str, args: argparse.Namespace, build: Build, *, threads: i
             worker = service.worker
             server.install_signal_handlers(on_drain=worker.stop if worker is not None else None)
             log.info("serving", extra={"grpc_port": server.port, "model": str(model_dir), "tls": tls is not None,
-                                       "auth": access.tokens is not None, **service.log})
+                                       "auth": access.tokens is not None, "redis": redacted(args.redis),
+                                       "prefix": bus.prefix, **service.log})
             await (worker.run() if worker is not None else server.wait())
     finally:
         if server is not None:
