@@ -157,8 +157,9 @@ def _up(args: argparse.Namespace) -> int | None:
     if path.exists():
         raise VitaError(f"a stack is already up (state in {path}); run `vita down` first")
     if args.model is None:
-        print("model: the duplex fine-tune of the tiny model (trained on first use, then cached) ...")
-    model = str(check_model_dir(args.model)) if args.model else str(duplex_model_dir())
+        print("model: the duplex fine-tune of the tiny model (trained on first use, a few minutes on 2 CPU cores, "
+              "then cached) ...", flush=True)
+    model = str(check_model_dir(args.model)) if args.model else str(duplex_model_dir(progress=True))
     try:
         stack = LocalStack(model_dir=model, redis_url=args.redis, prefix=args.prefix, orchestrator_port=args.port,
                            metrics=True, realtime=True, realtime_port=args.realtime_port).start()

@@ -99,8 +99,8 @@ def duplex_model() -> str:
     """The tiny model after the duplex fine-tune (vita.training.duplex), built once and cached."""
     from vita.stack import duplex_model_dir
 
-    print("duplex fine-tune of the tiny model (cached after the first run) ...")
-    return str(duplex_model_dir())
+    print("duplex fine-tune of the tiny model (a few minutes the first time, then cached) ...", flush=True)
+    return str(duplex_model_dir(progress=True))
 
 
 def _forget(prefix: str, url: str) -> None:

@@ -35,12 +35,13 @@ class StackError(VitaError):
     """A service did not come up; the message holds the tail of its log."""
 
 
-def duplex_model_dir() -> Path:
+def duplex_model_dir(*, progress: bool = False) -> Path:
     """The tiny model fine-tuned for the duplex decisions, which `make demo` and `vita up` serve by default:
-    trained on first use (`vita.training.duplex`, a few minutes on 2 CPU cores), then cached in VITA_HOME."""
+    trained on first use (`vita.training.duplex`, a few minutes on 2 CPU cores; `progress`: its bar on stderr),
+    then cached in VITA_HOME."""
     from vita.training.duplex import build_duplex_checkpoint
 
-    return build_duplex_checkpoint()
+    return build_duplex_checkpoint(progress=progress)
 
 
 def redis_answers(url: str) -> bool:
