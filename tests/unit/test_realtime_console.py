@@ -45,21 +45,24 @@ def fetched():
              "/console/mic-worklet.js", "/console/nope.js", "/healthz"]
     raw = ["/console/../server.py", "/console/%2e%2e/server.py", "/console/.hidden.js", "/console/sub/x.js"]
 
-    async def main():
-        stop = asyncio.Event()
-        server = RealtimeServer("127.0.0.1:9", port=0)
-        task = asyncio.create_task(server.serve(stop))
-        while not server.port:
-            await asyncio.sleep(0.01)
-        try:
-            got = {p: await asyncio.to_thread(_get, server.port, p) for p in paths}
-            got_raw = {p: await asyncio.to_thread(_raw_get, server.port, p) for p in raw}
-            return got, got_raw
-        finally:
-            stop.set()
-            await task
+    def fetch(port: int):
+        return {p: _get(port, p) for p in paths}, {p: _raw_get(port, p) for p in raw}
 
-    return asyncio.run(main())
+    return asyncio.run(_with_gateway(fetch))
+
+
+async def _with_gateway(fetch):
+    """`fetch(port)` (in a thread) against a gateway served meanwhile, its orchestrator not even running."""
+    stop = asyncio.Event()
+    server = RealtimeServer("127.0.0.1:9", port=0)
+    task = asyncio.create_task(server.serve(stop))
+    while not server.port:
+        await asyncio.sleep(0.01)
+    try:
+        return await asyncio.to_thread(fetch, server.port)
+    finally:
+        stop.set()
+        await task
 
 
 def test_root_redirects_to_the_console_and_the_page_is_served(fetched):
@@ -98,20 +101,8 @@ def test_probes_of_healthz_are_not_logged(caplog):
     """An operator's try (2026-12-04): every /healthz or /readyz request logged two info lines (websockets' "HTTP
     response sent", "connection closed" with a connection object's repr): steady noise under Kubernetes probes."""
 
-    async def main():
-        stop = asyncio.Event()
-        server = RealtimeServer("127.0.0.1:9", port=0)
-        task = asyncio.create_task(server.serve(stop))
-        while not server.port:
-            await asyncio.sleep(0.01)
-        try:
-            for _ in range(3):
-                assert (await asyncio.to_thread(_get, server.port, "/healthz"))[0] == 200
-        finally:
-            stop.set()
-            await task
-
     with caplog.at_level(logging.DEBUG):
-        asyncio.run(main())
+        statuses = asyncio.run(_with_gateway(lambda port: [_get(port, "/healthz")[0] for _ in range(3)]))
+    assert statuses == [200, 200, 200]
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and "websockets" in r.name] == []
     assert any(r.getMessage() == "serving" for r in caplog.records)  # the gateway's own lines still come
