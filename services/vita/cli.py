@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from vita.errors import InvalidInputError, VitaError, one_line
-from vita.usage import EXIT_USAGE, ArgumentParser
+from vita.usage import EXIT_USAGE, ArgumentParser, int_in
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 3, 130
 DEFAULT_PRESET = "mixtral-8x7b"  # `vita model-info` without --preset or --target
@@ -372,14 +372,14 @@ def _stand_in_arguments(p: argparse.ArgumentParser, tower: str, items: str, *, s
     """The flags `pretrain-vision` and `pretrain-audio` share; the defaults are their configs' (`make train-tiny`)."""
     p.add_argument("--output", required=True, help="directory to write (model.safetensors, config.json, metrics.jsonl)")
     p.add_argument("--preset", default="tiny-224", help=f"model preset whose {tower} encoder to train (default: %(default)s)")
-    p.add_argument("--steps", type=_int_in(1, _INT32), default=steps, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=_int_in(1, 4096), default=batch_size, help=f"{items} per step (default: %(default)s)")
+    p.add_argument("--steps", type=int_in(1, _INT32), default=steps, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int_in(1, 4096), default=batch_size, help=f"{items} per step (default: %(default)s)")
     p.add_argument("--lr", type=_float_in(0.0, 1.0, open_low=True), default=lr,
                    help="peak AdamW learning rate, one-cycle schedule (default: %(default)s)")
-    p.add_argument("--seed", type=_int_in(0, _INT32), default=0, help="the encoder's initial weights (default: 0)")
-    p.add_argument("--data-seed", type=_int_in(0, _INT32), default=data_seed,
+    p.add_argument("--seed", type=int_in(0, _INT32), default=0, help="the encoder's initial weights (default: 0)")
+    p.add_argument("--data-seed", type=int_in(0, _INT32), default=data_seed,
                    help=f"the {items}' seed, not the curriculum's (default: %(default)s)")
-    p.add_argument("--threads", type=_int_in(1, 1024), default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int_in(1, 1024), default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--overwrite", action="store_true", help="train again even if OUTPUT holds these settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -393,20 +393,6 @@ def _text(value: str) -> str:
         byte = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"U+{char:04X}"
         raise argparse.ArgumentTypeError(f"not valid UTF-8 ({byte} at character {e.start}); pass UTF-8 text") from None
     return value
-
-
-def _int_in(low: int, high: int) -> Callable[[str], int]:
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-        if not low <= number <= high:
-            raise argparse.ArgumentTypeError(f"{number} is outside [{low}, {high}]")
-        return number
-
-    parse.__name__ = "integer"
-    return parse
 
 
 def _float_in(low: float, high: float, *, open_low: bool = False) -> Callable[[str], float]:
@@ -424,7 +410,7 @@ def _float_in(low: float, high: float, *, open_low: bool = False) -> Callable[[s
 
 
 _INT32 = 2**31 - 1
-_TOKENS = _int_in(1, _INT32)
+_TOKENS = int_in(1, _INT32)
 _TEMPERATURE = _float_in(0.0, 100.0)
 
 
@@ -453,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-tiny", help="write a tiny random-weight model + tokenizer directory for local runs")
     p.add_argument("--output", default=None, help="directory (default: $VITA_HOME/models/tiny)")
-    p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing directory")
     p.set_defaults(func=_init_tiny)
 
@@ -473,9 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=_TOKENS, default=64)
     p.add_argument("--temperature", type=_TEMPERATURE, default=0.0, help="0 means greedy")
     p.add_argument("--top-p", type=_float_in(0.0, 1.0, open_low=True), default=1.0)
-    p.add_argument("--top-k", type=_int_in(0, _INT32), default=0)
-    p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=None)
-    p.add_argument("--threads", type=_int_in(1, 1024), default=None,
+    p.add_argument("--top-k", type=int_in(0, _INT32), default=0)
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=None)
+    p.add_argument("--threads", type=int_in(1, 1024), default=None,
                    help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=_generate)
 
@@ -490,8 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "sessions, as `make demo` serves it; built on first use from the repository root)")
     p.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     p.add_argument("--prefix", default="vita", help="Redis key prefix of this stack's streams and sessions")
-    p.add_argument("--port", type=_int_in(1, 65535), default=50051, help="the orchestrator's (public API) port")
-    p.add_argument("--realtime-port", type=_int_in(1, 65535), default=8080,
+    p.add_argument("--port", type=int_in(1, 65535), default=50051, help="the orchestrator's (public API) port")
+    p.add_argument("--realtime-port", type=int_in(1, 65535), default=8080,
                    help="the OpenAI-Realtime WebSocket endpoint's port")
     p.set_defaults(func=_up)
 
@@ -531,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", help="image for the next answered turn (repeatable)")
     p.add_argument("--text", action="append", type=_text, help="a typed message, sent after the speech (repeatable)")
     p.add_argument("--session", help="resume this session id instead of starting a new one")
-    p.add_argument("--max-tokens", type=_int_in(0, _INT32), default=0, help="per answer (0: the server default)")
+    p.add_argument("--max-tokens", type=int_in(0, _INT32), default=0, help="per answer (0: the server default)")
     p.add_argument("--fast", action="store_true", help="send audio as fast as possible, not in real time")
     p.set_defaults(func=_converse)
 
@@ -547,11 +533,11 @@ def build_parser() -> argparse.ArgumentParser:
         b = benchmarks.add_parser(name, help=f"{name}: a local copy in its published layout")
         b.add_argument("--model", default=None, help="model directory (default: the tiny model)")
         b.add_argument("--data", required=True, help="the benchmark's local copy (file or directory)")
-        b.add_argument("--limit", type=_int_in(1, _INT32), default=None,
+        b.add_argument("--limit", type=int_in(1, _INT32), default=None,
                        help="only the first N questions (curriculum: N per manifest)")
         b.add_argument("--output", default=None, help="write metrics and every answer to this JSON file")
         b.add_argument("--max-tokens", type=_TOKENS, default=None, help="cap on each answer's length")
-        b.add_argument("--threads", type=_int_in(1, 1024), default=None, help="torch CPU threads")
+        b.add_argument("--threads", type=int_in(1, 1024), default=None, help="torch CPU threads")
         b.set_defaults(func=_eval)
     from vita.eval.duplex import CATEGORIES
 
@@ -568,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis of the local stack")
     size = b.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="2 dialogues per category (the test suite's run)")
-    size.add_argument("--per-category", type=_int_in(1, 100), default=10, help="dialogues per category (10)")
+    size.add_argument("--per-category", type=int_in(1, 100), default=10, help="dialogues per category (10)")
     b.add_argument("--category", action="append", choices=CATEGORIES, help="only these categories (repeatable)")
     b.add_argument("--compare-off", action="store_true",
                    help="run every dialogue also with the end-of-turn judgement and the barge-in rule off (side by "
@@ -603,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "position from every token; writes the encoder in InternViT's names, with its "
                                    "held-out accuracy per attribute (probe.json). An output directory that already "
                                    "holds the same settings is reused.")
-    p.add_argument("--pictures", type=_int_in(1, 10**7), default=8000,
+    p.add_argument("--pictures", type=int_in(1, 10**7), default=8000,
                    help="pictures rendered once and drawn from (default: %(default)s)")
     p.add_argument("--position-init", choices=("sincos", "random"), default="sincos",
                    help="the position embedding's start: 2-D sin-cos codes (MAE's) or random normal (InternViT's "
@@ -619,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "language; writes the encoder in WeNet's names with its global CMVN, and its "
                                    "held-out scores (probe.json). An output directory that already holds the same "
                                    "settings is reused.")
-    p.add_argument("--clips", type=_int_in(1, 10**7), default=2400,
+    p.add_argument("--clips", type=int_in(1, 10**7), default=2400,
                    help="utterances recorded once and drawn from (default: %(default)s)")
     _stand_in_arguments(p, "audio", "clips", steps=700, batch_size=16, lr=2e-3, data_seed=2_000_003)
     p.set_defaults(func=_pretrain_audio)
@@ -629,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="the model repository directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory that `vita export` "
                    "wrote (never one holding the checkpoint, nor another directory)")
-    p.add_argument("--shard-bytes", type=_int_in(1, 2**62), default=5 * 10**9, help="largest safetensors shard (bytes)")
+    p.add_argument("--shard-bytes", type=int_in(1, 2**62), default=5 * 10**9, help="largest safetensors shard (bytes)")
     p.add_argument("--templates", default=None, help="Triton model configs to copy (default: model_repository/)")
     p.add_argument("--verify", metavar="REPO", help="only check REPO's files against its manifest")
     p.set_defaults(func=_export)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import NoReturn
 
 EXIT_USAGE = 2
@@ -39,3 +40,19 @@ class Subcommand(ArgumentParser):
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}")
         return namespace, extras
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse `type` for an integer in [low, high]: anything else is a usage error naming the flag and the
+    range (`argument --port: 99999 is outside [1, 65535]`), exit 2."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{number} is outside [{low}, {high}]")
+        return number
+
+    parse.__name__ = "integer"
+    return parse

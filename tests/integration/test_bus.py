@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import time
 import uuid
@@ -29,6 +30,7 @@ from vita.bus.replies import Reply, ReplyTimeout, events, publish_event
 from vita.bus.streams import BusConfig, Pool
 from vita.bus.trace import current_trace_context, trace_parent
 from vita.errors import InvalidInputError, VitaError
+from vita.telemetry.metrics import Metrics
 from vita.v1.assistant_pb2 import Completed, TextDelta, Timings, Usage
 from vita.v1.bus_pb2 import (
     EmbeddingPlacement,
@@ -688,6 +690,93 @@ def test_a_consumer_holding_a_job_is_never_removed(config: BusConfig) -> None:
     run(body)
 
 
+def test_a_take_over_is_logged_once_and_counted(config: BusConfig, caplog: pytest.LogCaptureFixture) -> None:
+    """An operator's try: a worker took over a killed worker's jobs and said nothing. One info line per read that
+    takes jobs over (the stream, whose they were, how many, their request ids) and vita:jobs_reclaimed_total."""
+    pool = Pool.LLM_GENERATOR
+    metrics = Metrics()
+
+    def reclaimed() -> float | None:
+        return metrics.registry.get_sample_value("vita:jobs_reclaimed_total", {"pool": pool.value})
+
+    async def body(redis: Redis) -> None:
+        for rid in ("req-a", "req-b"):
+            await submit(redis, config, pool, generation_job(rid, config))
+        dead = Consumer(redis, config, pool)
+        alive = Consumer(redis, config, pool, metrics=metrics)
+        assert reclaimed() == 0  # exported from the start, for rate() and alerts
+        taken = await dead.read(count=2, block_ms=None)  # and never acks: killed
+        assert await alive.read(count=2, block_ms=None) == []
+        await asyncio.sleep(3 * IDLE_MS / 1000)
+        caplog.set_level(logging.INFO, logger="vita.bus.queue")
+        again = await alive.read(count=2, block_ms=None)
+        assert [d.entry_id for d in again] == [d.entry_id for d in taken]
+        for d in again:
+            await alive.ack(d.entry_id)
+        assert await alive.read(count=2, block_ms=None) == []  # nothing left to take over: no second line
+        [record] = [r for r in caplog.records if r.getMessage().startswith("took over jobs")]
+        assert record.levelno == logging.INFO
+        assert (record.stream, record.consumer, record.from_consumers, record.jobs) == (
+            config.jobs(pool), alive.name, [dead.name], 2)
+        assert record.request_ids == ["req-a", "req-b"]
+        assert record.entry_ids == [d.entry_id for d in taken]
+        assert reclaimed() == 2
+
+    run(body)
+
+
+def test_idle_consumers_are_removed_as_idle_not_dead(config: BusConfig, caplog: pytest.LogCaptureFixture) -> None:
+    """An operator's try: a new worker logged `removed dead consumers [...]` naming a live, merely idle worker.
+    On Redis before 7.2 a consumer's idle time counts from its last read that returned a job, so a live worker of
+    an idle pool is removed too; the line says what is known: idle, nothing pending."""
+    config = dataclasses.replace(config, dead_consumer_ms=2 * IDLE_MS)
+    pool = Pool.VISION_ENCODER
+
+    async def body(redis: Redis) -> None:
+        await submit(redis, config, pool, image_job("job-1", config))
+        worker, newcomer = Consumer(redis, config, pool), Consumer(redis, config, pool)
+        (delivery,) = await worker.read(block_ms=None)
+        await worker.ack(delivery.entry_id)  # done, and nothing more to read
+
+        async def idle_past_threshold() -> bool:
+            return (await _consumers(redis, config, pool))[worker.name]["idle"] > config.dead_consumer_ms
+
+        await _until(idle_past_threshold, "the worker idle past the dead-consumer threshold")
+        caplog.set_level(logging.INFO, logger="vita.bus.queue")
+        assert await newcomer.remove_dead_consumers() == [worker.name]
+        [record] = [r for r in caplog.records if "consumers" in r.getMessage()]
+        assert record.getMessage().startswith("removed idle consumers (no job taken for 0.1 s, none pending")
+        assert "dead" not in record.getMessage()
+        assert (record.stream, record.consumers, record.idle_s) == (config.jobs(pool), [worker.name], 0.1)
+
+    run(body)
+
+
+def test_a_live_worker_whose_consumer_was_removed_gets_its_next_job(config: BusConfig) -> None:
+    """What a live worker loses when its idle consumer is removed: only the name. Redis creates the consumer again
+    with the next entry it reads, here in a read that was already blocked when the consumer was deleted."""
+    pool = Pool.LLM_MONITOR
+
+    async def body(redis: Redis) -> None:
+        await submit(redis, config, pool, generation_job("req-1", config, GenerationJob.MONITOR))
+        worker = Consumer(redis, config, pool)
+        (first,) = await worker.read(block_ms=None)
+        await worker.ack(first.entry_id)
+        reading = asyncio.create_task(worker.read(block_ms=5000))
+        await asyncio.sleep(0.3)  # blocked in XREADGROUP by now
+        await redis.xgroup_delconsumer(config.jobs(pool), pool.group, worker.name)  # what the sweep does
+        assert worker.name not in await _consumers(redis, config, pool)
+        job = generation_job("req-2", config, GenerationJob.MONITOR)
+        await submit(redis, config, pool, job)
+        (second,) = await asyncio.wait_for(reading, 10)
+        assert second.message == job
+        assert (await _consumers(redis, config, pool))[worker.name]["pending"] == 1
+        await worker.ack(second.entry_id)
+        assert await lag(redis, config, pool) == PoolLag(lag=0, pending=0)
+
+    run(body)
+
+
 def test_a_group_lost_with_the_data_is_created_again(config: BusConfig) -> None:
     pool = Pool.AUDIO_ENCODER
 
@@ -734,3 +823,31 @@ def test_a_bus_client_and_cancel_watcher_ride_out_a_redis_restart(tmp_path) -> N
                 await redis.aclose()
 
         asyncio.run(main())
+
+
+def test_a_command_after_redis_died_fails_within_the_outage_bound(tmp_path) -> None:
+    """An operator's try (2026-12-04): after Redis died, the orchestrator's first request hung until the client's
+    deadline (60 s and more) while later ones failed after 15 s. redis-py retries a command and, inside each try,
+    the connection's connect with the same Retry: a count-bounded policy multiplied (N tries of N tries). The
+    first command's pooled connection was open (so the command's own retry ran), later ones were new."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from vita.runtime.redis_client import RedisSettings, RetryPolicy, connect
+    from vita.stack import RedisServer
+
+    with RedisServer(str(tmp_path / "redis")) as server:
+        async def main() -> float:
+            redis = connect(RedisSettings(server.url), socket_timeout=5, retry=RetryPolicy(outage_s=3))
+            try:
+                await redis.set("test:outage:k", 1)  # a pooled connection, open when Redis dies
+                server.kill()
+                start = time.monotonic()
+                with pytest.raises(RedisConnectionError):
+                    await redis.get("test:outage:k")
+                return time.monotonic() - start
+            finally:
+                await redis.aclose()
+
+        elapsed = asyncio.run(main())
+    # 3 s of retries and the last attempt's own time; the nested count-bounded retries took about 8 x 3.3 s.
+    assert 2.5 <= elapsed < 12, elapsed

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import math
 import os
 import signal
@@ -499,6 +500,12 @@ def test_killed_worker_job_is_reclaimed_and_answered_once(tiny_model_dir, tmp_pa
         for service in (doomed, *heirs):
             service.stop()
         delete_prefix(bus.prefix)
+    # The heir said whose job it took over, in one line (an operator's try: nothing was logged).
+    lines = [json.loads(line) for k in range(2) for line in (tmp_path / f"heir{k}.log").read_text().splitlines()
+             if line.startswith("{")]
+    [took] = [e for e in lines if e["msg"].startswith("took over jobs")]
+    assert (took["level"], took["from_consumers"], took["jobs"], took["request_ids"]) == (
+        "info", [held["consumer"].decode()], 1, [job.request_id])
 
 
 def test_a_worker_that_stalled_past_reclaim_leaves_the_reclaimed_job_to_its_heir(tiny_model_dir):

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from test_llm_worker import collect, job, tokens_of
 
 from vita.bus.queue import submit
+from vita.bus.replies import events
 from vita.bus.streams import BusConfig, Pool
 from vita.errors import ContextLengthError, InvalidInputError, VitaError
 from vita.llm.__main__ import engine_config, parse_args
@@ -224,3 +225,64 @@ def test_the_service_exits_1_when_its_idle_engine_core_dies(tiny_model_dir):
         delete_prefix(prefix, REDIS_URL)
     assert status == 1
     assert rest[-1].startswith("vita serve llm: error: the engine core process exited (status -9)")
+
+
+def test_a_stop_signalled_to_the_whole_process_group_is_an_ordinary_drain(tiny_model_dir):
+    """An operator's try: `timeout 25 vita serve llm` (and `vita down`, and systemd) SIGTERM the service's whole
+    process group. The engine core died of it at once: `engine core died` at error, the generation in flight cut
+    off, exit status 1. It ignores the signal now, as it does Ctrl-C: the service drains, its generation in flight
+    ends on the engine, and it exits 0 with no error logged."""
+    import contextlib
+    import json
+    import subprocess
+    import sys
+
+    tok = VitaTokenizer.from_file(tiny_model_dir)
+    prompt = tok.encode("user:describe the picture", add_bos=True)
+    bus = BusConfig(prefix=f"test:{uuid.uuid4().hex[:12]}")
+    service = subprocess.Popen([sys.executable, "-m", "vita.llm", "--model", str(tiny_model_dir), "--threads", "1",
+                                "--prefix", bus.prefix, "--redis", REDIS_URL], stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+    async def answer_across_the_stop() -> tuple[list, int | None]:
+        """The answer's events, and how many of them were read when the group was signalled (at the first token)."""
+        redis = Redis.from_url(REDIS_URL)
+        seen, signalled_at = [], None
+        try:
+            await submit(redis, bus, Pool.LLM_GENERATOR, job(bus, "r1", prompt, max_tokens=200))
+            async for event in events(redis, bus.reply("r1"), timeout_s=30):
+                seen.append(event)
+                if signalled_at is None and event.WhichOneof("event") == "delta":
+                    os.killpg(service.pid, signal.SIGTERM)
+                    signalled_at = len(seen)
+                if event.WhichOneof("event") in ("finished", "error"):
+                    return seen, signalled_at
+        finally:
+            await redis.aclose()
+        return seen, signalled_at
+
+    try:
+        for line in service.stderr:
+            if '"serving"' in line:
+                break
+        seen, signalled_at = asyncio.run(answer_across_the_stop())
+        status = service.wait(60)
+        logged = [json.loads(line) for line in service.stderr.read().splitlines() if line.startswith("{")]
+        pending = asyncio.run(_pending(bus))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(service.pid, signal.SIGKILL)
+        delete_prefix(bus.prefix, REDIS_URL)
+    assert signalled_at is not None and signalled_at < len(seen), "the answer ended before the stop"
+    assert seen[-1].WhichOneof("event") == "finished"
+    assert status == 0
+    assert [e["msg"] for e in logged if e["level"] in ("error", "warning")] == []
+    assert pending == 0  # answered and acknowledged, not left for another worker
+
+
+async def _pending(bus: BusConfig) -> int:
+    redis = Redis.from_url(REDIS_URL)
+    try:
+        return (await redis.xpending(bus.jobs(Pool.LLM_GENERATOR), Pool.LLM_GENERATOR.group))["pending"]
+    finally:
+        await redis.aclose()

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from vita.bus.cancel import cancel
 from vita.bus.embeddings import write_embedding
 from vita.bus.lease import LeaseKeeper, check_every_s, renew_every_s
-from vita.bus.queue import submit
+from vita.bus.queue import Consumer, submit
 from vita.bus.replies import events
 from vita.bus.streams import ROLE_POOLS, BusConfig, Pool
 from vita.errors import CheckpointError
@@ -229,6 +229,39 @@ def test_a_generation_whose_owner_is_gone_stops_when_its_lease_expires(model_and
     assert "queued" not in engine.stats.tokens_by_request  # never reached the engine
     assert metrics.orphaned.labels(pool.value)._value.get() == 2
     assert metrics.cancelled.labels(pool.value)._value.get() == 1  # the sequence stopped; the queued job never ran
+
+
+def test_a_job_taken_over_from_a_dead_worker_is_answered_and_counted(model_and_tokenizer):
+    """A consumer took the job and died without acknowledging it: the worker takes it over after reclaim_idle_ms,
+    answers it and counts it in vita:jobs_reclaimed_total of its pool (an operator's try: nothing told)."""
+    model, tok = model_and_tokenizer
+    metrics = Metrics()
+    pool = Pool.LLM_GENERATOR
+
+    async def main():
+        redis = Redis.from_url("redis://127.0.0.1:6379/0")
+        bus = BusConfig(prefix=f"test:{uuid.uuid4().hex[:12]}", reclaim_idle_ms=200)
+        backend = TorchBackend(model, max_batch_size=4, engine_config=engine_config(parse_args([])))
+        try:
+            await submit(redis, bus, pool, job(bus, "r1", tok.encode("hello", add_bos=True), max_tokens=4))
+            await Consumer(redis, bus, pool).read(block_ms=None)  # and dies with it
+            await backend.start()
+            worker = LLMWorker(redis, bus, backend, tok, WorkerConfig(max_concurrency=4), metrics)
+            assert metrics.registry.get_sample_value("vita:jobs_reclaimed_total", {"pool": pool.value}) == 0
+            task = asyncio.create_task(worker.run())
+            try:
+                return await collect(redis, bus, "r1")
+            finally:
+                worker.stop()
+                await asyncio.wait_for(task, 30)
+        finally:
+            await backend.close()
+            delete_prefix(bus.prefix)
+            await redis.aclose()
+
+    answer = asyncio.run(main())
+    assert answer[-1].WhichOneof("event") == "finished"
+    assert metrics.jobs_reclaimed.labels(pool.value)._value.get() == 1
 
 
 def test_leases_cost_redis_calls_per_second_not_per_token(model_and_tokenizer, tmp_path):

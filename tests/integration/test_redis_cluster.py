@@ -91,6 +91,34 @@ def test_dead_letters_on_a_cluster(cluster, prefix):
     assert dead[0][1][b"dead:stream"].decode() == BusConfig(prefix=prefix).jobs(Pool.LLM_MONITOR)
 
 
+def test_a_take_over_on_a_cluster(cluster, prefix, caplog):
+    """The reclaim reads the jobs' owners and claims them in one MULTI (XPENDING, XAUTOCLAIM), which a Cluster
+    runs on the stream's node, as the ACL user."""
+    from vita.bus.queue import submit
+    from vita.v1.bus_pb2 import EncodeJob
+
+    async def main():
+        redis = connect(RedisSettings(cluster.url("vita", PASSWORD), cluster=True))
+        bus = BusConfig(prefix=prefix, reclaim_idle_ms=50)
+        try:
+            job = EncodeJob(job_id="j1", request_id="r1", reply_stream=bus.reply("r1"), kind=EncodeJob.AUDIO)
+            await submit(redis, bus, Pool.AUDIO_ENCODER, job)
+            dead, heir = Consumer(redis, bus, Pool.AUDIO_ENCODER), Consumer(redis, bus, Pool.AUDIO_ENCODER)
+            (first,) = await dead.read(block_ms=None)
+            await asyncio.sleep(0.2)
+            (again,) = await heir.read(block_ms=None)
+            await heir.ack(again.entry_id)
+            return dead.name, first, again
+        finally:
+            await redis.aclose()
+
+    caplog.set_level("INFO", logger="vita.bus.queue")
+    dead, first, again = asyncio.run(main())
+    assert (again.entry_id, again.message, again.deliveries) == (first.entry_id, first.message, 2)
+    [record] = [r for r in caplog.records if r.getMessage().startswith("took over jobs")]
+    assert (record.from_consumers, record.request_ids) == ([dead], ["r1"])
+
+
 def test_leases_on_a_cluster(cluster, prefix):
     """Renewals (one pipeline over every held lease, across slots) and the watcher's reads of leases and cancel
     keys (one pipeline) run on a Cluster; a released lease expires and its request is stopped as orphaned."""

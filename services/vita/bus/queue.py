@@ -12,7 +12,7 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import Message
 from redis.asyncio import Redis
@@ -23,7 +23,14 @@ from vita.bus.streams import JOB_TYPES, ROLE_POOLS, BusConfig, Pool
 from vita.errors import VitaError
 from vita.v1.bus_pb2 import GenerationJob
 
+if TYPE_CHECKING:
+    from vita.telemetry.metrics import Metrics
+
 log = logging.getLogger(__name__)
+
+# An entry as `Consumer._fetch` returns it: id, fields, deliveries, and the consumer it was taken over from ("" for
+# a first delivery).
+_Entry = tuple[bytes, dict[bytes, bytes], int, str]
 
 
 class Backpressure(VitaError):
@@ -85,15 +92,21 @@ def default_consumer_name() -> str:
 
 @dataclass
 class Consumer:
-    """One worker's membership in its pool's consumer group."""
+    """One worker's membership in its pool's consumer group. `metrics`: where take-overs of other consumers' jobs
+    are counted (`vita:jobs_reclaimed_total`)."""
 
     redis: Redis
     config: BusConfig
     pool: Pool
     name: str = field(default_factory=default_consumer_name)
+    metrics: Metrics | None = None
     _cursor: str = field(default="0-0", init=False)  # XAUTOCLAIM resumes its scan of the pending list here
     _ready: bool = field(default=False, init=False)
     _next_sweep: float = field(default=0.0, init=False)  # monotonic time of the next dead-consumer sweep
+
+    def __post_init__(self) -> None:
+        if self.metrics is not None:
+            self.metrics.jobs_reclaimed.labels(self.pool.value)  # a series at 0 from the start, for rate()
 
     @property
     def stream(self) -> str:
@@ -113,20 +126,40 @@ class Consumer:
             log.warning("%s: the consumer group is gone (Redis lost its data?); creating it again", self.stream)
             self._ready, self._cursor = False, "0-0"
             entries = await self._fetch(count, block_ms)
-        deliveries = []
-        for entry_id, fields, n in entries:
-            if n > self.config.max_deliveries:
-                await self._dead_letter(entry_id, fields, n, f"delivered {n} times (limit {self.config.max_deliveries})")
-                continue
-            try:
-                message = decode_entry(fields, (JOB_TYPES[self.pool],))
-            except MalformedEntry as e:
-                await self._dead_letter(entry_id, fields, n, str(e))
-                continue
-            deliveries.append(Delivery(entry_id.decode(), message, n))
+        deliveries, taken = [], []
+        for entry_id, fields, n, owner in entries:
+            message = await self._decode(entry_id, fields, n)
+            if owner:
+                taken.append((entry_id.decode(), owner, getattr(message, "request_id", "")))
+            if message is not None:
+                deliveries.append(Delivery(entry_id.decode(), message, n))
+        if taken:
+            self._report_take_over(taken)
         return deliveries
 
-    async def _fetch(self, count: int, block_ms: int | None) -> list[tuple[bytes, dict[bytes, bytes], int]]:
+    async def _decode(self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> Message | None:
+        """The entry's job; None when it went to the dead letters instead (delivered too often, undecodable)."""
+        if deliveries > self.config.max_deliveries:
+            await self._dead_letter(entry_id, fields, deliveries,
+                                    f"delivered {deliveries} times (limit {self.config.max_deliveries})")
+            return None
+        try:
+            return decode_entry(fields, (JOB_TYPES[self.pool],))
+        except MalformedEntry as e:
+            await self._dead_letter(entry_id, fields, deliveries, str(e))
+            return None
+
+    def _report_take_over(self, taken: list[tuple[str, str, str]]) -> None:
+        """One log line per read that took over jobs (entry id, previous owner, request id), and the count."""
+        log.info("took over jobs another consumer left unacknowledged past reclaim_idle_ms (a killed or stalled "
+                 "worker)", extra={"stream": self.stream, "consumer": self.name,
+                                   "from_consumers": sorted({owner for _, owner, _ in taken}), "jobs": len(taken),
+                                   "entry_ids": [e for e, _, _ in taken], "request_ids": [r for _, _, r in taken],
+                                   "reclaim_idle_ms": self.config.reclaim_idle_ms})
+        if self.metrics is not None:
+            self.metrics.jobs_reclaimed.labels(self.pool.value).inc(len(taken))
+
+    async def _fetch(self, count: int, block_ms: int | None) -> list[_Entry]:
         await self._ensure_group()
         entries = await self._reclaim(count)
         if time.monotonic() >= self._next_sweep:
@@ -136,7 +169,7 @@ class Consumer:
             reply = await self.redis.xreadgroup(
                 self.pool.group, self.name, {self.stream: ">"}, count=count, block=block_ms
             )
-            entries = [(entry_id, fields, 1) for entry_id, fields in (reply[0][1] if reply else [])]
+            entries = [(entry_id, fields, 1, "") for entry_id, fields in (reply[0][1] if reply else [])]
         return entries
 
     async def remove_dead_consumers(self) -> list[str]:
@@ -145,8 +178,13 @@ class Consumer:
         Killed workers stay in XINFO CONSUMERS forever otherwise. `read` calls this every `dead_consumer_ms / 2`,
         after its XAUTOCLAIM, so a dead consumer's jobs were taken over before it is removed. The pending check and
         XGROUP DELCONSUMER run in one script: a consumer that took a job meanwhile is kept (deleting it would drop
-        its pending entries). A live worker idle that long (nothing to read) loses only its name: its next read
-        creates it again.
+        its pending entries).
+
+        Idle is not dead. Before Redis 7.2 a consumer's idle time counts from the last read that returned entries:
+        a live worker whose pool has had no job that long is removed too (an idle pool then shows no consumers at
+        all). It loses only its name, holding no job: Redis creates it again with the next entry it reads, a read
+        blocked at the time of the removal included. From 7.2 every read attempt resets it, and only workers that
+        stopped reading are removed.
         """
         consumers = await self.redis.xinfo_consumers(self.stream, self.pool.group)
         removed = []
@@ -157,7 +195,10 @@ class Consumer:
             if await self.redis.eval(_DELETE_IF_IDLE, 1, self.stream, self.pool.group, name):
                 removed.append(name)
         if removed:
-            log.info("%s: removed dead consumers %s", self.stream, removed)
+            idle_s = self.config.dead_consumer_ms / 1000
+            log.info("removed idle consumers (no job taken for %g s, none pending: killed workers, or live ones "
+                     "with nothing to do, which come back with their next job)", idle_s,
+                     extra={"stream": self.stream, "consumers": removed, "idle_s": idle_s})
         return removed
 
     async def ack(self, *entry_ids: str) -> None:
@@ -193,11 +234,16 @@ class Consumer:
             _raise_errors([e])
         self._ready = True
 
-    async def _reclaim(self, count: int) -> list[tuple[bytes, dict[bytes, bytes], int]]:
-        """Take over jobs idle past `reclaim_idle_ms`, with their delivery counts (which XAUTOCLAIM just raised)."""
-        cursor, claimed, deleted = await self.redis.xautoclaim(
-            self.stream, self.pool.group, self.name, self.config.reclaim_idle_ms, self._cursor, count=count
-        )
+    async def _reclaim(self, count: int) -> list[_Entry]:
+        """Take over jobs idle past `reclaim_idle_ms`, with their delivery counts (which XAUTOCLAIM just raised) and
+        the consumers they were taken from."""
+        idle_ms = self.config.reclaim_idle_ms
+        pipe = self.redis.pipeline(transaction=True)
+        # XAUTOCLAIM does not say whose jobs it took: their owners are read first, in the same MULTI. It looks at
+        # no more than count * 10 pending entries from the cursor, so the first count * 10 idle ones hold them all.
+        pipe.xpending_range(self.stream, self.pool.group, min=self._cursor, max="+", count=count * 10, idle=idle_ms)
+        pipe.xautoclaim(self.stream, self.pool.group, self.name, idle_ms, self._cursor, count=count)
+        abandoned, (cursor, claimed, deleted) = _raise_errors(await pipe.execute(raise_on_error=False))
         self._cursor = cursor.decode()
         if deleted:
             log.error("%s: %d unfinished jobs were trimmed by MAXLEN and are lost", self.stream, len(deleted))
@@ -207,8 +253,10 @@ class Consumer:
         for entry_id, _ in claimed:
             pipe.xpending_range(self.stream, self.pool.group, min=entry_id, max=entry_id, count=1)
         pending = await pipe.execute()
+        owners = {p["message_id"]: p["consumer"].decode() for p in abandoned}
         # An entry missing from the pending list was acknowledged meanwhile by its slow first owner: it is done.
-        return [(eid, fields, p[0]["times_delivered"]) for (eid, fields), p in zip(claimed, pending) if p]
+        return [(eid, fields, p[0]["times_delivered"], owners.get(eid, "?"))
+                for (eid, fields), p in zip(claimed, pending) if p]
 
     async def _dead_letter(self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int, reason: str) -> None:
         """Park the entry, with why, on the pool's dead-letter stream and acknowledge it, atomically."""

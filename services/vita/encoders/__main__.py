@@ -12,7 +12,7 @@ from vita.encoders.base import Encoder, load_encoder
 from vita.encoders.vision import VisionTowerEncoder
 from vita.encoders.worker import EncoderWorker, WorkerConfig
 from vita.model.placement import TORCH_DTYPES
-from vita.runtime.args import add_common_args
+from vita.runtime.args import PORT, add_common_args
 from vita.runtime.serve import Context, Service, run_service
 from vita.runtime.server import GRACE_S
 from vita.usage import ArgumentParser
@@ -34,7 +34,7 @@ def parse_args(encoder_cls: type[Encoder], description: str, argv: Sequence[str]
                    help="model directory whose tower is served (default: the tiny model, built on first use)")
     p.add_argument("--max-batch", type=int, default=8,
                    help="jobs taken from the stream at once; all their items are encoded in one forward pass")
-    p.add_argument("--kserve-port", type=int, default=0,
+    p.add_argument("--kserve-port", type=PORT, default=0,
                    help="serve the KServe Open Inference Protocol v2 over gRPC on this port of --host "
                         f"(model name {encoder_cls.pool.value!r}; no REST); 0 disables it")
     p.add_argument("--device", default="cpu", help="torch device of the tower, e.g. cuda")

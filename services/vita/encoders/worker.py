@@ -56,7 +56,7 @@ class EncoderWorker:
         self.config = config or WorkerConfig()
         self.metrics = metrics or Metrics()
         self.pool = encoder.pool
-        self.consumer = Consumer(redis, bus, self.pool)
+        self.consumer = Consumer(redis, bus, self.pool, metrics=self.metrics)
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:

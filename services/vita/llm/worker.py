@@ -104,7 +104,7 @@ class LLMWorker:
         self.pool: Pool = ROLE_POOLS[self.config.role]
         self.metrics = metrics or Metrics()
         self.metrics.orphaned.labels(self.pool.value)  # a series at 0 from the start: rare, and on the dashboard
-        self.consumer = Consumer(redis, bus, self.pool)
+        self.consumer = Consumer(redis, bus, self.pool, metrics=self.metrics)
         self.publisher = ReplyPublisher(redis, bus)
         self.keep_alive_s = min(self.config.keep_alive_s, bus.reclaim_idle_ms / 3000)
         self._tasks: set[asyncio.Task] = set()

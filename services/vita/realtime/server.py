@@ -38,6 +38,7 @@ from vita.realtime.protocol import SESSION_ID_PREFIX, SessionSettings
 from vita.realtime.session import RealtimeSession
 from vita.realtime.tts import make_tts
 from vita.runtime.access import TokenSet, bearer_token, load_tokens
+from vita.runtime.args import PORT
 from vita.runtime.tls import channel_credentials
 from vita.usage import ArgumentParser
 from vita.v1.assistant_pb2_grpc import AssistantStub
@@ -193,7 +194,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--orchestrator", default=os.environ.get("VITA_ORCHESTRATOR", "127.0.0.1:50051"),
                    help="the orchestrator's gRPC address (env VITA_ORCHESTRATOR)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a cluster)")
-    p.add_argument("--port", type=int, default=8080, help="WebSocket port (0 picks a free one)")
+    p.add_argument("--port", type=PORT, default=8080, help="WebSocket port (0 picks a free one)")
     p.add_argument("--api-tokens", default=os.environ.get("VITA_API_TOKENS_FILE"),
                    help="file of accepted bearer tokens, one per line (env VITA_API_TOKENS_FILE); unset: no auth")
     p.add_argument("--orchestrator-tls-ca", default=None,

@@ -17,6 +17,13 @@ from vita.telemetry.heap import start_heap_trace
 from vita.telemetry.logging import configure_logging
 from vita.telemetry.metrics import Metrics, serve_metrics
 from vita.telemetry.tracing import configure_tracing
+from vita.usage import int_in
+
+# A TCP port flag: a value outside it is a usage error (exit 2) naming the flag, as `vita up --port 99999` is; not
+# the port modulo 65536 (gRPC's choice) nor bind()'s OverflowError. 0 keeps each flag's documented meaning.
+PORT = int_in(0, 65535)
+# Backpressure refuses work before MAXLEN trimming could drop jobs nobody has read (BusConfig checks it per pool).
+BACKLOG_LIMIT = int_in(1, BusConfig.jobs_maxlen - 1)
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -35,8 +42,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix", default=os.environ.get("VITA_BUS_PREFIX", "vita"),
                    help="key prefix of every stream and key on the bus (env VITA_BUS_PREFIX)")
     g.add_argument("--host", default="127.0.0.1", help="address the gRPC server binds (0.0.0.0 in a cluster)")
-    g.add_argument("--grpc-port", type=int, default=0, help="gRPC port (health, reflection, the service's API)")
-    g.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port; 0 disables it")
+    g.add_argument("--grpc-port", type=PORT, default=0,
+                   help="gRPC port (health, reflection, the service's API); 0 picks a free one")
+    g.add_argument("--metrics-port", type=PORT, default=0, help="Prometheus /metrics port; 0 disables it")
     g.add_argument("--reclaim-idle-ms", type=int, default=30_000,
                    help="a job unacknowledged this long belongs to a dead worker and is redelivered")
     g.add_argument("--dead-consumer-ms", type=int, default=None,
@@ -48,7 +56,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         "orchestrator died); 0: no leases")
     g.add_argument("--redis-outage-s", type=float, default=15.0,
                    help="how long each Redis command keeps reconnecting (a restart, a stall) before it fails")
-    g.add_argument("--backlog-limit", type=int, default=1_000,
+    g.add_argument("--backlog-limit", type=BACKLOG_LIMIT, default=1_000,
                    help="jobs waiting or running in a pool beyond which requests are refused (RESOURCE_EXHAUSTED)")
     g.add_argument("--otlp-endpoint", default=None, help="send OpenTelemetry spans here (OTLP/gRPC); off by default")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -72,8 +80,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--tls-key", default=None, help="the --tls-cert's private key (PEM)")
     a.add_argument("--tls-client-ca", default=None,
                    help="mutual TLS: clients must present a certificate signed by this CA (PEM)")
-    a.add_argument("--health-port", type=int, default=None,
-                   help="with TLS: also serve grpc.health.v1 alone, in plaintext, on this port (for probes)")
+    a.add_argument("--health-port", type=PORT, default=None,
+                   help="with TLS: also serve grpc.health.v1 alone, in plaintext, on this port (for probes); 0 "
+                        "picks a free one")
 
 
 def _env_flag(name: str) -> bool:

@@ -7,9 +7,13 @@ stops accepting new calls, in-flight calls get `grace_s` to finish, then the pro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
-from collections.abc import Callable, Sequence
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -45,15 +49,46 @@ EXCLUSIVE_PORT = [("grpc.so_reuseport", 0)]
 
 
 def listen(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
-    """`server` listens on host:port (0: a free port); returns the port. Raises PortInUse."""
+    """`server` listens on host:port (0: a free port); returns the port. Raises PortInUse, whose one line is all
+    that reaches stderr: gRPC core's own log of the failed bind (`E... add_port.cc:83] Failed to add port ...`) is
+    dropped."""
     address = f"{host}:{port}"
     try:
-        if credentials is None:
-            return server.add_insecure_port(address)
-        return server.add_secure_port(address, credentials)
+        with _stderr_dropped_on_error():
+            if credentials is None:
+                return server.add_insecure_port(address)
+            return server.add_secure_port(address, credentials)
     except RuntimeError:
         raise PortInUse(f"cannot listen on {address}: {PortInUse.MARK} by another process (or {host} is not an "
                         "address of this machine)") from None
+
+
+@contextlib.contextmanager
+def _stderr_dropped_on_error() -> Iterator[None]:
+    """What is written to file descriptor 2 inside the block is held back: dropped if the block raises, written
+    out after it otherwise. gRPC core logs to fd 2 itself (abseil), past Python's logging, at a verbosity fixed when
+    the process starts (GRPC_VERBOSITY), so this is the one way to keep its line about a failed bind off stderr.
+    (A bind of our own beforehand would race other processes for the port, and would have to copy how gRPC binds:
+    SO_REUSEADDR, dual-stack sockets, every address a host name resolves to.)"""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to keep clean
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as held:
+            os.dup2(held.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+            held.seek(0)
+            text = memoryview(held.read())
+            while text:
+                text = text[os.write(2, text):]
+    finally:
+        os.close(saved)
 
 
 class ServiceServer:

@@ -64,6 +64,9 @@ class Metrics:
                                          ["modality"], buckets=_LATENCY, registry=r)
         self.cancelled = Counter("vita:requests_cancelled", "Sequences stopped by cancellation", ["pool"],
                                  registry=r)
+        self.jobs_reclaimed = Counter(
+            "vita:jobs_reclaimed", "Jobs taken over (XAUTOCLAIM) from a consumer that left them unacknowledged past "
+            "--reclaim-idle-ms: a killed or stalled worker", ["pool"], registry=r)
         self.orphaned = Counter("vita:requests_orphaned", "Sequences stopped because their owner's lease expired "
                                 "(the orchestrator that asked is gone); counted in requests_cancelled too", ["pool"],
                                 registry=r)

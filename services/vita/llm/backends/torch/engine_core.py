@@ -84,7 +84,12 @@ def run_engine_core(inbox: Connection, outbox: Connection) -> None:
         spec: EngineCoreSpec = _recv(inbox)
     except EOFError:
         return
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent stops us
+    # Ctrl-C, and the SIGTERM of a supervisor that signals the whole process group (`vita down`, systemd, `timeout`),
+    # reach this process too: the parent drains, its running generations finishing on this engine, then sends
+    # "stop". Dying here would end them, and the service with status 1, on every ordinary stop. A dead parent is an
+    # EOF on the inbox; SIGKILL still ends this process at once.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     if spec.threads:
         torch.set_num_threads(spec.threads)
     try:
