@@ -9,7 +9,6 @@ import asyncio
 import socket
 import subprocess
 import sys
-import uuid
 
 import grpc
 import pytest
@@ -62,10 +61,10 @@ def test_what_is_written_to_stderr_while_a_port_is_added_still_reaches_it(capfd)
 
 
 @pytest.mark.parametrize("flag", ["--grpc-port", "--metrics-port"])
-def test_a_service_whose_port_is_taken_says_so_in_one_line(held_port, tiny_model_dir, flag):
+def test_a_service_whose_port_is_taken_says_so_in_one_line(held_port, tiny_model_dir, flag, redis_prefix):
     other = {"--grpc-port": "0", "--metrics-port": "0"}
     argv = [sys.executable, "-m", "vita.orchestrator", "--model", str(tiny_model_dir), "--prefix",
-            f"ports{uuid.uuid4().hex[:8]}", *[a for k, v in other.items() if k != flag for a in (k, v)],
+            redis_prefix, *[a for k, v in other.items() if k != flag for a in (k, v)],
             flag, str(held_port)]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
@@ -85,12 +84,11 @@ def test_the_realtime_gateway_on_a_taken_port_says_so_in_one_line(held_port):
 
 
 def test_local_stack_starts_again_on_other_ports_when_one_was_taken(held_port, tiny_model_dir, tmp_path,
-                                                                    monkeypatch):
+                                                                    monkeypatch, redis_prefix):
     picked = iter([held_port])  # the first port the stack picks is one another program took meanwhile
     real = vita.stack.free_port
     monkeypatch.setattr(vita.stack, "free_port", lambda: next(picked, None) or real())
-    with LocalStack(model_dir=str(tiny_model_dir), prefix=f"ports{uuid.uuid4().hex[:8]}",
-                    log_dir=str(tmp_path)) as stack:
+    with LocalStack(model_dir=str(tiny_model_dir), prefix=redis_prefix, log_dir=str(tmp_path)) as stack:
         assert held_port not in {s.grpc_port for s in stack.services}
         with grpc.insecure_channel(stack.target) as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
