@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vita.errors import PortInUse, VitaError, one_line
 from vita.paths import vita_home
-from vita.runtime.ports import free_port
+from vita.runtime.ports import free_port, port_free
 from vita.runtime.redis_client import redacted
 
 log = logging.getLogger(__name__)
@@ -71,20 +71,6 @@ def delete_prefix(prefix: str, url: str = "redis://127.0.0.1:6379/0") -> None:
         keys = list(r.scan_iter(match=f"{prefix}:*", count=500))
         if keys:
             r.delete(*keys)
-
-
-def port_free(port: int) -> bool:
-    """Whether nothing listens on 127.0.0.1:`port` now. SO_REUSEADDR, as servers bind, so a port left in TIME_WAIT
-    by a stack just stopped counts as free; no SO_REUSEPORT, so a gRPC listener (which sets it) does not."""
-    import socket
-
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def ensure_redis(url: str = "redis://127.0.0.1:6379/0") -> None:

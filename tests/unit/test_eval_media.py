@@ -21,9 +21,9 @@ from test_eval_benchmarks import (
 )
 
 from vita import cli
-from vita.eval import core
 from vita.eval.core import run
 from vita.eval.registry import get
+from vita.training import data as training_data
 
 
 def _bad_position_image(release: Path) -> tuple[Path, Path]:
@@ -112,6 +112,6 @@ def test_a_curriculum_manifest_names_its_line(tmp_path: Path) -> None:
 def test_each_file_is_decoded_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     release = _mme(tmp_path)  # 8 questions about 4 images
     decoded: list[str] = []
-    monkeypatch.setattr(core, "check_medium", lambda kind, ref: decoded.append(ref))
+    monkeypatch.setattr(training_data, "check_medium", lambda kind, ref: decoded.append(ref))
     run(get("mme"), release, answer_by({}))
     assert len(decoded) == len(set(decoded)) == 4

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vita.eval.answer import Answer, Answerer, Query, as_answer
-from vita.training.data import DataError, JsonItems, check_medium
+from vita.training.data import DataError, JsonItems
+from vita.training.data import check_media as check_media_refs
 
 
 @dataclass
@@ -91,25 +92,15 @@ def load_items(benchmark: Benchmark, data: str | Path, limit: int | None = None,
 
 
 def check_media(items: Sequence[Item], name: str = "", *, progress: bool = False) -> None:
-    """Checks every medium the items refer to, each once: an image or audio file (or `#t=` range of one) is decoded
-    as the model reads it, a video opened and its first frame decoded. A bad one is a `DataError` naming the item's
-    origin and the file. A progress bar shows when `progress` and the check takes more than a second."""
-    checks: dict[tuple[str, str], Item] = {}
-    for item in items:
-        q = item.query
-        for kind, ref in [*(("image", p) for p in q.images), *([("video", q.video)] if q.video else []),
-                          *(("audio", a) for a in q.audio if isinstance(a, str))]:
-            checks.setdefault((kind, str(ref)), item)
-    todo: Iterable[tuple[tuple[str, str], Item]] = checks.items()
-    if progress:
-        from tqdm import tqdm
-
-        todo = tqdm(todo, desc=f"{name} media".strip(), unit="file", leave=False, delay=1.0)
-    for (kind, ref), item in todo:
-        try:
-            check_medium(kind, ref)
-        except DataError as e:
-            raise DataError(f"{item.where()}: {e}") from None
+    """Checks every medium the items refer to, each once (`vita.training.data.check_media`): an image or audio file
+    (or `#t=` range of one) is decoded as the model reads it, a video opened and its first frame decoded. A bad one
+    is a `DataError` naming the item's origin and the file. A progress bar shows when `progress` and the check
+    takes more than a second."""
+    media = ((kind, str(ref), item.where) for item in items
+             for kind, ref in [*(("image", p) for p in item.query.images),
+                               *([("video", item.query.video)] if item.query.video else []),
+                               *(("audio", a) for a in item.query.audio if isinstance(a, str))])
+    check_media_refs(media, progress=f"{name} media".strip() if progress else "")
 
 
 def ask(benchmark: Benchmark, items: list[Item], data: str, answerer: Answerer, *,

@@ -24,7 +24,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -251,6 +251,25 @@ def check_medium(kind: str, ref: str) -> None:
     except (InvalidInputError, DataError) as e:
         file = _split_fragment(ref)[0]
         raise DataError(f"{ref}: {str(e).removeprefix(f'{file}: ')}") from None
+
+
+def check_media(media: Iterable[tuple[str, str, str | Callable[[], str]]], *, progress: str = "") -> None:
+    """`check_medium` on each (kind, ref, where) once per ref, before a long run reads them: a bad one is a
+    `DataError` prefixed by the `where` of its first use (a string, or a function computed only then). `progress`:
+    a bar with that name, shown when the check takes more than a second."""
+    first: dict[str, tuple[str, str | Callable[[], str]]] = {}
+    for kind, ref, where in media:
+        first.setdefault(ref, (kind, where))
+    todo: Iterable[tuple[str, tuple[str, str | Callable[[], str]]]] = first.items()
+    if progress:
+        from tqdm import tqdm
+
+        todo = tqdm(todo, desc=progress, unit="file", leave=False, delay=1.0)
+    for ref, (kind, where) in todo:
+        try:
+            check_medium(kind, ref)
+        except DataError as e:
+            raise DataError(f"{where() if callable(where) else where}: {e}") from None
 
 
 def _decode_range(file: str, begin: float, end: float | None) -> tuple[np.ndarray, int]:

@@ -82,21 +82,12 @@ def convert(fmt: str, source: str | Path, *, media_dir: str | Path | None = None
 
 def check(manifest: str | Path) -> collections.Counter[str]:
     """Samples per kind of a manifest whose lines and media are all good; `DataError` naming the first bad line."""
-    from vita.training.data import DataError, check_medium, read_manifest
+    from vita.training.data import check_media, read_manifest
 
     samples = read_manifest(manifest)
-    seen: set[str] = set()
-    for sample in samples:
-        media = [("image", p) for p in sample.images] + [("audio", a) for a in sample.audio]
-        media += [("video", sample.video)] if sample.video else []
-        for kind, ref in media:
-            if ref in seen:
-                continue
-            seen.add(ref)
-            try:
-                check_medium(kind, ref)
-            except DataError as e:
-                raise DataError(f"{sample.origin}: {e}") from None
+    check_media((kind, ref, sample.origin or "") for sample in samples
+                for kind, ref in [*(("image", p) for p in sample.images), *(("audio", a) for a in sample.audio),
+                                  *([("video", sample.video)] if sample.video else [])])
     return collections.Counter(s.kind for s in samples)
 
 
