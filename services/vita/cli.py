@@ -7,6 +7,7 @@ No command ends in a traceback: every failure is one line on stderr and one of t
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import traceback
@@ -14,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from vita.errors import InvalidInputError, VitaError, one_line
+from vita.errors import VitaError, one_line
 from vita.usage import EXIT_USAGE, ArgumentParser, int_in
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 3, 130
@@ -246,8 +247,6 @@ def _ask(args: argparse.Namespace) -> None:
     from vita.client import build_request
     from vita.v1.assistant_pb2 import Completed
 
-    if not args.timeout > 0:
-        raise InvalidInputError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
     request = build_request(args.text or "", images=args.image or [], video=args.video, audio=args.audio or [],
                             max_tokens=args.max_tokens or 0, temperature=args.temperature)
     with _connect(args, timeout_s=args.timeout) as client:
@@ -503,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on the answer's tokens (default: the server's default_max_tokens, which `vita "
                         "model-info --target` shows)")
     p.add_argument("--temperature", type=_TEMPERATURE, default=0.0)
-    p.add_argument("--timeout", type=float, default=120.0,
+    p.add_argument("--timeout", type=_float_in(0.0, math.inf, open_low=True), default=120.0,
                    help="seconds to wait for the whole answer before giving up (default: %(default)s)")
     p.set_defaults(func=_ask)
 

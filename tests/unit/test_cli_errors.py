@@ -43,7 +43,7 @@ def closed_port() -> int:
         (["generate", "--max-tokens", "many"], "argument --max-tokens: 'many' is not an integer"),
         (["generate", "--max-tokens", "0"], "0 is outside [1, 2147483647]"),
         (["ask", "--max-tokens", "99999999999"], "99999999999 is outside"),
-        (["ask", "--text", "hi", "--timeout", "0"], "--timeout must be a number of seconds > 0, got 0.0"),
+        (["ask", "--text", "hi", "--timeout", "0"], "argument --timeout: 0.0 is outside (0.0, inf]"),
         (["generate", "--top-p", "0"], "argument --top-p: 0.0 is outside (0.0, 1.0]"),
         (["generate", "--temperature", "-1"], "argument --temperature"),
         (["generate", "--temperature", "nan"], "argument --temperature"),
