@@ -83,14 +83,15 @@ _DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("vita_r
 
 
 class OutageRetry(Retry):
-    """redis-py's Retry bounded by time, `outage_s` from the first failure's call, shared by nested calls.
+    """redis-py's Retry bounded by time: `outage_s` from the start of the outermost call, shared by nested calls.
 
     redis-py 8 retries a command (`execute_command`) and, inside each attempt, the connection's own connect
     (`connect_check_health`) with the same Retry object. A policy bounded by a count multiplies there: a command
     whose pooled connection Redis had closed retried its connect 33 times inside each of its 33 attempts, so the
     first request after Redis died hung for minutes, past its client's deadline (an operator's try, 2026-12-04),
     while later ones, whose connections were new, failed after 15 s. Here the outermost call sets the deadline and
-    every call nested in it (same task: a context variable) stops at that same moment, with the last error.
+    every call nested in it (same task: a context variable) stops at that same moment, with the last error. The
+    call's own time counts against it: a blocked XREAD that fails after 2.5 s has 12.5 s of a 15 s bound left.
     """
 
     def __init__(self, outage_s: float, backoff: ExponentialBackoff) -> None:
