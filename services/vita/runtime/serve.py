@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 from vita.bus.streams import BusConfig
 from vita.errors import FatalError, VitaError, one_line
 from vita.runtime.args import access_policy, grpc_tls, setup
+from vita.runtime.readiness import BusReadiness
 from vita.runtime.redis_client import redacted
 from vita.runtime.server import GrpcService, ServiceServer
 from vita.telemetry.metrics import Metrics
@@ -81,6 +82,7 @@ async def serve(name: str, args: argparse.Namespace, build: Build, *, threads: i
     redis, bus, metrics = setup(name, args)
     metrics.event_loop.loop = asyncio.get_running_loop()
     server: ServiceServer | None = None
+    readiness: asyncio.Task | None = None
     try:
         await _check_redis(redis, args.redis)
         async with contextlib.AsyncExitStack() as resources:
@@ -89,6 +91,10 @@ async def serve(name: str, args: argparse.Namespace, build: Build, *, threads: i
             server = ServiceServer(service.grpc, host=args.host, port=args.grpc_port, access=access, tls=tls,
                                    health_port=args.health_port, max_message_bytes=args.max_message_bytes)
             await server.start()
+            metrics.bus_up.set(1)
+            bus_watch = BusReadiness(redis, server.set_ready, url=args.redis,
+                                     on_change=lambda up: metrics.bus_up.set(int(up)))
+            readiness = asyncio.create_task(bus_watch.run(), name="bus-readiness")
             worker = service.worker
             server.install_signal_handlers(on_drain=worker.stop if worker is not None else None)
             log.info("serving", extra={"grpc_port": server.port, "model": str(model_dir), "tls": tls is not None,
@@ -96,6 +102,10 @@ async def serve(name: str, args: argparse.Namespace, build: Build, *, threads: i
                                        "prefix": bus.prefix, **service.log})
             await (worker.run() if worker is not None else server.wait())
     finally:
+        if readiness is not None:
+            readiness.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await readiness
         if server is not None:
             await server.drain()
         await redis.aclose()

@@ -1,6 +1,7 @@
 """What every service's gRPC server has: health checking, reflection, and a graceful drain on SIGTERM.
 
-Drain order (as Kubernetes expects): health flips to NOT_SERVING so the load balancer stops sending, the server
+Health: `""` answers for the process (liveness), `readiness` and each API service's name for whether it can serve
+now (runtime/readiness.py: they follow the bus). Drain order (as Kubernetes expects): health flips to NOT_SERVING so the load balancer stops sending, the server
 stops accepting new calls, in-flight calls get `grace_s` to finish, then the process exits.
 """
 
@@ -23,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from vita.errors import PortInUse
 from vita.runtime.access import AccessInterceptor, AccessPolicy
 from vita.runtime.guard import StatusGuard
+from vita.runtime.readiness import READINESS
 from vita.runtime.tls import ServerTLS
 
 log = logging.getLogger(__name__)
@@ -132,8 +134,20 @@ class ServiceServer:
             await self.health_server.start()
         await self._set_status(health_pb2.HealthCheckResponse.SERVING)
 
+    async def set_ready(self, ready: bool) -> None:
+        """`readiness` and the API services' names SERVING or NOT_SERVING; `""` (the process) stays as it is.
+        Ignored once a drain started: a draining server is never ready again."""
+        if self._drain_task is not None:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self._ready_names():
+            await self.health.set(name, status)
+
+    def _ready_names(self) -> list[str]:
+        return [READINESS, *(s.name for s in self.services)]
+
     async def _set_status(self, status: int) -> None:
-        for name in ["", *(s.name for s in self.services)]:
+        for name in ["", *self._ready_names()]:
             await self.health.set(name, status)
 
     async def drain(self) -> None:

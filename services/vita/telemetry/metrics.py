@@ -99,6 +99,8 @@ class Metrics:
             "vita:preemptive_answers", "Answers started when the speech paused (outcome=started), then released at "
             "the end of the turn (released) or discarded (discarded: speech resumed, the history or the media "
             "changed)", ["outcome"], registry=r)
+        self.bus_up = Gauge("vita:bus_up", "1 while Redis answered this process's last readiness ping, else 0 "
+                            "(the replica then reports not ready)", registry=r)
 
 
 class CudaMemoryCollector(Collector):

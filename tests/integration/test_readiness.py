@@ -1,0 +1,74 @@
+"""Readiness follows the bus (vita/runtime/readiness.py): a real orchestrator process on a private redis-server
+reports `readiness` (and `vita.v1.Assistant`) NOT_SERVING while Redis is down and SERVING once it is back, while
+`""` (the process: what a liveness probe asks) stays SERVING throughout; `vita:bus_up` and the log say the same.
+Each step waits for the status it expects (a Health.Watch stream), never for a fixed time."""
+
+from __future__ import annotations
+
+import sys
+import urllib.request
+import uuid
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.service_process import running
+from vita.runtime.ports import free_port
+from vita.runtime.readiness import READINESS
+from vita.stack import RedisServer, ServiceProcess
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def status(stub: health_pb2_grpc.HealthStub, service: str) -> int:
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def wait_status(stub: health_pb2_grpc.HealthStub, service: str, wanted: int, timeout_s: float = 60) -> None:
+    """Returns once `service` reports `wanted` (a Health.Watch stream: every change is pushed)."""
+    seen = []
+    try:
+        for reply in stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s):
+            seen.append(reply.status)
+            if reply.status == wanted:
+                return
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise
+    pytest.fail(f"{service!r} never reported {health_pb2.HealthCheckResponse.ServingStatus.Name(wanted)} "
+                f"in {timeout_s:g} s (saw {seen})")
+
+
+def bus_up(metrics_port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("vita:bus_up "))
+
+
+@pytest.mark.timeout(300)
+def test_readiness_follows_redis_and_liveness_does_not(tiny_model_dir, tmp_path):
+    with RedisServer(str(tmp_path / "redis")) as server:
+        port, metrics_port = free_port(), free_port()
+        log = tmp_path / "orchestrator.log"
+        service = ServiceProcess("orchestrator", [
+            sys.executable, "-m", "vita.orchestrator", "--model", str(tiny_model_dir), "--redis", server.url,
+            "--prefix", f"test:{uuid.uuid4().hex[:12]}", "--grpc-port", str(port), "--plain-logs",
+            "--metrics-port", str(metrics_port), "--redis-outage-s", "2"], port, str(log))
+        with running(service), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            assert [status(stub, s) for s in ("", READINESS, "vita.v1.Assistant")] == [SERVING] * 3
+            assert bus_up(metrics_port) == 1
+
+            server.kill()
+            wait_status(stub, READINESS, NOT_SERVING)
+            assert status(stub, "vita.v1.Assistant") == NOT_SERVING
+            assert status(stub, "") == SERVING  # the process is fine: no liveness restart for an outage of Redis
+            assert bus_up(metrics_port) == 0
+            assert "bus unreachable: not ready" in log.read_text()
+
+            server.start()  # the same port, as a restarted Redis pod behind its Service
+            wait_status(stub, READINESS, SERVING)
+            assert [status(stub, s) for s in ("", "vita.v1.Assistant")] == [SERVING] * 2
+            assert bus_up(metrics_port) == 1
+            assert "bus reachable again: ready" in log.read_text()
