@@ -30,7 +30,8 @@ RUN pip install --index-url ${TORCH_CUDA_INDEX} torch==${TORCH_VERSION}
 # Pinned dependencies, the generated gRPC code and the vita package, on top of either torch.
 FROM build-cpu AS app-cpu
 COPY requirements.lock /src/
-RUN grep -v '^torch==' requirements.lock > /tmp/req.txt && pip install -r /tmp/req.txt
+# triton: the GPU image's MoE kernel (torch's CUDA build brings the same pin); a CPU image has no use for it.
+RUN grep -v -E '^(torch|triton)==' requirements.lock > /tmp/req.txt && pip install -r /tmp/req.txt
 COPY protos /src/protos
 COPY services /src/services
 RUN python -m grpc_tools.protoc -I protos --python_out=services --pyi_out=services --grpc_python_out=services \

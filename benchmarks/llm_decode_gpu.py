@@ -31,6 +31,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llm_decode import cpu_name, median_seconds, write_report  # a sibling script
 
+from vita.model import fused_moe
 from vita.model.config import LLMConfig, VitaConfig
 from vita.model.cuda_graph import CUDAGraphDecoder
 from vita.model.llm import MoECausalLM
@@ -56,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--encoder-batch", type=int, default=32, help="vision tiles per forward")
     parser.add_argument("--audio-seconds", type=float, default=30.0, help="length of each audio clip")
     parser.add_argument("--audio-batch", type=int, default=8, help="audio clips per forward")
+    parser.add_argument("--fused-moe-tokens", type=int, default=8,
+                        help="the third decode of ours: CUDA graph with the Triton MoE kernel (vita.model.fused_moe) "
+                             "for forwards of at most this many tokens; 0 skips it. Runs where Triton does (CUDA, "
+                             "or its interpreter with TRITON_INTERPRET=1)")
     parser.add_argument("--no-transformers", action="store_true", help="ours only (transformers' rows left empty)")
     parser.add_argument("--no-encoders", action="store_true", help="skip the encoder rows")
     parser.add_argument("--seed", type=int, default=0)
@@ -151,6 +156,20 @@ def graphed_generate(model: MoECausalLM, prompts: dict[int, torch.Tensor], new_t
     return generate
 
 
+def with_fused_moe(model: MoECausalLM, max_tokens: int, generate: Callable[[torch.Tensor, int], torch.Tensor]
+                   ) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """`generate` with the model's MoE layers on the Triton kernel for at most `max_tokens` tokens while it runs
+    (and while its CUDA graphs are captured, which happens in `graphed_generate`, before this wrapper is called)."""
+    def run(ids: torch.Tensor, n: int) -> torch.Tensor:
+        model.use_fused_moe(max_tokens)
+        try:
+            return generate(ids, n)
+        finally:
+            model.use_fused_moe(0)
+
+    return run
+
+
 def build_models(config: LLMConfig, args: argparse.Namespace, device: torch.device):
     """transformers' Mixtral with seeded random weights on `device`, and ours with the same weights."""
     import transformers
@@ -201,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     sync = device_sync(device)
-    runs = args.repeats + 2 + 6 * args.repeats * len(set(args.batches)) + (0 if args.no_encoders else 2 * args.repeats)
+    run_fused = bool(args.fused_moe_tokens) and fused_moe.supported(torch.empty(0, device=device))
+    decodes = 3 + run_fused  # ours eager, ours graphed, transformers, ours graphed with the kernel
+    runs = (args.repeats + 2 + 2 * decodes * args.repeats * len(set(args.batches))
+            + (0 if args.no_encoders else 2 * args.repeats))
     progress = tqdm(total=runs, unit="run", desc="decode")
     vita_config = llm_config(args)
     config = vita_config.llm
@@ -216,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     mine = decode(lambda ids, n: ours.generate(ids, max_new_tokens=n, ignore_eos=True), prompts, args, sync,
                   progress)
     graphed = decode(graphed_generate(ours, prompts, args.new_tokens), prompts, args, sync, progress)
+    fused = None
+    if run_fused:
+        ours.use_fused_moe(args.fused_moe_tokens)  # the graphs are captured with the kernel
+        fused_generate = graphed_generate(ours, prompts, args.new_tokens)
+        ours.use_fused_moe(0)
+        fused = decode(with_fused_moe(ours, args.fused_moe_tokens, fused_generate), prompts, args, sync, progress)
     if theirs is not None:
         def hf_generate(ids: torch.Tensor, n: int) -> torch.Tensor:
             with torch.inference_mode():
@@ -238,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     graph = "CUDA graph" if device.type == "cuda" else "graph path, eager off CUDA"
     for b in prompts:
         theirs_s = other.tokens_per_s[b] if other is not None else float("nan")
-        for label, run in ((f"decode, batch {b}", mine), (f"decode, batch {b}, {graph}", graphed)):
+        variants = [(f"decode, batch {b}", mine), (f"decode, batch {b}, {graph}", graphed)]
+        if fused is not None:
+            variants.append((f"decode, batch {b}, {graph} + fused MoE kernel", fused))
+        for label, run in variants:
             rows.append(f"| {label} | tokens/s (aggregate) | {run.tokens_per_s[b]:,.1f} | {theirs_s:,.1f} | "
                         f"{run.tokens_per_s[b] / theirs_s:.2f}x | {bound[b]:,.0f} | "
                         f"{run.tokens_per_s[b] / bound[b]:.0%} |")
@@ -263,6 +294,13 @@ def main(argv: list[str] | None = None) -> int:
         f"The {graph} decode (`CUDAGraphDecoder`: `decode_step` captured once per batch size, experts read in place "
         f"by grouped GEMMs in bf16) gives {'the same' if graphed_same else 'other'} greedy tokens of batch 1 as our "
         f"eager decode.", "",
+        (f"The {graph} decode with the Triton MoE kernel (`vita.model.fused_moe`, forwards of at most "
+         f"{args.fused_moe_tokens} tokens: each (token, expert) pair streams only its expert's rows) gives "
+         f"{'the same' if fused.first_tokens == mine.first_tokens else 'other'} greedy tokens of batch 1 as our "
+         "eager decode." if fused is not None else
+         "The Triton MoE kernel was not run (" + ("--fused-moe-tokens 0" if not args.fused_moe_tokens else
+                                                 "no Triton on this device: CUDA, or TRITON_INTERPRET=1") + ")."),
+        "",
     ]
     if not args.no_encoders:
         lines += ["| encoder | unit | ours |", "|---|---|---:|",

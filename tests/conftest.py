@@ -30,6 +30,12 @@ if TYPE_CHECKING:
 
 torch.set_num_threads(2)
 
+# The Triton MoE kernel (vita/model/fused_moe.py) is tested under Triton's CPU interpreter, which must be chosen
+# before anything imports triton (its own jitted helpers, tl.sum among them, are built at import). The kernel runs
+# only where asked (`use_fused_moe`, off by default), so nothing else in the suite changes.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Fuzzing profiles: `ci` (the default) is derandomized and small enough for 2 busy cores; HYPOTHESIS_PROFILE=deep
 # explores more (random seeds, more examples) when run by hand.
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large]

@@ -26,8 +26,9 @@ from packaging.utils import canonicalize_name
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-# Imported only inside Triton's Python backend, which provides it.
-PROVIDED_AT_RUN_TIME = {"triton_python_backend_utils"}
+# Imported only inside Triton's Python backend, which provides it; and `triton` (the compiler), imported only where
+# the MoE kernel runs (vita/model/fused_moe.py), with torch's CUDA build, which depends on it.
+PROVIDED_AT_RUN_TIME = {"triton_python_backend_utils", "triton"}
 
 # `vita.cli.main` on each command, in one interpreter (the console script is run on its own below).
 CLI_DRIVER = """

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vita.errors import ContextLengthError, InvalidInputError
-from vita.model import generation
+from vita.model import fused_moe, generation
 from vita.model.checkpoint import load_sharded, save_sharded, validate_state_dict
 from vita.model.config import LLMConfig
 from vita.model.hf_names import input_major, llm_state_dict_from_hf, llm_state_dict_to_hf, read_hf_config
@@ -195,6 +195,9 @@ class MoEFeedForward(nn.Module):
         E, inter, hidden = config.num_local_experts, config.intermediate_size, config.hidden_size
         self.num_experts = E
         self.top_k = config.num_experts_per_tok
+        # Forwards of at most this many tokens (decode steps) take the Triton kernel (`fused_moe`) where it runs:
+        # 0, the default, until a GPU measurement shows it beats grouped_mm (benchmarks/llm_decode_gpu.py).
+        self.fused_max_tokens = 0
         self.gate = nn.Linear(hidden, E, bias=False)
         self.w1 = nn.Parameter(torch.empty(E, hidden, inter).mT)
         self.w2 = nn.Parameter(torch.empty(E, inter, hidden).mT)
@@ -224,8 +227,13 @@ class MoEFeedForward(nn.Module):
         # capture forbids syncs, and each one leaves the GPU idle); F.grouped_mm's kernels take bf16 only. Other
         # dtypes gather a few tokens' experts (a copy of their weights, gpt-fast's way, also sync-free). A traced
         # forward (torch.compile, e.g. the sync-free check of `decode_step`) takes the in-place path on CPU too.
+        # A few tokens (`fused_max_tokens`, off by default) can take the Triton kernel instead (`fused_moe`).
         on_device = x.device.type != "cpu"
-        if (on_device and x.dtype == torch.bfloat16) or (not on_device and torch.compiler.is_compiling()):
+        if (x.shape[0] <= self.fused_max_tokens and not x.requires_grad and not torch.compiler.is_compiling()
+                and fused_moe.supported(x)):
+            w1, w2, w3 = (w.mT.to(x.dtype) for w in (self.w1, self.w2, self.w3))  # in place when dtypes agree
+            out = fused_moe.fused_moe(x, weights, experts, w1, w3, w2)
+        elif (on_device and x.dtype == torch.bfloat16) or (not on_device and torch.compiler.is_compiling()):
             out = self.grouped_mm(x, weights, experts)
         elif on_device and x.shape[0] * self.top_k <= self.num_experts:
             out = self.gathered(x, weights, experts)
@@ -379,6 +387,13 @@ class MoECausalLM(nn.Module):
         self.config = config
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def use_fused_moe(self, max_tokens: int) -> None:
+        """Forwards of at most `max_tokens` tokens (0: none) run their experts with the Triton kernel
+        (`vita.model.fused_moe`) where it runs (CUDA with Triton, or Triton's interpreter); others as before."""
+        for module in self.modules():
+            if isinstance(module, MoEFeedForward):
+                module.fused_max_tokens = max_tokens
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
