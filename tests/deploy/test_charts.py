@@ -112,7 +112,9 @@ def _check_crd(doc: dict) -> None:
             assert trigger["type"] in ("redis-streams", "redis-cluster-streams")
             assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA metadata values are strings"
     if doc["kind"] == "InferenceService":  # the predictor inlines a PodSpec: validate it as one
-        spec = {k: v for k, v in doc["spec"]["predictor"].items() if k not in ("minReplicas", "maxReplicas", "labels")}
+        predictor = doc["spec"]["predictor"]  # its ComponentExtensionSpec fields: string maps and replica counts
+        assert all(isinstance(v, str) for key in ("labels", "annotations") for v in predictor.get(key, {}).values())
+        spec = {k: v for k, v in predictor.items() if k not in ("minReplicas", "maxReplicas", "labels", "annotations")}
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"}, "spec": spec}
         _validate([pod])
     if doc["kind"] == "PrometheusRule":
@@ -614,7 +616,9 @@ def test_the_llm_pools_device_dtype_and_cuda_graphs_reach_the_worker():
     for part in ("llm-generator", "llm-monitor"):
         args = parsed(docs, part)
         assert (args.device, args.dtype, args.enforce_eager) == ("cpu", "auto", False)
-    docs = k8s.render(k8s.VITA_CHART, {"llmGenerator": {"device": "cuda:1", "dtype": "bfloat16", "enforceEager": True}})
+    gpu = {"requests": {"nvidia.com/gpu": 2}, "limits": {"memory": "8Gi", "nvidia.com/gpu": 2}}
+    docs = k8s.render(k8s.VITA_CHART, {"image": {"variant": "cuda"}, "llmGenerator": {
+        "device": "cuda:1", "dtype": "bfloat16", "enforceEager": True, "resources": gpu}})
     args = parsed(docs, "llm-generator")
     assert (args.device, args.dtype, args.enforce_eager) == ("cuda:1", "bfloat16", True)
     assert parsed(docs, "llm-monitor").device == "cpu"

@@ -17,11 +17,20 @@
 {{- end -}}
 {{- end -}}
 
-{{- define "vita.labels" -}}
+{{/* Labels every object carries (Kubernetes' recommended app.kubernetes.io/* set); components add their own. */}}
+{{- define "vita.chartLabels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: vita
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end -}}
+
+{{/* The labels of an object of the release as a whole (ServiceAccount, Secrets, monitoring): name and instance too,
+so `-l app.kubernetes.io/instance=<release>` finds every object of the release. */}}
+{{- define "vita.labels" -}}
+{{ include "vita.chartLabels" . }}
+app.kubernetes.io/name: {{ include "vita.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{/* Selector labels of one component: include "vita.selectorLabels" (list $ "llm-generator") */}}
@@ -33,7 +42,7 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end -}}
 
 {{- define "vita.componentLabels" -}}
-{{ include "vita.labels" (index . 0) }}
+{{ include "vita.chartLabels" (index . 0) }}
 {{ include "vita.selectorLabels" . }}
 {{- end -}}
 
@@ -105,6 +114,17 @@ llm-monitor: {key: llmMonitor, service: llm, role: monitor, pool: "llm:monitor"}
 {{- randAlphaNum 32 -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+
+{{/* Checksums in pod annotations, so that `helm upgrade` with changed credentials rolls the pods that read them
+(environment variables and files read once at start-up). The services: everything secrets.yaml renders. */}}
+{{- define "vita.secretsChecksum" -}}
+{{- include (print .Template.BasePath "/secrets.yaml") . | sha256sum -}}
+{{- end -}}
+
+{{/* The bundled Redis: only its password (a new API token must not restart the bus). */}}
+{{- define "vita.redisPasswordChecksum" -}}
+{{- include "vita.bundledRedisPassword" . | sha256sum -}}
 {{- end -}}
 
 {{- define "vita.apiTokensSecretName" -}}
@@ -285,6 +305,11 @@ envFrom:
 {{- $name := index . 1 -}}
 {{- $c := get (fromYaml (include "vita.components" $root)) $name -}}
 {{- $v := get $root.Values $c.key -}}
+{{- $gpu := $v -}}
+{{- if and $c.role (eq $root.Values.llm.backend "triton") -}}
+{{- $gpu = omit $v "device" -}}{{- /* the workers then run no model on a device */ -}}
+{{- end -}}
+{{- include "vita.gpuCheck" (list $c.key $gpu $root) -}}
 - name: {{ eq (include "vita.isKServe" .) "true" | ternary "kserve-container" $name }}
   image: {{ include "vita.image" $root }}
   imagePullPolicy: {{ $root.Values.image.pullPolicy }}
@@ -303,7 +328,9 @@ envFrom:
     {{- if and (eq $name "orchestrator") $root.Values.tls.enabled }}
     - {name: health, containerPort: {{ $root.Values.ports.health }}, protocol: TCP}
     {{- end }}
-  # gRPC health (grpc.health.v1): SERVING only once the model is loaded, NOT_SERVING while draining.
+  # gRPC health (grpc.health.v1, services/vita/runtime/server.py and readiness.py): SERVING only once the model is
+  # loaded, NOT_SERVING while draining. Startup and liveness ask "" (the process: a Redis outage must not restart
+  # every pod); readiness asks `readiness`, which also follows the bus (NOT_SERVING while Redis does not answer).
   {{- $probePort := $root.Values.ports.grpc }}
   {{- if and (eq $name "orchestrator") $root.Values.tls.enabled }}
   {{- $probePort = $root.Values.ports.health }}
@@ -313,7 +340,7 @@ envFrom:
     periodSeconds: {{ $v.startupProbe.periodSeconds }}
     failureThreshold: {{ $v.startupProbe.failureThreshold }}
   readinessProbe:
-    grpc: {port: {{ $probePort }}}
+    grpc: {port: {{ $probePort }}, service: readiness}
     periodSeconds: 10
     failureThreshold: 2
   livenessProbe:
@@ -359,18 +386,7 @@ securityContext:
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with $v.nodeSelector }}
-nodeSelector:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- with $v.tolerations }}
-tolerations:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- with $v.affinity }}
-affinity:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
+{{- include "vita.scheduling" (list $root $name $v) }}
 volumes:
   - name: tmp
     emptyDir: {sizeLimit: 1Gi}
@@ -395,6 +411,65 @@ volumes:
       claimName: {{ required "model.pvc.claimName is required when model.source is pvc" $root.Values.model.pvc.claimName }}
       readOnly: true
   {{- end }}
+{{- end -}}
+
+{{/* Where a pod runs: include "vita.scheduling" (list $ "component" $values) with $values the component's values
+(nodeSelector, tolerations, affinity, topologySpreadConstraints, priorityClassName). A spread constraint without a
+labelSelector gets the component's own selector labels (what it almost always means: spread this component's pods). */}}
+{{- define "vita.scheduling" -}}
+{{- $root := index . 0 -}}
+{{- $name := index . 1 -}}
+{{- $v := index . 2 -}}
+{{- with $v.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with $v.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- range . }}
+  {{- $tsc := deepCopy . }}
+  {{- if not (hasKey $tsc "labelSelector") }}
+  {{- $_ := set $tsc "labelSelector" (dict "matchLabels" (fromYaml (include "vita.selectorLabels" (list $root $name)))) }}
+  {{- end }}
+  - {{- toYaml $tsc | nindent 4 }}
+  {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* A pod that asks for a GPU: `<key>.device: cuda...` needs a `nvidia.com/gpu` limit (without one the device plugin
+gives the container no GPU and the service fails at start-up) and the CUDA image (the cpu variant's torch has no
+CUDA). Extended resources also need requests equal to limits, which the API server checks only at apply time.
+include "vita.gpuCheck" (list "audioEncoder" $values $root) */}}
+{{- define "vita.gpuCheck" -}}
+{{- $key := index . 0 -}}
+{{- $v := index . 1 -}}
+{{- $root := index . 2 -}}
+{{- $limits := $v.resources.limits | default dict -}}
+{{- $requests := $v.resources.requests | default dict -}}
+{{- if and (hasKey $requests "nvidia.com/gpu") (hasKey $limits "nvidia.com/gpu") -}}
+{{- if ne (toString (index $requests "nvidia.com/gpu")) (toString (index $limits "nvidia.com/gpu")) -}}
+{{- fail (printf "%s.resources: requests and limits of nvidia.com/gpu differ (%v, %v); Kubernetes needs them equal" $key (index $requests "nvidia.com/gpu") (index $limits "nvidia.com/gpu")) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (hasKey $v "device") (hasPrefix "cuda" (toString $v.device)) -}}
+{{- if not (index $limits "nvidia.com/gpu") -}}
+{{- fail (printf "%s.device is %s but %s.resources.limits has no nvidia.com/gpu: the pod would get no GPU" $key $v.device $key) -}}
+{{- end -}}
+{{- if and (eq $root.Values.image.variant "cpu") (not $root.Values.image.tag) -}}
+{{- fail (printf "%s.device is %s but image.variant is cpu (torch without CUDA): set image.variant: cuda" $key $v.device) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Whether a component runs as a KServe InferenceService rather than a Deployment. */}}
