@@ -11,12 +11,12 @@ import math
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import grpc
 
 from vita.errors import VitaError, one_line
-from vita.usage import EXIT_USAGE, ArgumentParser, int_in
+from vita.usage import EXIT_USAGE, ArgumentParser, float_in, int_in
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 3, 130
 DEFAULT_PRESET = "mixtral-8x7b"  # `vita model-info` without --preset or --target
@@ -373,7 +373,7 @@ def _stand_in_arguments(p: argparse.ArgumentParser, tower: str, items: str, *, s
     p.add_argument("--preset", default="tiny-224", help=f"model preset whose {tower} encoder to train (default: %(default)s)")
     p.add_argument("--steps", type=int_in(1, _INT32), default=steps, help="optimizer steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int_in(1, 4096), default=batch_size, help=f"{items} per step (default: %(default)s)")
-    p.add_argument("--lr", type=_float_in(0.0, 1.0, open_low=True), default=lr,
+    p.add_argument("--lr", type=float_in(0.0, 1.0, open_low=True), default=lr,
                    help="peak AdamW learning rate, one-cycle schedule (default: %(default)s)")
     p.add_argument("--seed", type=int_in(0, _INT32), default=0, help="the encoder's initial weights (default: 0)")
     p.add_argument("--data-seed", type=int_in(0, _INT32), default=data_seed,
@@ -394,23 +394,9 @@ def _text(value: str) -> str:
     return value
 
 
-def _float_in(low: float, high: float, *, open_low: bool = False) -> Callable[[str], float]:
-    def parse(value: str) -> float:
-        try:
-            number = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-        if not (low < number if open_low else low <= number) or not number <= high:
-            raise argparse.ArgumentTypeError(f"{number} is outside {'(' if open_low else '['}{low}, {high}]")
-        return number
-
-    parse.__name__ = "number"
-    return parse
-
-
 _INT32 = 2**31 - 1
 _TOKENS = int_in(1, _INT32)
-_TEMPERATURE = _float_in(0.0, 100.0)
+_TEMPERATURE = float_in(0.0, 100.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -457,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", type=_text, help="system prompt override")
     p.add_argument("--max-tokens", type=_TOKENS, default=64)
     p.add_argument("--temperature", type=_TEMPERATURE, default=0.0, help="0 means greedy")
-    p.add_argument("--top-p", type=_float_in(0.0, 1.0, open_low=True), default=1.0)
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, open_low=True), default=1.0)
     p.add_argument("--top-k", type=int_in(0, _INT32), default=0)
     p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=None)
     p.add_argument("--threads", type=int_in(1, 1024), default=None,
@@ -502,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on the answer's tokens (default: the server's default_max_tokens, which `vita "
                         "model-info --target` shows)")
     p.add_argument("--temperature", type=_TEMPERATURE, default=0.0)
-    p.add_argument("--timeout", type=_float_in(0.0, math.inf, open_low=True), default=120.0,
+    p.add_argument("--timeout", type=float_in(0.0, math.inf, open_low=True), default=120.0,
                    help="seconds to wait for the whole answer before giving up (default: %(default)s)")
     p.set_defaults(func=_ask)
 

@@ -56,3 +56,19 @@ def int_in(low: int, high: int) -> Callable[[str], int]:
 
     parse.__name__ = "integer"
     return parse
+
+
+def float_in(low: float, high: float, *, open_low: bool = False) -> Callable[[str], float]:
+    """An argparse `type` for a number in [low, high] ((low, high] with `open_low`): anything else is a usage error
+    naming the flag and the range, exit 2."""
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        if not (low < number if open_low else low <= number) or not number <= high:
+            raise argparse.ArgumentTypeError(f"{number} is outside {'(' if open_low else '['}{low}, {high}]")
+        return number
+
+    parse.__name__ = "number"
+    return parse

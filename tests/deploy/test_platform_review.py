@@ -329,3 +329,19 @@ def test_an_upgrade_with_changed_values_keeps_immutable_fields(change):
     for key in before.keys() & after.keys():
         for path in IMMUTABLE.get(key[0], []):
             assert _get(before[key], path) == _get(after[key], path), f"{key}: {path} changes"
+
+
+def test_the_orchestrator_drains_after_its_endpoint_removal_has_spread():
+    """--drain-delay-s from orchestrator.drainDelaySeconds: NOT_SERVING first, calls still taken for the delay,
+    then the 10 s grace (vita.runtime.server.GRACE_S), all within the pod's terminationGracePeriodSeconds; the
+    schema refuses a delay that would not fit."""
+    from vita.runtime.server import GRACE_S
+
+    for values, delay in (({}, "5"), ({"orchestrator": {"drainDelaySeconds": 12}}, "12")):
+        spec = k8s.pod_spec(k8s.one(k8s.render(k8s.VITA_CHART, values), "Deployment", f"{k8s.RELEASE}-orchestrator"))
+        args = spec["containers"][0]["args"]
+        assert args[args.index("--drain-delay-s") + 1] == delay
+        assert float(delay) + GRACE_S < spec["terminationGracePeriodSeconds"]
+    with helm.Chart.load(str(k8s.VITA_CHART)) as chart, pytest.raises(helm.HelmValuesError) as e:
+        chart.render({"orchestrator": {"drainDelaySeconds": 25}}, name=k8s.RELEASE, namespace=k8s.NAMESPACE)
+    assert "/orchestrator/drainDelaySeconds" in str(e.value)

@@ -72,3 +72,33 @@ def test_readiness_follows_redis_and_liveness_does_not(tiny_model_dir, tmp_path)
             assert [status(stub, s) for s in ("", "vita.v1.Assistant")] == [SERVING] * 2
             assert bus_up(metrics_port) == 1
             assert "bus reachable again: ready" in log.read_text()
+
+
+def test_a_drain_keeps_taking_calls_for_its_delay_after_reporting_not_serving():
+    """SIGTERM's drain with --drain-delay-s: NOT_SERVING at once (load balancers stop sending), but a client that
+    has not heard yet still gets answers (a new connection, a new call) until the delay ends."""
+    import asyncio
+
+    from vita.runtime.server import GrpcService, ServiceServer
+
+    async def scenario() -> tuple[int, int]:
+        server = ServiceServer([GrpcService("vita.v1.Assistant", lambda s: None)], drain_delay_s=600)
+        await server.start()
+        drain = asyncio.get_running_loop().create_task(server.drain())
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                async for reply in stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60):
+                    if reply.status == NOT_SERVING:
+                        break
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as late:  # a client that has not heard
+                stub = health_pb2_grpc.HealthStub(late)
+                answers = [(await stub.Check(health_pb2.HealthCheckRequest(service=s), timeout=30)).status
+                           for s in ("", READINESS)]
+            return drain.done(), answers
+        finally:
+            drain.cancel()
+            await server.server.stop(0)
+
+    done, answers = asyncio.run(scenario())
+    assert not done and answers == [NOT_SERVING, NOT_SERVING]

@@ -179,6 +179,8 @@ llm-monitor: {key: llmMonitor, service: llm, role: monitor, pool: "llm:monitor"}
 - {{ $v.encodeTimeout | quote }}
 - --token-timeout
 - {{ $v.tokenTimeout | quote }}
+- --drain-delay-s
+- {{ $v.drainDelaySeconds | quote }}
 {{- if $root.Values.auth.enabled }}
 - --api-tokens
 - /etc/vita/auth/tokens

@@ -17,7 +17,7 @@ from vita.telemetry.heap import start_heap_trace
 from vita.telemetry.logging import configure_logging
 from vita.telemetry.metrics import Metrics, serve_metrics
 from vita.telemetry.tracing import configure_tracing
-from vita.usage import int_in
+from vita.usage import float_in, int_in
 
 # A TCP port flag: a value outside it is a usage error (exit 2) naming the flag, as `vita up --port 99999` is; not
 # the port modulo 65536 (gRPC's choice) nor bind()'s OverflowError. 0 keeps each flag's documented meaning.
@@ -58,6 +58,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                    help="how long each Redis command keeps reconnecting (a restart, a stall) before it fails")
     g.add_argument("--backlog-limit", type=BACKLOG_LIMIT, default=1_000,
                    help="jobs waiting or running in a pool beyond which requests are refused (RESOURCE_EXHAUSTED)")
+    g.add_argument("--drain-delay-s", type=float_in(0.0, 600.0), default=0.0,
+                   help="on SIGTERM, report NOT_SERVING and keep taking calls this long before the drain stops "
+                        "accepting them: the time a load balancer needs to see the change (Kubernetes: a few "
+                        "seconds for the endpoint removal to reach every node); 0: stop at once")
     g.add_argument("--otlp-endpoint", default=None, help="send OpenTelemetry spans here (OTLP/gRPC); off by default")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")

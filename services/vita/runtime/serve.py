@@ -89,7 +89,8 @@ async def serve(name: str, args: argparse.Namespace, build: Build, *, threads: i
             model_dir = check_model_dir(args.model) if args.model else build_tiny_checkpoint()
             service = await build(Context(args, model_dir, redis, bus, metrics, resources))
             server = ServiceServer(service.grpc, host=args.host, port=args.grpc_port, access=access, tls=tls,
-                                   health_port=args.health_port, max_message_bytes=args.max_message_bytes)
+                                   health_port=args.health_port, max_message_bytes=args.max_message_bytes,
+                                   drain_delay_s=args.drain_delay_s)
             await server.start()
             metrics.bus_up.set(1)
             bus_watch = BusReadiness(redis, server.set_ready, url=args.redis,

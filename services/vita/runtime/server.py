@@ -1,8 +1,10 @@
 """What every service's gRPC server has: health checking, reflection, and a graceful drain on SIGTERM.
 
 Health: `""` answers for the process (liveness), `readiness` and each API service's name for whether it can serve
-now (runtime/readiness.py: they follow the bus). Drain order (as Kubernetes expects): health flips to NOT_SERVING so the load balancer stops sending, the server
-stops accepting new calls, in-flight calls get `grace_s` to finish, then the process exits.
+now (runtime/readiness.py: they follow the bus). Drain order (as Kubernetes expects): health flips to NOT_SERVING
+so the load balancer stops sending, calls are still taken for `drain_delay_s` (while that news spreads: a pod's
+endpoint removal reaches kube-proxy on every node seconds after the SIGTERM), then the server stops accepting new
+calls, in-flight calls get `grace_s` to finish, and the process exits.
 """
 
 from __future__ import annotations
@@ -95,15 +97,17 @@ def _stderr_dropped_on_error() -> Iterator[None]:
 
 class ServiceServer:
     """`access`: token check, rate and session limits (runtime/access.py); `tls`: serve TLS or mutual TLS, and
-    then, with `health_port`, also grpc.health.v1 alone in plaintext there (Kubernetes' gRPC probes speak no TLS).
+    then, with `health_port`, also grpc.health.v1 alone in plaintext there (Kubernetes' gRPC probes speak no TLS);
+    `drain_delay_s`: seconds between NOT_SERVING and no longer accepting calls, once a drain starts.
     A request larger than `max_message_bytes` is refused by gRPC itself with RESOURCE_EXHAUSTED."""
 
     def __init__(self, services: Sequence[GrpcService], *, host: str = "127.0.0.1", port: int = 0,
                  grace_s: float = GRACE_S, max_message_bytes: int = MAX_MESSAGE_BYTES,
                  access: AccessPolicy | None = None, tls: ServerTLS | None = None,
-                 health_port: int | None = None) -> None:
+                 health_port: int | None = None, drain_delay_s: float = 0.0) -> None:
         self.services = services
         self.grace_s = grace_s
+        self.drain_delay_s = drain_delay_s
         self.access = AccessInterceptor(access) if access is not None and access.enabled else None
         # StatusGuard: undecodable requests and unexpected errors end in a proper status, never bare INTERNAL/UNKNOWN.
         interceptors = [StatusGuard(), *([self.access] if self.access is not None else [])]
@@ -162,6 +166,8 @@ class ServiceServer:
 
     async def _drain(self) -> None:
         await self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.drain_delay_s > 0:
+            await asyncio.sleep(self.drain_delay_s)  # calls still taken while load balancers learn of the drain
         await self.server.stop(self.grace_s)
         if self.health_server is not None:
             await self.health_server.stop(0)
@@ -171,7 +177,8 @@ class ServiceServer:
         loop = asyncio.get_running_loop()
 
         def handle(sig: signal.Signals) -> None:
-            log.info("draining", extra={"signal": sig.name, "grace_s": self.grace_s})
+            log.info("draining", extra={"signal": sig.name, "grace_s": self.grace_s,
+                                        "drain_delay_s": self.drain_delay_s})
             if on_drain is not None:
                 on_drain()
             self._start_drain()
