@@ -785,6 +785,116 @@ def test_a_bad_image_or_an_over_long_text_is_refused_with_the_event_id_and_stays
     assert done[-1]["response"]["status"] == "completed"
 
 
+def test_a_lone_surrogate_is_invalid_json_and_does_not_wedge_the_session(stack, redis):
+    # `\ud800` escapes a lone surrogate: Python's JSON reader takes it, no UTF-8 (protobuf strings, the orchestrator,
+    # other clients' JSON readers) can. It used to be taken as an item, then fail response.create with a server_error
+    # that left the session believing a response was on its way: every later response.create was refused.
+    async def main():
+        ws = await _raw(stack)
+        try:
+            await _next(ws, "session.created")
+            await ws.send('{"type": "conversation.item.create", "event_id": "u1", "item": {"type": "message", '
+                          '"role": "user", "content": [{"type": "input_text", "text": "hi \\ud800 there"}]}}')
+            item = await _until_any(ws, {"error", "conversation.item.created"})
+            await ws.send('{"type": "session.update", "event_id": "u2", "session": {"type": "realtime", '
+                          '"instructions": "\\udfff"}}')
+            update = await _until_any(ws, {"error", "session.updated"})
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": _text_item("Hello \U0001F600")}))
+            await _next(ws, "conversation.item.created")
+            await ws.send(json.dumps({"type": "response.create", "event_id": "u3",
+                                      "response": {"output_modalities": ["text"]}}))
+            done = await _until_any(ws, {"response.done"})
+            return item, update, done
+        finally:
+            await ws.close()
+
+    item, update, done = run(main())
+    for refused, event_id in ((item, "u1"), (update, "u2")):
+        assert [e["type"] for e in refused] == ["error"]
+        assert (refused[0]["error"]["code"], refused[0]["error"]["event_id"]) == ("invalid_json", event_id)
+        assert "lone surrogate" in refused[0]["error"]["message"]
+    assert not [e for e in done if e["type"] == "error"]
+    assert done[-1]["response"]["status"] == "completed"  # (a surrogate pair, the emoji, is Unicode: taken)
+
+
+def test_response_cancel_right_after_response_create_cancels_that_response(stack, redis):
+    # OpenAI creates the response as it reads response.create, so a response.cancel sent right behind it cancels it.
+    # Here the answer starts when the orchestrator has it: a cancel in between used to be refused
+    # (response_cancel_not_active) and the whole answer was spoken.
+    async def main():
+        ws = await _raw(stack)
+        try:
+            created = await _next(ws, "session.created")
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": _text_item("Hello.")}))
+            await ws.send(json.dumps({"type": "response.create", "event_id": "c1"}))
+            await ws.send(json.dumps({"type": "response.cancel", "event_id": "c2"}))
+            cancelled = await _until_any(ws, {"response.done"})
+            # the session goes on: a typed question is answered (in text: its deltas are never empty)
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": _text_item("And now?")}))
+            await ws.send(json.dumps({"type": "response.create", "response": {"output_modalities": ["text"]}}))
+            answered = await _until_any(ws, {"response.done"})
+            return created, cancelled, answered
+        finally:
+            await ws.close()
+
+    created, cancelled, answered = run(main())
+    assert not [e for e in cancelled if e["type"] == "error"]
+    done = cancelled[-1]["response"]
+    assert (done["status"], done["status_details"]["reason"]) == ("cancelled", "client_cancelled")
+    assert not [e for e in cancelled if e["type"] == "response.output_audio.delta"]  # nothing of it was spoken
+    turns = stored(redis, stack, created["session"]["id"].removeprefix("sess_")).turns
+    assert turns[1].interrupted and turns[1].content == ""  # the history keeps what was heard: nothing
+    assert answered[-1]["response"]["status"] == "completed"
+    deltas = [e["delta"] for e in answered if e["type"] == "response.output_text.delta"]
+    assert deltas and all(deltas)  # OpenAI sends no empty deltas
+    assert "".join(deltas) == answered[-1]["response"]["output"][0]["content"][0]["text"]
+
+
+def test_a_beta_client_gets_the_beta_api_events_and_its_session_fields_are_taken(stack):
+    # `client.beta.realtime.connect` (and clients written before the GA API) send `OpenAI-Beta: realtime=v1` and speak
+    # the beta API: top-level voice / input_audio_format / turn_detection / temperature, and the beta event names
+    # (response.audio.delta, response.audio_transcript.delta, ...). Answered in GA terms, such a client had its usual
+    # session.update refused and parsed every audio delta as some other event: it heard nothing.
+    async def main():
+        client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port(stack)}/v1", api_key=TOKEN,
+                             websocket_base_url=f"ws://127.0.0.1:{port(stack)}/v1")
+        async with client.beta.realtime.connect(model="vita-tiny") as conn:
+            ev = Events(conn)
+            created = await ev.until("session.created")
+            await conn.session.update(session={
+                "modalities": ["text", "audio"], "voice": "alloy", "input_audio_format": "pcm16",
+                "output_audio_format": "pcm16", "turn_detection": {"type": "server_vad", "silence_duration_ms": 600},
+                "input_audio_transcription": None, "temperature": 0.8, "max_response_output_tokens": 12})
+            updated = await ev.until("session.updated")
+            await conn.session.update(session={"voice": "nosuchvoice"})
+            refused_voice = await ev.until("error")
+            await conn.session.update(session={"input_audio_format": "g711_ulaw"})
+            refused_format = await ev.until("error")
+            await conn.conversation.item.create(item=_text_item("Hello."))
+            await conn.response.create(response={"modalities": ["text", "audio"], "voice": "alloy"})
+            done = await ev.until("response.done")
+            return created, updated, refused_voice, refused_format, done, ev
+
+    created, updated, refused_voice, refused_format, done, ev = run(main())
+    assert type(created).__module__.startswith("openai.types.beta.realtime")
+    assert (created.session.modalities, created.session.voice, created.session.input_audio_format) == (
+        ["text", "audio"], DEFAULT_VOICE, "pcm16")
+    session = updated.session
+    assert (session.voice, session.temperature, session.max_response_output_tokens) == ("alloy", 0.8, 12)
+    assert session.turn_detection.type == "server_vad" and session.turn_detection.silence_duration_ms == 600
+    assert (refused_voice.error.code, refused_voice.error.param) == ("invalid_value", "session.voice")
+    assert refused_format.error.param == "session.input_audio_format"
+    types = ev.types()
+    assert "response.audio.delta" in types and "response.audio_transcript.delta" in types
+    assert not [t for t in types if t.startswith(("response.output_audio", "response.output_text"))]  # (GA names)
+    assert all(type(e).__name__ == "ResponseAudioDeltaEvent" for e in ev.of("response.audio.delta"))
+    transcript = "".join(e.delta for e in ev.of("response.audio_transcript.delta"))
+    assert transcript and ev.of("response.audio_transcript.done")[0].transcript == transcript
+    assert done.response.status in ("completed", "incomplete") and done.response.modalities == ["text", "audio"]
+    assert done.response.output[0].content[0].type == "audio"  # (the GA API's output_audio)
+    assert done.response.output[0].content[0].transcript == transcript
+
+
 def test_truncate_past_the_audio_or_past_an_earlier_truncation_is_refused(stack, query_clip):
     async def main():
         ws = await _raw(stack)

@@ -1,11 +1,14 @@
 """Readiness follows the bus (vita/runtime/readiness.py): a real orchestrator process on a private redis-server
 reports `readiness` (and `vita.v1.Assistant`) NOT_SERVING while Redis is down and SERVING once it is back, while
-`""` (the process: what a liveness probe asks) stays SERVING throughout; `vita:bus_up` and the log say the same.
+`""` (the process: what a liveness probe asks) stays SERVING throughout; `vita:bus_up` and the log say the same,
+and the Realtime gateway in front of it answers /readyz 503 meanwhile.
 Each step waits for the status it expects (a Health.Watch stream), never for a fixed time."""
 
 from __future__ import annotations
 
 import sys
+import time
+import urllib.error
 import urllib.request
 import uuid
 
@@ -41,6 +44,23 @@ def wait_status(stub: health_pb2_grpc.HealthStub, service: str, wanted: int, tim
                 f"in {timeout_s:g} s (saw {seen})")
 
 
+def readyz(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def wait_readyz(port: int, status: int, timeout_s: float = 60) -> str:
+    """The Realtime gateway's /readyz once it answers `status` (it caches the orchestrator's answer for 2 s)."""
+    deadline = time.monotonic() + timeout_s
+    while (answer := readyz(port))[0] != status:
+        assert time.monotonic() < deadline, f"/readyz still {answer} after {timeout_s:g} s"
+        time.sleep(0.2)
+    return answer[1]
+
+
 def bus_up(metrics_port: int) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("vita:bus_up "))
@@ -55,7 +75,11 @@ def test_readiness_follows_redis_and_liveness_does_not(tiny_model_dir, tmp_path)
             sys.executable, "-m", "vita.orchestrator", "--model", str(tiny_model_dir), "--redis", server.url,
             "--prefix", f"test:{uuid.uuid4().hex[:12]}", "--grpc-port", str(port), "--plain-logs",
             "--metrics-port", str(metrics_port), "--redis-outage-s", "2"], port, str(log))
-        with running(service), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        gateway_port = free_port()
+        gateway = ServiceProcess("realtime", [
+            sys.executable, "-m", "vita.realtime", "--orchestrator", f"127.0.0.1:{port}", "--port", str(gateway_port)],
+            gateway_port, str(tmp_path / "realtime.log"), health="http")
+        with running(service, gateway), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             assert [status(stub, s) for s in ("", READINESS, "vita.v1.Assistant")] == [SERVING] * 3
             assert bus_up(metrics_port) == 1
@@ -66,12 +90,15 @@ def test_readiness_follows_redis_and_liveness_does_not(tiny_model_dir, tmp_path)
             assert status(stub, "") == SERVING  # the process is fine: no liveness restart for an outage of Redis
             assert bus_up(metrics_port) == 0
             assert "bus unreachable: not ready" in log.read_text()
+            # The Realtime gateway in front of it takes no sessions either (its readiness asks the orchestrator's).
+            assert "NOT_SERVING" in wait_readyz(gateway_port, 503)
 
             server.start()  # the same port, as a restarted Redis pod behind its Service
             wait_status(stub, READINESS, SERVING)
             assert [status(stub, s) for s in ("", "vita.v1.Assistant")] == [SERVING] * 2
             assert bus_up(metrics_port) == 1
             assert "bus reachable again: ready" in log.read_text()
+            wait_readyz(gateway_port, 200)
 
 
 def test_a_drain_keeps_taking_calls_for_its_delay_after_reporting_not_serving():

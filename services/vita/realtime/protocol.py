@@ -68,8 +68,30 @@ def _finite(text: str) -> float:
 
 def _loads(raw: str | bytes) -> Any:
     """Strict JSON: Python's reader also takes NaN, Infinity and 1e999, which would come back to clients (echoed
-    items, session values) as something their JSON readers refuse."""
-    return json.loads(raw, parse_constant=_not_json, parse_float=_finite)
+    items, session values) as something their JSON readers refuse, and `\\ud800`-style escapes of lone surrogates,
+    which are no Unicode text (I-JSON, RFC 7493): no UTF-8 encodes them, so neither the orchestrator (protobuf
+    strings) nor a client could take them back."""
+    value = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
+    _check_unicode(value)
+    return value
+
+
+def _check_unicode(value: Any) -> None:
+    """ValueError naming the first string (or key) of `value` that is not Unicode text (a lone surrogate)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str) and not item.isascii():
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"the string {item[:24]!r} has a lone surrogate ({e.object[e.start]!r}), which is "
+                                 "not Unicode text") from None
 
 
 def parse_client_event(raw: str | bytes) -> dict:
@@ -96,11 +118,12 @@ def parse_client_event(raw: str | bytes) -> dict:
 
 def client_event_id(raw: str | bytes) -> str | None:
     """The `event_id` of a client message, when it has a readable one (for the error it gets)."""
-    try:
-        event = _loads(raw)
+    try:  # (not _loads: a lone surrogate elsewhere in the event leaves its event_id readable)
+        event = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
+        event_id = event.get("event_id") if isinstance(event, dict) else None
+        _check_unicode(event_id)
     except (ValueError, RecursionError):
         return None
-    event_id = event.get("event_id") if isinstance(event, dict) else None
     return event_id if isinstance(event_id, str) else None
 
 
@@ -194,6 +217,7 @@ class SessionSettings:
     speed: float = 1.0
     max_output_tokens: int | str = "inf"
     turn_detection: dict = field(default_factory=lambda: {"type": "server_vad"})
+    temperature: float | None = None  # (the beta API's session.temperature; None: the server's decoding)
 
     def to_converse(self, *, resume: bool = False) -> SessionConfig:
         td = self.turn_detection
@@ -211,7 +235,8 @@ class SessionSettings:
             vad.incomplete_silence_ms = -1
         config = SessionConfig(
             session_id=self.session_id, resume=resume, audio_sample_rate_hz=self.input_rate, vad=vad,
-            sampling=SamplingParams(max_tokens=0 if self.max_output_tokens == "inf" else self.max_output_tokens))
+            sampling=SamplingParams(max_tokens=0 if self.max_output_tokens == "inf" else self.max_output_tokens,
+                                    temperature=self.temperature or 0.0))
         if self.instructions:
             config.system_prompt = self.instructions
         return config
@@ -220,8 +245,10 @@ class SessionSettings:
         """The segmentation this session gets, with the server defaults for what it does not set."""
         return session_vad(VADConfig(), self.to_converse())
 
-    def to_api(self) -> dict:
-        """The `session` object of session.created / session.updated."""
+    def to_api(self, *, beta: bool = False) -> dict:
+        """The `session` object of session.created / session.updated (`beta`: in the beta API's shape)."""
+        if beta:
+            return beta_session(self.to_api(), self.temperature)
         vad = self.vad()
         return {
             "type": "realtime", "object": "realtime.session", "id": SESSION_ID_PREFIX + self.session_id, "model": self.model,
@@ -245,12 +272,16 @@ class SessionSettings:
             },
         }
 
-    def updated(self, session: Any) -> SessionSettings:
-        """A copy with a `session.update`'s fields applied; RealtimeError (naming the field) if one is refused."""
+    def updated(self, session: Any, *, beta: bool = False) -> SessionSettings:
+        """A copy with a `session.update`'s fields applied; RealtimeError (naming the field) if one is refused.
+        `beta`: the session is the beta API's (`from_beta` made it GA-shaped, but for `temperature`)."""
         if not isinstance(session, dict):
             raise RealtimeError("'session' must be an object", param="session")
-        _known_keys(session, SESSION_KEYS, "session", _BETA_NAMES)
         new = copy.deepcopy(self)
+        if beta and "temperature" in session:
+            session = dict(session)
+            new.temperature = _temperature(session.pop("temperature"), "session.temperature")
+        _known_keys(session, SESSION_KEYS, "session", _BETA_NAMES)
         if session.get("type", "realtime") != "realtime":
             raise RealtimeError("only realtime sessions are supported (no transcription sessions)",
                                 param="session.type")
@@ -277,6 +308,16 @@ class SessionSettings:
         except InvalidInputError as e:
             raise RealtimeError(str(e), param="session.audio.input.turn_detection") from None
         return new
+
+
+def _temperature(value: Any, param: str) -> float | None:
+    """The beta API's temperature: 0.6..1.2, as OpenAI's (None: the server's own decoding)."""
+    if value is None:
+        return None
+    value = _typed(value, float, param)
+    if not 0.6 <= value <= 1.2:
+        raise RealtimeError(f"'{param}' must be 0.6..1.2; got {value}", param=param)
+    return value
 
 
 def check_modalities(value: Any, param: str) -> list[str]:
@@ -510,3 +551,146 @@ def usage(prompt: Any | None, output_tokens: int) -> dict:
             "input_token_details": {"text_tokens": total_in - audio - image, "audio_tokens": audio,
                                     "image_tokens": image, "cached_tokens": 0},
             "output_token_details": {"text_tokens": output_tokens, "audio_tokens": 0}}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The beta Realtime API (`OpenAI-Beta: realtime=v1` on the handshake, as `client.beta.realtime.connect` and clients
+# written before the GA API send it): the same events under their beta names and shapes, translated at the edge.
+
+BETA_HEADER, BETA_VALUE = "OpenAI-Beta", "realtime=v1"
+_BETA_EVENTS = {
+    "response.output_audio.delta": "response.audio.delta", "response.output_audio.done": "response.audio.done",
+    "response.output_audio_transcript.delta": "response.audio_transcript.delta",
+    "response.output_audio_transcript.done": "response.audio_transcript.done",
+    "response.output_text.delta": "response.text.delta", "response.output_text.done": "response.text.done"}
+_BETA_PARTS = {"output_audio": "audio", "output_text": "text"}
+# GA places -> beta names, for the `param` of an error (longest first: the first prefix that matches is taken).
+_BETA_PARAMS = (("session.audio.input.format", "session.input_audio_format"),
+                ("session.audio.input.turn_detection", "session.turn_detection"),
+                ("session.audio.input.transcription", "session.input_audio_transcription"),
+                ("session.audio.input.noise_reduction", "session.input_audio_noise_reduction"),
+                ("session.audio.output.format", "session.output_audio_format"),
+                ("session.audio.output.voice", "session.voice"), ("session.audio.output.speed", "session.speed"),
+                ("session.output_modalities", "session.modalities"),
+                ("session.max_output_tokens", "session.max_response_output_tokens"),
+                ("response.audio.output.format", "response.output_audio_format"),
+                ("response.audio.output.voice", "response.voice"),
+                ("response.output_modalities", "response.modalities"),
+                ("response.max_output_tokens", "response.max_response_output_tokens"))
+
+
+def wants_beta(value: str | None) -> bool:
+    """Whether an `OpenAI-Beta` header asks for the beta Realtime API."""
+    return value is not None and any(part.strip() == BETA_VALUE for part in value.split(","))
+
+
+def _beta_format(value: Any, param: str) -> dict | None:
+    if value is None or value == "pcm16":
+        return None if value is None else {"type": "audio/pcm", "rate": SAMPLE_RATE}
+    raise RealtimeError(f"only pcm16 (24 kHz PCM16 mono) audio is supported; got {value!r}", param=param)
+
+
+def _moved(params: dict, moves: dict[str, tuple[str, ...]], where: str) -> dict:
+    """`params` with the beta fields in `moves` put at their GA places (a GA field given too is kept beside)."""
+    out = {key: value for key, value in params.items() if key not in moves}
+    for key, path in moves.items():
+        if key not in params:
+            continue
+        value = params[key]
+        if key.endswith("_audio_format"):
+            value = _beta_format(value, f"{where}.{key}")
+            if value is None:
+                continue
+        node = out
+        for name in path[:-1]:
+            child = node.get(name)
+            if child is None:
+                child = node[name] = {}
+            elif not isinstance(child, dict):
+                return out  # (the GA field is not an object: refused by the GA checks)
+            else:
+                child = node[name] = dict(child)
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+_BETA_SESSION_MOVES = {
+    "voice": ("audio", "output", "voice"), "speed": ("audio", "output", "speed"),
+    "input_audio_format": ("audio", "input", "format"), "output_audio_format": ("audio", "output", "format"),
+    "turn_detection": ("audio", "input", "turn_detection"),
+    "input_audio_transcription": ("audio", "input", "transcription"),
+    "input_audio_noise_reduction": ("audio", "input", "noise_reduction"),
+    "max_response_output_tokens": ("max_output_tokens",)}
+_BETA_RESPONSE_MOVES = {"voice": ("audio", "output", "voice"), "output_audio_format": ("audio", "output", "format"),
+                        "max_response_output_tokens": ("max_output_tokens",)}
+
+
+def from_beta(event: dict, settings: SessionSettings) -> dict:
+    """A beta client event in the GA shape the handlers read (its `temperature` left for `updated(beta=True)`)."""
+    kind = event["type"]
+    if kind == "session.update" and isinstance(event.get("session"), dict):
+        session = _moved(event["session"], _BETA_SESSION_MOVES, "session")
+        return {**event, "session": session}
+    if kind == "response.create" and isinstance(event.get("response"), dict):
+        response = dict(event["response"])
+        # the orchestrator decodes per session: the session's temperature only
+        if "temperature" in response and \
+                _temperature(response.pop("temperature"), "response.temperature") != settings.temperature:
+            raise RealtimeError("temperature for one response is not supported (the orchestrator takes it per "
+                                f"session; this session's is {settings.temperature!r}): set it with "
+                                "session.update", code="unsupported_parameter", param="response.temperature")
+        return {**event, "response": _moved(response, _BETA_RESPONSE_MOVES, "response")}
+    return event
+
+
+def beta_param(param: str | None) -> str | None:
+    """An error's `param`, named as the beta API names it."""
+    for ga, beta in _BETA_PARAMS:
+        if param is not None and (param == ga or param.startswith(ga + ".")):
+            return beta + param[len(ga):]
+    return param
+
+
+def _beta_item(item: dict) -> dict:
+    content = item.get("content")
+    if not isinstance(content, list):
+        return item
+    return {**item, "content": [{**part, "type": _BETA_PARTS.get(part.get("type"), part.get("type"))}
+                                for part in content]}
+
+
+def _beta_modalities(modalities: list[str]) -> list[str]:
+    return ["text", "audio"] if "audio" in modalities else ["text"]  # (a beta audio answer has its transcript)
+
+
+def beta_session(session: dict, temperature: float | None) -> dict:
+    """The beta API's session object from the GA one."""
+    audio = session["audio"]
+    return {"id": session["id"], "object": session["object"], "model": session["model"],
+            "modalities": _beta_modalities(session["output_modalities"]), "instructions": session["instructions"],
+            "voice": audio["output"]["voice"], "speed": audio["output"]["speed"],
+            "input_audio_format": "pcm16", "output_audio_format": "pcm16", "input_audio_transcription": None,
+            "input_audio_noise_reduction": None, "turn_detection": audio["input"]["turn_detection"],
+            "tools": [], "tool_choice": "auto", "temperature": temperature,
+            "max_response_output_tokens": session["max_output_tokens"],
+            # (the input rate, an extension of this server: beta clients send 24 kHz pcm16)
+            "input_audio_rate": audio["input"]["format"]["rate"]}
+
+
+def to_beta(event: dict) -> dict:
+    """A server event under its beta name and shape (sessions are made by `SessionSettings.to_api(beta=True)`)."""
+    event = {**event, "type": _BETA_EVENTS.get(event["type"], event["type"])}
+    if isinstance(event.get("item"), dict):
+        event["item"] = _beta_item(event["item"])
+    response = event.get("response")
+    if isinstance(response, dict) and response.get("object") == "realtime.response":
+        response = {key: value for key, value in response.items() if key not in ("output_modalities", "audio")}
+        response["modalities"] = _beta_modalities(event["response"]["output_modalities"])
+        response["voice"] = event["response"]["audio"]["output"]["voice"]
+        response["output_audio_format"] = "pcm16"
+        response["output"] = [_beta_item(item) for item in response.get("output") or []]
+        event["response"] = response
+    if event["type"] == "error" and isinstance(event.get("error"), dict):
+        event["error"] = {**event["error"], "param": beta_param(event["error"].get("param"))}
+    return event

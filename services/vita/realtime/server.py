@@ -34,11 +34,12 @@ from websockets.http11 import Request, Response
 
 from vita.errors import PortInUse, VitaError, one_line
 from vita.realtime.console import console_response
-from vita.realtime.protocol import SESSION_ID_PREFIX, SessionSettings
+from vita.realtime.protocol import BETA_HEADER, SESSION_ID_PREFIX, SessionSettings, wants_beta
 from vita.realtime.session import RealtimeSession
 from vita.realtime.tts import make_tts
 from vita.runtime.access import TokenSet, bearer_token, load_tokens
 from vita.runtime.args import PORT
+from vita.runtime.readiness import READINESS
 from vita.runtime.tls import channel_credentials
 from vita.usage import ArgumentParser
 from vita.v1.assistant_pb2_grpc import AssistantStub
@@ -109,12 +110,19 @@ class RealtimeServer:
         return reason
 
     async def _check_orchestrator(self) -> str | None:
-        try:
-            reply = await self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=READY_TIMEOUT_S)
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # an orchestrator without the health service: it answered
-                return None
-            return f"the orchestrator at {self.orchestrator} is unreachable: {e.code().name}: {e.details()}"
+        """The orchestrator's `readiness` (it follows the bus: vita/runtime/readiness.py), or `""` from one that
+        does not report it (NOT_FOUND: an older release)."""
+        for service in (READINESS, ""):
+            try:
+                reply = await self.health.Check(health_pb2.HealthCheckRequest(service=service),
+                                                timeout=READY_TIMEOUT_S)
+                break
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.NOT_FOUND and service:
+                    continue
+                if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # no health service at all: it answered
+                    return None
+                return f"the orchestrator at {self.orchestrator} is unreachable: {e.code().name}: {e.details()}"
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
             return (f"the orchestrator at {self.orchestrator} is "
                     f"{health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
@@ -147,11 +155,12 @@ class RealtimeServer:
         if resume:
             settings.session_id = resume
         metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        beta = wants_beta(ws.request.headers.get(BETA_HEADER))  # the beta Realtime API's events and shapes
         self.sessions += 1
-        log.info("session opened", extra={"model": settings.model, "resume": bool(resume)})
+        log.info("session opened", extra={"model": settings.model, "resume": bool(resume), "beta": beta})
         try:
             await RealtimeSession(ws, self.stub, settings, tts=self.tts, metadata=metadata, resume=bool(resume),
-                                  echo_guard=self.echo_guard, audio_lead_ms=self.audio_lead_ms).run()
+                                  echo_guard=self.echo_guard, audio_lead_ms=self.audio_lead_ms, beta=beta).run()
         except Exception:
             log.exception("session failed")
         finally:

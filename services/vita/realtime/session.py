@@ -46,9 +46,11 @@ from vita.realtime.protocol import (
     client_event_id,
     data_url_bytes,
     error_event,
+    from_beta,
     new_id,
     parse_client_event,
     response_params,
+    to_beta,
     usage,
     user_item,
 )
@@ -151,8 +153,9 @@ class Response:
 class RealtimeSession:
     def __init__(self, ws: ServerConnection, stub: AssistantStub, settings: SessionSettings, *, tts: str = "espeak",
                  metadata: tuple[tuple[str, str], ...] = (), resume: bool = False, echo_guard: bool = True,
-                 audio_lead_ms: int = 500) -> None:
+                 audio_lead_ms: int = 500, beta: bool = False) -> None:
         self.ws, self.stub, self.settings, self.tts_name = ws, stub, settings, tts
+        self.beta = beta  # the client speaks the beta Realtime API (OpenAI-Beta: realtime=v1): events translated
         self.audio_lead_ms = audio_lead_ms
         self.metadata, self.resume = metadata, resume
         self.limits = ConverseLimits()  # what client events are checked against: see `_started`
@@ -169,6 +172,7 @@ class RealtimeSession:
         self.sent: deque[_Sent] = deque()  # images and typed queries sent, their outcome not known yet
         self.previous: OrderedDict[str, str | None] = OrderedDict()  # item id -> the item before it in the chain
         self.pending_modality: str | None = None  # response.create sent, its answer not started yet
+        self.cancel_pending = False  # a response.cancel came for that answer before it started
         self.response: Response | None = None
         self.items: OrderedDict[str, Response] = OrderedDict()
         # Per turn, the TruncateAnswers sent and not confirmed: the client's (item, audio_end_ms), or ours (what to
@@ -233,7 +237,7 @@ class RealtimeSession:
         for limit, value in event.session_started.limits.ListFields():  # the fields set: 0 is "not stated"
             if value > 0:
                 setattr(self.limits, limit.name, value)
-        self.send({"type": "session.created", "session": self.settings.to_api()})
+        self.send({"type": "session.created", "session": self.settings.to_api(beta=self.beta)})
 
     async def _fail(self, message: str, *, code: str = "orchestrator_unavailable", kind: str = "server_error",
                     close: int = 1011) -> None:
@@ -251,7 +255,7 @@ class RealtimeSession:
 
     def send(self, event: dict) -> None:
         event.setdefault("event_id", new_id("event"))
-        self._out.put_nowait(event)
+        self._out.put_nowait(to_beta(event) if self.beta else event)
 
     async def _write(self) -> None:
         while (event := await self._out.get()) is not None:
@@ -274,6 +278,8 @@ class RealtimeSession:
     async def _on_message(self, raw: str | bytes) -> None:
         try:
             event = parse_client_event(raw)
+            if self.beta:
+                event = from_beta(event, self.settings)
             handler = getattr(self, "_on_" + event["type"].replace(".", "_"))
             result = handler(event)
             if inspect.isawaitable(result):
@@ -286,7 +292,7 @@ class RealtimeSession:
                                   client_event_id=client_event_id(raw)))
 
     def _on_session_update(self, event: dict) -> None:
-        new = self.settings.updated(event.get("session"))
+        new = self.settings.updated(event.get("session"), beta=self.beta)
         if len(new.instructions) > self.limits.max_text_chars:  # the orchestrator's limit on a system prompt
             raise RealtimeError(f"the instructions are {len(new.instructions)} characters; the limit is "
                                 f"{self.limits.max_text_chars}", code="string_above_max_length",
@@ -301,7 +307,7 @@ class RealtimeSession:
         if self.echo is not None and new.input_rate != self.settings.input_rate:
             self.echo = EchoGuard(new.input_rate)
         self.settings = new
-        self.send({"type": "session.updated", "session": new.to_api()})
+        self.send({"type": "session.updated", "session": new.to_api(beta=self.beta)})
 
     def _on_input_audio_buffer_append(self, event: dict) -> None:
         audio = b64decode(event.get("audio"), "audio")
@@ -431,16 +437,21 @@ class RealtimeSession:
         if not self.pending_text:
             raise RealtimeError("no new user input to answer: add a conversation.item.create with input_text first "
                                 "(spoken queries are answered without response.create)", code="no_user_input")
-        text, self.pending_text = "\n".join(self.pending_text), []
-        items, self.pending_items = self.pending_items, []
+        query = ClientEvent(text=TextMessage(text="\n".join(self.pending_text)))  # (made before anything changes)
+        items, self.pending_text, self.pending_items = self.pending_items, [], []
         self.pending_modality = asked.modality
         self._expect(_Sent("text", event.get("event_id"), items, modality=asked.modality, voice=asked.voice,
                            metadata=asked.metadata))
-        self._converse(ClientEvent(text=TextMessage(text=text)))
+        self._converse(query)
 
     def _on_response_cancel(self, event: dict) -> None:
         response = self._active()
         wanted = event.get("response_id")
+        if response is None and self.pending_modality is not None and not wanted:
+            # The response.create before it is in progress for the client (OpenAI creates the response at once), but
+            # its answer has not started here yet: it is cancelled as it starts (`_converse_answer_started`).
+            self.cancel_pending = True
+            return
         if response is None or (wanted and wanted != response.id):
             raise RealtimeError("there is no response in progress to cancel", code="response_cancel_not_active",
                                 param="response_id" if wanted else None)
@@ -536,9 +547,11 @@ class RealtimeSession:
         if active is not None:
             self._stop(active, "turn_detected")
         voice, metadata = self.settings.voice, None
+        cancelled = False
         if event.answer_started.state_token == "<3>":
             modality = self.pending_modality or self.settings.output_modalities[0]
             self.pending_modality = None
+            cancelled, self.cancel_pending = self.cancel_pending, False
             while self.sent:  # the typed query was taken, and the images sent before it
                 sent = self.sent.popleft()
                 if sent.kind == "text":  # its response.create's
@@ -564,6 +577,10 @@ class RealtimeSession:
         self._chain(r.item_id)
         part = {"type": "audio", "transcript": ""} if modality == "audio" else {"type": "text", "text": ""}
         self.send({"type": "response.content_part.added", **self._where(r), "part": part})
+        if cancelled:  # response.cancel came before it started: ended by its Interrupted event, nothing spoken
+            r.cancel_reason = "client_cancelled"
+            self._converse(ClientEvent(cancel=CancelAnswer(turn_id=r.turn_id)))
+            return
         if modality == "audio":
             r.speaker = asyncio.create_task(self._speak(r))
             self._converse(ClientEvent(playback=PlaybackState(playing=True)))  # a barge-in is judged early
@@ -574,7 +591,8 @@ class RealtimeSession:
             return
         r.text.append(event.delta.text)
         if r.modality == "text":
-            self.send({"type": "response.output_text.delta", **self._where(r), "delta": event.delta.text})
+            if event.delta.text:  # (a delta of token ids alone has no text: OpenAI sends no empty deltas)
+                self.send({"type": "response.output_text.delta", **self._where(r), "delta": event.delta.text})
         else:
             for sentence in r.splitter.push(event.delta.text):
                 r.sentences.put_nowait(sentence)
@@ -647,6 +665,7 @@ class RealtimeSession:
                 return
         elif self.pending_modality is not None and self._active() is None:
             self.pending_modality = None  # the typed query never became an answer: its response fails
+            self.cancel_pending = False
             sent = self._refused("text")
             if sent is not None:
                 self.send(error_event(message, code=name, kind=kind, client_event_id=sent.event_id,
