@@ -128,3 +128,38 @@ def test_bus_traffic_over_tls_with_client_certificates(pipeline, tiny_model_dir,
         asyncio.run(ping(RedisSettings(url, ca_file=str(ca.ca_file))))
     with pytest.raises(redis.ConnectionError):  # plaintext to the TLS port
         asyncio.run(ping(RedisSettings(f"redis://vita:{PASSWORD}@127.0.0.1:{server.port}/0")))
+
+
+@pytest.mark.parametrize("server", ["open", "acl"])
+def test_a_password_the_server_does_not_ask_for_is_warned_about(server, acl_redis, tmp_path, caplog):
+    """A Redis with no password takes any: the service says its password protects nothing; the ACL server refuses
+    a client without one, so nothing is said (and the check adds no outage wait)."""
+    import logging
+    import time
+
+    from vita.runtime.serve import _check_redis
+
+    if server == "acl":
+        url = f"redis://vita:{PASSWORD}@127.0.0.1:{acl_redis.port}/0"
+    else:
+        open_redis = RedisServer(str(tmp_path / "open")).start()
+        url = f"redis://:not-the-password@127.0.0.1:{open_redis.port}/0"
+
+    async def check() -> float:
+        client = connect(RedisSettings(url=url), retry=None)
+        start = time.monotonic()
+        try:
+            await _check_redis(client, url)
+        finally:
+            await client.aclose()
+        return time.monotonic() - start
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="vita.runtime.serve"):
+            took = asyncio.run(check())
+    finally:
+        if server == "open":
+            open_redis.stop()
+    warned = "Redis answers without a password" in caplog.text
+    assert warned == (server == "open")
+    assert "not-the-password" not in caplog.text and took < 5

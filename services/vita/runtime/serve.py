@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from vita.bus.streams import BusConfig
@@ -114,11 +116,35 @@ async def serve(name: str, args: argparse.Namespace, build: Build, *, threads: i
 
 
 async def _check_redis(redis: Redis, url: str) -> None:
-    """Fail at start-up, in one line, when the bus is unreachable or refuses the credentials (not at first use)."""
+    """Fail at start-up, in one line, when the bus is unreachable or refuses the credentials (not at first use);
+    warn when a password is configured but the server asks for none (it accepts any: see `_open_to_anyone`)."""
     try:
         await redis.ping()
     except (RedisError, OSError) as e:
         raise VitaError(f"cannot use Redis at {redacted(url)}: {type(e).__name__}: {e}") from None
+    if await _open_to_anyone(redis):
+        log.warning("Redis answers without a password: the password configured here protects nothing (set "
+                    "requirepass or an ACL user on the server)", extra={"redis": redacted(url)})
+
+
+async def _open_to_anyone(redis: Redis) -> bool:
+    """True when the client logs in with a password but the server also answers a client without one. A server
+    with no password takes any (Redis' `nopass` default user; redis-py drops the error a one-argument AUTH gets),
+    so a mistyped or forgotten requirepass would otherwise go unnoticed. Clusters are not checked."""
+    kwargs = dict(redis.connection_pool.connection_kwargs) if isinstance(redis, Redis) else {}
+    if not kwargs.get("password"):
+        return False
+    kwargs.pop("password"), kwargs.pop("username", None)
+    kwargs.pop("credential_provider", None)
+    kwargs["retry"] = Retry(NoBackoff(), 0)  # NOAUTH is a ConnectionError to redis-py: no outage to ride out here
+    anonymous = Redis(connection_pool=ConnectionPool(connection_class=redis.connection_pool.connection_class,
+                                                     **kwargs))
+    try:
+        return bool(await anonymous.ping())
+    except (RedisError, OSError):
+        return False
+    finally:
+        await anonymous.aclose(close_connection_pool=True)
 
 
 def check_model_dir(model: str | Path) -> Path:
