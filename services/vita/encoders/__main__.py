@@ -11,6 +11,7 @@ from vita.encoders.audio import AudioTowerEncoder
 from vita.encoders.base import Encoder, load_encoder
 from vita.encoders.vision import VisionTowerEncoder
 from vita.encoders.worker import EncoderWorker, WorkerConfig
+from vita.model.fingerprint import model_fingerprint
 from vita.model.placement import TORCH_DTYPES
 from vita.runtime.args import PORT, add_common_args
 from vita.runtime.serve import Context, Service, run_service
@@ -54,7 +55,8 @@ def serve_pool(pool: str, argv: Sequence[str] | None) -> int:
 
     async def build(ctx: Context) -> Service:
         encoder = load_encoder(encoder_cls, ctx.model_dir, args.device, args.dtype)
-        worker = EncoderWorker(ctx.redis, ctx.bus, encoder, WorkerConfig(max_batch=args.max_batch), ctx.metrics)
+        config = WorkerConfig(max_batch=args.max_batch, model_fingerprint=model_fingerprint(ctx.model_dir))
+        worker = EncoderWorker(ctx.redis, ctx.bus, encoder, config, ctx.metrics)
         kserve_port = 0
         if args.kserve_port:  # imported only here: kserve must stay out of processes that use tritonclient
             from vita.encoders.kserve import KServeEndpoint

@@ -24,6 +24,7 @@ from vita.bus.streams import BusConfig, check_id
 from vita.bus.trace import trace_parent
 from vita.encoders.base import Encoder, kind_name, prepare_all, timed_forward
 from vita.errors import InvalidInputError
+from vita.model.fingerprint import other_model
 from vita.telemetry.metrics import Metrics
 from vita.v1.bus_pb2 import EncodeJob, EncodeResult, JobError
 
@@ -36,6 +37,7 @@ class WorkerConfig:
     max_batch: int = 8  # jobs read at once; all their items go through one forward
     block_ms: int = 200  # how long an idle read waits, and so how soon a stop is noticed
     lag_every_s: float = 5.0
+    model_fingerprint: str = ""  # the served model's (vita.model.fingerprint); jobs for another are refused
 
 
 @dataclass
@@ -153,6 +155,9 @@ class EncoderWorker:
             return JobError(code=JobError.DEADLINE_EXCEEDED, message="the deadline passed while the job was queued")
         if cancelled:
             return JobError(code=JobError.CANCELLED, message="the request was cancelled")
+        if (mismatch := other_model(job.model_fingerprint, self.config.model_fingerprint, self.pool.value)):
+            log.error("job for another model refused", extra={"request_id": job.request_id, "reason": mismatch})
+            return JobError(code=JobError.FAILED_PRECONDITION, message=mismatch)
         return None
 
     def _prepare(self, job: EncodeJob) -> list[torch.Tensor] | JobError:

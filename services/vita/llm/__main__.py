@@ -12,6 +12,7 @@ from vita.llm.backends.base import GenerationBackend
 from vita.llm.backends.torch.engine import EngineConfig
 from vita.llm.backends.torch.engine_core import load_language_model
 from vita.llm.worker import LLMWorker, WorkerConfig
+from vita.model.fingerprint import model_fingerprint
 from vita.model.placement import TORCH_DTYPES
 from vita.runtime.args import add_common_args
 from vita.runtime.serve import Context, Service, run_service
@@ -106,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         await backend.start()
         ctx.resources.push_async_callback(backend.close)
         worker = LLMWorker(ctx.redis, ctx.bus, backend, tokenizer,
-                           WorkerConfig(role=ROLES[args.role], max_concurrency=args.max_batch), ctx.metrics)
+                           WorkerConfig(role=ROLES[args.role], max_concurrency=args.max_batch,
+                                        model_fingerprint=model_fingerprint(ctx.model_dir)), ctx.metrics)
         return Service(worker=worker, log={"role": args.role, "backend": args.backend})
 
     threads = args.threads if args.backend == "torch" and not args.engine_process else None

@@ -26,6 +26,7 @@ from vita.bus.streams import ROLE_POOLS, BusConfig, Pool
 from vita.bus.trace import trace_parent
 from vita.errors import InvalidInputError, VitaError
 from vita.llm.backends.base import BackendRequest, EngineDeadError, GenerationBackend, PromptInput
+from vita.model.fingerprint import other_model
 from vita.model.generation import SamplingParams
 from vita.processing.tokenizer import IncrementalDecoder, VitaTokenizer
 from vita.telemetry.metrics import Metrics
@@ -45,6 +46,7 @@ class WorkerConfig:
     keep_alive_s: float = 5.0  # capped at a third of BusConfig.reclaim_idle_ms: a live job is never reclaimed
     stop_wait_s: float = 10.0  # after a cancel, how long the backend may take to end the sequence
     lag_every_s: float = 2.0
+    model_fingerprint: str = ""  # the served model's (vita.model.fingerprint); jobs for another are refused
 
 
 def prompt_from_job(job: GenerationJob, embeddings: list[torch.Tensor]) -> PromptInput:
@@ -231,6 +233,10 @@ class LLMWorker:
             return
         if _past(job.deadline_unix_ms):
             await replies.fail(JobError.DEADLINE_EXCEEDED, "the request's deadline passed while it was queued")
+            return
+        if (mismatch := other_model(job.model_fingerprint, self.config.model_fingerprint, self.pool.value)):
+            log.error("job for another model refused", extra={"request_id": job.request_id, "reason": mismatch})
+            await replies.fail(JobError.FAILED_PRECONDITION, mismatch)
             return
         prompt = prompt_from_job(job, await read_embeddings(self.redis, [p.embedding for p in job.embeddings]))
         request = BackendRequest(job.request_id, prompt, sampling_from_job(job))

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from vita.model.config import VitaConfig
+from vita.model.fingerprint import model_fingerprint
 from vita.orchestrator.limits import InputLimits, served_audio_limit
 from vita.orchestrator.service import AssistantService, OrchestratorConfig
 from vita.processing.vad import VADConfig
@@ -93,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             OrchestratorConfig(default_max_tokens=args.default_max_tokens, encode_timeout_s=args.encode_timeout,
                                token_timeout_s=args.token_timeout, judge_timeout_s=args.judge_timeout,
                                limits=input_limits(args, model), preemptive_generation=args.preemptive_generation,
-                               vad=vad_defaults(args), model_dir=str(ctx.model_dir)), ctx.metrics)
+                               vad=vad_defaults(args), model_dir=str(ctx.model_dir),
+                               model_fingerprint=model_fingerprint(ctx.model_dir)), ctx.metrics)
         return Service(grpc=[GrpcService("vita.v1.Assistant",
                                          lambda s: assistant_pb2_grpc.add_AssistantServicer_to_server(service, s))])
 

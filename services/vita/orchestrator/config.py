@@ -33,6 +33,9 @@ class OrchestratorConfig:
     # The model directory the model config and tokenizer were read from (`--model`), as ModelMetadata reports it;
     # empty: not known (an in-process service).
     model_dir: str = ""
+    # That model's fingerprint (vita.model.fingerprint), sent with every job: a worker serving another model refuses
+    # it (FAILED_PRECONDITION). Empty: not sent, not checked.
+    model_fingerprint: str = ""
 
 
 def session_vad(defaults: VADConfig, config: SessionConfig) -> VADConfig:

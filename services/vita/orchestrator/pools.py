@@ -36,6 +36,7 @@ _STATUS = {
     JobError.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     JobError.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     JobError.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    JobError.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -99,7 +100,8 @@ class PoolClient:
         for name, (pool, kind, items) in wanted.items():
             if items:
                 job = EncodeJob(job_id=f"{request_id}.{name}", request_id=request_id, reply_stream=reply_stream,
-                                kind=kind, items=items, deadline_unix_ms=deadline_ms, trace_context=trace_context)
+                                kind=kind, items=items, deadline_unix_ms=deadline_ms, trace_context=trace_context,
+                                model_fingerprint=self.config.model_fingerprint)
                 names[job.job_id] = name
                 await submit(self.redis, self.bus, pool, job)
         refs: dict[str, EmbeddingRef] = {}
@@ -128,7 +130,8 @@ class PoolClient:
             request_id=request_id, role=role, reply_stream=self.bus.reply(request_id),
             prompt_token_ids=prompt.input_ids, embeddings=prompt.placements, sampling=sampling,
             max_tokens=token_budget(requested, len(prompt.input_ids), self.context_len),
-            deadline_unix_ms=deadline_ms, trace_context=current_trace_context())
+            deadline_unix_ms=deadline_ms, trace_context=current_trace_context(),
+            model_fingerprint=self.config.model_fingerprint)
         await self._submit_leased(job)
         return job
 
@@ -165,7 +168,8 @@ class PoolClient:
         job = GenerationJob(
             request_id=request_id, role=role, reply_stream=self.bus.reply(request_id),
             prompt_token_ids=prompt.input_ids, embeddings=prompt.placements,
-            sampling=SamplingParams(temperature=0.0), max_tokens=1, trace_context=current_trace_context())
+            sampling=SamplingParams(temperature=0.0), max_tokens=1, trace_context=current_trace_context(),
+            model_fingerprint=self.config.model_fingerprint)
         await self._submit_leased(job)
         token = None
         try:

@@ -30,12 +30,12 @@ from typing import Any
 
 from vita.errors import CheckpointError, InvalidInputError
 from vita.model.checkpoint import save_sharded
+from vita.model.fingerprint import MANIFEST
 from vita.model.vita import VitaForCausalLM
 from vita.processing.tokenizer import VitaTokenizer
 
 FORMAT = "vita-model-repository"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 TRITON_DIR = "triton"
 TEMPLATES = Path(__file__).resolve().parents[3] / "model_repository"  # the repository's Triton templates
 _PACKAGES = ("vita-omni", "torch", "safetensors", "sentencepiece", "numpy")
