@@ -240,6 +240,11 @@ def test_ports_in_args_services_probes_and_service_monitor_agree(rendered):
         labels = k8s.pod_labels(doc)
         matching = [s for s in services if s["spec"].get("selector")
                     and all(labels.get(k) == v for k, v in s["spec"]["selector"].items())]
+        # With TLS the plaintext health port has a ClusterIP Service of its own (the `helm test` Pod's): on --health-port
+        health = [s for s in matching if [p["name"] for p in s["spec"]["ports"]] == ["health"]]
+        for service in health:
+            assert k8s.port_number(container, service["spec"]["ports"][0]["targetPort"]) == probe_port != grpc_port
+        matching = [s for s in matching if s not in health]
         assert len(matching) == 1, f"{k8s.component(doc)}: {len(matching)} Services select it"
         for port in matching[0]["spec"]["ports"]:
             k8s.port_number(container, port["targetPort"])  # every Service port lands on a container port
@@ -336,7 +341,9 @@ def test_narrowing_the_api_keeps_the_realtime_gateway_admitted():
     assert api["from"][0] == clients[0]
     assert api["from"][1]["podSelector"]["matchLabels"] == gateway["spec"]["selector"]["matchLabels"]
     (ws,) = k8s.one(docs, "NetworkPolicy", f"{k8s.RELEASE}-realtime")["spec"]["ingress"]
-    assert ws["from"] == clients and ws["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert ws["from"][:1] == clients and ws["ports"] == [{"port": "http", "protocol": "TCP"}]
+    test_pod = k8s.one(docs, "Pod", f"{k8s.RELEASE}-test")["metadata"]["labels"]  # `helm test` stays admitted
+    assert [peer["podSelector"]["matchLabels"].items() <= test_pod.items() for peer in ws["from"][1:]] == [True]
 
 
 def test_triton_prepares_the_repositorys_layout(tmp_path):

@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 import time
 
 import grpc
@@ -147,6 +150,22 @@ def test_a_realtime_session_runs_through_the_rendered_gateway(release):
     # max_output_tokens 8 cuts the tiny model's answer: OpenAI's status for that is incomplete
     assert done["response"]["status"] in ("completed", "incomplete") and done["response"]["usage"]["output_tokens"] > 0
     assert done["response"]["output"][0]["content"][0]["text"]
+
+
+def test_the_helm_test_pod_passes_against_the_running_release(release):
+    """`helm test`'s Pod, its rendered command and env (the Services' addresses mapped to the local processes):
+    the orchestrator's `readiness` is SERVING (it reaches the rendered Redis) and the gateway's /readyz answers 200."""
+    pod = k8s.one(release.docs, "Pod", f"{k8s.RELEASE}-test")
+    (container,) = pod["spec"]["containers"]
+    release._map_service_ports()  # the gateway's Service too (it started after the others were mapped)
+    env = {e["name"]: release._local(e["value"]) for e in container["env"]}
+    assert "svc" not in env["VITA_TEST_ORCHESTRATOR"] + env["VITA_TEST_REALTIME"]  # both mapped to local ports
+    assert container["command"][0] == "python"
+    env["VITA_TEST_TIMEOUT_S"] = "60"  # the release is up (the fixture waited): no need for the full 120 s
+    out = subprocess.run([sys.executable, *container["command"][1:]], env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert [line.rsplit(": ", 1)[1] for line in out.stdout.splitlines()] == ["SERVING", "HTTP 200"]
 
 
 def test_the_processes_run_the_rendered_pools_and_redis_needs_the_rendered_password(release):

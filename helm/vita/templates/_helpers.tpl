@@ -70,11 +70,30 @@ llm-monitor: {key: llmMonitor, service: llm, role: monitor, pool: "llm:monitor"}
 
 {{/* Redis ------------------------------------------------------------------------------------------------------ */}}
 
-{{- define "vita.redisSecretName" -}}
-{{- if and (eq .Values.redis.mode "external") .Values.redis.external.existingSecret -}}
+{{/* The user's own Redis Secret, if any: redis.external.existingSecret (keys redis-url, redis-password) or
+redis.bundled.existingSecret (the password alone, under redis.bundled.existingSecretPasswordKey). */}}
+{{- define "vita.redisExistingSecret" -}}
+{{- if eq .Values.redis.mode "external" -}}
 {{- .Values.redis.external.existingSecret -}}
 {{- else -}}
-{{- printf "%s-redis-auth" (include "vita.fullname" .) -}}
+{{- .Values.redis.bundled.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The bundled Redis with the password from the user's Secret: no redis-url to read, the services build it. */}}
+{{- define "vita.bundledRedisExistingSecret" -}}
+{{- if and (eq .Values.redis.mode "bundled") .Values.redis.bundled.existingSecret -}}true{{- end -}}
+{{- end -}}
+
+{{- define "vita.redisSecretName" -}}
+{{- default (printf "%s-redis-auth" (include "vita.fullname" .)) (include "vita.redisExistingSecret" .) -}}
+{{- end -}}
+
+{{- define "vita.redisPasswordKey" -}}
+{{- if and (eq .Values.redis.mode "bundled") .Values.redis.bundled.existingSecret -}}
+{{- .Values.redis.bundled.existingSecretPasswordKey | default "redis-password" -}}
+{{- else -}}
+redis-password
 {{- end -}}
 {{- end -}}
 
@@ -122,9 +141,15 @@ llm-monitor: {key: llmMonitor, service: llm, role: monitor, pool: "llm:monitor"}
 {{- include (print .Template.BasePath "/secrets.yaml") . | sha256sum -}}
 {{- end -}}
 
-{{/* The bundled Redis: only its password (a new API token must not restart the bus). */}}
+{{/* The bundled Redis: only its password (a new API token must not restart the bus). With
+redis.bundled.existingSecret the chart never reads the password: the checksum is of the Secret's name and key (another
+Secret rolls Redis; a changed password in the same Secret is not seen by Helm: `kubectl rollout restart`). */}}
 {{- define "vita.redisPasswordChecksum" -}}
+{{- if .Values.redis.bundled.existingSecret -}}
+{{- printf "existingSecret %s %s" .Values.redis.bundled.existingSecret (include "vita.redisPasswordKey" .) | sha256sum -}}
+{{- else -}}
 {{- include "vita.bundledRedisPassword" . | sha256sum -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "vita.apiTokensSecretName" -}}
@@ -272,11 +297,18 @@ llm-monitor: {key: llmMonitor, service: llm, role: monitor, pool: "llm:monitor"}
 - name: HOME
   value: /var/lib/vita
 - name: REDIS_PASSWORD
-  valueFrom: {secretKeyRef: {name: {{ include "vita.redisSecretName" . }}, key: redis-password}}
+  valueFrom: {secretKeyRef: {name: {{ include "vita.redisSecretName" . }}, key: {{ include "vita.redisPasswordKey" . | quote }}}}
+{{- if eq (include "vita.bundledRedisExistingSecret" .) "true" }}
+# The bundled Redis with the user's password Secret: the URL from REDIS_PASSWORD above (the kubelet expands
+# $(REDIS_PASSWORD); `kubectl describe` shows the reference, not the password).
+- name: VITA_REDIS_URL
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:%s/%s" (include "vita.redisHost" .) (include "vita.redisPort" .) (include "vita.redisDb" .) | quote }}
+{{- else }}
 - name: REDIS_USERNAME
   valueFrom: {secretKeyRef: {name: {{ include "vita.redisSecretName" . }}, key: redis-username, optional: true}}
 - name: VITA_REDIS_URL
   valueFrom: {secretKeyRef: {name: {{ include "vita.redisSecretName" . }}, key: redis-url}}
+{{- end }}
 {{- if eq (include "vita.redisCluster" .) "true" }}
 - name: VITA_REDIS_CLUSTER
   value: "1"
