@@ -172,9 +172,15 @@ def test_spoken_question_about_the_camera_is_judged_a_query_and_answered(stack, 
     # The camera frame went out as the question started and the gateway took it as a user image item.
     frames = [e for t, e in sent if t == "conversation.item.create" and e["item"]["content"][0]["type"] == "input_image"]
     assert len(frames) == 1
-    users = [e["item"] for d, t, e in rows if d == "server" and t == "conversation.item.created"
+    # Items are announced as the GA API does (conversation.item.added, then .done), and the page shows the user's:
+    # it listened for the beta name (conversation.item.created), so its conversation had the answer alone.
+    users = [e["item"] for d, t, e in rows if d == "server" and t == "conversation.item.added"
              and e["item"]["role"] == "user"]
     assert [[p["type"] for p in item["content"]] for item in users] == [["input_image"], ["input_audio"]]
+    assert "conversation.item.created" not in kinds
+    shown = browser.find_elements(By.CSS_SELECTOR, "#conversation li.user")
+    assert [li.get_attribute("data-item") for li in shown] == [item["id"] for item in users]
+    assert shown[0].find_elements(By.TAG_NAME, "img") and shown[1].text == "(spoken question)"
     done = next(e for d, t, e in rows if t == "response.done")["response"]
     # completed, or cut at the token limit (the tiny model's noisy tail can run to it): never failed or cancelled
     assert (done["status"], (done["status_details"] or {}).get("reason")) in (

@@ -76,6 +76,12 @@ class Events:
             if _type(event) == kind and where(event):
                 return event
 
+    async def probe(self, session: dict):
+        """A session.update and its session.updated: what the server sent before it (what follows a response.done)
+        has arrived, without waiting on an event that may not come."""
+        await self.conn.session.update(session=session)
+        return await self.until("session.updated")
+
     def of(self, kind: str) -> list:
         return [e for e in self.seen if _type(e) == kind]
 
@@ -126,23 +132,39 @@ def test_sdk_spoken_query_at_24khz_is_answered_with_audio_and_transcript_then_a_
             for chunk in chunks(pcm16(query_clip, to_rate=24000), 24000):
                 await conn.input_audio_buffer.append(audio=chunk)
             done = await ev.until("response.done")
+            await ev.probe({"type": "realtime"})
             spoken = ev.seen[:]
             await conn.conversation.item.create(item=_text_item("And of Italy?"))
-            user = await ev.until("conversation.item.created")
+            user = await ev.until("conversation.item.added")
             await conn.response.create(response={"output_modalities": ["text"]})
             done_text = await ev.until("response.done")
+            await ev.probe({"type": "realtime"})
             return created, user, done, spoken, done_text, ev
 
     created, user, done, spoken, done_text, ev = run(main())
     kinds = [_type(e) for e in spoken]
+    # GA items: conversation.item.added, then .done (the beta API's conversation.item.created is not sent)
     order = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
-             "input_audio_buffer.committed", "conversation.item.created", "response.created", "response.done"]
-    seen = [k for k in kinds if k in order]
-    assert seen[:5] == order[:5] and seen[-1] == "response.done"
+             "input_audio_buffer.committed", "conversation.item.added", "conversation.item.done", "response.created",
+             "response.done", "rate_limits.updated", "session.updated"]
+    seen = [k for k in kinds[kinds.index(order[0]):] if k in order]  # (from the speech: session.updated before it)
+    assert seen[:6] == order[:6] and seen[-3:] == order[-3:]
+    assert "conversation.item.created" not in ev.types()
     committed = next(e for e in spoken if _type(e) == "input_audio_buffer.committed")
     started = next(e for e in spoken if _type(e) == "input_audio_buffer.speech_started")
     assert committed.item_id == started.item_id
-    assert next(e for e in spoken if _type(e) == "conversation.item.created").item.content[0].type == "input_audio"
+    added, item_done = (next(e for e in spoken if _type(e) == kind) for kind in ("conversation.item.added",
+                                                                                  "conversation.item.done"))
+    assert type(added).__name__ == "ConversationItemAdded" and type(item_done).__name__ == "ConversationItemDone"
+    for event in (added, item_done):  # the user's spoken item, on commit
+        assert (event.item.id, event.item.role, event.item.content[0].type) == (
+            committed.item_id, "user", "input_audio")
+        assert event.previous_item_id == committed.previous_item_id
+    assert user.item.role == "user" and user.item.content[0].text == "And of Italy?"
+    # after each response.done, rate_limits.updated (empty: no per-response limit applies, docs/realtime.md)
+    for k, kind in enumerate(ev.types()):
+        if kind == "response.done":
+            assert ev.types()[k + 1] == "rate_limits.updated" and ev.seen[k + 1].rate_limits == []
 
     first = [e for e in spoken if getattr(e, "response_id", None) == done.response.id]
     kinds = [e.type for e in first]
@@ -170,6 +192,50 @@ def test_sdk_spoken_query_at_24khz_is_answered_with_audio_and_transcript_then_a_
     assert [(t.role, t.content) for t in turns][1:] == [
         (SessionTurn.BOT, transcript), (SessionTurn.USER, "And of Italy?"), (SessionTurn.BOT, text)]
     assert turns[0].role == SessionTurn.USER
+
+
+def test_sdk_items_are_added_then_done_and_rate_limits_follow_the_response(stack):
+    """The GA API announces an item with `conversation.item.added` and finishes it with `conversation.item.done`
+    (the assistant's with its final content); GA clients were sent the beta API's `conversation.item.created`, which
+    GA-written clients do not listen for. After `response.done`, `rate_limits.updated` (as OpenAI sends it)."""
+    question = "What is the capital of France?"
+
+    async def main():
+        async with sdk(stack).realtime.connect(model="vita-tiny") as conn:
+            ev = Events(conn)
+            await ev.until("session.created")
+            await conn.conversation.item.create(item=_text_item(question))
+            await conn.response.create(response={"output_modalities": ["text"]})
+            await ev.until("response.done")
+            await ev.probe({"type": "realtime"})
+            return ev
+
+    ev = run(main())
+    types = ev.types()
+    assert "conversation.item.created" not in types and "error" not in types, types
+    added, done = ev.of("conversation.item.added"), ev.of("conversation.item.done")
+    assert all(type(e).__name__ == "ConversationItemAdded" for e in added)
+    assert all(type(e).__name__ == "ConversationItemDone" for e in done)
+    user_added, answer_added = added
+    user_done, answer_done = done
+    # the user's item: complete as added
+    assert user_added.item.role == user_done.item.role == "user" and user_added.item.id == user_done.item.id
+    assert user_added.item.content[0].text == user_done.item.content[0].text == question
+    assert user_added.previous_item_id is None
+    # the assistant's: added in progress as the response starts, done with the answer as it ended
+    response = ev.of("response.done")[0].response
+    assert answer_added.item.id == answer_done.item.id == response.output[0].id
+    assert answer_added.item.role == "assistant" and answer_added.item.status == "in_progress"
+    assert answer_added.previous_item_id == answer_done.previous_item_id == user_added.item.id
+    assert answer_done.item.status == response.output[0].status and response.status in ("completed", "incomplete")
+    assert answer_done.item.content[0].text == response.output[0].content[0].text
+    assert answer_done.item.content[0].text  # (the answer's text, not the empty one it started with)
+    assert types[types.index("response.output_item.added") + 1] == "conversation.item.added"
+    tail = ["response.output_item.done", "conversation.item.done", "response.done", "rate_limits.updated",
+            "session.updated"]
+    assert types[-5:] == tail
+    limits = ev.seen[-2]
+    assert type(limits).__name__ == "RateLimitsUpdatedEvent" and limits.rate_limits == []
 
 
 def test_speech_not_meant_for_the_assistant_gets_no_response(stack, other_clip):
@@ -397,7 +463,7 @@ def test_response_create_refuses_fields_by_name_and_a_corrected_one_answers_with
         try:
             created = await _next(ws, "session.created")
             await ws.send(json.dumps({"type": "conversation.item.create", "item": _text_item(question)}))
-            await _next(ws, "conversation.item.created")
+            await _next(ws, "conversation.item.done")
             answers = []
             for n, (response, _, _) in enumerate(refused):
                 await ws.send(json.dumps({"type": "response.create", "event_id": f"e{n}",
@@ -527,6 +593,15 @@ def test_authentication_rejects_missing_or_unknown_tokens(stack):
         ws = await _raw(stack, headers={}, subprotocols=["realtime", f"openai-insecure-api-key.{TOKEN}"])
         outcomes.append((ws.subprotocol, (await _next(ws, "session.created"))["type"]))
         await ws.close()
+        # The key subprotocol without `realtime`: no protocol could be selected (the key one would echo the secret),
+        # and a browser fails such a handshake with no reason it can show; refused with one, whatever the token.
+        for key in (TOKEN, "wrong"):
+            try:
+                await _raw(stack, headers={}, subprotocols=[f"openai-insecure-api-key.{key}"])
+                outcomes.append("accepted")
+            except websockets.InvalidStatus as e:
+                error = json.loads(e.response.body)["error"]
+                outcomes.append((e.response.status_code, error["code"], "'realtime'" in error["message"]))
         try:
             async with sdk(stack, key="wrong").realtime.connect(model="vita-tiny") as conn:
                 await conn.recv()
@@ -536,6 +611,7 @@ def test_authentication_rejects_missing_or_unknown_tokens(stack):
         return outcomes
 
     assert run(main()) == [(401, "invalid_api_key"), (401, "invalid_api_key"), ("realtime", "session.created"),
+                           (400, "missing_required_parameter", True), (400, "missing_required_parameter", True),
                            ("sdk refused", True)]
 
 
@@ -753,18 +829,19 @@ def test_a_bad_image_or_an_over_long_text_is_refused_with_the_event_id_and_stays
             await _next(ws, "session.created")
             first = {"type": "conversation.item.create", "event_id": "e0", "item": _text_item("Hello.")}
             await ws.send(json.dumps(first))
-            created = await _next(ws, "conversation.item.created")
+            created = await _next(ws, "conversation.item.added")
+            await _next(ws, "conversation.item.done")
             image = {"type": "conversation.item.create", "event_id": "I1", "item": {
                 "type": "message", "role": "user",
                 "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}}
             await ws.send(json.dumps(image))
-            bad_image = await _until_any(ws, {"error", "conversation.item.created"})
+            bad_image = await _until_any(ws, {"error", "conversation.item.added"})
             await ws.send(json.dumps({"type": "conversation.item.create", "event_id": "L1",
                                       "item": _text_item("x" * 240_000)}))
-            long_text = await _until_any(ws, {"error", "conversation.item.created"})
+            long_text = await _until_any(ws, {"error", "conversation.item.added"})
             await ws.send(json.dumps({"type": "conversation.item.create", "event_id": "e2",
                                       "item": _text_item("What is the capital of France?")}))
-            after = await _next(ws, "conversation.item.created")
+            after = await _next(ws, "conversation.item.added")
             await ws.send(json.dumps({"type": "response.create", "event_id": "L2",
                                       "response": {"output_modalities": ["text"]}}))
             done = await _until_any(ws, {"response.done"})
@@ -785,6 +862,56 @@ def test_a_bad_image_or_an_over_long_text_is_refused_with_the_event_id_and_stays
     assert done[-1]["response"]["status"] == "completed"
 
 
+def test_unknown_item_fields_are_refused_by_name_and_the_session_goes_on(stack):
+    """A `conversation.item.create` item (or content part) with a field the API does not have was taken, the field
+    ignored (and a part's echoed back); OpenAI refuses it: `unknown_parameter`, `param` naming it. Beta clients
+    too, by the beta API's item fields."""
+    bogus = [("b1", {**_text_item("Hello."), "bogus": 1}, "item.bogus"),
+             ("b2", {"type": "message", "role": "user", "content": [
+                 {"type": "input_text", "text": "Hello.", "colour": "red"}]}, "item.content[0].colour"),
+             ("b3", {**_text_item("Hello."), "call_id": "c1"}, "item.call_id")]  # (a beta item field)
+
+    async def refusals(ws) -> list[list[dict]]:
+        await _next(ws, "session.created")
+        out = []
+        for event_id, item, _ in bogus:
+            await ws.send(json.dumps({"type": "conversation.item.create", "event_id": event_id, "item": item}))
+            out.append(await _until_any(ws, {"error", "conversation.item.added", "conversation.item.created"}))
+        return out
+
+    async def main():
+        ws = await _raw(stack)
+        try:
+            refused = await refusals(ws)
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": {
+                **_text_item("What is the capital of France?"), "id": "item_taken", "object": "realtime.item",
+                "status": "completed"}}))  # (every field the API has)
+            taken = await _next(ws, "conversation.item.added")
+            await ws.send(json.dumps({"type": "response.create", "response": {"output_modalities": ["text"]}}))
+            done = await _until_any(ws, {"response.done"})
+        finally:
+            await ws.close()
+        beta = await _raw(stack, headers={"Authorization": f"Bearer {TOKEN}", "OpenAI-Beta": "realtime=v1"})
+        try:
+            beta_refused = await refusals(beta)
+        finally:
+            await beta.close()
+        return refused, taken, done, beta_refused
+
+    refused, taken, done, beta_refused = run(main())
+    for events, (event_id, _, param) in zip(refused, bogus, strict=True):
+        assert [e["type"] for e in events] == ["error"], events
+        error = events[0]["error"]
+        assert (error["type"], error["code"], error["param"], error["event_id"]) == (
+            "invalid_request_error", "unknown_parameter", param, event_id)
+        assert error["message"] == f"Unknown parameter: '{param}'."
+    assert taken["item"]["id"] == "item_taken" and taken["previous_item_id"] is None  # no refused item is in the chain
+    assert not [e for e in done if e["type"] == "error"] and done[-1]["response"]["status"] == "completed"
+    # the beta API's item has function-call fields (call_id) beside the message's: only the others are refused
+    assert [e[-1]["type"] for e in beta_refused] == ["error", "error", "conversation.item.created"]
+    assert [e[-1]["error"]["param"] for e in beta_refused[:2]] == ["item.bogus", "item.content[0].colour"]
+
+
 def test_a_lone_surrogate_is_invalid_json_and_does_not_wedge_the_session(stack, redis):
     # `\ud800` escapes a lone surrogate: Python's JSON reader takes it, no UTF-8 (protobuf strings, the orchestrator,
     # other clients' JSON readers) can. It used to be taken as an item, then fail response.create with a server_error
@@ -795,12 +922,12 @@ def test_a_lone_surrogate_is_invalid_json_and_does_not_wedge_the_session(stack, 
             await _next(ws, "session.created")
             await ws.send('{"type": "conversation.item.create", "event_id": "u1", "item": {"type": "message", '
                           '"role": "user", "content": [{"type": "input_text", "text": "hi \\ud800 there"}]}}')
-            item = await _until_any(ws, {"error", "conversation.item.created"})
+            item = await _until_any(ws, {"error", "conversation.item.added"})
             await ws.send('{"type": "session.update", "event_id": "u2", "session": {"type": "realtime", '
                           '"instructions": "\\udfff"}}')
             update = await _until_any(ws, {"error", "session.updated"})
             await ws.send(json.dumps({"type": "conversation.item.create", "item": _text_item("Hello \U0001F600")}))
-            await _next(ws, "conversation.item.created")
+            await _next(ws, "conversation.item.added")
             await ws.send(json.dumps({"type": "response.create", "event_id": "u3",
                                       "response": {"output_modalities": ["text"]}}))
             done = await _until_any(ws, {"response.done"})
@@ -873,6 +1000,7 @@ def test_a_beta_client_gets_the_beta_api_events_and_its_session_fields_are_taken
             await conn.conversation.item.create(item=_text_item("Hello."))
             await conn.response.create(response={"modalities": ["text", "audio"], "voice": "alloy"})
             done = await ev.until("response.done")
+            await ev.probe({})
             return created, updated, refused_voice, refused_format, done, ev
 
     created, updated, refused_voice, refused_format, done, ev = run(main())
@@ -893,6 +1021,13 @@ def test_a_beta_client_gets_the_beta_api_events_and_its_session_fields_are_taken
     assert done.response.status in ("completed", "incomplete") and done.response.modalities == ["text", "audio"]
     assert done.response.output[0].content[0].type == "audio"  # (the GA API's output_audio)
     assert done.response.output[0].content[0].transcript == transcript
+    # items as the beta API announces them: conversation.item.created, once (no GA conversation.item.added / .done)
+    items = ev.of("conversation.item.created")
+    assert [(e.item.role, e.item.status) for e in items] == [("user", "completed"), ("assistant", "in_progress")]
+    assert items[1].item.id == done.response.output[0].id and items[1].previous_item_id == items[0].item.id
+    assert not [t for t in types if t in ("conversation.item.added", "conversation.item.done")]
+    assert types[-3:] == ["response.done", "rate_limits.updated", "session.updated"]
+    assert ev.seen[-2].rate_limits == [] and type(ev.seen[-2]).__module__.startswith("openai.types.beta.realtime")
 
 
 def test_truncate_past_the_audio_or_past_an_earlier_truncation_is_refused(stack, query_clip):

@@ -1,7 +1,7 @@
 """The input limits an orchestrator runs with reach its Converse clients in SessionStarted, and the Realtime gateway
 checks client items against them (it checked against its own defaults: an orchestrator started with a larger
 `--max-text-chars` still had Realtime clients refused at 32768, one started with a smaller limit refused them only
-after `conversation.item.created`).
+after `conversation.item.added`).
 
 - the real `ConverseCall` on the real session store (Redis) states its config's limits in SessionStarted;
 - real processes: two orchestrators (`python -m vita.orchestrator`, the tiny model's config and tokenizer) started
@@ -157,7 +157,7 @@ def test_a_larger_text_limit_lets_a_text_over_the_default_through_the_gateway(se
         async with websockets.connect(served["larger"][1], max_size=None) as ws:
             assert (await _next(ws))["type"] == "session.created"
             await ws.send(_text_item(text, "long", "item_long"))
-            created = await _until(ws, {"conversation.item.created", "error"})
+            created = await _until(ws, {"conversation.item.added", "error"})
             await ws.send(json.dumps({"type": "response.create", "event_id": "answer",
                                       "response": {"output_modalities": ["text"]}}))
             # The orchestrator's own check: it takes the text (no pool runs, but the answer starts), or refuses the
@@ -166,7 +166,7 @@ def test_a_larger_text_limit_lets_a_text_over_the_default_through_the_gateway(se
             return created, outcome
 
     created, outcome = asyncio.run(main())
-    assert created[-1]["type"] == "conversation.item.created", created[-1]
+    assert created[-1]["type"] == "conversation.item.added", created[-1]
     assert created[-1]["item"]["id"] == "item_long"
     last = outcome[-1]  # (the tiny model: "prompt is 13600 tokens; the model's context is 4095")
     assert last["type"] == "response.created" or (
@@ -179,16 +179,16 @@ def test_a_smaller_limit_has_the_gateway_refuse_before_the_item_is_created(serve
         async with websockets.connect(served["smaller"][1], max_size=None) as ws:
             assert (await _next(ws))["type"] == "session.created"
             await ws.send(_text_item("x" * (SMALLER + 1), "too_long", "item_too_long"))
-            text_refused = await _until(ws, {"conversation.item.created", "error"})
+            text_refused = await _until(ws, {"conversation.item.added", "error"})
             await ws.send(json.dumps({"type": "conversation.item.create", "event_id": "too_big", "item": {
                 "type": "message", "role": "user", "content": [{"type": "input_image", "image_url": _png(40, 40)}]}}))
-            image_refused = await _until(ws, {"conversation.item.created", "error"})
+            image_refused = await _until(ws, {"conversation.item.added", "error"})
             await ws.send(_text_item("x" * SMALLER, "at_limit", "item_at_limit"))
-            taken = await _until(ws, {"conversation.item.created", "error"})
+            taken = await _until(ws, {"conversation.item.added", "error"})
             return text_refused, image_refused, taken
 
     text_refused, image_refused, taken = asyncio.run(main())
-    assert [e["type"] for e in text_refused] == ["error"]  # no conversation.item.created before it
+    assert [e["type"] for e in text_refused] == ["error"]  # no conversation.item.added before it
     error = text_refused[0]["error"]
     assert (error["event_id"], error["param"], error["code"]) == ("too_long", "item.content", "string_above_max_length")
     assert f"{SMALLER + 1} characters; the limit is {SMALLER}" in error["message"]
@@ -196,5 +196,5 @@ def test_a_smaller_limit_has_the_gateway_refuse_before_the_item_is_created(serve
     error = image_refused[0]["error"]
     assert (error["event_id"], error["param"]) == ("too_big", "item.content[0].image_url")
     assert f"more than the limit of {SMALLER_PIXELS}" in error["message"]
-    assert taken[-1]["type"] == "conversation.item.created"  # at the limit: taken, and first in the chain
+    assert taken[-1]["type"] == "conversation.item.added"  # at the limit: taken, and first in the chain
     assert taken[-1]["item"]["id"] == "item_at_limit" and taken[-1]["previous_item_id"] is None

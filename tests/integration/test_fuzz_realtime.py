@@ -180,7 +180,8 @@ _PATHS = {
     "conversation.item.create": [
         ("item",), ("item", "type"), ("item", "role"), ("item", "id"), ("item", "content"), ("item", "content", 0),
         ("item", "content", 0, "type"), ("item", "content", 0, "text"), ("item", "content", 0, "image_url"),
-        ("item", "content", 1)],
+        ("item", "content", 1), ("item", "status"), ("item", "object"), ("item", "bogus"),
+        ("item", "content", 0, "detail"), ("item", "content", 0, "bogus")],
     "conversation.item.truncate": [("item_id",), ("content_index",), ("audio_end_ms",)],
     "response.create": [("response",), ("response", "output_modalities"), ("response", "conversation"),
                         ("response", "input"), ("response", "instructions"), ("response", "max_output_tokens"),

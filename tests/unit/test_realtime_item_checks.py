@@ -90,7 +90,7 @@ def _error(events: list[dict]) -> dict:
 def test_an_image_that_does_not_decode_is_refused_with_the_event_id_and_never_enters_the_chain():
     session = _session()
     first = _send(session, _text("hello", "e0", "item_first"))
-    assert [e["type"] for e in first] == ["conversation.item.created"]
+    assert [e["type"] for e in first] == ["conversation.item.added", "conversation.item.done"]
     _converse_sent(session)
     events = _send(session, _image("data:image/png;base64,AAAA", "e1", "item_bad"))
     assert [e["type"] for e in events] == ["error"]
@@ -98,8 +98,8 @@ def test_an_image_that_does_not_decode_is_refused_with_the_event_id_and_never_en
     assert (error["event_id"], error["param"]) == ("e1", "item.content[1].image_url")
     assert "not in a supported image format" in error["message"]
     assert _converse_sent(session) == []  # nothing reached the orchestrator
-    [created] = _send(session, _image(_png(), "e2", "item_good"))
-    assert created["type"] == "conversation.item.created" and created["previous_item_id"] == "item_first"
+    created, _ = _send(session, _image(_png(), "e2", "item_good"))
+    assert created["type"] == "conversation.item.added" and created["previous_item_id"] == "item_first"
     assert [e.WhichOneof("event") for e in _converse_sent(session)] == ["image"]
 
 
@@ -119,7 +119,7 @@ def test_text_over_the_orchestrators_limit_is_refused_at_item_create():
 
 def test_texts_that_together_exceed_the_limit_are_refused_at_the_item_that_crosses_it():
     session = _session()
-    assert _send(session, _text("a" * (LIMIT - 10), "t1"))[0]["type"] == "conversation.item.created"
+    assert _send(session, _text("a" * (LIMIT - 10), "t1"))[0]["type"] == "conversation.item.added"
     error = _error(_send(session, _text("b" * 20, "t2")))
     assert error["event_id"] == "t2" and f"the limit is {LIMIT}" in error["message"]
     assert len(session.pending_text) == 1
@@ -150,8 +150,8 @@ def test_an_orchestrator_with_a_larger_text_limit_raises_the_gateways():
     """The gateway refused any text over its default (32768), whatever the orchestrator ran with."""
     session = _session()
     _started(session, InputLimits(max_text_chars=LIMIT * 2))
-    [created] = _send(session, _text("x" * (LIMIT + 1000), "big", "item_big"))
-    assert created["type"] == "conversation.item.created" and session.pending_items == ["item_big"]
+    created, _ = _send(session, _text("x" * (LIMIT + 1000), "big", "item_big"))
+    assert created["type"] == "conversation.item.added" and session.pending_items == ["item_big"]
     assert _send(session, {"type": "response.create", "event_id": "r"}) == []
     [sent] = [e for e in _converse_sent(session) if e.HasField("text")]
     assert len(sent.text.text) == LIMIT + 1000
@@ -173,8 +173,8 @@ def test_an_orchestrator_with_smaller_limits_has_the_gateway_refuse_at_its_limit
     assert (error["event_id"], error["param"]) == ("u1", "session.instructions")
     assert "the limit is 100" in error["message"] and session.settings.instructions == ""
     assert _converse_sent(session) == [] and session.last_item_id is None  # nothing went out, nothing was created
-    [created] = _send(session, _image(_png_of(32, 32), "ok", "item_ok"))  # at the limits: taken
-    assert created["type"] == "conversation.item.created" and created["previous_item_id"] is None
+    created, _ = _send(session, _image(_png_of(32, 32), "ok", "item_ok"))  # at the limits: taken
+    assert created["type"] == "conversation.item.added" and created["previous_item_id"] is None
 
 
 def test_a_limit_the_orchestrator_does_not_state_keeps_the_default():
@@ -219,14 +219,14 @@ def test_a_text_the_orchestrator_refuses_fails_its_response_with_the_event_id_an
     events = _converse_error(session, grpc.StatusCode.INVALID_ARGUMENT,
                              "text message is 100 characters; the limit is 50")
     assert [e["type"] for e in events] == ["error", "conversation.item.deleted", "response.created",
-                                           "response.done"]
+                                           "response.done", "rate_limits.updated"]
     assert events[0]["error"]["event_id"] == "L2" and events[0]["error"]["code"] == "invalid_argument"
     assert events[1]["item_id"] == "item_b"
     done = events[3]["response"]
     assert done["status"] == "failed" and done["status_details"]["error"]["code"] == "invalid_argument"
     assert events[2]["response"]["id"] == done["id"]
     assert session.pending_modality is None
-    [created] = _send(session, _text("again", "e3", "item_c"))
+    created, _ = _send(session, _text("again", "e3", "item_c"))
     assert created["previous_item_id"] == "item_a"
 
 

@@ -528,6 +528,26 @@ def _metadata(value: Any, param: str) -> dict[str, str] | None:
 # --------------------------------------------------------------------------------------------------------------------
 # Items and responses
 
+# The fields of a conversation.item.create's message item and of its content parts (the GA API's
+# RealtimeConversationItemUserMessage and its Content; a message item of another role has the same fields). Anything
+# else is refused as OpenAI does: `unknown_parameter`, naming it (`item.bogus`, `item.content[0].bogus`). The beta
+# API's item is one flat object for every item type (its function-call fields included) and its parts have an `id`.
+ITEM_KEYS = frozenset({"id", "type", "object", "role", "status", "content"})
+ITEM_PART_KEYS = frozenset({"type", "text", "image_url", "detail", "audio", "transcript"})
+_BETA_ITEM_KEYS = ITEM_KEYS | {"call_id", "name", "arguments", "output"}
+_BETA_ITEM_PART_KEYS = ITEM_PART_KEYS | {"id"}
+
+
+def check_item_fields(item: dict, *, beta: bool = False) -> None:
+    """RealtimeError `unknown_parameter` for the first field of a message item, or of one of its content parts, that
+    the API does not have (`beta`: the beta API's fields)."""
+    _known_keys(item, _BETA_ITEM_KEYS if beta else ITEM_KEYS, "item")
+    content = item.get("content")
+    if isinstance(content, list):
+        for k, part in enumerate(content):
+            if isinstance(part, dict):
+                _known_keys(part, _BETA_ITEM_PART_KEYS if beta else ITEM_PART_KEYS, f"item.content[{k}]")
+
 
 def user_item(item_id: str, content: list[dict], status: str = "completed") -> dict:
     return {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": status,
@@ -539,6 +559,16 @@ def assistant_item(item_id: str, modality: str, text: str, status: str) -> dict:
                                                                                       "text": text}
     return {"id": item_id, "object": "realtime.item", "type": "message", "role": "assistant", "status": status,
             "content": [part]}
+
+
+def rate_limits_updated() -> dict:
+    """`rate_limits.updated`, sent after each `response.done` as OpenAI sends it. Its `rate_limits` is empty: OpenAI
+    reports its per-minute request and token limits there, and no such limit applies to a session's responses here.
+    The limits there are (the orchestrator's `--rate-limit` and `--max-sessions-per-token`, per API token) count
+    Converse calls, that is opening a session, not what a session asks for; the orchestrator does not report them,
+    and a connection they refuse gets an `error` at connect (docs/realtime.md). An empty list says "no limit to
+    report" where any number would be made up."""
+    return {"type": "rate_limits.updated", "rate_limits": []}
 
 
 def usage(prompt: Any | None, output_tokens: int) -> dict:
@@ -562,7 +592,8 @@ _BETA_EVENTS = {
     "response.output_audio.delta": "response.audio.delta", "response.output_audio.done": "response.audio.done",
     "response.output_audio_transcript.delta": "response.audio_transcript.delta",
     "response.output_audio_transcript.done": "response.audio_transcript.done",
-    "response.output_text.delta": "response.text.delta", "response.output_text.done": "response.text.done"}
+    "response.output_text.delta": "response.text.delta", "response.output_text.done": "response.text.done",
+    "conversation.item.added": "conversation.item.created"}
 _BETA_PARTS = {"output_audio": "audio", "output_text": "text"}
 # GA places -> beta names, for the `param` of an error (longest first: the first prefix that matches is taken).
 _BETA_PARAMS = (("session.audio.input.format", "session.input_audio_format"),
@@ -678,8 +709,12 @@ def beta_session(session: dict, temperature: float | None) -> dict:
             "input_audio_rate": audio["input"]["format"]["rate"]}
 
 
-def to_beta(event: dict) -> dict:
-    """A server event under its beta name and shape (sessions are made by `SessionSettings.to_api(beta=True)`)."""
+def to_beta(event: dict) -> dict | None:
+    """A server event under its beta name and shape (sessions are made by `SessionSettings.to_api(beta=True)`), or
+    None for one the beta API does not have: an item is announced once, as `conversation.item.created` (the GA
+    API's `conversation.item.added`), and has no `conversation.item.done`."""
+    if event["type"] == "conversation.item.done":
+        return None
     event = {**event, "type": _BETA_EVENTS.get(event["type"], event["type"])}
     if isinstance(event.get("item"), dict):
         event["item"] = _beta_item(event["item"])

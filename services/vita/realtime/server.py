@@ -9,7 +9,8 @@
 It holds no model and no session state (sessions live in Redis behind the orchestrator), so it scales as its own
 Deployment. Authentication: with `--api-tokens FILE` a connection must bring one of the file's tokens, as
 `Authorization: Bearer TOKEN` or, for browsers (which cannot set headers on a WebSocket), as the subprotocol
-`openai-insecure-api-key.TOKEN`; a refused handshake is HTTP 401. The token is passed on to the orchestrator as
+`openai-insecure-api-key.TOKEN` beside `realtime` (offered without it: HTTP 400, see `key_without_realtime`); a
+refused handshake is HTTP 401. The token is passed on to the orchestrator as
 `authorization` metadata, so a gRPC-side check sees the same caller.
 """
 
@@ -58,11 +59,27 @@ def request_token(headers: Headers) -> str | None:
     token = bearer_token(headers.get("Authorization"))
     if token is not None:
         return token
-    for value in headers.get_all("Sec-WebSocket-Protocol"):
-        for protocol in value.split(","):
-            if protocol.strip().startswith(_KEY_PROTOCOL):
-                return protocol.strip()[len(_KEY_PROTOCOL):] or None
+    for protocol in offered_subprotocols(headers):
+        if protocol.startswith(_KEY_PROTOCOL):
+            return protocol[len(_KEY_PROTOCOL):] or None
     return None
+
+
+def offered_subprotocols(headers: Headers) -> list[str]:
+    return [p.strip() for value in headers.get_all("Sec-WebSocket-Protocol") for p in value.split(",") if p.strip()]
+
+
+def key_without_realtime(headers: Headers) -> bool:
+    """Whether a handshake offers the browser key subprotocol `openai-insecure-api-key.TOKEN` but not `realtime`.
+
+    The key subprotocol carries a credential, not a protocol: the connection's protocol is `realtime`, the one this
+    server selects (and OpenAI's; its clients, the openai SDKs and its browser examples, always offer the pair). A
+    server must not select the key one (that would echo the secret back), so without `realtime` it could select
+    none, and a browser fails such a handshake on its side (it offered subprotocols and got none back) with no
+    reason it can show, after the session had started here. Refused instead, before anything starts: HTTP 400
+    whose body says what to offer."""
+    offered = offered_subprotocols(headers)
+    return "realtime" not in offered and any(p.startswith(_KEY_PROTOCOL) for p in offered)
 
 
 def resume_id(value: str) -> str:
@@ -142,6 +159,10 @@ class RealtimeServer:
         if path != PATH:
             return _json_response(HTTPStatus.NOT_FOUND, f"no such endpoint {path!r}: connect to {PATH}",
                                   "not_found")
+        if key_without_realtime(request.headers):
+            return _json_response(HTTPStatus.BAD_REQUEST, "the subprotocol 'openai-insecure-api-key.<token>' was "
+                                  "offered without 'realtime': offer both (new WebSocket(url, ['realtime', "
+                                  "'openai-insecure-api-key.<token>']))", "missing_required_parameter")
         if self.tokens is not None and request_token(request.headers) not in self.tokens:
             return _json_response(HTTPStatus.UNAUTHORIZED, "missing or unknown API key: send "
                                   "'Authorization: Bearer <token>'", "invalid_api_key")

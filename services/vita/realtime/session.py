@@ -43,12 +43,14 @@ from vita.realtime.protocol import (
     assistant_item,
     b64,
     b64decode,
+    check_item_fields,
     client_event_id,
     data_url_bytes,
     error_event,
     from_beta,
     new_id,
     parse_client_event,
+    rate_limits_updated,
     response_params,
     to_beta,
     usage,
@@ -255,7 +257,26 @@ class RealtimeSession:
 
     def send(self, event: dict) -> None:
         event.setdefault("event_id", new_id("event"))
-        self._out.put_nowait(to_beta(event) if self.beta else event)
+        if self.beta:
+            event = to_beta(event)  # (None: an event the beta API does not have)
+        if event is not None:
+            self._out.put_nowait(event)
+
+    def _item_added(self, item: dict) -> None:
+        """`item` joins the conversation, after its last item: `conversation.item.added` (the beta API's
+        `conversation.item.created`)."""
+        self.send({"type": "conversation.item.added", "previous_item_id": self.last_item_id, "item": item})
+        self._chain(item["id"])
+
+    def _item_done(self, item: dict) -> None:
+        """`item` is complete, with its final content: `conversation.item.done` (none in the beta API)."""
+        self.send({"type": "conversation.item.done", "previous_item_id": self.previous.get(item["id"]),
+                   "item": item})
+
+    def _response_done(self, response: dict) -> None:
+        """`response.done`, then `rate_limits.updated` as OpenAI sends it after each one (`rate_limits_updated`)."""
+        self.send({"type": "response.done", "response": response})
+        self.send(rate_limits_updated())
 
     async def _write(self) -> None:
         while (event := await self._out.get()) is not None:
@@ -335,6 +356,7 @@ class RealtimeSession:
         item = event.get("item")
         if not isinstance(item, dict) or item.get("type", "message") != "message":
             raise RealtimeError("'item' must be a message object", param="item")
+        check_item_fields(item, beta=self.beta)
         if item.get("role") != "user":
             raise RealtimeError("only user messages can be added: the history holds the turns VITA answered",
                                 code="unsupported_parameter", param="item.role")
@@ -384,9 +406,9 @@ class RealtimeSession:
         if texts:
             self.pending_text.append(text)
             self.pending_items.append(item_id)
-        self.send({"type": "conversation.item.created", "previous_item_id": self.last_item_id,
-                   "item": user_item(item_id, content)})
-        self._chain(item_id)
+        created = user_item(item_id, content)
+        self._item_added(created)
+        self._item_done(created)  # (complete as added: a user message has no more to come)
 
     def _chain(self, item_id: str) -> None:
         """`item_id` is the conversation's last item now."""
@@ -396,7 +418,7 @@ class RealtimeSession:
         self.last_item_id = item_id
 
     def _unchain(self, item_ids: list[str]) -> None:
-        """The orchestrator refused these items after conversation.item.created: conversation.item.deleted for each,
+        """The orchestrator refused these items after conversation.item.added: conversation.item.deleted for each,
         and an item created next follows the one before them."""
         for item_id in reversed(item_ids):
             if item_id not in self.previous:
@@ -561,9 +583,9 @@ class RealtimeSession:
             segment = self.queries.popleft() if self.queries else Segment(new_id("item"), 0.0)
             self.send({"type": "input_audio_buffer.committed", "item_id": segment.item_id,
                        "previous_item_id": self.last_item_id})
-            self.send({"type": "conversation.item.created", "previous_item_id": self.last_item_id,
-                       "item": user_item(segment.item_id, [{"type": "input_audio", "transcript": None}])})
-            self._chain(segment.item_id)
+            spoken = user_item(segment.item_id, [{"type": "input_audio", "transcript": None}])
+            self._item_added(spoken)
+            self._item_done(spoken)  # (no transcription to wait for: complete as added)
             modality = self.settings.output_modalities[0]
         r = Response(new_id("resp"), new_id("item"), event.turn_id, modality, voice, metadata)
         self.response = r
@@ -573,8 +595,7 @@ class RealtimeSession:
         item = assistant_item(r.item_id, modality, "", "in_progress")
         self.send({"type": "response.created", "response": self._response_api(r, "in_progress")})
         self.send({"type": "response.output_item.added", "response_id": r.id, "output_index": 0, "item": item})
-        self.send({"type": "conversation.item.created", "previous_item_id": self.last_item_id, "item": item})
-        self._chain(r.item_id)
+        self._item_added(item)  # in progress: conversation.item.done follows with its content (`_done`)
         part = {"type": "audio", "transcript": ""} if modality == "audio" else {"type": "text", "text": ""}
         self.send({"type": "response.content_part.added", **self._where(r), "part": part})
         if cancelled:  # response.cancel came before it started: ended by its Interrupted event, nothing spoken
@@ -674,8 +695,7 @@ class RealtimeSession:
                 failed = Response(new_id("resp"), "", event.turn_id, sent.modality,
                                   sent.voice or self.settings.voice, sent.metadata, finished=True)
                 self.send({"type": "response.created", "response": self._response_api(failed, "in_progress")})
-                self.send({"type": "response.done",
-                           "response": self._response_api(failed, "failed", error=error)})
+                self._response_done(self._response_api(failed, "failed", error=error))
                 return
         self.send(error_event(message, code=name, kind=kind))
 
@@ -802,8 +822,8 @@ class RealtimeSession:
         self.send({"type": "response.content_part.done", **self._where(r), "part": part})
         item = assistant_item(r.item_id, r.modality, text, "completed" if status == "completed" else "incomplete")
         self.send({"type": "response.output_item.done", "response_id": r.id, "output_index": 0, "item": item})
-        self.send({"type": "response.done",
-                   "response": self._response_api(r, status, reason=reason, error=error, output=[item])})
+        self._item_done(item)
+        self._response_done(self._response_api(r, status, reason=reason, error=error, output=[item]))
 
     def _response_api(self, r: Response, status: str, *, reason: str | None = None, error: dict | None = None,
                       output: list | None = None) -> dict:

@@ -114,7 +114,8 @@ function onServerEvent(ev) {
       $("speech").classList.remove("active");
       bubble(ev.item_id, "ignored", `(speech ${ev.audio_start_ms}-${ev.audio_end_ms} ms judged not for the assistant)`);
       break;
-    case "conversation.item.created":
+    case "conversation.item.added":  // (conversation.item.done follows with the item complete: the answer's text
+      // arrives by its deltas and response.done)
       if (ev.item.role === "user") userBubble(ev.item);
       else bubble(ev.item.id, "assistant", "");
       break;
@@ -378,7 +379,8 @@ function summary(ev) {
     case "vita.utterance.ignored": return `not for the assistant (${ev.state_token}, ${ev.latency_ms} ms)`;
     case "input_audio_buffer.speech_started": return `at ${ev.audio_start_ms} ms`;
     case "input_audio_buffer.speech_stopped": return `at ${ev.audio_end_ms} ms`;
-    case "conversation.item.created": return `${ev.item.role} ${(ev.item.content || []).map((p) => p.type).join("+")}`;
+    case "conversation.item.added":
+    case "conversation.item.done": return `${ev.item.role} ${(ev.item.content || []).map((p) => p.type).join("+")}`;
     case "conversation.item.truncate":
     case "conversation.item.truncated": return `at ${ev.audio_end_ms} ms`;
     default: return "";
