@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from unittest import mock
 
 import grpc
 import helm_python as helm
@@ -302,7 +301,7 @@ def test_renders_without_a_cluster_stay_the_same_with_an_existing_redis_secret()
         k8s.deep_merge(EXISTING, {"redis": {"bundled": {"existingSecretPasswordKey": ""}}}))
 
 
-def test_the_services_redis_and_keda_read_the_existing_secret():
+def test_the_services_redis_and_keda_read_the_existing_secret(monkeypatch):
     docs = k8s.render(k8s.VITA_CHART, EXISTING)
     secrets = {("vita-redis-password", "password"): PASSWORD}
     url = f"redis://:{PASSWORD}@{k8s.RELEASE}-redis.{k8s.NAMESPACE}.svc:6379/0"
@@ -312,7 +311,9 @@ def test_the_services_redis_and_keda_read_the_existing_secret():
             continue
         env = _env(docs, container, secrets)
         assert env["VITA_REDIS_URL"] == url and env["REDIS_PASSWORD"] == PASSWORD
-        with mock.patch.dict(os.environ, env):
+        with monkeypatch.context() as patched:  # the container's environment, as the service reads it
+            for name, value in env.items():
+                patched.setenv(name, value)
             _, args = k8s.parse_service_argv(container["args"])
         assert args.redis == url
         seen += 1
@@ -465,3 +466,15 @@ def test_the_schema_accepts_the_resources_kubernetes_accepts():
 def test_the_training_charts_resources_have_the_same_schema():
     message = _schema_error({"resources": {"limits": {"memroy": "8Gi"}}}, chart=k8s.TRAINING_CHART)
     assert "at '/resources/limits': additional properties 'memroy'" in message
+
+
+def test_the_test_pod_takes_its_scheduling_values():
+    """On a cluster whose nodes are all tainted, the hook Pod needs a toleration like every other pod."""
+    tolerations = [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}]
+    values = {"tests": {"tolerations": tolerations, "nodeSelector": {"pool": "system"}, "priorityClassName": "low"}}
+    pod = k8s.one(k8s.render(k8s.VITA_CHART, values), "Pod", f"{k8s.RELEASE}-test")["spec"]
+    assert (pod["tolerations"], pod["nodeSelector"], pod["priorityClassName"]) == (tolerations, {"pool": "system"},
+                                                                                  "low")
+    assert not {"tolerations", "nodeSelector", "priorityClassName"} & set(
+        k8s.one(k8s.render(k8s.VITA_CHART, {}), "Pod", f"{k8s.RELEASE}-test")["spec"])
+
