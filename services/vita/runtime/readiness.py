@@ -16,7 +16,6 @@ The split is grpc.health.v1's own: the empty name is the server's health, a name
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -34,8 +33,8 @@ PING_TIMEOUT_S = 2.0  # a ping slower than this counts as Redis not answering
 
 class BusReadiness:
     """Pings Redis every `interval_s` and calls `set_ready(False)` when a ping fails or takes over `timeout_s`,
-    `set_ready(True)` when one answers again; logs each change once (a warning, then an info line) and keeps
-    `up` (1 or 0) for the `vita:bus_up` gauge. `run` returns when `stop` is called."""
+    `set_ready(True)` when one answers again, and `on_change` with the same; logs each change once (a warning, then
+    an info line). `run` loops until its task is cancelled."""
 
     def __init__(self, redis: Redis, set_ready: Callable[[bool], Awaitable[None]], *, url: str = "",
                  interval_s: float = PING_INTERVAL_S, timeout_s: float = PING_TIMEOUT_S,
@@ -44,7 +43,6 @@ class BusReadiness:
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self.on_change = on_change
         self.ready = True  # serve() checked Redis before the server started
-        self._stop = asyncio.Event()
 
     async def ping(self) -> str | None:
         """None when Redis answered within `timeout_s`, else why not (one line)."""
@@ -58,10 +56,10 @@ class BusReadiness:
         return None
 
     async def run(self) -> None:
-        while not self._stop.is_set():
+        while True:
             reason = await self.ping()
             ready = reason is None
-            if ready != self.ready and not self._stop.is_set():
+            if ready != self.ready:
                 self.ready = ready
                 await self.set_ready(ready)
                 if self.on_change is not None:
@@ -70,8 +68,4 @@ class BusReadiness:
                     log.info("bus reachable again: ready", extra={"redis": redacted(self.url)})
                 else:
                     log.warning("bus unreachable: not ready", extra={"redis": redacted(self.url), "reason": reason})
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.interval_s)
-
-    def stop(self) -> None:
-        self._stop.set()
+            await asyncio.sleep(self.interval_s)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from typing import Any
 
 from vita.errors import CheckpointError, InvalidInputError
 from vita.model.checkpoint import save_sharded
-from vita.model.fingerprint import MANIFEST
+from vita.model.fingerprint import MANIFEST, file_sha256
 from vita.model.vita import VitaForCausalLM
 from vita.processing.tokenizer import VitaTokenizer
 
@@ -150,7 +149,7 @@ def _manifest(directory: Path, model: VitaForCausalLM, source: Path) -> dict[str
                   "parameters": sum(p.numel() for p in model.parameters()),
                   "dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")},
         "source": str(source.resolve()),
-        "files": {p.relative_to(directory).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        "files": {p.relative_to(directory).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
                   for p in files},
     }
 
@@ -175,19 +174,11 @@ def verify_repository(directory: str | Path) -> dict[str, Any]:
         if size != entry["bytes"]:
             raise CheckpointError(f"{file}: {size} bytes, the manifest says {entry['bytes']}: the file is "
                                   "truncated or was changed after export")
-        digest = _sha256(file)
+        digest = file_sha256(file)
         if digest != entry["sha256"]:
             raise CheckpointError(f"{file}: sha256 {digest[:12]}... does not match the manifest's "
                                   f"{entry['sha256'][:12]}...: the file is corrupt or was changed after export")
     return manifest
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _version(package: str) -> str | None:
