@@ -259,7 +259,8 @@ def _ask(args: argparse.Namespace) -> None:
                 reason = Completed.FinishReason.Name(c.finish_reason).lower()
                 cut = {"length": " (cut at max_tokens: raise --max-tokens)",
                        "context_length": " (cut: the context is full)"}.get(reason, "")
-                print(f"\n[{reason}{cut}; {c.usage.prompt_tokens} prompt tokens, {c.usage.completion_tokens} "
+                print(flush=True)  # the answer is a line of its own, on a terminal or in a pipe
+                print(f"[{reason}{cut}; {c.usage.prompt_tokens} prompt tokens, {c.usage.completion_tokens} "
                       f"generated, first token {c.timings.time_to_first_token_s * 1000:.0f} ms, total "
                       f"{c.timings.total_s:.2f} s]", file=sys.stderr)
 

@@ -7,6 +7,7 @@ is a few steps of a few hundred tokens, one thread per process.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -19,9 +20,17 @@ import torch
 
 from tests import training_helpers as th
 from tests.integration.train_entry import prepare
+from vita.errors import CheckpointError
 from vita.model.checkpoint import load_sharded
 from vita.model.inputs import SlotIds
-from vita.training.config import PARAMETER_GROUPS, DataConfig, InitConfig, OptimConfig, StageConfig
+from vita.training.config import (
+    PARAMETER_GROUPS,
+    ConfigError,
+    DataConfig,
+    InitConfig,
+    OptimConfig,
+    StageConfig,
+)
 from vita.training.examples import ExampleEncoder
 from vita.training.forward import TrainingModel, batch_loss_sum
 from vita.training.metrics import read_metrics
@@ -143,6 +152,58 @@ def test_a_resume_that_lengthens_the_run_follows_the_new_schedule(work, tmp_path
     longer = [r["lr"] for r in read_metrics(tmp_path / "longer" / "metrics.jsonl")]
     assert len(longer) == 5
     assert longer[3:] == pytest.approx(fresh[3:], rel=1e-12)
+
+
+def test_a_checkpoint_past_max_steps_is_refused_not_published(work, tmp_path):
+    """A user's try (2026-12-04): a run stopped at step 4, resumed with a config whose max_steps is 3, 'finished'
+    at once and published `final/` as a 3-step model. It now says what to do; nothing is published."""
+    samples = th.mixed_samples(work / "media")
+    run_stage(_config(work, tmp_path / "run"), samples, stop_after=4)
+    with pytest.raises(ConfigError, match=r"step-000004 is at step 4, past this config's max_steps 3: resume with "
+                                          r"--set max_steps=N \(N >= 4\)"):
+        run_stage(_config(work, tmp_path / "run", max_steps=3), samples, resume=True)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_a_corrupt_or_incomplete_checkpoint_is_named(work, tmp_path, caplog):
+    """A damaged trainer.pt is a one-line CheckpointError naming it (it was an internal ValueError); a newest
+    checkpoint without one is passed over for the one before it, with a warning (it was passed over silently)."""
+    samples = th.mixed_samples(work / "media")
+    run = tmp_path / "run"
+    run_stage(_config(work, run), samples, stop_after=4)
+    newest = run / "checkpoints" / "step-000004"
+    (newest / "trainer.pt").write_text("garbage\n")
+    with pytest.raises(CheckpointError, match=r"step-000004/trainer\.pt: cannot read the trainer state: corrupt"):
+        run_stage(_config(work, run), samples, resume=True)
+    (newest / "trainer.pt").unlink()
+    with caplog.at_level(logging.WARNING, logger="vita.training"):
+        summary = run_stage(_config(work, run), samples, resume=True)
+    assert summary["steps"] == 6
+    assert any("step-000004 is incomplete (no trainer.pt): resuming from step-000002" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_sigterm_says_where_a_resume_goes_on_from(work, tmp_path):
+    """`vita train` stopped by SIGTERM (a pod's eviction) exits as interrupted (130) with a line naming the last
+    checkpoint, where it used to die without a word."""
+    manifest = th.write_manifest(tmp_path / "train.jsonl", th.mixed_samples(work / "media"))
+    config = tmp_path / "stage2.json"
+    config.write_text(json.dumps({
+        "stage": 2, "init": {"model": str(work / "init")}, "trainable": TRAINABLE, "max_steps": 10_000,
+        "save_every": 2, "progress": False, "threads": 1, "output_dir": str(tmp_path / "run"),
+        "optim": {"warmup_steps": 0, "min_lr_ratio": 1.0}, "data": {"manifests": [str(manifest)],
+                                                                    "packing_length": 400}}))
+    proc = subprocess.Popen([sys.executable, "-m", "vita.cli", "train", "--stage", "2", "--config", str(config)],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    latest = tmp_path / "run" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 180
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    (line,) = [json.loads(x) for x in err.splitlines() if "interrupted at step" in x]
+    assert "`--resume` goes on from" in line["msg"] and "step-0000" in line["checkpoint"]
 
 
 def test_killed_run_resumes_to_the_uninterrupted_curve(work, tmp_path):

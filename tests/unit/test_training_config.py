@@ -95,6 +95,28 @@ def test_json_env_defaults_and_overrides(tmp_path, monkeypatch):
         load_stage_config(path, ["max_steps"])
 
 
+def test_exponents_without_a_dot_are_floats(tmp_path):
+    """A user's try (2026-12-04): `lr: 1e-3` was refused (YAML 1.1 reads it as a string), in the file and in --set."""
+    path = _write(tmp_path, "stage: 1\ninit: {preset: tiny}\noptim: {lr: 1e-3, group_lr: {llm: 5E-4}}\n")
+    config = load_stage_config(path)
+    assert config.optim.lr == 0.001 and config.optim.group_lr == {"llm": 0.0005}
+    assert load_stage_config(path, ["optim.lr=3e-4", "max_steps=12"]).optim.lr == 0.0003
+    assert load_stage_config(path, ["name=1e3x"]).name == "1e3x"  # not a number: still a string
+
+
+@pytest.mark.parametrize("override, message", [
+    ("max_steps=abc", r"^--set: max_steps must be int, got 'abc'$"),
+    ("maxsteps=3", r"^--set: unknown key maxsteps; StageConfig has"),
+])
+def test_a_bad_override_is_blamed_on_set_not_the_file(tmp_path, override, message):
+    path = _write(tmp_path, "stage: 1\ninit: {preset: tiny}\nmax_steps: 8\n")
+    with pytest.raises(ConfigError, match=message):
+        load_stage_config(path, [override])
+    bad = _write(tmp_path, "stage: 1\ninit: {preset: tiny}\nmax_steps: many\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: max_steps must be int"):  # the file's own fault stays its own
+        load_stage_config(bad, ["name=x"])
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read the config"):
         load_stage_config(tmp_path / "nope.yaml")

@@ -95,6 +95,19 @@ def test_a_bad_manifest_line_is_one_error_naming_file_and_line(tmp_path: Path, l
     assert re.search(message, text), text
 
 
+@pytest.mark.parametrize("document", [
+    json.dumps([{"id": "1", "image": "a.png", "conversations": []}], indent=2),  # LLaVA's layout
+    json.dumps([{"id": "1"}]),  # on one line
+    json.dumps({"samples": []}, indent=2),
+])
+def test_a_json_document_given_as_a_manifest_is_named_so(tmp_path: Path, document: str) -> None:
+    """A user's try (2026-12-04): LLaVA's JSON given to `vita data check` read "bad JSON" although it is valid."""
+    path = tmp_path / "llava.json"
+    path.write_text(document)
+    with pytest.raises(DataError, match=r"llava\.json:1: .*one JSON document, not JSONL .* `vita data convert`"):
+        read_manifest(path)
+
+
 def test_media_paths_are_absolute_whatever_the_working_directory(tmp_path: Path, monkeypatch) -> None:
     write_image(tmp_path / "img" / "a.png")
     _write_lines(tmp_path / "m.jsonl", [_record()])

@@ -13,6 +13,7 @@ rename), so a run killed at any moment leaves the previous checkpoint intact and
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -28,6 +29,8 @@ from vita.model.checkpoint import save_sharded
 from vita.model.config import VitaConfig
 from vita.model.hf_names import llm_state_dict_to_hf
 from vita.processing.tokenizer import VitaTokenizer
+
+log = logging.getLogger("vita.training")
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
@@ -70,8 +73,12 @@ class Checkpoints:
             path = self.root / pointer.read_text().strip()
             if (path / "trainer.pt").is_file():
                 return path
-        found = sorted((p for p in self.root.glob("step-*") if _STEP_DIR.match(p.name)
-                        and (p / "trainer.pt").is_file()), key=lambda p: int(p.name[5:]))
+        steps = sorted((p for p in self.root.glob("step-*") if _STEP_DIR.match(p.name)), key=lambda p: int(p.name[5:]))
+        found = [p for p in steps if (p / "trainer.pt").is_file()]
+        for broken in steps[steps.index(found[-1]) + 1 if found else 0:]:
+            log.warning("checkpoint %s is incomplete (no trainer.pt): %s", broken,
+                        f"resuming from {found[-1].name}" if found else "no complete checkpoint before it",
+                        extra={"checkpoint": str(broken)})
         return found[-1] if found else None
 
     def staging(self, step: int) -> Path:
@@ -96,15 +103,22 @@ class Checkpoints:
 
     @staticmethod
     def load_trainer_state(path: Path) -> dict[str, Any]:
-        try:
-            return torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
-        except (OSError, RuntimeError, EOFError) as e:
-            raise CheckpointError(f"{path / 'trainer.pt'}: cannot read the trainer state ({e})") from None
+        return _load_pt(path / "trainer.pt", "the trainer state")
 
     @staticmethod
     def load_rng(path: Path, rank: int) -> dict[str, Any] | None:
         file = path / f"rng-rank{rank}.pt"
-        return torch.load(file, map_location="cpu", weights_only=False) if file.is_file() else None
+        return _load_pt(file, "the random state") if file.is_file() else None
+
+
+def _load_pt(file: Path, what: str) -> Any:
+    """torch.load of a checkpoint file; raises CheckpointError naming it when it is unreadable or corrupt (torch
+    raises anything from OSError to ValueError or pickle's errors on a damaged file)."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as e:  # a damaged pickle raises any type
+        raise CheckpointError(f"{file}: cannot read {what}: corrupt or not a checkpoint ({type(e).__name__}: "
+                              f"{e})") from None
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -8,6 +8,7 @@ command line overrides any field after the file is read (values are YAML: `--set
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -244,6 +245,27 @@ def _key(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1's SafeLoader, but reading `1e-3` as the float YAML 1.2 and JSON make of it: 1.1 requires a dot in
+    the mantissa, so a learning rate written `1e-3` was the string '1e-3' (PyYAML issue #173). The resolver is
+    PyYAML's own float pattern with the dot optional."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
     """`key.sub=value` strings (values parsed as YAML) written into a nested dict."""
     for item in overrides:
@@ -256,7 +278,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "-
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{source}: {key}: {part} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = _yaml(raw)
     return data
 
 
@@ -269,7 +291,7 @@ def load_stage_config(path: str | Path, overrides: list[str] = ()) -> StageConfi
     except OSError as e:
         raise ConfigError(f"{source}: cannot read the config ({e.strerror or e})") from None
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix == ".json" else _yaml(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -278,6 +300,14 @@ def load_stage_config(path: str | Path, overrides: list[str] = ()) -> StageConfi
                           ) from None
     if data is None:
         raise ConfigError(f"{source}: the config is empty")
-    if isinstance(data, dict) and overrides:
-        data = apply_overrides(data, list(overrides))
-    return _build(StageConfig, _expand(data, source), "", source)
+    if not (isinstance(data, dict) and overrides):
+        return _build(StageConfig, _expand(data, source), "", source)
+    merged = apply_overrides(copy.deepcopy(data), list(overrides))
+    try:
+        return _build(StageConfig, _expand(merged, source), "", source)
+    except ConfigError as e:
+        try:  # the file alone is fine: the fault is in an override, and the message says so
+            _build(StageConfig, _expand(data, source), "", source)
+        except ConfigError:
+            raise e from None
+        raise ConfigError(f"--set: {str(e).removeprefix(f'{source}: ')}") from None

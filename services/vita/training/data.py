@@ -52,6 +52,10 @@ class DataError(VitaError):
 # Manifests
 
 
+# What a manifest reader says of a file that is one JSON document (LLaVA's, WavCaps') rather than JSON Lines.
+_DOCUMENT = (": this looks like one JSON document, not JSONL (one sample per line); a public set's file is converted "
+             "by `vita data convert`")
+
 def read_manifest(path: str | Path, *, check_files: bool = True) -> list[Sample]:
     """Every sample of a JSONL manifest, media paths made absolute; `DataError` on the first bad line."""
     return list(iter_manifest(path, check_files=check_files))
@@ -77,7 +81,11 @@ def iter_manifest(path: str | Path, *, check_files: bool = True) -> Iterator[Sam
             try:
                 record = json.loads(line.rstrip("\r\n"))  # a truncated line's error then points into the line
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: bad JSON: {e.msg} (column {e.colno})") from None
+                document = number == 1 and (line.lstrip().startswith("[") or line.strip() == "{")
+                raise DataError(f"{where}: bad JSON: {e.msg} (column {e.colno}){_DOCUMENT if document else ''}"
+                                ) from None
+            if number == 1 and isinstance(record, list):
+                raise DataError(f"{where}: a JSON list{_DOCUMENT}")
             yield sample_from_record(record, base, where, check_files=check_files)
 
 

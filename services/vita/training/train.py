@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 from pathlib import Path
 
 from vita.training.config import ConfigError, StageConfig, load_stage_config
@@ -42,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config field, e.g. --set max_steps=10 --set data.grad_accum=4")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM ends the run as Ctrl-C does: the trainer says which checkpoint a `--resume` continues from, and the
+    command exits with the interrupted status (130)."""
+    raise KeyboardInterrupt
+
+
 def main(args: argparse.Namespace) -> None:
     from vita.telemetry.logging import configure_logging
     from vita.training.distributed import shutdown
@@ -51,9 +58,11 @@ def main(args: argparse.Namespace) -> None:
     if config.stage != args.stage:
         raise ConfigError(f"{args.config} is a stage {config.stage} config, not stage {args.stage}")
     configure_logging("training", level=os.environ.get("VITA_LOG_LEVEL", "info"))
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a pod's eviction or torchrun's stop: as Ctrl-C
     try:
         summary = run_stage(config, load_samples(config), resume=args.resume)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         shutdown()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, default=str), flush=True)

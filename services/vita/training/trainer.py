@@ -169,6 +169,9 @@ class Trainer:
             if info.is_main and metrics_path.exists():
                 metrics_path.unlink()
         record = self.output_dir / "final" / "training.json"
+        if state is not None and step > config.max_steps and not record.is_file():
+            raise ConfigError(f"{checkpoint} is at step {step}, past this config's max_steps {config.max_steps}: "
+                              f"resume with --set max_steps=N (N >= {step}), or use another output_dir")
         if state is not None and step >= config.max_steps and record.is_file():
             # Resumed after the stage finished (a job's retry, a second `--resume`): nothing to train, and the
             # record of the run that did the training stays as it is.
@@ -233,6 +236,13 @@ class Trainer:
                     self._save(step, module, optimizer, named, scheduler, stream.cursor, model, tokenizer, info)
                 if self.stop_after is not None and step >= self.stop_after:
                     break
+        except KeyboardInterrupt:
+            if info.is_main:
+                last = Checkpoints(self.output_dir, config.keep_checkpoints).latest()
+                log.warning("interrupted at step %d: %s", step,
+                            f"`--resume` goes on from {last}" if last else "no checkpoint yet, a rerun starts over",
+                            extra={"step": step, "checkpoint": str(last) if last else None})
+            raise
         finally:
             bar.close()
             if metrics is not None:
