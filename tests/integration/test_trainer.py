@@ -165,6 +165,16 @@ def test_a_checkpoint_past_max_steps_is_refused_not_published(work, tmp_path):
     assert not (tmp_path / "run" / "final").exists()
 
 
+def test_an_exported_model_repository_is_not_an_output_dir(work, tmp_path):
+    """A user's try (2026-12-04): `--set output_dir=` an exported model wrote checkpoints into the repository."""
+    repository = tmp_path / "exported"
+    repository.mkdir()
+    (repository / "manifest.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"exported holds a model repository .*choose another output_dir"):
+        run_stage(_config(work, repository), th.mixed_samples(work / "media"))
+    assert sorted(p.name for p in repository.iterdir()) == ["manifest.json"]
+
+
 def test_a_corrupt_or_incomplete_checkpoint_is_named(work, tmp_path, caplog):
     """A damaged trainer.pt is a one-line CheckpointError naming it (it was an internal ValueError); a newest
     checkpoint without one is passed over for the one before it, with a warning (it was passed over silently)."""

@@ -115,3 +115,21 @@ def test_directory_without_weights_is_a_checkpoint_error(tmp_path):
     (tmp_path / INDEX_FILE).write_text("{")
     with pytest.raises(CheckpointError, match="not a valid safetensors index"):
         load_sharded(tmp_path)
+
+
+def test_a_path_without_a_model_says_what_it_is(tmp_path):
+    """A user's try (2026-12-04): `vita generate --model RUN` (a training run's output_dir) read "cannot read the
+    model config ([Errno 2] ...)"; a missing directory and a file were not told apart."""
+    from vita.model.vita import read_model_config
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "config.json").write_text("{}")
+    (tmp_path / "picture.png").write_bytes(b"\x89PNG")
+    for path, message in [(run, f"a training run's output directory; its model is {run / 'final'}"),
+                          (tmp_path / "nope", "no such directory"),
+                          (tmp_path / "picture.png", "a file, not a model directory"),
+                          (run / "final" / "..", "its model is"),
+                          (tmp_path, "no config.json here")]:
+        with pytest.raises(CheckpointError, match=message):
+            read_model_config(path)

@@ -357,3 +357,20 @@ def test_json_line_finds_nested_objects(tmp_path: Path) -> None:
     assert json_line(path, ["a", 1]) == 4
     assert json_line(path, ["a", 1, "y"]) == 5
     assert json_line(path, ["a", 7]) is None
+
+
+@pytest.mark.parametrize("kind, field", [("image", "images"), ("video", "video")])
+def test_a_damaged_media_file_is_named_when_a_sample_is_encoded(tmp_path: Path, kind: str, field: str) -> None:
+    """A user's try (2026-12-04): training stopped at `m.jsonl:1: image sample: image data is not in a supported
+    image format`, without saying which of the line's files it was."""
+    from tests import training_helpers as th
+    from vita.errors import InvalidInputError
+    from vita.training.examples import ExampleEncoder
+
+    bad = tmp_path / f"bad.{'png' if kind == 'image' else 'mp4'}"
+    bad.write_bytes(b"garbage")
+    tok = th.tokenizer()
+    sample = Sample(kind, [{"role": "user", "content": f"<{kind}>\nWhat is it?"}, {"role": "bot", "content": "x"}],
+                    **{field: [str(bad)] if field == "images" else str(bad)})
+    with pytest.raises(InvalidInputError, match=rf"^{kind} sample: {re.escape(str(bad))}: "):
+        ExampleEncoder(tok, th.micro_config(tok.vocab_size))(sample, 0)

@@ -134,9 +134,24 @@ def load_tower(directory: str | Path, modality: str, *, dtype: torch.dtype = tor
     return tower.to(device=device, dtype=dtype).eval()
 
 
+def missing_model(directory: Path) -> str:
+    """What to tell a user whose model path holds no `config.json`: that it does not exist, is a file, or is a
+    training run's output directory (whose model is `final/`)."""
+    if not directory.exists():
+        return f"{directory}: no such directory"
+    if not directory.is_dir():
+        return f"{directory}: a file, not a model directory"
+    if (directory / "final" / "config.json").is_file():
+        return f"{directory}: a training run's output directory; its model is {directory / 'final'}"
+    return f"{directory}: no config.json here; a model directory ({directory}/config.json, the weights, the tokenizer) " \
+           "is expected"
+
+
 def read_model_config(directory: Path) -> VitaConfig:
     """Our `config.json`, or a Hugging Face Mixtral one (text-only, or with towers under "vita": `vita export`)."""
     path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(missing_model(Path(directory)))
     try:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:

@@ -12,6 +12,8 @@ expanded to one id per encoder embedding (256 per image tile or video frame, 12.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -153,12 +155,25 @@ class ExampleEncoder:
     def _image(self, path: str) -> Tensor:
         if self.config.vision is None:
             raise InvalidInputError("the model has no vision tower: it cannot train on images")
-        return preprocess_image(path, self.config.vision)
+        with _naming(path):
+            return preprocess_image(path, self.config.vision)
 
     def _video(self, path: str) -> Tensor:
         if self.config.vision is None:
             raise InvalidInputError("the model has no vision tower: it cannot train on video")
-        return video_to_pixel_values(decode_video(path), self.config.vision)
+        with _naming(path):
+            return video_to_pixel_values(decode_video(path), self.config.vision)
+
+
+@contextlib.contextmanager
+def _naming(path: str) -> Iterator[None]:
+    """A media file that cannot be read is named in the error (the manifest line alone does not say which)."""
+    try:
+        yield
+    except (InvalidInputError, OSError, ValueError) as e:
+        if path in str(e):
+            raise
+        raise InvalidInputError(f"{path}: {e}") from None
 
 
 def _after_special(tok: VitaTokenizer, segments: list[Segment]) -> list[int]:

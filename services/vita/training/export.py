@@ -30,7 +30,7 @@ from typing import Any
 from vita.errors import CheckpointError, InvalidInputError
 from vita.model.checkpoint import save_sharded
 from vita.model.fingerprint import MANIFEST, file_sha256
-from vita.model.vita import VitaForCausalLM
+from vita.model.vita import VitaForCausalLM, missing_model
 from vita.processing.tokenizer import VitaTokenizer
 
 FORMAT = "vita-model-repository"
@@ -51,6 +51,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     for candidate in candidates:
         if (candidate / "config.json").is_file():
             return candidate
+    if not path.is_dir():
+        raise CheckpointError(missing_model(path))
     raise CheckpointError(f"{path}: no model here (expected config.json in it, in model/, in final/, or a "
                           "checkpoints/latest)")
 

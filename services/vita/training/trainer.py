@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from vita.model.fingerprint import MANIFEST
 from vita.model.inputs import SlotIds
 from vita.model.llm import DecoderLayer
 from vita.model.vita import VitaForCausalLM
@@ -99,6 +100,9 @@ class Trainer:
     # --- setup ---------------------------------------------------------------------------------------------
 
     def _load(self, info: D.DistInfo) -> tuple[VitaForCausalLM, VitaTokenizer, dict | None, Path | None, dict]:
+        if (self.output_dir / MANIFEST).is_file():
+            raise ConfigError(f"{self.output_dir} holds a model repository (`vita export` wrote its {MANIFEST}); a "
+                              "run would write its checkpoints into it: choose another output_dir")
         checkpoints = Checkpoints(self.output_dir, self.config.keep_checkpoints)
         latest = checkpoints.latest()
         if latest is not None and not self.resume:
