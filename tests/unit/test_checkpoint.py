@@ -133,3 +133,15 @@ def test_a_path_without_a_model_says_what_it_is(tmp_path):
                           (tmp_path, "no config.json here")]:
         with pytest.raises(CheckpointError, match=message):
             read_model_config(path)
+
+
+def test_loading_weights_from_a_missing_directory_says_so(tmp_path):
+    """`init.audio_encoder` at a directory `vita pretrain-audio` had not made read "neither model.safetensors nor
+    model.safetensors.index.json found"."""
+    with pytest.raises(CheckpointError, match=r"nope: no such directory$"):
+        load_sharded(tmp_path / "nope")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(CheckpointError, match=r"f: a file, not a checkpoint directory$"):
+        load_sharded(tmp_path / "f")
+    with pytest.raises(CheckpointError, match=r"neither model\.safetensors nor"):
+        load_sharded(tmp_path)

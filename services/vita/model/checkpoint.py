@@ -110,6 +110,9 @@ def load_sharded(directory: str | Path, *, keep: Callable[[str], bool] | None = 
         return tensors
     if (directory / SINGLE_FILE).is_file():
         return _load_file(directory / SINGLE_FILE, keep)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such directory" if not directory.exists() else
+                              f"{directory}: a file, not a checkpoint directory")
     raise CheckpointError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
 
 
