@@ -85,7 +85,7 @@ def test_bad_flags_are_one_line_and_status_2(capsys, argv, message):
         (["converse", "--wav", "/nonexistent/q.wav"], "cannot read audio file /nonexistent/q.wav"),
         (["converse", "--wav", "__GARBAGE__"], "not a decodable audio file (WAV, FLAC, MP3, Ogg, AAC/M4A, ...); "
                                                "FFmpeg: invalid data found when processing input"),
-        (["generate", "--model", "/nonexistent/model", "--text", "hi"], "config.json"),
+        (["generate", "--model", "/nonexistent/model", "--text", "hi"], "/nonexistent/model: no such directory"),
         # the error names the command that ran, the benchmark's or the service's too (a new user's try, 2026-12-03)
         (["eval", "mme", "--data", "/nonexistent/mme"], "vita eval mme: error: /nonexistent/mme: no such file"),
         (["serve", "llm", "--model", "/nonexistent/model"],
