@@ -12,6 +12,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import grpc
 
@@ -187,11 +188,18 @@ def _down(args: argparse.Namespace) -> int:
     try:
         stack = LocalStack.load(path)  # other OSErrors (unreadable, a directory): one line, status 2, from main
     except FileNotFoundError:
-        print(f"no stack is up: nothing to stop (no state file {path})")
-        return EXIT_OK
+        stack = None
     except (ValueError, TypeError, KeyError, AttributeError) as e:  # not JSON, or not a stack's fields
         raise VitaError(f"cannot read the stack state in {path} ({type(e).__name__}: {e}): stop any of its "
                         "processes still running yourself, then remove it") from None
+    if stack is None:
+        print(f"no stack is up: nothing to stop (no state file {path})")
+        if not args.purge:
+            return EXIT_OK
+        if args.prefix is None:
+            raise VitaError("nothing purged: no state file says which keys were the stack's; give its --prefix "
+                            "(and --redis if it was not the default)")
+        return _purge(args, SimpleNamespace(prefix=args.prefix, redis_url=args.redis))
     if not stack.running():
         path.unlink(missing_ok=True)
         print(f"no stack process was running (pids from {path}, now removed): nothing to stop")
@@ -477,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--purge", action="store_true",
                    help="also delete the stack's keys in Redis (its --prefix: job streams, which keep no expiry, "
                         "sessions, replies); without it they stay for the next `vita up` on the same prefix")
+    p.add_argument("--prefix", help="with --purge and no stack up (its state file gone after an earlier `vita "
+                                    "down`): the prefix whose keys to delete")
+    p.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="with --prefix: the Redis holding them")
     p.set_defaults(func=_down)
 
     p = sub.add_parser("ask", help="send one request to a running stack and stream the answer")

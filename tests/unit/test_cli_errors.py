@@ -181,6 +181,25 @@ def test_down_purge_deletes_the_stacks_keys_and_counts_only_what_ran(capsys, tmp
         r.delete(f"{redis_prefix}x:other")
 
 
+def test_down_purge_after_the_stack_is_gone_takes_its_prefix(capsys, tmp_path, monkeypatch, redis_prefix):
+    """An ML engineer's try (2026-12-04): `vita down` then `vita down --purge` said "nothing to stop" and left the
+    keys, with no way to name them."""
+    import redis
+
+    monkeypatch.setenv("VITA_HOME", str(tmp_path))
+    r = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    r.xadd(f"{redis_prefix}:jobs:{{llm:generator}}", {"job": b"x"})
+    status = cli.main(["down", "--purge"])
+    out, err = capsys.readouterr()
+    assert status == cli.EXIT_USAGE and "nothing purged" in one_line(err) and "--prefix" in err
+    assert list(r.scan_iter(match=f"{redis_prefix}:*"))
+    status = cli.main(["down", "--purge", "--prefix", redis_prefix])
+    out, err = capsys.readouterr()
+    assert (status, err) == (cli.EXIT_OK, "")
+    assert out.splitlines()[-1] == f"deleted its keys in Redis ({redis_prefix}:*)"
+    assert not list(r.scan_iter(match=f"{redis_prefix}:*"))
+
+
 def test_down_with_only_exited_processes_removes_the_stale_state(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("VITA_HOME", str(tmp_path))
     stack = saved_stack(tmp_path, "pass")
