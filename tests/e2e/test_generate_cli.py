@@ -45,4 +45,4 @@ def test_bad_input_is_one_line_without_traceback(tiny_model_dir, tmp_path, args,
 def test_missing_model_dir_is_a_clear_error(tmp_path):
     r = vita("generate", "--text", "hi", model_dir=tmp_path / "nowhere")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "config.json" in r.stderr
+    assert r.stderr == f"vita generate: error: {tmp_path / 'nowhere'}: no such directory\n"
