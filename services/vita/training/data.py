@@ -56,6 +56,7 @@ class DataError(VitaError):
 _DOCUMENT = (": this looks like one JSON document, not JSONL (one sample per line); a public set's file is converted "
              "by `vita data convert`")
 
+
 def read_manifest(path: str | Path, *, check_files: bool = True) -> list[Sample]:
     """Every sample of a JSONL manifest, media paths made absolute; `DataError` on the first bad line."""
     return list(iter_manifest(path, check_files=check_files))
