@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests import training_helpers as th
 from vita.model.inputs import SlotIds
@@ -89,6 +90,20 @@ def test_packed_loss_and_gradients_equal_one_by_one(setup):
     # every part of the model took part: towers, connectors, LLM
     assert any(n.startswith("vita.vision_tower.connector") for n in packed_grads)
     assert any(n.startswith("vita.audio_tower.encoder") for n in packed_grads)
+
+
+def test_the_loss_is_the_cross_entropy_of_every_position_s_logits(setup):
+    """The LM head runs only where a position has a target: the sum of the full logits' cross-entropy with every
+    other position ignored, on packed rows with padding."""
+    tok, module, examples = setup
+    batch = collate(list(pack(examples, packing_length=sum(len(e) for e in examples) // 2 + 50)), tok.eos_id)
+    assert 0 < (batch.targets != IGNORE).sum() < batch.targets.numel() // 2
+    with torch.no_grad():
+        embeds = module.embed(batch.input_ids, batch.image_pixels, batch.video_pixels, batch.audio)
+        logits = module.vita(inputs_embeds=embeds, positions=batch.positions, segment_ids=batch.segment_ids).logits
+        expected = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE,
+                                   reduction="sum")
+        assert batch_loss_sum(module, batch).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_a_row_holds_the_system_prompt_its_samples_share_once(setup):

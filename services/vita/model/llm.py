@@ -424,11 +424,19 @@ class MoECausalLM(nn.Module):
         restart at 0; a query then sees only the keys of its own segment at positions <= its own, and those of
         the row's shared prefix (id `SHARED_SEGMENT`, positions 0..P-1, its samples continuing at P).
         """
-        prepared = self._prepare(input_ids, inputs_embeds, cache, slots, positions, segment_ids)
-        hidden = self.model(prepared.x, prepared.rope, prepared.mask, prepared.step)
+        hidden = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, cache=cache, slots=slots,
+                                    positions=positions, segment_ids=segment_ids)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         return CausalLMOutput(logits=self.lm_head(hidden))
+
+    def hidden_states(self, input_ids: Tensor | None = None, *, inputs_embeds: Tensor | None = None,
+                      cache: KVCache | None = None, slots: Tensor | None = None, positions: Tensor | None = None,
+                      segment_ids: Tensor | None = None) -> Tensor:
+        """(B, T, hidden): the last layer's output after the final norm, what `lm_head` reads; the arguments are
+        `forward`'s. Training applies the head only where a position has a target (`vita.training.forward`)."""
+        prepared = self._prepare(input_ids, inputs_embeds, cache, slots, positions, segment_ids)
+        return self.model(prepared.x, prepared.rope, prepared.mask, prepared.step)
 
     def forward_batches(self, batches: list[CacheBatch], cache: KVCache, *, logits_to_keep: int = 1) -> list[Tensor]:
         """One fused forward of several cache batches (decode rows and prompt chunks of a scheduler step).
