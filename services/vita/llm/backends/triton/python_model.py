@@ -276,10 +276,13 @@ class _Metrics:
         if not force and now < self._next:
             return
         self._next = now + 0.1
-        # Each update is its own message, and a scrape can fall between two: the counters go first and the gauges
-        # last, so a reader that sees the engine idle (and the tokens generated) also sees every other counter.
-        values = {"prompt_tokens": engine.stats.prefill_tokens, "cancelled": engine.stats.cancelled,
-                  "decode_tokens": engine.stats.decode_tokens, "generation_tokens": self.generated,
+        # Each update is its own message, and a scrape can fall between two: the token counters go first, then the
+        # cancellations, then the gauges, so a reader that sees a sequence's cancellation counted (or the engine
+        # idle) also sees every token it generated. A request that starts and ends between two updates never
+        # moves the gauges, so the cancellation count is what a reader waits on then (cancelled first, it was
+        # seen before the cancelled sequence's last tokens: tests/integration/test_triton_backend.py).
+        values = {"prompt_tokens": engine.stats.prefill_tokens, "decode_tokens": engine.stats.decode_tokens,
+                  "generation_tokens": self.generated, "cancelled": engine.stats.cancelled,
                   "waiting": engine.num_waiting, "running": engine.num_running}
         for key, value in values.items():
             if value == self._sent[key]:
