@@ -278,9 +278,9 @@ class _Metrics:
         self._next = now + 0.1
         # Each update is its own message, and a scrape can fall between two: the token counters go first, then the
         # cancellations, then the gauges, so a reader that sees a sequence's cancellation counted (or the engine
-        # idle) also sees every token it generated. A request that starts and ends between two updates never
-        # moves the gauges, so the cancellation count is what a reader waits on then (cancelled first, it was
-        # seen before the cancelled sequence's last tokens: tests/integration/test_triton_backend.py).
+        # idle) also sees every token it generated. A request that starts and ends between two updates never moves
+        # the gauges, and a reader then waits on the cancellation count alone (tests/integration/
+        # test_triton_backend.py; sent before the tokens, it was once seen without the cancelled sequence's last).
         values = {"prompt_tokens": engine.stats.prefill_tokens, "decode_tokens": engine.stats.decode_tokens,
                   "generation_tokens": self.generated, "cancelled": engine.stats.cancelled,
                   "waiting": engine.num_waiting, "running": engine.num_running}
