@@ -102,8 +102,8 @@ TINY_ENV := VITA_TRAIN_DIR=$(TRAIN_TINY) VITA_CURRICULUM=$(TRAIN_TINY)/curriculu
 
 train-tiny: setup  ## the synthetic curriculum, the three training stages and the export, on the tiny preset
 	$(PY) -c "from vita.training.curriculum import build_curriculum; build_curriculum('$(TRAIN_TINY)/curriculum', seed=0)"
-	$(PY) -m vita.cli pretrain-vision --preset tiny-224 --output $(TRAIN_TINY)/vision-encoder --threads 2
-	$(PY) -m vita.cli pretrain-audio --preset tiny-224 --output $(TRAIN_TINY)/audio-encoder --threads 2
+	$(PY) -m vita.cli pretrain-vision --preset tiny-112 --output $(TRAIN_TINY)/vision-encoder --threads 2
+	$(PY) -m vita.cli pretrain-audio --preset tiny-112 --output $(TRAIN_TINY)/audio-encoder --threads 2
 	$(TINY_ENV) $(PY) -m vita.cli train --resume --stage 1 --config training/configs/stage1_llm_tiny.yaml
 	$(TINY_ENV) $(PY) -m vita.cli train --resume --stage 2 --config training/configs/stage2_vision_tiny.yaml
 	$(TINY_ENV) $(PY) -m vita.cli train --resume --stage 2 --config training/configs/stage2_audio_tiny.yaml

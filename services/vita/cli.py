@@ -379,7 +379,7 @@ def _stand_in_arguments(p: argparse.ArgumentParser, tower: str, items: str, *, s
                         data_seed: int) -> None:
     """The flags `pretrain-vision` and `pretrain-audio` share; the defaults are their configs' (`make train-tiny`)."""
     p.add_argument("--output", required=True, help="directory to write (model.safetensors, config.json, metrics.jsonl)")
-    p.add_argument("--preset", default="tiny-224", help=f"model preset whose {tower} encoder to train (default: %(default)s)")
+    p.add_argument("--preset", default="tiny-112", help=f"model preset whose {tower} encoder to train (default: %(default)s)")
     p.add_argument("--steps", type=int_in(1, _INT32), default=steps, help="optimizer steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int_in(1, 4096), default=batch_size, help=f"{items} per step (default: %(default)s)")
     p.add_argument("--lr", type=float_in(0.0, 1.0, open_low=True), default=lr,
@@ -586,12 +586,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "position from every token; writes the encoder in InternViT's names, with its "
                                    "held-out accuracy per attribute (probe.json). An output directory that already "
                                    "holds the same settings is reused.")
-    p.add_argument("--pictures", type=int_in(1, 10**7), default=8000,
+    p.add_argument("--pictures", type=int_in(1, 10**7), default=24000,
                    help="pictures rendered once and drawn from (default: %(default)s)")
     p.add_argument("--position-init", choices=("sincos", "random"), default="sincos",
                    help="the position embedding's start: 2-D sin-cos codes (MAE's) or random normal (InternViT's "
                         "own init) (default: %(default)s)")
-    _stand_in_arguments(p, "vision", "pictures", steps=1100, batch_size=32, lr=3e-3, data_seed=1_000_003)
+    _stand_in_arguments(p, "vision", "pictures", steps=4400, batch_size=32, lr=3e-3, data_seed=1_000_003)
     p.set_defaults(func=_pretrain_vision)
 
     p = sub.add_parser("pretrain-audio", help="tiny runs: train the audio encoder to spot the words it hears, the "

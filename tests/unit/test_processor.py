@@ -117,13 +117,15 @@ def test_typed_placeholder_without_media_is_text(processor):
     assert processor.tokenizer.decode(ids).endswith("user:look at <image>\nbot:")
 
 
-def test_tiny_224_preset_gives_one_64_token_tile_per_image_and_frame(tiny_model_dir, wide_png, short_mp4):
-    """The learning proof's preset: any image is one 224-pixel tile (no grid, no thumbnail), 64 tokens; a frame too."""
-    config = VitaConfig.preset("tiny-224")
-    assert (config.vision.image_size, config.vision.tokens_per_tile, config.vision.max_tiles) == (224, 64, 1)
+@pytest.mark.parametrize(("preset", "side", "tokens"), [("tiny-224", 224, 64), ("tiny-112", 112, 16)])
+def test_one_tile_presets_give_one_tile_per_image_and_frame(tiny_model_dir, wide_png, short_mp4, preset, side, tokens):
+    """The learning proof's presets: any image is one tile of `side` pixels (no grid, no thumbnail), `tokens` tokens
+    (a quarter of the tile's patches, MISSION.md's pixel shuffle); a video frame too."""
+    config = VitaConfig.preset(preset)
+    assert (config.vision.image_size, config.vision.tokens_per_tile, config.vision.max_tiles) == (side, tokens, 1)
     processor = VitaProcessor(VitaTokenizer.from_file(tiny_model_dir), config)
     inputs, stats = processor("What is this?", images=[wide_png], video=str(short_mp4))
-    assert inputs.image_pixels.shape == (1, 3, 224, 224)
-    assert inputs.video_pixels.shape == (6, 3, 224, 224)
-    assert (stats.image_tokens, stats.video_tokens) == (64, 6 * 64)
+    assert inputs.image_pixels.shape == (1, 3, side, side)
+    assert inputs.video_pixels.shape == (6, 3, side, side)
+    assert (stats.image_tokens, stats.video_tokens) == (tokens, 6 * tokens)
     assert VitaConfig.preset("tiny").vision.image_size == 448  # the serving tests' preset is unchanged

@@ -70,9 +70,9 @@ def test_pretraining_lowers_the_loss_writes_internvit_names_and_is_reused(tmp_pa
     assert len(losses) == 3 and losses[-1] < 0.8 * losses[0]
     assert set(summary["heldout_accuracy"]) == {*ATTRIBUTES, "count_several"}
     info = json.loads((tmp_path / "enc" / "config.json").read_text())
-    assert info["vision"]["image_size"] == 224 and info["pretraining"]["key"] == config.key()
+    assert info["vision"]["image_size"] == 112 and info["pretraining"]["key"] == config.key()  # tiny-112's tile
 
-    model = VitaForCausalLM(VitaConfig.preset("tiny-224"))
+    model = VitaForCausalLM(VitaConfig.preset(config.preset))
     load_vision_encoder(model.vision_tower.encoder, tmp_path / "enc")
     from vita.model.checkpoint import load_sharded
 

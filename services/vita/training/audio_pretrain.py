@@ -23,7 +23,7 @@ never the curriculum's chatter, so neither split's chatter is heard here. The he
 encoder (its global CMVN included, fitted on these recordings first, as WeNet does) is written in WeNet's
 parameter names, which is what a stage's `init.audio_encoder` loads.
 
-    vita pretrain-audio --preset tiny-224 --output .artifacts/train-tiny/audio-encoder
+    vita pretrain-audio --preset tiny-112 --output .artifacts/train-tiny/audio-encoder
 
 Writes `model.safetensors`, `config.json` (its AudioConfig and these settings), `metrics.jsonl` (loss per logged
 step) and `probe.json` (held-out word recall, intent and language accuracy on recordings from another seed).
@@ -80,7 +80,7 @@ ENGLISH_VOICES = (*cur.QUERY_VOICES, *cur.CHATTER_VOICES["en"])
 class AudioPretrainConfig:
     """What `pretrain_audio_encoder` does; the defaults are `make train-tiny`'s."""
 
-    preset: str = "tiny-224"
+    preset: str = "tiny-112"
     seed: int = 0  # the encoder's random init (torch.manual_seed), as stage 1's init.seed
     data_seed: int = 2_000_003  # the recordings' seed: not the curriculum's (0)
     clips: int = 2400  # recorded once and drawn from at random

@@ -52,7 +52,7 @@ from vita.training.speech import NOISE_KINDS, noise
 from vita.training.tts import TTS, VOICES, EspeakTTS
 
 SAMPLE_RATE = 16000
-IMAGE_SIZE = 448  # one tile of the tiny preset (256 tokens); tiny-224, the learning proof's, resizes it to 64 tokens
+IMAGE_SIZE = 448  # one tile of the tiny preset (256 tokens); tiny-112, the learning proof's, resizes it to 16 tokens
 VIDEO_SIZE = 224
 VIDEO_FPS = 8
 CATEGORIES = ("image", "video", "spoken", "chatter", "asr", "caption", "text")
