@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -209,6 +210,22 @@ def converse(client, tmp: Path) -> None:
         again.close()
 
 
+def weights_note(model_dir: str | Path) -> str:
+    """What the demo says about a model directory's weights: trained ones carry the `training.json` that `vita train`
+    / `vita export` and the duplex fine-tune write (the stage and steps when it names them); without one the weights
+    are the tiny preset's seeded random ones, whose words are noise."""
+    record = Path(model_dir) / "training.json"
+    if not record.is_file():
+        return "random weights: the words are noise"
+    try:
+        info = json.loads(record.read_text())
+    except (OSError, ValueError):
+        info = {}
+    if isinstance(info, dict) and "stage" in info and "steps" in info:
+        return f"trained: stage {info['stage']} ({info.get('name', '')}), {info['steps']} steps, training.json"
+    return "trained: training.json"
+
+
 def in_process(args: argparse.Namespace) -> int:
     from vita.inference import GenerationRequest, VitaPipeline
     from vita.model.generation import SamplingParams
@@ -216,7 +233,7 @@ def in_process(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     pipeline = VitaPipeline.load(args.model)
     print(f"model loaded from {pipeline.model_dir} in {time.perf_counter() - t0:.2f} s "
-          f"({pipeline.parameter_count / 1e6:.1f}M parameters, random weights: the words are noise)")
+          f"({pipeline.parameter_count / 1e6:.1f}M parameters, {weights_note(pipeline.model_dir)})")
     with tempfile.TemporaryDirectory(prefix="vita-demo-") as tmp:
         tmp = Path(tmp)
         request = GenerationRequest(
