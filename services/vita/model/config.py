@@ -225,21 +225,25 @@ def _tiny() -> VitaConfig:
     )
 
 
-def _tiny_224() -> VitaConfig:
-    """The tiny preset with 224-pixel tiles, one per image (64 tokens instead of 256): the learning proof's preset
-    (`make train-tiny`), where a quarter of the vision tokens lets the 2-core budget see three times the samples."""
+def _tiny_one_tile(side: int) -> VitaConfig:
+    """The tiny preset with one `side`-pixel tile per image or frame and no thumbnail: (side / 28)^2 tokens after
+    MISSION.md's pixel shuffle instead of 256."""
     config = _tiny()
-    config.vision = dataclasses.replace(config.vision, image_size=224, max_tiles=1)
+    config.vision = dataclasses.replace(config.vision, image_size=side, max_tiles=1)
     return config
+
+
+def _tiny_224() -> VitaConfig:
+    """64 tokens per image or frame: the learning proof's preset until 2026-12-05, where a quarter of the vision
+    tokens let the 2-core budget see three times the samples."""
+    return _tiny_one_tile(224)
 
 
 def _tiny_112() -> VitaConfig:
-    """The tiny preset with 112-pixel tiles, one per image (16 tokens): the learning proof's preset (`make
-    train-tiny`). A quarter of tiny-224's patches makes the vision stand-in's step 4.4x cheaper and stage 3's pictures
-    a quarter as long, so the 2-core budget trains both for more steps (docs/training.md, "112-pixel tiles")."""
-    config = _tiny()
-    config.vision = dataclasses.replace(config.vision, image_size=112, max_tiles=1)
-    return config
+    """16 tokens per image or frame: the learning proof's preset (`make train-tiny`). A quarter of tiny-224's patches
+    makes the vision stand-in's step 4.4x cheaper and stage 3's pictures a quarter as long, so the 2-core budget
+    trains both for more steps (docs/training.md, "112-pixel tiles")."""
+    return _tiny_one_tile(112)
 
 
 PRESETS = {"mixtral-8x7b": _mixtral_8x7b, "tiny": _tiny, "tiny-224": _tiny_224, "tiny-112": _tiny_112}
