@@ -186,6 +186,16 @@ def test_the_same_seed_gives_the_same_bytes_and_another_seed_does_not(tmp_path: 
     assert len(read_manifest(rebuilt["train/text"])) == 4 and not (tmp_path / "a" / "marker").exists()
 
 
+def test_the_held_out_share_leaves_the_training_split_as_it_was(tmp_path: Path) -> None:
+    """The training split is drawn first: a larger held-out split (a steadier measure) trains the same model."""
+    sizes = {"image": 3, "video": 2, "spoken": 4, "chatter": 3, "asr": 2, "caption": 2, "text": 3}
+    small = build_curriculum(tmp_path / "small", seed=7, sizes={**sizes, "heldout": 0.3})
+    large = build_curriculum(tmp_path / "large", seed=7, sizes={**sizes, "heldout": 1.0})
+    assert tree_digest(tmp_path / "small" / "train") == tree_digest(tmp_path / "large" / "train")
+    assert len(read_manifest(large["heldout/spoken"])) == 4 > len(read_manifest(small["heldout/spoken"]))
+    assert CurriculumSizes.tiny().count("video", "heldout") == 120  # make train-tiny's: 120 clips held out (36 at 0.15)
+
+
 def test_unknown_sizes_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown curriculum size"):
         build_curriculum(tmp_path / "x", sizes={"podcasts": 3})

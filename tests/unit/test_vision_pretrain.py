@@ -63,12 +63,19 @@ def test_pictures_are_seeded_and_labelled_with_what_they_show() -> None:
         assert abs(float(labels["centre"][k, 0] - column)) < 0.05 and abs(float(labels["centre"][k, 1] - row)) < 0.05
 
 
+def test_pictures_are_the_same_rendered_by_one_process_or_several() -> None:
+    """The pictures are drawn in order and rendered in worker processes: their number changes nothing."""
+    one, labels_one = attribute_pictures(40, seed=3, vision=VISION, frame_share=0.5, workers=1)
+    three, labels_three = attribute_pictures(40, seed=3, vision=VISION, frame_share=0.5, workers=3, chunk=6)
+    assert torch.equal(one, three) and all(torch.equal(labels_one[k], labels_three[k]) for k in labels_one)
+
+
 def test_pretraining_lowers_the_loss_writes_internvit_names_and_is_reused(tmp_path) -> None:
     config = VisionPretrainConfig(pictures=48, steps=30, batch_size=16, probe_pictures=16, log_every=10, threads=2)
     summary = pretrain_vision_encoder(config, tmp_path / "enc", progress=False)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "enc" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and losses[-1] < 0.8 * losses[0]
-    assert set(summary["heldout_accuracy"]) == {*ATTRIBUTES, "count_several"}
+    assert set(summary["heldout_accuracy"]) == {*ATTRIBUTES, "count_several", "column_centre", "row_centre"}
     info = json.loads((tmp_path / "enc" / "config.json").read_text())
     assert info["vision"]["image_size"] == 112 and info["pretraining"]["key"] == config.key()  # tiny-112's tile
 
