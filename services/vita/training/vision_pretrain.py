@@ -7,10 +7,10 @@ colour but not its shape, count or word (docs/training.md, "What a frozen random
 the tiny tower what pretraining gives InternViT, on pictures of its own: it renders pictures the way the curriculum
 does (`curriculum.image_spec`/`render_image`, and frames of `curriculum.video_spec` clips) from a seed of its own,
 and trains the encoder with one linear head per attribute (colour, shape, count, word, and for a single shape its
-column and row, classified, and its centre, regressed) on every output token: each of the tokens the connector receives is trained to tell
-the whole picture's attributes, so that the LLM can read any of them. The heads are dropped; the encoder is
-written in InternViT's parameter names, which is what a stage's `init.vision_encoder` loads (a real
-InternViT-300M-448px directory loads the same way at full size).
+column and row, classified, and its centre, regressed) on every output token: each of the tokens the connector
+receives is trained to tell the whole picture's attributes, so that the LLM can read any of them. The heads are
+dropped; the encoder is written in InternViT's parameter names, which is what a stage's `init.vision_encoder` loads
+(a real InternViT-300M-448px directory loads the same way at full size).
 
     vita pretrain-vision --preset tiny-112 --output .artifacts/train-tiny/vision-encoder
 
@@ -131,7 +131,7 @@ def attribute_pictures(n: int, seed: int, vision: VisionConfig, frame_share: flo
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
         rendered = (p for part in pool.map(_attribute_chunk, chunks, itertools.repeat(size)) for p in part)
     else:
-        pool, rendered = None, (p for chunk in chunks for p in _attribute_chunk(chunk, size))
+        pool, rendered = None, (p for part in chunks for p in _attribute_chunk(part, size))
     try:
         for k, (picture, found, centre) in enumerate(rendered):
             pixels[k] = torch.from_numpy(picture).permute(2, 0, 1)
