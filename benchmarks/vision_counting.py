@@ -93,7 +93,7 @@ def pictures(n: int, seed: int, vision, side: int, kind: str, count_share: float
     for k in range(n):
         if rng.random() < frame_share and count_share < 1:
             spec = cur.video_spec(rng)
-            image, (cx, cy) = rng.choice(cur.video_frames(spec, 1.0))
+            image, (cx, cy) = cur.video_frame(spec, 1.0, rng.randrange(cur.clip_frames(1.0)))  # = rng.choice of all
             centres = [(cx / cur.VIDEO_SIZE, cy / cur.VIDEO_SIZE)]
             found = {"colour": spec["colour"], "shape": spec["shape"], "count": "one"}
         else:

@@ -256,9 +256,9 @@ class AttributeHeads(nn.Module):
     @torch.no_grad()
     def accuracy(self, tokens: Tensor, labels: dict[str, Tensor]) -> dict[str, float]:
         """Per attribute: how often the tokens' mean logits pick the picture's label; `column_centre` and
-        `row_centre`: how often the tokens' mean regressed centre falls in the label's quarter. `count_several`: count on the pictures of two or more
-        shapes alone (about one counted picture in seven: the others hold a single shape, so `count` mostly says
-        whether the encoder tells one shape from several)."""
+        `row_centre`: how often the tokens' mean regressed centre falls in the label's quarter. `count_several`:
+        count on the pictures of two or more shapes alone (about one counted picture in seven: the others hold a
+        single shape, so `count` mostly says whether the encoder tells one shape from several)."""
         out = {}
         for name, head in self.heads.items():
             keep = labels[name] != IGNORE
