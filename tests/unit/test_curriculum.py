@@ -21,6 +21,7 @@ from vita.training.curriculum import (
     QUESTION_TASKS,
     CurriculumSizes,
     build_curriculum,
+    grid_cell,
     tree_digest,
 )
 from vita.training.data import read_manifest
@@ -112,8 +113,10 @@ def test_training_pictures_are_asked_every_question_they_answer(curriculum: dict
         expected = {"colour", "word"} if s.meta["task"] == "word" or "word" in dict(asked) else {
             "colour", "shape", "count"}
         assert sorted(t for t, _ in asked) == sorted(expected), asked
-    for s in read_manifest(curriculum["train/video"]):
-        assert sorted(t for t, _ in _asked(s)) == ["colour", "direction", "shape"]
+    for s in read_manifest(curriculum["train/video"]):  # and, last, where the shape starts and ends
+        asked = _asked(s)
+        assert sorted(t for t, _ in asked[:3]) == ["colour", "direction", "shape"]
+        assert [t for t, _ in asked[3:]] == ["start", "end"]
     for s in read_manifest(curriculum["train/spoken"]):
         if s.meta["medium"] in ("image", "video"):  # every question spoken, one recording each
             assert len(s.audio) == len(s.conversation) // 2 >= 2
@@ -122,6 +125,27 @@ def test_training_pictures_are_asked_every_question_they_answer(curriculum: dict
     single = build_curriculum(curriculum["train/image"].parent.parent.parent / "single", seed=0,
                               sizes={**dataclasses.asdict(SMALL), "follow_up_questions": False})
     assert all(len(s.conversation) == 2 for s in read_manifest(single["train/image"]))
+    assert all(len(s.conversation) == 2 for s in read_manifest(single["train/video"]))
+
+
+def test_clip_positions_name_the_cells_of_the_first_and_last_sampled_frames(curriculum: dict[str, Path]) -> None:
+    """The start and end answers are where the decoded clip's first and last sampled frames show the shape (a 3 x 3
+    grid), and they agree with the direction: a clip moving right starts on the left and ends on the right."""
+    opposite = {"left": "right", "right": "left", "up": "bottom", "down": "top"}
+    side = {"left": "left", "right": "right", "up": "top", "down": "bottom"}
+    for s in read_manifest(curriculum["train/video"]):
+        answers = dict(_asked(s))
+        clip = decode_video(s.video)
+        for when, frame in (("start", clip.frames[0]), ("end", clip.frames[-1])):
+            pixels = np.asarray(frame.convert("RGB")).astype(int)
+            ys, xs = np.nonzero(np.abs(pixels - np.median(pixels.reshape(-1, 3), axis=0)).sum(axis=2) > 60)
+            x, y, third = xs.mean(), ys.mean(), frame.width / 3
+            if min(abs(v - k * third) for v in (x, y) for k in (1, 2)) > 8:  # the ink's centre is not the drawn one
+                assert grid_cell(x, y, frame.width) == answers[when], (s.video, when)
+        assert opposite[answers["direction"]] in answers["start"].split()
+        assert side[answers["direction"]] in answers["end"].split()
+    assert [grid_cell(x, y, 90) for y in (10, 50, 80) for x in (10, 50, 80)] == [
+        "top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right"]
 
 
 def test_clips_move_the_way_the_answer_says(curriculum: dict[str, Path]) -> None:

@@ -7,7 +7,7 @@ numpy noise. Answers are one or two words, so a model is scored by exact match.
 | manifest | kind | what | state |
 |---|---|---|---|
 | image   | image   | a typed question about a picture: colour, shape, count, or the word written | `<3>` |
-| video   | video   | a typed question about a clip: the moving shape's direction, colour or shape | `<3>` |
+| video   | video   | a typed question about a clip: the moving shape's direction, colour or shape (in training also where it starts and ends) | `<3>` |
 | spoken  | image, video, duplex | the same questions spoken (with the picture / clip), and spoken text questions | `<1>` |
 | chatter | duplex  | speech not meant for the assistant (other voices and languages) and noise: answer `<2>` | `<2>` |
 | asr     | asr     | an espeak sentence and its transcript | none |
@@ -16,7 +16,8 @@ numpy noise. Answers are one or two words, so a model is scored by exact match.
 
 In the training split a picture or clip is asked every question it answers, one after another in one
 conversation (the drawn task first): the system prompt and the encoded picture, most of a sample's tokens, then
-teach three or four answers instead of one. Held-out samples ask one question each.
+teach three or four answers instead of one; a training clip is also asked where the shape is at the start and at the
+end (`CLIP_POSITION_QUESTIONS`). Held-out samples ask one question each.
 
 The held-out split never repeats a training picture, clip, sentence or chatter phrase (the question templates and
 voices are shared: the test is generalisation to new content, not to new phrasings). Query speech is spoken by the
@@ -46,6 +47,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from vita.processing.video import sample_timestamps
 from vita.training.data import AUDIO, IMAGE, VIDEO, write_manifest
 from vita.training.sample import Sample
 from vita.training.speech import NOISE_KINDS, noise
@@ -57,7 +59,7 @@ VIDEO_SIZE = 224
 VIDEO_FPS = 8
 CATEGORIES = ("image", "video", "spoken", "chatter", "asr", "caption", "text")
 SPLITS = ("train", "heldout")
-VERSION = 2  # bump when the content changes, so a cached curriculum is rebuilt
+VERSION = 3  # bump when the content changes, so a cached curriculum is rebuilt
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 160, 50), "yellow": (235, 200, 20),
            "black": (20, 20, 20), "purple": (130, 40, 170), "orange": (245, 130, 20), "pink": (240, 110, 180),
@@ -79,9 +81,15 @@ VIDEO_QUESTIONS = {
     "colour": ("What colour is the moving shape?", "What colour is the shape in the video?"),
     "shape": ("What shape is moving?", "What shape is in the video?"),
 }
+# Training clips are also asked where the shape is in the first and in the last frame the video rule samples (a
+# 3 x 3 grid cell, `clip_positions`): reading one frame by its place in the clip is the step a direction needs twice.
+# Without them the LLM did not learn directions even on its training clips (docs/training.md, "Where the shape starts
+# and ends"). Never held out: the eval asks VIDEO_QUESTIONS.
+CLIP_POSITION_QUESTIONS = {"start": ("Where is the shape at the start?",), "end": ("Where is the shape at the end?",)}
+GRID_ROWS, GRID_COLUMNS = ("top", "", "bottom"), ("left", "", "right")
 # The task each typed question asks (one wording, one task), for tools that read a conversation back.
-QUESTION_TASKS = {q: task for questions in (IMAGE_QUESTIONS, VIDEO_QUESTIONS) for task, qs in questions.items()
-                  for q in qs}
+QUESTION_TASKS = {q: task for questions in (IMAGE_QUESTIONS, VIDEO_QUESTIONS, CLIP_POSITION_QUESTIONS)
+                  for task, qs in questions.items() for q in qs}
 # Spoken versions: espeak reads these; lower case without punctuation is how a recogniser would hear them.
 SPOKEN_IMAGE = {task: tuple(q.rstrip("?.").lower() for q in qs) for task, qs in IMAGE_QUESTIONS.items()}
 SPOKEN_VIDEO = {task: tuple(q.rstrip("?.").lower() for q in qs) for task, qs in VIDEO_QUESTIONS.items()}
@@ -150,6 +158,7 @@ class CurriculumSizes:
     heldout: float = 0.5
     video_seconds: float = 1.0  # < 4 s is sampled at 4 frames per second: 1 s gives 4 frames
     follow_up_questions: bool = True  # training pictures and clips are asked every question they answer
+    clip_positions: bool = True  # with follow-ups, training clips are asked where the shape starts and ends
 
     @classmethod
     def tiny(cls) -> CurriculumSizes:
@@ -257,9 +266,9 @@ def _split_sums(split: str, sizes: CurriculumSizes) -> list[tuple[int, int]]:
 def english_lines() -> list[str]:
     """The curriculum's English questions (typed and as spoken) and one-word answers, one per line: the words a real
     English base vocabulary holds whole (`vocab.base_tokenizer_from_corpus`)."""
-    questions = [q for table in (IMAGE_QUESTIONS, VIDEO_QUESTIONS, SPOKEN_IMAGE, SPOKEN_VIDEO)
+    questions = [q for table in (IMAGE_QUESTIONS, VIDEO_QUESTIONS, CLIP_POSITION_QUESTIONS, SPOKEN_IMAGE, SPOKEN_VIDEO)
                  for qs in table.values() for q in qs]
-    answers = [*COLOURS, *SHAPES, *WORDS, *NUMBER_WORDS, *DIRECTIONS]
+    answers = [*COLOURS, *SHAPES, *WORDS, *NUMBER_WORDS, *DIRECTIONS, *filter(None, GRID_ROWS + GRID_COLUMNS), "centre"]
     return questions + [q for q, _ in _SPOKEN_FACTS] + answers
 
 
@@ -363,6 +372,9 @@ class _Maker:
         spec = self._video_spec()
         path = self._path("videos", f"video-{k:05d}", "mp4")
         asked = [(self.rng.choice(VIDEO_QUESTIONS[t]), a) for t, a in self._tasks(spec, video_answers(spec))]
+        if self.split == "train" and self.sizes.follow_up_questions and self.sizes.clip_positions:
+            asked += [(CLIP_POSITION_QUESTIONS[when][0], cell)
+                      for when, cell in clip_positions(spec, self.sizes.video_seconds).items()]
         sample = Sample("video", _conversation(f"{VIDEO}\n", asked), video=path, state="<3>",
                         meta={"task": spec["task"], "category": "video"})
         return _Job(sample, [(_render_video, (path, spec, self.sizes.video_seconds))])
@@ -590,6 +602,21 @@ def _render_video(path: str, spec: dict[str, Any], seconds: float) -> None:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def grid_cell(x: float, y: float, size: int) -> str:
+    """Where the point (x, y), in pixels, lies in a 3 x 3 grid over a `size`-pixel square: "top left", "top",
+    "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right"."""
+    row = GRID_ROWS[min(2, int(3 * y / size))]
+    column = GRID_COLUMNS[min(2, int(3 * x / size))]
+    return " ".join(w for w in (row, column) if w) or "centre"
+
+
+def clip_positions(spec: dict[str, Any], seconds: float) -> dict[str, str]:
+    """{"start": cell, "end": cell}: the shape's `grid_cell` in the first and in the last frame that the video rule
+    (`processing.video.sample_timestamps`) keeps of the clip, as the model sees it."""
+    last = min(clip_frames(seconds) - 1, round(sample_timestamps(seconds)[-1] * VIDEO_FPS))
+    return {when: grid_cell(*video_frame(spec, seconds, k)[1], VIDEO_SIZE) for when, k in (("start", 0), ("end", last))}
 
 
 def clip_frames(seconds: float) -> int:
