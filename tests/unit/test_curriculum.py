@@ -66,6 +66,13 @@ def _asked(sample) -> list[tuple[str, str]]:
     return [(QUESTION_TASKS[q["content"].rsplit("\n", 1)[-1]], a["content"]) for q, a in zip(turns[0::2], turns[1::2])]
 
 
+def _shape_centre(frame: Image.Image) -> tuple[float, float]:
+    """(x, y) in pixels: the mean of a decoded frame's pixels far from its background (the median colour)."""
+    pixels = np.asarray(frame.convert("RGB")).astype(int)
+    ys, xs = np.nonzero(np.abs(pixels - np.median(pixels.reshape(-1, 3), axis=0)).sum(axis=2) > 60)
+    return xs.mean(), ys.mean()
+
+
 def test_pictures_show_what_the_answers_say(curriculum: dict[str, Path]) -> None:
     for s in read_manifest(curriculum["train/image"]) + read_manifest(curriculum["heldout/image"]):
         image = np.asarray(Image.open(s.images[0]).convert("RGB")).reshape(-1, 3).astype(int)
@@ -137,9 +144,7 @@ def test_clip_positions_name_the_cells_of_the_first_and_last_sampled_frames(curr
         answers = dict(_asked(s))
         clip = decode_video(s.video)
         for when, frame in (("start", clip.frames[0]), ("end", clip.frames[-1])):
-            pixels = np.asarray(frame.convert("RGB")).astype(int)
-            ys, xs = np.nonzero(np.abs(pixels - np.median(pixels.reshape(-1, 3), axis=0)).sum(axis=2) > 60)
-            x, y, third = xs.mean(), ys.mean(), frame.width / 3
+            (x, y), third = _shape_centre(frame), frame.width / 3
             if min(abs(v - k * third) for v in (x, y) for k in (1, 2)) > 8:  # the ink's centre is not the drawn one
                 assert grid_cell(x, y, frame.width) == answers[when], (s.video, when)
         assert opposite[answers["direction"]] in answers["start"].split()
@@ -156,12 +161,7 @@ def test_clips_move_the_way_the_answer_says(curriculum: dict[str, Path]) -> None
         direction = dict(_asked(s)).get("direction")
         if direction is None:
             continue
-        centres = []
-        for frame in clip.frames:
-            pixels = np.asarray(frame.convert("RGB")).astype(int)
-            background = np.median(pixels.reshape(-1, 3), axis=0)
-            ys, xs = np.nonzero(np.abs(pixels - background).sum(axis=2) > 60)
-            centres.append((xs.mean(), ys.mean()))
+        centres = [_shape_centre(frame) for frame in clip.frames]
         dx, dy = centres[-1][0] - centres[0][0], centres[-1][1] - centres[0][1]
         moved = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
         assert moved == direction

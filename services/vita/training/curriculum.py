@@ -616,7 +616,7 @@ def clip_positions(spec: dict[str, Any], seconds: float) -> dict[str, str]:
     """{"start": cell, "end": cell}: the shape's `grid_cell` in the first and in the last frame that the video rule
     (`processing.video.sample_timestamps`) keeps of the clip, as the model sees it."""
     last = min(clip_frames(seconds) - 1, round(sample_timestamps(seconds)[-1] * VIDEO_FPS))
-    return {when: grid_cell(*video_frame(spec, seconds, k)[1], VIDEO_SIZE) for when, k in (("start", 0), ("end", last))}
+    return {when: grid_cell(*_clip_shape(spec, seconds, k)[2], VIDEO_SIZE) for when, k in (("start", 0), ("end", last))}
 
 
 def clip_frames(seconds: float) -> int:
@@ -632,6 +632,15 @@ def video_frames(spec: dict[str, Any], seconds: float) -> list[tuple[Image.Image
 def video_frame(spec: dict[str, Any], seconds: float, k: int) -> tuple[Image.Image, tuple[float, float]]:
     """Frame `k` of the clip, `video_frames(spec, seconds)[k]` without drawing the others (what the vision
     stand-in takes from a clip: one frame)."""
+    radius, shade, (cx, cy) = _clip_shape(spec, seconds, k)
+    image = Image.new("RGB", (VIDEO_SIZE, VIDEO_SIZE), (shade, shade, shade))
+    draw_shape(ImageDraw.Draw(image), spec["shape"], cx, cy, radius, COLOURS[spec["colour"]])
+    return image, (cx, cy)
+
+
+def _clip_shape(spec: dict[str, Any], seconds: float, k: int) -> tuple[int, int, tuple[float, float]]:
+    """Frame `k` of the clip without drawing it: the shape's radius, the background's shade and the shape's centre
+    (x, y) in pixels, all from the spec's seed."""
     rng = random.Random(spec["seed"])
     frames = clip_frames(seconds)
     radius = rng.randint(18, 30)
@@ -642,10 +651,7 @@ def video_frame(spec: dict[str, Any], seconds: float, k: int) -> tuple[Image.Ima
     start, end = {"right": across, "left": across[::-1], "down": across, "up": across[::-1]}[spec["direction"]]
     t = k / (frames - 1)
     moving = start + (end - start) * t
-    cx, cy = (moving, fixed) if spec["direction"] in ("left", "right") else (fixed, moving)
-    image = Image.new("RGB", (VIDEO_SIZE, VIDEO_SIZE), (shade, shade, shade))
-    draw_shape(ImageDraw.Draw(image), spec["shape"], cx, cy, radius, COLOURS[spec["colour"]])
-    return image, (cx, cy)
+    return radius, shade, ((moving, fixed) if spec["direction"] in ("left", "right") else (fixed, moving))
 
 
 def _render_speech(tts: TTS, path: str, text: str, voice: str, seed: int, noisy: bool) -> None:
