@@ -48,24 +48,8 @@ from vita.training.stand_in import train_loop
 
 
 def shape_centres(spec: dict) -> list[tuple[float, float]]:
-    """The shape centres of `cur.render_image(spec)` as fractions of the side, from the same random draws."""
-    rng = random.Random(spec["seed"])
-    rng.randint(215, 250), rng.randint(215, 250)  # the background's shade, as render_image draws it
-    size = cur.IMAGE_SIZE
-    if spec["word"]:
-        return []
-    if spec["count"] > 1 or spec["task"] == "count":
-        cells, cell = rng.sample(range(9), spec["count"]), size / 3
-        radius = rng.randint(30, 50)
-        centres = []
-        for c in cells:
-            cx = (c % 3 + 0.5) * cell + rng.uniform(-cell / 2 + radius, cell / 2 - radius)
-            cy = (c // 3 + 0.5) * cell + rng.uniform(-cell / 2 + radius, cell / 2 - radius)
-            centres.append((cx / size, cy / size))
-        return centres
-    radius = rng.randint(60, 140)
-    cx, cy = (rng.uniform(radius + 10, size - radius - 10) for _ in range(2))
-    return [(cx / size, cy / size)]
+    """The shape centres of `cur.render_image(spec)` as fractions of the side (`cur.picture_shapes`)."""
+    return [(cx / cur.IMAGE_SIZE, cy / cur.IMAGE_SIZE) for cx, cy, _ in cur.picture_shapes(spec)]
 
 
 def count_map(centres: list[tuple[float, float]], side: int, kind: str, sigma: float = 0.6) -> Tensor:

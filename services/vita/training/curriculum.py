@@ -539,8 +539,7 @@ def render_image(spec: dict[str, Any]) -> Image.Image:
     """The picture of an image spec (`task`, `seed`, `colour`, `shape`, `count`, `word`): IMAGE_SIZE square RGB,
     a function of the spec alone."""
     rng = random.Random(spec["seed"])
-    shade = rng.randint(215, 250)
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (shade, shade, rng.randint(215, 250)))
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), _background(rng))
     draw = ImageDraw.Draw(image)
     colour = COLOURS[spec["colour"]]
     if spec["word"]:
@@ -549,19 +548,33 @@ def render_image(spec: dict[str, Any]) -> Image.Image:
         x = rng.randint(10, max(10, IMAGE_SIZE - 10 - (right - left))) - left
         y = rng.randint(10, max(10, IMAGE_SIZE - 10 - (bottom - top))) - top
         draw.text((x, y), spec["word"], fill=colour, font=font)
-    elif spec["count"] > 1 or spec["task"] == "count":
+    for cx, cy, radius in picture_shapes(spec):
+        draw_shape(draw, spec["shape"], cx, cy, radius, colour)
+    return image
+
+
+def _background(rng: random.Random) -> tuple[int, int, int]:
+    """A picture's plain background: the first draws of its seed's stream."""
+    shade = rng.randint(215, 250)
+    return shade, shade, rng.randint(215, 250)
+
+
+def picture_shapes(spec: dict[str, Any]) -> list[tuple[float, float, int]]:
+    """The shapes `render_image(spec)` draws, without drawing them: (cx, cy, radius) in IMAGE_SIZE pixels, none for
+    a word picture. Shapes to count lie one to a cell of a 3 x 3 grid; a single shape anywhere, larger."""
+    if spec["word"]:
+        return []
+    rng = random.Random(spec["seed"])
+    _background(rng)
+    if spec["count"] > 1 or spec["task"] == "count":
         cells = rng.sample(range(9), spec["count"])
         cell = IMAGE_SIZE / 3
         radius = rng.randint(30, 50)
-        for c in cells:
-            cx = (c % 3 + 0.5) * cell + rng.uniform(-cell / 2 + radius, cell / 2 - radius)
-            cy = (c // 3 + 0.5) * cell + rng.uniform(-cell / 2 + radius, cell / 2 - radius)
-            draw_shape(draw, spec["shape"], cx, cy, radius, colour)
-    else:
-        radius = rng.randint(60, 140)
-        cx, cy = (rng.uniform(radius + 10, IMAGE_SIZE - radius - 10) for _ in range(2))
-        draw_shape(draw, spec["shape"], cx, cy, radius, colour)
-    return image
+        return [((c % 3 + 0.5) * cell + rng.uniform(-cell / 2 + radius, cell / 2 - radius),
+                 (c // 3 + 0.5) * cell + rng.uniform(-cell / 2 + radius, cell / 2 - radius), radius) for c in cells]
+    radius = rng.randint(60, 140)
+    cx, cy = (rng.uniform(radius + 10, IMAGE_SIZE - radius - 10) for _ in range(2))
+    return [(cx, cy, radius)]
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
@@ -722,6 +735,6 @@ def tree_digest(root: str | Path) -> str:
     return h.hexdigest()
 
 
-__all__ = ["CATEGORIES", "VOICES", "CurriculumSizes", "asr_sentence", "build_curriculum", "clip_frames", "draw_shape",
-           "image_answers", "image_spec", "noise", "render_image", "speech_clip", "tree_digest", "video_answers",
-           "video_frame", "video_frames", "video_spec"]
+__all__ = ["CATEGORIES", "VOICES", "CurriculumSizes", "asr_sentence", "build_curriculum", "clip_frames", "clip_positions",
+           "draw_shape", "grid_cell", "image_answers", "image_spec", "noise", "picture_shapes", "render_image",
+           "speech_clip", "tree_digest", "video_answers", "video_frame", "video_frames", "video_spec"]
