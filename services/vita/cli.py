@@ -586,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "position from every token; writes the encoder in InternViT's names, with its "
                                    "held-out accuracy per attribute (probe.json). An output directory that already "
                                    "holds the same settings is reused.")
-    p.add_argument("--pictures", type=int_in(1, 10**7), default=24000,
+    p.add_argument("--pictures", type=int_in(1, 10**7), default=36000,
                    help="pictures rendered once and drawn from (default: %(default)s)")
     p.add_argument("--position-init", choices=("sincos", "random"), default="sincos",
                    help="the position embedding's start: 2-D sin-cos codes (MAE's) or random normal (InternViT's "

@@ -223,3 +223,17 @@ def test_the_held_out_share_leaves_the_training_split_as_it_was(tmp_path: Path) 
 def test_unknown_sizes_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown curriculum size"):
         build_curriculum(tmp_path / "x", sizes={"podcasts": 3})
+
+
+def test_an_image_spec_asks_the_task_it_is_given_and_draws_as_before_without_one() -> None:
+    import random
+
+    from vita.training.curriculum import IMAGE_QUESTIONS, image_answers, image_spec
+
+    for task in IMAGE_QUESTIONS:
+        spec = image_spec(random.Random(5), task)
+        assert spec["task"] == task and spec["answer"] == image_answers(spec)[task]
+    drawn = image_spec(random.Random(5))
+    assert drawn == image_spec(random.Random(5), None)  # the curriculum's own draws are unchanged
+    with pytest.raises(ValueError, match="image task 'size'"):
+        image_spec(random.Random(5), "size")

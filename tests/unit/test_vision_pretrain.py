@@ -197,3 +197,38 @@ def test_count_several_scores_the_pictures_of_two_or_more_shapes_alone() -> None
     head.bias.zero_()
     head.bias[ATTRIBUTES["count"].index("three")] = 1.0
     assert heads.accuracy(tokens, labels)["count_several"] == 0.5
+
+
+def test_pooled_attributes_are_classified_from_the_tokens_mean_and_the_others_from_every_token() -> None:
+    """Two tokens whose count logits cancel: their mean says nothing (the loss is ln C); one token alone is sure.
+    Classified token by token, the same logits give the mean of the two tokens' cross-entropies instead."""
+    torch.manual_seed(0)
+    labels = {name: torch.full((1,), IGNORE) for name in ATTRIBUTES}
+    labels["centre"] = torch.full((1, 2), float(IGNORE))
+    labels["count"] = torch.tensor([2])
+    tokens = torch.randn(1, 2, VISION.connector_in_features)
+    tokens[0, 1] = -tokens[0, 0]
+    classes = len(ATTRIBUTES["count"])
+    pooled, every = AttributeHeads(VISION), AttributeHeads(VISION, pooled=())
+    every.load_state_dict(pooled.state_dict())
+    for heads in (pooled, every):
+        heads.heads["count"].bias.data.zero_()
+    assert pooled.pooled == ("count",)
+    assert torch.allclose(pooled.loss(tokens, labels), torch.tensor(classes).log())
+    logits = every.heads["count"](tokens[0])  # (2, C)
+    assert torch.allclose(every.loss(tokens, labels), torch.nn.functional.cross_entropy(logits, torch.tensor([2, 2])))
+    with pytest.raises(ValueError, match="pooled names"):
+        AttributeHeads(VISION, pooled=("size",))
+
+
+def test_task_weights_draw_the_pictures_tasks_and_the_probe_draws_them_as_the_curriculum() -> None:
+    _, words = attribute_pictures(40, seed=3, vision=VISION, frame_share=0.0,
+                                  task_weights={"colour": 0.0, "shape": 0.0, "count": 0.0, "word": 1.0})
+    assert (words["word"] != IGNORE).all()
+    _, uniform = attribute_pictures(40, seed=3, vision=VISION, frame_share=0.0)
+    assert 0 < int((uniform["word"] != IGNORE).sum()) < 40
+    with pytest.raises(ValueError, match="task_weights names"):
+        attribute_pictures(4, seed=3, vision=VISION, task_weights={"size": 1.0})
+    with pytest.raises(ValueError, match="positive sum"):
+        attribute_pictures(4, seed=3, vision=VISION, task_weights={"word": 0.0})
+    assert VisionPretrainConfig().task_weights["word"] == 2.0 and "task_weights" in VisionPretrainConfig().key()

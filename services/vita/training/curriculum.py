@@ -285,9 +285,13 @@ def asr_sentence(rng: random.Random) -> str:
     return f"the {rng.choice(_THINGS[6:10])} is {rng.choice(_ACTIONS)} near the {rng.choice(_THINGS)}"
 
 
-def image_spec(rng: random.Random) -> dict[str, Any]:
-    """A picture to draw (`render_image`) and the question asked about it: a task of IMAGE_QUESTIONS, its answer."""
-    task = rng.choice(tuple(IMAGE_QUESTIONS))
+def image_spec(rng: random.Random, task: str | None = None) -> dict[str, Any]:
+    """A picture to draw (`render_image`) and the question asked about it: a task of IMAGE_QUESTIONS (drawn
+    uniformly unless `task` names one), its answer."""
+    if task is None:
+        task = rng.choice(tuple(IMAGE_QUESTIONS))
+    elif task not in IMAGE_QUESTIONS:
+        raise ValueError(f"image task {task!r} is not one of {', '.join(IMAGE_QUESTIONS)}")
     spec: dict[str, Any] = {"task": task, "seed": rng.randrange(2**31), "colour": rng.choice(tuple(COLOURS)),
                             "shape": rng.choice(SHAPES), "count": 1, "word": None}
     if task == "count":
