@@ -581,12 +581,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain-vision", help="tiny runs: train the vision encoder on rendered pictures, the "
                        "stand-in for a pretrained InternViT (stage 2 vision loads it: init.vision_encoder)",
-                       description="Renders pictures as the synthetic curriculum draws them (its own seed; written words "
-                                   "twice as often) and trains "
-                                   "the preset's vision encoder to tell each picture's colour, shape, word and position "
-                                   "from every token and its count from the tokens' mean; writes the encoder in InternViT's names, with its "
-                                   "held-out accuracy per attribute (probe.json). An output directory that already "
-                                   "holds the same settings is reused.")
+                       description="Renders pictures as the synthetic curriculum draws them (its own seed; written "
+                                   "words twice as often) and trains the preset's vision encoder to tell each "
+                                   "picture's colour, shape, word and position from every token and its count from "
+                                   "the tokens' mean; writes the encoder in InternViT's names, with its held-out "
+                                   "accuracy per attribute (probe.json). An output directory that already holds the "
+                                   "same settings is reused.")
     p.add_argument("--pictures", type=int_in(1, 10**7), default=36000,
                    help="pictures rendered once and drawn from (default: %(default)s)")
     p.add_argument("--position-init", choices=("sincos", "random"), default="sincos",

@@ -221,7 +221,7 @@ def test_pooled_attributes_are_classified_from_the_tokens_mean_and_the_others_fr
         AttributeHeads(VISION, pooled=("size",))
 
 
-def test_task_weights_draw_the_pictures_tasks_and_the_probe_draws_them_as_the_curriculum() -> None:
+def test_task_weights_draw_the_pictures_tasks_and_without_them_every_task_is_drawn() -> None:
     _, words = attribute_pictures(40, seed=3, vision=VISION, frame_share=0.0,
                                   task_weights={"colour": 0.0, "shape": 0.0, "count": 0.0, "word": 1.0})
     assert (words["word"] != IGNORE).all()

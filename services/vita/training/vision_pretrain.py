@@ -9,9 +9,9 @@ does (`curriculum.image_spec`/`render_image`, and frames of `curriculum.video_sp
 written words twice as often as the curriculum's other picture tasks, and trains the encoder with one linear head
 per attribute (colour, shape, count, word, and for a single shape its column and row, classified, and its centre,
 regressed) on every output token: each of the tokens the connector receives is trained to tell the whole picture's
-attributes, so that the LLM can read any of them; the count alone is trained on the tokens' mean (`POOLED`). The heads are
-dropped; the encoder is written in InternViT's parameter names, which is what a stage's `init.vision_encoder` loads
-(a real InternViT-300M-448px directory loads the same way at full size).
+attributes, so that the LLM can read any of them; the count alone is trained on the tokens' mean (`POOLED`). The
+heads are dropped; the encoder is written in InternViT's parameter names, which is what a stage's
+`init.vision_encoder` loads (a real InternViT-300M-448px directory loads the same way at full size).
 
     vita pretrain-vision --preset tiny-112 --output .artifacts/train-tiny/vision-encoder
 
@@ -83,7 +83,7 @@ class VisionPretrainConfig:
     seed: int = 0  # the encoder's random init (torch.manual_seed), as stage 1's init.seed
     data_seed: int = 1_000_003  # the pictures' seed: not the curriculum's (0), so they are pictures of their own
     # rendered once and drawn from at random (3,000 over-fit, 8,000 at 2,200 steps too; at 24,000 the word head
-    # still reads 0.60 of its training words against 0.40 held out: 36,000 with words drawn twice as often)
+    # still reads 0.60 of its training words against 0.36-0.43 held out: 36,000 with words drawn twice as often)
     pictures: int = 36000
     frame_share: float = 0.3  # share of the pictures that are frames of moving-shape clips
     # How often each IMAGE_QUESTIONS task is drawn for the pictures that are not frames (the curriculum: uniformly).
