@@ -132,9 +132,25 @@ def short_mp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Train the duplex model (`duplex_model_dir`) before the first test when a collected test needs it and it is not
+    cached yet. Built in the fixture instead, the training (minutes on a busy 2-core machine) counted against the
+    first test's `--timeout`: one timeout there errored every test of the session that uses the model (57 in
+    tests/e2e). `make test` builds it first anyway (its `duplex-model` target); this covers `pytest` run alone."""
+    if session.config.option.collectonly or not any("duplex_model_dir" in getattr(item, "fixturenames", ())
+                                                    for item in session.items):
+        return
+    from vita.training.duplex import build_duplex_checkpoint, default_duplex_dir
+
+    if not default_duplex_dir().joinpath("config.json").is_file():
+        session.config.get_terminal_writer().line(f"training the duplex model once, into {default_duplex_dir()}")
+        build_duplex_checkpoint()
+
+
 @pytest.fixture(scope="session")
 def duplex_model_dir() -> Path:
-    """The tiny model fine-tuned for the duplex decisions (vita/training/duplex.py); built once, cached in VITA_HOME."""
+    """The tiny model fine-tuned for the duplex decisions (vita/training/duplex.py); built once, cached in VITA_HOME
+    (before the first test: `pytest_collection_finish`)."""
     from vita.training.duplex import build_duplex_checkpoint
 
     return build_duplex_checkpoint()
