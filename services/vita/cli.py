@@ -338,7 +338,8 @@ def _pretrain_vision(args: argparse.Namespace) -> None:
     configure_logging("training", level=os.environ.get("VITA_LOG_LEVEL", "info"))
     config = VisionPretrainConfig(preset=args.preset, seed=args.seed, data_seed=args.data_seed, pictures=args.pictures,
                                   steps=args.steps, batch_size=args.batch_size, lr=args.lr, threads=args.threads,
-                                  sincos_positions=args.position_init == "sincos")
+                                  sincos_positions=args.position_init == "sincos", word_shift=args.word_shift,
+                                  pooled=tuple(args.pooled))
     with denormals_flushed():  # before torch's first parallel work: vita.training.cpu
         summary = pretrain_vision_encoder(config, args.output, progress=not args.no_progress,
                                           overwrite=args.overwrite)
@@ -592,6 +593,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--position-init", choices=("sincos", "random"), default="sincos",
                    help="the position embedding's start: 2-D sin-cos codes (MAE's) or random normal (InternViT's "
                         "own init) (default: %(default)s)")
+    p.add_argument("--word-shift", type=int_in(0, 56), default=0,
+                   help="move each drawn word picture by up to this many pixels each way, 0 for none "
+                        "(default: %(default)s)")
+    p.add_argument("--pooled", nargs="+", choices=("colour", "shape", "count", "word", "column", "row"),
+                   default=["count"], metavar="ATTRIBUTE",
+                   help="attributes classified from the tokens' mean instead of from every token "
+                        "(colour, shape, count, word, column, row; default: count)")
     _stand_in_arguments(p, "vision", "pictures", steps=4400, batch_size=32, lr=3e-3, data_seed=1_000_003)
     p.set_defaults(func=_pretrain_vision)
 

@@ -99,3 +99,5 @@ def test_the_cli_defaults_are_the_configs(command) -> None:
         assert getattr(args, name) == getattr(config, name), name
     assert getattr(args, "pictures" if command == "pretrain-vision" else "clips") == getattr(
         config, "pictures" if command == "pretrain-vision" else "clips")
+    if command == "pretrain-vision":
+        assert args.word_shift == config.word_shift and tuple(args.pooled) == config.pooled

@@ -21,6 +21,7 @@ from vita.training.vision_pretrain import (
     attribute_pictures,
     load_vision_encoder,
     pretrain_vision_encoder,
+    shift_pictures,
 )
 
 VISION = VitaConfig.preset("tiny-224").vision
@@ -70,8 +71,10 @@ def test_pictures_are_the_same_rendered_by_one_process_or_several() -> None:
     assert torch.equal(one, three) and all(torch.equal(labels_one[k], labels_three[k]) for k in labels_one)
 
 
-def test_pretraining_lowers_the_loss_writes_internvit_names_and_is_reused(tmp_path) -> None:
-    config = VisionPretrainConfig(pictures=48, steps=30, batch_size=16, probe_pictures=16, log_every=10, threads=2)
+@pytest.mark.parametrize("options", [{}, {"pooled": ("count", "word"), "word_shift": 7}], ids=["recipe", "word-arm"])
+def test_pretraining_lowers_the_loss_writes_internvit_names_and_is_reused(tmp_path, options) -> None:
+    config = VisionPretrainConfig(pictures=48, steps=30, batch_size=16, probe_pictures=16, log_every=10, threads=2,
+                                  **options)
     summary = pretrain_vision_encoder(config, tmp_path / "enc", progress=False)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "enc" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and losses[-1] < 0.8 * losses[0]
@@ -219,6 +222,27 @@ def test_pooled_attributes_are_classified_from_the_tokens_mean_and_the_others_fr
     assert torch.allclose(every.loss(tokens, labels), torch.nn.functional.cross_entropy(logits, torch.tensor([2, 2])))
     with pytest.raises(ValueError, match="pooled names"):
         AttributeHeads(VISION, pooled=("size",))
+
+
+def test_shift_pictures_moves_the_movable_pictures_by_the_drawn_offsets_and_repeats_their_edges() -> None:
+    """A single bright pixel lands where the drawn (dx, dy) puts it; the picture not movable is untouched; what a
+    shift uncovers repeats the edge, so no black border appears; a shift of 0 changes nothing."""
+    pixels = torch.zeros(3, 1, 8, 8)
+    pixels[:, 0, 3, 4] = 1.0  # row 3, column 4
+    pixels[:, 0, :, 0] = 0.5  # a left edge to repeat
+    movable = torch.tensor([True, False, True])
+    drawn = torch.randint(-2, 3, (3, 2), generator=torch.Generator().manual_seed(17))  # one right, one left
+    out = shift_pictures(pixels, movable, 2, torch.Generator().manual_seed(17))
+    assert torch.equal(out[1], pixels[1])
+    for i in (0, 2):
+        dx, dy = drawn[i].tolist()
+        edge = 0.5 * 8 * (1 + dx) if dx >= 0 else 0.0  # moved left, the edge column leaves the picture
+        assert out[i, 0, 3 + dy, 4 + dx] == 1.0 and out[i].sum() == pytest.approx(1.0 + edge)
+    untouched = torch.Generator().manual_seed(3)
+    assert torch.equal(shift_pictures(pixels, movable, 0, untouched), pixels)
+    assert torch.equal(untouched.get_state(), torch.Generator().manual_seed(3).get_state())  # the recipe's draws kept
+    with pytest.raises(ValueError, match="max_shift"):
+        shift_pictures(pixels, movable, -1, torch.Generator())
 
 
 def test_task_weights_draw_the_pictures_tasks_and_without_them_every_task_is_drawn() -> None:

@@ -9,9 +9,10 @@ does (`curriculum.image_spec`/`render_image`, and frames of `curriculum.video_sp
 written words twice as often as the curriculum's other picture tasks, and trains the encoder with one linear head
 per attribute (colour, shape, count, word, and for a single shape its column and row, classified, and its centre,
 regressed) on every output token: each of the tokens the connector receives is trained to tell the whole picture's
-attributes, so that the LLM can read any of them; the count alone is trained on the tokens' mean (`POOLED`). The
-heads are dropped; the encoder is written in InternViT's parameter names, which is what a stage's
-`init.vision_encoder` loads (a real InternViT-300M-448px directory loads the same way at full size).
+attributes, so that the LLM can read any of them; the count alone is trained on the tokens' mean (`POOLED`; the
+word too with `pooled`), and word pictures can be shifted by a few pixels at every draw (`word_shift`). The heads
+are dropped; the encoder is written in InternViT's parameter names, which is what a stage's `init.vision_encoder`
+loads (a real InternViT-300M-448px directory loads the same way at full size).
 
     vita pretrain-vision --preset tiny-112 --output .artifacts/train-tiny/vision-encoder
 
@@ -106,6 +107,15 @@ class VisionPretrainConfig:
     # position embedding initialised as 2-D sin-cos codes (sincos_position_embedding) instead of random: a shape's
     # position read +0.12 per axis, shape +0.01 to +0.12, at the same steps (docs/training.md, "Sin-cos positions")
     sincos_positions: bool = True
+    # The attributes classified from the tokens' mean (`AttributeHeads`); ("count", "word") and `word_shift` 7 are the
+    # arms of docs/training.md, "Words: what stage 3's 200 word pictures let a reader learn": two stage-3 pairs
+    # better on spoken questions (+0.05 both), the stand-in's word probes within their run-to-run spread; not the
+    # recipe until a third reads the same.
+    pooled: tuple[str, ...] = POOLED
+    # Each draw of a word picture moves it by up to this many pixels each way (edges repeated; `shift_pictures`); 7 is
+    # half a 14-pixel patch, so a word falls across the patch grid at every offset. Pictures with a position label
+    # or several shapes to count keep their place. 0: none, and no draw (the recipe's batches unchanged).
+    word_shift: int = 0
     threads: int | None = None
     log_every: int = 50
 
@@ -113,6 +123,7 @@ class VisionPretrainConfig:
         """What decides the weights: an output directory holding the same key is reused as is."""
         d = dataclasses.asdict(self)
         d.pop("threads"), d.pop("log_every")
+        d["pooled"] = list(d["pooled"])  # as config.json holds it, so that a saved key compares equal
         return {"version": VERSION, **d}
 
 
@@ -247,6 +258,30 @@ def sincos_position_embedding(position: nn.Parameter, side: int) -> None:
     position[0, 1:] = table.to(position.dtype)
 
 
+def shift_pictures(pixels: Tensor, movable: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
+    """pixels (N, C, S, S) float, movable (N,) bool -> (N, C, S, S): each movable picture moved by (dx, dy) drawn
+    uniformly from [-max_shift, max_shift], its edge pixels repeated into what it uncovers; the others unchanged.
+
+    Random translation, the oldest augmentation for reading (LeCun et al. 1998 trained on shifted digits): a ViT's
+    patch embedding sees a letter differently at each offset from the 14-pixel grid, and the rendered word pictures
+    are too few to show every word at every offset. The shifts are drawn for every picture, so the draws do not
+    depend on which pictures move; a `max_shift` of 0 draws nothing. Raises ValueError for a negative `max_shift`."""
+    if max_shift < 0:
+        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+    if max_shift == 0:
+        return pixels
+    shifts = torch.randint(-max_shift, max_shift + 1, (pixels.shape[0], 2), generator=generator)  # (N, 2) dx, dy
+    if not movable.any():
+        return pixels
+    side = pixels.shape[-1]
+    padded = F.pad(pixels, (max_shift,) * 4, mode="replicate")  # (N, C, S + 2m, S + 2m)
+    out = pixels.clone()
+    for i in movable.nonzero().flatten().tolist():
+        top, left = max_shift - int(shifts[i, 1]), max_shift - int(shifts[i, 0])
+        out[i] = padded[i, :, top : top + side, left : left + side]
+    return out
+
+
 class AttributeHeads(nn.Module):
     """Linear heads applied to every token the connector would receive (`shuffled_features`): one classifier per
     attribute of CLASSIFIED (a single shape's column and row among them), and a regression of a single shape's
@@ -333,15 +368,16 @@ def pretrain_vision_encoder(config: VisionPretrainConfig, output: str | Path, *,
         whiten_patch_embedding(encoder.embeddings.patch_embedding, normalise_pixels(pixels[:WHITEN_PICTURES], vision))
     if config.sincos_positions:
         sincos_position_embedding(encoder.embeddings.position_embedding, vision.patches_per_side)
-    heads = AttributeHeads(vision)
+    heads = AttributeHeads(vision, tuple(config.pooled))
     params = [*encoder.parameters(), *heads.parameters()]
     draw = torch.Generator().manual_seed(config.data_seed)
     encoder.train()
 
     def batch_loss(step: int) -> Tensor:
         idx = torch.randint(0, config.pictures, (config.batch_size,), generator=draw)
-        return heads.loss(shuffled_features(encoder, normalise_pixels(pixels[idx], vision)),
-                          {k: v[idx] for k, v in labels.items()})
+        batch = {k: v[idx] for k, v in labels.items()}
+        x = shift_pictures(normalise_pixels(pixels[idx], vision), batch["word"] != IGNORE, config.word_shift, draw)
+        return heads.loss(shuffled_features(encoder, x), batch)
 
     train_loop(params, batch_loss, steps=config.steps, lr=config.lr, weight_decay=config.weight_decay, out=out,
                log_every=config.log_every, desc="vision encoder", progress=progress, start=start,
@@ -373,4 +409,4 @@ def load_vision_encoder(encoder: VisionEncoder, directory: str | Path) -> None:
 
 
 __all__ = ["ATTRIBUTES", "AttributeHeads", "VisionPretrainConfig", "attribute_pictures", "load_vision_encoder",
-           "pretrain_vision_encoder", "sincos_position_embedding", "whiten_patch_embedding"]
+           "pretrain_vision_encoder", "shift_pictures", "sincos_position_embedding", "whiten_patch_embedding"]
