@@ -596,10 +596,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--word-shift", type=int_in(0, 56), default=0,
                    help="move each drawn word picture by up to this many pixels each way, 0 for none "
                         "(default: %(default)s)")
-    p.add_argument("--pooled", nargs="+", choices=("colour", "shape", "count", "word", "column", "row"),
-                   default=["count"], metavar="ATTRIBUTE",
+    attributes = ("colour", "shape", "count", "word", "column", "row")  # vision_pretrain.CLASSIFIED (a test checks)
+    p.add_argument("--pooled", nargs="+", choices=attributes, default=["count"], metavar="ATTRIBUTE",
                    help="attributes classified from the tokens' mean instead of from every token "
-                        "(colour, shape, count, word, column, row; default: count)")
+                        f"({', '.join(attributes)}; default: count)")
     _stand_in_arguments(p, "vision", "pictures", steps=4400, batch_size=32, lr=3e-3, data_seed=1_000_003)
     p.set_defaults(func=_pretrain_vision)
 
