@@ -583,9 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain-vision", help="tiny runs: train the vision encoder on rendered pictures, the "
                        "stand-in for a pretrained InternViT (stage 2 vision loads it: init.vision_encoder)",
                        description="Renders pictures as the synthetic curriculum draws them (its own seed; written "
-                                   "words twice as often) and trains the preset's vision encoder to tell each "
-                                   "picture's colour, shape, word and position from every token and its count from "
-                                   "the tokens' mean; writes the encoder in InternViT's names, with its held-out "
+                                   "words twice as often, each moved by a few pixels) and trains the preset's vision "
+                                   "encoder to tell each picture's colour, shape and position from every token and "
+                                   "its count and word from the tokens' mean; writes the encoder in InternViT's names, with its held-out "
                                    "accuracy per attribute (probe.json). An output directory that already holds the "
                                    "same settings is reused.")
     p.add_argument("--pictures", type=int_in(1, 10**7), default=36000,
@@ -593,13 +593,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--position-init", choices=("sincos", "random"), default="sincos",
                    help="the position embedding's start: 2-D sin-cos codes (MAE's) or random normal (InternViT's "
                         "own init) (default: %(default)s)")
-    p.add_argument("--word-shift", type=int_in(0, 56), default=0,
+    p.add_argument("--word-shift", type=int_in(0, 56), default=7,
                    help="move each drawn word picture by up to this many pixels each way, 0 for none "
                         "(default: %(default)s)")
     attributes = ("colour", "shape", "count", "word", "column", "row")  # vision_pretrain.CLASSIFIED (a test checks)
-    p.add_argument("--pooled", nargs="+", choices=attributes, default=["count"], metavar="ATTRIBUTE",
+    p.add_argument("--pooled", nargs="+", choices=attributes, default=["count", "word"], metavar="ATTRIBUTE",
                    help="attributes classified from the tokens' mean instead of from every token "
-                        f"({', '.join(attributes)}; default: count)")
+                        f"({', '.join(attributes)}; default: count word)")
     _stand_in_arguments(p, "vision", "pictures", steps=4400, batch_size=32, lr=3e-3, data_seed=1_000_003)
     p.set_defaults(func=_pretrain_vision)
 
