@@ -585,9 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Renders pictures as the synthetic curriculum draws them (its own seed; written "
                                    "words twice as often, each moved by a few pixels) and trains the preset's vision "
                                    "encoder to tell each picture's colour, shape and position from every token and "
-                                   "its count and word from the tokens' mean; writes the encoder in InternViT's names, with its held-out "
-                                   "accuracy per attribute (probe.json). An output directory that already holds the "
-                                   "same settings is reused.")
+                                   "its count and word from the tokens' mean; writes the encoder in InternViT's "
+                                   "names, with its held-out accuracy per attribute (probe.json). An output "
+                                   "directory that already holds the same settings is reused.")
     p.add_argument("--pictures", type=int_in(1, 10**7), default=36000,
                    help="pictures rendered once and drawn from (default: %(default)s)")
     p.add_argument("--position-init", choices=("sincos", "random"), default="sincos",

@@ -69,9 +69,10 @@ CLASSIFIED = ("colour", "shape", "count", "word", "column", "row")
 # Attributes classified from the tokens' mean instead of from every token: each token may then say how much of the
 # picture's ink it holds and the mean sums them, where one token alone must gather the whole count by attention. Held
 # out, 2-6 shapes counted 0.34 -> 0.48 at the same steps (docs/training.md, "Counting from the tokens' mean"). The
-# word too, with word pictures shifted (`word_shift`): the tokens away from the text need not guess it; in three
-# stage-3 pairs over two data seeds, image 0.588 -> 0.605, 0.593 -> 0.615, 0.550 -> 0.608 and spoken 0.450 -> 0.497,
-# 0.453 -> 0.507, 0.453 -> 0.500 (docs/training.md, "Words: what stage 3's 200 word pictures let a reader learn").
+# word too, with word pictures shifted (`word_shift`): the tokens away from the text need not guess it; in four
+# stage-3 pairs over two data seeds, image 0.588 -> 0.605, 0.593 -> 0.615, 0.550 -> 0.608, 0.610 -> 0.600 and spoken
+# 0.450 -> 0.497, 0.453 -> 0.507, 0.453 -> 0.500, 0.430 -> 0.480 (docs/training.md, "Words: what stage 3's 200 word
+# pictures let a reader learn").
 POOLED = ("count", "word")
 # The centre's regression loss, against the classifiers' cross-entropies (about 1.6 at the start, where the centre's
 # squared error is about 0.3): weighted so that position is learnt alongside them.
