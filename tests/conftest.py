@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -130,6 +131,57 @@ def short_mp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[pytest.TestReport]:
+    """A test that failed on a running stack gets, in its report, each service's state and log tail, with the
+    stacks of its threads and tasks (`kill -USR1`, vita/runtime/dumps.py): a hang in CI then says where it hung."""
+    report = yield
+    if report.failed and report.when == "call":
+        from vita.stack import LocalStack
+
+        stacks = {id(v): v for v in getattr(item, "funcargs", {}).values() if isinstance(v, LocalStack)}
+        for stack in stacks.values():
+            report.sections.append((f"services of stack {stack.prefix}", services_report(stack)))
+    return report
+
+
+def services_report(stack: LocalStack, tail_lines: int = 40, dump_wait_s: float = 10.0) -> str:
+    """Each service: alive or not, and its log's last `tail_lines` lines before a stack dump, then the dump (asked
+    of every live one, and waited on up to `dump_wait_s` until its tasks' part is written)."""
+    import time
+
+    from vita.runtime.dumps import DUMP_SIGNAL
+
+    def size(path: str) -> int:
+        return os.path.getsize(path) if os.path.exists(path) else 0
+
+    services = stack.services
+    before = {s.name: size(s.log_path) for s in services}
+    running = {s.name for s in stack.running()}
+    alive = {s.name: s.name in running for s in services}
+    for s in services:
+        if alive[s.name]:
+            with contextlib.suppress(OSError):
+                os.kill(s.pid, DUMP_SIGNAL)
+    deadline = time.monotonic() + dump_wait_s
+    parts = []
+    for s in services:
+        dumped = b""
+        while alive[s.name] and b"asyncio: " not in dumped and time.monotonic() < deadline:
+            time.sleep(0.1)
+            with open(s.log_path, "rb") as f:
+                f.seek(before[s.name])
+                dumped = f.read()
+        with open(s.log_path, "rb") as f:
+            head = f.read(before[s.name]).decode(errors="replace").splitlines()[-tail_lines:]
+        state = f"pid {s.pid} alive" if alive[s.name] else f"pid {s.pid} EXITED"
+        if alive[s.name] and b"asyncio: " not in dumped:
+            state += f" (its event loop wrote no tasks' dump within {dump_wait_s:g} s: blocked?)"
+        parts.append("\n".join([f"==== {s.name}: {state}; {s.log_path}", *head,
+                                 *(["---- stack dump (SIGUSR1)", dumped.decode(errors="replace")] if dumped else [])]))
+    return "\n".join(parts)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

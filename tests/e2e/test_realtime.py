@@ -1099,3 +1099,20 @@ def test_readyz_follows_the_orchestrator_and_healthz_does_not(stack):
     finally:
         gateway.terminate()
         gateway.wait(30)
+
+
+def test_a_failed_test_reports_every_service_with_its_stack_dump_and_the_stack_serves_on(stack):
+    """What tests/conftest.py attaches to a failure on a stack: each service alive, its log, its threads and tasks
+    (SIGUSR1, which no service may die of: the gateway and the four pools and the orchestrator all handle it)."""
+    from conftest import services_report
+
+    from vita.stack import wait_healthy
+
+    report = services_report(stack)
+    assert report.count("---- stack dump (SIGUSR1)") == report.count("asyncio: ") == len(stack.services) == 6
+    for service in stack.services:
+        assert f"==== {service.name}: pid {service.pid} alive; {service.log_path}" in report
+    assert "in _report_lag" in report and "in serve" in report  # an encoder's worker task; serve()'s own
+    assert stack.running() == stack.services
+    for service in stack.services:
+        wait_healthy(service, 30)

@@ -40,6 +40,7 @@ from vita.realtime.session import RealtimeSession
 from vita.realtime.tts import make_tts
 from vita.runtime.access import TokenSet, bearer_token, load_tokens
 from vita.runtime.args import PORT
+from vita.runtime.dumps import install_stack_dumps
 from vita.runtime.readiness import READINESS
 from vita.runtime.tls import channel_credentials
 from vita.usage import ArgumentParser
@@ -255,6 +256,7 @@ async def _serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    install_stack_dumps(loop)  # kill -USR1: where it is stuck, in its log
     await server.serve(stop)
 
 

@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 from vita.bus.streams import BusConfig
 from vita.errors import FatalError, VitaError, one_line
 from vita.runtime.args import access_policy, grpc_tls, setup
+from vita.runtime.dumps import install_stack_dumps
 from vita.runtime.readiness import BusReadiness
 from vita.runtime.redis_client import redacted
 from vita.runtime.server import GrpcService, ServiceServer
@@ -83,6 +84,7 @@ async def serve(name: str, args: argparse.Namespace, build: Build, *, threads: i
     access, tls = access_policy(args), grpc_tls(args)  # bad files or values fail before anything starts
     redis, bus, metrics = setup(name, args)
     metrics.event_loop.loop = asyncio.get_running_loop()
+    install_stack_dumps(metrics.event_loop.loop)  # kill -USR1: where it is stuck, in its log
     server: ServiceServer | None = None
     readiness: asyncio.Task | None = None
     try:
