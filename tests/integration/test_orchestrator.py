@@ -244,8 +244,41 @@ def test_encode_timeout_reaches_generate_and_converse(pipeline, wide_png):
     events, err = asyncio.run(run_stack(pipeline, body, config=OrchestratorConfig(encode_timeout_s=0.4)))
     errors = [e.error for e in events if e.HasField("error")]
     assert [e.code for e in errors] == [grpc.StatusCode.UNAVAILABLE.value[0]], events
-    assert "within 0.4 s" in errors[0].message
+    # What the timeout says of the pool: its job waits and nobody takes it (no encoder runs).
+    waiting = "the vision-encoder pool has 1 job waiting and 0 in progress (no worker is taking its jobs"
+    assert "within 0.4 s" in errors[0].message and waiting in errors[0].message
     assert err.code() == grpc.StatusCode.UNAVAILABLE and "within 0.4 s" in err.details()
+    assert "the vision-encoder pool has 2 jobs waiting and 0 in progress" in err.details()
+
+
+def test_a_judgement_that_times_out_says_the_monitor_pool_holds_the_job_in_progress(redis_prefix):
+    """A monitor that took the judge job and went silent (stuck, or dead before `reclaim_idle_ms`): the timeout
+    names the pool and the job in progress there, not only the reply stream it waited on."""
+    from vita.bus.queue import Consumer
+    from vita.bus.replies import ReplyTimeout
+    from vita.bus.streams import Pool
+    from vita.orchestrator.pools import PoolClient
+    from vita.orchestrator.prompts import Prompt
+    from vita.v1.bus_pb2 import GenerationJob
+
+    async def main():
+        redis = Redis.from_url("redis://127.0.0.1:6379/0")
+        bus = BusConfig(prefix=redis_prefix)
+        pools = PoolClient(redis, bus, OrchestratorConfig(judge_timeout_s=0.5), context_len=256)
+        silent = Consumer(redis, bus, Pool.LLM_MONITOR)
+        judging = asyncio.create_task(pools.judge("s.judge.1", GenerationJob.MONITOR, Prompt([1, 2, 3], [], [])))
+        while not await silent.read(block_ms=100):  # the monitor takes the job, then never answers
+            pass
+        try:
+            with pytest.raises(ReplyTimeout) as err:
+                await judging
+        finally:
+            await redis.aclose()
+        return str(err.value)
+
+    message = asyncio.run(main())
+    assert "within 0.5 s; the llm:monitor pool has 0 jobs waiting and 1 in progress" in message
+    assert "no worker is taking" not in message
 
 
 def test_converse_calls_leave_nothing_behind(pipeline):

@@ -14,11 +14,12 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from vita.bus.cancel import cancel
 from vita.bus.codec import decode_entry
 from vita.bus.lease import LeaseKeeper
-from vita.bus.queue import submit
+from vita.bus.queue import lag, submit
 from vita.bus.replies import Reply, ReplyTimeout, events
 from vita.bus.streams import REPLY_TYPES, ROLE_POOLS, BusConfig, Pool
 from vita.bus.trace import current_trace_context
@@ -57,6 +58,10 @@ def queue_seconds(first_token_s: float, total_s: float, worker: Timings) -> floa
     if first_token_s > 0 and worker.time_to_first_token_s > 0:
         return max(0.0, first_token_s - max(0.0, worker.time_to_first_token_s - worker.queue_s))
     return max(0.0, total_s - max(0.0, worker.total_s - worker.queue_s))
+
+
+def _jobs(n: int) -> str:
+    return f"{n} job" if n == 1 else f"{n} jobs"
 
 
 class JobFailed(VitaError):
@@ -107,15 +112,19 @@ class PoolClient:
         refs: dict[str, EmbeddingRef] = {}
         if not names:
             return refs
-        async for result in events(self.redis, reply_stream, self.config.encode_timeout_s):
-            name = names.get(getattr(result, "job_id", ""))  # the stream may also carry a generator's events
-            if name is None:
-                continue
-            if result.WhichOneof("outcome") == "error":
-                raise JobFailed.of(result.error, name)
-            refs[name] = result.embedding
-            if len(refs) == len(names):
-                break
+        try:
+            async for result in events(self.redis, reply_stream, self.config.encode_timeout_s):
+                name = names.get(getattr(result, "job_id", ""))  # the stream may also carry a generator's events
+                if name is None:
+                    continue
+                if result.WhichOneof("outcome") == "error":
+                    raise JobFailed.of(result.error, name)
+                refs[name] = result.embedding
+                if len(refs) == len(names):
+                    break
+        except ReplyTimeout as e:
+            silent = {wanted[name][0] for name in names.values() if name not in refs}
+            raise ReplyTimeout(f"{e}; {await self.pools_state(sorted(silent))}") from None
         return refs
 
     async def generate(self, request_id: str, role: GenerationJob.Role, prompt: Prompt, sampling: SamplingParams,
@@ -181,9 +190,26 @@ class PoolClient:
                     raise JobFailed.of(event.error)
                 elif kind == "finished":
                     break
+        except ReplyTimeout as e:
+            raise ReplyTimeout(f"{e}; {await self.pools_state([ROLE_POOLS[role]])}") from None
         finally:
             self.leases.release(request_id)
         return token
+
+    async def pools_state(self, pools: Sequence[Pool]) -> str:
+        """Why a pool may not have answered, for a timeout's message: its jobs waiting and in progress. Jobs waiting
+        with none in progress mean no worker is taking them (none runs, or all died); jobs in progress, a worker
+        that is slow or stuck on them (or died holding them, until `reclaim_idle_ms` hands them to another)."""
+        parts = []
+        for pool in pools:
+            try:
+                depth = await lag(self.redis, self.bus, pool)
+            except (RedisError, OSError) as e:
+                parts.append(f"the {pool} pool's backlog is unknown ({type(e).__name__})")
+                continue
+            hint = " (no worker is taking its jobs: is one running?)" if depth.lag and not depth.pending else ""
+            parts.append(f"the {pool} pool has {_jobs(depth.lag)} waiting and {depth.pending} in progress{hint}")
+        return "; ".join(parts)
 
     async def cancel(self, request_id: str) -> None:
         """Stop the workers' compute for `request_id` (queued or running); idempotent. Its lease is released
