@@ -147,9 +147,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     return report
 
 
-def services_report(stack: LocalStack, tail_lines: int = 40, dump_wait_s: float = 10.0) -> str:
-    """Each service: alive or not, and its log's last `tail_lines` lines before a stack dump, then the dump (asked
-    of every live one, and waited on up to `dump_wait_s` until its tasks' part is written)."""
+def services_report(stack: LocalStack, tail_lines: int = 20, dump_wait_s: float = 10.0) -> str:
+    """A line of every service's state (alive or exited), then each one's log: its last `tail_lines` lines before
+    a stack dump, then the dump (asked of every live one, and waited on up to `dump_wait_s` until its tasks' part is
+    written)."""
     import time
 
     from vita.runtime.dumps import DUMP_SIGNAL
@@ -166,7 +167,8 @@ def services_report(stack: LocalStack, tail_lines: int = 40, dump_wait_s: float 
             with contextlib.suppress(OSError):
                 os.kill(s.pid, DUMP_SIGNAL)
     deadline = time.monotonic() + dump_wait_s
-    parts = []
+    states = {s.name: f"pid {s.pid} alive" if alive[s.name] else f"pid {s.pid} EXITED" for s in services}
+    parts = ["; ".join(f"{name}: {state}" for name, state in states.items())]  # first: a truncated log keeps it
     for s in services:
         dumped = b""
         while alive[s.name] and b"asyncio: " not in dumped and time.monotonic() < deadline:
@@ -176,7 +178,7 @@ def services_report(stack: LocalStack, tail_lines: int = 40, dump_wait_s: float 
                 dumped = f.read()
         with open(s.log_path, "rb") as f:
             head = f.read(before[s.name]).decode(errors="replace").splitlines()[-tail_lines:]
-        state = f"pid {s.pid} alive" if alive[s.name] else f"pid {s.pid} EXITED"
+        state = states[s.name]
         if alive[s.name] and b"asyncio: " not in dumped:
             state += f" (its event loop wrote no tasks' dump within {dump_wait_s:g} s: blocked?)"
         parts.append("\n".join([f"==== {s.name}: {state}; {s.log_path}", *head,
