@@ -22,8 +22,17 @@ DUMP_SIGNAL = signal.SIGUSR1
 def install_stack_dumps(loop: asyncio.AbstractEventLoop) -> None:
     """On DUMP_SIGNAL: the threads' stacks at once, then the tasks' stacks from `loop`. Call from inside `loop`."""
     loop.add_signal_handler(DUMP_SIGNAL, _print_tasks, loop)
-    # After the loop's handler: chain=True keeps it (the loop's C-level handler wakes the loop for the tasks' dump).
-    faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=True)
+    out = _file_descriptor(sys.stderr) or _file_descriptor(sys.__stderr__)
+    if out is not None:  # faulthandler writes to a file descriptor: none when stderr is captured (pytest's capsys)
+        # After the loop's handler: chain=True keeps it (the loop's C-level handler wakes the loop for the tasks').
+        faulthandler.register(DUMP_SIGNAL, file=out, all_threads=True, chain=True)
+
+
+def _file_descriptor(stream: object) -> int | None:
+    try:
+        return stream.fileno()  # type: ignore[union-attr]
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both an OSError and a ValueError
+        return None
 
 
 def tasks_stacks(loop: asyncio.AbstractEventLoop) -> str:
