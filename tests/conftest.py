@@ -154,34 +154,30 @@ def services_report(stack: LocalStack, tail_lines: int = 20, dump_wait_s: float 
     import time
 
     from vita.runtime.dumps import DUMP_SIGNAL
-
-    def size(path: str) -> int:
-        return os.path.getsize(path) if os.path.exists(path) else 0
+    from vita.stack import log_tail
 
     services = stack.services
-    before = {s.name: size(s.log_path) for s in services}
-    running = {s.name for s in stack.running()}
-    alive = {s.name: s.name in running for s in services}
+    alive = {s.name for s in stack.running()}
+    before = {s.name: os.path.getsize(s.log_path) if os.path.exists(s.log_path) else 0 for s in services}
+    tails = {s.name: log_tail(s.log_path, tail_lines) for s in services}  # read before the dumps are written
     for s in services:
-        if alive[s.name]:
+        if s.name in alive:
             with contextlib.suppress(OSError):
                 os.kill(s.pid, DUMP_SIGNAL)
     deadline = time.monotonic() + dump_wait_s
-    states = {s.name: f"pid {s.pid} alive" if alive[s.name] else f"pid {s.pid} EXITED" for s in services}
+    states = {s.name: f"pid {s.pid} {'alive' if s.name in alive else 'EXITED'}" for s in services}
     parts = ["; ".join(f"{name}: {state}" for name, state in states.items())]  # first: a truncated log keeps it
     for s in services:
         dumped = b""
-        while alive[s.name] and b"asyncio: " not in dumped and time.monotonic() < deadline:
+        while s.name in alive and b"asyncio: " not in dumped and time.monotonic() < deadline:
             time.sleep(0.1)
             with open(s.log_path, "rb") as f:
                 f.seek(before[s.name])
                 dumped = f.read()
-        with open(s.log_path, "rb") as f:
-            head = f.read(before[s.name]).decode(errors="replace").splitlines()[-tail_lines:]
         state = states[s.name]
-        if alive[s.name] and b"asyncio: " not in dumped:
+        if s.name in alive and b"asyncio: " not in dumped:
             state += f" (its event loop wrote no tasks' dump within {dump_wait_s:g} s: blocked?)"
-        parts.append("\n".join([f"==== {s.name}: {state}; {s.log_path}", *head,
+        parts.append("\n".join([f"==== {s.name}: {state}; {s.log_path}", tails[s.name],
                                  *(["---- stack dump (SIGUSR1)", dumped.decode(errors="replace")] if dumped else [])]))
     return "\n".join(parts)
 

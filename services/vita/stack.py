@@ -281,7 +281,7 @@ def wait_healthy(service: ServiceProcess, timeout_s: float) -> None:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if not _alive(service.pid):
-                raise StackError(f"{service.name} exited during start-up:\n{_tail(service.log_path)}")
+                raise StackError(f"{service.name} exited during start-up:\n{log_tail(service.log_path)}")
             try:
                 status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
                 if status == health_pb2.HealthCheckResponse.SERVING:
@@ -289,7 +289,7 @@ def wait_healthy(service: ServiceProcess, timeout_s: float) -> None:
             except grpc.RpcError:
                 pass
             time.sleep(0.2)
-    raise StackError(f"{service.name} not healthy after {timeout_s:.0f} s:\n{_tail(service.log_path)}")
+    raise StackError(f"{service.name} not healthy after {timeout_s:.0f} s:\n{log_tail(service.log_path)}")
 
 
 def _wait_http(service: ServiceProcess, deadline: float, timeout_s: float) -> None:
@@ -298,7 +298,7 @@ def _wait_http(service: ServiceProcess, deadline: float, timeout_s: float) -> No
 
     while time.monotonic() < deadline:
         if not _alive(service.pid):
-            raise StackError(f"{service.name} exited during start-up:\n{_tail(service.log_path)}")
+            raise StackError(f"{service.name} exited during start-up:\n{log_tail(service.log_path)}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{service.grpc_port}/healthz", timeout=1) as response:
                 if response.status == 200:
@@ -306,10 +306,11 @@ def _wait_http(service: ServiceProcess, deadline: float, timeout_s: float) -> No
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.2)
-    raise StackError(f"{service.name} not healthy after {timeout_s:.0f} s:\n{_tail(service.log_path)}")
+    raise StackError(f"{service.name} not healthy after {timeout_s:.0f} s:\n{log_tail(service.log_path)}")
 
 
-def _tail(path: str, lines: int = 20) -> str:
+def log_tail(path: str, lines: int = 20) -> str:
+    """The last `lines` lines of a service's log ("(no log)" when it cannot be read)."""
     try:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
     except OSError:

@@ -1,10 +1,10 @@
 """Where a live service is stuck: `kill -USR1 <pid>` writes every thread's Python stack and every asyncio task's
-stack to the service's stderr (its log), and the process goes on serving.
+await chain to the service's stderr (its log), and the process goes on serving.
 
 Two dumps, since a hang has two kinds: a thread blocked in C (a torch forward, a lock) shows in the threads'
 stacks, which `faulthandler` writes from the signal handler itself, even when the event loop is blocked; a
-coroutine that awaits something that never comes shows only in the tasks' stacks, which the loop writes when it
-next runs (Python's own `faulthandler` and `asyncio.Task.print_stack`; aiomonitor's `where` does the same).
+coroutine that awaits something that never comes shows only in the tasks' await chains, which the loop writes when
+it next runs (the chain Python 3.14's `asyncio.format_call_graph` prints; aiomonitor's `where` does the same).
 The tests send it to a stack whose test failed (tests/conftest.py) and attach the logs' tails to the report.
 """
 
