@@ -50,7 +50,8 @@ proto: $(PROTO_STAMP)  ## generate Python gRPC code from protos/ into services/v
 setup: system-deps $(STAMP) $(PROTO_STAMP)  ## virtualenv, pinned dependencies, the vita package, generated protos
 
 test: setup duplex-model  ## the whole test suite (unit, integration, end-to-end)
-	$(PY) -m pytest tests
+	# The 25 slowest tests at the end: CI's output says where its time goes.
+	$(PY) -m pytest tests --durations=25
 
 # The duplex-tuned tiny model the e2e tests and the demo use: trained once (a few minutes on 2 cores), cached in
 # $$VITA_HOME/models. Built here, with its progress bar, rather than inside a test's setup and its time limit.
