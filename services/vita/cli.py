@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 
 import grpc
@@ -328,6 +328,24 @@ def _data(args: argparse.Namespace) -> None:
     main(args)
 
 
+def _attribute_scale(attributes: tuple[str, ...]) -> Callable[[str], tuple[str, float]]:
+    """An argparse `type` for `ATTRIBUTE=X` with X > 0 and ATTRIBUTE among `attributes`: anything else is a usage
+    error, exit 2."""
+    def parse(value: str) -> tuple[str, float]:
+        name, sep, raw = value.partition("=")
+        if not sep or name not in attributes:
+            raise argparse.ArgumentTypeError(f"{value!r} is not ATTRIBUTE=X with ATTRIBUTE among {', '.join(attributes)}")
+        try:
+            scale = float(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not a number") from None
+        if not scale > 0:
+            raise argparse.ArgumentTypeError(f"{value!r}: X must be > 0")
+        return name, scale
+
+    return parse
+
+
 def _pretrain_vision(args: argparse.Namespace) -> None:
     import json
 
@@ -339,7 +357,7 @@ def _pretrain_vision(args: argparse.Namespace) -> None:
     config = VisionPretrainConfig(preset=args.preset, seed=args.seed, data_seed=args.data_seed, pictures=args.pictures,
                                   steps=args.steps, batch_size=args.batch_size, lr=args.lr, threads=args.threads,
                                   sincos_positions=args.position_init == "sincos", word_shift=args.word_shift,
-                                  pooled=tuple(args.pooled))
+                                  pooled=tuple(args.pooled), head_decay_scale=dict(args.head_decay_scale))
     with denormals_flushed():  # before torch's first parallel work: vita.training.cpu
         summary = pretrain_vision_encoder(config, args.output, progress=not args.no_progress,
                                           overwrite=args.overwrite)
@@ -600,6 +618,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooled", nargs="+", choices=attributes, default=["count", "word"], metavar="ATTRIBUTE",
                    help="attributes classified from the tokens' mean instead of from every token "
                         f"({', '.join(attributes)}; default: count word)")
+    p.add_argument("--head-decay-scale", nargs="+", type=_attribute_scale(attributes), default=[],
+                   metavar="ATTRIBUTE=X",
+                   help="multiply the weight decay of these attributes' heads by X > 0 (e.g. colour=3 shape=3): a "
+                        "larger decay keeps an attribute louder in the tokens once it is learnt (default: none)")
     _stand_in_arguments(p, "vision", "pictures", steps=4400, batch_size=32, lr=3e-3, data_seed=1_000_003)
     p.set_defaults(func=_pretrain_vision)
 

@@ -256,3 +256,59 @@ def test_task_weights_draw_the_pictures_tasks_and_without_them_every_task_is_dra
     with pytest.raises(ValueError, match="positive sum"):
         attribute_pictures(4, seed=3, vision=VISION, task_weights={"word": 0.0})
     assert VisionPretrainConfig().task_weights["word"] == 2.0 and "task_weights" in VisionPretrainConfig().key()
+
+
+def test_the_heads_loss_picks_rows_without_a_boolean_mask_and_gives_the_masked_loss_and_gradients() -> None:
+    """`AttributeHeads.loss` selects the pictures that have each attribute with `index_select` (a faster backward on
+    CPU); the loss and the tokens' gradient are those of boolean-mask indexing, bit for bit."""
+    import torch.nn.functional as F
+
+    from vita.training.vision_pretrain import CENTRE_WEIGHT
+
+    torch.manual_seed(0)
+    heads = AttributeHeads(VISION)
+    n = 6
+    labels = {name: torch.randint(0, len(values), (n,)) for name, values in ATTRIBUTES.items() if name != "centre"}
+    labels["word"][:4] = IGNORE  # shape pictures: no word
+    labels["shape"][4:] = IGNORE  # word pictures: no shape
+    labels["centre"] = torch.rand(n, 2)
+    labels["centre"][::2] = IGNORE
+    tokens = torch.randn(n, 4, VISION.connector_in_features, requires_grad=True)
+
+    def masked(x: torch.Tensor) -> torch.Tensor:
+        losses = []
+        for name, head in heads.heads.items():
+            keep = labels[name] != IGNORE
+            if name in heads.pooled:
+                losses.append(F.cross_entropy(head(x[keep].mean(1)), labels[name][keep]))
+            else:
+                logits = head(x[keep])
+                losses.append(F.cross_entropy(logits.flatten(0, 1),
+                                              labels[name][keep].repeat_interleave(logits.shape[1])))
+        keep = labels["centre"][:, 0] != IGNORE
+        guess = heads.centre(x[keep])
+        losses.append(CENTRE_WEIGHT * F.mse_loss(guess, (labels["centre"][keep] * 2 - 1).unsqueeze(1).expand_as(guess)))
+        return torch.stack(losses).mean()
+
+    got = heads.loss(tokens, labels)
+    (got_grad,) = torch.autograd.grad(got, tokens)
+    want = masked(tokens)
+    (want_grad,) = torch.autograd.grad(want, tokens)
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
+
+
+def test_head_decay_scale_gives_the_heads_it_names_a_decay_of_their_own() -> None:
+    from vita.training.vision_pretrain import head_decay_groups
+
+    heads = AttributeHeads(VISION)
+    groups = head_decay_groups(heads, 0.5, {"colour": 3.0, "shape": 2.0})
+    decay = {id(p): d for params, d in groups for p in params}
+    assert len(decay) == sum(len(params) for params, _ in groups) == len(list(heads.parameters()))
+    assert all(decay[id(p)] == 1.5 for p in heads.heads["colour"].parameters())
+    assert all(decay[id(p)] == 1.0 for p in heads.heads["shape"].parameters())
+    assert all(decay[id(p)] == 0.5 for p in [*heads.heads["word"].parameters(), *heads.centre.parameters()])
+    with pytest.raises(ValueError, match=r"names \['size'\]"):
+        head_decay_groups(heads, 1.0, {"size": 2.0})
+    with pytest.raises(ValueError, match="must be > 0"):
+        head_decay_groups(heads, 1.0, {"colour": 0.0})
+    assert VisionPretrainConfig().head_decay_scale == {} and "head_decay_scale" in VisionPretrainConfig().key()
