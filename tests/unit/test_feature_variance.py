@@ -22,3 +22,13 @@ def test_a_label_that_moves_the_tokens_explains_its_share_and_an_unrelated_one_n
     # pictures without the attribute are left out, not counted as a class
     partial = [label if k % 2 else None for k, label in enumerate(labels["loud"])]
     assert feature_variance.explained(tokens, partial) == pytest.approx(4 / 12, abs=0.04)
+
+
+def test_a_clip_answer_names_the_row_and_column_of_its_grid_cell():
+    from vita.training.curriculum import grid_cell
+
+    rows, columns = ("top", "middle", "bottom"), ("left", "middle", "right")
+    for r in range(3):
+        for c in range(3):
+            answer = grid_cell(c * 30 + 15, r * 30 + 15, 90)  # the centre of cell (r, c)
+            assert feature_variance._cell(answer) == (rows[r], columns[c]), answer
