@@ -4,10 +4,11 @@ For the first `--limit` training pictures of the curriculum, the vision tower's 
 encoder gives them to the connector (`shuffled_features`) and as the connector gives them to the LLM; for each
 attribute (colour, shape, count, word: read from the picture's answers) it prints the between-class variance over
 the total variance, per token and for each picture's mean token. With `--clips N`, the same for the frames of the
-first N training clips ("frames"): the shape's row and column in the first and the last frame the video rule keeps
-(the 3 x 3 grid cell of the clip's start and end answers; the frames between have none), and the clip's colour. A linear probe can read an attribute whose share
-is small (it rescales), while a learner starting from small random weights, as the LLM does, picks up the loud
-directions first: docs/training.md, "Why the LLM does not read shapes".
+first N training clips after the connector ("frames"): the shape's row and column in the first and the last frame
+the video rule keeps (the 3 x 3 grid cell of the clip's start and end answers; the frames between have none), and
+the clip's colour. A linear probe can read an attribute whose share is small (it rescales), while a learner
+starting from small random weights, as the LLM does, picks up the loud directions first: docs/training.md, "Why
+the LLM does not read shapes".
 
     python benchmarks/feature_variance.py --model .artifacts/train-tiny/stage3/final \\
         --data .artifacts/train-tiny/curriculum
@@ -95,7 +96,9 @@ def measure(model_dir: str | Path, data: str | Path, limit: int, clips: int = 0)
             labels[name].append(next((a for a in answers if a in vocabulary), None))
     pixels = torch.cat([preprocess_image(s.images[0], model.vita_config.vision) for s in samples])
     stages = {"encoder": shuffled_features(tower.encoder, pixels), "connector": tower(pixels)}
-    frames = {"frames (after the connector)": measure_frames(tower, model.vita_config.vision, data, clips)} if clips else {}
+    frames = {}
+    if clips:
+        frames["frames (after the connector)"] = measure_frames(tower, model.vita_config.vision, data, clips)
     return {"pictures": len(samples), **frames, **{
         stage: {"per_token": {n: explained(x, labels[n]) for n in VOCABULARIES},
                 "picture_mean": {n: explained(x.mean(1, keepdim=True), labels[n]) for n in VOCABULARIES}}

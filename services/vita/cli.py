@@ -334,14 +334,9 @@ def _attribute_scale(attributes: tuple[str, ...]) -> Callable[[str], tuple[str, 
     def parse(value: str) -> tuple[str, float]:
         name, sep, raw = value.partition("=")
         if not sep or name not in attributes:
-            raise argparse.ArgumentTypeError(f"{value!r} is not ATTRIBUTE=X with ATTRIBUTE among {', '.join(attributes)}")
-        try:
-            scale = float(raw)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{raw!r} is not a number") from None
-        if not scale > 0:
-            raise argparse.ArgumentTypeError(f"{value!r}: X must be > 0")
-        return name, scale
+            raise argparse.ArgumentTypeError(f"{value!r} is not ATTRIBUTE=X with ATTRIBUTE among "
+                                             f"{', '.join(attributes)}")
+        return name, float_in(0.0, math.inf, open_low=True)(raw)
 
     return parse
 
