@@ -103,5 +103,6 @@ def test_the_cli_defaults_are_the_configs(command) -> None:
         from vita.training.vision_pretrain import CLASSIFIED
 
         assert args.word_shift == config.word_shift and tuple(args.pooled) == config.pooled
+        assert dict(args.head_decay_scale) == config.head_decay_scale  # the same heads scaled (none by default)
         pooled = next(a for a in parser._subparsers._group_actions[0].choices[command]._actions if a.dest == "pooled")
         assert tuple(pooled.choices) == CLASSIFIED  # the CLI's copy, kept so that --help imports no torch
