@@ -59,8 +59,8 @@ def arm_commands(train_dir: Path, out: Path, seed: int, vision_encoder: Path, au
     ]
 
 
-def run_arm(commands: list[tuple[str, list[str]]], out: Path, env: dict[str, str]) -> dict[str, float]:
-    """Runs the commands one after another, their output to `out/log`; returns the eval's metrics.
+def run_arm(commands: list[tuple[str, list[str]]], out: Path, env: dict[str, str]) -> None:
+    """Runs the commands one after another, their output to `out/log`.
     Raises `ArmFailed` naming the log when one exits non-zero."""
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log"
@@ -73,7 +73,6 @@ def run_arm(commands: list[tuple[str, list[str]]], out: Path, env: dict[str, str
                               env=env).returncode:
                 raise ArmFailed(f"{out.name}: {name} failed, see {log}")
             print(f"  {out.name}: {name} {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    return json.loads((out / "eval.json").read_text())["metrics"]
 
 
 def table(rows: dict[int, dict[str, float]]) -> str:
@@ -116,10 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for seed in args.data_seeds:
             out = args.output.resolve() / f"seed-{seed}"
-            if (out / "eval.json").exists():
-                rows[seed] = json.loads((out / "eval.json").read_text())["metrics"]
-                continue
-            rows[seed] = run_arm(arm_commands(train, out, seed, vision, audio, args.threads, args.stage3), out, env)
+            if not (out / "eval.json").exists():  # a finished arm is read back, not run again
+                run_arm(arm_commands(train, out, seed, vision, audio, args.threads, args.stage3), out, env)
+            rows[seed] = json.loads((out / "eval.json").read_text())["metrics"]
     except ArmFailed as e:
         print(f"learning_arms: error: {e}", file=sys.stderr)
         return 1
