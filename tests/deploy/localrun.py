@@ -17,8 +17,9 @@ from pathlib import Path
 import redis
 
 from tests.deploy import k8s
+from vita.errors import PortInUse
 from vita.runtime.ports import free_port
-from vita.stack import ServiceProcess, wait_healthy
+from vita.stack import ServiceProcess, StackError, wait_healthy
 
 GATEWAYS = {"realtime"}  # components that call other Services of the release: started after them
 
@@ -44,6 +45,7 @@ class LocalRelease:
     replace: dict[str, str] = field(default_factory=dict)
     redis_port: int = 0
     processes: list[LocalProcess] = field(default_factory=list)
+    attempts: int = 0  # starts it took (more than one: a port was taken meanwhile)
 
     def _local(self, text: str) -> str:
         """One pass, longest match first, so a replacement is never rewritten again (local dirs live in /tmp)."""
@@ -64,7 +66,21 @@ class LocalRelease:
         declared = {v["name"] for v in spec.get("volumes", [])} | set(claims)
         assert declared >= {m["name"] for m in container.get("volumeMounts", [])}, f"{name}: undeclared volume"
 
-    def start(self, timeout_s: float = 240.0) -> LocalRelease:
+    def start(self, timeout_s: float = 240.0, attempts: int = 3) -> LocalRelease:
+        """Start Redis and every container, wait until each is healthy. As LocalStack.start: the ports are picked
+        free seconds before the processes bind them, so a process that exits with PortInUse starts the whole
+        release again on fresh ports, up to `attempts` times."""
+        for attempt in range(1, attempts + 1):
+            self.attempts = attempt
+            try:
+                return self._start_once(timeout_s)
+            except StackError as e:
+                if attempt == attempts or PortInUse.MARK not in str(e):
+                    raise
+                self.replace, self.processes = {}, []
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout_s: float) -> LocalRelease:
         secrets = k8s.secret_values(self.docs)
         self.redis_port = free_port()
         # Cluster DNS names of the release's Services -> loopback.
@@ -127,6 +143,8 @@ class LocalRelease:
                 client.ping()
                 break
             except redis.RedisError:
+                if proc.poll() is not None and "Address already in use" in log.read_text():
+                    raise StackError(f"redis: cannot listen on 127.0.0.1:{self.redis_port}: {PortInUse.MARK}") from None
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise AssertionError(f"redis did not start: {log.read_text()}") from None
                 time.sleep(0.1)

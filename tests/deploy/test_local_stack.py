@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ import pytest
 import redis
 import websockets
 
-from tests.deploy import k8s, promql
+from tests.deploy import k8s, localrun, promql
 from tests.deploy.localrun import LocalRelease
 from vita.bus.streams import BusConfig, Pool
 from vita.client import ConverseSession, VitaClient, session_config, speech_events, text_event
@@ -44,8 +45,16 @@ LOCAL_VALUES = {
 
 @pytest.fixture(scope="module")
 def release(duplex_model_dir, tmp_path_factory):
+    """The first container's first port is one another program listens on, as when a port picked free is taken
+    before the process binds it (a CI run saw it): the release starts again on fresh ports."""
     docs = k8s.render(k8s.VITA_CHART, LOCAL_VALUES)
-    running = LocalRelease(docs, tmp_path_factory.mktemp("release"), volumes={"model": duplex_model_dir}).start()
+    with socket.socket() as taken, pytest.MonkeyPatch.context() as patch:
+        taken.bind(("127.0.0.1", free_port()))
+        taken.listen()
+        picks = iter([free_port(), taken.getsockname()[1]])  # Redis's port, then the first container's
+        patch.setattr(localrun, "free_port", lambda: next(picks, None) or free_port())
+        running = LocalRelease(docs, tmp_path_factory.mktemp("release"), volumes={"model": duplex_model_dir}).start()
+        running.taken_port = taken.getsockname()[1]
     yield running
     running.stop()
 
@@ -119,6 +128,11 @@ def test_a_converse_session_runs_through_the_rendered_services(session):
     assert 0 < i.tokens_sent <= i.tokens_generated < 300
     judged = [e for e in session["events"] if e.WhichOneof("event") == "judged"]
     assert judged and judged[0].judged.state_token == "<1>"
+
+
+def test_a_port_taken_before_its_process_binds_it_starts_the_release_again_on_fresh_ports(release):
+    assert release.attempts == 2
+    assert release.taken_port not in {port for p in release.processes for port in p.ports.values()}
 
 
 def test_a_realtime_session_runs_through_the_rendered_gateway(release):
