@@ -105,10 +105,10 @@ train-tiny: setup  ## the synthetic curriculum, the three training stages and th
 	$(PY) -c "from vita.training.curriculum import build_curriculum; build_curriculum('$(TRAIN_TINY)/curriculum', seed=0)"
 	$(PY) -m vita.cli pretrain-vision --preset tiny-112 --output $(TRAIN_TINY)/vision-encoder --threads 2
 	$(PY) -m vita.cli pretrain-audio --preset tiny-112 --output $(TRAIN_TINY)/audio-encoder --threads 2
-	$(TINY_ENV) $(PY) -m vita.cli train --resume --stage 1 --config training/configs/stage1_llm_tiny.yaml
-	$(TINY_ENV) $(PY) -m vita.cli train --resume --stage 2 --config training/configs/stage2_vision_tiny.yaml
-	$(TINY_ENV) $(PY) -m vita.cli train --resume --stage 2 --config training/configs/stage2_audio_tiny.yaml
-	$(TINY_ENV) $(PY) -m vita.cli train --resume --stage 3 --config training/configs/stage3_multimodal_tiny.yaml
+	$(TINY_ENV) $(PY) -m vita.cli train --resume --on-input-change restart --stage 1 --config training/configs/stage1_llm_tiny.yaml
+	$(TINY_ENV) $(PY) -m vita.cli train --resume --on-input-change restart --stage 2 --config training/configs/stage2_vision_tiny.yaml
+	$(TINY_ENV) $(PY) -m vita.cli train --resume --on-input-change restart --stage 2 --config training/configs/stage2_audio_tiny.yaml
+	$(TINY_ENV) $(PY) -m vita.cli train --resume --on-input-change restart --stage 3 --config training/configs/stage3_multimodal_tiny.yaml
 	$(PY) -m vita.cli export --checkpoint $(TRAIN_TINY)/stage3 --output $(TRAIN_TINY)/model --overwrite
 
 clean:  ## remove the virtualenv and caches

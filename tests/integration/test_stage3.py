@@ -56,10 +56,10 @@ def _samples(media: Path, n: int) -> list[Sample]:
     return out
 
 
-def _transform(media: Path, **kw) -> SpokenTransform:
+def _transform(media: Path, cache: str = "cache", **kw) -> SpokenTransform:
     config = SpokenConfig(**{"p_spoken": 0.5, "p_negative": 0.1, "voices": ["en-m"], "chinese_voices": [],
                              "negative_voices": ["en-f-fast"], **kw})
-    return SpokenTransform(config, SpeechTTS(), media / "cache", seed=0)
+    return SpokenTransform(config, SpeechTTS(), media / cache, seed=0)
 
 
 def test_about_half_of_the_questions_are_spoken_and_a_tenth_are_negatives(media):
@@ -90,6 +90,31 @@ def test_choices_are_seeded_by_place_in_the_epoch(media):
     again = [transform(s, 3, i) for i, s in enumerate(samples)]
     assert once == again
     assert [o.state for o in once] != [transform(s, 4, i).state for i, s in enumerate(samples)]
+
+
+def test_questions_asked_aside_are_the_question_in_a_negative_voice_and_leave_other_runs_as_they_were(media):
+    """`p_asked_aside`: the negative's speech is the sample's own English question, spoken in a `negative_voices`
+    voice (never the query voice), answered `<2>`; Chinese questions fall back to chatter. At 0 every choice is
+    the one a run without the setting makes."""
+    samples = _samples(media, 80)
+    plain = [_transform(media, "plain", p_negative=0.5, p_noise=0.0)(s, 0, i) for i, s in enumerate(samples)]
+    off = [_transform(media, "plain", p_negative=0.5, p_noise=0.0, p_asked_aside=0.0)(s, 0, i)
+           for i, s in enumerate(samples)]
+    assert off == plain
+    transform = _transform(media, "aside", p_negative=0.5, p_noise=0.0, p_asked_aside=1.0)  # its own cache: all calls
+    out = [transform(s, 0, i) for i, s in enumerate(samples)]
+    negatives = [(s, o) for s, o in zip(samples, out) if o.state == "<2>"]
+    assert len(negatives) > 20
+    spoken = dict(transform.tts.calls)
+    for s, o in negatives:
+        assert o.conversation[-1]["content"] == "" and o.conversation[-2]["content"].endswith("<audio>")
+        question = s.conversation[-2]["content"].replace("<image>\n", "")
+        if question.isascii():
+            assert spoken[question] == "en-f-fast"
+            np.testing.assert_allclose(load_audio(o.audio[0]).numpy(), speech.espeak(question, "en-high"), atol=1e-4)
+    assert any(not s.conversation[-2]["content"].isascii() for s, _ in negatives)
+    chatter = {t for t, _ in speech.OTHER_TRAIN}
+    assert set(spoken) - {q for q, _ in QUESTIONS if q.isascii()} <= chatter  # a Chinese question: chatter instead
 
 
 def test_targets_state_tokens_and_system_prompts(media):

@@ -67,3 +67,29 @@ def test_mistakes_are_one_line(setup, args, message):
     out = subprocess.run([sys.executable, "-m", "vita.cli", "train", "--config", str(config), *args],
                          capture_output=True, text=True, env=_env(), timeout=120)
     assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_a_resume_on_other_samples_is_one_line_and_restart_trains_again_under_torchrun(setup, tmp_path):
+    """`--resume` of a finished run whose manifest now holds other samples: exit 2 naming what changed; with
+    `--on-input-change restart` both ranks drop the old run and train the stage again."""
+    work, config = setup
+    run, manifest = tmp_path / "run", tmp_path / "train.jsonl"
+    th.write_manifest(manifest, th.mixed_samples(work / "media"))
+    sets = ["--set", f"output_dir={run}", "--set", f"data.manifests=[{manifest}]"]
+    train = [sys.executable, "-m", "vita.cli", "train", "--stage", "2", "--config", str(config), *sets]
+    first = subprocess.run(train, capture_output=True, text=True, env=_env(), timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    th.write_manifest(manifest, th.mixed_samples(work / "media")[:-1])
+
+    refused = subprocess.run([*train, "--resume"], capture_output=True, text=True, env=_env(), timeout=240)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr[-3000:]
+    assert "(samples changed)" in refused.stderr and "--on-input-change restart" in refused.stderr
+
+    again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            *train[1:], "--resume", "--on-input-change", "restart"],
+                           capture_output=True, text=True, env=_env(), timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(again.stdout.strip().splitlines()[-1])
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    assert "training it again from its init" in again.stderr
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2

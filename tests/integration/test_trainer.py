@@ -6,9 +6,11 @@ is a few steps of a few hundred tokens, one thread per process.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +23,7 @@ import torch
 from tests import training_helpers as th
 from tests.integration.train_entry import prepare
 from vita.errors import CheckpointError
-from vita.model.checkpoint import load_sharded
+from vita.model.checkpoint import load_sharded, save_sharded
 from vita.model.inputs import SlotIds
 from vita.training.config import (
     PARAMETER_GROUPS,
@@ -152,6 +154,42 @@ def test_a_resume_that_lengthens_the_run_follows_the_new_schedule(work, tmp_path
     longer = [r["lr"] for r in read_metrics(tmp_path / "longer" / "metrics.jsonl")]
     assert len(longer) == 5
     assert longer[3:] == pytest.approx(fresh[3:], rel=1e-12)
+
+
+def test_a_resume_whose_inputs_changed_is_refused_or_trains_the_stage_again(work, tmp_path):
+    """A user's try (2026-12-06): after the vision stand-in was trained again, `make train-tiny` resumed each stage,
+    found it finished, and exported the model the old stand-in had made. A resume now compares what the stage
+    learns from with what its run started with: another init model or other samples are refused, naming what
+    changed, or (`restart`) trained from the init again, as a fresh run on the new inputs is."""
+    samples = th.mixed_samples(work / "media")
+    init = tmp_path / "init"
+    shutil.copytree(work / "init", init)
+
+    def config(run: Path, **fields) -> StageConfig:
+        return dataclasses.replace(_config(work, run, **fields), init=InitConfig(model=str(init)))
+
+    run = tmp_path / "run"
+    run_stage(config(run), samples)
+    assert run_stage(config(run, max_steps=6), samples, resume=True)["steps"] == 6  # the same inputs: finished
+    weights = load_sharded(init)  # the stage before trained again: other weights in its directory
+    name = next(k for k, v in weights.items() if v.ndim == 2)
+    weights[name] = weights[name] + 0.01
+    save_sharded(weights, init)
+    with pytest.raises(ConfigError, match=r"run holds a run of other inputs than this one's \(init\.model "
+                                          r"changed\).*pass --on-input-change restart"):
+        run_stage(config(run), samples, resume=True)
+    with pytest.raises(ConfigError, match=r"\(init\.model, samples changed\)"):
+        run_stage(config(run), samples[:-1], resume=True)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-000004", "step-000006"]
+
+    summary = run_stage(config(run), samples, resume=True, on_input_change="restart")
+    run_stage(config(tmp_path / "fresh"), samples)
+    assert summary["steps"] == 6 and _losses(run) == _losses(tmp_path / "fresh")
+    a, b = load_sharded(run / "final"), load_sharded(tmp_path / "fresh" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Settings a resume may change (the optimisation, max_steps) are not inputs: the run goes on.
+    longer = run_stage(config(run, max_steps=8), samples, resume=True)
+    assert longer["steps"] == 8 and len(_losses(run)) == 8
 
 
 def test_a_checkpoint_past_max_steps_is_refused_not_published(work, tmp_path):

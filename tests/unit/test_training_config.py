@@ -72,6 +72,7 @@ def _write(tmp_path: Path, text: str, suffix: str = ".yaml") -> Path:
      r"data\.repeat names 'x\.jsonl', which is not the file name of exactly one"),
     ("stage: 3\ninit: {preset: tiny}\ndata: {manifests: [a/x.jsonl], repeat: {x.jsonl: 0}}\n",
      r"data\.repeat\['x\.jsonl'\] must be an integer >= 1, got 0"),
+    ("stage: 3\ninit: {preset: tiny}\nspoken: {p_asked_aside: 1.5}\n", r"spoken\.p_asked_aside must be in \[0, 1\], got 1\.5"),
     ("stage: 1\n", r"init needs a model directory"),
     ("stage: 1\ninit: {preset: tiny}\ndata: {manifests: x.jsonl}\n", r"data\.manifests must be a list"),
     ("stage: 1\ninit: {model: '${NO_SUCH_VAR_G1}'}\n", r"environment variable NO_SUCH_VAR_G1 is not set"),

@@ -111,6 +111,10 @@ class SpokenConfig:
     chinese_voices: list[str] = field(default_factory=lambda: ["zh", "zh-f"])  # none: Chinese questions stay typed
     negative_voices: list[str] = field(default_factory=lambda: ["en-f-fast", "en-m-low"])  # English chatter
     p_noise: float = 0.5  # share of negatives that are noise rather than someone else's speech
+    # Share of the speech negatives that are the sample's own (English) question asked by someone else, in a
+    # `negative_voices` voice: the wording of a query, so that the voice, not the words, says it is not for the
+    # assistant (questions asked of someone else, "can you pick up the kids", were the chatter let through).
+    p_asked_aside: float = 0.0
 
 
 @dataclass
@@ -162,7 +166,7 @@ class StageConfig:
                                   f"data.manifests ({', '.join(names) or 'none'})")
             if not isinstance(times, int) or times < 1:
                 raise ConfigError(f"data.repeat[{name!r}] must be an integer >= 1, got {times!r}")
-        for name in ("p_spoken", "p_negative", "p_noise"):
+        for name in ("p_spoken", "p_negative", "p_noise", "p_asked_aside"):
             if not 0.0 <= getattr(self.spoken, name) <= 1.0:
                 raise ConfigError(f"spoken.{name} must be in [0, 1], got {getattr(self.spoken, name)}")
         if any(c not in ("vision", "audio") for c in self.fit_connectors):

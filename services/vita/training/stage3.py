@@ -4,8 +4,9 @@
 every rank make the same choice):
 
 - with probability `p_negative` it becomes a negative: the last question is replaced by audio that is not for
-  the assistant (noise, or someone else's chatter in another voice or language) and the answer by nothing, so the
-  target is `<2>` then end-of-sequence;
+  the assistant (noise, someone else's chatter in another voice or language, or with `p_asked_aside` the question
+  itself asked by someone else, in a `negative_voices` voice) and the answer by nothing, so the target is `<2>`
+  then end-of-sequence;
 - otherwise, with probability `p_spoken`, the last question is replaced by its spoken version (`TTS.synthesize`,
   espeak-ng locally) and its answer starts with `<1>`;
 - otherwise the typed question stays and its answer starts with `<3>`.
@@ -90,8 +91,14 @@ class SpokenTransform:
             wav = self._cached(f"noise|{kind}|{seconds}|{level}|{seed}",
                                lambda: speech.noise(kind, int(seconds * speech.SAMPLE_RATE), seed=seed, level=level))
         else:
-            text, language = speech.OTHER_TRAIN[int(rng.integers(len(speech.OTHER_TRAIN)))]
-            voices = CHATTER_VOICES.get(language, tuple(self.config.negative_voices))
+            _, question = _split(sample.conversation[-2]["content"])
+            # Drawn only when asked for, so that runs without it draw what they drew before.
+            aside = self.config.p_asked_aside > 0 and bool(question) and not CJK.search(question)
+            if aside and rng.random() < self.config.p_asked_aside:
+                text, voices = question, tuple(self.config.negative_voices)
+            else:
+                text, language = speech.OTHER_TRAIN[int(rng.integers(len(speech.OTHER_TRAIN)))]
+                voices = CHATTER_VOICES.get(language, tuple(self.config.negative_voices))
             voice = voices[int(rng.integers(len(voices)))]
             wav = self._cached(f"tts|{voice}|{text}", lambda: self.tts.synthesize(text, voice))
         return _replace_last_question(sample, media + AUDIO_TOKEN, wav, "", "<2>")

@@ -1,4 +1,5 @@
-"""`vita train --stage N --config FILE [--resume] [--set key=value ...]`: one stage, in one process or under torchrun.
+"""`vita train --stage N --config FILE [--resume [--on-input-change restart]] [--set key=value ...]`: one stage, in one
+process or under torchrun.
 
     vita train --stage 1 --config training/configs/stage1_llm_tiny.yaml
     torchrun --standalone --nproc-per-node 2 -m vita.cli train --stage 1 --config ... --resume
@@ -39,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="stage config, YAML or JSON (training/configs/)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in the config's output_dir (start if none)")
+    parser.add_argument("--on-input-change", choices=("error", "restart"), default="error",
+                        help="what --resume does when the stage's inputs (init weights, encoders, tokenizer, samples, "
+                             "what trains) differ from those its run started with: error (exit 2, the default) or "
+                             "restart (remove the run's checkpoints and train the stage from its init)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set max_steps=10 --set data.grad_accum=4")
 
@@ -60,7 +65,7 @@ def main(args: argparse.Namespace) -> None:
     configure_logging("training", level=os.environ.get("VITA_LOG_LEVEL", "info"))
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a pod's eviction or torchrun's stop: as Ctrl-C
     try:
-        summary = run_stage(config, load_samples(config), resume=args.resume)
+        summary = run_stage(config, load_samples(config), resume=args.resume, on_input_change=args.on_input_change)
     finally:
         signal.signal(signal.SIGTERM, previous)
         shutdown()

@@ -37,6 +37,7 @@ from vita.training.checkpoints import Checkpoints, rng_state, save_model_dir, se
 from vita.training.config import PARAMETER_GROUPS, ConfigError, OptimConfig, StageConfig
 from vita.training.examples import Example, ExampleEncoder
 from vita.training.forward import TrainingModel, batch_loss_sum
+from vita.training.inputs import changed_inputs, clear_run, record_inputs, stage_inputs
 from vita.training.metrics import MetricsLog
 from vita.training.model_init import describe, initial_model
 from vita.training.packing import collate
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     from vita.training.tts import TTS
 
 log = logging.getLogger("vita.training")
+
+ON_INPUT_CHANGE = ("error", "restart")  # what a resume does when the stage's inputs changed (vita.training.inputs)
 
 
 def freeze(model: nn.Module, groups: Sequence[str]) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -94,10 +97,13 @@ class Trainer:
     """Runs one stage. `samples` come from the stage's manifests (`vita train`) or from the caller."""
 
     def __init__(self, config: StageConfig, samples: Sequence[Sample], *, resume: bool = False,
-                 tts: TTS | None = None, stop_after: int | None = None) -> None:
+                 on_input_change: str = "error", tts: TTS | None = None, stop_after: int | None = None) -> None:
+        if on_input_change not in ON_INPUT_CHANGE:
+            raise ValueError(f"on_input_change must be one of {ON_INPUT_CHANGE}, got {on_input_change!r}")
         self.config = config
         self.samples = samples
         self.resume = resume
+        self.on_input_change = on_input_change
         self.tts = tts
         self.stop_after = stop_after  # end the process's run after this step (tests; a resume continues)
         self.output_dir = Path(config.output_dir)
@@ -113,12 +119,28 @@ class Trainer:
         if latest is not None and not self.resume:
             raise ConfigError(f"{self.output_dir} already holds checkpoints ({latest.name}): pass --resume to "
                               "continue that run, or choose another output_dir")
+        inputs = stage_inputs(self.config, self.samples)  # on every rank: each decides alike
+        if latest is not None and (changed := changed_inputs(self.output_dir, inputs)):
+            if self.on_input_change == "error":
+                raise ConfigError(
+                    f"{self.output_dir} holds a run of other inputs than this one's ({_names(changed)} changed), "
+                    "which --resume would go on with: pass --on-input-change restart to train the stage again "
+                    "from its init, or choose another output_dir")
+            D.barrier(info)  # every rank has read the record before it goes
+            if info.is_main:
+                log.warning("the stage's inputs changed since its run started: training it again from its init",
+                            extra={"output_dir": str(self.output_dir), "changed": changed})
+                clear_run(self.output_dir)
+            D.barrier(info)
+            latest = None
         if latest is not None:
             model = VitaForCausalLM.from_pretrained(latest / "model")
             tokenizer = VitaTokenizer.from_file(latest / "model")
             return model, tokenizer, Checkpoints.load_trainer_state(latest), latest, {}
         if self.resume and info.is_main:
             log.info("no checkpoint to resume: starting the stage", extra={"output_dir": str(self.output_dir)})
+        if info.is_main:
+            record_inputs(self.output_dir, inputs)
         work = self.output_dir / f".init-rank{info.rank}"
         init = initial_model(self.config, self.samples, work)
         shutil.rmtree(work, ignore_errors=True)
@@ -328,7 +350,15 @@ def _unprefixed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("vita."): v for k, v in state.items()}
 
 
-def run_stage(config: StageConfig, samples: Sequence[Sample], *, resume: bool = False, tts: TTS | None = None,
-              stop_after: int | None = None) -> dict[str, Any]:
-    """Trains one stage; returns its summary. Errors a user can fix are VitaErrors (ConfigError, ...)."""
-    return Trainer(config, samples, resume=resume, tts=tts, stop_after=stop_after).run()
+def run_stage(config: StageConfig, samples: Sequence[Sample], *, resume: bool = False,
+              on_input_change: str = "error", tts: TTS | None = None, stop_after: int | None = None
+              ) -> dict[str, Any]:
+    """Trains one stage; returns its summary. `on_input_change`: what a resume does when the stage's inputs differ
+    from those its run started with (`vita.training.inputs`): "error" (ConfigError) or "restart" (the stage's
+    checkpoints go, it trains from its init). Errors a user can fix are VitaErrors (ConfigError, ...)."""
+    return Trainer(config, samples, resume=resume, on_input_change=on_input_change, tts=tts,
+                   stop_after=stop_after).run()
+
+
+def _names(changed: list[str], most: int = 6) -> str:
+    return ", ".join(changed[:most]) + (f" and {len(changed) - most} more" if len(changed) > most else "")
