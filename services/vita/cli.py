@@ -10,6 +10,7 @@ import argparse
 import math
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
@@ -154,13 +155,17 @@ def _up(args: argparse.Namespace) -> int | None:
     a stack that does not come up (a service exiting or unhealthy at start-up, no Redis) is status 1."""
     from vita.runtime.serve import check_model_dir
     from vita.stack import LocalStack, StackError, duplex_model_dir
+    from vita.training.duplex import default_duplex_dir
 
     path = _stack_file()
-    if path.exists():
-        raise VitaError(f"a stack is already up (state in {path}); run `vita down` first")
-    if args.model is None:
-        print("model: the duplex fine-tune of the tiny model (trained on first use, a few minutes on 2 CPU cores, "
-              "then cached) ...", flush=True)
+    if (earlier := _load_stack(path)) is not None:
+        if earlier.running():
+            raise VitaError(f"a stack is already up (state in {path}); run `vita down` first")
+        raise VitaError(f"{path} is the state of a stack none of whose services runs (it ended without `vita "
+                        "down`); run `vita down` to clear it")
+    if args.model is None and not default_duplex_dir().joinpath("config.json").is_file():
+        print(f"model: the duplex fine-tune of the tiny model, trained now (first use: a few minutes on 2 CPU "
+              f"cores), then cached in {default_duplex_dir()} ...", flush=True)
     model = str(check_model_dir(args.model)) if args.model else str(duplex_model_dir(progress=True))
     try:
         stack = LocalStack(model_dir=model, redis_url=args.redis, prefix=args.prefix, orchestrator_port=args.port,
@@ -178,20 +183,27 @@ def _up(args: argparse.Namespace) -> int | None:
           f"`vita ask --text ...`, `vita converse` or the browser console at {console} to try it, `vita down` to stop")
 
 
+def _load_stack(path):
+    """The LocalStack `vita up` saved in `path`; None without one. A file that is not a stack's state is
+    VitaError (status 2); other OSErrors (unreadable, a directory) are one line, status 2, from main."""
+    from vita.stack import LocalStack
+
+    try:
+        return LocalStack.load(path)
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # not JSON, or not a stack's fields
+        raise VitaError(f"cannot read the stack state in {path} ({type(e).__name__}: {e}): stop any of its "
+                        "processes still running yourself, then remove it") from None
+
+
 def _down(args: argparse.Namespace) -> int:
     """Stopping what is already stopped succeeds (as `docker compose down` does): no state file, or one whose
     processes have all exited, is status 0. A state file that cannot be read is status 2; a process still alive
     after SIGKILL is status 1, and the state file is kept so that `vita down` can be run again."""
-    from vita.stack import LocalStack
 
     path = _stack_file()
-    try:
-        stack = LocalStack.load(path)  # other OSErrors (unreadable, a directory): one line, status 2, from main
-    except FileNotFoundError:
-        stack = None
-    except (ValueError, TypeError, KeyError, AttributeError) as e:  # not JSON, or not a stack's fields
-        raise VitaError(f"cannot read the stack state in {path} ({type(e).__name__}: {e}): stop any of its "
-                        "processes still running yourself, then remove it") from None
+    stack = _load_stack(path)
     if stack is None:
         print(f"no stack is up: nothing to stop (no state file {path})")
         if not args.purge:
@@ -200,10 +212,16 @@ def _down(args: argparse.Namespace) -> int:
             raise VitaError("nothing purged: no state file says which keys were the stack's; give its --prefix "
                             "(and --redis if it was not the default)")
         return _purge(args, SimpleNamespace(prefix=args.prefix, redis_url=args.redis))
+    # A Redis `vita up` started (none answered) is stopped with the stack; it kept no data, so --purge has
+    # nothing left to delete there.
+    own_redis = stack.redis_pid if stack.redis_alive() else 0
+    purge = args.purge and not own_redis
     if not stack.running():
+        stack.stop()  # the Redis it started, if that is all that is left
         path.unlink(missing_ok=True)
-        print(f"no stack process was running (pids from {path}, now removed): nothing to stop")
-        return _purge(args, stack) if args.purge else EXIT_OK
+        print(f"no stack process was running (pids from {path}, now removed): nothing to stop"
+              + (f" but the redis-server it started (pid {own_redis}), stopped" if own_redis else ""))
+        return _purge(args, stack) if purge else EXIT_OK
     running = len(stack.running())
     left = stack.stop()
     if left:
@@ -212,8 +230,10 @@ def _down(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_FAILED
     path.unlink(missing_ok=True)
-    print(f"stack stopped ({running} processes; state {path} removed)")
-    return _purge(args, stack) if args.purge else EXIT_OK
+    print(f"stack stopped ({running} processes"
+          + (f", and the redis-server it started, pid {own_redis}, with its keys" if own_redis else "")
+          + f"; state {path} removed)")
+    return _purge(args, stack) if purge else EXIT_OK
 
 
 def _purge(args: argparse.Namespace, stack) -> int:
@@ -251,10 +271,25 @@ def _add_connection_args(p: argparse.ArgumentParser, target: str | None = "127.0
     p.add_argument("--tls-key", default=None, help="the --tls-cert's private key (PEM)")
 
 
+def _decoded_here(images: Sequence[str], audio: Sequence[str]) -> None:
+    """Each image and audio file decoded before the call opens: a bad one is a usage error naming it (status 2),
+    not a request the server refuses (status 1)."""
+    from vita.processing.audio import load_audio
+    from vita.processing.image import load_image
+
+    for path in images:
+        load_image(path)
+    for path in audio:
+        load_audio(path)
+
+
 def _ask(args: argparse.Namespace) -> None:
     from vita.client import build_request
     from vita.v1.assistant_pb2 import Completed
 
+    if not (args.text or args.image or args.video or args.audio):
+        raise VitaError("nothing to ask: give --text, --image, --video or --audio")
+    _decoded_here(args.image or [], args.audio or [])
     request = build_request(args.text or "", images=args.image or [], video=args.video, audio=args.audio or [],
                             max_tokens=args.max_tokens or 0, temperature=args.temperature)
     with _connect(args, timeout_s=args.timeout) as client:
@@ -282,10 +317,17 @@ def _converse(args: argparse.Namespace) -> int:
 
     # Every file is read before the call opens: a bad one is a usage error, not a broken session.
     speech = [load_audio(path).numpy() for path in args.wav or []]
+    _decoded_here(args.image or [], [])
     images = [image_event(image) for image in args.image or []]
+    # The rest waits for the server's answer to the config: after a refused one (a resume of a session that is
+    # gone) every event would be refused too, "before the session config" (a new user's try, 2026-12-06).
+    configured, refused = threading.Event(), threading.Event()
 
     def events():
         yield session_config(session_id=args.session or "", resume=bool(args.session), max_tokens=args.max_tokens)
+        configured.wait()
+        if refused.is_set():
+            return
         yield from images
         for samples in speech:
             yield from speech_events(samples, realtime=not args.fast)
@@ -295,9 +337,15 @@ def _converse(args: argparse.Namespace) -> int:
 
     timeline, errors = Timeline(), 0
     with _connect(args, timeout_s=None) as client:
-        for event in client.converse(events()):
-            timeline.print(event)
-            errors += event.HasField("error")
+        try:
+            for event in client.converse(events()):
+                timeline.print(event)
+                errors += event.HasField("error")
+                if not configured.is_set() and event.HasField("error"):
+                    refused.set()
+                configured.set()
+        finally:
+            configured.set()  # the call ended (an error status, Ctrl-C) before any answer: the sender ends too
     if errors:
         print(f"vita converse: error: the server reported {errors} error event(s) (printed above)", file=sys.stderr)
         return EXIT_FAILED
@@ -422,6 +470,19 @@ _TOKENS = int_in(1, _INT32)
 _TEMPERATURE = float_in(0.0, 100.0)
 
 
+def _redis_url(value: str) -> str:
+    """`vita.runtime.args.redis_url`, imported when a command with --redis parses (not for `vita --help`)."""
+    from vita.runtime.args import redis_url
+
+    return redis_url(value)
+
+
+def _bus_prefix(value: str) -> str:
+    from vita.runtime.args import bus_prefix
+
+    return bus_prefix(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="vita",
@@ -481,9 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="start Redis (if needed) and every service locally, in the background")
     p.add_argument("--model", default=None, help="model directory (default: the tiny model fine-tuned for duplex "
-                   "sessions, as `make demo` serves it; built on first use from the repository root)")
-    p.add_argument("--redis", default="redis://127.0.0.1:6379/0")
-    p.add_argument("--prefix", default="vita", help="Redis key prefix of this stack's streams and sessions")
+                   "sessions, as `make demo` serves it; trained on first use, a few minutes, then cached in "
+                   "$VITA_HOME/models)")
+    p.add_argument("--redis", type=_redis_url, default="redis://127.0.0.1:6379/0",
+                   help="the Redis of the bus (default: %(default)s; started there if none answers and it is on "
+                        "this machine)")
+    p.add_argument("--prefix", type=_bus_prefix, default="vita",
+                   help="Redis key prefix of this stack's streams and sessions (default: %(default)s)")
     p.add_argument("--port", type=int_in(1, 65535), default=50051, help="the orchestrator's (public API) port")
     p.add_argument("--realtime-port", type=int_in(1, 65535), default=8080,
                    help="the OpenAI-Realtime WebSocket endpoint's port")
@@ -499,9 +564,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--purge", action="store_true",
                    help="also delete the stack's keys in Redis (its --prefix: job streams, which keep no expiry, "
                         "sessions, replies); without it they stay for the next `vita up` on the same prefix")
-    p.add_argument("--prefix", help="with --purge and no stack up (its state file gone after an earlier `vita "
+    p.add_argument("--prefix", type=_bus_prefix, help="with --purge and no stack up (its state file gone after an earlier `vita "
                                     "down`): the prefix whose keys to delete")
-    p.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="with --prefix: the Redis holding them")
+    p.add_argument("--redis", type=_redis_url, default="redis://127.0.0.1:6379/0",
+                   help="with --prefix: the Redis holding them (default: %(default)s)")
     p.set_defaults(func=_down)
 
     p = sub.add_parser("ask", help="send one request to a running stack and stream the answer")
@@ -562,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "local stack on --model)")
     b.add_argument("--model", default=None, help="model directory for the local stack (default: the duplex-tuned "
                                                  "tiny model, `make duplex-model`)")
-    b.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis of the local stack")
+    b.add_argument("--redis", type=_redis_url, default="redis://127.0.0.1:6379/0",
+                   help="Redis of the local stack (default: %(default)s)")
     size = b.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="2 dialogues per category (the test suite's run)")
     size.add_argument("--per-category", type=int_in(1, 100), default=10, help="dialogues per category (10)")
@@ -643,10 +710,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", metavar="REPO", help="only check REPO's files against its manifest")
     p.set_defaults(func=_export)
 
-    for command in sub.choices.values():
-        command.epilog = ("exit status: 0 success, 1 the request failed where it ran, 2 bad input, 3 internal "
-                          "error, 130 interrupted (details: vita --help)")
+    _set_epilog(sub, "exit status: 0 success, 1 the request failed where it ran, 2 bad input, 3 internal error, "
+                     "130 interrupted (details: vita --help)")
     return parser
+
+
+def _set_epilog(sub: argparse._SubParsersAction, epilog: str) -> None:
+    """Every subcommand's help ends with the exit statuses, nested ones too (`vita eval curriculum --help`)."""
+    for command in sub.choices.values():
+        command.epilog = epilog
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _set_epilog(action, epilog)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,8 +10,8 @@ streamed in real time, as a microphone would. The interruption is scripted again
 the clock: the answer has no end of sequence and may fill the context, and the question starts after its first
 token, so it is cut however fast or slow the machine is.
 
-The stack serves the tiny model fine-tuned for the duplex decisions (vita/training/duplex.py, a few seconds on first
-use, then cached): whether speech is a query is the model's own state token. Beyond the fine-tuned answer its words
+The stack serves the tiny model fine-tuned for the duplex decisions (vita/training/duplex.py, a few minutes on 2 CPU
+cores on first use, then cached): whether speech is a query is the model's own state token. Beyond the fine-tuned answer its words
 are noise; what the demo shows is the pipeline and its timings. `--in-process` runs one request through the model
 in this process instead.
 """

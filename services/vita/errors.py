@@ -1,6 +1,8 @@
 """Errors a caller can act on. Services map them to gRPC status codes; the CLI prints them without a traceback."""
 
 import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class VitaError(Exception):
@@ -9,6 +11,18 @@ class VitaError(Exception):
 
 class InvalidInputError(VitaError, ValueError):
     """The request itself is wrong: undecodable media, bad sample rate, empty or oversized input."""
+
+
+@contextmanager
+def naming_file(path: object) -> Iterator[None]:
+    """An InvalidInputError raised inside names `path` first (`PATH: message`), unless its message has it already:
+    with several files given (`--wav a.wav --wav b.wav`), "audio is empty" alone does not say which."""
+    try:
+        yield
+    except InvalidInputError as e:
+        if str(path) not in str(e):
+            e.args = (f"{path}: {e}", *e.args[1:])
+        raise
 
 
 class ContextLengthError(InvalidInputError):

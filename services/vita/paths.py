@@ -33,6 +33,7 @@ def atomic_directory(path: str | Path, *, overwrite: bool = False, marker: str =
             return
         if path.exists():
             shutil.rmtree(path)
+        staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would keep the model from other users (a pod's uid)
         try:
             staging.rename(path)
         except OSError:
@@ -40,3 +41,16 @@ def atomic_directory(path: str | Path, *, overwrite: bool = False, marker: str =
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process's umask: Linux's /proc says it; elsewhere os.umask, which reads it only by setting it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

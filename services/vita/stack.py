@@ -73,23 +73,28 @@ def delete_prefix(prefix: str, url: str = "redis://127.0.0.1:6379/0") -> None:
             r.delete(*keys)
 
 
-def ensure_redis(url: str = "redis://127.0.0.1:6379/0") -> None:
-    """Starts a throw-away redis-server (no persistence) on `url`'s loopback port when nothing answers at `url`.
-    Raises StackError when none answers and none can be started there (not a loopback address, no redis-server)."""
+def ensure_redis(url: str = "redis://127.0.0.1:6379/0") -> int:
+    """Starts a throw-away redis-server (no persistence) on `url`'s loopback port when nothing answers at `url`, in
+    its own session (as the services are), and returns its pid; 0 when a Redis answered already. Raises StackError
+    when none answers and none can be started there (not a loopback address, no redis-server)."""
     if redis_answers(url):
-        return
+        return 0
     parts = urlsplit(url)
     if parts.scheme != "redis" or parts.hostname not in ("127.0.0.1", "localhost", "::1"):
         raise StackError(f"no Redis answers at {redacted(url)} (only a plain redis:// URL on this machine's loopback is "
                          "started here: start that Redis, or give --redis a reachable one)")
     if shutil.which("redis-server") is None:
         raise StackError(f"no Redis answers at {redacted(url)} and redis-server is not installed")
-    subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port",
-                    str(parts.port or 6379), "--save", "", "--appendonly", "no"], check=True, capture_output=True)
+    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "-::1", "--port", str(parts.port or 6379),
+                             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True)
     for _ in range(50):
         if redis_answers(url):
-            return
+            return proc.pid
+        if proc.poll() is not None:
+            break
         time.sleep(0.1)
+    _stop_pid(proc.pid, 5.0)
     raise StackError(f"started redis-server but nothing answers at {redacted(url)}")
 
 
@@ -117,6 +122,7 @@ class LocalStack:
     realtime: bool = False  # also the OpenAI-Realtime gateway (`vita serve realtime`) in front of the orchestrator
     realtime_port: int = 0  # 0 picks a free port
     services: list[ServiceProcess] = field(default_factory=list)
+    redis_pid: int = 0  # the redis-server start() started because none answered: stop() stops it last
 
     @property
     def target(self) -> str:
@@ -198,8 +204,16 @@ class LocalStack:
     def start(self, timeout_s: float = 120.0, attempts: int = 3) -> LocalStack:
         """Start every service and wait until each is healthy. Ports are picked free (`free_port`) seconds before
         the processes bind them, so another program may take one meanwhile: a service that then exits with
-        PortInUse restarts the whole stack on fresh ports, up to `attempts` times. Raises StackError."""
-        ensure_redis(self.redis_url)
+        PortInUse restarts the whole stack on fresh ports, up to `attempts` times. Raises StackError (and stops the
+        Redis it started, if it did)."""
+        self.redis_pid = ensure_redis(self.redis_url) or self.redis_pid
+        try:
+            return self._start_services(timeout_s, attempts)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_services(self, timeout_s: float, attempts: int) -> LocalStack:
         for port, what in ((self.orchestrator_port, "the orchestrator's port (vita up --port)"),
                            (self.realtime_port if self.realtime else 0, "the realtime port (vita up --realtime-port)")):
             if port and not port_free(port):
@@ -217,20 +231,31 @@ class LocalStack:
                     wait_healthy(service, timeout_s)
                 return self
             except StackError as e:
-                self.stop()
+                self._stop_services()
                 if attempt == attempts or PortInUse.MARK not in str(e):
                     raise
                 log.warning("a port was taken meanwhile; starting again on other ports",
                             extra={"attempt": attempt, "error": one_line(e)[-300:]})
+
+    def redis_alive(self) -> bool:
+        """Whether the redis-server `start` started (none answered) still runs."""
+        return bool(self.redis_pid) and _alive(self.redis_pid)
 
     def running(self) -> list[ServiceProcess]:
         """The services whose process is still alive (a zombie is not)."""
         return [service for service in self.services if _alive(service.pid)]
 
     def stop(self, grace_s: float = 15.0, kill_wait_s: float = 5.0) -> list[ServiceProcess]:
-        """SIGTERM (drain), then SIGKILL whatever is left. Returns the services still alive `kill_wait_s` after the
-        SIGKILL: none, unless a process cannot be signalled (another user's, or a reused pid) or is stuck in the
-        kernel."""
+        """SIGTERM (drain), then SIGKILL whatever is left; then the redis-server `start` started, if any (`vita up`
+        on a machine without Redis: `vita down` leaves none behind). Returns the services still alive `kill_wait_s`
+        after the SIGKILL: none, unless a process cannot be signalled (another user's, or a reused pid) or is stuck
+        in the kernel."""
+        left = self._stop_services(grace_s, kill_wait_s)
+        if self.redis_pid:
+            _stop_pid(self.redis_pid, grace_s)
+        return left
+
+    def _stop_services(self, grace_s: float = 15.0, kill_wait_s: float = 5.0) -> list[ServiceProcess]:
         for service in reversed(self.services):
             _signal(service.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
@@ -353,6 +378,16 @@ def _signal(pid: int, sig: signal.Signals) -> None:
 def _reap(pid: int) -> None:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
+
+
+def _stop_pid(pid: int, grace_s: float) -> None:
+    """SIGTERM to `pid`'s process group, SIGKILL after `grace_s`, reaped if it is our child."""
+    _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _signal(pid, signal.SIGKILL)
+    _reap(pid)
 
 
 @dataclass

@@ -10,6 +10,18 @@ from typing import NoReturn
 EXIT_USAGE = 2
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's, and an option's help ends with `(default: X)` when its default says something (not None, False,
+    empty or suppressed) and the help does not mention its default already (`vita serve llm --help`)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help
+        if (not help_text or not action.option_strings or "default" in help_text.lower()
+                or action.default in (None, False, "", [], (), argparse.SUPPRESS)):
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """`argparse.ArgumentParser` whose `error` prints `PROG: error: MESSAGE (see `PROG --help`)` and exits 2.
     Subparsers made with `add_subparsers` are `Subcommand`s: this class, refusing what they do not know themselves.
@@ -19,6 +31,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self.set_defaults(command_name=self.prog)
 

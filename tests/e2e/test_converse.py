@@ -263,7 +263,10 @@ def test_vita_converse_cli_exits_1_when_the_server_reports_an_error_event(stack,
                           f"nope-{uuid.uuid4().hex}", "--text", "hi"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1, (out.stdout, out.stderr)
     assert f"error {NOT_FOUND}:" in out.stdout and "does not exist" in out.stdout
-    assert out.stderr.strip().startswith("vita converse: error: the server reported")
+    # The text is not sent after the refused resume: one error, not a second "text before the session config"
+    # (a new user's try, 2026-12-06).
+    assert out.stdout.count(" error ") == 1 and "before the session config" not in out.stdout, out.stdout
+    assert out.stderr.strip() == "vita converse: error: the server reported 1 error event(s) (printed above)"
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
 
 

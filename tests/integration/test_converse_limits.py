@@ -168,7 +168,7 @@ def test_a_larger_text_limit_lets_a_text_over_the_default_through_the_gateway(se
     created, outcome = asyncio.run(main())
     assert created[-1]["type"] == "conversation.item.added", created[-1]
     assert created[-1]["item"]["id"] == "item_long"
-    last = outcome[-1]  # (the tiny model: "prompt is 13600 tokens; the model's context is 4095")
+    last = outcome[-1]  # (the tiny model: "prompt is 13600 tokens; at most 4095 fit the model's context")
     assert last["type"] == "response.created" or (
         "context" in last["error"]["message"] and "characters" not in last["error"]["message"]), last
 

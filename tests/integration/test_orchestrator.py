@@ -139,7 +139,7 @@ def test_converse_keys_its_jobs_by_ids_of_its_own_that_fit_any_session_id(pipeli
 
 @pytest.mark.parametrize(("request_", "message"), [
     (GenerateRequest(), "the request is empty"),
-    (GenerateRequest(text="word " * 5000), "the model's context is"),
+    (GenerateRequest(text="word " * 5000), "fit the model's context"),
     (GenerateRequest(text="hi", request_id="bad id with spaces"), "request_id"),
 ])
 def test_bad_requests_are_invalid_argument(pipeline, request_, message):

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vita import cli
@@ -48,6 +49,17 @@ def closed_port() -> int:
         (["generate", "--temperature", "-1"], "argument --temperature"),
         (["generate", "--temperature", "nan"], "argument --temperature"),
         (["up", "--port", "70000"], "argument --port"),
+        # --redis and --prefix checked as flags, before anything starts (a new user's try, 2026-12-06: an internal
+        # error, exit 3, for the URL; exit 1 once a service had failed its start-up, for the prefix)
+        (["up", "--redis", "notaurl"], "vita up: error: argument --redis: Redis URL 'notaurl' must start with "
+                                       "redis:// or rediss://"),
+        (["up", "--redis", "http://u:secret@h:1"], "Redis URL 'http://u:***@h:1' must start with"),
+        (["down", "--purge", "--prefix", "x", "--redis", "notaurl"], "vita down: error: argument --redis"),
+        (["eval", "duplex", "--quick", "--redis", "notaurl"], "vita eval duplex: error: argument --redis"),
+        (["up", "--prefix", "bad prefix"], "vita up: error: argument --prefix: bus prefix 'bad prefix' must be"),
+        (["down", "--purge", "--prefix", "a b"], "vita down: error: argument --prefix: bus prefix 'a b'"),
+        (["serve", "llm", "--redis", "notaurl"], "vita serve llm: error: argument --redis: Redis URL 'notaurl'"),
+        (["serve", "orchestrator", "--prefix", "x y"], "vita serve orchestrator: error: argument --prefix"),
         (["converse", "--bogus"], "vita converse: error: unrecognized arguments: --bogus"),
         # a subcommand's unknown arguments are its own error, named (a new user's try: `vita: error: ...`)
         (["ask", "--bogus"], "vita ask: error: unrecognized arguments: --bogus (see `vita ask --help`)"),
@@ -79,9 +91,10 @@ def test_bad_flags_are_one_line_and_status_2(capsys, argv, message):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["ask", "--text", "hi", "--image", "/nonexistent/x.png"], "No such file or directory: /nonexistent/x.png"),
-        (["ask", "--text", "hi", "--audio", "/"], "Is a directory: /"),
-        (["converse", "--image", "/nonexistent/x.png"], "No such file or directory"),
+        # decoded here before any call (vita.cli._decoded_here), as `vita generate` decodes them
+        (["ask", "--text", "hi", "--image", "/nonexistent/x.png"], "image file not found: /nonexistent/x.png"),
+        (["ask", "--text", "hi", "--audio", "/"], "cannot read audio file /: Is a directory"),
+        (["converse", "--image", "/nonexistent/x.png"], "image file not found: /nonexistent/x.png"),
         (["converse", "--wav", "/nonexistent/q.wav"], "cannot read audio file /nonexistent/q.wav"),
         (["converse", "--wav", "__GARBAGE__"], "not a decodable audio file (WAV, FLAC, MP3, Ogg, AAC/M4A, ...); "
                                                "FFmpeg: invalid data found when processing input"),
@@ -234,6 +247,46 @@ def test_down_fails_in_one_line_when_a_process_will_not_stop(capsys, tmp_path, m
         stack.stop(grace_s=0)
 
 
+def test_down_stops_the_redis_up_started_also_when_its_services_are_gone(capsys, tmp_path, monkeypatch):
+    """A new user's try (2026-12-06): `vita up` on a machine without Redis started a redis-server that `vita down`
+    left running. The stack records the Redis it started; `vita down` stops it, with the services or alone."""
+    from vita.stack import ensure_redis, redis_answers
+
+    monkeypatch.setenv("VITA_HOME", str(tmp_path))
+    for services in (["import time; time.sleep(60)"], ["pass"]):
+        stack = saved_stack(tmp_path, *services)
+        stack.redis_url = f"redis://127.0.0.1:{closed_port()}/0"
+        stack.redis_pid = ensure_redis(stack.redis_url)
+        stack.save(tmp_path / "stack.json")
+        try:
+            assert stack.redis_pid and redis_answers(stack.redis_url)
+            while services == ["pass"] and stack.running():
+                time.sleep(0.02)
+            status, out, err = down(capsys)
+            assert (status, err) == (cli.EXIT_OK, "")
+            assert f"the redis-server it started, pid {stack.redis_pid}" in out or (
+                f"but the redis-server it started (pid {stack.redis_pid}), stopped" in out), out
+            assert not redis_answers(stack.redis_url) and not (tmp_path / "stack.json").exists()
+        finally:
+            stack.stop(grace_s=0)
+
+
+def test_up_over_a_left_state_says_what_it_is(capsys, tmp_path, monkeypatch):
+    """A new user's try (2026-12-06): a state file that was garbage, or left by a stack that had ended, made
+    `vita up` say "a stack is already up", which `vita down` could not clear."""
+    monkeypatch.setenv("VITA_HOME", str(tmp_path))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "stack.json").write_text("{not json")
+    status, err = run(capsys, "up", "--model", str(tmp_path / "model"))
+    assert status == cli.EXIT_USAGE
+    assert one_line(err).startswith(f"vita up: error: cannot read the stack state in {tmp_path / 'stack.json'}")
+    stack = saved_stack(tmp_path, "pass")
+    stack.stop(grace_s=5)
+    status, err = run(capsys, "up", "--model", str(tmp_path / "model"))
+    assert status == cli.EXIT_USAGE and "none of whose services runs" in err and "run `vita down` to clear it" in err
+    assert down(capsys)[0] == cli.EXIT_OK and not (tmp_path / "stack.json").exists()
+
+
 @pytest.mark.parametrize("state", ["{not json", "[]", '{"services": []}'])
 def test_down_with_an_unreadable_state_is_one_line_and_status_2(capsys, tmp_path, monkeypatch, state):
     monkeypatch.setenv("VITA_HOME", str(tmp_path))
@@ -267,9 +320,10 @@ def test_help_documents_the_exit_statuses(capsys):
     assert e.value.code == 0
     for status in ("0", "1", "2", "3", "130"):
         assert f"\n  {status} " in out
-    with pytest.raises(SystemExit):
-        cli.main(["generate", "--help"])
-    assert "exit status: 0 success" in " ".join(capsys.readouterr().out.split())
+    for command in (["generate"], ["eval", "curriculum"], ["eval", "duplex"], ["data", "check"]):  # nested too
+        with pytest.raises(SystemExit):
+            cli.main([*command, "--help"])
+        assert "exit status: 0 success" in " ".join(capsys.readouterr().out.split()), command
 
 
 def test_latin1_text_from_the_real_command_line():
@@ -348,10 +402,11 @@ def test_a_missing_local_redis_is_started_on_the_urls_own_port():
 
     port = closed_port()
     url = f"redis://127.0.0.1:{port}/0"
-    ensure_redis(url)
+    pid = ensure_redis(url)
     client = redis.Redis.from_url(url)
     try:
-        assert client.ping()
+        assert client.ping() and client.info("server")["process_id"] == pid
+        assert ensure_redis(url) == 0  # one answers now: none started
     finally:
         client.shutdown(nosave=True)
 
@@ -436,3 +491,28 @@ def test_ask_leaves_the_answer_length_to_the_server_unless_told():
     answers stopped mid-sentence; now 0 (the server's default_max_tokens) unless --max-tokens is given."""
     assert cli.build_parser().parse_args(["ask"]).max_tokens is None
     assert cli.build_parser().parse_args(["ask", "--max-tokens", "8"]).max_tokens == 8
+
+
+def test_ask_and_converse_decode_their_files_before_calling_and_name_the_bad_one(capsys, tmp_path):
+    """A new user's try (2026-12-06): `vita ask` with nothing to ask, or a corrupt --image, went to the server and
+    came back as INVALID_ARGUMENT, status 1; an empty --wav among several said "audio is empty" without saying
+    which. Now each is a usage error (status 2) before any call, naming the file; no server listens at the target."""
+    from vita.processing.audio import write_wav
+
+    bad, empty = tmp_path / "bad.png", tmp_path / "empty.wav"
+    bad.write_bytes(b"not a picture")
+    empty.write_bytes(b"")
+    good = write_wav(tmp_path / "good.wav", np.zeros(8000, dtype=np.float32))
+    target = f"127.0.0.1:{closed_port()}"
+    for argv, message in [
+        (["ask", "--target", target], "vita ask: error: nothing to ask: give --text, --image, --video or --audio"),
+        (["ask", "--target", target, "--text", "hi", "--image", str(bad)],
+         f"vita ask: error: {bad}: image data is not in a supported image format"),
+        (["ask", "--target", target, "--audio", str(good), "--audio", str(empty)],
+         f"vita ask: error: {empty}: audio is empty"),
+        (["converse", "--target", target, "--image", str(bad)], f"vita converse: error: {bad}: image data"),
+        (["converse", "--target", target, "--wav", str(good), "--wav", str(empty)],
+         f"vita converse: error: {empty}: audio is empty"),
+    ]:
+        status, err = run(capsys, *argv)
+        assert status == cli.EXIT_USAGE and one_line(err).startswith(message), err

@@ -1,5 +1,6 @@
 """atomic_directory: a model directory appears whole or not at all, and a finished one is never clobbered."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,11 @@ def test_published_only_on_a_clean_exit(tmp_path: Path) -> None:
         (staging / "config.json").write_text("{}")
     assert (target / "config.json").read_text() == "{}"
     assert _leftovers(target.parent, "m") == []
+    # As mkdir makes a directory (0755 under umask 022), not mkdtemp's 0700 (a new user's try, 2026-12-06: a
+    # model directory that only its creator could read)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~mask
 
 
 def test_a_failure_leaves_the_old_directory_and_no_staging(tmp_path: Path) -> None:

@@ -106,7 +106,7 @@ def test_bad_input_is_named(processor, kwargs, message):
 
 
 def test_prompt_longer_than_context(processor):
-    with pytest.raises(ContextLengthError, match="the model's context is 100"):
+    with pytest.raises(ContextLengthError, match="at most 100 fit the model's context"):
         processor("word " * 200, max_length=100)
 
 

@@ -157,5 +157,5 @@ def test_encode_prompt_and_context_limit(tok):
     n = len(prompt.input_ids)
     assert encode_prompt(tok, messages, max_length=n, **kwargs).input_ids == prompt.input_ids
     with pytest.raises(ContextLengthError,
-                       match=f"prompt is {n} tokens after expanding 2 images, 1 audio; the model's context is {n - 1}"):
+                       match=f"prompt is {n} tokens after expanding 2 images, 1 audio; at most {n - 1} fit the model's context"):
         encode_prompt(tok, messages, max_length=n - 1, **kwargs)

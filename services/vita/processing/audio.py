@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from av.audio.stream import AudioStream
 from av.container import InputContainer
 
-from vita.errors import InvalidInputError, ffmpeg_reason
+from vita.errors import InvalidInputError, ffmpeg_reason, naming_file
 from vita.model.config import AudioConfig
 from vita.v1.media_pb2 import Audio
 
@@ -49,7 +49,9 @@ def load_audio(
     (`sample_rate` required; int16 is scaled by 1/32768, floats are taken as is; 2-D means (channels, samples)).
     """
     if isinstance(source, str | Path):
-        source = _read_file(Path(source))
+        with naming_file(source):
+            return load_audio(_read_file(Path(source)), sample_rate, target_rate=target_rate,
+                              max_seconds=max_seconds)
     if isinstance(source, bytes | bytearray | memoryview):
         samples, rate = decode_audio_bytes(bytes(source))
         if sample_rate is not None and sample_rate != rate:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from vita.errors import InvalidInputError
+from vita.errors import InvalidInputError, naming_file
 from vita.model.config import VisionConfig
 
 MAX_PIXELS = 8192 * 8192  # decoding more than this (~200 MB as RGB) is refused as a decompression bomb
@@ -29,7 +29,13 @@ def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> Image.Im
     canvas costs nothing. Transparent pixels are composited onto white: their RGB values are arbitrary
     (often black), which would otherwise turn a logo on a transparent background into one on black.
     """
-    image = _open(source)
+    if isinstance(source, str | Path):
+        with naming_file(source):
+            return _upright_rgb(_open(source), max_pixels)
+    return _upright_rgb(_open(source), max_pixels)
+
+
+def _upright_rgb(image: Image.Image, max_pixels: int) -> Image.Image:
     width, height = image.size
     if width == 0 or height == 0:
         raise InvalidInputError(f"image has zero size ({width}x{height})")

@@ -270,7 +270,7 @@ def encode_prompt(
                           (("image", image_tokens), ("video", video_tokens), ("audio", audio_tokens)) if sizes)
         expanded = f" after expanding {media}" if media else ""
         raise ContextLengthError(f"prompt is {len(prompt.input_ids)} tokens{expanded}; "
-                                 f"the model's context is {max_length}")
+                                 f"at most {max_length} fit the model's context")
     return prompt
 
 

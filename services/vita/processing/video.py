@@ -19,7 +19,7 @@ from av.container import InputContainer
 from av.video.stream import VideoStream
 from PIL import Image
 
-from vita.errors import InvalidInputError, ffmpeg_reason
+from vita.errors import InvalidInputError, ffmpeg_reason, naming_file
 from vita.model.config import VisionConfig
 from vita.processing.image import load_image, to_pixel_values
 
@@ -63,6 +63,13 @@ def decode_video(source: bytes | str | Path) -> VideoClip:
     start to the last one's end (a container's duration may come from a longer audio track). Frames without
     timestamps (raw H.264/HEVC/MPEG-4 elementary streams) are timed by the stream's frame rate.
     """
+    if isinstance(source, str | Path):
+        with naming_file(source):
+            return _decode(source)
+    return _decode(source)
+
+
+def _decode(source: bytes | str | Path) -> VideoClip:
     try:
         with _open(source) as container:
             stream = _video_stream(container)

@@ -26,9 +26,29 @@ PORT = int_in(0, 65535)
 BACKLOG_LIMIT = int_in(1, BusConfig.jobs_maxlen - 1)
 
 
+def redis_url(value: str) -> str:
+    """An argparse `type` for `--redis`: a redis:// or rediss:// URL (RedisSettings' rule), else a usage error naming
+    the flag (exit 2) before anything starts, not an internal error once a client is made."""
+    try:
+        RedisSettings(url=value)
+    except VitaError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def bus_prefix(value: str) -> str:
+    """An argparse `type` for `--prefix`: BusConfig's rule (':'-separated words), a usage error (exit 2) at once
+    rather than a service that exits during a stack's start-up."""
+    try:
+        BusConfig(prefix=value)
+    except VitaError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("common service options")
-    g.add_argument("--redis", default=os.environ.get("VITA_REDIS_URL", "redis://127.0.0.1:6379/0"),
+    g.add_argument("--redis", type=redis_url, default=os.environ.get("VITA_REDIS_URL", "redis://127.0.0.1:6379/0"),
                    help="Redis URL of the bus: redis://[user:password@]host:port/db, rediss:// for TLS "
                         "(env VITA_REDIS_URL)")
     g.add_argument("--redis-cluster", action="store_true", default=_env_flag("VITA_REDIS_CLUSTER"),
@@ -39,7 +59,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                    help="rediss://: client certificate (PEM) for a server with tls-auth-clients (env VITA_REDIS_CERT)")
     g.add_argument("--redis-key", default=os.environ.get("VITA_REDIS_KEY"),
                    help="rediss://: the client certificate's key (env VITA_REDIS_KEY)")
-    g.add_argument("--prefix", default=os.environ.get("VITA_BUS_PREFIX", "vita"),
+    g.add_argument("--prefix", type=bus_prefix, default=os.environ.get("VITA_BUS_PREFIX", "vita"),
                    help="key prefix of every stream and key on the bus (env VITA_BUS_PREFIX)")
     g.add_argument("--host", default="127.0.0.1", help="address the gRPC server binds (0.0.0.0 in a cluster)")
     g.add_argument("--grpc-port", type=PORT, default=0,
