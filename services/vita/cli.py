@@ -166,7 +166,7 @@ def _up(args: argparse.Namespace) -> int | None:
     if args.model is None and not default_duplex_dir().joinpath("config.json").is_file():
         print(f"model: the duplex fine-tune of the tiny model, trained now (first use: a few minutes on 2 CPU "
               f"cores), then cached in {default_duplex_dir()} ...", flush=True)
-    model = str(check_model_dir(args.model)) if args.model else str(duplex_model_dir(progress=True))
+    model = str(check_model_dir(args.model).resolve()) if args.model else str(duplex_model_dir(progress=True))
     try:
         stack = LocalStack(model_dir=model, redis_url=args.redis, prefix=args.prefix, orchestrator_port=args.port,
                            metrics=True, realtime=True, realtime_port=args.realtime_port).start()
