@@ -74,6 +74,23 @@ def test_pretraining_lowers_the_loss_writes_wenet_names_with_the_cmvn_and_is_reu
     assert (tmp_path / "enc" / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not retrained
 
 
+def test_the_speaker_head_labels_query_voices_apart_and_keeps_the_recipes_key(tmp_path) -> None:
+    """`speaker_head`: 0 for the curriculum's query voices, 1 for any other, noise ignored; off (the recipe) the
+    key is the one encoders trained before it carry, so they are reused; on, the probe scores the speaker."""
+    from vita.training import curriculum as cur
+    from vita.training.audio_pretrain import IGNORE, labels_for, vocabulary
+
+    utterances = [("what colour is it", cur.QUERY_VOICES[0], "en"), ("what colour is it", "en-m-low", "en"),
+                  ("ich habe keine Zeit", "de", "de"), ("", "", "none")]
+    assert labels_for(utterances, vocabulary())["speaker"].tolist() == [0, 1, 1, IGNORE]
+    assert "speaker_head" not in AudioPretrainConfig().key()
+    assert AudioPretrainConfig(speaker_head=True).key()["speaker_head"] is True
+    config = AudioPretrainConfig(clips=32, steps=4, batch_size=8, probe_clips=12, log_every=2, threads=2,
+                                 speaker_head=True)
+    summary = pretrain_audio_encoder(config, tmp_path / "enc", progress=False)
+    assert set(summary["heldout"]) == {"word_recall", "intent", "language", "speaker"}
+
+
 def test_a_checkpoint_that_does_not_fit_is_named(tmp_path) -> None:
     from vita.model.checkpoint import save_sharded
     from vita.model.config import AudioConfig

@@ -92,11 +92,17 @@ class AudioPretrainConfig:
     probe_clips: int = 300  # scored after training, from data_seed + 1
     threads: int | None = None
     log_every: int = 25
+    # A fourth head: whether the voice is one of the curriculum's query voices (the person the assistant serves) or
+    # another's, so that the frames keep who speaks as well as what is said (docs/training.md, "Who speaks").
+    speaker_head: bool = False
 
     def key(self) -> dict[str, Any]:
-        """What decides the weights: an output directory holding the same key is reused as is."""
+        """What decides the weights: an output directory holding the same key is reused as is (a setting at its
+        former default, `speaker_head` off, leaves the key as it was, so encoders trained before are reused)."""
         d = dataclasses.asdict(self)
         d.pop("threads"), d.pop("log_every")
+        if not d["speaker_head"]:
+            d.pop("speaker_head")
         return {"version": VERSION, **d}
 
 
@@ -169,7 +175,7 @@ def intent_of(text: str) -> str:
 
 def labels_for(utterances: list[tuple[str, str, str]], vocab: tuple[str, ...]) -> dict[str, Tensor]:
     """The clips' labels: `words` (n, V) float multi-hot, `language` (n,) and `intent` (n,) class indices
-    (IGNORE where a clip has no English)."""
+    (IGNORE where a clip has no English), `speaker` (n,): 0 a query voice, 1 another's (IGNORE: noise)."""
     index = {w: k for k, w in enumerate(vocab)}
     words = torch.zeros(len(utterances), len(vocab))
     intent = torch.full((len(utterances),), IGNORE)
@@ -179,18 +185,21 @@ def labels_for(utterances: list[tuple[str, str, str]], vocab: tuple[str, ...]) -
                 if w in index:
                     words[k, index[w]] = 1.0
             intent[k] = INTENTS.index(intent_of(text))
+    speaker = torch.tensor([IGNORE if not voice else int(voice not in cur.QUERY_VOICES) for _, voice, _ in utterances])
     return {"words": words, "language": torch.tensor([LANGUAGES.index(lang) for _, _, lang in utterances]),
-            "intent": intent}
+            "intent": intent, "speaker": speaker}
 
 
 class UtteranceHeads(nn.Module):
-    """The words, intent and language heads, applied to every valid encoder frame."""
+    """The words, intent and language heads (and with `speaker` the speaker head), applied to every valid encoder
+    frame."""
 
-    def __init__(self, audio: AudioConfig, vocab_size: int) -> None:
+    def __init__(self, audio: AudioConfig, vocab_size: int, speaker: bool = False) -> None:
         super().__init__()
         self.words = nn.Linear(audio.hidden_size, vocab_size)
         self.intent = nn.Linear(audio.hidden_size, len(INTENTS))
         self.language = nn.Linear(audio.hidden_size, len(LANGUAGES))
+        self.speaker = nn.Linear(audio.hidden_size, 2) if speaker else None
 
     def loss(self, frames: Tensor, lengths: Tensor, labels: dict[str, Tensor]) -> Tensor:
         """frames (B, T, H): the sum of the three heads' frame-wise cross-entropies against each clip's labels.
@@ -208,7 +217,11 @@ class UtteranceHeads(nn.Module):
         intent = labels["intent"][row]
         if (intent != IGNORE).any():
             loss = loss + F.cross_entropy(self.intent(x), intent, ignore_index=IGNORE)
-        return loss + F.cross_entropy(self.language(x), labels["language"][row])
+        loss = loss + F.cross_entropy(self.language(x), labels["language"][row])
+        speaker = labels["speaker"][row]
+        if self.speaker is not None and (speaker != IGNORE).any():
+            loss = loss + F.cross_entropy(self.speaker(x), speaker, ignore_index=IGNORE)
+        return loss
 
     @torch.no_grad()
     def scores(self, frames: Tensor, lengths: Tensor, labels: dict[str, Tensor]) -> dict[str, float]:
@@ -223,9 +236,14 @@ class UtteranceHeads(nn.Module):
         ranks = logits.argsort(-1, descending=True).argsort(-1)  # rank of every word per clip
         hits = ((ranks < k[:, None]) & truth[spoken]).sum()
         intent = labels["intent"] != IGNORE
-        return {"word_recall": round(hits.item() / max(1, k.sum().item()), 3),
-                "intent": round((self.intent(mean[intent]).argmax(-1) == labels["intent"][intent]).float().mean().item(), 3),
-                "language": round((self.language(mean).argmax(-1) == labels["language"]).float().mean().item(), 3)}
+        scores = {"word_recall": round(hits.item() / max(1, k.sum().item()), 3),
+                  "intent": round((self.intent(mean[intent]).argmax(-1) == labels["intent"][intent]).float().mean().item(), 3),
+                  "language": round((self.language(mean).argmax(-1) == labels["language"]).float().mean().item(), 3)}
+        if self.speaker is not None:
+            said = labels["speaker"] != IGNORE
+            right = self.speaker(mean[said]).argmax(-1) == labels["speaker"][said]
+            scores["speaker"] = round(right.float().mean().item(), 3)
+        return scores
 
 
 def _features(waveforms: list[Tensor], audio: AudioConfig, chunk: int = 64) -> list[Tensor]:
@@ -271,7 +289,7 @@ def pretrain_audio_encoder(config: AudioPretrainConfig, output: str | Path, *, t
     encoder = AudioEncoder(audio)
     cmvn = compute_cmvn_stats(_batches(features, idx) for idx in _chunks(len(features)))
     encoder.global_cmvn.set_stats(*cmvn)
-    heads = UtteranceHeads(audio, len(vocab))
+    heads = UtteranceHeads(audio, len(vocab), speaker=config.speaker_head)
     params = [*encoder.parameters(), *heads.parameters()]
     draw = random.Random(config.data_seed)
     encoder.train()
