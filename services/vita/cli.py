@@ -416,7 +416,8 @@ def _pretrain_audio(args: argparse.Namespace) -> None:
 
     configure_logging("training", level=os.environ.get("VITA_LOG_LEVEL", "info"))
     config = AudioPretrainConfig(preset=args.preset, seed=args.seed, data_seed=args.data_seed, clips=args.clips,
-                                 steps=args.steps, batch_size=args.batch_size, lr=args.lr, threads=args.threads)
+                                 steps=args.steps, batch_size=args.batch_size, lr=args.lr, threads=args.threads,
+                                 speaker_head=args.speaker_head)
     with denormals_flushed():  # before torch's first parallel work: vita.training.cpu
         summary = pretrain_audio_encoder(config, args.output, progress=not args.no_progress,
                                           overwrite=args.overwrite)
@@ -697,6 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "settings is reused.")
     p.add_argument("--clips", type=int_in(1, 10**7), default=2400,
                    help="utterances recorded once and drawn from (default: %(default)s)")
+    p.add_argument("--speaker-head", action="store_true",
+                   help="a fourth head: whether the voice is one of the curriculum's query voices or another's, so "
+                        "the frames keep who speaks (docs/training.md, 'Who speaks'; not the recipe)")
     _stand_in_arguments(p, "audio", "clips", steps=700, batch_size=16, lr=2e-3, data_seed=2_000_003)
     p.set_defaults(func=_pretrain_audio)
 

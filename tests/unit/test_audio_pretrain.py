@@ -114,6 +114,9 @@ def test_the_cli_defaults_are_the_configs(command) -> None:
     config = VisionPretrainConfig() if command == "pretrain-vision" else AudioPretrainConfig()
     for name in ("steps", "batch_size", "lr", "seed", "data_seed", "preset"):
         assert getattr(args, name) == getattr(config, name), name
+    if command == "pretrain-audio":
+        assert args.speaker_head == config.speaker_head is False
+        assert parser.parse_args([command, "--output", "x", "--speaker-head"]).speaker_head
     assert getattr(args, "pictures" if command == "pretrain-vision" else "clips") == getattr(
         config, "pictures" if command == "pretrain-vision" else "clips")
     if command == "pretrain-vision":
