@@ -271,16 +271,19 @@ def _add_connection_args(p: argparse.ArgumentParser, target: str | None = "127.0
     p.add_argument("--tls-key", default=None, help="the --tls-cert's private key (PEM)")
 
 
-def _decoded_here(images: Sequence[str], audio: Sequence[str]) -> None:
-    """Each image and audio file decoded before the call opens: a bad one is a usage error naming it (status 2),
-    not a request the server refuses (status 1)."""
+def _decoded_here(images: Sequence[str], audio: Sequence[str], video: str | None = None) -> None:
+    """Each image, audio and video file decoded before the call opens: a bad one is a usage error naming it
+    (status 2), not a request the server refuses (status 1)."""
     from vita.processing.audio import load_audio
     from vita.processing.image import load_image
+    from vita.processing.video import decode_video
 
     for path in images:
         load_image(path)
     for path in audio:
         load_audio(path)
+    if video is not None:
+        decode_video(video)
 
 
 def _ask(args: argparse.Namespace) -> None:
@@ -289,7 +292,7 @@ def _ask(args: argparse.Namespace) -> None:
 
     if not (args.text or args.image or args.video or args.audio):
         raise VitaError("nothing to ask: give --text, --image, --video or --audio")
-    _decoded_here(args.image or [], args.audio or [])
+    _decoded_here(args.image or [], args.audio or [], args.video)
     request = build_request(args.text or "", images=args.image or [], video=args.video, audio=args.audio or [],
                             max_tokens=args.max_tokens or 0, temperature=args.temperature)
     with _connect(args, timeout_s=args.timeout) as client:

@@ -510,6 +510,7 @@ def test_ask_and_converse_decode_their_files_before_calling_and_name_the_bad_one
          f"vita ask: error: {bad}: image data is not in a supported image format"),
         (["ask", "--target", target, "--audio", str(good), "--audio", str(empty)],
          f"vita ask: error: {empty}: audio is empty"),
+        (["ask", "--target", target, "--video", str(bad)], f"vita ask: error: {bad}: "),
         (["converse", "--target", target, "--image", str(bad)], f"vita converse: error: {bad}: image data"),
         (["converse", "--target", target, "--wav", str(good), "--wav", str(empty)],
          f"vita converse: error: {empty}: audio is empty"),
