@@ -251,8 +251,9 @@ class LocalStack:
         after the SIGKILL: none, unless a process cannot be signalled (another user's, or a reused pid) or is stuck
         in the kernel."""
         left = self._stop_services(grace_s, kill_wait_s)
-        if self.redis_pid:
+        if self.redis_alive():
             _stop_pid(self.redis_pid, grace_s)
+        self.redis_pid = 0  # stopped: a later stop() must not signal whatever reuses the pid
         return left
 
     def _stop_services(self, grace_s: float = 15.0, kill_wait_s: float = 5.0) -> list[ServiceProcess]:
