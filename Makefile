@@ -100,15 +100,17 @@ images:  ## build the vita image, CPU and CUDA targets (vita-omni/vita:VERSION-c
 
 TRAIN_TINY ?= .artifacts/train-tiny
 TINY_ENV := VITA_TRAIN_DIR=$(TRAIN_TINY) VITA_CURRICULUM=$(TRAIN_TINY)/curriculum
+# Each stage resumes a run of the same inputs and trains again one whose inputs changed (vita.training.inputs).
+TINY_TRAIN := $(TINY_ENV) $(PY) -m vita.cli train --resume --on-input-change restart
 
 train-tiny: setup  ## the synthetic curriculum, the three training stages and the export, on the tiny preset
 	$(PY) -c "from vita.training.curriculum import build_curriculum; build_curriculum('$(TRAIN_TINY)/curriculum', seed=0)"
 	$(PY) -m vita.cli pretrain-vision --preset tiny-112 --output $(TRAIN_TINY)/vision-encoder --threads 2
 	$(PY) -m vita.cli pretrain-audio --preset tiny-112 --output $(TRAIN_TINY)/audio-encoder --threads 2
-	$(TINY_ENV) $(PY) -m vita.cli train --resume --on-input-change restart --stage 1 --config training/configs/stage1_llm_tiny.yaml
-	$(TINY_ENV) $(PY) -m vita.cli train --resume --on-input-change restart --stage 2 --config training/configs/stage2_vision_tiny.yaml
-	$(TINY_ENV) $(PY) -m vita.cli train --resume --on-input-change restart --stage 2 --config training/configs/stage2_audio_tiny.yaml
-	$(TINY_ENV) $(PY) -m vita.cli train --resume --on-input-change restart --stage 3 --config training/configs/stage3_multimodal_tiny.yaml
+	$(TINY_TRAIN) --stage 1 --config training/configs/stage1_llm_tiny.yaml
+	$(TINY_TRAIN) --stage 2 --config training/configs/stage2_vision_tiny.yaml
+	$(TINY_TRAIN) --stage 2 --config training/configs/stage2_audio_tiny.yaml
+	$(TINY_TRAIN) --stage 3 --config training/configs/stage3_multimodal_tiny.yaml
 	$(PY) -m vita.cli export --checkpoint $(TRAIN_TINY)/stage3 --output $(TRAIN_TINY)/model --overwrite
 
 clean:  ## remove the virtualenv and caches

@@ -201,7 +201,6 @@ def _down(args: argparse.Namespace) -> int:
     """Stopping what is already stopped succeeds (as `docker compose down` does): no state file, or one whose
     processes have all exited, is status 0. A state file that cannot be read is status 2; a process still alive
     after SIGKILL is status 1, and the state file is kept so that `vita down` can be run again."""
-
     path = _stack_file()
     stack = _load_stack(path)
     if stack is None:

@@ -11,8 +11,8 @@ the clock: the answer has no end of sequence and may fill the context, and the q
 token, so it is cut however fast or slow the machine is.
 
 The stack serves the tiny model fine-tuned for the duplex decisions (vita/training/duplex.py, a few minutes on 2 CPU
-cores on first use, then cached): whether speech is a query is the model's own state token. Beyond the fine-tuned answer its words
-are noise; what the demo shows is the pipeline and its timings. `--in-process` runs one request through the model
+cores on first use, then cached): whether speech is a query is the model's own state token. Beyond the fine-tuned
+answer its words are noise; what the demo shows is the pipeline and its timings. `--in-process` runs one request through the model
 in this process instead.
 """
 

@@ -3,6 +3,7 @@
 import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import PurePath
 
 
 class VitaError(Exception):
@@ -14,14 +15,15 @@ class InvalidInputError(VitaError, ValueError):
 
 
 @contextmanager
-def naming_file(path: object) -> Iterator[None]:
-    """An InvalidInputError raised inside names `path` first (`PATH: message`), unless its message has it already:
-    with several files given (`--wav a.wav --wav b.wav`), "audio is empty" alone does not say which."""
+def naming_file(source: object) -> Iterator[None]:
+    """When `source` is a file path (str or Path), an InvalidInputError raised inside names it first (`PATH:
+    message`), unless its message has it already: with several files given (`--wav a.wav --wav b.wav`), "audio is
+    empty" alone does not say which. Other sources (bytes, arrays) pass through as they are."""
     try:
         yield
     except InvalidInputError as e:
-        if str(path) not in str(e):
-            e.args = (f"{path}: {e}", *e.args[1:])
+        if isinstance(source, str | PurePath) and str(source) not in str(e):
+            e.args = (f"{source}: {e}", *e.args[1:])
         raise
 
 

@@ -29,10 +29,8 @@ def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> Image.Im
     canvas costs nothing. Transparent pixels are composited onto white: their RGB values are arbitrary
     (often black), which would otherwise turn a logo on a transparent background into one on black.
     """
-    if isinstance(source, str | Path):
-        with naming_file(source):
-            return _upright_rgb(_open(source), max_pixels)
-    return _upright_rgb(_open(source), max_pixels)
+    with naming_file(source):
+        return _upright_rgb(_open(source), max_pixels)
 
 
 def _upright_rgb(image: Image.Image, max_pixels: int) -> Image.Image:

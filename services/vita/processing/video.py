@@ -63,10 +63,8 @@ def decode_video(source: bytes | str | Path) -> VideoClip:
     start to the last one's end (a container's duration may come from a longer audio track). Frames without
     timestamps (raw H.264/HEVC/MPEG-4 elementary streams) are timed by the stream's frame rate.
     """
-    if isinstance(source, str | Path):
-        with naming_file(source):
-            return _decode(source)
-    return _decode(source)
+    with naming_file(source):
+        return _decode(source)
 
 
 def _decode(source: bytes | str | Path) -> VideoClip:

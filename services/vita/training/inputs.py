@@ -29,12 +29,15 @@ from vita.training.config import StageConfig
 from vita.training.sample import Sample
 
 RECORD = "inputs.json"
+ON_INPUT_CHANGE = ("error", "restart")  # what a resume does when they changed (`vita train --on-input-change`)
 HASHED_BYTES = 64 << 20
 # StageConfig fields that may change between a run and its resume (dotted for nested ones).
 # The manifests and `data.repeat` count through the samples they give (`samples_identity`), not as settings.
 RESUMABLE = {"max_steps", "save_every", "keep_checkpoints", "log_every", "output_dir", "tensorboard", "threads",
              "progress", "precision", "fsdp", "optim", "data.micro_batch_size", "data.grad_accum",
              "data.media_cache", "data.max_length", "data.manifests", "data.repeat"}
+# Settings that name input paths: they count by what they hold (`path_identity`), not by where they are.
+PATH_FIELDS = {"init.model", "init.tokenizer", "init.vision_encoder", "init.audio_encoder", "vocab.text_files"}
 
 
 def stage_inputs(config: StageConfig, samples: Sequence[Sample]) -> dict[str, str]:
@@ -46,9 +49,7 @@ def stage_inputs(config: StageConfig, samples: Sequence[Sample]) -> dict[str, st
              **{f"vocab.text_files[{i}]": p for i, p in enumerate(config.vocab.text_files)}}
     inputs = {name: path_identity(Path(path)) for name, path in paths.items() if path}
     inputs["samples"] = samples_identity(samples)
-    path_fields = {"init.model", "init.tokenizer", "init.vision_encoder", "init.audio_encoder", "vocab.text_files"}
-    settings = _settings(config.to_dict())  # the paths count by what they hold, not by where they are
-    inputs.update({f"config.{k}": json.dumps(v, sort_keys=True) for k, v in settings.items() if k not in path_fields})
+    inputs.update({f"config.{k}": json.dumps(v, sort_keys=True) for k, v in _settings(config.to_dict()).items()})
     return inputs
 
 
@@ -84,11 +85,11 @@ def _file_digest(file: Path) -> str:
 
 
 def _settings(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The config's leaves and sub-dicts outside `RESUMABLE`, by dotted name."""
+    """The config's leaves and sub-dicts outside `RESUMABLE` and `PATH_FIELDS`, by dotted name."""
     kept = {}
     for key, value in config.items():
         name = prefix + key
-        if name in RESUMABLE:
+        if name in RESUMABLE or name in PATH_FIELDS:
             continue
         if isinstance(value, dict) and name in ("init", "data", "vocab", "spoken"):
             kept.update(_settings(value, name + "."))

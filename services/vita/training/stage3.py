@@ -82,7 +82,7 @@ class SpokenTransform:
 
     def negative(self, sample: Sample, rng: np.random.Generator) -> Sample:
         """The last question replaced by noise or chatter; the answer is nothing (`<2>` then eos)."""
-        media, _ = _split(sample.conversation[-2]["content"])
+        media, question = _split(sample.conversation[-2]["content"])
         if rng.random() < self.config.p_noise:
             kind = speech.NOISE_KINDS[int(rng.integers(len(speech.NOISE_KINDS)))]
             seconds = round(float(rng.uniform(0.8, 2.5)), 2)
@@ -91,7 +91,6 @@ class SpokenTransform:
             wav = self._cached(f"noise|{kind}|{seconds}|{level}|{seed}",
                                lambda: speech.noise(kind, int(seconds * speech.SAMPLE_RATE), seed=seed, level=level))
         else:
-            _, question = _split(sample.conversation[-2]["content"])
             # Drawn only when asked for, so that runs without it draw what they drew before.
             aside = self.config.p_asked_aside > 0 and bool(question) and not CJK.search(question)
             if aside and rng.random() < self.config.p_asked_aside:

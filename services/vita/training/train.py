@@ -17,6 +17,7 @@ import signal
 from pathlib import Path
 
 from vita.training.config import ConfigError, StageConfig, load_stage_config
+from vita.training.inputs import ON_INPUT_CHANGE
 from vita.training.sample import Sample
 
 
@@ -40,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="stage config, YAML or JSON (training/configs/)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in the config's output_dir (start if none)")
-    parser.add_argument("--on-input-change", choices=("error", "restart"), default="error",
+    parser.add_argument("--on-input-change", choices=ON_INPUT_CHANGE, default="error",
                         help="what --resume does when the stage's inputs (init weights, encoders, tokenizer, samples, "
                              "what trains) differ from those its run started with: error (exit 2, the default) or "
                              "restart (remove the run's checkpoints and train the stage from its init)")

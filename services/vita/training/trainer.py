@@ -37,7 +37,7 @@ from vita.training.checkpoints import Checkpoints, rng_state, save_model_dir, se
 from vita.training.config import PARAMETER_GROUPS, ConfigError, OptimConfig, StageConfig
 from vita.training.examples import Example, ExampleEncoder
 from vita.training.forward import TrainingModel, batch_loss_sum
-from vita.training.inputs import changed_inputs, clear_run, record_inputs, stage_inputs
+from vita.training.inputs import ON_INPUT_CHANGE, changed_inputs, clear_run, record_inputs, stage_inputs
 from vita.training.metrics import MetricsLog
 from vita.training.model_init import describe, initial_model
 from vita.training.packing import collate
@@ -48,8 +48,6 @@ if TYPE_CHECKING:
     from vita.training.tts import TTS
 
 log = logging.getLogger("vita.training")
-
-ON_INPUT_CHANGE = ("error", "restart")  # what a resume does when the stage's inputs changed (vita.training.inputs)
 
 
 def freeze(model: nn.Module, groups: Sequence[str]) -> dict[str, list[tuple[str, nn.Parameter]]]:
