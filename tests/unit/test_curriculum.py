@@ -13,6 +13,7 @@ from PIL import Image
 from vita.processing.audio import load_audio
 from vita.processing.video import decode_video
 from vita.training.curriculum import (
+    ASIDE_QUESTIONS,
     CATEGORIES,
     CHATTER_VOICES,
     COLOURS,
@@ -39,7 +40,8 @@ def test_every_manifest_is_valid_and_sized(curriculum: dict[str, Path]) -> None:
     for name, path in curriculum.items():
         split, category = name.split("/")
         samples = read_manifest(path)  # checks placeholders against media and that every file exists
-        assert len(samples) == SMALL.count(category, split), name
+        asides = SMALL.asides if name == "train/chatter" else 0
+        assert len(samples) == SMALL.count(category, split) + asides, name
         for s in samples:
             # answers are one or two words, captions three ("a high beep"), transcripts template sentences ("the
             # yellow chair is in front of the bird": 9)
@@ -218,6 +220,23 @@ def test_the_held_out_share_leaves_the_training_split_as_it_was(tmp_path: Path) 
     assert tree_digest(tmp_path / "small" / "train") == tree_digest(tmp_path / "large" / "train")
     assert len(read_manifest(large["heldout/spoken"])) == 4 > len(read_manifest(small["heldout/spoken"]))
     assert CurriculumSizes.tiny().count("video", "heldout") == 120  # make train-tiny's: 120 clips held out (36 at 0.15)
+
+
+def test_asides_are_training_chatter_alone_and_leave_every_other_sample_as_it_was(tmp_path: Path) -> None:
+    """The questions asked of someone else join the training chatter from a random stream of their own: the held-out
+    split and every other training sample are byte for byte those of the curriculum without them."""
+    sizes = {"image": 3, "video": 2, "spoken": 4, "chatter": 3, "asr": 2, "caption": 2, "text": 3}
+    none = build_curriculum(tmp_path / "none", seed=7, sizes={**sizes, "asides": 0})
+    some = build_curriculum(tmp_path / "some", seed=7, sizes={**sizes, "asides": 5})
+    assert tree_digest(tmp_path / "none" / "heldout") == tree_digest(tmp_path / "some" / "heldout")
+    for name in none:
+        before, after = none[name].read_text().splitlines(), some[name].read_text().splitlines()
+        assert after[:len(before)] == before, name
+        assert len(after) == len(before) + (5 if name == "train/chatter" else 0), name
+    asides = read_manifest(some["train/chatter"])[3:]
+    assert {s.meta["text"] for s in asides} <= set(ASIDE_QUESTIONS)
+    assert all(s.state == "<2>" and s.answer == "" and s.meta["voice"] in CHATTER_VOICES["en"] for s in asides)
+    assert not set(ASIDE_QUESTIONS) & {s.meta.get("text") for s in read_manifest(some["heldout/chatter"])}
 
 
 def test_unknown_sizes_are_refused(tmp_path: Path) -> None:

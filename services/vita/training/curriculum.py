@@ -9,7 +9,7 @@ numpy noise. Answers are one or two words, so a model is scored by exact match.
 | image   | image   | a typed question about a picture: colour, shape, count, or the word written | `<3>` |
 | video   | video   | a typed question about a clip: the moving shape's direction, colour or shape (in training also where it starts and ends) | `<3>` |
 | spoken  | image, video, duplex | the same questions spoken (with the picture / clip), and spoken text questions | `<1>` |
-| chatter | duplex  | speech not meant for the assistant (other voices and languages) and noise: answer `<2>` | `<2>` |
+| chatter | duplex  | speech not meant for the assistant (other voices and languages) and noise: answer `<2>`; in training also English questions asked of someone else (`ASIDE_QUESTIONS`) | `<2>` |
 | asr     | asr     | an espeak sentence and its transcript | none |
 | caption | caption | a synthetic sound (noise colours, hum, beeps, sweeps) and its caption | none |
 | text    | text    | bilingual (en/zh) instructions: translation, arithmetic, counting | `<3>` |
@@ -59,7 +59,7 @@ VIDEO_SIZE = 224
 VIDEO_FPS = 8
 CATEGORIES = ("image", "video", "spoken", "chatter", "asr", "caption", "text")
 SPLITS = ("train", "heldout")
-VERSION = 3  # bump when the content changes, so a cached curriculum is rebuilt
+VERSION = 4  # bump when the content changes, so a cached curriculum is rebuilt
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 160, 50), "yellow": (235, 200, 20),
            "black": (20, 20, 20), "purple": (130, 40, 170), "orange": (245, 130, 20), "pink": (240, 110, 180),
@@ -112,6 +112,14 @@ CHATTER = {
     "zh": ("你今天晚上回家吃饭吗", "我们明天去公园吧", "把门关上好吗", "你看见我的钥匙了吗", "今天的会议改到下午了",
            "孩子们去哪儿了", "我去超市买点东西", "这个菜有点咸"),
 }
+# English questions asked of someone else, in the chatter voices: training chatter only, beside CHATTER's training
+# phrases. The held-out English chatter the model took for questions were questions and requests to someone else
+# (`where did I put my glasses`, `honey did you feed the cat`); CHATTER's training quarter holds few such. Never held
+# out: the held-out chatter stays CHATTER's held-out quarter (docs/training.md, "Questions asked of someone else").
+ASIDE_QUESTIONS = ("did you call your mother back", "are you coming to the party tonight", "where are the car keys",
+                   "what time does the train leave tomorrow", "have you seen my phone anywhere",
+                   "who left the door open", "can you help me carry these bags", "is dinner ready yet",
+                   "how was school today", "which shirt should I wear to the wedding")
 SOUNDS = ("white noise", "pink noise", "brown noise", "a low hum", "a high beep", "a low beep", "two beeps",
           "three beeps", "a rising tone", "a falling tone")
 
@@ -157,6 +165,9 @@ class CurriculumSizes:
     # classified, and a held-out split large enough to measure").
     heldout: float = 0.5
     video_seconds: float = 1.0  # < 4 s is sampled at 4 frames per second: 1 s gives 4 frames
+    # Training chatter clips of ASIDE_QUESTIONS, appended to the chatter manifest and drawn from a random stream of
+    # their own, so that every other sample of both splits is what it was without them.
+    asides: int = 60
     follow_up_questions: bool = True  # training pictures and clips are asked every question they answer
     clip_positions: bool = True  # with follow-ups, training clips are asked where the shape starts and ends
 
@@ -168,7 +179,7 @@ class CurriculumSizes:
     @classmethod
     def test(cls) -> CurriculumSizes:
         """A few of each, for tests: builds in seconds."""
-        return cls(image=8, video=4, spoken=8, chatter=6, asr=4, caption=3, text=6, heldout=0.5)
+        return cls(image=8, video=4, spoken=8, chatter=6, asr=4, caption=3, text=6, heldout=0.5, asides=2)
 
     def count(self, category: str, split: str) -> int:
         n = getattr(self, category)
@@ -236,6 +247,9 @@ def _build(root: Path, seed: int, sizes: CurriculumSizes, tts: TTS, workers: int
         for category in CATEGORIES:
             jobs_by_manifest[f"{split}/{category}"] = [getattr(maker, category)(k)
                                                        for k in range(sizes.count(category, split))]
+        if split == "train":
+            aside_rng, chatter = random.Random(seed + 2), jobs_by_manifest["train/chatter"]
+            chatter += [maker.aside(k, aside_rng) for k in range(len(chatter), len(chatter) + sizes.asides)]
     renders = [r for jobs in jobs_by_manifest.values() for job in jobs for r in job.renders]
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for _ in pool.map(lambda r: r[0](*r[1]), renders):
@@ -444,10 +458,26 @@ class _Maker:
                               meta={"task": "speech", "category": "chatter", "language": language, "voice": voice,
                                     "text": text}), [speak])
         if self.rng.random() < 0.3:  # the monitor often has a picture in context: it must still stay silent
-            image = self._path("images", stem, "png")
-            job.sample.images = [image]
-            job.sample.conversation[0]["content"] = f"{IMAGE}\n{AUDIO}"
-            job.renders.append((_render_image, (image, self._image_spec())))
+            self._picture_in_context(job, stem, self._image_spec())
+        return job
+
+    def _picture_in_context(self, job: _Job, stem: str, spec: dict[str, Any]) -> None:
+        image = self._path("images", stem, "png")
+        job.sample.images = [image]
+        job.sample.conversation[0]["content"] = f"{IMAGE}\n{AUDIO}"
+        job.renders.append((_render_image, (image, spec)))
+
+    def aside(self, k: int, rng: random.Random) -> _Job:
+        """A chatter clip of an ASIDE_QUESTIONS question in an English chatter voice (noise in 40%), a picture in
+        context in 30%, as `chatter`; every draw from `rng`, none from the split's stream."""
+        text, voice = rng.choice(ASIDE_QUESTIONS), rng.choice(CHATTER_VOICES["en"])
+        path = self._path("audio", f"chatter-{k:05d}", "wav")
+        speak = (_render_speech, (self.tts, path, text, voice, rng.randrange(2**31), rng.random() < 0.4))
+        job = _Job(Sample("duplex", _turns(AUDIO, ""), audio=[path], state="<2>",
+                          meta={"task": "speech", "category": "chatter", "language": "en", "voice": voice,
+                                "text": text, "aside": True}), [speak])
+        if rng.random() < 0.3:
+            self._picture_in_context(job, f"chatter-{k:05d}", image_spec(rng))
         return job
 
     def asr(self, k: int) -> _Job:
