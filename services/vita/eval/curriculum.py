@@ -10,7 +10,9 @@
 
 Each exact-match metric is also broken down by `meta["task"]` (`image_qa/colour`, ...), and paired with
 `majority_baseline`: the score of always giving each task's most common reference answer, i.e. what a model that
-ignores the picture, clip or speech can reach.
+ignores the picture, clip or speech can reach. Rejection is broken down by what was heard (`nonquery_rejection/en`,
+`/zh`, ..., `/noise`), and `nonquery_accepted` counts the chatter taken for a question by phrase and voice
+(`{"honey did you feed the cat (en-m-low)": 7}`, most often first): what a change to the monitor's training moves.
 """
 
 from __future__ import annotations
@@ -71,9 +73,11 @@ def sample_item(sample: Sample, item_id: str) -> Item:
     query = Query(turns[-1]["content"], images=sample.images, video=sample.video, audio=sample.audio,
                   history=history, system=system,
                   max_new_tokens=ASR_TOKENS if sample.kind == "asr" else ANSWER_TOKENS)
-    return Item(item_id, query, sample.answer,
-                {"kind": sample.kind, "reference_state": sample.state, "task": sample.meta.get("task", ""),
-                 "metric": metric_of(sample)}, sample.origin or "")
+    info = {"kind": sample.kind, "reference_state": sample.state, "task": sample.meta.get("task", ""),
+            "metric": metric_of(sample)}
+    if info["metric"] == "nonquery_rejection":  # what was heard: the curriculum's chatter meta, when it has one
+        info.update({k: sample.meta[k] for k in ("language", "voice", "text", "noise") if k in sample.meta})
+    return Item(item_id, query, sample.answer, info, sample.origin or "")
 
 
 def metric_of(sample: Sample) -> str:
@@ -108,7 +112,9 @@ def score(items: Sequence[Item], answers: Sequence[Answer]) -> tuple[dict[str, A
         metrics[f"{metric}_n"] = len(members)
         if metric == "spoken_qa":
             metrics["query_acceptance"] = _share(answers[k].state == "<1>" for k in members)
-        if metric != "nonquery_rejection":
+        if metric == "nonquery_rejection":
+            metrics.update(_rejection_breakdown([items[k] for k in members], [correct[k] for k in members]))
+        else:
             by_task: dict[str, list[int]] = {}
             for k in members:
                 by_task.setdefault(items[k].info["task"] or "all", []).append(k)
@@ -116,6 +122,21 @@ def score(items: Sequence[Item], answers: Sequence[Answer]) -> tuple[dict[str, A
                 metrics[f"{metric}/{task}"] = _share(correct[k] for k in ks)
             metrics[f"{metric}_majority_baseline"] = _majority(items, by_task)
     return metrics, correct
+
+
+def _rejection_breakdown(items: Sequence[Item], rejected: Sequence[bool | None]) -> dict[str, Any]:
+    """`nonquery_rejection/<language or task>` and `nonquery_accepted` ({"phrase (voice)": clips}) of `<2>` items."""
+    by_source: dict[str, list[bool | None]] = {}
+    accepted: Counter[str] = Counter()
+    for item, ok in zip(items, rejected, strict=True):
+        info = item.info
+        by_source.setdefault(info.get("language") or info["task"] or "all", []).append(ok)
+        if not ok:
+            heard, how = info.get("text") or info["task"] or item.id, info.get("voice") or info.get("noise")
+            accepted[f"{heard} ({how})" if how else heard] += 1
+    out: dict[str, Any] = {f"nonquery_rejection/{source}": _share(v) for source, v in sorted(by_source.items())}
+    out["nonquery_accepted"] = dict(accepted.most_common())
+    return out
 
 
 def _share(values) -> float:
