@@ -359,10 +359,13 @@ class _Maker:
     def _video_spec(self) -> dict[str, Any]:
         return video_spec(self.rng)
 
-    def _speech(self, stem: str, text: str, voice: str, *, noise_p: float) -> tuple[str, tuple]:
+    def _speech(self, stem: str, text: str, voice: str, *, noise_p: float,
+                rng: random.Random | None = None) -> tuple[str, tuple]:
+        """The clip's path and its render job; its draws from `rng` (default: the split's stream)."""
+        rng = rng or self.rng
         path = self._path("audio", stem, "wav")
-        seed = self.rng.randrange(2**31)
-        noisy = self.rng.random() < noise_p
+        seed = rng.randrange(2**31)
+        noisy = rng.random() < noise_p
         return path, (_render_speech, (self.tts, path, text, voice, seed, noisy))
 
     # -- categories -----------------------------------------------------------------------------------------------
@@ -470,14 +473,13 @@ class _Maker:
     def aside(self, k: int, rng: random.Random) -> _Job:
         """A chatter clip of an ASIDE_QUESTIONS question in an English chatter voice (noise in 40%), a picture in
         context in 30%, as `chatter`; every draw from `rng`, none from the split's stream."""
-        text, voice = rng.choice(ASIDE_QUESTIONS), rng.choice(CHATTER_VOICES["en"])
-        path = self._path("audio", f"chatter-{k:05d}", "wav")
-        speak = (_render_speech, (self.tts, path, text, voice, rng.randrange(2**31), rng.random() < 0.4))
+        text, voice, stem = rng.choice(ASIDE_QUESTIONS), rng.choice(CHATTER_VOICES["en"]), f"chatter-{k:05d}"
+        path, speak = self._speech(stem, text, voice, noise_p=0.4, rng=rng)
         job = _Job(Sample("duplex", _turns(AUDIO, ""), audio=[path], state="<2>",
                           meta={"task": "speech", "category": "chatter", "language": "en", "voice": voice,
                                 "text": text, "aside": True}), [speak])
         if rng.random() < 0.3:
-            self._picture_in_context(job, f"chatter-{k:05d}", image_spec(rng))
+            self._picture_in_context(job, stem, image_spec(rng))
         return job
 
     def asr(self, k: int) -> _Job:
