@@ -700,9 +700,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "settings is reused.")
     p.add_argument("--clips", type=int_in(1, 10**7), default=2400,
                    help="utterances recorded once and drawn from (default: %(default)s)")
-    p.add_argument("--speaker-head", action="store_true",
+    p.add_argument("--speaker-head", action=argparse.BooleanOptionalAction, default=True,
                    help="a fourth head: whether the voice is one of the curriculum's query voices or another's, so "
-                        "the frames keep who speaks (docs/training.md, 'Who speaks'; not the recipe)")
+                        "the frames keep who speaks (docs/training.md, 'Who speaks'; default: on, the recipe; "
+                        "--no-speaker-head trains the three heads of the recipe before)")
     _stand_in_arguments(p, "audio", "clips", steps=700, batch_size=16, lr=2e-3, data_seed=2_000_003)
     p.set_defaults(func=_pretrain_audio)
 

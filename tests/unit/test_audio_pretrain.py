@@ -57,7 +57,7 @@ def test_pretraining_lowers_the_loss_writes_wenet_names_with_the_cmvn_and_is_reu
     summary = pretrain_audio_encoder(config, tmp_path / "enc", progress=False)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "enc" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 4 and losses[-1] < losses[0] - 1.0  # nats: the bag-of-words softmax starts near ln(186)
-    assert set(summary["heldout"]) == {"word_recall", "intent", "language"}
+    assert set(summary["heldout"]) == {"word_recall", "intent", "language", "speaker"}  # the recipe's four heads
     info = json.loads((tmp_path / "enc" / "config.json").read_text())
     assert info["audio"]["hidden_size"] == AUDIO.hidden_size and info["pretraining"]["key"] == config.key()
 
@@ -74,21 +74,21 @@ def test_pretraining_lowers_the_loss_writes_wenet_names_with_the_cmvn_and_is_reu
     assert (tmp_path / "enc" / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not retrained
 
 
-def test_the_speaker_head_labels_query_voices_apart_and_keeps_the_recipes_key(tmp_path) -> None:
-    """`speaker_head`: 0 for the curriculum's query voices, 1 for any other, noise ignored; off (the recipe) the
-    key is the one encoders trained before it carry, so they are reused; on, the probe scores the speaker."""
+def test_the_speaker_head_labels_query_voices_apart_and_off_keeps_the_key_of_encoders_before_it(tmp_path) -> None:
+    """`speaker_head` (the recipe): 0 for the curriculum's query voices, 1 for any other, noise ignored; off, the key
+    is the one encoders trained before the head carry, so they are reused, and the probe scores three heads."""
     from vita.training import curriculum as cur
     from vita.training.audio_pretrain import IGNORE, labels_for, vocabulary
 
     utterances = [("what colour is it", cur.QUERY_VOICES[0], "en"), ("what colour is it", "en-m-low", "en"),
                   ("ich habe keine Zeit", "de", "de"), ("", "", "none")]
     assert labels_for(utterances, vocabulary())["speaker"].tolist() == [0, 1, 1, IGNORE]
-    assert "speaker_head" not in AudioPretrainConfig().key()
-    assert AudioPretrainConfig(speaker_head=True).key()["speaker_head"] is True
+    assert AudioPretrainConfig().key()["speaker_head"] is True
+    assert "speaker_head" not in AudioPretrainConfig(speaker_head=False).key()
     config = AudioPretrainConfig(clips=32, steps=4, batch_size=8, probe_clips=12, log_every=2, threads=2,
-                                 speaker_head=True)
+                                 speaker_head=False)
     summary = pretrain_audio_encoder(config, tmp_path / "enc", progress=False)
-    assert set(summary["heldout"]) == {"word_recall", "intent", "language", "speaker"}
+    assert set(summary["heldout"]) == {"word_recall", "intent", "language"}
 
 
 def test_a_checkpoint_that_does_not_fit_is_named(tmp_path) -> None:
@@ -115,8 +115,8 @@ def test_the_cli_defaults_are_the_configs(command) -> None:
     for name in ("steps", "batch_size", "lr", "seed", "data_seed", "preset"):
         assert getattr(args, name) == getattr(config, name), name
     if command == "pretrain-audio":
-        assert args.speaker_head == config.speaker_head is False
-        assert parser.parse_args([command, "--output", "x", "--speaker-head"]).speaker_head
+        assert args.speaker_head == config.speaker_head is True
+        assert not parser.parse_args([command, "--output", "x", "--no-speaker-head"]).speaker_head
     assert getattr(args, "pictures" if command == "pretrain-vision" else "clips") == getattr(
         config, "pictures" if command == "pretrain-vision" else "clips")
     if command == "pretrain-vision":

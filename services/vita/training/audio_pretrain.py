@@ -93,12 +93,13 @@ class AudioPretrainConfig:
     threads: int | None = None
     log_every: int = 25
     # A fourth head: whether the voice is one of the curriculum's query voices (the person the assistant serves) or
-    # another's, so that the frames keep who speaks as well as what is said (docs/training.md, "Who speaks").
-    speaker_head: bool = False
+    # another's, so that the frames keep who speaks as well as what is said (docs/training.md, "Who speaks"; the
+    # recipe since curriculum version 4's aside questions: "Questions asked of someone else").
+    speaker_head: bool = True
 
     def key(self) -> dict[str, Any]:
-        """What decides the weights: an output directory holding the same key is reused as is (a setting at its
-        former default, `speaker_head` off, leaves the key as it was, so encoders trained before are reused)."""
+        """What decides the weights: an output directory holding the same key is reused as is (`speaker_head`
+        off leaves the key as encoders trained before the head carry, so `--no-speaker-head` reuses them)."""
         d = dataclasses.asdict(self)
         d.pop("threads"), d.pop("log_every")
         if not d["speaker_head"]:
