@@ -7,14 +7,17 @@ is not meant for it. The tiny stage 2 runs 20 steps, no pretrained tiny encoder 
 curriculum's questions and its chatter come in close English voices and only the words tell them apart
 (docs/training.md, "Staying silent"). This step gives the tiny encoder what ASR pretraining gives the real one,
 on recordings of its own: it speaks sentences with the curriculum's TTS and voices (`curriculum.speech_clip`: the
-same silences, gains and background noise) and trains the encoder with three heads on every output frame:
+same silences, gains and background noise) and trains the encoder with four heads on every output frame:
 
 - `words`: which words of the pretraining vocabulary the utterance holds (a softmax over the vocabulary against
   the bag of its words), the keyword-spotting view of ASR; each frame tells the whole utterance, as the vision
   stand-in's tokens tell the whole picture, so the LLM can read any of them;
 - `intent`: what an English sentence asks (a colour, a shape, a count, a word, a direction, a sum, a fact) or that
   it asks nothing (a statement), the spoken-language-understanding view;
-- `language`: English, German, French, Chinese, or no speech (noise).
+- `language`: English, German, French, Chinese, or no speech (noise);
+- `speaker`: whether the voice is one of the curriculum's query voices (the person the assistant serves) or another's,
+  so that the frames keep who speaks as well as what is said (`speaker_head`, the recipe since the curriculum's aside
+  questions; off, the three heads before: docs/training.md, "Who speaks").
 
 The sentences are the curriculum's question wordings (spoken questions share them between its splits), sums of
 its *training* pairs only, its facts, sentences from its ASR templates (some of which its held-out ASR split may
@@ -26,7 +29,8 @@ parameter names, which is what a stage's `init.audio_encoder` loads.
     vita pretrain-audio --preset tiny-112 --output .artifacts/train-tiny/audio-encoder
 
 Writes `model.safetensors`, `config.json` (its AudioConfig and these settings), `metrics.jsonl` (loss per logged
-step) and `probe.json` (held-out word recall, intent and language accuracy on recordings from another seed).
+step) and `probe.json` (held-out word recall, intent, language and speaker accuracy on recordings from another
+seed).
 """
 
 from __future__ import annotations
@@ -203,7 +207,7 @@ class UtteranceHeads(nn.Module):
         self.speaker = nn.Linear(audio.hidden_size, 2) if speaker else None
 
     def loss(self, frames: Tensor, lengths: Tensor, labels: dict[str, Tensor]) -> Tensor:
-        """frames (B, T, H): the sum of the three heads' frame-wise cross-entropies against each clip's labels.
+        """frames (B, T, H): the sum of the heads' frame-wise cross-entropies against each clip's labels.
 
         The words head is trained as a softmax over the vocabulary against the clip's words, each with an equal
         share (a bag-of-words target, as tag pretraining does); a binary cross-entropy per word, tried first,
@@ -227,7 +231,7 @@ class UtteranceHeads(nn.Module):
     @torch.no_grad()
     def scores(self, frames: Tensor, lengths: Tensor, labels: dict[str, Tensor]) -> dict[str, float]:
         """From the frames' mean logits: word recall at the clip's word count (the top-k words are its k words),
-        intent and language accuracy."""
+        intent and language accuracy (and the speaker's, with that head)."""
         keep = length_mask(lengths, frames.shape[1])[..., None]
         mean = (frames * keep).sum(1) / lengths[:, None]  # (B, H); the heads are linear: mean logits
         truth = labels["words"] > 0.5
