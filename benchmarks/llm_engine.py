@@ -9,10 +9,15 @@ token. Target: ITL p99 during the prefill <= 3x the steady median.
 
 judge-prefix: the monitor's judge prompt at turn k of a conversation: a system prompt, k - 1 exchanges (user
 speech as audio embedding rows, user text, the bot's answer as ids), the new speech, the bot tag; one greedy token.
-Its prefix is the previous judgement's prompt, so with prefix caching only the new turn is computed. Reported:
-judge latency per turn (submit -> token, through TorchBackend, median over `--repeats` conversations) with prefix
-caching off and on; the ratio divides turn 20 by the first turn of a fresh conversation judged right after it.
-Target: turn 20 <= 1.2x turn 1 with caching on.
+Its prefix is the previous judgement's prompt, so with prefix caching only the new turn is computed: the last
+answer and the new speech. With the history prefilled (the orchestrator's `--prefill-monitor-history`: after each
+answer the monitor pool computes the history into its prefix cache, before the user speaks again), only the new
+speech. The speech rows are named by their blob's digest, as the llm worker names the rows it reads from the bus, so
+the prefix cache hashes that identity, not the rows; "rows hashed" is the same with the rows hashed, as before the
+digest. Reported: judge latency per turn (submit -> token, through TorchBackend, median over `--repeats`
+conversations; a prefill is not timed) with prefix caching off, on, and on with the history prefilled; the ratio
+divides turn 20 by the first turn of a fresh conversation judged right after it. Target: turn 20 <= 1.2x turn 1
+with caching on.
 
 Tiny preset LLM with seeded random weights and a context of `--context` tokens (long enough for the long prompt).
 Figures are appended to BENCHMARKS.md with the exact command.
@@ -39,9 +44,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llm_decode import write_report  # a sibling script
 
+from vita.bus.codec import tensor_to_blob
+from vita.bus.embeddings import blob_digest
+from vita.llm.__main__ import engine_config as service_engine_config
+from vita.llm.__main__ import parse_args as service_args
 from vita.llm.backends.base import BackendRequest, PromptInput
 from vita.llm.backends.torch.backend import TorchBackend
 from vita.llm.backends.torch.engine import EngineConfig, EngineLoop, EngineRequest, LLMEngine
+from vita.llm.worker import slot_identity
 from vita.model.config import VitaConfig
 from vita.model.generation import SamplingParams
 from vita.model.llm import MoECausalLM
@@ -137,36 +147,51 @@ def prefill_stall(model: MoECausalLM, config: EngineConfig, args: argparse.Names
 @dataclass
 class Conversation:
     system: torch.Tensor
-    turns: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (speech rows (A, H), user ids, answer ids)
+    # (speech rows (A, H), user ids, answer ids, the speech blob's digest as an encoder writes it)
+    turns: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bytes]]
     bot_tag: torch.Tensor
 
 
 def conversation(model: MoECausalLM, args: argparse.Namespace, seed: int) -> Conversation:
-    gen = torch.Generator().manual_seed(seed)
+    """Turns drawn from `seed`; the system prompt and the bot tag from `--seed`, the same in every conversation, as
+    every session of a kind shares the default system prompt in serving (so a first turn finds it cached)."""
     vocab, hidden = model.config.vocab_size, model.config.hidden_size
-    turns = [(torch.randn(args.speech_tokens, hidden, generator=gen) * 0.02, ids(gen, 6, vocab),
-              ids(gen, args.answer_tokens, vocab)) for _ in range(args.turns)]
-    return Conversation(ids(gen, args.system_tokens, vocab), turns, ids(gen, 3, vocab))
+    shared = torch.Generator().manual_seed(args.seed)
+    system, bot_tag = ids(shared, args.system_tokens, vocab), ids(shared, 3, vocab)
+    gen = torch.Generator().manual_seed(seed)
+    turns = []
+    for _ in range(args.turns):
+        speech = torch.randn(args.speech_tokens, hidden, generator=gen) * 0.02
+        turns.append((speech, ids(gen, 6, vocab), ids(gen, args.answer_tokens, vocab),
+                      blob_digest(tensor_to_blob(speech))))
+    return Conversation(system, turns, bot_tag)
 
 
-def judge_prompt(conv: Conversation, turn: int) -> PromptInput:
-    """Turn k (1-based): the system prompt, k - 1 full exchanges, the k-th speech, the bot tag; speech as slots."""
-    parts, slots, rows, n = [conv.system], [], [], conv.system.numel()
+def judge_prompt(conv: Conversation, turn: int, *, history_only: bool = False, hash_rows: bool = False) -> PromptInput:
+    """Turn k (1-based): the system prompt, k - 1 full exchanges, the k-th speech, the bot tag; speech as slots,
+    named by their blob's digest as the llm worker names them (`slot_identity`), unless `hash_rows` (the engine then
+    hashes the rows). `history_only`: the system prompt and the k - 1 exchanges, what the orchestrator has the
+    monitor prefill after an answer (`--prefill-monitor-history`, `judge_prefix_prompt`); k >= 2."""
+    parts, slots, rows, identity, n = [conv.system], [], [], [], conv.system.numel()
     placeholder = torch.tensor([2])
-    for i in range(turn):
-        speech, user, answer = conv.turns[i]
+    for i in range(turn - 1 if history_only else turn):
+        speech, user, answer, digest = conv.turns[i]
         slots.append(torch.arange(n, n + speech.shape[0]))
         rows.append(speech)
+        identity.append(slot_identity(digest, speech.shape[0]))
         parts.append(placeholder.expand(speech.shape[0]))
         n += speech.shape[0]
         tail = [user, answer] if i < turn - 1 else [conv.bot_tag]
         parts += tail
         n += sum(t.numel() for t in tail)
-    return PromptInput(torch.cat(parts), torch.cat(slots), torch.cat(rows))
+    return PromptInput(torch.cat(parts), torch.cat(slots), torch.cat(rows), None if hash_rows else torch.cat(identity))
 
 
-def judge_latencies(model: MoECausalLM, config: EngineConfig, args: argparse.Namespace) -> dict[int, list[float]]:
-    """Seconds from submit to the judgement token, per turn, over `--repeats` conversations judged in turn order."""
+def judge_latencies(model: MoECausalLM, config: EngineConfig, args: argparse.Namespace, *,
+                    prefill_history: bool = False, hash_rows: bool = False) -> dict[int, list[float]]:
+    """Seconds from submit to the judgement token, per turn, over `--repeats` conversations judged in turn order.
+    `prefill_history`: before each turn after the first, the history is prefilled (not timed), as the orchestrator
+    has the monitor pool do while the user has not spoken yet."""
 
     async def run() -> dict[int, list[float]]:
         backend = TorchBackend(model, max_batch_size=2, max_seq_len=args.context, engine_config=config)
@@ -183,13 +208,16 @@ def judge_latencies(model: MoECausalLM, config: EngineConfig, args: argparse.Nam
             for c in range(args.repeats + 1):  # conversation 0 warms up and is not counted
                 conv = conversation(model, args, args.seed + 100 + c)
                 for turn in range(1, args.turns + 1):
-                    elapsed = await judge(f"c{c}t{turn}", judge_prompt(conv, turn))
+                    if prefill_history and turn > 1:
+                        await judge(f"c{c}t{turn}prefill", judge_prompt(conv, turn, history_only=True,
+                                                                         hash_rows=hash_rows))
+                    elapsed = await judge(f"c{c}t{turn}", judge_prompt(conv, turn, hash_rows=hash_rows))
                     if c > 0:
                         out.setdefault(turn, []).append(elapsed)
                 # A fresh conversation's first turn right after the last turn: the pair the ratio is taken from,
                 # measured seconds apart so that the load of a shared machine weighs on both alike.
                 fresh = conversation(model, args, args.seed + 1000 + c)
-                elapsed = await judge(f"c{c}fresh", judge_prompt(fresh, 1))
+                elapsed = await judge(f"c{c}fresh", judge_prompt(fresh, 1, hash_rows=hash_rows))
                 if c > 0:
                     out.setdefault(0, []).append(elapsed)
         finally:
@@ -248,7 +276,10 @@ def judge_markdown(results: dict[str, dict[int, list[float]]], args: argparse.Na
     lines = [
         f"Judge prompts of one conversation per repeat: system {args.system_tokens} tokens, per exchange "
         f"{args.speech_tokens} speech embedding rows + 6 user tokens + {args.answer_tokens} answer tokens; one "
-        f"greedy token per judgement through TorchBackend; median of {args.repeats} conversations after one warm-up.",
+        f"greedy token per judgement through TorchBackend; median of {args.repeats} conversations after one warm-up; "
+        + ("the llm service's monitor engine settings (chunked prefill on, max_num_batched_tokens "
+           f"{service_engine_config(service_args(['--role', 'monitor'])).max_num_batched_tokens})."
+           if args.monitor_engine else "no chunked prefill."),
         "",
         "| turn | prompt tokens | " + " | ".join(f"{n} ms" for n in names) + " |",
         "|---:|---:|" + "---:|" * len(names),
@@ -278,6 +309,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--system-tokens", type=int, default=48)
     p.add_argument("--speech-tokens", type=int, default=40, help="judge-prefix: audio rows per user turn")
     p.add_argument("--answer-tokens", type=int, default=40)
+    p.add_argument("--monitor-engine", action="store_true",
+                   help="judge-prefix: the llm service's monitor engine settings (chunked prefill with its "
+                        "--max-num-batched-tokens) in every column, prefix caching as the column says; default: "
+                        "prefix caching alone, no chunking")
     p.add_argument("--repeats", type=int, default=3, help="long prompts (prefill-stall), conversations (judge-prefix)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--seed", type=int, default=0)
@@ -312,10 +347,16 @@ def main(argv: list[str] | None = None) -> int:
         conv = conversation(model, args, 0)
         lens = {t: judge_prompt(conv, t).input_ids.numel() for t in range(1, args.turns + 1)}
         judged = {}
-        for name, config in (("prefix caching off", EngineConfig()),
-                             ("prefix caching on", EngineConfig(enable_prefix_caching=True))):
+        caching = EngineConfig(enable_prefix_caching=True)
+        if args.monitor_engine:  # the llm service's monitor settings: chunked prefill on, with its token budget
+            caching = service_engine_config(service_args(["--role", "monitor"]))
+        for name, config, prefill, hash_rows in (
+                ("prefix caching off", replace(caching, enable_prefix_caching=False), False, False),
+                ("prefix caching on", caching, False, False),
+                ("prefix caching on, history prefilled, rows hashed", caching, True, True),
+                ("prefix caching on, history prefilled", caching, True, False)):
             print(f"judge-prefix: {name}", file=sys.stderr)
-            judged[name] = judge_latencies(model, config, args)
+            judged[name] = judge_latencies(model, config, args, prefill_history=prefill, hash_rows=hash_rows)
         lines += [*judge_markdown(judged, args, lens), ""]
     write_report("\n".join(lines), args.output, args.no_write)
     return 0

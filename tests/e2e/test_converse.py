@@ -9,9 +9,13 @@ import uuid
 
 import numpy as np
 import pytest
-from converse_helpers import fast, scrape, stored
+from converse_helpers import fast, scrape, stored, wait_until
 
 from vita.client import ConverseSession, VitaClient, image_event, session_config, speech_events, text_event
+from vita.llm.backends.torch.engine import EngineConfig
+from vita.model.vita import read_model_config
+from vita.orchestrator.prompts import judge_prefix_prompt
+from vita.processing.tokenizer import VitaTokenizer
 from vita.v1.assistant_pb2 import AudioChunk, ClientEvent, UtteranceJudged
 from vita.v1.media_pb2 import Image, TimestampedFrame
 from vita.v1.session_pb2 import SessionTurn
@@ -100,6 +104,38 @@ def test_interruption_stops_the_generator_and_keeps_the_partial_answer(client, r
     monitor_tokens = scrape(stack.service("llm-monitor").metrics_port, "vita:generation_tokens_total",
                             pool="llm:monitor")
     assert monitor_tokens >= turns[3].tokens
+
+
+def test_after_an_answer_the_monitor_judges_the_next_speech_with_the_history_from_its_prefix_cache(
+        client, redis, stack, query_clip, other_clip, duplex_model_dir):
+    orchestrator, monitor = stack.service("orchestrator").metrics_port, stack.service("llm-monitor").metrics_port
+
+    def prefills() -> float:
+        return scrape(orchestrator, "vita:history_prefills_total", outcome="done")
+
+    def hits() -> float:
+        return scrape(monitor, "vita:prefix_cache_hits_total", pool="llm:monitor")
+
+    config = session_config(max_tokens=40, ignore_eos=True, early_judge_ms=-1)  # one judgement per utterance
+    config.config.preemptive_generation = False
+    done = prefills()
+    with ConverseSession(client, config) as s:
+        s.send(*fast(query_clip))
+        first = s.wait("judged")
+        s.wait("completed", turn_id=first.turn_id)
+        wait_until(lambda: prefills() > done, "the history prefill")
+        turns = stored(redis, stack, s.session_id).turns
+        before = hits()
+        s.send(*fast(other_clip))
+        s.wait("judged")
+        s.close()
+    # The judgement of the second utterance found the whole history, the 40-token answer included, in the monitor's
+    # prefix cache (its full blocks): only the monitor's first judgement had seen the session, and without the prefill
+    # its prompt's blocks end before the answer starts.
+    prefix = judge_prefix_prompt(VitaTokenizer.from_file(duplex_model_dir), turns, system=None,
+                                 context_len=read_model_config(duplex_model_dir).llm.max_position_embeddings)
+    block = EngineConfig().block_size
+    wait_until(lambda: hits() - before >= len(prefix.input_ids) // block * block, "the history's blocks hit")
 
 
 def test_orchestrator_restart_and_a_second_replica_continue_the_session(client, redis, stack):

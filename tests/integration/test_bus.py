@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 
 from vita.bus.cancel import CancelWatcher, cancel
 from vita.bus.codec import MalformedEntry, tensor_to_blob
-from vita.bus.embeddings import EmbeddingMissing, read_embeddings, write_embedding
+from vita.bus.embeddings import EmbeddingMissing, blob_digest, read_embeddings, write_embedding
 from vita.bus.lease import LeaseKeeper, grace_s, stop_bound_s
 from vita.bus.queue import Backpressure, Consumer, PoolLag, lag, submit
 from vita.bus.replies import Reply, ReplyTimeout, events, publish_event
@@ -307,6 +307,12 @@ def test_embedding_blob_is_written_once_and_read_back_bit_exact(config: BusConfi
         assert [k async for k in redis.scan_iter(match=f"{config.prefix}:*")] == [ref.key.encode()]
         assert 0 < await redis.pttl(ref.key) <= config.embedding_ttl_s * 1000
         assert (list(ref.shape), list(ref.item_tokens)) == ([7, 16], [3, 4])
+        # The digest is the blob's, once: the same rows written again have it, other rows another.
+        assert ref.digest == blob_digest(TensorBlob.FromString(await redis.get(ref.key))) and len(ref.digest) == 16
+        again = await write_embedding(redis, config, "job-emb-again", embedding.clone(), item_tokens=[7])
+        other = await write_embedding(redis, config, "job-emb-other", embedding + 1, item_tokens=[7])
+        assert again.digest == ref.digest and other.digest != ref.digest
+        await redis.delete(again.key, other.key)
 
         raw = TensorBlob.FromString(await redis.get(ref.key)).data  # the wire format: little-endian bits
         wire = np.dtype("<f4") if dtype == torch.float32 else np.dtype("<u2")

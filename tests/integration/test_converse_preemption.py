@@ -1,4 +1,5 @@
-"""Preemptive generation in the Converse state machine (orchestrator/converse.py, preemptive.py): the decisions.
+"""Preemptive generation and the history prefill in the Converse state machine (orchestrator/converse.py,
+preemptive.py): the decisions.
 
 The real `ConverseCall` on the real session store (Redis, a private prefix) and the real tokenizer; the pools are a
 fake that answers at once and records what it was asked, and the VAD's events are given to the call directly, so
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from redis.asyncio import Redis
 
+from vita.bus.replies import ReplyTimeout
 from vita.bus.streams import BusConfig
 from vita.model.vita import read_model_config
 from vita.orchestrator.config import OrchestratorConfig
@@ -25,6 +27,7 @@ from vita.processing.tokenizer import VitaTokenizer
 from vita.processing.vad import SpeechEvent
 from vita.telemetry.metrics import Metrics
 from vita.v1.assistant_pb2 import (
+    AudioChunk,
     ClientEvent,
     Completed,
     EndOfInput,
@@ -48,6 +51,9 @@ class FakePools:
         self.tokenizer, self.context_len, self.changed = tokenizer, context_len, changed
         self.verdict = "<1>"
         self.judged = 0
+        self.judge_prompts: list = []  # (role, Prompt) per judgement
+        self.prefilled: list = []  # (role, Prompt) per history prefill
+        self.prefill_error: Exception | None = None
         self.generated: list[str] = []  # request ids, in order
         self.cancelled: list[str] = []
         self._streams: dict[str, asyncio.Queue] = {}
@@ -63,8 +69,15 @@ class FakePools:
 
     async def judge(self, request_id, role, prompt):
         self.judged += 1
+        self.judge_prompts.append((role, prompt))
         self.changed.set()
         return self.tokenizer.state_ids[self.verdict]
+
+    async def prefill(self, request_id, role, prompt):
+        self.prefilled.append((role, prompt))
+        self.changed.set()
+        if self.prefill_error is not None:
+            raise self.prefill_error
 
     async def generate(self, request_id, role, prompt, sampling, *, deadline_ms=0):
         n = len(self.generated) + 1
@@ -370,3 +383,77 @@ def test_discard_reason_names_what_changed():
     assert discard_reason(Preemption(3, SPEECH, 0.0, 1.0), segment=3, state=state) == "not ready"
     p.resumed = True
     assert discard_reason(p, segment=3, state=state) == "speech resumed"
+
+
+# --- history prefill: the monitor pool gets each answered history before the next speech is judged ----------------
+
+SILENCE_CHUNK = ClientEvent(audio=AudioChunk(pcm16=bytes(3200)))  # 100 ms of silence: the call has heard audio
+
+
+def _prefilled(c: Call, registry_outcome: str) -> float:
+    return c.call.metrics.registry.get_sample_value("vita:history_prefills_total", {"outcome": registry_outcome}) or 0
+
+
+async def _answer_then_judge_again(c: Call) -> None:
+    """A spoken query answered, then more speech judged; waits until both judgements and the prefill are in."""
+    c.vad("started")
+    c.vad("ended")
+    await c.until(lambda: c.of("completed"), "the answer")
+    await c.until(lambda: c.pools.prefilled or not c.call.config.prefill_monitor_history, "the history prefill")
+    c.pools.verdict = "<2>"
+    c.vad("started", segment=1)
+    c.vad("ended", segment=1, end_s=2.0)
+    await c.until(lambda: c.pools.judged == 2, "the second judgement")
+
+
+def test_after_an_answer_the_monitor_pool_prefills_the_history_the_next_judgement_starts_with(run):
+    async def scenario(c: Call):
+        c.send(SILENCE_CHUNK)
+        await _answer_then_judge_again(c)
+        await c.end()
+        return c, await c.stored()
+
+    c, state = run(scenario, OrchestratorConfig(preemptive_generation=False))
+    [(role, prefix)] = c.pools.prefilled
+    (_, first), (next_role, judged) = c.pools.judge_prompts
+    assert role == next_role == GenerationJob.MONITOR  # the pool that judges the next speech, not the generator
+    # The whole history, answer included, and it is where the next judgement's prompt starts.
+    assert len(prefix.input_ids) > len(first.input_ids)
+    assert judged.input_ids[: len(prefix.input_ids)] == prefix.input_ids
+    assert list(judged.placements[: len(prefix.placements)]) == list(prefix.placements)
+    assert c.pools.tokenizer.decode(prefix.input_ids).endswith("answer 1")
+    assert _turns(state) == [(USER, ""), (BOT, "answer 1")]
+    assert _prefilled(c, "done") == 1
+
+
+@pytest.mark.parametrize("case", ["switched off", "text only"])
+def test_no_history_prefill_when_switched_off_or_when_the_call_never_sent_audio(run, case):
+    async def scenario(c: Call):
+        if case == "text only":
+            c.send(ClientEvent(text=TextMessage(text="hello")))
+            await c.until(lambda: c.of("completed"), "the answer")
+            c.send(ClientEvent(text=TextMessage(text="and again")))
+            await c.until(lambda: len(c.of("completed")) == 2, "the second answer")
+        else:
+            c.send(SILENCE_CHUNK)
+            await _answer_then_judge_again(c)
+        await c.end()
+        return c
+
+    c = run(scenario, OrchestratorConfig(preemptive_generation=False, prefill_monitor_history=case != "switched off"))
+    assert c.pools.prefilled == [] and _prefilled(c, "done") == 0
+
+
+def test_a_failed_history_prefill_is_counted_and_the_session_goes_on(run):
+    async def scenario(c: Call):
+        c.pools.prefill_error = ReplyTimeout("the llm:monitor pool did not answer")
+        c.send(SILENCE_CHUNK)
+        await _answer_then_judge_again(c)
+        await c.until(lambda: _prefilled(c, "failed") == 1, "the failure counted")
+        await c.end()
+        return c
+
+    c = run(scenario, OrchestratorConfig(preemptive_generation=False))
+    assert len(c.pools.prefilled) == 1 and _prefilled(c, "done") == 0
+    assert c.of("error") == []  # nothing reaches the client: the judgement computed the history itself
+    assert [e.judged.outcome for e in c.of("judged")] == [UtteranceJudged.QUERY, UtteranceJudged.IGNORED]

@@ -19,7 +19,7 @@ from vita.bus.streams import ROLE_POOLS, BusConfig, Pool
 from vita.errors import CheckpointError
 from vita.llm.__main__ import engine_config, load_backend, parse_args
 from vita.llm.backends.torch.backend import TorchBackend
-from vita.llm.worker import LLMWorker, WorkerConfig
+from vita.llm.worker import LLMWorker, WorkerConfig, prompt_from_job
 from vita.model.audio import AudioTower
 from vita.model.checkpoint import INDEX_FILE
 from vita.model.generation import SamplingParams, stream_generate
@@ -28,7 +28,7 @@ from vita.model.vita import VitaForCausalLM
 from vita.processing.tokenizer import VitaTokenizer
 from vita.telemetry.metrics import Metrics
 from vita.v1.assistant_pb2 import Completed
-from vita.v1.bus_pb2 import EmbeddingPlacement, GenerationJob, JobError
+from vita.v1.bus_pb2 import EmbeddingPlacement, EmbeddingRef, GenerationJob, JobError
 from vita.v1.media_pb2 import SamplingParams as SamplingProto
 
 TOWERS = ("vision_tower.", "audio_tower.")
@@ -115,6 +115,23 @@ def test_concurrent_jobs_with_embeddings_match_in_process(model_and_tokenizer, s
     embeds = model.get_input_embeddings()(mm_ids).detach().clone()
     embeds[torch.tensor([2, 3, 4, 7, 8])] = table
     assert tokens_of(results[3]) == list(stream_generate(model, inputs_embeds=embeds, params=params))
+
+
+def test_a_job_s_prompt_names_each_encoder_row_by_its_blob_digest_and_row():
+    digest = bytes(range(16))
+    refs = [EmbeddingRef(key="a", shape=[3, 4], digest=digest), EmbeddingRef(key="b", shape=[2, 4], digest=digest[::-1])]
+    placements = [EmbeddingPlacement(embedding=refs[0], spans=[EmbeddingPlacement.Span(start=5, length=3)]),
+                  EmbeddingPlacement(embedding=refs[1], spans=[EmbeddingPlacement.Span(start=1, length=2)])]
+    generation = GenerationJob(request_id="r", prompt_token_ids=list(range(3, 12)), embeddings=placements)
+    prompt = prompt_from_job(generation, [torch.zeros(3, 4), torch.ones(2, 4)])
+    assert prompt.slot_positions.tolist() == [1, 2, 5, 6, 7]  # prompt order: blob b's rows come first
+    high, low = (int.from_bytes(digest[i:i + 8], "little", signed=True) for i in (0, 8))
+    high_b, low_b = (int.from_bytes(digest[::-1][i:i + 8], "little", signed=True) for i in (0, 8))
+    assert prompt.slot_identity.tolist() == [[high_b, low_b, 0], [high_b, low_b, 1],
+                                             [high, low, 0], [high, low, 1], [high, low, 2]]
+    # A reference without a digest (a writer before it existed): no identity, the engine hashes the rows.
+    generation.embeddings[1].embedding.ClearField("digest")
+    assert prompt_from_job(generation, [torch.zeros(3, 4), torch.ones(2, 4)]).slot_identity is None
 
 
 def test_monitor_pool_is_separate(model_and_tokenizer):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vita.errors import ContextLengthError, InvalidInputError
+from vita.llm.backends.base import PromptInput
 from vita.llm.backends.torch.engine import EngineConfig, EngineRequest, LLMEngine
 from vita.model.config import LLMConfig
 from vita.model.generation import SamplingParams, stream_generate
@@ -275,6 +276,38 @@ def test_prefix_cache_never_shares_blocks_of_different_images(model):
     # blocks of its 48-token prompt (the last one is recomputed for its logits: 47 // 8 = 5 blocks).
     assert stats.hits == (2 + 5) * 8
     assert got["cat"] == got["cat-again"]
+
+
+def test_prefix_cache_keys_encoder_rows_by_their_item_digest_and_caches_the_answer_after_them(model):
+    """Prompts from the bus carry each encoder row's identity (`PromptInput.slot_identity`: its item's digest and row),
+    which the cache hashes instead of the rows: the same blocks are shared as when hashing rows, and a next turn (the
+    prompt, the answer fed back, a new user turn) finds the answer's blocks too."""
+    ids = torch.cat((prompt(90, 16), torch.full((24,), 2), prompt(91, 8)))
+    where = torch.arange(16, 40)
+
+    def image(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.randn(24, 64, generator=torch.Generator().manual_seed(seed))
+        identity = torch.stack((torch.full((24,), seed), torch.full((24,), -seed), torch.arange(24)), dim=1)
+        return rows, identity
+
+    params = SamplingParams(max_new_tokens=12, stop_token_ids=(), ignore_eos=True)
+    engine = LLMEngine(model, max_batch_size=1, config=EngineConfig(enable_prefix_caching=True, block_size=8))
+
+    def ask(rid: str, input_ids: torch.Tensor, seed: int) -> list[int]:
+        rows, identity = image(seed)
+        request = EngineRequest.from_prompt(model, rid, PromptInput(input_ids, where, rows, identity), params)
+        assert request.identity.shape == (input_ids.numel(), 4) and LLMEngine._identity(request) is request.identity
+        got = run(engine, {0: [request]})[rid]
+        assert got == list(stream_generate(model, inputs_embeds=request.inputs_embeds, params=params)), rid
+        return got
+
+    cat = ask("cat", ids, 1)
+    ask("dog", ids, 2)
+    assert engine.prefix_cache_stats.hits == 2 * 8  # the text blocks before the image, not the cat's image blocks
+    hits = engine.prefix_cache_stats.hits
+    ask("cat, next turn", torch.cat((ids, torch.tensor(cat), prompt(92, 10))), 1)
+    # 48 prompt tokens and the 11 answer tokens fed back were in the row: 7 full blocks, the answer's included.
+    assert engine.prefix_cache_stats.hits - hits == 7 * 8
 
 
 # --- CUDA graphs (run eagerly here: the padded, bucketed static step the graphs capture) --------------------------

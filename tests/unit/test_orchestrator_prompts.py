@@ -10,6 +10,7 @@ from vita.orchestrator.prompts import (
     alternating,
     answer_prompt,
     history_prompt,
+    judge_prefix_prompt,
     judge_prompt,
     media_prompt,
     message,
@@ -155,6 +156,31 @@ def test_judge_prompt_shows_the_monitor_the_answer_as_it_stands_then_the_new_spe
     idle = judge_prompt(tok, history[:1], speech, answering=None, system=None, context_len=context_len)
     assert text_of(tok, idle.input_ids).count("user:") == 1  # two user turns in a row are one
     assert [k for k, _ in placed(idle)] == ["q", "new"]
+
+
+@pytest.mark.parametrize("system", [None, "You are a helpful robot."])
+@pytest.mark.parametrize("history", ["spoken", "an image shown", "interrupted"])
+def test_judge_prefix_prompt_is_where_every_later_judgement_starts(tok, context_len, system, history):
+    turns = [SessionTurn(role=USER, media=[media("audio", ref("q1", 5))]),
+             SessionTurn(role=BOT, content="It is a red square.")]
+    if history == "an image shown":  # the media set the system prompt: the prefix must pick the judgement's
+        turns[0].media.insert(0, media("image", ref("img", 16)))
+    elif history == "interrupted":
+        turns += [SessionTurn(role=USER, content="stop"), SessionTurn(role=BOT, content="Sure", interrupted=True)]
+    prefix = judge_prefix_prompt(tok, turns, system=system, context_len=context_len)
+    assert text_of(tok, prefix.input_ids).endswith("</s>")  # the history's end, no bot tag
+
+    idle = judge_prompt(tok, turns, ref("next", 6), answering=None, system=system, context_len=context_len)
+    later = [*turns, SessionTurn(role=USER, content="more"), SessionTurn(role=BOT, content="Yes")]
+    answering = judge_prompt(tok, later, ref("next", 6), answering="and th", system=system, context_len=context_len)
+    for judged in (idle, answering):
+        n = len(prefix.input_ids)
+        assert judged.input_ids[:n] == prefix.input_ids and len(judged.input_ids) > n
+        assert placed(judged)[:len(prefix.placements)] == placed(prefix)
+    # After a user turn the next speech joins that turn: no prefix of the judgement ends there.
+    with pytest.raises(ValueError, match="ends with an answer"):
+        judge_prefix_prompt(tok, [*turns, SessionTurn(role=USER, content="hm")], system=system,
+                            context_len=context_len)
 
 
 @pytest.mark.parametrize(("state", "audio"), [(StateToken.TEXT, False), (StateToken.QUERY_AUDIO, True)])

@@ -6,6 +6,7 @@ Blobs are not deleted after reading: a redelivered generation job must find them
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -35,7 +36,15 @@ async def write_embedding(
     key = config.embedding(blob_id)
     blob = tensor_to_blob(embedding)
     await redis.set(key, blob.SerializeToString(), px=milliseconds(config.embedding_ttl_s))
-    return EmbeddingRef(key=key, dtype=blob.dtype, shape=blob.shape, item_tokens=item_tokens)
+    return EmbeddingRef(key=key, dtype=blob.dtype, shape=blob.shape, item_tokens=item_tokens,
+                        digest=blob_digest(blob))
+
+
+def blob_digest(blob: TensorBlob) -> bytes:
+    """`EmbeddingRef.digest`: 16 bytes of SHA-256 over the dtype, shape and data, so equal digests mean equal rows."""
+    h = hashlib.sha256(f"{blob.dtype}/{list(blob.shape)}/".encode())
+    h.update(blob.data)
+    return h.digest()[:16]
 
 
 async def read_embeddings(redis: Redis, refs: Sequence[EmbeddingRef]) -> list[torch.Tensor]:

@@ -58,7 +58,7 @@ def prompt_from_job(job: GenerationJob, embeddings: list[torch.Tensor]) -> Promp
         raise InvalidInputError("the generation job has a negative token id")
     if len(job.embeddings) != len(embeddings):
         raise InvalidInputError(f"the job places {len(job.embeddings)} embeddings; {len(embeddings)} were read")
-    positions, rows = [], []
+    positions, rows, identity = [], [], []
     for placement, blob in zip(job.embeddings, embeddings, strict=True):
         if any(s.start < 0 or s.length < 0 for s in placement.spans):
             raise InvalidInputError(f"embedding {placement.embedding.key} has a span with a negative start or length")
@@ -69,10 +69,23 @@ def prompt_from_job(job: GenerationJob, embeddings: list[torch.Tensor]) -> Promp
                                     f"cover {where.numel()} positions of a {ids.numel()}-token prompt")
         positions.append(where)
         rows.append(blob)
+        identity.append(slot_identity(placement.embedding.digest, blob.shape[0]))
     if not rows:
         return PromptInput(ids)
     order = torch.cat(positions).argsort()
-    return PromptInput(ids, torch.cat(positions)[order], torch.cat(rows)[order])
+    known = None if any(i is None for i in identity) else torch.cat(identity)[order]
+    return PromptInput(ids, torch.cat(positions)[order], torch.cat(rows)[order], known)
+
+
+def slot_identity(digest: bytes, rows: int) -> torch.Tensor | None:
+    """`PromptInput.slot_identity` of one blob's rows: (rows, 3) int64, the 16-byte digest as two int64 and the row
+    index; None when the reference carries no digest (the engine then hashes the rows)."""
+    if len(digest) != 16:
+        return None
+    high, low = (int.from_bytes(digest[i:i + 8], "little", signed=True) for i in (0, 8))
+    out = torch.empty(rows, 3, dtype=torch.long)
+    out[:, 0], out[:, 1], out[:, 2] = high, low, torch.arange(rows)
+    return out
 
 
 def sampling_from_job(job: GenerationJob) -> SamplingParams:

@@ -40,6 +40,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--preemptive-generation", action=argparse.BooleanOptionalAction, default=True,
                    help="Converse: start the answer when the speech pauses, release it when the turn ends "
                         "(sessions may set their own)")
+    p.add_argument("--prefill-monitor-history", action=argparse.BooleanOptionalAction, default=True,
+                   help="Converse: after each answer, have the monitor pool prefill the session's history into its "
+                        "prefix cache, so that judging the next speech computes only the speech (needs the llm "
+                        "workers' --enable-prefix-caching)")
     p.add_argument("--barge-in-max-ms", type=int, default=vad.barge_in_max_ms,
                    help="Converse: speech up to this long during an answer stops it even when not judged a query "
                         "(-1 or 0: the rule off; a session's VadParams.barge_in_max_ms overrides it, -1 off there "
@@ -94,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             OrchestratorConfig(default_max_tokens=args.default_max_tokens, encode_timeout_s=args.encode_timeout,
                                token_timeout_s=args.token_timeout, judge_timeout_s=args.judge_timeout,
                                limits=input_limits(args, model), preemptive_generation=args.preemptive_generation,
+                               prefill_monitor_history=args.prefill_monitor_history,
                                vad=vad_defaults(args), model_dir=str(ctx.model_dir),
                                model_fingerprint=model_fingerprint(ctx.model_dir)), ctx.metrics)
         return Service(grpc=[GrpcService("vita.v1.Assistant",

@@ -29,6 +29,9 @@ class OrchestratorConfig:
     vad: VADConfig = field(default_factory=VADConfig)  # Converse: defaults for what a session does not set
     # Converse: start answering when the speech pauses, release the answer when the turn ends (a session may set it).
     preemptive_generation: bool = True
+    # Converse: after each answer, have the monitor pool prefill the history into its prefix cache (a call that has
+    # sent audio), so that judging the next speech computes the speech only, however long the history.
+    prefill_monitor_history: bool = True
     limits: InputLimits = field(default_factory=InputLimits)  # what one request or client event may carry
     # The model directory the model config and tokenizer were read from (`--model`), as ModelMetadata reports it;
     # empty: not known (an in-process service).

@@ -46,7 +46,7 @@ from vita.orchestrator.config import OrchestratorConfig, session_preemptive, ses
 from vita.orchestrator.limits import check_sampling
 from vita.orchestrator.pools import JobFailed, PoolClient, job_status, queue_seconds
 from vita.orchestrator.preemptive import Preemption, discard_reason
-from vita.orchestrator.prompts import Prompt, answer_prompt, judge_prompt, user_turn
+from vita.orchestrator.prompts import Prompt, answer_prompt, judge_prefix_prompt, judge_prompt, user_turn
 from vita.orchestrator.sessions import ImageLimitExceeded, SessionNotFound, SessionStore, SessionTakenOver
 from vita.processing.audio import float_to_pcm16, pcm16_to_float, resample
 from vita.processing.image import load_image
@@ -190,6 +190,8 @@ class ConverseCall:
         self._turn: int | None = None  # the turn the worker is on, for its error events
         self._issued: dict[str, _Issued] = {}
         self._tasks: list[asyncio.Task] = []
+        self._prefills: set[asyncio.Task] = set()  # history prefills on the monitor pool, in flight
+        self._heard_audio = False  # the client has sent audio: its speech will be judged
         self._loop: asyncio.AbstractEventLoop | None = None
         self._counted = False  # in the active sessions gauge
         self._cleanup: asyncio.Task | None = None
@@ -262,14 +264,14 @@ class ConverseCall:
         """No new generation from here on; the ones issued are cancelled on the bus first (compute stops whatever
         the tasks were doing), then, once the tasks are done, their turns are recorded as interrupted."""
         self._closing = True
-        for task in self._tasks:
+        for task in [*self._tasks, *self._prefills]:
             task.cancel()
         try:
             await self._cancel_preemption()
             for request_id in list(self._issued):
                 await self.pools.cancel(request_id)
-            if self._tasks:  # each ends at its next await; the wait only bounds a task that ignores its cancel
-                await asyncio.wait(self._tasks, timeout=self.config.stop_wait_s)
+            if tasks := [*self._tasks, *self._prefills]:  # each ends at its next await; the wait only bounds a task
+                await asyncio.wait(tasks, timeout=self.config.stop_wait_s)  # that ignores its cancel
             if self.answer is not None:
                 await self._stop_relay(self.answer)
             await self._cancel_preemption()  # again: started while the first round went out; never recorded
@@ -376,6 +378,7 @@ class ConverseCall:
             if len(request.audio.pcm16) % 2:  # as Generate's PCM16: a chunk of whole samples, or none of it
                 raise InvalidInputError(f"audio chunk: PCM16 audio must have an even number of bytes (whole 16-bit "
                                         f"samples); got {len(request.audio.pcm16)}: the chunk was dropped")
+            self._heard_audio = True
             async with self._vad_lock:
                 self.vad.answering = self._answering()  # barge-in words count while the assistant speaks
                 events = await asyncio.to_thread(self._vad_push, request.audio.pcm16)
@@ -858,6 +861,33 @@ class ConverseCall:
         self._issued.pop(answer.request_id, None)
         if self.answer is answer:
             self.answer = None
+        self._prefill_history()
+
+    def _prefill_history(self) -> None:
+        """The history just grew (an answer ended) or changed (a truncate): have the monitor-role pool prefill it, so
+        that the next judgement, whose prompt starts with it (`judge_prefix_prompt`), finds it in its prefix cache
+        and computes only the new speech, and judging stays as fast at turn 20 as at turn 1. In the background: a
+        prefill that fails or is slow delays nothing; the judgement then computes the history itself."""
+        if (not self.config.prefill_monitor_history or not self._heard_audio or self._closing or self.state is None
+                or not self.state.turns or self.state.turns[-1].role != SessionTurn.BOT):
+            return
+        task = asyncio.create_task(self._prefill(self.state))
+        self._prefills.add(task)
+        task.add_done_callback(self._prefills.discard)
+
+    async def _prefill(self, state: SessionState) -> None:
+        role = _OTHER_ROLE[state.generator_role]  # the pool that judges the next speech
+        try:
+            prompt = judge_prefix_prompt(self.tokenizer, state.turns, **self._prompt_args())
+            await self.pools.prefill(unique_id(self.session_id, "prefill"), role, prompt)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the next judgement computes the history itself
+            self.metrics.history_prefills.labels("failed").inc()
+            log.warning("history prefill failed; the next judgement computes the history itself",
+                        extra={"session_id": self.session_id, "error": f"{type(e).__name__}: {e}"})
+            return
+        self.metrics.history_prefills.labels("done").inc()
 
     async def _interrupt(self, cut_at: float, *, swap: bool = True, barge_in: bool = False) -> None:
         """Stop the relay first (nothing more reaches the client), then the generator's compute; roles swap
@@ -897,6 +927,7 @@ class ConverseCall:
 
         await self._update(record)
         self.emit(item.turn_id, truncated=AnswerTruncated(content=item.content, tokens=tokens))
+        self._prefill_history()
 
     async def _stop_relay(self, answer: Answer) -> bool:
         """Nothing more of `answer` reaches the client after this; False if it had already finished."""

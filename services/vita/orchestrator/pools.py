@@ -196,6 +196,12 @@ class PoolClient:
             self.leases.release(request_id)
         return token
 
+    async def prefill(self, request_id: str, role: GenerationJob.Role, prompt: Prompt) -> None:
+        """Have the pool of `role` compute `prompt` into its prefix cache: a one-token job whose token is thrown
+        away (how vLLM's disaggregated-prefill proxy has its prefill instance fill the KV cache: `max_tokens=1`).
+        Raises as `judge` does."""
+        await self.judge(request_id, role, prompt)
+
     async def pools_state(self, pools: Sequence[Pool]) -> str:
         """Why a pool may not have answered, for a timeout's message: its jobs waiting and in progress. Jobs waiting
         with none in progress mean no worker is taking them (none runs, or all died); jobs in progress, a worker

@@ -37,7 +37,8 @@ class Prompt:
 
 
 def media_prompt(tokenizer: VitaTokenizer, messages: Sequence[Message], media: Sequence[SessionMedia], *,
-                 audio_question: bool, system: str | None, context_len: int) -> Prompt:
+                 audio_question: bool, system: str | None, context_len: int,
+                 add_generation_prompt: bool = True) -> Prompt:
     """Template and expand `messages`, whose placeholders `media` fills in order (one blob per encode job).
 
     Raises ContextLengthError when the prompt needs more than `context_len - 1` tokens (one is left to answer).
@@ -47,14 +48,15 @@ def media_prompt(tokenizer: VitaTokenizer, messages: Sequence[Message], media: S
         image_tokens=[n for m in media if m.modality == "image" for n in m.embedding.item_tokens],
         video_tokens=[m.embedding.shape[0] for m in media if m.modality == "video"],
         audio_tokens=[n for m in media if m.modality == "audio" for n in m.embedding.item_tokens],
-        system=system, max_length=context_len - 1)
+        system=system, max_length=context_len - 1, add_generation_prompt=add_generation_prompt)
     return Prompt(prompt.input_ids, prompt.spans, placements(prompt.spans, media))
 
 
 def history_prompt(tokenizer: VitaTokenizer, turns: Sequence[SessionTurn], *, audio_question: bool,
-                   system: str | None, context_len: int) -> Prompt:
+                   system: str | None, context_len: int, add_generation_prompt: bool = True) -> Prompt:
     """A conversation as one prompt; the oldest exchanges are left out while it does not fit the context, and
-    `Prompt.turns_dropped` counts the turns of `turns` left out so.
+    `Prompt.turns_dropped` counts the turns of `turns` left out so. `add_generation_prompt=False`: it ends with
+    the last turn's end (the last turn may then be the bot's), not where the bot's next turn begins.
 
     Raises ContextLengthError when even the last turn alone does not fit.
     """
@@ -64,7 +66,8 @@ def history_prompt(tokenizer: VitaTokenizer, turns: Sequence[SessionTurn], *, au
         kept = [t for t, _ in runs]
         try:
             prompt = media_prompt(tokenizer, [message(t) for t in kept], [m for t in kept for m in t.media],
-                                  audio_question=audio_question, system=system, context_len=context_len)
+                                  audio_question=audio_question, system=system, context_len=context_len,
+                                  add_generation_prompt=add_generation_prompt)
             prompt.turns_dropped = dropped
             return prompt
         except ContextLengthError:
@@ -86,6 +89,22 @@ def judge_prompt(tokenizer: VitaTokenizer, turns: Sequence[SessionTurn], audio: 
     speech = SessionTurn(role=SessionTurn.USER, media=[SessionMedia(modality="audio", embedding=audio)])
     return history_prompt(tokenizer, [*history, speech], audio_question=True, system=system,
                           context_len=context_len)
+
+
+def judge_prefix_prompt(tokenizer: VitaTokenizer, turns: Sequence[SessionTurn], *, system: str | None,
+                        context_len: int) -> Prompt:
+    """The monitor's next `judge_prompt` up to the end of the history (no answer in flight): what the orchestrator
+    has the monitor pool prefill into its prefix cache while nobody speaks, so that judging the next speech
+    computes only the speech (`ConverseCall`, "history prefill"). Its ids and placements are a prefix of that
+    judgement's whenever the history fits the context whole. The history must end with an answer: after a user
+    turn the next speech would join that turn (`alternating`), inside the prefix.
+
+    Raises ValueError when the last turn is not the bot's; ContextLengthError when even it alone does not fit.
+    """
+    if not turns or turns[-1].role != SessionTurn.BOT:
+        raise ValueError("a judgement's prefix is a history that ends with an answer")
+    return history_prompt(tokenizer, turns, audio_question=True, system=system, context_len=context_len,
+                          add_generation_prompt=False)
 
 
 def answer_prompt(tokenizer: VitaTokenizer, turns: Sequence[SessionTurn], user: SessionTurn, state: StateToken, *,

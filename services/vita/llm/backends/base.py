@@ -36,17 +36,26 @@ class PromptInput:
 
     The torch backend overwrites those rows of the token embeddings; the Triton backend rewrites the ids at those
     positions to `vocab_size + k`, which TensorRT-LLM reads as row k of `prompt_embedding_table`.
+
+    `slot_identity` says what each slot row is without its values: its item's digest (`EmbeddingRef.digest`, two
+    int64) and its row in that item. The torch engine's prefix cache keys blocks by it (vLLM keys a block by its
+    multimodal items' `mm_hash` and offsets) instead of hashing the rows' bytes at every request, which grows with
+    the prompt: 8 ms for a 1,725-row history at Mixtral's width (BENCHMARKS.md). None: the rows are hashed.
     """
 
     input_ids: Tensor  # (L,) int64
     slot_positions: Tensor | None = None  # (N,) int64, ascending
     slot_embeddings: Tensor | None = None  # (N, hidden)
+    slot_identity: Tensor | None = None  # (N, 3) int64: digest high, digest low, row within its item
 
     def __post_init__(self) -> None:
         n_pos = 0 if self.slot_positions is None else self.slot_positions.numel()
         n_emb = 0 if self.slot_embeddings is None else self.slot_embeddings.shape[0]
         if n_pos != n_emb:
             raise ValueError(f"{n_pos} slot positions but {n_emb} slot embeddings")
+        if self.slot_identity is not None and tuple(self.slot_identity.shape) != (n_pos, 3):
+            raise ValueError(f"slot_identity must be ({n_pos}, 3) for {n_pos} slot rows; got "
+                             f"{tuple(self.slot_identity.shape)}")
 
 
 @dataclass

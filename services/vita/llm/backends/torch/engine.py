@@ -70,6 +70,10 @@ class EngineRequest:
     input_ids: Tensor | None = None
     inputs_embeds: Tensor | None = None
     queued_at: float = 0.0  # time.perf_counter() when `add` queued it
+    # (L, 4) int64 that determines an embeddings prompt's keys and values without its values: per position the token
+    # id and, for encoder rows, their item's digest and row (`PromptInput.slot_identity`); the prefix cache hashes it
+    # instead of the (L, H) rows. None: it hashes the rows.
+    identity: Tensor | None = None
 
     @property
     def prompt_len(self) -> int:
@@ -87,7 +91,12 @@ class EngineRequest:
         with torch.inference_mode():  # on the model's device: the encoders' rows arrive on the CPU
             embeds = table(prompt.input_ids.to(table.weight.device)).clone()
             embeds[prompt.slot_positions.to(embeds.device)] = prompt.slot_embeddings.to(embeds.device, embeds.dtype)
-        return cls(request_id, params, inputs_embeds=embeds)
+        identity = None
+        if prompt.slot_identity is not None:
+            identity = torch.zeros(prompt.input_ids.shape[0], 4, dtype=torch.long)
+            identity[:, 0] = prompt.input_ids
+            identity[prompt.slot_positions, 1:] = prompt.slot_identity
+        return cls(request_id, params, inputs_embeds=embeds, identity=identity)
 
 
 @dataclass
@@ -420,6 +429,10 @@ class LLMEngine:
         answer = torch.tensor(fed, dtype=torch.long, device=self._device)
         if request.inputs_embeds is None:
             identity = torch.cat((request.input_ids.to(self._device), answer))
+        elif request.identity is not None:  # the answer's ids, with no encoder row
+            rows = torch.zeros(len(fed), request.identity.shape[1], dtype=torch.long)
+            rows[:, 0] = answer.cpu()
+            identity = torch.cat((request.identity, rows))
         else:  # the rows the next prompt will hold there: the answer's token embeddings
             answer_rows = self.model.get_input_embeddings()(answer).to(request.inputs_embeds.dtype)
             identity = torch.cat((request.inputs_embeds.to(self._device), answer_rows))
@@ -429,8 +442,11 @@ class LLMEngine:
 
     @staticmethod
     def _identity(request: EngineRequest) -> Tensor:
-        """What a prompt's keys/values are a function of: its ids, or its embedding rows (images, audio)."""
-        return request.input_ids if request.input_ids is not None else request.inputs_embeds
+        """What a prompt's keys/values are a function of: its ids; for a prompt with encoder rows (images, audio),
+        the ids and the rows' identity when the request has one, else the embedding rows themselves."""
+        if request.input_ids is not None:
+            return request.input_ids
+        return request.identity if request.identity is not None else request.inputs_embeds
 
 
 class EngineLoop:
