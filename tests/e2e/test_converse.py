@@ -73,8 +73,14 @@ def test_speech_not_meant_for_the_assistant_and_noise_are_ignored(client, redis,
 def test_interruption_stops_the_generator_and_keeps_the_partial_answer(client, redis, stack, query_clip,
                                                                        trained_answer):
     gen_port = stack.service("llm-generator").metrics_port
+    orchestrator = stack.service("orchestrator").metrics_port
     before = scrape(gen_port, "vita:generation_tokens_total", pool="llm:generator")
     computed_before = scrape(gen_port, "vita:engine_decode_tokens_total", pool="llm:generator")
+
+    def prefills() -> float:  # history prefills the llm:generator pool did, one token each, once it judges
+        return scrape(orchestrator, "vita:history_prefills_total", outcome="done", pool="llm:generator")
+
+    prefills_before = prefills()
     with ConverseSession(client, session_config(max_tokens=400, ignore_eos=True)) as s:
         s.send(text_event("Tell me a long story."))
         first = s.wait("answer_started").turn_id
@@ -83,6 +89,9 @@ def test_interruption_stops_the_generator_and_keeps_the_partial_answer(client, r
         interrupted = s.wait("interrupted", turn_id=first)
         second = s.wait("answer_started", where=lambda e: e.turn_id != first)
         s.wait("completed", turn_id=second.turn_id)
+        # The roles swapped, so the llm:generator pool judges next: it prefilled the history after the interrupted
+        # answer and after the second one.
+        wait_until(lambda: prefills() - prefills_before == 2, "the two history prefills")
         partial = s.answer_text(first)
         s.close()
     i = interrupted.interrupted
@@ -90,7 +99,8 @@ def test_interruption_stops_the_generator_and_keeps_the_partial_answer(client, r
     assert 0 < i.tokens_sent <= i.tokens_generated < 400
     assert not s.of("completed", first)
     generated = scrape(gen_port, "vita:generation_tokens_total", pool="llm:generator") - before
-    assert generated == i.tokens_generated  # the generator's own count of what it produced
+    assert generated == i.tokens_generated + 2  # the generator's own count of what it produced, and the prefills'
+    # A prefill's token comes from its prefill forward, not a decode step.
     # ... and of what its engine computed: the first token comes from the prefill, at most one more step ran.
     computed = scrape(gen_port, "vita:engine_decode_tokens_total", pool="llm:generator") - computed_before
     assert i.tokens_generated - 1 <= computed <= i.tokens_generated + 1 < 400
@@ -111,7 +121,7 @@ def test_after_an_answer_the_monitor_judges_the_next_speech_with_the_history_fro
     orchestrator, monitor = stack.service("orchestrator").metrics_port, stack.service("llm-monitor").metrics_port
 
     def prefills() -> float:
-        return scrape(orchestrator, "vita:history_prefills_total", outcome="done")
+        return scrape(orchestrator, "vita:history_prefills_total", outcome="done", pool="llm:monitor")
 
     def hits() -> float:
         return scrape(monitor, "vita:prefix_cache_hits_total", pool="llm:monitor")

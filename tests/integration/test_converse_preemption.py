@@ -390,8 +390,10 @@ def test_discard_reason_names_what_changed():
 SILENCE_CHUNK = ClientEvent(audio=AudioChunk(pcm16=bytes(3200)))  # 100 ms of silence: the call has heard audio
 
 
-def _prefilled(c: Call, registry_outcome: str) -> float:
-    return c.call.metrics.registry.get_sample_value("vita:history_prefills_total", {"outcome": registry_outcome}) or 0
+def _prefilled(c: Call, outcome: str) -> float:
+    """History prefills counted on the monitor pool (the session's judging pool: no role swap in these tests)."""
+    labels = {"pool": "llm:monitor", "outcome": outcome}
+    return c.call.metrics.registry.get_sample_value("vita:history_prefills_total", labels) or 0
 
 
 async def _answer_then_judge_again(c: Call) -> None:

@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 
 from vita.bus.queue import Backpressure
 from vita.bus.replies import ReplyTimeout
-from vita.bus.streams import check_id, unique_id
+from vita.bus.streams import ROLE_POOLS, check_id, unique_id
 from vita.errors import ContextLengthError, InvalidInputError, VitaError
 from vita.orchestrator.config import OrchestratorConfig, session_preemptive, session_vad
 from vita.orchestrator.limits import check_sampling
@@ -877,17 +877,18 @@ class ConverseCall:
 
     async def _prefill(self, state: SessionState) -> None:
         role = _OTHER_ROLE[state.generator_role]  # the pool that judges the next speech
+        pool = ROLE_POOLS[role].value
         try:
             prompt = judge_prefix_prompt(self.tokenizer, state.turns, **self._prompt_args())
             await self.pools.prefill(unique_id(self.session_id, "prefill"), role, prompt)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the next judgement computes the history itself
-            self.metrics.history_prefills.labels("failed").inc()
+            self.metrics.history_prefills.labels(pool, "failed").inc()
             log.warning("history prefill failed; the next judgement computes the history itself",
-                        extra={"session_id": self.session_id, "error": f"{type(e).__name__}: {e}"})
+                        extra={"session_id": self.session_id, "pool": pool, "error": f"{type(e).__name__}: {e}"})
             return
-        self.metrics.history_prefills.labels("done").inc()
+        self.metrics.history_prefills.labels(pool, "done").inc()
 
     async def _interrupt(self, cut_at: float, *, swap: bool = True, barge_in: bool = False) -> None:
         """Stop the relay first (nothing more reaches the client), then the generator's compute; roles swap

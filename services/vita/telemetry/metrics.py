@@ -88,9 +88,9 @@ class Metrics:
         self.utterances_judged = Counter("vita:utterances_judged", "Speech judged by the monitor pool",
                                          ["outcome", "early"], registry=r)
         self.history_prefills = Counter(
-            "vita:history_prefills", "Converse histories the monitor pool was given to prefill after an answer "
-            "(outcome=done or failed), so that judging the next speech computes only the speech", ["outcome"],
-            registry=r)
+            "vita:history_prefills", "Converse histories a pool (the one that judges next) was given to prefill after "
+            "an answer (outcome=done or failed), so that judging the next speech computes only the speech",
+            ["pool", "outcome"], registry=r)
         self.interruption_latency = Histogram(
             "vita:interruption_latency_seconds",
             "Interrupting query cut (end of speech, or its early-judged part) to the generator's confirmed stop "
