@@ -270,16 +270,17 @@ def stall_markdown(results: dict[str, StallFigures], args: argparse.Namespace) -
 
 
 def judge_markdown(results: dict[str, dict[int, list[float]]], args: argparse.Namespace,
-                   prompt_lens: dict[int, int]) -> list[str]:
+                   prompt_lens: dict[int, int], engine: EngineConfig) -> list[str]:
+    """The table; `engine` is the configuration the columns ran with (prefix caching aside)."""
+    chunking = (f"chunked prefill on, max_num_batched_tokens {engine.max_num_batched_tokens}"
+                if engine.enable_chunked_prefill else "no chunked prefill")
     shown = sorted({1, 2, 5, 10, args.turns} & set(range(1, args.turns + 1)))
     names = list(results)
     lines = [
         f"Judge prompts of one conversation per repeat: system {args.system_tokens} tokens, per exchange "
         f"{args.speech_tokens} speech embedding rows + 6 user tokens + {args.answer_tokens} answer tokens; one "
         f"greedy token per judgement through TorchBackend; median of {args.repeats} conversations after one warm-up; "
-        + ("the llm service's monitor engine settings (chunked prefill on, max_num_batched_tokens "
-           f"{service_engine_config(service_args(['--role', 'monitor'])).max_num_batched_tokens})."
-           if args.monitor_engine else "no chunked prefill."),
+        + (f"the llm service's monitor engine settings ({chunking})." if args.monitor_engine else f"{chunking}."),
         "",
         "| turn | prompt tokens | " + " | ".join(f"{n} ms" for n in names) + " |",
         "|---:|---:|" + "---:|" * len(names),
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("prefix caching on, history prefilled", caching, True, False)):
             print(f"judge-prefix: {name}", file=sys.stderr)
             judged[name] = judge_latencies(model, config, args, prefill_history=prefill, hash_rows=hash_rows)
-        lines += [*judge_markdown(judged, args, lens), ""]
+        lines += [*judge_markdown(judged, args, lens, caching), ""]
     write_report("\n".join(lines), args.output, args.no_write)
     return 0
 
